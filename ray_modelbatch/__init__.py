@@ -1,0 +1,20 @@
+"""ray_modelbatch: train many small PyTorch models as one fused computation.
+
+The fused core (:class:`ModelBatch`, :mod:`ray_modelbatch.optim`, the engine
+and the standalone trainer) never imports Ray.
+"""
+
+from . import optim
+from .errors import FusionError, FusionWarning, HyperparameterError, IncompatibleModelsError, ModelBatchError
+from .model_batch import ModelBatch
+
+__all__ = [
+    "ModelBatch",
+    "optim",
+    "FusionError",
+    "FusionWarning",
+    "HyperparameterError",
+    "IncompatibleModelsError",
+    "ModelBatchError",
+]
+__version__ = "0.1.0"

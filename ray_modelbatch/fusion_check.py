@@ -1,0 +1,131 @@
+"""Turn torch.vmap failures into errors that name the module, the op and the fix.
+
+vmap's own messages point at functorch internals. A sweep user needs to know
+*which layer* of their model broke fusion and what to change, so we re-run the
+failing call with module hooks that record where execution was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from typing import Any, Callable, Iterator
+
+from torch import nn
+
+from .errors import FusionError, FusionWarning
+
+_FALLBACK_RE = re.compile(r"batching rule for (aten::[\w.]+)", re.IGNORECASE)
+_NOT_IMPL_RE = re.compile(r"Batching rule not implemented for (aten::[\w.]+)")
+
+# (pattern in vmap's message, what happened, what to do)
+_KNOWN = [
+    (
+        ".item()",
+        "calls .item() (or float()/int() on a tensor) inside forward",
+        "keep the value as a tensor, e.g. use torch.where or tensor arithmetic instead of a Python number",
+    ),
+    (
+        "data-dependent control flow",
+        "uses a tensor's value in Python control flow (if/while/assert on a tensor) inside forward",
+        "replace the branch with tensor ops such as torch.where, or decide it from the config outside forward",
+    ),
+    (
+        "dynamic shape",
+        "uses an op whose output shape depends on the data (e.g. nonzero, masked_select, unique)",
+        "use a fixed-shape form such as torch.where with a mask instead",
+    ),
+    (
+        "inplace arithmetic",
+        "writes in place into a tensor that is shared across slots (e.g. a plain tensor attribute, not a registered buffer)",
+        "register the tensor as a buffer (module.register_buffer) so each slot gets its own copy, or avoid the in-place op",
+    ),
+]
+
+
+@contextlib.contextmanager
+def track_modules(root: nn.Module) -> Iterator[list[str]]:
+    """Yield a live stack of the qualified names of the modules currently executing."""
+    stack: list[str] = []
+    handles = []
+    for name, mod in root.named_modules():
+        label = name or "<root>"
+        handles.append(mod.register_forward_pre_hook(lambda m, a, _l=label: stack.append(_l) and None))
+        handles.append(mod.register_forward_hook(lambda m, a, o: stack.pop() and None if stack else None))
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _describe(root: nn.Module, path: str) -> str:
+    if path == "<root>":
+        return f"the model's own forward ({type(root).__name__})"
+    return f"module '{path}' ({type(root.get_submodule(path)).__name__})"
+
+
+def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any]) -> FusionError:
+    """Build a FusionError for ``exc`` by re-running the call under module tracking."""
+    where = None
+    with track_modules(root) as stack:
+        try:
+            rerun()
+        except Exception:  # the same failure, now with the stack filled in
+            where = stack[-1] if stack else None
+    location = _describe(root, where) if where else f"the forward of {type(root).__name__}"
+    msg = str(exc)
+    for needle, what, fix in _KNOWN:
+        if needle in msg:
+            return FusionError(
+                f"Cannot fuse {location}: it {what}. torch.vmap runs all slots as one computation, "
+                f"so this is not allowed. Fix: {fix}. (vmap said: {msg.strip().splitlines()[0]})"
+            )
+    m = _NOT_IMPL_RE.search(msg)
+    if m:
+        return FusionError(
+            f"Cannot fuse {location}: op {m.group(1)} has no vmap batching rule. Fix: replace it with "
+            f"an equivalent op that vmap supports, or train this model without fusion."
+        )
+    return FusionError(
+        f"Cannot fuse {location}: torch.vmap failed with {type(exc).__name__}: "
+        f"{msg.strip().splitlines()[0] if msg.strip() else '(no message)'}. Fix: make forward a pure "
+        "function of its parameters, buffers and inputs (no Python side effects, no reading tensor "
+        "values in Python); check that the input shapes are what the model expects."
+    )
+
+
+def run_first_call(root: nn.Module, call: Callable[[], Any]) -> Any:
+    """Run ``call`` once while turning vmap's slow-fallback warnings into named FusionWarnings."""
+    with warnings.catch_warnings(record=True) as caught, track_modules(root) as stack:
+        warnings.simplefilter("always")
+        blame: dict[int, str] = {}
+        seen = 0
+
+        def note(*_):
+            nonlocal seen
+            for i in range(seen, len(caught)):
+                blame.setdefault(i, stack[-1] if stack else "<root>")
+            seen = len(caught)
+
+        hooks = [m.register_forward_hook(lambda *a: note(), prepend=True) for m in root.modules()]
+        try:
+            out = call()
+        finally:
+            for h in hooks:
+                h.remove()
+        note()
+    for i, w in enumerate(caught):
+        m = _FALLBACK_RE.search(str(w.message))
+        if m:
+            warnings.warn(
+                f"{_describe(root, blame.get(i, '<root>'))} uses {m.group(1)}, which has no vmap batching "
+                "rule: torch runs it as a slow per-slot loop, so fusion gains less. Replace the op with "
+                "one vmap supports for full speed.",
+                FusionWarning,
+                stacklevel=3,
+            )
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out

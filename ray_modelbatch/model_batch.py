@@ -1,0 +1,462 @@
+"""ModelBatch: S models of one architecture stacked into one vmapped computation.
+
+Trainable parameters of each dtype live in one flat ``[S, P]`` buffer and the
+public per-parameter tensors are leaf views of it; their ``.grad`` are views of
+a matching flat gradient buffer. That layout is what lets the optimizers in
+``ray_modelbatch.optim`` update every parameter of every slot with a handful of
+elementwise kernels whose count does not depend on S.
+
+Slots can be masked out (``active``), replaced (``load_slot``/``reset_slot``),
+copied (``copy_slot``, for PBT) and the capacity can change while training goes
+on (``resize``). Objects holding per-slot state (optimizers, loss scalers)
+register with :meth:`ModelBatch.attach` and follow those changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from .errors import IncompatibleModelsError
+from .fusion_check import explain_failure, run_first_call
+from .signature import check_compatible, first_mismatch, module_signature
+
+Slots = Union[None, str, int, Sequence[int], torch.Tensor]
+
+# Parameter views of a flat [S, P] buffer are strided by P, so autograd warns
+# that their grads break DDP's bucket layout contract. That contract does not
+# apply here: the grads are deliberately views of the flat gradient buffer.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+
+@dataclass
+class FlatGroup:
+    """All trainable parameters of one dtype: ``data``/``grad`` are ``[S, numel]``."""
+
+    dtype: torch.dtype
+    names: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    numel: int = 0
+    data: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
+
+    def add(self, name: str, shape: tuple[int, ...]) -> None:
+        self.names.append(name)
+        self.offsets.append(self.numel)
+        self.shapes.append(shape)
+        self.numel += int(torch.Size(shape).numel())
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        s = flat.shape[0]
+        return {
+            n: flat[:, o : o + int(torch.Size(sh).numel())].view(s, *sh)
+            for n, o, sh in zip(self.names, self.offsets, self.shapes)
+        }
+
+
+class ModelBatch:
+    """Stack ``models`` (identical structure) so that ``mb(x)`` runs all of them at once.
+
+    Args:
+        models: modules of the same class with identical parameter and buffer
+            names, shapes and dtypes. Their current values become slots 0..S-1.
+        device: where the stacked tensors live; defaults to the first model's device.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], device: torch.device | str | None = None):
+        models = list(models)
+        self.signature = check_compatible(models)
+        first = next(iter(models[0].state_dict().values()), None)
+        self.device = torch.device(device) if device is not None else (
+            first.device if first is not None else torch.device("cpu")
+        )
+        template = copy.deepcopy(models[0])
+        self._module_class = type(models[0])
+        self._state_keys = self._state_key_map(template)
+        self._param_names = [n for n, _ in template.named_parameters()]
+        self._trainable = {n for n, p in template.named_parameters() if p.requires_grad}
+        self._buffer_names = [n for n, _ in template.named_buffers()]
+        self._template = template.to("meta")
+        self.training = models[0].training
+        self._listeners: list[weakref.ref] = []
+        self._vmapped: dict[tuple, Callable] = {}
+        self._checked: set[tuple] = set()
+
+        s = len(models)
+        self._groups: dict[torch.dtype, FlatGroup] = {}
+        for name, spec in ((t.name, t) for t in self.signature if t.kind == "parameter"):
+            if name in self._trainable:
+                self._groups.setdefault(spec.dtype, FlatGroup(spec.dtype)).add(name, spec.shape)
+        for g in self._groups.values():
+            g.data = torch.zeros(s, g.numel, dtype=g.dtype, device=self.device)
+            g.grad = torch.zeros_like(g.data)
+        self._frozen = {
+            n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).to(self.device)
+            for n in self._param_names
+            if n not in self._trainable
+        }
+        self.buffers: dict[str, torch.Tensor] = {
+            n: torch.stack([dict(m.named_buffers())[n].detach() for m in models]).to(self.device)
+            for n in self._buffer_names
+        }
+        self.active = torch.ones(s, dtype=torch.bool)
+        self._build_leaves()
+        with torch.no_grad():
+            for i, m in enumerate(models):
+                self._write_params(i, dict(m.named_parameters()))
+
+    # ------------------------------------------------------------------ layout
+    @staticmethod
+    def _state_key_map(module: nn.Module) -> dict[str, str]:
+        """Map each ``state_dict`` key to the canonical (deduplicated) tensor name."""
+        canonical = {id(p): n for n, p in module.named_parameters()}
+        canonical.update({id(b): n for n, b in module.named_buffers()})
+        return {k: canonical[id(v)] for k, v in module.state_dict(keep_vars=True).items() if id(v) in canonical}
+
+    def _build_leaves(self) -> None:
+        params: dict[str, torch.Tensor] = {}
+        self._grad_views: dict[str, torch.Tensor] = {}
+        for g in self._groups.values():
+            grads = g.views(g.grad)
+            for name, p in g.views(g.data).items():
+                p.requires_grad_(True)
+                p.grad = grads[name]
+                params[name] = p
+                self._grad_views[name] = grads[name]
+        params.update(self._frozen)
+        self.params: dict[str, torch.Tensor] = {n: params[n] for n in self._param_names}
+        self._refresh_active()
+
+    def _write_params(self, i: int, values: Mapping[str, torch.Tensor]) -> None:
+        for n in self._param_names:
+            self.params[n][i].copy_(values[n].detach())
+
+    @property
+    def groups(self) -> dict[torch.dtype, FlatGroup]:
+        """Flat ``[S, P]`` storage of the trainable parameters, one group per dtype."""
+        return self._groups
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.active.shape[0])
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for n, p in self.params.items() if n in self._trainable]
+
+    def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
+        return ((n, p) for n, p in self.params.items() if n in self._trainable)
+
+    def sync_grads(self) -> None:
+        """Make every ``param.grad`` the view of the flat gradient buffer again.
+
+        Code that sets ``p.grad = None`` (e.g. ``zero_grad(set_to_none=True)``)
+        or assigns a new tensor would otherwise hide gradients from the
+        optimizer, which reads the flat buffer.
+        """
+        for name, view in self._grad_views.items():
+            p = self.params[name]
+            g = p.grad
+            if g is view:
+                continue
+            with torch.no_grad():
+                if g is None:
+                    view.zero_()
+                else:
+                    view.copy_(g)
+            p.grad = view
+
+    def zero_grad(self) -> None:
+        self.sync_grads()
+        for g in self._groups.values():
+            g.grad.zero_()
+
+    # ------------------------------------------------------------ train / eval
+    def train(self, mode: bool = True) -> "ModelBatch":
+        self.training = mode
+        self._template.train(mode)
+        return self
+
+    def eval(self) -> "ModelBatch":
+        return self.train(False)
+
+    # ------------------------------------------------------------- active mask
+    def _refresh_active(self) -> None:
+        idx = self.active.nonzero().flatten()
+        self._active_cpu = idx
+        self._active_dev = idx.to(self.device)
+        self._all_active = bool(idx.numel() == self.num_slots)
+
+    @property
+    def active_slots(self) -> torch.Tensor:
+        """Indices of the active slots, on the batch's device."""
+        return self._active_dev
+
+    def set_active(self, slots: Slots, active: bool = True) -> None:
+        """Mark slots active or inactive. Inactive slots are never changed by training."""
+        self.active[self._cpu_index(slots)] = active
+        self._refresh_active()
+
+    def activate(self, slots: Slots) -> None:
+        self.set_active(slots, True)
+
+    def deactivate(self, slots: Slots) -> None:
+        self.set_active(slots, False)
+
+    def _cpu_index(self, slots: Slots) -> torch.Tensor:
+        if slots is None:
+            return torch.arange(self.num_slots)
+        if isinstance(slots, str):
+            if slots != "active":
+                raise ValueError(f"slots must be None, 'active', an index or indices; got {slots!r}")
+            return self._active_cpu
+        idx = torch.as_tensor(slots, dtype=torch.long).flatten().cpu()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_slots):
+            raise IndexError(f"slot index out of range for a batch of {self.num_slots} slots: {idx.tolist()}")
+        return idx
+
+    def resolve_slots(self, slots: Slots) -> torch.Tensor | None:
+        """Device index tensor for ``slots``, or None when it means every slot in order."""
+        if slots is None:
+            return None
+        if isinstance(slots, str) and slots == "active":
+            return None if self._all_active else self._active_dev
+        idx = self._cpu_index(slots)
+        if idx.numel() == self.num_slots and torch.equal(idx, torch.arange(self.num_slots)):
+            return None
+        return idx.to(self.device)
+
+    # ----------------------------------------------------------------- forward
+    def _fn(self, with_loss: bool, x_dim: int | None, y_dim: int | None) -> Callable:
+        key = (with_loss, x_dim, y_dim)
+        fn = self._vmapped.get(key)
+        if fn is None:
+            template = self._template
+
+            if with_loss:
+                def one(params, buffers, x, y, loss_fn, args, kwargs):
+                    out = functional_call(template, (params, buffers), (x, *args), kwargs)
+                    return loss_fn(out, y), out
+
+                fn = vmap(one, in_dims=(0, 0, x_dim, y_dim, None, None, None), randomness="different")
+            else:
+                def one(params, buffers, x, args, kwargs):
+                    return functional_call(template, (params, buffers), (x, *args), kwargs)
+
+                fn = vmap(one, in_dims=(0, 0, x_dim, None, None), randomness="different")
+            self._vmapped[key] = fn
+        return fn
+
+    def _run(self, key: tuple, call_args: tuple, idx: torch.Tensor | None) -> Any:
+        if idx is None:
+            params = self.params
+            protect = self.training and self.buffers and not self._all_active
+            buffers = {k: v.clone() for k, v in self.buffers.items()} if protect else self.buffers
+        else:
+            params = {k: v.index_select(0, idx) for k, v in self.params.items()}
+            buffers = {k: v.index_select(0, idx) for k, v in self.buffers.items()}
+        fn = self._fn(*key)
+        invoke = lambda: fn(params, buffers, *call_args)  # noqa: E731
+        try:
+            if key in self._checked:
+                out = invoke()
+            else:
+                out = run_first_call(self._template, invoke)
+                self._checked.add(key)
+        except Exception as exc:  # vmap's own errors are unreadable for users
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            raise explain_failure(self._template, exc, invoke) from exc
+        if self.training and self.buffers:
+            with torch.no_grad():
+                if idx is not None:
+                    for k, v in self.buffers.items():
+                        v.index_copy_(0, idx, buffers[k])
+                elif buffers is not self.buffers:
+                    act = self._active_dev
+                    for k, v in self.buffers.items():
+                        v[act] = buffers[k][act]
+        return out
+
+    def _prepare_x(self, x: Any, per_slot: bool, idx: torch.Tensor | None, what: str = "x") -> tuple[Any, int | None]:
+        if not per_slot:
+            return x, None
+        n = self.num_slots if idx is None else idx.numel()
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise ValueError(f"per-slot {what} must be a tensor with a leading slot dimension")
+        if x.shape[0] == n:
+            return x, 0
+        if idx is not None and x.shape[0] == self.num_slots:
+            return x.index_select(0, idx), 0
+        raise ValueError(
+            f"per-slot {what} has leading dimension {x.shape[0]}, but {n} slots are being run; "
+            f"give one row per slot ([{n}, batch, ...]) or pass per_slot=False to share one batch."
+        )
+
+    def __call__(self, x: Any, *args: Any, per_slot: bool = False, slots: Slots = None, **kwargs: Any) -> Any:
+        """Run the forward of the selected slots; outputs have a leading slot dimension.
+
+        Args:
+            x: the input batch. Shared by every slot unless ``per_slot=True``, in
+                which case it is ``[S, B, ...]`` (or ``[len(slots), B, ...]``).
+            *args, **kwargs: passed to the model's forward unchanged (shared).
+            slots: ``None`` for every slot (output ``[S, ...]``); ``"active"``,
+                an index or a list of indices to run only those (output
+                ``[len(slots), ...]`` in that order). Running only the active
+                slots is what makes a step's cost follow their number.
+        """
+        idx = self.resolve_slots(slots)
+        x, x_dim = self._prepare_x(x, per_slot, idx)
+        return self._run((False, x_dim, None), (x, args, kwargs), idx)
+
+    def forward_loss(
+        self,
+        x: Any,
+        y: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        *args: Any,
+        per_slot: bool = False,
+        slots: Slots = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        """Forward and per-slot loss in one vmapped call: returns ``(losses[n], outputs[n, ...])``.
+
+        ``loss_fn(output, target)`` is written for a single model and must
+        return a scalar; it is vmapped over slots.
+        """
+        idx = self.resolve_slots(slots)
+        x, x_dim = self._prepare_x(x, per_slot, idx)
+        y, y_dim = self._prepare_x(y, per_slot, idx, "targets")
+        return self._run((True, x_dim, y_dim), (x, y, loss_fn, args, kwargs), idx)
+
+    # ------------------------------------------------------------- slot state
+    def attach(self, listener: Any) -> None:
+        """Register an object with ``_on_resize``, ``_on_copy`` and ``_on_reset`` slot hooks."""
+        self._listeners.append(weakref.ref(listener))
+
+    def _notify(self, event: str, *args: Any) -> None:
+        alive = []
+        for ref in self._listeners:
+            obj = ref()
+            if obj is not None:
+                getattr(obj, event)(*args)
+                alive.append(ref)
+        self._listeners = alive
+
+    def _check_slot(self, i: int) -> int:
+        if not 0 <= int(i) < self.num_slots:
+            raise IndexError(f"slot {i} is out of range for a batch of {self.num_slots} slots")
+        return int(i)
+
+    def slot_state(self, i: int) -> dict[str, torch.Tensor]:
+        """A plain ``state_dict`` of slot ``i`` that loads into a fresh instance of the model class."""
+        i = self._check_slot(i)
+        tensors = {**self.params, **self.buffers}
+        return {k: tensors[c][i].detach().clone() for k, c in self._state_keys.items()}
+
+    def slot_module(self, i: int, module: nn.Module) -> nn.Module:
+        """Load slot ``i`` into ``module`` (a fresh instance of the model class) and return it."""
+        module.load_state_dict(self.slot_state(i))
+        return module
+
+    def load_slot(self, i: int, source: Mapping[str, torch.Tensor] | nn.Module) -> None:
+        """Replace slot ``i`` with a ``state_dict`` or a module; other slots are untouched.
+
+        The optimizer state of the slot is reset by attached optimizers, since
+        the moments of the old weights do not apply to the new ones.
+        """
+        i = self._check_slot(i)
+        if isinstance(source, nn.Module):
+            problem = first_mismatch(self.signature, module_signature(source))
+            if problem:
+                raise IncompatibleModelsError(
+                    f"cannot load a {type(source).__name__} into slot {i}: {problem}. The model must have "
+                    "the same architecture as the batch; build it from the same config."
+                )
+            state = source.state_dict()
+        else:
+            state = dict(source)
+        missing = [k for k in self._state_keys if k not in state]
+        extra = [k for k in state if k not in self._state_keys]
+        if missing or extra:
+            raise IncompatibleModelsError(
+                f"state_dict for slot {i} does not fit this batch: missing keys {missing[:5]}, unexpected "
+                f"keys {extra[:5]}. Load a state_dict saved from the same model architecture."
+            )
+        tensors = {**self.params, **self.buffers}
+        with torch.no_grad():
+            for key, canon in self._state_keys.items():
+                dst, src = tensors[canon][i], state[key]
+                if tuple(src.shape) != tuple(dst.shape):
+                    raise IncompatibleModelsError(
+                        f"state_dict entry '{key}' for slot {i} has shape {list(src.shape)} but the batch "
+                        f"expects {list(dst.shape)}. Load a state_dict saved from the same model architecture."
+                    )
+            for key, canon in self._state_keys.items():
+                tensors[canon][i].copy_(state[key])
+            for g in self._groups.values():
+                g.grad[i].zero_()
+        self._notify("_on_reset", i)
+
+    def reset_slot(self, i: int, module: nn.Module) -> None:
+        """Give slot ``i`` a new model (fresh weights and fresh optimizer state)."""
+        self.load_slot(i, module)
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Copy parameters, buffers and attached optimizer state of ``src`` into ``dst`` (PBT exploit)."""
+        src, dst = self._check_slot(src), self._check_slot(dst)
+        with torch.no_grad():
+            for g in self._groups.values():
+                g.data[dst] = g.data[src]
+                g.grad[dst].zero_()
+            for t in (*self._frozen.values(), *self.buffers.values()):
+                t[dst] = t[src]
+        self._notify("_on_copy", src, dst)
+
+    def resize(self, capacity: int, keep: Sequence[int] | None = None) -> None:
+        """Change the number of slots while keeping live slots' state.
+
+        New slot ``j`` takes old slot ``keep[j]``; slots beyond ``len(keep)``
+        start empty (zero weights) and inactive: load a model into them with
+        :meth:`reset_slot` and :meth:`activate` them. By default the first
+        ``min(old, capacity)`` slots are kept in place; shrinking past an active
+        slot requires an explicit ``keep``.
+        """
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        old = self.num_slots
+        if keep is None:
+            keep = list(range(min(old, capacity)))
+            dropped = [i for i in self._active_cpu.tolist() if i >= capacity]
+            if dropped:
+                raise ValueError(
+                    f"shrinking to {capacity} slots would drop active slots {dropped}; deactivate them "
+                    "first or pass keep=[old slot indices to keep]."
+                )
+        keep = [self._check_slot(i) for i in keep]
+        if len(keep) > capacity or len(set(keep)) != len(keep):
+            raise ValueError(f"keep must list at most {capacity} distinct old slots, got {keep}")
+        src = torch.tensor(keep, dtype=torch.long)
+        src_dev = src.to(self.device)
+
+        def remap(t: torch.Tensor, dev: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            out[: len(keep)] = t.index_select(0, dev)
+            return out
+
+        with torch.no_grad():
+            for g in self._groups.values():
+                g.data = remap(g.data, src_dev)
+                g.grad = torch.zeros_like(g.data)
+            self._frozen = {k: remap(v, src_dev) for k, v in self._frozen.items()}
+            self.buffers = {k: remap(v, src_dev) for k, v in self.buffers.items()}
+        self.active = remap(self.active, src)
+        self._build_leaves()
+        self._notify("_on_resize", keep, capacity)

@@ -1,0 +1,82 @@
+"""SGD with per-slot momentum, dampening, nesterov and weight decay (``torch.optim.SGD`` semantics)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import HyperparameterError
+from ..model_batch import ModelBatch
+from .base import HParam, VectorOptimizer, _nonneg
+
+
+class SGD(VectorOptimizer):
+    """Stochastic gradient descent over every slot of a ModelBatch in one fused update.
+
+    Keywords are those of ``torch.optim.SGD``; each may be one value or one
+    per slot (``nesterov``: a bool or S bools). Extra keywords: ``schedule``,
+    ``max_grad_norm`` and ``skip_nonfinite`` (see :class:`VectorOptimizer`).
+    """
+
+    HPARAMS = {
+        "lr": HParam(1e-3, lambda v: (v >= 0) & torch.isfinite(v), "lr must be a finite number >= 0"),
+        "momentum": _nonneg("momentum"),
+        "dampening": HParam(0.0, lambda v: (v >= 0) & (v <= 1), "dampening must be in [0, 1]"),
+        "weight_decay": _nonneg("weight_decay"),
+        "nesterov": HParam(0.0, lambda v: (v == 0) | (v == 1), "nesterov must be a bool"),
+    }
+    STATE = ("momentum_buffer",)
+
+    def __init__(self, mb: ModelBatch, lr: Any = 1e-3, momentum: Any = 0.0, dampening: Any = 0.0,
+                 weight_decay: Any = 0.0, nesterov: Any = False, **kwargs: Any):
+        super().__init__(mb, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                         nesterov=nesterov, **kwargs)
+
+    def _check_combination(self, values, slots):
+        if "nesterov" in values:
+            bad = (values["nesterov"] == 1) & ((values["momentum"] <= 0) | (values["dampening"] != 0))
+            if bool(bad.any()):
+                raise HyperparameterError(
+                    f"nesterov momentum for slot(s) {slots[bad].tolist()} needs momentum > 0 and dampening 0 "
+                    "(as in torch.optim.SGD); set nesterov=False or change momentum/dampening for them."
+                )
+
+    def _collapse(self, row):
+        row["nesterov"] = bool(row["nesterov"])
+        return row
+
+    def _state_names(self) -> tuple[str, ...]:
+        return self.STATE if bool((self._hp["momentum"] != 0).any()) else ()
+
+    def _push(self) -> None:
+        super()._push()
+        self._any_momentum = bool((self._hp["momentum"] != 0).any())
+        self._any_nesterov = bool((self._hp["nesterov"] == 1).any())
+        self._any_wd = bool((self._hp["weight_decay"] != 0).any())
+
+    def _coefficients(self, hp, steps, ok, lr):
+        c: dict[str, Any] = {"lr": lr * ok}
+        if self._any_wd:
+            c["wd"] = hp["weight_decay"]
+        if self._any_momentum:
+            mom = hp["momentum"]
+            fresh = (steps == 0) | (mom == 0)  # torch starts the buffer as a copy of the gradient
+            skip = ok == 0
+            c["keep"] = torch.where(skip, 1.0, torch.where(fresh, 0.0, mom))
+            c["take"] = torch.where(skip, 0.0, torch.where(fresh, 1.0, 1.0 - hp["dampening"]))
+            if self._any_nesterov:
+                c["nesterov"] = hp["nesterov"] * mom
+        return c
+
+    def _update(self, p, g, state, c):
+        if "wd" in c:
+            g = g.add(p * c["wd"])
+        if "keep" in c:
+            buf = state["momentum_buffer"]
+            buf.mul_(c["keep"]).add_(g * c["take"])
+            g = g.add(buf * c["nesterov"]) if "nesterov" in c else buf
+            if "nesterov" in c:
+                # nesterov rows use g + momentum * buf; plain rows use buf alone
+                g = torch.where(c["nesterov"] > 0, g, buf)
+        p.sub_(g * c["lr"])
