@@ -5,11 +5,16 @@ and the standalone trainer) never imports Ray.
 """
 
 from . import optim
+from .amp import SlotGradScaler
+from .engine import FusedEngine, StepResult
 from .errors import FusionError, FusionWarning, HyperparameterError, IncompatibleModelsError, ModelBatchError
 from .model_batch import ModelBatch
 
 __all__ = [
     "ModelBatch",
+    "FusedEngine",
+    "StepResult",
+    "SlotGradScaler",
     "optim",
     "FusionError",
     "FusionWarning",

@@ -95,7 +95,7 @@ class VectorOptimizer:
         self.steps = torch.zeros(s, dtype=torch.float64, device=mb.device)
         self.state: dict[torch.dtype, dict[str, torch.Tensor]] = {dt: {} for dt in mb.groups}
         self.last_nonfinite = torch.zeros(s, dtype=torch.bool, device=mb.device)
-        self.last_grad_norm = torch.zeros(s, dtype=torch.float64, device=mb.device)
+        self.last_grad_norm = torch.zeros(s, dtype=torch.float32, device=mb.device)
         self._push()
         mb.attach(self)
 
@@ -214,12 +214,16 @@ class VectorOptimizer:
         self.mb.zero_grad()
 
     @torch.no_grad()
-    def step(self, skip: torch.Tensor | None = None) -> None:
-        """Update every active slot whose gradients are finite.
+    def step(self, slots: Slots = "active", skip: torch.Tensor | None = None) -> None:
+        """Update the selected slots whose gradients are finite; no other slot changes.
 
         Args:
-            skip: optional ``[S]`` bool tensor of slots to leave untouched this
-                step (e.g. an fp16 overflow found by the loss scaler).
+            slots: the slots that ran this step (default: the active ones).
+                Only these advance: parameters, state and step counts of all
+                other slots stay exactly as they were.
+            skip: optional bool tensor aligned with ``slots`` (``[n]``) marking
+                slots to leave untouched this step, e.g. a non-finite loss or
+                an fp16 overflow found by the loss scaler.
 
         After the step, ``last_nonfinite`` marks the slots skipped because of
         NaN/inf gradients and ``last_grad_norm`` holds each slot's gradient
@@ -227,7 +231,7 @@ class VectorOptimizer:
         """
         mb = self.mb
         mb.sync_grads()
-        idx = mb.resolve_slots("active")
+        idx = mb.resolve_slots(slots)
         if idx is not None and idx.numel() == 0:
             return
         rows = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
@@ -242,9 +246,9 @@ class VectorOptimizer:
             sq += torch.linalg.vector_norm(g, dim=1, dtype=torch.float32).square()
         norm = sq.sqrt()
         finite = torch.isfinite(norm)
-        ok = finite if (skip is None) else finite & ~rows(skip)
-        if not self.skip_nonfinite:
-            ok = torch.ones_like(finite) if skip is None else ~rows(skip)
+        ok = finite if self.skip_nonfinite else torch.ones_like(finite)
+        if skip is not None:
+            ok = ok & ~skip.to(device=mb.device, dtype=torch.bool)
         hp = {k: rows(v) for k, v in self.hp.items()}
         okcol = ok.unsqueeze(1)
         coef = None
