@@ -1,0 +1,369 @@
+"""Data feeding and routing for fused training, pure torch and on the batch's device.
+
+Two ways to feed a :class:`~ray_modelbatch.ModelBatch`:
+
+* :class:`SharedStream`: every active slot sees the same batch. This is the
+  cheapest (the input is read once) and is what a hyperparameter sweep over
+  one data set usually wants.
+* :class:`PerSlotStreams`: every slot has its own :class:`SlotSampler` (own
+  seed, own subset of rows), so slot ``i`` sees exactly the batches a model
+  trained alone would see with ``SlotSampler(indices_i, batch_size, seed_i)``.
+  That is what makes a fused run reproduce independent training, and what
+  bagging (:func:`bootstrap`), k-fold cross-validation (:func:`kfold`) and
+  sharding (:func:`shards`) need.
+
+Data stays on the device: a step builds one ``[n, B]`` index tensor for the
+``n`` slots that run and gathers ``x``/``y`` with it, so there is no host
+round trip and no Python loop over examples. Only the samplers of the slots
+that run advance, so a slot that is paused (early stopping, a Ray Tune trial
+on hold) resumes where it left off.
+
+Nothing here imports Ray: the standalone :class:`~ray_modelbatch.trainer.Trainer`
+and a Ray Tune slot host use the same streams.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "SlotSampler",
+    "SharedStream",
+    "PerSlotStreams",
+    "bootstrap",
+    "kfold",
+    "shards",
+    "padded_per_slot",
+]
+
+
+def _as_index(indices: Any, device: torch.device | str | None = None) -> torch.Tensor:
+    idx = torch.as_tensor(indices)
+    if idx.dtype == torch.bool:
+        idx = idx.nonzero().flatten()
+    if idx.dtype != torch.long:
+        if idx.is_floating_point() or idx.is_complex():
+            raise TypeError(f"indices must be integers (a LongTensor of row numbers), got dtype {idx.dtype}")
+        idx = idx.long()
+    if idx.dim() != 1:
+        raise ValueError(f"indices must be a 1-D tensor of row numbers, got shape {list(idx.shape)}")
+    return idx if device is None else idx.to(device)
+
+
+class SlotSampler:
+    """Infinite stream of index batches for one slot (or one plain model).
+
+    Each epoch is a fresh permutation of ``indices`` drawn from this sampler's
+    own CPU ``torch.Generator`` seeded with ``seed``, cut into batches of exactly
+    ``batch_size`` rows; the incomplete batch at the end of an epoch is dropped,
+    so every step has the same shape (no recompilation, equal weight per step).
+
+    The permutation is drawn on the CPU so that a stream is the same on every
+    device (a checkpoint taken on a GPU resumes identically on a CPU), and
+    copied to ``indices.device`` once per epoch; batches are slices of it.
+
+    Use it standalone to train one plain model on exactly the batches slot
+    ``i`` of a :class:`PerSlotStreams` sees::
+
+        sampler = SlotSampler(indices_i, batch_size, seed_i)
+        for _ in range(steps):
+            b = next(sampler)
+            loss = loss_fn(model(x[b]), y[b])
+    """
+
+    def __init__(self, indices: torch.Tensor, batch_size: int, seed: int):
+        indices = _as_index(indices)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if indices.numel() < batch_size:
+            raise ValueError(
+                f"a slot has {indices.numel()} rows but batch_size is {batch_size}; every batch must be full "
+                "(the last incomplete batch of an epoch is dropped), so give the slot more rows or use a "
+                "smaller batch_size."
+            )
+        self.indices = indices
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(self.seed)
+        self.epoch = -1
+        self.position = 0
+        self._epoch_start_state: torch.Tensor | None = None
+        self._perm: torch.Tensor | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.indices.numel() // self.batch_size
+
+    def _new_epoch(self) -> None:
+        self._epoch_start_state = self.generator.get_state()
+        perm = torch.randperm(self.indices.numel(), generator=self.generator)
+        self._perm = self._place(perm)
+        self.epoch += 1
+        self.position = 0
+
+    def _place(self, perm: torch.Tensor) -> torch.Tensor:
+        """Rows of this epoch in order, on the indices' device (one copy per epoch)."""
+        dev = self.indices.device
+        if dev.type == "cuda":
+            # Pinned + non_blocking keeps the copy from synchronizing the host
+            # with the GPU; the caching host allocator keeps the buffer alive.
+            perm = perm.pin_memory().to(dev, non_blocking=True)
+        elif dev.type != "cpu":
+            perm = perm.to(dev)
+        return self.indices.index_select(0, perm)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._perm is None or self.position + self.batch_size > self._perm.numel():
+            self._new_epoch()
+        start = self.position
+        self.position += self.batch_size
+        return self._perm[start : self.position]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream is: seed, epoch, position in the epoch and the generator state that drew it.
+
+        The indices themselves are not included (they are part of the data
+        routing, which is rebuilt from its own seed); ``load_state_dict``
+        checks the count.
+        """
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_indices": int(self.indices.numel()),
+            "epoch": self.epoch,
+            "position": self.position,
+            "epoch_start_state": None if self._epoch_start_state is None else self._epoch_start_state.clone(),
+            "generator_state": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the stream exactly where :meth:`state_dict` left it (same indices required)."""
+        if int(state["num_indices"]) != self.indices.numel() or int(state["batch_size"]) != self.batch_size:
+            raise ValueError(
+                f"sampler state was saved for {state['num_indices']} rows and batch_size {state['batch_size']}, "
+                f"this sampler has {self.indices.numel()} rows and batch_size {self.batch_size}; rebuild it "
+                "with the same indices and batch size before loading."
+            )
+        self.seed = int(state["seed"])
+        if state["epoch_start_state"] is None:
+            self.generator.set_state(state["generator_state"])
+            self._perm, self._epoch_start_state = None, None
+            self.epoch, self.position = int(state["epoch"]), int(state["position"])
+            return
+        # Redraw the current epoch's permutation instead of storing it.
+        self.generator.set_state(state["epoch_start_state"])
+        self.epoch = int(state["epoch"]) - 1
+        self._new_epoch()
+        self.position = int(state["position"])
+
+
+class SharedStream:
+    """One batch per step, shared by every slot that runs (``per_slot = False``).
+
+    Args:
+        x, y: the whole training set (tensors with rows on dim 0); kept on
+            ``device`` (default: where ``x`` is).
+        batch_size: rows per step.
+        seed: seed of the shuffling generator.
+    """
+
+    per_slot = False
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0,
+                 device: torch.device | str | None = None):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+        dev = torch.device(device) if device is not None else x.device
+        self.x, self.y = x.to(dev), y.to(dev)
+        self.sampler = SlotSampler(torch.arange(x.shape[0], device=dev), batch_size, seed)
+
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    def next_batch(self, slots: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next shared batch ``(xb [B, ...], yb [B, ...])``; ``slots`` is accepted and ignored."""
+        b = next(self.sampler)
+        return self.x.index_select(0, b), self.y.index_select(0, b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+class PerSlotStreams:
+    """One :class:`SlotSampler` per slot over shared on-device ``x``/``y`` (``per_slot = True``).
+
+    Args:
+        x, y: the data set; slots draw rows of it (kept on ``device``).
+        batch_size: rows per slot per step (the same for every slot, so the
+            gathered batch is one ``[n, B, ...]`` tensor).
+        seeds: one seed per slot; its length is the number of slots.
+        indices: one LongTensor of row numbers per slot (e.g. from
+            :func:`bootstrap`, :func:`kfold` or :func:`shards`); default: all rows.
+    """
+
+    per_slot = True
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seeds: Sequence[int],
+                 indices: Sequence[torch.Tensor] | None = None, device: torch.device | str | None = None):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+        seeds = [int(s) for s in seeds]
+        if indices is not None and len(indices) != len(seeds):
+            raise ValueError(f"got {len(seeds)} seeds but {len(indices)} index sets; give one of each per slot")
+        dev = torch.device(device) if device is not None else x.device
+        self.x, self.y = x.to(dev), y.to(dev)
+        self.batch_size = int(batch_size)
+        self._all: torch.Tensor | None = None
+        self.samplers: list[SlotSampler | None] = [
+            self._make(seed, None if indices is None else indices[i]) for i, seed in enumerate(seeds)
+        ]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.samplers)
+
+    def _make(self, seed: int, indices: torch.Tensor | None) -> SlotSampler:
+        if indices is None:
+            if self._all is None:
+                self._all = torch.arange(self.x.shape[0], device=self.device)
+            idx = self._all
+        else:
+            idx = _as_index(indices, self.device)
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.x.shape[0]):
+                raise IndexError(f"slot indices must be in [0, {self.x.shape[0]}), got range "
+                                 f"[{int(idx.min())}, {int(idx.max())}]")
+        return SlotSampler(idx, self.batch_size, seed)
+
+    def next_batch(self, slots: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batches of the named slots, ``(xb [n, B, ...], yb [n, B, ...])`` aligned with ``slots``.
+
+        Only these slots' samplers advance. The ``[n, B]`` row index is built
+        on the device and used for one gather per tensor.
+        """
+        if isinstance(slots, torch.Tensor):
+            slots = slots.tolist()
+        rows = []
+        for i in slots:
+            sampler = self.samplers[i]
+            if sampler is None:
+                raise RuntimeError(f"slot {i} has no data stream yet; call reset_slot({i}, seed, indices) first")
+            rows.append(next(sampler))
+        if not rows:
+            empty = torch.zeros(0, self.batch_size, dtype=torch.long, device=self.device)
+            return self.x[empty], self.y[empty]
+        idx = torch.stack(rows).flatten()
+        n, b = len(rows), self.batch_size
+        xb = self.x.index_select(0, idx).view(n, b, *self.x.shape[1:])
+        yb = self.y.index_select(0, idx).view(n, b, *self.y.shape[1:])
+        return xb, yb
+
+    def reset_slot(self, i: int, seed: int, indices: torch.Tensor | None = None) -> None:
+        """Give slot ``i`` a new stream (e.g. a new trial in a freed slot)."""
+        self.samplers[i] = self._make(int(seed), indices)
+
+    def resize(self, capacity: int, keep: Sequence[int] | None = None) -> None:
+        """Follow :meth:`ModelBatch.resize`: new slot ``j`` keeps old slot ``keep[j]``'s stream.
+
+        Slots beyond ``len(keep)`` have no stream until :meth:`reset_slot`.
+        """
+        if keep is None:
+            keep = list(range(min(self.num_slots, capacity)))
+        keep = list(keep)
+        if len(keep) > capacity:
+            raise ValueError(f"keep lists {len(keep)} slots but capacity is {capacity}")
+        self.samplers = [self.samplers[k] for k in keep] + [None] * (capacity - len(keep))
+
+    def slot_state(self, i: int) -> dict[str, Any] | None:
+        """The stream position of slot ``i`` (for a per-trial checkpoint)."""
+        s = self.samplers[i]
+        return None if s is None else s.state_dict()
+
+    def load_slot_state(self, i: int, state: dict[str, Any]) -> None:
+        sampler = self.samplers[i]
+        if sampler is None:
+            raise RuntimeError(f"slot {i} has no data stream; call reset_slot first, then load its state")
+        sampler.load_state_dict(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samplers": [self.slot_state(i) for i in range(self.num_slots)]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["samplers"]
+        if len(saved) != self.num_slots:
+            raise ValueError(f"state has {len(saved)} slots, these streams have {self.num_slots}")
+        for i, st in enumerate(saved):
+            if st is not None:
+                self.load_slot_state(i, st)
+
+
+# --------------------------------------------------------------------- routing
+def _generator(seed: int) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(seed))
+    return g
+
+
+def bootstrap(n: int, num_slots: int, seed: int) -> list[torch.Tensor]:
+    """Bootstrap resamples (bagging): for each slot, ``n`` rows drawn with replacement."""
+    if n < 1 or num_slots < 1:
+        raise ValueError(f"bootstrap needs n >= 1 and num_slots >= 1, got n={n}, num_slots={num_slots}")
+    g = _generator(seed)
+    return [torch.randint(0, n, (n,), generator=g) for _ in range(num_slots)]
+
+
+def kfold(n: int, k: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """K-fold split: fold ``j`` is slot ``j``'s validation set and slot ``j`` trains on the other folds.
+
+    Rows are shuffled once with ``seed``; fold sizes differ by at most one.
+    Returns ``(train_indices, val_indices)``, both lists of ``k`` sorted LongTensors.
+    """
+    if not 2 <= k <= n:
+        raise ValueError(f"kfold needs 2 <= k <= n, got k={k}, n={n}")
+    folds = list(torch.randperm(n, generator=_generator(seed)).tensor_split(k))
+    val = [f.sort().values for f in folds]
+    train = [torch.cat([f for i, f in enumerate(folds) if i != j]).sort().values for j in range(k)]
+    return train, val
+
+
+def shards(n: int, num_slots: int, seed: int) -> list[torch.Tensor]:
+    """Disjoint shards covering every row once (sizes differ by at most one), one per slot."""
+    if not 1 <= num_slots <= n:
+        raise ValueError(f"shards needs 1 <= num_slots <= n, got num_slots={num_slots}, n={n}")
+    return [s.sort().values for s in torch.randperm(n, generator=_generator(seed)).tensor_split(num_slots)]
+
+
+def padded_per_slot(
+    x: torch.Tensor, y: torch.Tensor, indices: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-slot sets of unequal size as one padded batch: ``(xs [S, N_max, ...], ys, mask [S, N_max])``.
+
+    Pass the result to ``FusedEngine.evaluate(xs, ys, metrics, per_slot=True,
+    mask=mask)`` with per-example metrics (see :mod:`ray_modelbatch.metrics`).
+    Padding repeats a real row of the slot rather than zeros, so a metric can
+    never produce NaN on padding (``NaN * 0`` would still poison the mean).
+    """
+    if not indices:
+        raise ValueError("padded_per_slot needs at least one slot's indices")
+    dev = x.device
+    idx = [_as_index(i, dev) for i in indices]
+    if any(i.numel() == 0 for i in idx):
+        raise ValueError("every slot needs at least one row; got an empty index set")
+    n_max = max(i.numel() for i in idx)
+    rows = torch.stack([torch.cat([i, i[:1].expand(n_max - i.numel())]) for i in idx])
+    lengths = torch.tensor([i.numel() for i in idx], device=dev)
+    mask = torch.arange(n_max, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
+    return x[rows], y.to(dev)[rows], mask

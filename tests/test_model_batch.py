@@ -1,0 +1,253 @@
+"""ModelBatch: stacking, forward, gradients, slot operations, masking, resizing, dropout, BatchNorm."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import ray_modelbatch as rmb
+from ray_modelbatch.errors import IncompatibleModelsError
+
+from conftest import MLP, clones, make_models
+
+
+def test_forward_matches_each_model_shared_and_per_slot():
+    models = make_models(4)
+    mb = rmb.ModelBatch(models)
+    assert mb.num_slots == 4
+    x = torch.randn(7, 5)
+    out = mb(x)
+    assert out.shape == (4, 7, 3)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(x), rtol=1e-6, atol=1e-6)
+    xs = torch.randn(4, 7, 5)
+    out = mb(xs, per_slot=True)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(xs[i]), rtol=1e-6, atol=1e-6)
+
+
+class TakesExtra(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x, shift, scale=1.0):
+        return self.lin(x) * scale + shift
+
+
+def test_extra_args_and_kwargs_pass_through():
+    models = [TakesExtra() for _ in range(3)]
+    mb = rmb.ModelBatch(models)
+    x, shift = torch.randn(4, 3), torch.randn(2)
+    out = mb(x, shift, scale=2.0)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(x, shift, scale=2.0))
+
+
+def test_params_are_leaves_and_sum_of_losses_gives_each_slot_its_gradient():
+    models = make_models(3)
+    mb = rmb.ModelBatch(models)
+    for p in mb.parameters():
+        assert p.is_leaf and p.requires_grad and p.shape[0] == 3
+    x, y = torch.randn(6, 5), torch.randn(6, 3)
+    losses, _ = mb.forward_loss(x, y, nn.functional.mse_loss)
+    losses.sum().backward()
+    for i, m in enumerate(models):
+        nn.functional.mse_loss(m(x), y).backward()
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(mb.params[name].grad[i], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_incompatible_models_name_the_mismatch():
+    with pytest.raises(IncompatibleModelsError, match=r"slot 2 .*'2.weight'.*\[3, 8\].*\[4, 8\]"):
+        rmb.ModelBatch([MLP(), MLP(), MLP(d_out=4)])
+    with pytest.raises(IncompatibleModelsError, match="float64"):
+        rmb.ModelBatch([MLP(), MLP().double()])
+    with pytest.raises(IncompatibleModelsError, match="same class"):
+        rmb.ModelBatch([MLP(), nn.Linear(5, 3)])
+    with pytest.raises(IncompatibleModelsError, match="empty"):
+        rmb.ModelBatch([])
+
+
+def test_slot_state_loads_into_fresh_module():
+    models = make_models(3, bn=True)
+    mb = rmb.ModelBatch(models)
+    mb(torch.randn(8, 5))  # train-mode forward updates BN stats
+    fresh = MLP(bn=True)
+    fresh.load_state_dict(mb.slot_state(1))
+    mb.eval()
+    fresh.eval()
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(mb(x)[1], fresh(x))
+
+
+def _snapshot(mb, opt=None):
+    snap = {k: v.detach().clone() for k, v in {**mb.params, **mb.buffers}.items()}
+    if opt is not None:
+        for dt, st in opt.state.items():
+            snap.update({f"opt.{dt}.{k}": v.clone() for k, v in st.items()})
+        snap["opt.steps"] = opt.steps.clone()
+    return snap
+
+
+def _rows_equal(a, b, rows):
+    for k in a:
+        assert torch.equal(a[k][rows], b[k][rows]), k
+
+
+def _train(mb, opt, steps=3, **kw):
+    eng = rmb.FusedEngine(mb, opt, nn.functional.mse_loss)
+    for _ in range(steps):
+        eng.train_step(torch.randn(8, 5), torch.randn(8, 3), **kw)
+
+
+def test_load_copy_reset_touch_only_their_slot():
+    models = make_models(4, bn=True)
+    mb = rmb.ModelBatch(models)
+    opt = rmb.optim.Adam(mb, lr=[0.01, 0.02, 0.03, 0.04])
+    _train(mb, opt)
+    before = _snapshot(mb, opt)
+
+    mb.copy_slot(0, 2)
+    after = _snapshot(mb, opt)
+    _rows_equal(before, after, [0, 1, 3])
+    for k in before:
+        assert torch.equal(after[k][2], before[k][0]), k  # weights, buffers, moments, step count
+    assert opt.get_hparams(2)["lr"] == pytest.approx(0.03)  # hyperparameters stay the recipient's
+
+    new = MLP(bn=True)
+    mb.reset_slot(3, new)
+    after2 = _snapshot(mb, opt)
+    _rows_equal(after, after2, [0, 1, 2])
+    for k, v in new.state_dict().items():
+        assert torch.equal(mb.slot_state(3)[k], v)
+    assert float(opt.steps[3]) == 0 and all(float(v[3].abs().sum()) == 0 for v in opt.state[torch.float32].values())
+
+    mb.load_slot(1, models[0].state_dict())
+    for k, v in models[0].state_dict().items():
+        assert torch.equal(mb.slot_state(1)[k], v)
+    with pytest.raises(IncompatibleModelsError, match="missing keys"):
+        mb.load_slot(1, {"0.weight": torch.zeros(8, 5)})
+    with pytest.raises(IncompatibleModelsError, match="shape"):
+        mb.load_slot(1, MLP(bn=True, hidden=9).state_dict())
+
+
+def test_inactive_slots_do_not_change_in_training():
+    mb = rmb.ModelBatch(make_models(5, bn=True))
+    opt = rmb.optim.Adam(mb, lr=0.05)
+    _train(mb, opt, steps=2)
+    mb.deactivate([1, 3])
+    before = _snapshot(mb, opt)
+    _train(mb, opt, steps=3)  # engine default: active slots only
+    after = _snapshot(mb, opt)
+    _rows_equal(before, after, [1, 3])
+    assert not torch.equal(before["0.weight"][0], after["0.weight"][0])
+    # A forward over all slots in train mode must not touch inactive BatchNorm statistics either.
+    mb(torch.randn(8, 5))
+    _rows_equal(before, _snapshot(mb, opt), [1, 3])
+    assert mb(torch.randn(8, 5), slots="active").shape[0] == 3
+
+
+def _step_flops(mb, opt):
+    eng = rmb.FusedEngine(mb, opt, nn.functional.mse_loss)
+    x, y = torch.randn(32, 64), torch.randn(32, 64)
+    with FlopCounterMode(display=False) as counter:
+        eng.train_step(x, y)
+    return counter.get_total_flops()
+
+
+def test_step_cost_follows_active_slots():
+    models = [nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)) for _ in range(16)]
+    mb = rmb.ModelBatch(models)
+    opt = rmb.optim.SGD(mb, lr=0.1)
+    full = _step_flops(mb, opt)
+    mb.deactivate(range(2, 16))
+    two = _step_flops(mb, opt)
+    assert full > 0
+    assert two == pytest.approx(full * 2 / 16, rel=0.01)
+
+
+def test_resize_keeps_live_slots_and_training_continues():
+    models = make_models(4, bn=True)
+    mb = rmb.ModelBatch(models)
+    opt = rmb.optim.AdamW(mb, lr=[0.01, 0.02, 0.03, 0.04])
+    scaler = rmb.SlotGradScaler(mb, init_scale=8.0)
+    _train(mb, opt)
+    before = _snapshot(mb, opt)
+
+    mb.resize(6)  # grow: new slots empty and inactive
+    assert mb.num_slots == 6 and mb.active.tolist() == [True] * 4 + [False] * 2
+    grown = _snapshot(mb, opt)
+    for k in before:
+        assert torch.equal(grown[k][:4], before[k]), k
+    assert [opt.get_hparams(i)["lr"] for i in range(4)] == pytest.approx([0.01, 0.02, 0.03, 0.04])
+    assert scaler.scales.shape == (6,)
+    mb.reset_slot(5, MLP(bn=True))
+    opt.set_hparams(5, lr=0.5)
+    mb.activate(5)
+    _train(mb, opt)
+    assert float(opt.steps[5]) == 3 and float(opt.steps[4]) == 0
+
+    state = _snapshot(mb, opt)
+    mb.deactivate(0)
+    with pytest.raises(ValueError, match="drop active slots"):
+        mb.resize(3)
+    mb.resize(3, keep=[5, 2, 1])  # shrink, reorder
+    shrunk = _snapshot(mb, opt)
+    for k in state:
+        assert torch.equal(shrunk[k], state[k][[5, 2, 1]]), k
+    assert opt.get_hparams(0)["lr"] == pytest.approx(0.5)
+    _train(mb, opt)
+    assert opt.steps.tolist() == [6.0, 9.0, 9.0]
+
+
+def test_dropout_masks_differ_per_slot_and_per_step():
+    one = MLP(dropout=0.5)
+    mb = rmb.ModelBatch(clones([one] * 4))  # identical weights in every slot
+    x = torch.randn(16, 5)
+    a, b = mb(x), mb(x)
+    for i in range(1, 4):
+        assert not torch.equal(a[0], a[i])  # independent masks across slots
+    assert not torch.equal(a, b)  # and across steps
+    mb.eval()
+    e = mb(x)
+    assert torch.equal(e[0], e[3])  # no dropout in eval
+
+
+def test_batchnorm_keeps_per_slot_running_stats():
+    models = make_models(3, bn=True)
+    refs = clones(models)
+    mb = rmb.ModelBatch(models)
+    opt = rmb.optim.SGD(mb, lr=0.1)
+    ropts = [torch.optim.SGD(r.parameters(), lr=0.1) for r in refs]
+    eng = rmb.FusedEngine(mb, opt, nn.functional.mse_loss)
+    for _ in range(5):
+        x, y = torch.randn(8, 5), torch.randn(8, 3)
+        eng.train_step(x, y)
+        for r, o in zip(refs, ropts):
+            o.zero_grad()
+            nn.functional.mse_loss(r(x), y).backward()
+            o.step()
+    for i, r in enumerate(refs):
+        st = mb.slot_state(i)
+        torch.testing.assert_close(st["1.running_mean"], r[1].running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st["1.running_var"], r[1].running_var, rtol=1e-5, atol=1e-6)
+        assert int(st["1.num_batches_tracked"]) == 5
+    assert not torch.allclose(mb.buffers["1.running_mean"][0], mb.buffers["1.running_mean"][1])
+    mb.eval()
+    x = torch.randn(4, 5)
+    out = mb(x)
+    for i, r in enumerate(refs):
+        torch.testing.assert_close(out[i], r.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_grads_reset_to_none_are_recovered():
+    mb = rmb.ModelBatch(make_models(2))
+    opt = rmb.optim.SGD(mb, lr=0.1)
+    for p in mb.parameters():
+        p.grad = None  # what torch's zero_grad(set_to_none=True) does
+    before = mb.params["0.weight"].detach().clone()
+    losses, _ = mb.forward_loss(torch.randn(4, 5), torch.randn(4, 3), nn.functional.mse_loss)
+    losses.sum().backward()
+    opt.step()
+    assert not torch.equal(before, mb.params["0.weight"])

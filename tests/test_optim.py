@@ -1,0 +1,205 @@
+"""Vectorized optimizers: each slot trains exactly like its model alone with torch.optim."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ray_modelbatch as rmb
+from ray_modelbatch.errors import HyperparameterError
+from ray_modelbatch.optim import schedules
+
+from conftest import clones, make_models, max_rel_diff
+
+S = 4
+STEPS = 20
+
+
+def run_pair(make_fused, make_ref, make_sched=None, clip=None, steps=STEPS, hook=None):
+    """Train S fused slots and S reference models on identical batches; return (mb, refs, opt)."""
+    models = make_models(S)
+    refs = clones(models)
+    mb = rmb.ModelBatch(models)
+    opt = make_fused(mb)
+    ropts = [make_ref(r.parameters(), i) for i, r in enumerate(refs)]
+    scheds = [make_sched(o, i) for i, o in enumerate(ropts)] if make_sched else []
+    eng = rmb.FusedEngine(mb, opt, nn.functional.mse_loss)
+    for step in range(steps):
+        if hook:
+            hook(step, opt, ropts)
+        x, y = torch.randn(16, 5), torch.randn(16, 3)
+        eng.train_step(x, y)
+        for r, o in zip(refs, ropts):
+            o.zero_grad()
+            nn.functional.mse_loss(r(x), y).backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(r.parameters(), clip[refs.index(r)])
+            o.step()
+        for s in scheds:
+            s.step()
+    return mb, refs, opt
+
+
+LR = [0.05, 0.01, 0.002, 0.03]
+
+
+def test_sgd_matches_torch_with_distinct_per_slot_hparams():
+    mom, damp, nest, wd = [0.0, 0.9, 0.5, 0.9], [0.0, 0.1, 0.0, 0.0], [False, False, True, True], [0.0, 1e-2, 0.0, 1e-3]
+    mb, refs, _ = run_pair(
+        lambda mb: rmb.optim.SGD(mb, lr=LR, momentum=mom, dampening=damp, nesterov=nest, weight_decay=wd),
+        lambda p, i: torch.optim.SGD(p, lr=LR[i], momentum=mom[i], dampening=damp[i], nesterov=nest[i], weight_decay=wd[i]),
+    )
+    assert max_rel_diff(mb, refs) < 1e-5
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_adam_family_matches_torch_with_distinct_per_slot_hparams(cls):
+    betas = [(0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.6)]
+    eps, wd, ams = [1e-8, 1e-6, 1e-7, 1e-8], [0.0, 0.1, 0.01, 0.2], [False, True, False, True]
+    mb, refs, _ = run_pair(
+        lambda mb: getattr(rmb.optim, cls)(mb, lr=LR, betas=betas, eps=eps, weight_decay=wd, amsgrad=ams),
+        lambda p, i: getattr(torch.optim, cls)(p, lr=LR[i], betas=betas[i], eps=eps[i], weight_decay=wd[i], amsgrad=ams[i]),
+    )
+    assert max_rel_diff(mb, refs) < 1e-5
+
+
+def _cosine_lambda(warmup, total, ratio):
+    def f(t):
+        if t < warmup:
+            return (t + 1) / warmup
+        progress = min(max((t - warmup) / max(1, total - warmup), 0.0), 1.0)
+        return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def test_per_slot_schedules_match_torch_lr_schedulers():
+    kinds = [
+        schedules.constant(),
+        schedules.step_decay(step_size=4, gamma=0.5),
+        schedules.warmup_cosine(total_steps=15, warmup_steps=5, min_lr_ratio=0.1),
+        schedules.warmup_cosine(total_steps=24, warmup_steps=0, min_lr_ratio=0.2),  # torch restarts after T_max
+    ]
+    lam = _cosine_lambda(5, 15, 0.1)
+
+    def ref_sched(o, i):
+        L = torch.optim.lr_scheduler
+        return [lambda: L.ConstantLR(o, factor=1.0, total_iters=0), lambda: L.StepLR(o, step_size=4, gamma=0.5),
+                lambda: L.LambdaLR(o, lam), lambda: L.CosineAnnealingLR(o, T_max=24, eta_min=0.2 * LR[3])][i]()
+
+    mb, refs, opt = run_pair(
+        lambda mb: rmb.optim.Adam(mb, lr=LR, schedule=kinds),
+        lambda p, i: torch.optim.Adam(p, lr=LR[i]),
+        make_sched=ref_sched,
+    )
+    assert max_rel_diff(mb, refs) < 1e-5
+    assert opt.current_lr()[1].item() == pytest.approx(LR[1] * 0.5**5)
+
+
+def test_schedule_parameters_per_slot_in_one_schedule():
+    warm = [0, 2, 4, 6]
+    mb, refs, _ = run_pair(
+        lambda mb: rmb.optim.SGD(mb, lr=LR, momentum=0.9,
+                                 schedule=schedules.warmup_cosine(total_steps=18, warmup_steps=warm)),
+        lambda p, i: torch.optim.SGD(p, lr=LR[i], momentum=0.9),
+        make_sched=lambda o, i: torch.optim.lr_scheduler.LambdaLR(o, _cosine_lambda(warm[i], 18, 0.0)),
+    )
+    assert max_rel_diff(mb, refs) < 1e-5
+
+
+def test_per_slot_gradient_clipping_matches_clip_grad_norm():
+    clip = [0.05, 0.5, math.inf, 0.01]
+    mb, refs, opt = run_pair(
+        lambda mb: rmb.optim.SGD(mb, lr=LR, momentum=0.5, max_grad_norm=clip),
+        lambda p, i: torch.optim.SGD(p, lr=LR[i], momentum=0.5),
+        clip=clip,
+    )
+    assert max_rel_diff(mb, refs) < 1e-5
+    assert opt.last_grad_norm.shape == (S,)
+
+
+def test_changing_one_slots_hyperparameters_at_run_time():
+    def hook(step, opt, ropts):
+        if step == 10:
+            opt.set_hparams(2, lr=0.2, betas=(0.5, 0.9))
+            ropts[2].param_groups[0].update(lr=0.2, betas=(0.5, 0.9))
+
+    mb, refs, opt = run_pair(lambda mb: rmb.optim.Adam(mb, lr=LR), lambda p, i: torch.optim.Adam(p, lr=LR[i]), hook=hook)
+    assert max_rel_diff(mb, refs) < 1e-5
+    assert opt.get_hparams(2)["betas"] == pytest.approx((0.5, 0.9))
+    assert opt.get_hparams(1)["lr"] == pytest.approx(LR[1])
+
+
+def test_slot_state_export_import_continues_exactly():
+    """Export slot 1 mid-training, import into slot 0 of another batch: both continue identically."""
+    models = make_models(3)
+    mb = rmb.ModelBatch(models)
+    opt = rmb.optim.AdamW(mb, lr=[0.01, 0.03, 0.02], schedule=schedules.step_decay(3, 0.5))
+    eng = rmb.FusedEngine(mb, opt, nn.functional.mse_loss)
+    data = [(torch.randn(16, 5), torch.randn(16, 3)) for _ in range(10)]
+    for x, y in data[:5]:
+        eng.train_step(x, y)
+    model_state, opt_state = mb.slot_state(1), opt.slot_state(1)
+
+    other = rmb.ModelBatch(make_models(2))
+    other_opt = rmb.optim.AdamW(other, lr=0.5)
+    other.load_slot(0, model_state)
+    other_opt.load_slot_state(0, opt_state)
+    other.deactivate(1)
+    other_eng = rmb.FusedEngine(other, other_opt, nn.functional.mse_loss)
+    for x, y in data[5:]:
+        eng.train_step(x, y)
+        other_eng.train_step(x, y)
+    for k, v in mb.slot_state(1).items():
+        torch.testing.assert_close(other.slot_state(0)[k], v, rtol=1e-6, atol=0)
+    assert other_opt.get_hparams(0)["lr"] == pytest.approx(0.03)
+
+    with pytest.raises(HyperparameterError, match="does not fit"):
+        wide = rmb.ModelBatch(make_models(1, hidden=16))
+        rmb.optim.AdamW(wide).load_slot_state(0, opt_state)
+
+
+def test_invalid_hyperparameters_name_slot_and_fix():
+    mb = rmb.ModelBatch(make_models(3))
+    with pytest.raises(HyperparameterError, match=r"invalid lr for slot\(s\) \[1\]"):
+        rmb.optim.Adam(mb, lr=[0.1, -1.0, 0.1])
+    with pytest.raises(HyperparameterError, match="3 slots"):
+        rmb.optim.SGD(mb, lr=[0.1, 0.2])
+    with pytest.raises(HyperparameterError, match="beta2"):
+        rmb.optim.Adam(mb, betas=[(0.9, 0.99), (0.9, 1.5), (0.9, 0.99)])
+    with pytest.raises(HyperparameterError, match="nesterov"):
+        rmb.optim.SGD(mb, lr=0.1, momentum=[0.9, 0.0, 0.9], nesterov=True)
+    with pytest.raises(HyperparameterError, match="no hyperparameter 'momentum'"):
+        rmb.optim.Adam(mb, momentum=0.9)
+    opt = rmb.optim.Adam(mb, lr=0.1)
+    with pytest.raises(HyperparameterError, match="eps"):
+        opt.set_hparams(2, eps=-1.0)
+    assert opt.get_hparams(2)["eps"] == pytest.approx(1e-8)  # a rejected change leaves the old value
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cls,kw", [("SGD", dict(momentum=0.9, nesterov=[True, False] * 32)),
+                                    ("Adam", dict(amsgrad=[True, False] * 32)),
+                                    ("AdamW", dict(max_grad_norm=1.0, schedule=schedules.warmup_cosine(100, 10)))])
+def test_optimizer_kernel_count_does_not_grow_with_slots(cls, kw):
+    counts = []
+    for s in (2, 64):
+        mb = rmb.ModelBatch(make_models(s))
+        kwargs = {k: (v[:s] if isinstance(v, list) else v) for k, v in kw.items()}
+        opt = getattr(rmb.optim, cls)(mb, lr=[0.01] * s, **kwargs)
+        losses, _ = mb.forward_loss(torch.randn(4, 5), torch.randn(4, 3), nn.functional.mse_loss)
+        losses.sum().backward()
+        with CountOps() as c:
+            opt.step()
+        counts.append(c.count)
+    assert counts[0] == counts[1]
