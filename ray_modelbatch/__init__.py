@@ -7,7 +7,14 @@ and the standalone trainer) never imports Ray.
 from . import optim
 from .amp import SlotGradScaler
 from .engine import FusedEngine, StepResult
-from .errors import FusionError, FusionWarning, HyperparameterError, IncompatibleModelsError, ModelBatchError
+from .errors import (
+    FusionError,
+    FusionWarning,
+    HyperparameterError,
+    IncompatibleModelsError,
+    InputShapeError,
+    ModelBatchError,
+)
 from .model_batch import ModelBatch
 
 __all__ = [
@@ -20,6 +27,7 @@ __all__ = [
     "FusionWarning",
     "HyperparameterError",
     "IncompatibleModelsError",
+    "InputShapeError",
     "ModelBatchError",
 ]
 __version__ = "0.1.0"

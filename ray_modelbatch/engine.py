@@ -89,6 +89,9 @@ class FusedEngine:
             return StepResult(host, empty, empty.bool(), empty.bool(), empty)
         mb.train()
         opt.zero_grad()
+        # Forward updates buffers (BatchNorm statistics) in place; a slot whose
+        # step is skipped must get those back, or a NaN batch poisons it.
+        saved = {k: v.clone() for k, v in mb.buffers.items() if v.is_floating_point()}
         with self._autocast():
             losses, _ = mb.forward_loss(x, y, self.loss_fn, per_slot=per_slot, slots=host)
         losses = losses.float()
@@ -104,6 +107,13 @@ class FusedEngine:
         nonfinite = opt.last_nonfinite if idx is None else opt.last_nonfinite.index_select(0, idx)
         grad_norm = opt.last_grad_norm if idx is None else opt.last_grad_norm.index_select(0, idx)
         nonfinite = nonfinite | bad_loss
+        if saved:
+            skipped = torch.zeros(mb.num_slots, dtype=torch.bool, device=mb.device)
+            skipped = skipped.index_copy(0, host.to(mb.device), nonfinite)
+            with torch.no_grad():
+                for k, old in saved.items():
+                    cur = mb.buffers[k]
+                    cur.copy_(torch.where(skipped.view(-1, *[1] * (cur.dim() - 1)), old, cur))
         return StepResult(host, losses.detach(), ~nonfinite, nonfinite, grad_norm)
 
     @torch.no_grad()

@@ -25,3 +25,7 @@ class FusionWarning(UserWarning):
 
 class HyperparameterError(ModelBatchError, ValueError):
     """A hyperparameter is out of range or has the wrong number of slots."""
+
+
+class InputShapeError(ModelBatchError, ValueError):
+    """A batch's shape does not fit the model (found while running the fused forward)."""

@@ -14,10 +14,12 @@ from typing import Any, Callable, Iterator
 
 from torch import nn
 
-from .errors import FusionError, FusionWarning
+from .errors import FusionError, FusionWarning, InputShapeError
 
 _FALLBACK_RE = re.compile(r"batching rule for (aten::[\w.]+)", re.IGNORECASE)
 _NOT_IMPL_RE = re.compile(r"Batching rule not implemented for (aten::[\w.]+)")
+_SHAPE_RE = re.compile(r"Expected size|cannot be multiplied|size mismatch|must match the size|expected input|"
+                       r"Given groups=|Expected .*dimensional input|shape .* is invalid for input")
 
 # (pattern in vmap's message, what happened, what to do)
 _KNOWN = [
@@ -66,7 +68,7 @@ def _describe(root: nn.Module, path: str) -> str:
     return f"module '{path}' ({type(root.get_submodule(path)).__name__})"
 
 
-def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any]) -> FusionError:
+def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any]) -> FusionError | InputShapeError:
     """Build a FusionError for ``exc`` by re-running the call under module tracking."""
     where = None
     with track_modules(root) as stack:
@@ -76,6 +78,11 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
             where = stack[-1] if stack else None
     location = _describe(root, where) if where else f"the forward of {type(root).__name__}"
     msg = str(exc)
+    if _SHAPE_RE.search(msg):
+        return InputShapeError(
+            f"The input does not fit {location}: {msg.strip().splitlines()[0]}. Fix: pass a batch shaped as "
+            "one model expects ([B, ...]), or [S, B, ...] with per_slot=True for one batch per slot."
+        )
     for needle, what, fix in _KNOWN:
         if needle in msg:
             return FusionError(

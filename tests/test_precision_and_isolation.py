@@ -1,0 +1,160 @@
+"""Mixed precision, per-slot loss scaling, non-finite isolation and readable fusion errors."""
+
+import pytest
+import torch
+from torch import nn
+
+import ray_modelbatch as rmb
+from ray_modelbatch.errors import FusionError
+
+from conftest import MLP, clones, make_models
+
+
+def _data(steps, s=None):
+    g = torch.Generator().manual_seed(1)
+    shape = (s, 16, 5) if s else (16, 5)
+    return [(torch.randn(*shape, generator=g), torch.randn(*shape[:-1], 3, generator=g)) for _ in range(steps)]
+
+
+def test_bf16_autocast_trains():
+    mb = rmb.ModelBatch(make_models(4))
+    opt = rmb.optim.Adam(mb, lr=0.01)
+    eng = rmb.FusedEngine(mb, opt, nn.functional.mse_loss, autocast_dtype=torch.bfloat16)
+    x, y = _data(1)[0]
+    first = eng.train_step(x, y).losses
+    for _ in range(30):
+        last = eng.train_step(x, y)
+    assert mb.params["0.weight"].dtype == torch.float32  # master weights stay fp32
+    assert bool(last.updated.all()) and bool((last.losses < first).all())
+
+
+def _fp16_run(scale_of_slot2):
+    torch.manual_seed(0)
+    models = make_models(4, d_in=5)
+    mb = rmb.ModelBatch(models)
+    opt = rmb.optim.SGD(mb, lr=0.05, momentum=0.9)
+    scaler = rmb.SlotGradScaler(mb, init_scale=2.0**8, growth_interval=3)
+    scaler.scales[2] = scale_of_slot2
+    eng = rmb.FusedEngine(mb, opt, nn.functional.mse_loss, scaler=scaler, autocast_dtype=torch.float16)
+    results = [eng.train_step(x, y) for x, y in _data(6)]
+    return mb, opt, scaler, results
+
+
+def test_fp16_overflow_skips_only_that_slot_and_backs_off_only_its_scale():
+    huge = 2.0**40  # scaled fp16 gradients overflow in this slot only
+    mb, opt, scaler, results = _fp16_run(huge)
+    ref_mb, ref_opt, ref_scaler, _ = _fp16_run(2.0**8)
+    assert results[0].nonfinite.tolist() == [False, False, True, False]
+    assert results[0].updated.tolist() == [True, True, False, True]
+    # slot 2 backs off each overflowing step until its scaled grads fit again; the others grow on schedule
+    assert scaler.scales[2].item() < huge
+    assert scaler.scales[[0, 1, 3]].tolist() == ref_scaler.scales[[0, 1, 3]].tolist()
+    assert ref_scaler.scales[0].item() == 2.0**8 * 4  # grew twice in 6 clean steps (interval 3)
+    for name, p in mb.params.items():
+        assert torch.equal(p[[0, 1, 3]], ref_mb.params[name][[0, 1, 3]]), name
+    assert opt.steps[2] < opt.steps[0] == 6
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "Adam", "AdamW"])
+def test_nan_slot_is_isolated_and_reported(opt_name):
+    """Slot 1's data turns NaN at step 3: it is skipped and reported; everyone else is bit-identical."""
+
+    def run(poison):
+        torch.manual_seed(0)
+        models = make_models(4, bn=True)
+        mb = rmb.ModelBatch(models)
+        opt = getattr(rmb.optim, opt_name)(mb, lr=[0.01, 0.02, 0.03, 0.04], weight_decay=0.01, max_grad_norm=1.0)
+        eng = rmb.FusedEngine(mb, opt, nn.functional.mse_loss)
+        flagged = []
+        for step, (x, y) in enumerate(_data(6, s=4)):
+            if poison and step == 3:
+                x = x.clone()
+                x[1, 0, 0] = float("nan")
+            r = eng.train_step(x, y, per_slot=True)
+            flagged += [(step, int(s)) for s in r.slots[r.nonfinite]]
+        return mb, opt, flagged
+
+    bad, bad_opt, flagged = run(True)
+    good, good_opt, clean = run(False)
+    assert flagged == [(3, 1)] and clean == []
+    for k in {**bad.params, **bad.buffers}:
+        a, b = {**bad.params, **bad.buffers}[k], {**good.params, **good.buffers}[k]
+        assert torch.equal(a[[0, 2, 3]], b[[0, 2, 3]]), k
+        assert bool(torch.isfinite(a[1].float()).all()), k  # the bad slot itself stays usable
+    assert bad_opt.steps.tolist() == [6.0, 5.0, 6.0, 6.0]
+
+
+def test_diverging_slot_does_not_harm_others():
+    """A slot whose lr makes it blow up to inf/NaN is frozen at its last finite weights."""
+
+    def run(lr1):
+        torch.manual_seed(0)
+        mb = rmb.ModelBatch(make_models(3))
+        opt = rmb.optim.SGD(mb, lr=[0.01, lr1, 0.02])
+        eng = rmb.FusedEngine(mb, opt, nn.functional.mse_loss)
+        return mb, [eng.train_step(x * 100, y) for x, y in _data(30)]
+
+    mb, results = run(1e4)
+    ref, _ = run(0.01)
+    assert any(bool(r.nonfinite[1]) for r in results)
+    assert not any(bool(r.nonfinite[[0, 2]].any()) for r in results)
+    for name in mb.params:
+        assert torch.equal(mb.params[name][[0, 2]], ref.params[name][[0, 2]])
+        assert bool(torch.isfinite(mb.params[name][1]).all())
+
+
+class UsesItem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), Gate())
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x * x.sum().item()
+
+
+class Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.sum() > 0:
+            return h
+        return -h
+
+
+class DynamicShape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.nonzero(self.lin(x))
+
+
+@pytest.mark.parametrize(
+    "cls,match",
+    [
+        (UsesItem, r"module 'body.1' \(Gate\).*\.item\(\).*Fix:"),
+        (Branches, r"model's own forward \(Branches\).*control flow.*torch.where"),
+        (DynamicShape, r"forward \(DynamicShape\).*depends on the data.*Fix:"),
+    ],
+)
+def test_unfusable_models_fail_with_named_module_and_fix(cls, match):
+    mb = rmb.ModelBatch([cls() for _ in range(2)])
+    with pytest.raises(FusionError, match=match):
+        mb(torch.randn(3, 4))
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    mb = rmb.ModelBatch(make_models(2))
+    with pytest.raises(rmb.InputShapeError, match=r"does not fit module '0' \(Linear\).*Fix"):
+        mb(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="leading dimension 3.*2 slots"):
+        mb(torch.randn(3, 4, 5), per_slot=True)
