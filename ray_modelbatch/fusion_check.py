@@ -16,8 +16,8 @@ from torch import nn
 
 from .errors import FusionError, FusionWarning, InputShapeError
 
-_FALLBACK_RE = re.compile(r"batching rule for (aten::[\w.]+)", re.IGNORECASE)
-_NOT_IMPL_RE = re.compile(r"Batching rule not implemented for (aten::[\w.]+)")
+_FALLBACK_RE = re.compile(r"batching rule for (aten::\w+(?:\.\w+)*)", re.IGNORECASE)
+_NOT_IMPL_RE = re.compile(r"Batching rule not implemented for (aten::\w+(?:\.\w+)*)")
 _SHAPE_RE = re.compile(r"Expected size|cannot be multiplied|size mismatch|must match the size|expected input|"
                        r"Given groups=|Expected .*dimensional input|shape .* is invalid for input")
 

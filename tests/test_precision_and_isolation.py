@@ -158,3 +158,27 @@ def test_wrong_input_shape_is_a_clear_error():
         mb(torch.randn(3, 7))
     with pytest.raises(ValueError, match="leading dimension 3.*2 slots"):
         mb(torch.randn(3, 4, 5), per_slot=True)
+
+
+class Renorm(nn.Module):
+    def forward(self, x):
+        return torch.renorm(x, 2, 0, 1.0)
+
+
+class SlowOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), Renorm())
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_op_without_batching_rule_warns_with_module_and_still_works():
+    models = [SlowOp() for _ in range(2)]
+    mb = rmb.ModelBatch(models)
+    x = torch.randn(3, 4)
+    with pytest.warns(rmb.FusionWarning, match=r"module 'body.1' \(Renorm\) uses aten::renorm, which has no vmap"):
+        out = mb(x)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(x))

@@ -1,0 +1,391 @@
+"""Time of one training step: fused ModelBatch vs. a loop of plain models vs. dense matmul.
+
+What is measured, for S = 1, 8, 32, 128, 512 models of one architecture
+(tiny MLP 32-64-64-1 with MSE, MLP 784-256-256-10 with cross-entropy, small
+CNN on 1x28x28 with cross-entropy; batch 64, Adam, one input batch shared by
+every model as in a hyperparameter sweep):
+
+* fused: ``ModelBatch`` + ``ray_modelbatch.optim.Adam`` (one learning rate per
+  slot) + ``FusedEngine.train_step`` -- one step of all S models;
+* loop: S plain ``nn.Module``s, each with its own default ``torch.optim.Adam``
+  (zero_grad, forward, loss, backward, step), run one after the other. Its
+  per-model cost does not depend on S, so only min(S, 32) models are timed and
+  the result is given as model-steps/s;
+* dense limit: FLOP/s of one large square fp32 matmul on the same device in the
+  same run (start and end; the larger is used).
+
+Why: the fused path only pays off if it beats the loop by a wide margin for
+small models and gets close to the device's dense throughput for larger ones.
+The FLOPs counted are the matmul/conv FLOPs a step really needs (forward,
+weight gradients, input gradients of every layer but the first); elementwise
+work, the loss and the optimizer are not counted. Each configuration also
+trains the fused path and the loop for 3 steps from the same weights on the
+same batches and reports the largest relative parameter difference, so a fast
+but wrong fused step cannot go unnoticed.
+
+Runs without Ray. ``python benchmarks/fused_step.py [--quick] [--device cuda]
+[--models mlp_tiny,mlp_784,cnn] [--slots 1,8,32]``; writes the markdown it
+prints to ``benchmarks/fused_step_latest.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ray_modelbatch import FusedEngine, ModelBatch
+from ray_modelbatch import optim as mb_optim
+
+BATCH = 64
+LOOP_CAP = 32  # the loop is timed on at most this many models
+EQ_CAP = 8  # equivalence is checked on at most this many slots
+EQ_STEPS = 3
+
+
+# --------------------------------------------------------------------- models
+class TinyMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MLP784(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(-3), nn.Linear(32 * 7 * 7, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@dataclass
+class Spec:
+    name: str
+    label: str
+    make: Callable[[], nn.Module]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _regression(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(BATCH, 32, generator=g), torch.randn(BATCH, 1, generator=g)
+
+
+def _classify(shape: tuple[int, ...]) -> Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
+    return lambda g: (torch.randn(BATCH, *shape, generator=g), torch.randint(0, 10, (BATCH,), generator=g))
+
+
+SPECS = {
+    s.name: s
+    for s in (
+        Spec("mlp_tiny", "MLP 32-64-64-1, MSE", TinyMLP, F.mse_loss, _regression),
+        Spec("mlp_784", "MLP 784-256-256-10, CE", MLP784, F.cross_entropy, _classify((784,))),
+        Spec("cnn", "CNN 1x28x28 c16-c32-fc10, CE", SmallCNN, F.cross_entropy, _classify((1, 28, 28))),
+    )
+}
+
+
+# ---------------------------------------------------------------- FLOP count
+def step_flops(spec: Spec) -> tuple[int, int]:
+    """(MACs per example, matmul/conv FLOPs of one training step of one model at batch BATCH).
+
+    forward 2*B*MACs + weight grads 2*B*MACs + input grads 2*B*MACs for every
+    Linear/Conv except the first (its input, the data, needs no gradient).
+    """
+    model = spec.make()
+    macs: list[int] = []
+
+    def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        if isinstance(mod, nn.Linear):
+            macs.append(out.numel() * mod.in_features)
+        else:
+            macs.append(out.numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    with torch.no_grad():
+        model(spec.batch(torch.Generator().manual_seed(0))[0])
+    for h in handles:
+        h.remove()
+    total = sum(macs)  # already for the whole batch
+    flops = 2 * total + 2 * total + 2 * (total - macs[0])
+    return total // BATCH, flops
+
+
+# -------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device, reps: int) -> float:
+    """Seconds per call of ``fn`` over ``reps`` back-to-back calls."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / reps
+
+
+def reps_for(t_est: float, min_time: float) -> int:
+    """Enough repetitions for ``min_time`` seconds; at least 2 even for very slow steps."""
+    return max(2, math.ceil(min_time / max(t_est, 1e-9)))
+
+
+def dense_flops(device: torch.device, n: int, min_time: float) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    c = torch.empty(n, n, device=device)
+    mm = lambda: torch.mm(a, b, out=c)  # noqa: E731
+    t = min(timed(mm, device, 1) for _ in range(3))  # warm-up and estimate
+    t = timed(mm, device, reps_for(t, min_time))
+    return 2 * n**3 / t
+
+
+# --------------------------------------------------------------- one config
+def loop_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    opt.step()
+
+
+def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    eq_batches = [tuple(t.to(device) for t in spec.batch(gen)) for _ in range(EQ_STEPS)]
+    x, y = (t.to(device) for t in spec.batch(gen))
+
+    models = []
+    for i in range(s):
+        torch.manual_seed(seed * 100_003 + i)
+        models.append(spec.make().to(device))
+    lrs = [1e-3 * 10 ** (i / max(s - 1, 1) - 0.5) for i in range(s)]  # 3.2e-4 .. 3.2e-3, a sweep
+    n_loop, n_eq = min(s, LOOP_CAP), min(s, EQ_CAP)
+    loop_models = models[:n_loop]  # ModelBatch copies the weights, so these stay independent
+    loop_opts = [torch.optim.Adam(m.parameters(), lr=lrs[i]) for i, m in enumerate(loop_models)]
+
+    mb = ModelBatch(models, device=device)
+    opt = mb_optim.Adam(mb, lr=lrs)
+    engine = FusedEngine(mb, opt, spec.loss_fn)
+
+    # Equivalence: 3 steps of both paths from the same weights on the same batches.
+    # These fused steps are also the fused path's warm-up.
+    for xb, yb in eq_batches:
+        engine.train_step(xb, yb)
+    for i in range(n_eq):
+        for xb, yb in eq_batches:
+            loop_step(loop_models[i], loop_opts[i], spec.loss_fn, xb, yb)
+    max_rel = 0.0
+    with torch.no_grad():
+        for i in range(n_eq):
+            fused = mb.slot_state(i)
+            for name, p in loop_models[i].named_parameters():
+                diff = (fused[name] - p).abs().max().item()
+                max_rel = max(max_rel, diff / max(p.abs().max().item(), 1e-30))
+
+    # Fused: one more warm-up step (its time sets the repetition count), then time.
+    step = lambda: engine.train_step(x, y)  # noqa: E731
+    t_fused = timed(step, device, reps_for(timed(step, device, 1), min_time))
+
+    # Loop: 3 warm-up passes over the timed models, then time whole passes.
+    def loop_pass() -> None:
+        for m, o in zip(loop_models, loop_opts):
+            loop_step(m, o, spec.loss_fn, x, y)
+
+    t_pass = min(timed(loop_pass, device, 1) for _ in range(3))
+    t_loop = timed(loop_pass, device, reps_for(t_pass, min_time))
+
+    del engine, opt, mb, models, loop_models, loop_opts
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "fused_step_s": t_fused,
+        "fused_msps": s / t_fused,
+        "loop_msps": n_loop / t_loop,
+        "n_loop": n_loop,
+        "n_eq": n_eq,
+        "max_rel": max_rel,
+    }
+
+
+# -------------------------------------------------------------------- report
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or "unknown CPU"
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+        except OSError:
+            pass
+    lines = [
+        f"- device: `{device}` — {name}",
+        f"- torch {torch.__version__}, Python {platform.python_version()}, "
+        f"torch threads {torch.get_num_threads()}, os.cpu_count() {os.cpu_count()}",
+    ]
+    if device.type == "cuda":
+        lines.append(
+            f"- fp32 matmul precision `{torch.get_float32_matmul_precision()}`, "
+            f"cudnn.allow_tf32 {torch.backends.cudnn.allow_tf32}"
+        )
+    return "\n".join(lines)
+
+
+def command() -> str:
+    argv0 = sys.argv[0]
+    try:
+        argv0 = os.path.relpath(argv0)
+    except ValueError:
+        pass
+    return " ".join(shlex.quote(a) for a in ["python", argv0, *sys.argv[1:]])
+
+
+def fmt(v: float, digits: int = 3) -> str:
+    return f"{v:,.{digits}g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="S = 1, 32, 128 and shorter timings")
+    ap.add_argument("--models", default=",".join(SPECS), help=f"comma-separated subset of {','.join(SPECS)}")
+    ap.add_argument("--slots", default=None, help="comma-separated S values (default 1,8,32,128,512; --quick 1,32,128)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--min-time", type=float, default=None, help="seconds each timing runs for (default 0.5; --quick 0.2)")
+    ap.add_argument("--dense-n", type=int, default=None, help="matmul size for the dense limit (default 2048 cpu, 4096 cuda)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).with_name("fused_step_latest.md")), help="markdown file to write")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda given, but torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SPECS]
+    if unknown:
+        sys.exit(f"unknown model(s) {unknown}; choose from {list(SPECS)}")
+    slots = [int(v) for v in (args.slots or ("1,32,128" if args.quick else "1,8,32,128,512")).split(",")]
+    min_time = args.min_time or (0.2 if args.quick else 0.5)
+    dense_n = args.dense_n or (4096 if device.type == "cuda" else 2048)
+
+    t_start = time.perf_counter()
+    head = [
+        "# Fused training step benchmark",
+        "",
+        f"- command: `{command()}`",
+        machine(device),
+        f"- batch {BATCH}, Adam, one input batch shared by all models; timings of >= {min_time} s after warm-up "
+        f"(at least 2 repetitions); fused S=1 included for the overhead floor",
+    ]
+    print("\n".join(head), flush=True)
+
+    dense0 = dense_flops(device, dense_n, max(min_time, 1.0))
+    print(f"- dense limit (start): {dense0 / 1e9:,.1f} GFLOP/s ({dense_n}x{dense_n} fp32 matmul)", flush=True)
+
+    flop_info = {n: step_flops(SPECS[n]) for n in names}
+    rows = []
+    for n in names:
+        spec = SPECS[n]
+        for s in slots:
+            print(f"  ... {n} S={s}", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            r = run_config(spec, s, device, min_time, args.seed)
+            r.update(model=n, s=s, fused_flops=r["fused_msps"] * flop_info[n][1])
+            rows.append(r)
+            print(
+                f"  {n:8s} S={s:<4d} fused {r['fused_msps']:>10,.0f} model-steps/s  loop {r['loop_msps']:>8,.0f}  "
+                f"x{r['fused_msps'] / r['loop_msps']:.2f}  {r['fused_flops'] / 1e9:.1f} GFLOP/s  "
+                f"diff {r['max_rel']:.1e}  ({time.perf_counter() - t0:.1f} s)",
+                file=sys.stderr, flush=True,
+            )
+
+    dense1 = dense_flops(device, dense_n, max(min_time, 1.0))
+    dense = max(dense0, dense1)
+    wall = time.perf_counter() - t_start
+
+    md = head + [
+        f"- dense limit: {dense / 1e9:,.1f} GFLOP/s = best of one {dense_n}x{dense_n} fp32 matmul timed at the start "
+        f"({dense0 / 1e9:,.1f}) and the end ({dense1 / 1e9:,.1f}) of this run",
+        "- FLOPs = matmul/conv FLOPs one step needs: forward 2·B·MACs + weight grads 2·B·MACs + input grads 2·B·MACs "
+        "of every layer except the first (its input needs no grad); bias, activations, pooling, loss and optimizer "
+        "are not counted",
+        f"- loop = sequential Python loop over plain nn.Modules, each with its own torch.optim.Adam (defaults); timed "
+        f"on min(S, {LOOP_CAP}) models (column 'loop n'), reported per model step",
+        f"- max rel diff = max over the first min(S, {EQ_CAP}) slots and all parameter tensors of "
+        f"max|p_fused - p_loop| / max|p_loop| after {EQ_STEPS} steps from the same weights on the same batches",
+        "",
+        "| model | MACs/example | FLOPs per model-step |",
+        "| --- | ---: | ---: |",
+        *[f"| {SPECS[n].label} | {flop_info[n][0]:,} | {flop_info[n][1] / 1e6:,.2f} M |" for n in names],
+        "",
+        "| model | S | fused ms/step | fused model-steps/s | loop n | loop model-steps/s | fused/loop | "
+        "fused GFLOP/s | % of dense | max rel diff |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['model']} | {r['s']} | {fmt(r['fused_step_s'] * 1e3)} | {fmt(r['fused_msps'])} | {r['n_loop']} | "
+            f"{fmt(r['loop_msps'])} | {r['fused_msps'] / r['loop_msps']:.2f}x | {r['fused_flops'] / 1e9:.2f} | "
+            f"{100 * r['fused_flops'] / dense:.1f}% | {r['max_rel']:.1e} ({r['n_eq']} slots) |"
+        )
+
+    def find(model: str, s: int) -> dict | None:
+        return next((r for r in rows if r["model"] == model and r["s"] == s), None)
+
+    md += ["", "Targets:"]
+    r = find("mlp_tiny", 32)
+    if r is None:
+        md.append("- tiny MLP, S=32, fused/loop >= 10x: not measured in this run")
+    else:
+        ratio = r["fused_msps"] / r["loop_msps"]
+        md.append(f"- tiny MLP, S=32, fused/loop >= 10x: {ratio:.2f}x -> {'MET' if ratio >= 10 else 'NOT MET'}")
+    r = find("mlp_784", 128)
+    if r is None:
+        md.append("- MLP 784-256-256-10, S=128, >= 60% of dense FLOP/s: not measured in this run")
+    else:
+        frac = r["fused_flops"] / dense
+        md.append(
+            f"- MLP 784-256-256-10, S=128, >= 60% of dense FLOP/s: {100 * frac:.1f}% -> {'MET' if frac >= 0.6 else 'NOT MET'}"
+        )
+    md += ["", f"Run time: {wall:.1f} s"]
+
+    text = "\n".join(md) + "\n"
+    print("\n" + "\n".join(md[len(head):]))
+    Path(args.out).write_text(text)
+    print(f"\n(written to {args.out})")
+
+
+if __name__ == "__main__":
+    main()

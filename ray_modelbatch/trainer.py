@@ -1,0 +1,511 @@
+"""Standalone (no Ray) training loop over a :class:`~ray_modelbatch.FusedEngine`.
+
+The engine does the fused math for an explicit list of slots; this module only
+decides *which* slots run each step and *where* their results go (history,
+TensorBoard, progress bar). A Ray Tune slot host drives the same engine with
+its own policy (trials come and go, results go to Tune); nothing here is
+needed for that, and nothing here imports Ray.
+
+Per step the trainer:
+
+1. asks the stream for a batch for the active slots (``mb.active``),
+2. runs ``engine.train_step(..., slots=active)``, so paused slots do not move,
+3. reads the step's per-slot tensors (and, on evaluation steps, the
+   validation metrics and learning rates) in ONE device-to-host transfer, so
+   a GPU run synchronizes at most once per step,
+4. records non-finite steps per slot and deactivates slots that stay
+   non-finite for ``max_nonfinite_steps`` steps in a row (diverged),
+5. every ``eval_every`` steps: records a result per slot, logs it to
+   TensorBoard, applies early stopping and updates the progress bar.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import IO, Any, Mapping, Sequence, Union
+
+import torch
+
+from .data import PerSlotStreams, SharedStream
+from .engine import FusedEngine, MetricFn
+from .tensorboard import SlotWriter
+
+__all__ = ["EarlyStopping", "History", "Trainer", "STATUSES"]
+
+# "inactive": the slot was not active when training started (the caller paused it).
+STATUSES = ("active", "early_stopped", "diverged", "finished", "inactive")
+
+Stream = Union[SharedStream, PerSlotStreams]
+ValData = Union[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class EarlyStopping:
+    """Per-slot early stopping on one recorded metric.
+
+    A slot whose ``metric`` has not improved by more than ``min_delta`` on its
+    best value for ``patience`` consecutive evaluations is stopped; the
+    trainer then deactivates it, so it costs no more compute and its weights
+    stay exactly as they were. Each slot keeps its own best value and
+    counter, because slots of a sweep learn at very different speeds.
+
+    Args:
+        metric: a key of the trainer's results, e.g. ``"val_loss"`` or
+            ``"val_accuracy"`` (``"loss"`` is read as ``"val_loss"`` when only
+            that exists), or ``"train_loss"`` without validation data.
+        mode: ``"min"`` or ``"max"``.
+        patience: evaluations without improvement before a slot stops (>= 1).
+        min_delta: the improvement that counts as one.
+    """
+
+    def __init__(self, metric: str, mode: str = "min", patience: int = 5, min_delta: float = 0.0):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        if min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {min_delta}")
+        self.metric = metric
+        self.mode = mode
+        self.patience = int(patience)
+        self.min_delta = float(min_delta)
+        self.best: dict[int, float] = {}
+        self.best_step: dict[int, int] = {}
+        self.bad_evals: dict[int, int] = {}
+
+    def update(self, slot: int, value: float, step: int | None = None) -> bool:
+        """Record ``value`` for ``slot``; True when the slot should stop now.
+
+        A NaN/inf value never counts as an improvement.
+        """
+        slot = int(slot)
+        if _better(value, self.best.get(slot), self.mode, self.min_delta if slot in self.best else 0.0):
+            self.best[slot] = float(value)
+            if step is not None:
+                self.best_step[slot] = int(step)
+            self.bad_evals[slot] = 0
+            return False
+        self.bad_evals[slot] = self.bad_evals.get(slot, 0) + 1
+        return self.bad_evals[slot] >= self.patience
+
+    def reset_slot(self, slot: int) -> None:
+        """Forget a slot's history (a new model was loaded into it)."""
+        for d in (self.best, self.best_step, self.bad_evals):
+            d.pop(int(slot), None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": dict(self.best), "best_step": dict(self.best_step), "bad_evals": dict(self.bad_evals)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best = {int(k): float(v) for k, v in state["best"].items()}
+        self.best_step = {int(k): int(v) for k, v in state.get("best_step", {}).items()}
+        self.bad_evals = {int(k): int(v) for k, v in state["bad_evals"].items()}
+
+
+class History:
+    """What happened to every slot: evaluation results, non-finite steps and final status.
+
+    Attributes:
+        results: ``results[slot]`` is the list of that slot's result dicts, in
+            order; each has ``"step"`` (trainer steps so far), ``"train_loss"``
+            and ``"grad_norm"`` (means over the finite steps since the last
+            evaluation), ``"lr"`` (the rate of the slot's next step) and the
+            validation metrics as ``"val_<name>"``.
+        nonfinite: ``{slot: [steps]}`` for slots that had NaN/inf steps
+            (skipped, parameters untouched); slots without any are absent.
+        status: per slot, one of ``STATUSES``.
+        stopped_at: ``{slot: step}`` where a slot was early-stopped or diverged.
+        metric, mode: what :meth:`best` ranks by unless told otherwise.
+    """
+
+    def __init__(self, num_slots: int, metric: str | None = None, mode: str = "min"):
+        self.results: list[list[dict[str, Any]]] = [[] for _ in range(num_slots)]
+        self.nonfinite: dict[int, list[int]] = {}
+        self.status: list[str] = ["active"] * num_slots
+        self.stopped_at: dict[int, int] = {}
+        self.metric = metric
+        self.mode = mode
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, slot: int) -> list[dict[str, Any]]:
+        return self.results[slot]
+
+    def _metric(self, slot: int, metric: str | None) -> str | None:
+        if metric is not None:
+            return metric
+        if self.metric is not None:
+            return self.metric
+        last = self.results[slot][-1] if self.results[slot] else {}
+        return "val_loss" if "val_loss" in last else ("train_loss" if "train_loss" in last else None)
+
+    def best(self, slot: int, metric: str | None = None, mode: str | None = None) -> dict[str, Any] | None:
+        """The slot's result with the best finite ``metric`` (default: the early-stopping metric,
+        else ``val_loss``, else ``train_loss``); None if it has none."""
+        metric, mode = self._metric(slot, metric), mode or self.mode
+        best, best_val = None, None
+        for r in self.results[slot]:
+            v = r.get(metric)
+            if v is not None and _better(float(v), best_val, mode):
+                best, best_val = r, float(v)
+        return best
+
+    def final(self, slot: int) -> dict[str, Any] | None:
+        """The slot's last recorded result (for a stopped slot: the one it stopped on)."""
+        return self.results[slot][-1] if self.results[slot] else None
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """Every result as a flat dict with ``"slot"`` and ``"status"`` added (e.g. for a DataFrame)."""
+        return [{"slot": s, "status": self.status[s], **r} for s in range(self.num_slots) for r in self.results[s]]
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One dict per slot: status, where it stopped, its best and final results, non-finite step count."""
+        out = []
+        for s in range(self.num_slots):
+            best, final = self.best(s), self.final(s)
+            out.append({
+                "slot": s,
+                "status": self.status[s],
+                "stopped_at": self.stopped_at.get(s),
+                "nonfinite_steps": len(self.nonfinite.get(s, [])),
+                **{f"best_{k}": v for k, v in (best or {}).items()},
+                **{f"final_{k}": v for k, v in (final or {}).items()},
+            })
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"results": self.results, "nonfinite": self.nonfinite, "status": self.status,
+                "stopped_at": self.stopped_at, "metric": self.metric, "mode": self.mode}
+
+
+def _tag(key: str) -> str:
+    """Result key -> TensorBoard tag, grouping train and validation curves."""
+    if key.startswith("val_"):
+        return "val/" + key[4:]
+    if key.startswith("train_"):
+        return "train/" + key[6:]
+    return "train/" + key
+
+
+def flat_hparams(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """Optimizer hyperparameters of one slot as TensorBoard-friendly scalars (betas and schedule split)."""
+    out: dict[str, Any] = {}
+    for k, v in hp.items():
+        if k == "betas":
+            out["beta1"], out["beta2"] = float(v[0]), float(v[1])
+        elif k == "schedule":
+            out["schedule"] = v.kind
+            out.update({f"schedule_{pk}": float(pv) for pk, pv in v.params.items()})
+        elif isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        else:
+            out[k] = str(v)
+    return out
+
+
+class Trainer:
+    """Train the active slots of an engine's ModelBatch; evaluate, log, stop slots.
+
+    Args:
+        engine: the :class:`FusedEngine` (ModelBatch + optimizer + loss).
+        train: a :class:`SharedStream` (every slot sees the same batch) or a
+            :class:`PerSlotStreams` (each slot its own batches).
+        val: ``(x, y)`` shared by every slot, or ``(xs, ys, mask)`` with a
+            leading slot dimension (see :func:`~ray_modelbatch.data.padded_per_slot`),
+            or None.
+        metrics: ``{name: fn(output, target)}`` for one model; recorded as
+            ``val_<name>``. With shared validation data the engine's loss is
+            added as ``val_loss``; padded per-slot data needs per-example
+            metrics (:mod:`ray_modelbatch.metrics`), since a batch-mean loss
+            cannot be averaged over padding.
+        eval_every: evaluate, log and apply early stopping every this many
+            steps (and after the last step of :meth:`fit`).
+        early_stopping: optional :class:`EarlyStopping`.
+        logdir: write one TensorBoard run per slot under it (or pass ``writer``).
+        progress: show a tqdm bar (to ``progress_file``, default stderr).
+        eval_batch_size: evaluate in chunks of this many examples.
+        max_nonfinite_steps: consecutive NaN/inf steps after which a slot is
+            deactivated and marked diverged.
+        hparams: optional per-slot dicts logged to TensorBoard's HParams tab
+            (default: the optimizer's hyperparameters of each slot).
+        slot_names: run directory names per slot (default ``slot_NNN``).
+        writer: a :class:`SlotWriter` to use instead of creating one from ``logdir``.
+    """
+
+    def __init__(
+        self,
+        engine: FusedEngine,
+        train: Stream,
+        val: ValData | None = None,
+        *,
+        metrics: Mapping[str, MetricFn] | None = None,
+        eval_every: int = 50,
+        early_stopping: EarlyStopping | None = None,
+        logdir: str | None = None,
+        progress: bool = True,
+        eval_batch_size: int | None = None,
+        max_nonfinite_steps: int = 10,
+        hparams: Sequence[Mapping[str, Any]] | None = None,
+        slot_names: Sequence[str] | Mapping[int, str] | None = None,
+        writer: SlotWriter | None = None,
+        progress_file: IO[str] | None = None,
+    ):
+        mb = engine.mb
+        if eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        if not hasattr(train, "next_batch") or not hasattr(train, "per_slot"):
+            raise TypeError("train must be a SharedStream or a PerSlotStreams (anything with next_batch and per_slot)")
+        if train.per_slot and getattr(train, "num_slots", mb.num_slots) != mb.num_slots:
+            raise ValueError(f"the per-slot streams have {train.num_slots} slots, the ModelBatch {mb.num_slots}")
+        if hparams is not None and len(hparams) != mb.num_slots:
+            raise ValueError(f"hparams has {len(hparams)} entries; give one dict per slot ({mb.num_slots})")
+        self.engine = engine
+        self.train = train
+        self.metrics = dict(metrics or {})
+        self.val_per_slot = False
+        self.val: tuple[torch.Tensor, ...] | None = None
+        if val is not None:
+            self.val = tuple(t.to(mb.device) for t in val)
+            if len(self.val) == 3:
+                self.val_per_slot = True
+                xs, ys, mask = self.val
+                if xs.shape[0] != mb.num_slots or ys.shape[0] != mb.num_slots or tuple(mask.shape) != tuple(xs.shape[:2]):
+                    raise ValueError(
+                        f"per-slot validation data must be (xs [S, N, ...], ys [S, N, ...], mask [S, N]) with "
+                        f"S = {mb.num_slots}; got shapes {list(xs.shape)}, {list(ys.shape)}, {list(mask.shape)}"
+                    )
+                if not self.metrics:
+                    raise ValueError(
+                        "padded per-slot validation needs per-example metrics, e.g. metrics={'loss': "
+                        "ray_modelbatch.metrics.cross_entropy, 'accuracy': ray_modelbatch.metrics.accuracy}"
+                    )
+            elif len(self.val) != 2:
+                raise ValueError("val must be (x, y) shared by every slot or (xs, ys, mask) per slot")
+        self.eval_every = int(eval_every)
+        self.early_stopping = early_stopping
+        self.eval_batch_size = eval_batch_size
+        self.max_nonfinite_steps = int(max_nonfinite_steps)
+        self.progress = progress
+        self.progress_file = progress_file
+        self.hparams = hparams
+        self.writer = writer if writer is not None else (
+            SlotWriter(logdir, num_slots=mb.num_slots, names=slot_names) if logdir is not None else None
+        )
+        s = mb.num_slots
+        es = early_stopping
+        self.history = History(s, metric=es.metric if es else None, mode=es.mode if es else "min")
+        active = set(self._active())
+        self.history.status = ["active" if i in active else "inactive" for i in range(s)]
+        self.step_count = 0
+        self._consecutive_bad = [0] * s
+        self._loss_sum = [0.0] * s
+        self._gn_sum = [0.0] * s
+        self._finite_count = [0] * s
+        self._best_any: float | None = None
+        self._es_key: str | None = None
+
+    # ------------------------------------------------------------- helpers
+    @property
+    def mb(self):
+        return self.engine.mb
+
+    def _active(self) -> list[int]:
+        """Active slots from the host-side mask (no device sync)."""
+        return self.mb.active.nonzero().flatten().tolist()
+
+    def _eval_tensors(self, slots: list[int]) -> dict[str, torch.Tensor]:
+        """Validation metrics ``{val_<name>: [n]}`` of ``slots``, left on the device."""
+        if self.val is None or not slots:
+            return {}
+        eng = self.engine
+        if self.val_per_slot:
+            xs, ys, mask = self.val
+            if len(slots) != self.mb.num_slots:
+                # The engine selects rows of a per-slot x but not of y and mask,
+                # so align all three with the slots here.
+                idx = torch.as_tensor(slots, dtype=torch.long, device=xs.device)
+                xs, ys, mask = xs.index_select(0, idx), ys.index_select(0, idx), mask.index_select(0, idx)
+            out = eng.evaluate(xs, ys, self.metrics, slots=slots, per_slot=True, mask=mask,
+                               batch_size=self.eval_batch_size)
+        else:
+            x, y = self.val
+            out = eng.evaluate(x, y, self.metrics, slots=slots, batch_size=self.eval_batch_size)
+        return {f"val_{k}": v for k, v in out.items()}
+
+    def evaluate(self, slots: Sequence[int] | None = None) -> dict[int, dict[str, float]]:
+        """Validation metrics of ``slots`` (default: the active ones) as ``{slot: {val_<name>: value}}``."""
+        slots = self._active() if slots is None else [int(s) for s in slots]
+        ev = self._eval_tensors(slots)
+        if not ev:
+            return {s: {} for s in slots}
+        keys = list(ev)
+        rows = torch.stack([ev[k].double() for k in keys]).tolist()
+        return {s: {k: rows[r][j] for r, k in enumerate(keys)} for j, s in enumerate(slots)}
+
+    def _resolve_es_key(self, result: Mapping[str, Any]) -> str:
+        es = self.early_stopping
+        assert es is not None
+        if self._es_key is None:
+            for key in (es.metric, f"val_{es.metric}"):
+                if key in result:
+                    self._es_key = key
+                    break
+            else:
+                raise KeyError(
+                    f"early stopping metric {es.metric!r} is not recorded; available: {sorted(result)}. "
+                    "Validation metrics are named val_<name>."
+                )
+            self.history.metric = self._es_key
+        return self._es_key
+
+    def _stop(self, slots: list[int], status: str) -> None:
+        if not slots:
+            return
+        self.mb.deactivate(slots)
+        for s in slots:
+            self.history.status[s] = status
+            self.history.stopped_at[s] = self.step_count
+
+    # ---------------------------------------------------------------- step
+    def run_step(self, evaluate: bool = False) -> list[tuple[int, dict[str, Any]]]:
+        """One training step of the active slots; returns the ``(slot, result)`` pairs recorded.
+
+        Results are recorded (and logged, and early stopping applied) only when
+        ``evaluate`` is true; every step records non-finite slots and stops
+        diverged ones.
+        """
+        active = self._active()
+        if not active:
+            return []
+        mb, eng = self.mb, self.engine
+        xb, yb = self.train.next_batch(active)
+        res = eng.train_step(xb, yb, slots=active, per_slot=self.train.per_slot)
+        self.step_count += 1
+        step = self.step_count
+
+        parts = [res.nonfinite.double(), res.losses.double(), res.grad_norm.double()]
+        keys: list[str] = []
+        if evaluate:
+            ev = self._eval_tensors(active)
+            keys = list(ev)
+            parts += [ev[k].double() for k in keys]
+            idx = torch.as_tensor(active, dtype=torch.long, device=eng.optimizer.steps.device)
+            parts.append(eng.optimizer.current_lr().index_select(0, idx).double())
+        rows = torch.stack([p.to(mb.device) for p in parts]).tolist()  # the step's one device sync
+
+        diverged = []
+        for j, s in enumerate(active):
+            if rows[0][j]:
+                self.history.nonfinite.setdefault(s, []).append(step)
+                self._consecutive_bad[s] += 1
+                if self._consecutive_bad[s] >= self.max_nonfinite_steps:
+                    diverged.append(s)
+            else:
+                self._consecutive_bad[s] = 0
+                self._loss_sum[s] += rows[1][j]
+                self._gn_sum[s] += rows[2][j]
+                self._finite_count[s] += 1
+
+        recorded: list[tuple[int, dict[str, Any]]] = []
+        stopped = []
+        if evaluate:
+            for j, s in enumerate(active):
+                n = self._finite_count[s]
+                result: dict[str, Any] = {
+                    "step": step,
+                    "train_loss": self._loss_sum[s] / n if n else math.nan,
+                    "grad_norm": self._gn_sum[s] / n if n else math.nan,
+                    "lr": rows[-1][j],
+                    **{k: rows[3 + r][j] for r, k in enumerate(keys)},
+                }
+                self._loss_sum[s], self._gn_sum[s], self._finite_count[s] = 0.0, 0.0, 0
+                self.history.results[s].append(result)
+                recorded.append((s, result))
+                if self.writer is not None:
+                    self.writer.log(s, {_tag(k): v for k, v in result.items() if k != "step"}, step)
+                if self.early_stopping is not None and s not in diverged:
+                    key = self._resolve_es_key(result)
+                    if self.early_stopping.update(s, result[key], step):
+                        stopped.append(s)
+                self._track_best(result)
+        self._stop(diverged, "diverged")
+        self._stop(stopped, "early_stopped")
+        return recorded
+
+    def _track_best(self, result: Mapping[str, Any]) -> None:
+        key = self.history.metric or ("val_loss" if "val_loss" in result else "train_loss")
+        v = result.get(key)
+        if v is not None and _better(float(v), self._best_any, self.history.mode):
+            self._best_any = float(v)
+
+    # ----------------------------------------------------------------- fit
+    def fit(self, steps: int) -> History:
+        """Train for up to ``steps`` steps (fewer if every slot stops); returns the :class:`History`.
+
+        Can be called again to continue; step numbers keep counting.
+        """
+        from tqdm.auto import tqdm
+
+        hist = self.history
+        for s in self._active():
+            hist.status[s] = "active"
+        bar = tqdm(total=steps, disable=not self.progress, file=self.progress_file or sys.stderr,
+                   desc="fused", unit="step", leave=True)
+        try:
+            for i in range(steps):
+                last = i == steps - 1
+                do_eval = (self.step_count + 1) % self.eval_every == 0 or last
+                recorded = self.run_step(evaluate=do_eval)
+                bar.update(1)
+                if recorded or do_eval:
+                    post = {"active": len(self._active())}
+                    if self._best_any is not None:
+                        post["best"] = f"{self._best_any:.4g}"
+                    bar.set_postfix(post, refresh=False)
+                if not self._active():
+                    break
+        finally:
+            bar.close()
+        for s in self._active():
+            hist.status[s] = "finished"
+        if self.writer is not None:
+            self._log_hparams()
+            self.writer.flush()
+        return hist
+
+    def _log_hparams(self) -> None:
+        opt = self.engine.optimizer
+        for s in range(self.mb.num_slots):
+            if not self.history.results[s]:
+                continue
+            hp = dict(self.hparams[s]) if self.hparams is not None else flat_hparams(opt.get_hparams(s))
+            key = self.history._metric(s, None)
+            best = self.history.best(s, key)
+            final = self.history.final(s) or {}
+            mets = {f"hparam/final_{k}": v for k, v in final.items() if k != "step"}
+            if best is not None and key:
+                mets[f"hparam/best_{key}"] = best[key]
+            self.writer.log_hparams(s, hp, mets)
+
+    def close(self) -> None:
+        """Close the TensorBoard writers."""
+        if self.writer is not None:
+            self.writer.close()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
