@@ -4,8 +4,9 @@ The fused core (:class:`ModelBatch`, :mod:`ray_modelbatch.optim`, the engine
 and the standalone trainer) never imports Ray.
 """
 
-from . import optim
+from . import data, metrics, optim
 from .amp import SlotGradScaler
+from .data import PerSlotStreams, SharedStream, SlotSampler, bootstrap, kfold, padded_per_slot, shards
 from .engine import FusedEngine, StepResult
 from .errors import (
     FusionError,
@@ -16,6 +17,8 @@ from .errors import (
     ModelBatchError,
 )
 from .model_batch import ModelBatch
+from .tensorboard import SlotWriter
+from .trainer import EarlyStopping, History, Trainer
 
 __all__ = [
     "ModelBatch",
@@ -23,6 +26,19 @@ __all__ = [
     "StepResult",
     "SlotGradScaler",
     "optim",
+    "data",
+    "metrics",
+    "SlotSampler",
+    "SharedStream",
+    "PerSlotStreams",
+    "bootstrap",
+    "kfold",
+    "shards",
+    "padded_per_slot",
+    "Trainer",
+    "EarlyStopping",
+    "History",
+    "SlotWriter",
     "FusionError",
     "FusionWarning",
     "HyperparameterError",

@@ -108,8 +108,9 @@ class FusedEngine:
         grad_norm = opt.last_grad_norm if idx is None else opt.last_grad_norm.index_select(0, idx)
         nonfinite = nonfinite | bad_loss
         if saved:
-            skipped = torch.zeros(mb.num_slots, dtype=torch.bool, device=mb.device)
-            skipped = skipped.index_copy(0, host.to(mb.device), nonfinite)
+            skipped = nonfinite
+            if idx is not None:
+                skipped = torch.zeros(mb.num_slots, dtype=torch.bool, device=mb.device).index_copy(0, idx, nonfinite)
             with torch.no_grad():
                 for k, old in saved.items():
                     cur = mb.buffers[k]
@@ -147,6 +148,12 @@ class FusedEngine:
         fns = {**({"loss": self.loss_fn} if mask is None else {}), **(metrics or {})}
         if host.numel() == 0:
             return {k: torch.zeros(0, device=mb.device) for k in fns}
+        if per_slot:  # select the slots' rows once, so chunks below line up with ``host``
+            idx = mb.resolve_slots(host)
+            x, _ = mb._prepare_x(x, True, idx)
+            y, _ = mb._prepare_x(y, True, idx, "targets")
+            if mask is not None:
+                mask, _ = mb._prepare_x(mask, True, idx, "mask")
         axis = 1 if per_slot else 0
         total = x.shape[axis]
         step = batch_size or total

@@ -88,6 +88,7 @@ class ModelBatch:
         self.training = models[0].training
         self._listeners: list[weakref.ref] = []
         self._vmapped: dict[tuple, Callable] = {}
+        self._index_cache: dict[tuple, torch.Tensor] = {}
         self._checked: set[tuple] = set()
 
         s = len(models)
@@ -231,7 +232,16 @@ class ModelBatch:
         idx = self._cpu_index(slots)
         if idx.numel() == self.num_slots and torch.equal(idx, torch.arange(self.num_slots)):
             return None
-        return idx.to(self.device)
+        if self.device.type == "cpu":
+            return idx
+        # One host-to-device copy per distinct slot set, not one per call (each is a sync on CUDA).
+        key = tuple(idx.tolist())
+        cached = self._index_cache.get(key)
+        if cached is None:
+            if len(self._index_cache) > 64:
+                self._index_cache.clear()
+            cached = self._index_cache[key] = idx.to(self.device)
+        return cached
 
     # ----------------------------------------------------------------- forward
     def _fn(self, with_loss: bool, x_dim: int | None, y_dim: int | None) -> Callable:

@@ -4,17 +4,19 @@ TensorBoard compares *runs*; a fused batch of S models is S experiments, so
 each slot gets its own run directory (``logdir/slot_007``, or a name such as
 a trial id) and its own ``tensorboardX.SummaryWriter``. Writers are created
 lazily, on a slot's first log call, so a large batch whose slots mostly stop
-early does not open hundreds of files up front.
+early does not open hundreds of files up front. tensorboardX itself is
+imported on first use too (it takes about a second), so importing the
+package stays cheap for processes that never log.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from tensorboardX import SummaryWriter
-from tensorboardX.summary import hparams as _hparams_summaries
+if TYPE_CHECKING:
+    from tensorboardX import SummaryWriter
 
 __all__ = ["SlotWriter"]
 
@@ -42,7 +44,7 @@ class SlotWriter:
             self._names = {int(k): str(v) for k, v in names.items()}
         else:
             self._names = {i: str(v) for i, v in enumerate(names)}
-        self._writers: dict[int, SummaryWriter] = {}
+        self._writers: dict[int, "SummaryWriter"] = {}
 
     def run_name(self, slot: int) -> str:
         """The run directory name of ``slot`` (relative to ``logdir``)."""
@@ -51,11 +53,12 @@ class SlotWriter:
     def run_dir(self, slot: int) -> str:
         return os.path.join(self.logdir, self.run_name(slot))
 
-    def writer(self, slot: int) -> SummaryWriter:
+    def writer(self, slot: int) -> "SummaryWriter":
         """The slot's SummaryWriter, created (with its directory) on first use."""
         slot = int(slot)
         w = self._writers.get(slot)
         if w is None:
+            from tensorboardX import SummaryWriter
             w = SummaryWriter(logdir=self.run_dir(slot), flush_secs=self.flush_secs)
             self._writers[slot] = w
         return w
@@ -82,7 +85,9 @@ class SlotWriter:
         """
         hp = {k: _hparam_value(v) for k, v in hparams.items()}
         mets = {k: float(v) for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))}
-        exp, ssi, sei = _hparams_summaries(hp, mets)
+        from tensorboardX.summary import hparams as hparams_summaries
+
+        exp, ssi, sei = hparams_summaries(hp, mets)
         w = self.writer(slot)
         for summary in (exp, ssi, sei):
             w.file_writer.add_summary(summary)
@@ -119,9 +124,10 @@ class SlotWriter:
 def _hparam_value(v: Any) -> bool | str | float:
     if isinstance(v, (bool, str)):
         return v
-    if isinstance(v, (int, float)):
-        return float(v)
     try:
-        return float(v)  # 0-d tensors, numpy scalars
+        f = float(v)  # ints, floats, 0-d tensors, numpy scalars
     except (TypeError, ValueError):
         return str(v)
+    # The HParams plugin cannot filter or sort inf (e.g. max_grad_norm = inf,
+    # "no clipping"), and tensorboardX warns about it: store it as text.
+    return f if math.isfinite(f) else str(f)

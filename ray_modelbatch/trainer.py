@@ -315,6 +315,7 @@ class Trainer:
         self._finite_count = [0] * s
         self._best_any: float | None = None
         self._es_key: str | None = None
+        self._hparams_logged_at: dict[int, int] = {}
 
     # ------------------------------------------------------------- helpers
     @property
@@ -325,8 +326,12 @@ class Trainer:
         """Active slots from the host-side mask (no device sync)."""
         return self.mb.active.nonzero().flatten().tolist()
 
-    def _eval_tensors(self, slots: list[int]) -> dict[str, torch.Tensor]:
-        """Validation metrics ``{val_<name>: [n]}`` of ``slots``, left on the device."""
+    def _eval_tensors(self, slots: list[int], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Validation metrics ``{val_<name>: [n]}`` of ``slots``, left on the device.
+
+        ``index`` is ``slots`` as a device tensor when the caller has one
+        (``mb.active_slots``), which saves a blocking host-to-device copy.
+        """
         if self.val is None or not slots:
             return {}
         eng = self.engine
@@ -335,7 +340,7 @@ class Trainer:
             if len(slots) != self.mb.num_slots:
                 # The engine selects rows of a per-slot x but not of y and mask,
                 # so align all three with the slots here.
-                idx = torch.as_tensor(slots, dtype=torch.long, device=xs.device)
+                idx = index if index is not None else torch.as_tensor(slots, dtype=torch.long, device=xs.device)
                 xs, ys, mask = xs.index_select(0, idx), ys.index_select(0, idx), mask.index_select(0, idx)
             out = eng.evaluate(xs, ys, self.metrics, slots=slots, per_slot=True, mask=mask,
                                batch_size=self.eval_batch_size)
@@ -398,10 +403,12 @@ class Trainer:
         parts = [res.nonfinite.double(), res.losses.double(), res.grad_norm.double()]
         keys: list[str] = []
         if evaluate:
-            ev = self._eval_tensors(active)
+            # mb.active_slots is `active` already on the device (cached by the
+            # ModelBatch), so no host-to-device copy, which would synchronize.
+            idx = mb.active_slots
+            ev = self._eval_tensors(active, idx)
             keys = list(ev)
             parts += [ev[k].double() for k in keys]
-            idx = torch.as_tensor(active, dtype=torch.long, device=eng.optimizer.steps.device)
             parts.append(eng.optimizer.current_lr().index_select(0, idx).double())
         rows = torch.stack([p.to(mb.device) for p in parts]).tolist()  # the step's one device sync
 
@@ -488,8 +495,12 @@ class Trainer:
     def _log_hparams(self) -> None:
         opt = self.engine.optimizer
         for s in range(self.mb.num_slots):
-            if not self.history.results[s]:
+            # Once per slot per fit that gave it new results (a slot stopped in
+            # an earlier fit is not logged again).
+            n = len(self.history.results[s])
+            if n == self._hparams_logged_at.get(s, 0):
                 continue
+            self._hparams_logged_at[s] = n
             hp = dict(self.hparams[s]) if self.hparams is not None else flat_hparams(opt.get_hparams(s))
             key = self.history._metric(s, None)
             best = self.history.best(s, key)

@@ -1,0 +1,276 @@
+"""Standalone Trainer: exact per-slot reproduction, early stopping, divergence, TensorBoard, progress, metrics."""
+
+import copy
+import io
+import os
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+import ray_modelbatch as rmb
+from ray_modelbatch import metrics
+from ray_modelbatch.data import PerSlotStreams, SharedStream, SlotSampler, bootstrap, kfold, padded_per_slot, shards
+from ray_modelbatch.trainer import EarlyStopping, History, Trainer
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target, dtype=torch.long)
+
+
+def mlp(act=nn.Tanh, hidden=32):
+    return nn.Sequential(nn.Linear(64, hidden), act(), nn.Linear(hidden, 10))
+
+
+def engine_for(models, opt_cls=rmb.optim.Adam, **opt_kw):
+    mb = rmb.ModelBatch(models)
+    return rmb.FusedEngine(mb, opt_cls(mb, **opt_kw), nn.functional.cross_entropy)
+
+
+def snapshot(eng):
+    """Every slot's parameters, optimizer state and step count (for bit-identity checks)."""
+    mb, opt = eng.mb, eng.optimizer
+    return {
+        "params": {n: p.detach().clone() for n, p in mb.params.items()},
+        "state": {f"{dt}/{k}": v.clone() for dt, st in opt.state.items() for k, v in st.items()},
+        "steps": opt.steps.clone(),
+    }
+
+
+def rows_equal(a, b, slots):
+    """Bit-identical rows ``slots`` of every tensor of two snapshots."""
+    idx = torch.as_tensor(slots)
+    return all(
+        torch.equal(a[part][k][idx], b[part][k][idx]) for part in ("params", "state") for k in a[part]
+    ) and torch.equal(a["steps"][idx], b["steps"][idx])
+
+
+# --------------------------------------------------------------------------- exact reproduction
+def test_per_slot_streams_reproduce_independent_adam_training(digits):
+    """Slot i of a fused run == one plain model + torch.optim.Adam on SlotSampler(indices_i, B, seed_i)."""
+    x, y = digits
+    n, batch, steps = x.shape[0], 24, 20
+    routes = bootstrap(n, 2, seed=7) + shards(n, 2, seed=8)  # slots 0-1 bagged, 2-3 sharded
+    seeds = [101, 202, 303, 404]
+    lrs = [3e-3, 1e-2, 5e-3, 2e-2]
+    models = [mlp() for _ in range(4)]
+    refs = copy.deepcopy(models)
+    eng = engine_for(models, lr=lrs, weight_decay=[0.0, 1e-3, 0.0, 1e-2])
+    trainer = Trainer(eng, PerSlotStreams(x, y, batch, seeds, routes), eval_every=5, progress=False)
+    hist = trainer.fit(steps)
+    assert hist.status == ["finished"] * 4 and trainer.step_count == steps
+
+    for i, ref in enumerate(refs):
+        opt = torch.optim.Adam(ref.parameters(), lr=lrs[i], weight_decay=[0.0, 1e-3, 0.0, 1e-2][i])
+        sampler = SlotSampler(routes[i], batch, seeds[i])
+        for _ in range(steps):
+            b = next(sampler)
+            opt.zero_grad()
+            nn.functional.cross_entropy(ref(x[b]), y[b]).backward()
+            opt.step()
+        got = eng.mb.slot_state(i)
+        for k, v in ref.state_dict().items():
+            # atol covers entries near zero (float32 rounding of values ~0.1 is ~1e-8 per step).
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=f"slot {i} {k}")
+    # The slots really saw different data: same data would not tell a mix-up apart.
+    assert not torch.allclose(eng.mb.slot_state(0)["0.weight"], eng.mb.slot_state(2)["0.weight"])
+
+
+# ------------------------------------------------------------------------------ early stopping
+def test_early_stopping_stops_a_slot_that_cannot_improve_and_freezes_it(digits):
+    x, y = digits
+    tr_x, tr_y, va_x, va_y = x[:1400], y[:1400], x[1400:], y[1400:]
+    eng = engine_for([mlp() for _ in range(3)], lr=[1e-2, 0.0, 5e-3])  # slot 1 cannot learn
+    es = EarlyStopping("val_loss", mode="min", patience=3)
+    trainer = Trainer(eng, SharedStream(tr_x, tr_y, 32, seed=0), (va_x, va_y),
+                      metrics={"accuracy": metrics.accuracy}, eval_every=5, early_stopping=es, progress=False)
+    start = snapshot(eng)
+    hist = trainer.fit(20)
+    # Eval at 5 sets slot 1's best; 10, 15 and 20 do not improve on it: stopped at 20.
+    assert hist.status == ["finished", "early_stopped", "finished"]
+    assert hist.stopped_at == {1: 20}
+    assert eng.mb.active.tolist() == [True, False, True]
+    assert es.bad_evals[1] == 3 and es.bad_evals[0] == 0
+    at_stop = snapshot(eng)
+    # Adam's moments of slot 1 moved while it ran (so "frozen" below is not trivial).
+    assert not torch.equal(at_stop["state"]["torch.float32/exp_avg"][1], start["state"]["torch.float32/exp_avg"][1])
+
+    hist = trainer.fit(25)
+    end = snapshot(eng)
+    assert rows_equal(at_stop, end, [1])  # params, moments and step count bit-identical
+    assert not torch.equal(at_stop["params"]["0.weight"][0], end["params"]["0.weight"][0])
+    assert eng.optimizer.steps.tolist() == [45.0, 20.0, 45.0]
+    assert hist.status == ["finished", "early_stopped", "finished"]
+    assert hist.final(1)["step"] == 20 and hist.final(0)["step"] == 45
+    assert hist.final(0)["val_loss"] < hist.results[0][0]["val_loss"]
+    assert hist.best(0)["val_loss"] == min(r["val_loss"] for r in hist.results[0])
+
+
+# ------------------------------------------------------------------------------- divergence
+def _diverge_run(x, y, lrs, steps=30):
+    torch.manual_seed(0)
+    eng = engine_for([mlp(nn.ReLU) for _ in range(4)], opt_cls=rmb.optim.SGD, lr=lrs, momentum=0.9)
+    trainer = Trainer(eng, SharedStream(x, y, 32, seed=1), (x[:300], y[:300]), eval_every=7,
+                      max_nonfinite_steps=4, progress=False)
+    return eng, trainer.fit(steps)
+
+
+def test_diverging_slot_is_reported_stopped_and_does_not_touch_the_others(digits):
+    x, y = digits
+    sane, h_sane = _diverge_run(x, y, [0.05, 0.02, 0.05, 0.01])
+    bad, h_bad = _diverge_run(x, y, [0.05, 0.02, 1e20, 0.01])
+
+    assert h_sane.nonfinite == {} and h_sane.status == ["finished"] * 4
+    assert list(h_bad.nonfinite) == [2]
+    steps = h_bad.nonfinite[2]
+    first = steps[0]
+    assert steps == list(range(first, first + 4))  # consecutive, then deactivated
+    assert h_bad.status == ["finished", "finished", "diverged", "finished"]
+    assert h_bad.stopped_at == {2: first + 3}
+    assert not bool(bad.mb.active[2])
+    assert bad.optimizer.steps[2].item() == first - 1  # non-finite steps were skipped
+    # The other slots end bit-identical to a run where slot 2 was sane.
+    assert rows_equal(snapshot(sane), snapshot(bad), [0, 1, 3])
+    for s in (0, 1, 3):
+        assert h_bad.results[s] == h_sane.results[s]
+
+
+def test_history_records_and_summary(digits):
+    x, y = digits
+    eng = engine_for([mlp() for _ in range(2)], lr=1e-2)
+    trainer = Trainer(eng, SharedStream(x, y, 16, 0), (x[:200], y[:200]), eval_every=4, progress=False)
+    hist = trainer.fit(10)  # evals at 4, 8 and the last step
+    assert [r["step"] for r in hist[0]] == [4, 8, 10]
+    assert set(hist.final(1)) == {"step", "train_loss", "grad_norm", "lr", "val_loss"}
+    assert hist.final(1)["lr"] == pytest.approx(1e-2)
+    records = hist.to_records()
+    assert len(records) == 6 and {r["slot"] for r in records} == {0, 1}
+    assert all(r["status"] == "finished" for r in records)
+    summary = hist.summary()
+    assert summary[0]["best_val_loss"] == min(r["val_loss"] for r in hist[0])
+    assert summary[0]["final_step"] == 10
+    # Trainer.evaluate agrees with what was recorded at the last step.
+    ev = trainer.evaluate()
+    assert ev[1]["val_loss"] == pytest.approx(hist.final(1)["val_loss"])
+
+
+# ----------------------------------------------------------------------- k-fold, paused slots
+def test_kfold_trainer_evaluates_each_slot_on_its_own_fold_with_paused_slots(digits):
+    x, y = digits
+    k = 4
+    train_idx, val_idx = kfold(x.shape[0], k, seed=0)
+    xs, ys, mask = padded_per_slot(x, y, val_idx)
+    eng = engine_for([mlp() for _ in range(k)], opt_cls=rmb.optim.AdamW, lr=1e-2)
+    eng.mb.deactivate(1)  # paused by the caller: must neither train nor be evaluated
+    fns = {"loss": metrics.cross_entropy, "accuracy": metrics.accuracy}
+    trainer = Trainer(eng, PerSlotStreams(x, y, 32, range(k), train_idx), (xs, ys, mask),
+                      metrics=fns, eval_every=5, progress=False)
+    hist = trainer.fit(10)
+    assert hist.status == ["finished", "inactive", "finished", "finished"]
+    assert hist.results[1] == [] and eng.optimizer.steps.tolist() == [10.0, 0.0, 10.0, 10.0]
+    for j in (0, 2, 3):
+        alone = eng.evaluate(x[val_idx[j]], y[val_idx[j]], fns, slots=[j])
+        assert hist.final(j)["val_loss"] == pytest.approx(alone["loss"].item(), rel=1e-5)
+        assert hist.final(j)["val_accuracy"] == pytest.approx(alone["accuracy"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="per-example metrics"):
+        Trainer(eng, PerSlotStreams(x, y, 32, range(k), train_idx), (xs, ys, mask), progress=False)
+
+
+# ---------------------------------------------------------------------------------- TensorBoard
+def read_scalars(run_dir):
+    """{tag: [(step, value)]} from a run's event files: TFRecord framing + tensorboardX's Event proto."""
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
+
+    out = {}
+    files = [f for f in os.listdir(run_dir) if f.startswith("events.out.tfevents")]
+    assert files, f"no event file in {run_dir}"
+    for name in files:
+        data = open(os.path.join(run_dir, name), "rb").read()
+        pos = 0
+        while pos < len(data):
+            header = data[pos : pos + 8]
+            (length,) = struct.unpack("<Q", header)
+            assert struct.unpack("<I", data[pos + 8 : pos + 12])[0] == masked_crc32c(header)
+            body = data[pos + 12 : pos + 12 + length]
+            assert struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])[0] == masked_crc32c(body)
+            pos += 16 + length
+            ev = event_pb2.Event()
+            ev.ParseFromString(body)
+            for v in ev.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+                else:
+                    out.setdefault(v.tag, [])
+    return out
+
+
+def test_tensorboard_event_files_per_slot(digits, tmp_path):
+    x, y = digits
+    eng = engine_for([mlp() for _ in range(3)], lr=[1e-3, 1e-2, 3e-3],
+                     schedule=rmb.optim.schedules.warmup_cosine(total_steps=10, warmup_steps=2))
+    with Trainer(eng, SharedStream(x, y, 16, 0), (x[:100], y[:100]), metrics={"accuracy": metrics.accuracy},
+                 eval_every=5, logdir=str(tmp_path), progress=False) as trainer:
+        hist = trainer.fit(10)
+    assert sorted(os.listdir(tmp_path)) == ["slot_000", "slot_001", "slot_002"]
+    for s in range(3):
+        scalars = read_scalars(tmp_path / f"slot_{s:03d}")
+        for tag in ("train/loss", "train/grad_norm", "train/lr", "val/loss", "val/accuracy"):
+            assert [step for step, _ in scalars[tag]] == [5, 10], tag
+        for (step, value), rec in zip(scalars["val/loss"], hist.results[s]):
+            assert value == pytest.approx(rec["val_loss"], rel=1e-6)
+        lrs = [v for _, v in scalars["train/lr"]]
+        assert lrs == pytest.approx([r["lr"] for r in hist.results[s]], rel=1e-6)
+        assert "_hparams_/session_start_info" in scalars
+
+    # Named runs, created lazily: a slot that never logs gets no directory.
+    w = rmb.SlotWriter(tmp_path / "named", num_slots=2, names={0: "trial_a"})
+    w.log(0, {"m": 1.5}, step=3)
+    w.close()
+    assert os.listdir(tmp_path / "named") == ["trial_a"]
+    assert read_scalars(tmp_path / "named" / "trial_a")["m"] == [(3, 1.5)]
+
+
+# ----------------------------------------------------------------------------------- progress
+def test_progress_bar_writes_to_a_file(digits):
+    x, y = digits
+    eng = engine_for([mlp() for _ in range(2)], lr=1e-2)
+    es = EarlyStopping("accuracy", mode="max", patience=100)
+    buf = io.StringIO()
+    trainer = Trainer(eng, SharedStream(x, y, 16, 0), (x[:100], y[:100]), metrics={"accuracy": metrics.accuracy},
+                      eval_every=3, early_stopping=es, progress=True, progress_file=buf)
+    trainer.fit(9)
+    out = buf.getvalue()
+    assert "9/9" in out and "active=2" in out and "best=" in out
+    assert trainer.history.metric == "val_accuracy"  # "accuracy" resolved to the recorded name
+
+
+def test_early_stopping_unknown_metric_is_a_clear_error(digits):
+    x, y = digits
+    eng = engine_for([mlp()], lr=1e-2)
+    trainer = Trainer(eng, SharedStream(x, y, 16, 0), (x[:50], y[:50]), eval_every=2,
+                      early_stopping=EarlyStopping("val_f1"), progress=False)
+    with pytest.raises(KeyError, match="val_f1"):
+        trainer.fit(2)
+
+
+# ------------------------------------------------------------------------------------- metrics
+def test_metric_functions_match_torch():
+    logits, target = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    torch.testing.assert_close(metrics.accuracy(logits, target), (logits.argmax(1) == target).float())
+    torch.testing.assert_close(metrics.cross_entropy(logits, target),
+                               nn.functional.cross_entropy(logits, target, reduction="none"))
+    pred, tgt = torch.randn(6, 3), torch.randn(6, 3)
+    torch.testing.assert_close(metrics.mse(pred, tgt), ((pred - tgt) ** 2).mean(1))
+    # [B, 1] predictions against [B] targets: per-example, not broadcast to [B, B].
+    p1, t1 = torch.randn(6, 1), torch.randn(6)
+    torch.testing.assert_close(metrics.mse(p1, t1), (p1.squeeze(1) - t1) ** 2)
+    assert metrics.mse(torch.randn(6), torch.randn(6)).shape == (6,)
+    # vmapped over slots, as the engine does.
+    out = torch.vmap(metrics.accuracy, in_dims=(0, None))(torch.randn(3, 6, 5), target)
+    assert out.shape == (3, 6)
