@@ -251,3 +251,13 @@ def test_grads_reset_to_none_are_recovered():
     losses.sum().backward()
     opt.step()
     assert not torch.equal(before, mb.params["0.weight"])
+
+
+def test_evaluate_per_slot_data_for_a_subset_of_slots():
+    models = make_models(3)
+    mb = rmb.ModelBatch(models)
+    eng = rmb.FusedEngine(mb, rmb.optim.SGD(mb, lr=0.1), nn.functional.mse_loss)
+    xs, ys = torch.randn(3, 6, 5), torch.randn(3, 6, 3)
+    got = eng.evaluate(xs, ys, slots=[0, 2], per_slot=True, batch_size=4)["loss"]
+    want = [nn.functional.mse_loss(models[i](xs[i]), ys[i]).item() for i in (0, 2)]
+    assert got.tolist() == pytest.approx(want, rel=1e-5)
