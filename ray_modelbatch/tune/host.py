@@ -1,0 +1,392 @@
+"""The slot host: one Ray actor per GPU (or node) that trains many Tune trials as fused stacks.
+
+Continuous batching, no barrier: each proxy ``step()`` is a request for K more
+fused steps. A single worker thread loops: it first serves control commands
+(attach, detach, save, restore) so that PBT's blocking save in the driver is
+answered between two fused steps, then runs one fused step per stack over the
+slots that still have steps outstanding. A slot whose K steps are done is
+evaluated and answered at once; the others keep going. A slot with no request
+does not advance.
+
+Proxies hand the host a *lease*: an object they own. When a proxy process
+dies without ``cleanup()``, the lease's owner is gone and the host frees the
+slot on its next check.
+
+This module imports torch only inside the actor (``SlotHost.__init__``), so a
+registry can create hosts without paying for torch.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import zlib
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    remaining: int
+    future: Future
+    loss_sum: float = 0.0
+    grad_sum: float = 0.0
+    finite_steps: int = 0
+    nonfinite_steps: int = 0
+
+
+@dataclass
+class _Trial:
+    stack: Any
+    slot: int
+    lease: Any
+    request: _Request | None = None
+    reports: int = 0
+    nonfinite_steps: int = 0
+
+
+@dataclass
+class _Stats:
+    started: float = field(default_factory=time.monotonic)
+    busy_s: float = 0.0
+    wait_s: float = 0.0
+    fused_steps: int = 0
+    slot_steps: int = 0
+    window_start: float = field(default_factory=time.monotonic)
+    window_busy: float = 0.0
+    window_wait: float = 0.0
+    window_steps: int = 0
+
+
+def trial_seed(trial_id: str, config: dict, key: str) -> int:
+    """The trial's seed: ``config[key]`` if present, else stable from the trial ID."""
+    if key in config and config[key] is not None:
+        return int(config[key])
+    return zlib.crc32(trial_id.encode()) & 0x7FFFFFFF
+
+
+class SlotHost:
+    """Owns the fused stacks of one device. Create it as a threaded Ray actor (see ``registry``)."""
+
+    def __init__(self, spec_bytes: bytes, name: str, capacity: int, lease_check_s: float = 2.0,
+                 stats_every_s: float = 5.0):
+        import cloudpickle
+        import torch
+
+        self.spec = cloudpickle.loads(spec_bytes)
+        self.name = name
+        self.capacity = int(capacity)
+        self.device = torch.device(self.spec.device or ("cuda" if ray.get_gpu_ids() else "cpu"))
+        x, y, xv, yv = self.spec.data()
+        self.data = tuple(torch.as_tensor(t).to(self.device) for t in (x, y, xv, yv))
+        self.stacks: dict[str, Any] = {}
+        self.trials: dict[str, _Trial] = {}
+        self.reserved: set[str] = set()
+        self._lock = threading.Condition()
+        self._commands: collections.deque = collections.deque()
+        self._stop = False
+        self._lease_check_s = lease_check_s
+        self._stats_every_s = stats_every_s
+        self._stats = _Stats()
+        self._writer = None
+        self._log_dir: str | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ public API
+    def ping(self) -> str:
+        return self.name
+
+    def reserve(self, trial_id: str) -> bool:
+        """Hold a slot for ``trial_id`` if there is room; called by the registry, atomically."""
+        with self._lock:
+            if trial_id in self.trials or trial_id in self.reserved:
+                return True
+            if len(self.trials) + len(self.reserved) >= self.capacity:
+                return False
+            self.reserved.add(trial_id)
+            return True
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return self.capacity - len(self.trials) - len(self.reserved)
+
+    def attach(self, trial_id: str, config: dict, lease_box: list, log_dir: str | None = None) -> dict:
+        """Give the trial a slot with fresh weights from its config and seed."""
+        if log_dir and self._log_dir is None:
+            self._log_dir = log_dir
+        return self._call(lambda: self._attach(trial_id, config, lease_box[0]))
+
+    def train(self, trial_id: str, steps: int) -> dict:
+        """Run ``steps`` more fused steps for the trial, then evaluate it; returns its metrics."""
+        fut: Future = Future()
+        with self._lock:
+            trial = self.trials.get(trial_id)
+            if trial is None:
+                raise RuntimeError(f"trial {trial_id} has no slot on host {self.name}; it must attach first")
+            if trial.request is not None:
+                raise RuntimeError(f"trial {trial_id} already has a step in flight on host {self.name}")
+            trial.request = _Request(int(steps), fut)
+            self._lock.notify_all()
+        return fut.result()
+
+    def save(self, trial_id: str) -> bytes:
+        return self._call(lambda: self._trial(trial_id).stack.export(self._trial(trial_id).slot))
+
+    def restore(self, trial_id: str, blob: bytes, config: dict) -> None:
+        def run():
+            t = self._trial(trial_id)
+            t.stack.load(t.slot, blob, self.spec.hparams(config))
+
+        return self._call(run)
+
+    def detach(self, trial_id: str) -> None:
+        """Free the trial's slot at once (it is masked out of the next fused step)."""
+        with self._lock:
+            self.reserved.discard(trial_id)
+        return self._call(lambda: self._detach(trial_id, "the trial ended"))
+
+    def stats(self) -> dict:
+        with self._lock:
+            s = self._stats
+            wall = time.monotonic() - s.started
+            return {
+                "host": self.name,
+                "device": str(self.device),
+                "capacity": self.capacity,
+                "attached": len(self.trials),
+                "reserved": len(self.reserved),
+                "stacks": {k: {"capacity": st.capacity, "used": st.used} for k, st in self.stacks.items()},
+                "fused_steps": s.fused_steps,
+                "slot_steps": s.slot_steps,
+                "busy_s": s.busy_s,
+                "wait_s": s.wait_s,
+                "wall_s": wall,
+                "busy_fraction": s.busy_s / wall if wall > 0 else 0.0,
+            }
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        self._thread.join(timeout=10)
+        if self._writer is not None:
+            self._writer.close()
+
+    # ------------------------------------------------------- worker thread
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        fut: Future = Future()
+        with self._lock:
+            self._commands.append((fn, fut))
+            self._lock.notify_all()
+        return fut.result()
+
+    def _trial(self, trial_id: str) -> _Trial:
+        t = self.trials.get(trial_id)
+        if t is None:
+            raise RuntimeError(f"trial {trial_id} has no slot on host {self.name}")
+        return t
+
+    def _attach(self, trial_id: str, config: dict, lease: Any) -> dict:
+        import torch
+
+        from .stack import Stack, stack_key
+
+        if trial_id in self.trials:
+            self._detach(trial_id, "it attached again")
+        try:
+            with torch.device("meta"):
+                key = stack_key(self.spec.model(config))
+            seed = trial_seed(trial_id, config, self.spec.seed_key)
+            torch.manual_seed(seed)
+            model = self.spec.model(config)
+            hparams = self.spec.hparams(config)
+            stack = self.stacks.get(key)
+            if stack is None:
+                stack = Stack(self.spec, key, model, self.data, self.capacity, self.device)
+                self.stacks[key] = stack
+                logger.info("host %s: new stack %s for trial %s", self.name, key, trial_id)
+            slot = stack.add(trial_id, model, seed, hparams)
+        finally:
+            with self._lock:
+                self.reserved.discard(trial_id)
+        with self._lock:
+            self.trials[trial_id] = _Trial(stack, slot, lease)
+        return {"host": self.name, "stack": key, "slot": slot, "device": str(self.device)}
+
+    def _detach(self, trial_id: str, why: str) -> None:
+        with self._lock:
+            t = self.trials.pop(trial_id, None)
+        if t is None:
+            return
+        t.stack.remove(t.slot)
+        if t.request is not None and not t.request.future.done():
+            t.request.future.set_exception(RuntimeError(f"trial {trial_id} lost its slot: {why}"))
+
+    def _check_leases(self) -> None:
+        for trial_id, t in list(self.trials.items()):
+            try:
+                ray.get(t.lease, timeout=0)
+            except ray.exceptions.GetTimeoutError:
+                pass
+            except Exception:  # OwnerDiedError and friends: the proxy is gone
+                logger.warning("host %s: trial %s's process died without cleanup; freeing its slot", self.name, trial_id)
+                self._detach(trial_id, "its process died")
+
+    def _pending(self) -> dict[Any, list[tuple[str, _Trial]]]:
+        work: dict[Any, list[tuple[str, _Trial]]] = {}
+        for trial_id, t in self.trials.items():
+            if t.request is not None and t.request.remaining > 0:
+                work.setdefault(t.stack, []).append((trial_id, t))
+        return work
+
+    def _loop(self) -> None:
+        last_check = last_stats = time.monotonic()
+        while True:
+            with self._lock:
+                start_wait = time.monotonic()
+                while not self._stop and not self._commands and not self._has_work():
+                    self._lock.wait(timeout=self._lease_check_s)
+                    if time.monotonic() - last_check >= self._lease_check_s:
+                        break
+                self._stats.wait_s += time.monotonic() - start_wait
+                self._stats.window_wait += time.monotonic() - start_wait
+                if self._stop:
+                    return
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, fut in commands:  # served between fused steps, never behind a barrier
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - the caller's trial gets the error
+                    fut.set_exception(exc)
+            now = time.monotonic()
+            if now - last_check >= self._lease_check_s:
+                self._check_leases()
+                last_check = now
+            with self._lock:
+                work = self._pending()
+            for stack, items in work.items():
+                self._step_stack(stack, items)
+            if now - last_stats >= self._stats_every_s:
+                self._log_stats()
+                last_stats = now
+
+    def _has_work(self) -> bool:
+        return any(t.request is not None and t.request.remaining > 0 for t in self.trials.values())
+
+    def _step_stack(self, stack: Any, items: list[tuple[str, _Trial]]) -> None:
+        slots = [t.slot for _, t in items]
+        t0 = time.monotonic()
+        try:
+            res = stack.train_step(slots)
+            losses, bad, gnorm = res.losses.tolist(), res.nonfinite.tolist(), res.grad_norm.tolist()
+        except BaseException as exc:  # noqa: BLE001 - fail these requests, keep the host alive
+            for trial_id, t in items:
+                self._fail(trial_id, t, exc)
+            return
+        done: list[tuple[str, _Trial]] = []
+        for (trial_id, t), loss, nf, g in zip(items, losses, bad, gnorm):
+            r = t.request
+            r.remaining -= 1
+            if nf:
+                r.nonfinite_steps += 1
+            else:
+                r.loss_sum += loss
+                r.grad_sum += g
+                r.finite_steps += 1
+            if r.remaining == 0:
+                done.append((trial_id, t))
+        if done:
+            try:
+                metrics = stack.evaluate([t.slot for _, t in done])
+            except BaseException as exc:  # noqa: BLE001
+                for trial_id, t in done:
+                    self._fail(trial_id, t, exc)
+                done = []
+            lr = stack.opt.current_lr().tolist() if done else []
+            for j, (trial_id, t) in enumerate(done):
+                self._answer(trial_id, t, {k: v[j] for k, v in metrics.items()}, lr[t.slot])
+        dt = time.monotonic() - t0
+        with self._lock:
+            s = self._stats
+            s.busy_s += dt
+            s.window_busy += dt
+            s.fused_steps += 1
+            s.window_steps += 1
+            s.slot_steps += len(items)
+
+    def _answer(self, trial_id: str, t: _Trial, val: dict, lr: float) -> None:
+        r = t.request
+        t.request = None
+        t.reports += 1
+        t.nonfinite_steps += r.nonfinite_steps
+        nan = float("nan")
+        result = {
+            "train_loss": r.loss_sum / r.finite_steps if r.finite_steps else nan,
+            "grad_norm": r.grad_sum / r.finite_steps if r.finite_steps else nan,
+            "lr": lr,
+            "nonfinite_steps": r.nonfinite_steps,
+            "nonfinite_steps_total": t.nonfinite_steps,
+            "slot_steps": int(t.stack.opt.steps[t.slot]),
+            "slot": t.slot,
+            "stack": t.stack.key,
+            "host": self.name,
+        }
+        result.update({f"val_{k}": v for k, v in val.items()})
+        r.future.set_result(result)
+
+    def _fail(self, trial_id: str, t: _Trial, exc: BaseException) -> None:
+        r = t.request
+        t.request = None
+        if r is not None and not r.future.done():
+            r.future.set_exception(exc)
+
+    # --------------------------------------------------------- host metrics
+    def _log_stats(self) -> None:
+        """Host figures for TensorBoard: active slots, fused steps/s, time waiting for requests, memory."""
+        if not self._log_dir:
+            return
+        import torch
+
+        with self._lock:
+            s = self._stats
+            window = time.monotonic() - s.window_start
+            if window <= 0:
+                return
+            figures = {
+                "host/attached_slots": len(self.trials),
+                "host/active_slots": sum(1 for t in self.trials.values() if t.request is not None),
+                "host/fused_steps_per_s": s.window_steps / window,
+                "host/busy_fraction": s.window_busy / window,
+                "host/wait_fraction": s.window_wait / window,
+            }
+            s.window_start, s.window_busy, s.window_wait, s.window_steps = time.monotonic(), 0.0, 0.0, 0
+        if self.device.type == "cuda":
+            figures["host/device_memory_mb"] = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            figures["host/rss_mb"] = _rss_mb()
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(os.path.join(self._log_dir, "slot_hosts", self.name.replace(":", "_")))
+        step = int(time.monotonic() - self._stats.started)
+        for k, v in figures.items():
+            self._writer.add_scalar(k, v, step)
+        self._writer.flush()
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")

@@ -1,0 +1,99 @@
+"""The per-trial proxy: a thin Tune ``Trainable`` that forwards to the trial's slot on a host.
+
+Every stacked model is a real Tune trial: Tune's schedulers, searchers,
+checkpointing and loggers see ordinary trials. The proxy holds no model and
+imports no torch (about 108 MB per trial process instead of 230 MB); the
+host does all the work. ``step()`` asks the host for K more fused steps and
+returns when this trial's K steps and evaluation are done; the host keeps
+stepping the other trials meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+from ray.tune import Trainable
+from ray.tune.execution.placement_groups import PlacementGroupFactory
+
+from .registry import get_registry
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "slot_state.pt"
+
+
+class SlotTrialProxy(Trainable):
+    """Base class of the trainables returned by :func:`ray_modelbatch.tune.batched_trainable`."""
+
+    _spec_bytes: bytes = b""
+    _experiment: str = ""
+    _options: dict = {}
+
+    @classmethod
+    def default_resource_request(cls, config: dict) -> PlacementGroupFactory:
+        return PlacementGroupFactory([dict(cls._options.get("trial_resources") or {"CPU": 0.01})])
+
+    # ------------------------------------------------------------ lifecycle
+    def setup(self, config: dict) -> None:
+        self._host = None
+        self._attached: str | None = None
+        self._attach(config)
+
+    def _attach(self, config: dict) -> None:
+        registry = get_registry(self._spec_bytes, self._experiment, self._options)
+        waited, warned = time.monotonic(), False
+        while True:
+            got = ray.get(registry.assign.remote(self.trial_id))
+            if got is not None:
+                break
+            if not warned and time.monotonic() - waited > self._options.get("oversubscribe_warn_s", 5.0):
+                logger.warning(
+                    "trial %s is waiting for a free slot: Tune started more trials than the %d slots "
+                    "of this experiment. Set TuneConfig(max_concurrent_trials=<trainable>.max_concurrent()) "
+                    "or wrap the searcher with ray_modelbatch.tune.FreeSlotLimiter to avoid idle trial processes.",
+                    self.trial_id,
+                    ray.get(registry.capacity.remote()),
+                )
+                warned = True
+            time.sleep(0.2)
+        self._host_name, self._host = got
+        self._lease = ray.put(self.trial_id)  # owned by this process: dies with it, which frees the slot
+        log_dir = os.path.dirname(self.logdir) if self.logdir else None
+        self._slot = ray.get(self._host.attach.remote(self.trial_id, config, [self._lease], log_dir))
+        self._attached = self.trial_id
+
+    def _detach(self) -> None:
+        if self._host is not None and self._attached is not None:
+            try:
+                ray.get(self._host.detach.remote(self._attached))
+            except ray.exceptions.RayActorError:
+                pass  # the host is gone, and the slot with it
+        self._attached = None
+
+    def step(self) -> dict[str, Any]:
+        return ray.get(self._host.train.remote(self.trial_id, self._options["steps_per_report"]))
+
+    def save_checkpoint(self, checkpoint_dir: str) -> str:
+        blob = ray.get(self._host.save.remote(self.trial_id))
+        with open(os.path.join(checkpoint_dir, CHECKPOINT_FILE), "wb") as f:
+            f.write(blob)
+        return checkpoint_dir
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        path = checkpoint if isinstance(checkpoint, str) else checkpoint.path
+        with open(os.path.join(path, CHECKPOINT_FILE), "rb") as f:
+            blob = f.read()
+        ray.get(self._host.restore.remote(self.trial_id, blob, self.config))
+
+    def reset_config(self, new_config: dict) -> bool:
+        """Reused actor (``reuse_actors=True``): free the old trial's slot, attach the new trial."""
+        self._detach()
+        self._attach(new_config)
+        return True
+
+    def cleanup(self) -> None:
+        self._detach()

@@ -1,0 +1,58 @@
+"""What a batched trainable trains: the user's factories, kept opaque to the proxy.
+
+The spec is cloudpickled in the driver and unpickled only inside slot hosts.
+Trial proxies carry the bytes without looking inside, so user code that
+imports torch is never imported into a proxy process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+
+@dataclass
+class SlotSpec:
+    """Everything a host needs to build, train and evaluate a trial's slot.
+
+    Attributes:
+        model: ``config -> nn.Module``; called under the trial's seed.
+        optimizer: a :mod:`ray_modelbatch.optim` class (e.g. ``AdamW``).
+        hparams: ``config -> dict`` of optimizer keywords for this trial
+            (``lr``, ``betas``, ``weight_decay``, ``schedule``, ``max_grad_norm``...).
+        loss: ``loss(output, target) -> scalar`` for one model.
+        data: ``() -> (x_train, y_train, x_val, y_val)`` tensors, loaded once per host.
+        metrics: ``{name: fn(output, target)}`` reported as ``val_<name>``.
+        batch_size: training batch size (one per stack, since a fused step has one batch shape).
+        steps_per_report: fused steps behind each ``Trainable.step()``.
+        slots_per_host: slots of one host (all its stacks together).
+        data_mode: ``"per_slot"`` (each trial its own seeded sampler, reproduces
+            independent training) or ``"shared"`` (one batch for all, cheaper).
+        seed_key: config key holding the trial's seed; absent means a seed
+            derived from the trial ID.
+    """
+
+    model: Callable[[Mapping[str, Any]], Any]
+    optimizer: Any
+    hparams: Callable[[Mapping[str, Any]], dict]
+    loss: Callable[[Any, Any], Any]
+    data: Callable[[], tuple]
+    metrics: dict[str, Callable[[Any, Any], Any]] = field(default_factory=dict)
+    batch_size: int = 64
+    steps_per_report: int = 10
+    slots_per_host: int = 32
+    data_mode: str = "per_slot"
+    eval_batch_size: int | None = None
+    seed_key: str = "seed"
+    autocast_dtype: Any = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.data_mode not in ("per_slot", "shared"):
+            raise ValueError(f"data_mode must be 'per_slot' or 'shared', got {self.data_mode!r}")
+        for name in ("batch_size", "steps_per_report", "slots_per_host"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("model", "hparams", "loss", "data"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"{name} must be callable, got {type(getattr(self, name)).__name__}")
