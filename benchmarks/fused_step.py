@@ -20,8 +20,11 @@ The FLOPs counted are the matmul/conv FLOPs a step really needs (forward,
 weight gradients, input gradients of every layer but the first); elementwise
 work, the loss and the optimizer are not counted. Each configuration also
 trains the fused path and the loop for 3 steps from the same weights on the
-same batches and reports the largest relative parameter difference, so a fast
-but wrong fused step cannot go unnoticed.
+same batches and reports the largest relative parameter difference (next to
+the fp32 loop's own difference from an fp64 copy, the noise floor), so a fast
+but wrong fused step cannot go unnoticed. Shared CPUs have phases several
+times slower than normal; a small matmul probe around every timing round
+discards rounds measured in such a phase (column 'speed').
 
 Runs without Ray. ``python benchmarks/fused_step.py [--quick] [--device cuda]
 [--models mlp_tiny,mlp_784,cnn] [--slots 1,8,32]``; writes the markdown it
@@ -57,7 +60,7 @@ EQ_STEPS = 3
 BLOCKS = 5  # timing blocks per contender, alternated; the fastest counts
 SLOW_BLOCKS = 3  # ... when one step of a contender takes more than SLOW_STEP_S
 SLOW_STEP_S = 1.0
-QUIET = 0.75  # a timing round counts only if the machine probe reads >= this fraction of its best
+QUIET = 0.85  # a timing round counts only if the machine probe reads >= this fraction of its best
 
 
 # --------------------------------------------------------------------- models

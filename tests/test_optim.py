@@ -203,3 +203,27 @@ def test_optimizer_kernel_count_does_not_grow_with_slots(cls, kw):
             opt.step()
         counts.append(c.count)
     assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("tile", [7, 150, 1 << 30])  # column tiles (P=75), row tiles, one tile
+def test_cache_tiling_on_cpu_gives_identical_updates(tile, monkeypatch):
+    from ray_modelbatch.optim import base
+
+    def run(tile_elements):
+        monkeypatch.setattr(base, "CPU_TILE_ELEMENTS", tile_elements)
+        torch.manual_seed(0)
+        mb = rmb.ModelBatch(make_models(S))
+        opt = rmb.optim.AdamW(mb, lr=LR, amsgrad=[True, False] * 2, max_grad_norm=[0.1, 1.0, math.inf, 0.5])
+        eng = rmb.FusedEngine(mb, opt, nn.functional.mse_loss)
+        mb.deactivate(1)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(5):
+            eng.train_step(torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g))
+        return {k: v.detach().clone() for k, v in mb.params.items()}, opt.state
+
+    ref, ref_state = run(1 << 30)
+    got, got_state = run(tile)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    for k in ref_state[torch.float32]:
+        assert torch.equal(ref_state[torch.float32][k], got_state[torch.float32][k]), k

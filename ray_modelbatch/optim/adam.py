@@ -90,8 +90,7 @@ class Adam(VectorOptimizer):
         bc2 = 1.0 - b2**t
         c = {
             "w1": (1.0 - b1) * ok,
-            "b2": torch.where(skip, 1.0, b2),
-            "c2": (1.0 - b2) * ok,
+            "w2": (1.0 - b2) * ok,
             "step_size": torch.where(skip, 0.0, lr / bc1),
             "bc2_sqrt": torch.where(skip, 1.0, bc2.sqrt()),
             "eps": hp["eps"],
@@ -111,7 +110,7 @@ class Adam(VectorOptimizer):
         if "wd" in c:
             g = g.add(p * c["wd"])
         m.lerp_(g, c["w1"])
-        v.mul_(c["b2"]).addcmul_(g, g * c["c2"])
+        v.lerp_(g * g, c["w2"])
         second = v
         if self._amsgrad != "none":
             vmax = state["max_exp_avg_sq"]

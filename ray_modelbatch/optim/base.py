@@ -60,6 +60,25 @@ def per_slot(name: str, value: Any, num_slots: int) -> torch.Tensor:
     )
 
 
+# On CPU an elementwise pass over a large [S, P] buffer streams it from DRAM,
+# and an update takes about ten such passes. Running all passes over one
+# cache-sized tile before the next keeps the tile in cache, so DRAM is read
+# about once per step, like a fused kernel would. On GPUs one kernel per pass
+# over the whole buffer is what is fast, so there is a single tile.
+CPU_TILE_ELEMENTS = 1 << 17
+
+
+def _tiles(t: torch.Tensor) -> list[tuple[slice, slice]]:
+    """Row/column blocks of a ``[n, P]`` buffer that each fit in the CPU cache (one block on GPU)."""
+    n, width = t.shape
+    if t.device.type != "cpu" or n * width <= CPU_TILE_ELEMENTS:
+        return [(slice(None), slice(None))]
+    if width >= CPU_TILE_ELEMENTS:
+        return [(slice(r, r + 1), slice(c, c + CPU_TILE_ELEMENTS)) for r in range(n) for c in range(0, width, CPU_TILE_ELEMENTS)]
+    rows = CPU_TILE_ELEMENTS // width
+    return [(slice(r, r + rows), slice(None)) for r in range(0, n, rows)]
+
+
 class VectorOptimizer:
     """Base class: per-slot hyperparameters, masking, clipping, non-finite isolation and slot state.
 
@@ -241,33 +260,35 @@ class VectorOptimizer:
         # One fp32 norm pass per group gives both the clipping norm and the
         # finiteness test: a row's norm is NaN/inf iff it holds a NaN/inf (or
         # overflows fp32, which no trainable model survives either).
-        sq = torch.zeros(n, dtype=torch.float32, device=mb.device)
-        for g in grads.values():
-            sq += torch.linalg.vector_norm(g, dim=1, dtype=torch.float32).square()
-        norm = sq.sqrt()
+        norms = [torch.linalg.vector_norm(g, dim=1, dtype=torch.float32) for g in grads.values()]
+        norm = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum(0).sqrt()
         finite = torch.isfinite(norm)
         ok = finite if self.skip_nonfinite else torch.ones_like(finite)
         if skip is not None:
             ok = ok & ~skip.to(device=mb.device, dtype=torch.bool)
         hp = {k: rows(v) for k, v in self.hp.items()}
-        okcol = ok.unsqueeze(1)
-        coef = None
-        if self._clipping:
-            coef = torch.clamp(hp["max_grad_norm"] / (norm.double() + 1e-6), max=1.0)
-            coef = torch.where(finite, coef, 1.0)
-        for g in grads.values():
-            g.masked_fill_(~okcol, 0.0)  # skipped rows must not turn 0 * inf into NaN
-            if coef is not None:
-                g.mul_(coef.to(g.dtype).unsqueeze(1))
-
         steps = rows(self.steps)
         okf = ok.to(torch.float64)
         c64 = self._coefficients(hp, steps, okf, self._lr(hp, steps))
+        # Gradient scale per slot: 0 for skipped slots (after their NaNs are
+        # zeroed), the clipping factor where clipping is on, else 1.
+        scale = okf
+        if self._clipping:
+            clip = torch.clamp(hp["max_grad_norm"] / (norm.double() + 1e-6), max=1.0)
+            scale = torch.where(ok, clip, 0.0)
+        names = [k for k, v in c64.items() if isinstance(v, torch.Tensor)]
+        stacked = torch.stack([c64[k] for k in names] + [scale])
         for dt, g in groups.items():
-            c = {k: v.to(dt).unsqueeze(1) if isinstance(v, torch.Tensor) else v for k, v in c64.items()}
+            cols = stacked.to(dt).unsqueeze(-1)  # one cast for all coefficients: [K, n, 1]
             p = rows(g.data)
             st = {k: rows(v) for k, v in self.state[dt].items()}
-            self._update(p, grads[dt], st, c)
+            for r, c_ in _tiles(p):
+                c = {k: cols[j, r] for j, k in enumerate(names)}
+                c.update({k: v for k, v in c64.items() if not isinstance(v, torch.Tensor)})
+                gt = grads[dt][r, c_]
+                gt.masked_fill_(~ok[r].unsqueeze(1), 0.0)  # 0 * inf would be NaN
+                gt.mul_(cols[-1, r])
+                self._update(p[r, c_], gt, {k: v[r, c_] for k, v in st.items()}, c)
             if idx is not None:
                 g.data.index_copy_(0, idx, p)
                 for k, v in st.items():
