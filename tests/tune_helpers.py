@@ -1,0 +1,157 @@
+"""Shared pieces of the Tune end-to-end tests: digits data, a 64-32-10 MLP, a trainable factory.
+
+Everything here is pickled *by value* (see ``register_pickle_by_value`` below):
+the slot hosts and trial processes Ray starts cannot import this test module.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import sys
+import time
+
+import cloudpickle
+import ray
+from ray import tune
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+IN, HIDDEN, OUT = 64, 32, 10
+
+
+def digits():
+    """Digits scaled to [0, 1]; 1437 train / 360 validation rows, fixed split."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
+    val, train = perm[:360], perm[360:]
+    return x[train], y[train], x[val], y[val]
+
+
+def make_model(cfg):
+    """64-32-10 MLP; ``cfg["hidden"]`` changes the shape, ``cfg["unfusable"]`` calls ``.item()`` in forward."""
+    import torch
+    from torch import nn
+
+    hidden = int(cfg.get("hidden", HIDDEN))
+    if cfg.get("unfusable"):
+
+        class ItemMLP(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.l1 = nn.Linear(IN, hidden)
+                self.l2 = nn.Linear(hidden, OUT)
+
+            def forward(self, x):
+                h = torch.relu(self.l1(x))
+                scale = float(h.mean().item())  # breaks vmap: data-dependent Python number
+                return self.l2(h) * (1.0 + 0.0 * scale)
+
+        return ItemMLP()
+    return nn.Sequential(nn.Linear(IN, hidden), nn.ReLU(), nn.Linear(hidden, OUT))
+
+
+def hparams(cfg):
+    return {"lr": float(cfg["lr"])}
+
+
+def make_trainable(*, optimizer: str = "adam", slots_per_host: int = 4, steps_per_report: int = 5,
+                   idle_timeout_s: float = 3.0, **kw):
+    import torch.nn.functional as F
+
+    import ray_modelbatch
+    from ray_modelbatch.tune import batched_trainable
+
+    opt = {"adam": ray_modelbatch.optim.Adam, "sgd": ray_modelbatch.optim.SGD}[optimizer]
+    return batched_trainable(
+        model=make_model,
+        optimizer=opt,
+        hparams=hparams,
+        loss=F.cross_entropy,
+        data=digits,
+        metrics={"acc": ray_modelbatch.metrics.accuracy},
+        batch_size=kw.pop("batch_size", 32),
+        steps_per_report=steps_per_report,
+        slots_per_host=slots_per_host,
+        idle_timeout_s=idle_timeout_s,
+        **kw,
+    )
+
+
+def tune_config(T, **kw):
+    kw.setdefault("metric", "val_loss")
+    kw.setdefault("mode", "min")
+    if "search_alg" not in kw:
+        kw.setdefault("max_concurrent_trials", T.max_concurrent())
+    return tune.TuneConfig(**kw)
+
+
+def run_config(tmp_path, name="exp", **kw):
+    kw.setdefault("verbose", 0)
+    return tune.RunConfig(name=name, storage_path=str(tmp_path), **kw)
+
+
+def fit(T, param_space, tmp_path, *, name="exp", run_kw=None, **tune_kw):
+    tuner = tune.Tuner(T, param_space=param_space, tune_config=tune_config(T, **tune_kw),
+                       run_config=run_config(tmp_path, name=name, **(run_kw or {})))
+    return tuner.fit()
+
+
+def errors(grid) -> list:
+    return [r.error for r in grid if r.error is not None]
+
+
+def histories(grid) -> dict[str, list[dict]]:
+    """trial_id -> list of its results (from the trial's progress), ordered by iteration."""
+    out = {}
+    for r in grid:
+        df = r.metrics_dataframe
+        out[r.metrics["trial_id"]] = df.sort_values("training_iteration").to_dict("records")
+    return out
+
+
+class HostWatch(tune.Callback):
+    """Polls the trainable's host stats at every result and keeps the high-water marks."""
+
+    def __init__(self, T):
+        self.T = T
+        self.samples: list[dict] = []
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.samples.extend(self.T.host_stats())
+
+    @property
+    def max_held(self) -> int:
+        return max((s["attached"] + s["reserved"] for s in self.samples), default=0)
+
+
+def load_slot_state(checkpoint_dir: str) -> dict:
+    import torch
+
+    with open(os.path.join(checkpoint_dir, "slot_state.pt"), "rb") as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=False)
+
+
+def trial_checkpoints(trial_path: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(trial_path, "checkpoint_*")))
+
+
+def wait_until(pred, timeout=20.0, every=0.2):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(every)
+    return pred()
+
+
+def ray_alive_actors(prefix: str) -> list:
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if (a.name or "").startswith(prefix)]
