@@ -88,22 +88,22 @@ class FusedEngine:
             empty = torch.zeros(0, device=mb.device)
             return StepResult(host, empty, empty.bool(), empty.bool(), empty)
         mb.train()
+        idx = mb.resolve_slots(host)  # resolved once for every piece below; None means every slot
         opt.zero_grad()
         # Forward updates buffers (BatchNorm statistics) in place; a slot whose
         # step is skipped must get those back, or a NaN batch poisons it.
         saved = {k: v.clone() for k, v in mb.buffers.items() if v.is_floating_point()}
         with self._autocast():
-            losses, _ = mb.forward_loss(x, y, self.loss_fn, per_slot=per_slot, slots=host)
+            losses, _ = mb.forward_loss(x, y, self.loss_fn, per_slot=per_slot, slots=idx)
         losses = losses.float()
         bad_loss = ~torch.isfinite(losses)
         if self.scaler is not None:
-            self.scaler.scale(losses, host).backward()
-            self.scaler.step(opt, host, skip=bad_loss)
-            self.scaler.update(host)
+            self.scaler.scale(losses, idx).backward()
+            self.scaler.step(opt, idx, skip=bad_loss)
+            self.scaler.update(idx)
         else:
             losses.sum().backward()
-            opt.step(host, skip=bad_loss)
-        idx = mb.resolve_slots(host)
+            opt.step(idx, skip=bad_loss)
         nonfinite = opt.last_nonfinite if idx is None else opt.last_nonfinite.index_select(0, idx)
         grad_norm = opt.last_grad_norm if idx is None else opt.last_grad_norm.index_select(0, idx)
         nonfinite = nonfinite | bad_loss
