@@ -132,13 +132,16 @@ class SlotTimeline(tune.Callback):
         self.t0 = time.monotonic()
         self.trials: dict[str, dict] = {}  # trial_id -> stack, slot, start, end, iterations
 
+    def setup(self, **info: Any) -> None:
+        self.t0 = time.monotonic()  # the experiment starts
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trials.setdefault(trial.trial_id, {"start": time.monotonic() - self.t0})
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         rec = self.trials.setdefault(trial.trial_id, {"start": time.monotonic() - self.t0})
         if "slot" in result:
-            rec["stack"], rec["slot"] = result["stack"], int(result["slot"])
+            rec["stack"], rec["slot"], rec["hidden"] = result["stack"], int(result["slot"]), trial.config.get("hidden")
         rec["iterations"] = int(result["training_iteration"])
         rec["end"] = time.monotonic() - self.t0
 
@@ -157,24 +160,29 @@ class SlotTimeline(tune.Callback):
         return dict(sorted(out.items()))
 
     def report(self, width: int = 60) -> str:
-        """One line per slot: a bar over the sweep's wall time (one letter per trial) and the trial IDs."""
+        """One line per slot: a bar over the sweep's training time (one letter per trial) and the trial IDs."""
         slots = self.by_slot()
         if not slots:
             return "no trial reported a slot"
-        span = max(rec.get("end", 0.0) for rec in self.trials.values()) or 1.0
+        first = min(rec["start"] for rec in self.trials.values())
+        last = max(rec.get("end", rec["start"]) for rec in self.trials.values())
+        span = max(last - first, 1e-6)
         stacks = {s: chr(ord("A") + i) for i, s in enumerate(sorted({k[0] for k in slots}))}
-        lines = [f"stacks: " + ", ".join(f"{c} = {s}" for s, c in stacks.items()),
-                 f"bar: {width} columns over {span:.1f}s of the sweep; a letter per trial in the slot, '.' idle",
-                 "  the trials (#iterations each ran) in the order they held the slot"]
+        hidden = {k[0]: held[0][1].get("hidden") for k, held in slots.items()}
+        lines = [
+            "stacks: " + ", ".join(f"{c} = {s} (hidden {hidden[s]})" for s, c in stacks.items()),
+            f"bar: {width} columns from the first trial's start ({first:.1f}s into the sweep) to the last "
+            f"trial's end ({last:.1f}s); one letter per trial that held the slot, '.' = free",
+            "the trials that held the slot, in order (iterations each ran before ASHA stopped it or max_t):",
+        ]
         for (stack, slot), held in slots.items():
             bar = ["."] * width
             for n, (_, rec) in enumerate(held):
-                a = int(rec["start"] / span * width)
-                b = max(a + 1, int(math.ceil(rec.get("end", span) / span * width)))
-                for c in range(a, min(b, width)):
-                    bar[c] = "abcdefghijklmnopqrstuvwxyz"[n % 26]
+                a = int((rec["start"] - first) / span * width)
+                b = max(a + 1, math.ceil((rec.get("end", last) - first) / span * width))
+                bar[a:min(b, width)] = "abcdefghijklmnopqrstuvwxyz"[n % 26] * (min(b, width) - a)
             ids = " ".join(f"{short_id(tid)}({rec.get('iterations', 0)})" for tid, rec in held)
-            lines.append(f"{stacks[stack]}{slot:<3d}|{''.join(bar)}| {len(held):>2} trials: {ids}")
+            lines.append(f"{stacks[stack]}{slot:<3d}|{''.join(bar)}| {len(held):>2}: {ids}")
         return "\n".join(lines)
 
     def plot(self, path: str) -> bool:
@@ -206,6 +214,23 @@ def short_id(trial_id: str) -> str:
     return trial_id.rsplit("_", 1)[-1]
 
 
+def lost_slot_state(results: tune.ResultGrid) -> list[str]:
+    """Trials whose slot did not carry exactly their own steps (a slot reset or lost under the trial).
+
+    A slot counts its optimizer steps; a trial that kept its slot (or restored its
+    checkpoint into a new one) reports ``slot_steps == training_iteration * steps_per_report``
+    at every iteration.
+    """
+    bad = []
+    for r in results:
+        df = r.metrics_dataframe
+        if df is None or "slot_steps" not in df:
+            continue
+        if (df["slot_steps"] != df["training_iteration"] * STEPS_PER_REPORT).any():
+            bad.append(short_id(df["trial_id"].iloc[0]))
+    return bad
+
+
 def top_table(results: tune.ResultGrid, k: int = 5) -> str:
     """The ``k`` trials with the lowest validation loss (each at its best report)."""
     df = results.get_dataframe(filter_metric="val_loss", filter_mode="min").sort_values("val_loss")
@@ -235,6 +260,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the config draw")
     p.add_argument("--storage", default="./runs", help="RunConfig storage_path")
     p.add_argument("--name", default="asha_sweep")
+    p.add_argument("--no-reuse-actors", action="store_true",
+                   help="start a new proxy process for every trial instead of reusing stopped trials' processes")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: os.cpu_count())")
     args = p.parse_args()
 
@@ -250,9 +277,13 @@ def main() -> None:
             metric="val_loss",
             mode="min",
             num_samples=args.trials,
-            search_alg=BasicVariantGenerator(points_to_evaluate=configs),
+            # An explicit generator ignores TuneConfig(max_concurrent_trials=...) in Ray 2.60:
+            # the slot cap goes to the generator itself.
+            search_alg=BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=T.max_concurrent()),
             scheduler=asha(args.max_t, args.grace, args.reduction),
-            max_concurrent_trials=T.max_concurrent(),
+            # A stopped trial's proxy process is handed to the next trial (reset_config moves it to the
+            # freed slot) instead of Tune starting a new process per trial: the refill takes milliseconds.
+            reuse_actors=not args.no_reuse_actors,
         ),
         run_config=tune.RunConfig(
             name=args.name,
@@ -272,14 +303,19 @@ def main() -> None:
             ray.shutdown()
 
     errors = [r for r in results if r.error is not None]
+    lost = lost_slot_state(results)
     slots = timeline.by_slot()
     iters = sum(rec.get("iterations", 0) for rec in timeline.trials.values())
-    print(f"\n{len(results)} trials through {len(slots)} slots of {args.slots} "
-          f"({len(errors)} errored); {iters} Tune iterations = {iters * STEPS_PER_REPORT} slot-steps "
-          f"of {args.trials * args.max_t * STEPS_PER_REPORT} budgeted (ASHA stopped the rest)")
-    busiest = max(slots.items(), key=lambda kv: len(kv[1]))
-    (stack, slot), held = busiest
+    per_stack = {}
+    for stack, _ in slots:
+        per_stack[stack] = per_stack.get(stack, 0) + 1
+    print(f"\n{len(results)} trials through {args.slots} slots on 1 host ({len(errors)} errored): the host's "
+          f"{len(per_stack)} stacks used " + " + ".join(str(n) for n in per_stack.values())
+          + f" slot positions, at most {args.slots} at a time")
+    (stack, slot), held = max(slots.items(), key=lambda kv: len(kv[1]))
     print(f"e.g. slot {slot} of stack {stack} held trials {', '.join(short_id(t) for t, _ in held)}")
+    print(f"{iters} Tune iterations = {iters * STEPS_PER_REPORT} slot-steps of the "
+          f"{args.trials * args.max_t * STEPS_PER_REPORT} a full run of every trial would take (ASHA stopped the rest)")
     print("\nSlot timeline:")
     print(timeline.report())
     print(f"\nTop 5 of {len(results)} trials by validation loss:")
@@ -296,8 +332,11 @@ def main() -> None:
         print(f"timeline plot: {png}")
     print(f"time: fit {fit_s:.1f}s, total {time.monotonic() - t_start:.1f}s; results in "
           f"{os.path.join(os.path.abspath(args.storage), args.name)}")
-    if errors:
-        raise SystemExit(f"{len(errors)} trials errored, e.g. {errors[0].error!r}")
+    print(f"slot integrity: every result had slot_steps == iteration x {STEPS_PER_REPORT}" if not lost else
+          f"WARNING: {len(lost)} trials' slots lost their state mid-trial: {', '.join(lost)}")
+    if errors or lost:
+        raise SystemExit(f"{len(errors)} trials errored, {len(lost)} lost slot state"
+                         + (f"; e.g. {errors[0].error!r}" if errors else ""))
 
 
 if __name__ == "__main__":

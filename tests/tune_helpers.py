@@ -54,6 +54,24 @@ def make_model(cfg):
                 return self.l2(h) * (1.0 + 0.0 * scale)
 
         return ItemMLP()
+    if cfg.get("fail_after"):
+
+        class FailingMLP(nn.Sequential):
+            """Fuses fine, but its stack's forward raises after ``fail_after`` calls (a trial that
+            errors while running; the attribute gives it a stack of its own)."""
+
+            def __init__(self, fail_after):
+                super().__init__(nn.Linear(IN, hidden), nn.ReLU(), nn.Linear(hidden, OUT))
+                self.fail_after = int(fail_after)
+                self.calls = 0
+
+            def forward(self, x):
+                self.calls += 1
+                if self.calls > self.fail_after:
+                    raise RuntimeError("planned failure of this trial's model")
+                return super().forward(x)
+
+        return FailingMLP(cfg["fail_after"])
     return nn.Sequential(nn.Linear(IN, hidden), nn.ReLU(), nn.Linear(hidden, OUT))
 
 
@@ -97,23 +115,36 @@ def run_config(tmp_path, name="exp", **kw):
     return tune.RunConfig(name=name, storage_path=str(tmp_path), **kw)
 
 
+class ResultLog(tune.Callback):
+    """Every result as the driver saw it, per trial (``result.json``/``progress.csv`` are not
+    reliable after a pause: Tune copies the synced copy back over them when a trial restarts)."""
+
+    def __init__(self):
+        self.by_trial: dict[str, list[dict]] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        row = dict(result)
+        # The config the trial ran this iteration with (PBT replaces trial.config before callbacks run).
+        row["config"] = dict(result["config"])
+        self.by_trial.setdefault(trial.trial_id, []).append(row)
+
+    def rows(self, result) -> list[dict]:
+        """The results of one ``ResultGrid`` entry, ordered by iteration."""
+        return sorted(self.by_trial[result.metrics["trial_id"]], key=lambda r: r["training_iteration"])
+
+
 def fit(T, param_space, tmp_path, *, name="exp", run_kw=None, **tune_kw):
+    """Run a Tuner; returns ``(ResultGrid, ResultLog)``."""
+    log = ResultLog()
+    run_kw = dict(run_kw or {})
+    run_kw["callbacks"] = [*run_kw.get("callbacks", []), log]
     tuner = tune.Tuner(T, param_space=param_space, tune_config=tune_config(T, **tune_kw),
-                       run_config=run_config(tmp_path, name=name, **(run_kw or {})))
-    return tuner.fit()
+                       run_config=run_config(tmp_path, name=name, **run_kw))
+    return tuner.fit(), log
 
 
 def errors(grid) -> list:
     return [r.error for r in grid if r.error is not None]
-
-
-def histories(grid) -> dict[str, list[dict]]:
-    """trial_id -> list of its results (from the trial's progress), ordered by iteration."""
-    out = {}
-    for r in grid:
-        df = r.metrics_dataframe
-        out[r.metrics["trial_id"]] = df.sort_values("training_iteration").to_dict("records")
-    return out
 
 
 class HostWatch(tune.Callback):
@@ -155,3 +186,53 @@ def ray_alive_actors(prefix: str) -> list:
     from ray.util.state import list_actors
 
     return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if (a.name or "").startswith(prefix)]
+
+
+def read_results(trial_path: str) -> list[dict]:
+    """The trial's ``result.json`` rows (Tune's JSON logger), ordered by iteration."""
+    import json
+
+    with open(os.path.join(trial_path, "result.json")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return sorted(rows, key=lambda r: r["training_iteration"])
+
+
+def tb_tags(path: str) -> dict[str, list[float]]:
+    """Scalar tags and values of every tensorboardX event file under ``path`` (a small TFRecord reader)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list[float]] = {}
+    for fn in glob.glob(os.path.join(path, "**", "events.out.tfevents.*"), recursive=True):
+        with open(fn, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            body = data[pos + 12:pos + 12 + n]
+            pos += 12 + n + 4
+            ev = Event()
+            ev.ParseFromString(body)
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append(v.simple_value)
+    return out
+
+
+def probe_class(T):
+    """``T`` whose trial ID comes from ``config["probe_id"]``, for proxies created outside Tune."""
+
+    class Probe(T):
+        @property
+        def trial_id(self):
+            return self.config.get("probe_id", "default")
+
+        def where(self):
+            return {"logdir": self.logdir, "pid": os.getpid(), "slot": self._slot}
+
+    Probe.__name__ = Probe.__qualname__ = T.__name__ + "Probe"
+    return Probe
+
+
+def host_events(T) -> list[dict]:
+    return [e for s in T.host_stats() for e in s["events"]]

@@ -48,6 +48,7 @@ class _Trial:
     stack: Any
     slot: int
     lease: Any
+    token: str | None = None
     request: _Request | None = None
     reports: int = 0
     nonfinite_steps: int = 0
@@ -64,6 +65,9 @@ class _Stats:
     window_busy: float = 0.0
     window_wait: float = 0.0
     window_steps: int = 0
+    max_held: int = 0  # high-water mark of attached + reserved trials
+    refused: int = 0  # reservations refused because the host was full (Tune oversubscribed it)
+    freed_by_lease: int = 0  # slots freed because the trial's process died without detaching
 
 
 def trial_seed(trial_id: str, config: dict, key: str) -> int:
@@ -96,6 +100,7 @@ class SlotHost:
         self._lease_check_s = lease_check_s
         self._stats_every_s = stats_every_s
         self._stats = _Stats()
+        self._events: collections.deque = collections.deque(maxlen=256)  # recent attach/detach, for stats()
         self._writer = None
         self._log_dir: str | None = None
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
@@ -111,19 +116,27 @@ class SlotHost:
             if trial_id in self.trials or trial_id in self.reserved:
                 return True
             if len(self.trials) + len(self.reserved) >= self.capacity:
+                self._stats.refused += 1
                 return False
             self.reserved.add(trial_id)
+            self._stats.max_held = max(self._stats.max_held, len(self.trials) + len(self.reserved))
             return True
 
     def free_slots(self) -> int:
         with self._lock:
             return self.capacity - len(self.trials) - len(self.reserved)
 
-    def attach(self, trial_id: str, config: dict, lease_box: list, log_dir: str | None = None) -> dict:
-        """Give the trial a slot with fresh weights from its config and seed."""
+    def attach(self, trial_id: str, config: dict, lease_box: list, log_dir: str | None = None,
+               token: str | None = None) -> dict:
+        """Give the trial a slot with fresh weights from its config and seed.
+
+        ``token`` names this attachment: :meth:`detach` with another token is
+        ignored, so a reused proxy that detaches its previous trial late cannot
+        free the slot that trial got again through another proxy.
+        """
         if log_dir and self._log_dir is None:
             self._log_dir = log_dir
-        return self._call(lambda: self._attach(trial_id, config, lease_box[0]))
+        return self._call(lambda: self._attach(trial_id, config, lease_box[0], token))
 
     def train(self, trial_id: str, steps: int) -> dict:
         """Run ``steps`` more fused steps for the trial, then evaluate it; returns its metrics."""
@@ -148,11 +161,18 @@ class SlotHost:
 
         return self._call(run)
 
-    def detach(self, trial_id: str) -> None:
+    def detach(self, trial_id: str, token: str | None = None) -> None:
         """Free the trial's slot at once (it is masked out of the next fused step)."""
-        with self._lock:
-            self.reserved.discard(trial_id)
-        return self._call(lambda: self._detach(trial_id, "the trial ended"))
+
+        def run() -> None:
+            t = self.trials.get(trial_id)
+            if t is not None and token is not None and t.token != token:
+                return  # a stale proxy: the trial has attached again through another one
+            with self._lock:
+                self.reserved.discard(trial_id)
+            self._detach(trial_id, "the trial ended")
+
+        return self._call(run)
 
     def stats(self) -> dict:
         with self._lock:
@@ -164,13 +184,21 @@ class SlotHost:
                 "capacity": self.capacity,
                 "attached": len(self.trials),
                 "reserved": len(self.reserved),
-                "stacks": {k: {"capacity": st.capacity, "used": st.used} for k, st in self.stacks.items()},
+                "stacks": {
+                    k: {"capacity": st.capacity, "used": st.used, "active": int(st.mb.active_slots.numel())}
+                    for k, st in self.stacks.items()
+                },
+                "trials": {tid: t.slot for tid, t in self.trials.items()},
+                "events": list(self._events),
                 "fused_steps": s.fused_steps,
                 "slot_steps": s.slot_steps,
                 "busy_s": s.busy_s,
                 "wait_s": s.wait_s,
                 "wall_s": wall,
                 "busy_fraction": s.busy_s / wall if wall > 0 else 0.0,
+                "max_held": s.max_held,
+                "refused": s.refused,
+                "freed_by_lease": s.freed_by_lease,
             }
 
     def shutdown(self) -> None:
@@ -195,7 +223,7 @@ class SlotHost:
             raise RuntimeError(f"trial {trial_id} has no slot on host {self.name}")
         return t
 
-    def _attach(self, trial_id: str, config: dict, lease: Any) -> dict:
+    def _attach(self, trial_id: str, config: dict, lease: Any, token: str | None = None) -> dict:
         import torch
 
         from .stack import Stack, stack_key
@@ -215,11 +243,14 @@ class SlotHost:
                 self.stacks[key] = stack
                 logger.info("host %s: new stack %s for trial %s", self.name, key, trial_id)
             slot = stack.add(trial_id, model, seed, hparams)
-        finally:
+        except BaseException:
             with self._lock:
                 self.reserved.discard(trial_id)
-        with self._lock:
-            self.trials[trial_id] = _Trial(stack, slot, lease)
+            raise
+        with self._lock:  # one step: the slot never looks free between reservation and attachment
+            self.reserved.discard(trial_id)
+            self.trials[trial_id] = _Trial(stack, slot, lease, token)
+            self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot, "stack": key})
         return {"host": self.name, "stack": key, "slot": slot, "device": str(self.device)}
 
     def _detach(self, trial_id: str, why: str) -> None:
@@ -228,18 +259,29 @@ class SlotHost:
         if t is None:
             return
         t.stack.remove(t.slot)
+        with self._lock:
+            self._events.append(
+                {"t": time.time(), "event": "detach", "trial": trial_id, "slot": t.slot, "stack": t.stack.key, "why": why}
+            )
         if t.request is not None and not t.request.future.done():
             t.request.future.set_exception(RuntimeError(f"trial {trial_id} lost its slot: {why}"))
 
     def _check_leases(self) -> None:
         for trial_id, t in list(self.trials.items()):
             try:
-                ray.get(t.lease, timeout=0)
+                try:
+                    ray.get(t.lease, timeout=0)  # a live lease is in the local object store: no wait
+                except ray.exceptions.GetTimeoutError:
+                    # Not local. With timeout=0 Ray never asks the owner, so a dead owner looks like
+                    # "not ready" forever; a short positive timeout makes it raise OwnerDiedError.
+                    ray.get(t.lease, timeout=0.2)
             except ray.exceptions.GetTimeoutError:
-                pass
+                pass  # slow (e.g. another node): treat as alive, look again next time
             except Exception:  # OwnerDiedError and friends: the proxy is gone
                 logger.warning("host %s: trial %s's process died without cleanup; freeing its slot", self.name, trial_id)
                 self._detach(trial_id, "its process died")
+                with self._lock:
+                    self._stats.freed_by_lease += 1
 
     def _pending(self) -> dict[Any, list[tuple[str, _Trial]]]:
         work: dict[Any, list[tuple[str, _Trial]]] = {}

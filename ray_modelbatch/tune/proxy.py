@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 import ray
@@ -45,9 +46,18 @@ class SlotTrialProxy(Trainable):
 
     def _attach(self, config: dict) -> None:
         registry = get_registry(self._spec_bytes, self._experiment, self._options)
-        waited, warned = time.monotonic(), False
+        waited, warned, registry_errors = time.monotonic(), False, 0
         while True:
-            got = ray.get(registry.assign.remote(self.trial_id))
+            try:
+                got = ray.get(registry.assign.remote(self.trial_id))
+            except ray.exceptions.RayActorError:
+                # The registry stopped itself (idle timeout) just as this trial came: start a new one.
+                registry_errors += 1
+                if registry_errors > 5:
+                    raise
+                time.sleep(0.5)
+                registry = get_registry(self._spec_bytes, self._experiment, self._options)
+                continue
             if got is not None:
                 break
             if not warned and time.monotonic() - waited > self._options.get("oversubscribe_warn_s", 5.0):
@@ -62,14 +72,27 @@ class SlotTrialProxy(Trainable):
             time.sleep(0.2)
         self._host_name, self._host = got
         self._lease = ray.put(self.trial_id)  # owned by this process: dies with it, which frees the slot
-        log_dir = os.path.dirname(self.logdir) if self.logdir else None
-        self._slot = ray.get(self._host.attach.remote(self.trial_id, config, [self._lease], log_dir))
+        self._token = uuid.uuid4().hex
+        self._slot = ray.get(
+            self._host.attach.remote(self.trial_id, config, [self._lease], self._experiment_dir(), self._token)
+        )
         self._attached = self.trial_id
+
+    def _experiment_dir(self) -> str | None:
+        """Where the host writes its TensorBoard figures: the experiment directory when it is local.
+
+        ``self.logdir`` is the trial's working directory inside Ray's session
+        staging area (``.../working_dirs/<trial>``), not the experiment directory.
+        """
+        storage = getattr(self, "_storage", None)
+        if storage is not None and getattr(storage.storage_filesystem, "type_name", "") == "local":
+            return storage.experiment_fs_path
+        return os.path.dirname(self.logdir) if self.logdir else None
 
     def _detach(self) -> None:
         if self._host is not None and self._attached is not None:
             try:
-                ray.get(self._host.detach.remote(self._attached))
+                ray.get(self._host.detach.remote(self._attached, self._token))
             except ray.exceptions.RayActorError:
                 pass  # the host is gone, and the slot with it
         self._attached = None

@@ -53,7 +53,7 @@ class HostRegistry:
         self.plan = plan_hosts(options.get("num_hosts"))
         self.hosts: list[tuple[str, Any]] = []
         self.last_busy = time.monotonic()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the idle watch holds it through its decision and shutdown()
         threading.Thread(target=self._idle_watch, daemon=True).start()
 
     def capacity(self) -> int:
@@ -92,7 +92,8 @@ class HostRegistry:
         else:
             opts["scheduling_strategy"] = "DEFAULT"
         handle = ray.remote(SlotHost).options(**opts).remote(
-            self.spec_bytes, name, slots, lease_check_s=self.options.get("lease_check_s", 2.0)
+            self.spec_bytes, name, slots, lease_check_s=self.options.get("lease_check_s", 2.0),
+            stats_every_s=self.options.get("stats_every_s", 5.0),
         )
         ray.get(handle.ping.remote())  # surface a host that cannot start (e.g. its data loader fails)
         self.hosts.append((name, handle))
@@ -118,20 +119,23 @@ class HostRegistry:
         timeout = float(self.options.get("idle_timeout_s", 60.0))
         while True:
             time.sleep(min(1.0, timeout / 4))
+            # Decide and stop under the lock: an assign() that slipped in between a count of
+            # zero used slots and shutdown() would hand out a host that is about to be killed.
             with self._lock:
                 hosts = list(self.hosts)
-            try:
-                used = sum(
-                    self.options["slots_per_host"] - f for f in ray.get([h.free_slots.remote() for _, h in hosts], timeout=10)
-                )
-            except Exception:  # noqa: BLE001 - a host died; treat as busy, recovery is the trials' job
-                used = 1
-            if used:
-                self.last_busy = time.monotonic()
-            elif time.monotonic() - self.last_busy > timeout:
-                logger.info("registry %s idle for %.0fs: stopping its hosts", self.experiment, timeout)
-                self.shutdown()
-                return
+                try:
+                    used = sum(
+                        self.options["slots_per_host"] - f
+                        for f in ray.get([h.free_slots.remote() for _, h in hosts], timeout=10)
+                    )
+                except Exception:  # noqa: BLE001 - a host died; treat as busy, recovery is the trials' job
+                    used = 1
+                if used:
+                    self.last_busy = time.monotonic()
+                elif time.monotonic() - self.last_busy > timeout:
+                    logger.info("registry %s idle for %.0fs: stopping its hosts", self.experiment, timeout)
+                    self.shutdown()
+                    return
 
 
 def get_registry(spec_bytes: bytes, experiment: str, options: dict) -> Any:

@@ -34,6 +34,8 @@ def batched_trainable(
     host_cpus: float = 1,
     trial_resources: dict | None = None,
     idle_timeout_s: float = 60.0,
+    stats_every_s: float = 5.0,
+    lease_check_s: float = 2.0,
     name: str = "BatchedTrainable",
 ) -> type[SlotTrialProxy]:
     """Build a Tune trainable whose trials are slots of fused stacks on shared hosts.
@@ -61,6 +63,10 @@ def batched_trainable(
         host_cpus: CPUs each host reserves (it does the compute).
         trial_resources: resources of each proxy trial (default ``{"CPU": 0.01}``).
         idle_timeout_s: hosts stop this long after their last trial left.
+        stats_every_s: how often each host writes its own TensorBoard figures
+            (under ``<experiment dir>/slot_hosts/<host>``).
+        lease_check_s: how often a host looks for trials whose process died
+            without detaching, and frees their slots.
     """
     spec = SlotSpec(
         model=model, optimizer=optimizer, hparams=hparams, loss=loss, data=data, metrics=dict(metrics or {}),
@@ -75,6 +81,8 @@ def batched_trainable(
         "host_cpus": host_cpus,
         "trial_resources": trial_resources,
         "idle_timeout_s": float(idle_timeout_s),
+        "stats_every_s": float(stats_every_s),
+        "lease_check_s": float(lease_check_s),
     }
     attrs = {
         "_spec_bytes": cloudpickle.dumps(spec),

@@ -1,0 +1,462 @@
+"""One ASHA sweep, run with ray_modelbatch and as standard Ray Tune trials: wall time, memory, best metric.
+
+The sweep is ``examples/asha_sweep.py``'s (digits, MLP with hidden 32 or 128,
+AdamW with a per-trial warmup-cosine schedule, ASHA on ``val_loss``). Its
+configs are drawn once up front and given to every run in the same order,
+each with its own ``seed``; all runs use the same ASHA settings, ``max_t``,
+steps per iteration, batch size and validation set. The runs:
+
+* ``ray_modelbatch``: ``batched_trainable`` -- every trial is a torch-free proxy
+  process; one slot host (1 CPU) trains the trials as fused stacks.
+  ``reuse_actors=True``, as in the example.
+* ``standard``: a plain class ``tune.Trainable`` that trains the same model with
+  ``torch.optim.AdamW`` and ``LambdaLR`` (same factor as
+  ``ray_modelbatch.optim.schedules.warmup_cosine``), seeded with
+  ``config["seed"]`` exactly as the slot host seeds a slot (``torch.manual_seed``
+  then build the model) and fed by ``ray_modelbatch.data.SlotSampler(all train
+  rows, batch_size, config["seed"])``, the stream a slot gets. One process
+  per trial (``reuse_actors=False``, Tune's default), ``--baseline-cpus`` CPUs each.
+* ``standard+reuse`` (leave out with ``--runs ray_modelbatch,standard``): the same
+  trainable with ``reuse_actors=True`` (``reset_config`` rebuilds model, optimizer
+  and stream), the strongest standard setup: a finished trial's process takes
+  the next trial, so a few processes run all trials.
+
+Each run gets a fresh local Ray (``num_cpus = os.cpu_count()``); the wall time
+is ``Tuner.fit()`` (the ray_modelbatch run's includes starting its host).
+While a run goes, a sampler reads the USS of this driver's ``ray::`` worker
+processes (``/proc/<pid>/smaps_rollup`` Private_* lines, or psutil) twice a
+second; trial processes are the ``pid``s Tune records in their results.
+Because seeds and batches match, a trial gives the same validation loss in
+both runs up to float rounding: the table shows the largest difference at the
+grace period, which every trial reaches. (ASHA is asynchronous, so which
+trials go further may differ between runs.)
+
+    python benchmarks/tune_sweep.py            # 64 trials, 16 slots, max_t 20 (x10 steps)
+    python benchmarks/tune_sweep.py --quick    # 16 trials, 8 slots, max_t 6
+
+Writes the markdown it prints to ``benchmarks/tune_sweep_latest.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cloudpickle
+import ray
+import ray.cloudpickle
+import torch
+import torch.nn.functional as F
+from ray import tune
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+import asha_sweep as sweep  # noqa: E402
+
+# The example module is not importable in Ray's workers: ship its functions by value.
+for _pickler in (cloudpickle, ray.cloudpickle):
+    _pickler.register_pickle_by_value(sweep)
+
+from ray_modelbatch.data import SlotSampler  # noqa: E402
+
+TARGET_SPEEDUP = 5.0
+
+
+# ------------------------------------------------------------ standard trainable
+def warmup_cosine_factor(t: int, total: float, warmup: float, min_ratio: float) -> float:
+    """``schedules.warmup_cosine``'s factor at step ``t``, in plain Python (for LambdaLR)."""
+    if t < warmup:
+        return (t + 1.0) / max(warmup, 1.0)
+    progress = min(max((t - warmup) / max(total - warmup, 1.0), 0.0), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StandardTrainable(tune.Trainable):
+    """One trial, one process, one plain model: what a Ray Tune user writes without ray_modelbatch."""
+
+    def setup(self, config: dict) -> None:
+        torch.set_num_threads(1)  # as the slot host (1 CPU): tiny ops, more threads only cost
+        self.x, self.y, self.xv, self.yv = sweep.load_digits_split()
+        self._build(config)
+
+    def _build(self, config: dict) -> None:
+        torch.manual_seed(int(config["seed"]))  # as SlotHost._attach: seed, then build the model
+        self.model = sweep.make_model(config)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config["lr"], weight_decay=config["wd"])
+        total, warmup = float(config["total_steps"]), float(config["warmup_steps"])
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda t: warmup_cosine_factor(t, total, warmup, sweep.MIN_LR_RATIO))
+        self.sampler = SlotSampler(torch.arange(self.x.shape[0]), sweep.BATCH_SIZE, int(config["seed"]))
+        self.steps = 0
+
+    def reset_config(self, new_config: dict) -> bool:
+        self._build(new_config)
+        return True
+
+    def step(self) -> dict:
+        self.model.train()
+        loss_sum = grad_sum = 0.0
+        for _ in range(sweep.STEPS_PER_REPORT):
+            b = next(self.sampler)
+            self.opt.zero_grad()
+            loss = F.cross_entropy(self.model(self.x[b]), self.y[b])
+            loss.backward()
+            grad_sum += float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")))
+            self.opt.step()
+            self.sched.step()
+            loss_sum += loss.item()
+            self.steps += 1
+        self.model.eval()
+        with torch.no_grad():
+            out = self.model(self.xv)
+            val_loss = float(F.cross_entropy(out, self.yv))
+            val_acc = float((out.argmax(-1) == self.yv).float().mean())
+        return {"train_loss": loss_sum / sweep.STEPS_PER_REPORT, "grad_norm": grad_sum / sweep.STEPS_PER_REPORT,
+                "lr": self.sched.get_last_lr()[0], "slot_steps": self.steps, "val_loss": val_loss, "val_acc": val_acc}
+
+    def save_checkpoint(self, checkpoint_dir: str) -> str:
+        torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                    "sampler": self.sampler.state_dict(), "steps": self.steps},
+                   os.path.join(checkpoint_dir, "state.pt"))
+        return checkpoint_dir
+
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        s = torch.load(os.path.join(checkpoint_dir, "state.pt"), weights_only=False)
+        self.model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["opt"])
+        self.sched.load_state_dict(s["sched"])
+        self.sampler.load_state_dict(s["sampler"])
+        self.steps = s["steps"]
+
+
+# -------------------------------------------------------------- memory sampling
+def uss_bytes(pid: int) -> int | None:
+    """Unique set size of a process: psutil if installed, else the Private_* lines of smaps_rollup."""
+    try:
+        import psutil
+
+        return int(psutil.Process(pid).memory_full_info().uss)
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - the process is gone
+        return None
+    try:
+        total = 0
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Private_"):
+                    total += int(line.split()[1]) * 1024
+        return total
+    except OSError:
+        return None
+
+
+AGENTS = {"DashboardAgent", "RuntimeEnvAgent"}  # Ray's per-node agents, not workers
+
+
+def ray_processes(root: int | None = None) -> dict[int, str]:
+    """``{pid: name}`` of the Ray worker processes under ``root`` (default: this process).
+
+    Named by their title (``ray::StandardTrainable.train`` -> ``StandardTrainable``,
+    ``ray::IDLE`` -> ``IDLE``). Only descendants count: other people's Ray
+    sessions on the same machine run processes with the same names.
+    """
+    root = os.getpid() if root is None else root
+    parent, title = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title[int(entry)] = f.read().split(b"\0")[0].decode(errors="replace").strip()
+        except (OSError, IndexError, ValueError):
+            continue
+    out = {}
+    for pid, t in title.items():
+        if not t.startswith("ray::"):
+            continue
+        p, hops = parent.get(pid), 0
+        while p not in (None, 0, 1, root) and hops < 32:
+            p, hops = parent.get(p), hops + 1
+        name = t[5:].split(".")[0].split(" ")[0].split("(")[0]
+        if p == root and name not in AGENTS:
+            out[pid] = name
+    return out
+
+
+class MemorySampler:
+    """Samples the USS of this driver's Ray worker processes in a thread while a run goes."""
+
+    def __init__(self, ignore: set[int], every_s: float = 0.5):
+        self.every_s = every_s
+        self.ignore = ignore  # pids of an earlier run, still exiting
+        self.per_pid: dict[int, tuple[str, int]] = {}  # pid -> (name, max USS)
+        self.peak_workers = 0  # max over samples of the summed USS of all worker processes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for pid, name in ray_processes().items():
+                uss = None if pid in self.ignore else uss_bytes(pid)
+                if uss is None:
+                    continue
+                self.per_pid[pid] = (name, max(uss, self.per_pid.get(pid, (name, 0))[1]))
+                total += uss
+            self.peak_workers = max(self.peak_workers, total)
+            self._stop.wait(self.every_s)
+
+    def median_mb(self, pids: set[int] | None = None, name: str | None = None) -> float:
+        """Median over the given processes (by pid, or by title) of each one's peak USS, in MB."""
+        peaks = [uss for pid, (n, uss) in self.per_pid.items() if (pids is None or pid in pids)
+                 and (name is None or n == name)]
+        return statistics.median(peaks) / 2**20 if peaks else float("nan")
+
+
+# --------------------------------------------------------------------- one run
+def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage: str) -> dict:
+    earlier = set(ray_processes())
+    ray.init(num_cpus=args.num_cpus or os.cpu_count() or 2, include_dashboard=False, logging_level="WARNING")
+    try:
+        if kind == "ray_modelbatch":
+            trainable = sweep.make_trainable(args.slots)
+            reuse = True
+        else:
+            trainable = tune.with_resources(StandardTrainable, {"cpu": args.baseline_cpus})
+            reuse = kind == "standard+reuse"
+        tuner = tune.Tuner(
+            trainable,
+            param_space=sweep.search_space(args.max_t),
+            tune_config=tune.TuneConfig(
+                metric="val_loss",
+                mode="min",
+                num_samples=len(configs),
+                search_alg=BasicVariantGenerator(points_to_evaluate=[dict(c) for c in configs],
+                                                 max_concurrent=args.slots),
+                scheduler=sweep.asha(args.max_t, args.grace, args.reduction),
+                reuse_actors=reuse,
+            ),
+            run_config=tune.RunConfig(name=kind.replace("+", "_"), storage_path=storage, verbose=0),
+        )
+        hosts: list[dict] = []
+        with MemorySampler(ignore=earlier) as mem:
+            t0 = time.monotonic()
+            try:
+                results = tuner.fit()
+                wall = time.monotonic() - t0
+                if kind == "ray_modelbatch":
+                    hosts = trainable.host_stats()
+            finally:
+                if kind == "ray_modelbatch":
+                    trainable.shutdown_hosts()
+    finally:
+        ray.shutdown()
+        wait_for_ray_exit()
+
+    rows: list[dict] = []
+    for r in results:
+        df = r.metrics_dataframe
+        if df is None or not len(df):
+            continue
+        rows.append({"seed": int(r.config["seed"]), "df": df, "pids": set(df["pid"].tolist())})
+    trial_pids = set().union(*(row["pids"] for row in rows))  # Tune's `pid` in each result
+    best = min(((row["df"]["val_loss"].min(), row) for row in rows), key=lambda p: p[0])
+    best_df = best[1]["df"]
+    at = best_df.loc[best_df["val_loss"].idxmin()]
+    return {
+        "kind": kind, "reuse_actors": reuse, "wall_s": wall, "trials": len(results),
+        "errors": sum(r.error is not None for r in results), "rows": rows,
+        "iterations": sum(len(row["df"]) for row in rows),
+        "best_val_loss": float(at["val_loss"]), "best_val_acc_at": float(at["val_acc"]),
+        "best_val_acc": max(float(row["df"]["val_acc"].max()) for row in rows),
+        "best_seed": best[1]["seed"],
+        "processes": len(trial_pids),
+        "trial_mb": mem.median_mb(pids=trial_pids),
+        "host_mb": mem.median_mb(name="SlotHost"),
+        "workers_mb": mem.peak_workers / 2**20,
+        "seen": {n: sum(1 for m, _ in mem.per_pid.values() if m == n) for n, _ in mem.per_pid.values()},
+        "hosts": hosts,
+    }
+
+
+def wait_for_ray_exit(timeout_s: float = 30.0) -> None:
+    """Wait until the run's Ray processes are gone, so the next run starts on a quiet machine."""
+    deadline = time.monotonic() + timeout_s
+    while ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def grace_agreement(a: dict, b: dict, grace: int) -> tuple[float, int, int]:
+    """Largest |val_loss difference| at iteration ``grace`` over trials matched by seed; equal val_acc count."""
+    at_a = {r["seed"]: r["df"] for r in a["rows"]}
+    worst, same_acc, n = 0.0, 0, 0
+    for r in b["rows"]:
+        da = at_a.get(r["seed"])
+        if da is None:
+            continue
+        ra, rb = da[da["training_iteration"] == grace], r["df"][r["df"]["training_iteration"] == grace]
+        if not len(ra) or not len(rb):
+            continue
+        n += 1
+        worst = max(worst, abs(float(ra["val_loss"].iloc[0]) - float(rb["val_loss"].iloc[0])))
+        same_acc += float(ra["val_acc"].iloc[0]) == float(rb["val_acc"].iloc[0])
+    return worst, same_acc, n
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=None, help="trials (default 64; 16 with --quick)")
+    p.add_argument("--slots", type=int, default=None, help="slots of the host and max concurrent trials (default 16; 8 with --quick)")
+    p.add_argument("--max-t", type=int, default=None,
+                   help=f"ASHA max_t in iterations of {sweep.STEPS_PER_REPORT} steps (default 20; 6 with --quick)")
+    p.add_argument("--grace", type=int, default=2, help="ASHA grace period (iterations)")
+    p.add_argument("--reduction", type=int, default=3, help="ASHA reduction factor")
+    p.add_argument("--quick", action="store_true", help="a small sweep that checks the benchmark runs")
+    p.add_argument("--baseline-cpus", type=float, default=0.5,
+                   help="CPUs of each standard trial (0.5 on 2 CPUs: 4 trials at once)")
+    p.add_argument("--runs", default="ray_modelbatch,standard,standard+reuse",
+                   help="comma-separated runs, in order (ray_modelbatch and standard are needed for the target)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the config draw")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of each local Ray (default: os.cpu_count())")
+    p.add_argument("--storage", default=None, help="Tune storage_path (default: a temporary directory)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "tune_sweep_latest.md"))
+    args = p.parse_args()
+    args.trials = args.trials or (16 if args.quick else 64)
+    args.slots = args.slots or (8 if args.quick else 16)
+    args.max_t = args.max_t or (6 if args.quick else 20)
+
+    t_start = time.monotonic()
+    configs = sweep.sample_configs(sweep.search_space(args.max_t), args.trials, args.seed)
+    kinds = args.runs.split(",")
+    unknown = set(kinds) - {"ray_modelbatch", "standard", "standard+reuse"}
+    if unknown:
+        raise SystemExit(f"unknown runs {sorted(unknown)}; choose from ray_modelbatch, standard, standard+reuse")
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="tune_sweep_") as tmp:
+        storage = os.path.abspath(args.storage) if args.storage else tmp
+        for kind in kinds:
+            print(f"running {kind} ...", flush=True)
+            runs[kind] = run_sweep(kind, args, configs, storage)
+            print(f"  {kind}: {runs[kind]['wall_s']:.1f}s", flush=True)
+
+    cmd = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    lines = [
+        "# Ray Tune ASHA sweep: ray_modelbatch vs. standard trials",
+        "",
+        f"- command: `{cmd}`",
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores (shared with other jobs: timings are noisy; "
+        f"load average {os.getloadavg()[0]:.1f} at the end); Ray local cluster with "
+        f"{args.num_cpus or os.cpu_count()} CPUs, fresh per run",
+        f"- torch {torch.__version__}, ray {ray.__version__}, Python {platform.python_version()}",
+        f"- sweep: {args.trials} trials (configs drawn up front, seed {args.seed}; same order and per-trial `seed` "
+        f"in every run), digits MLP 64-{{{','.join(map(str, sweep.HIDDEN))}}}-10, AdamW + warmup-cosine, "
+        f"batch {sweep.BATCH_SIZE}, {sweep.STEPS_PER_REPORT} steps per iteration, ASHA max_t {args.max_t}, "
+        f"grace {args.grace}, reduction {args.reduction}, at most {args.slots} live trials",
+        f"- ray_modelbatch: 1 slot host (1 CPU, {args.slots} slots), proxy trials 0.01 CPU each, reuse_actors=True",
+        f"- standard: class Trainable, {{'cpu': {args.baseline_cpus}}} per trial "
+        f"(up to {int((args.num_cpus or os.cpu_count() or 2) / args.baseline_cpus)} trials at once), "
+        "torch.optim.AdamW + LambdaLR, 1 torch thread; `standard` = reuse_actors=False (one process per trial), "
+        "`standard+reuse` = reuse_actors=True",
+        "- wall = `Tuner.fit()`; trial processes = distinct `pid`s in the trials' results; USS from "
+        "/proc/<pid>/smaps_rollup (Private_* lines) of this driver's `ray::` worker processes, sampled every 0.5 s: "
+        "per trial process the median of each one's peak; all workers = peak of the sum over every worker "
+        "(trial processes, idle workers, host, registry)",
+        "",
+        "| run | reuse_actors | wall s | trials/hour | iterations | errors | best val_loss (val_acc there) "
+        "| best val_acc | trial processes | USS MB per trial process | host USS MB | all Ray workers' USS MB (peak) "
+        "| host busy |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for kind, r in runs.items():
+        busy = ", ".join(f"{h['busy_fraction']:.0%} of {h['wall_s']:.0f}s" for h in r["hosts"]) or "-"
+        host_mem = "-" if math.isnan(r["host_mb"]) else f"{r['host_mb']:.0f}"
+        lines.append(
+            f"| {kind} | {r['reuse_actors']} | {r['wall_s']:.1f} | {r['trials'] / r['wall_s'] * 3600:,.0f} | "
+            f"{r['iterations']} | {r['errors']} | {r['best_val_loss']:.4f} ({r['best_val_acc_at']:.4f}) | "
+            f"{r['best_val_acc']:.4f} | {r['processes']} | {r['trial_mb']:.0f} | {host_mem} | {r['workers_mb']:.0f} | "
+            f"{busy} |")
+    lines.append("")
+    for kind, r in runs.items():
+        seen = ", ".join(f"{n} x{c}" for n, c in sorted(r["seen"].items()))
+        lines.append(f"- `{kind}`: worker processes seen by the memory sampler: {seen or 'none'}")
+    trial_no = {int(c["seed"]): f"{i:05d}" for i, c in enumerate(configs)}
+    mb = runs.get("ray_modelbatch")
+    for kind, r in runs.items():
+        if mb is None or r is mb:
+            continue
+        worst, same, n = grace_agreement(mb, r, args.grace)
+        lines.append(f"- same training, `{kind}` vs `ray_modelbatch`: at iteration {args.grace} (every trial), max "
+                     f"|val_loss difference| over {n} matched trials = {worst:.2e}; val_acc identical in {same}/{n}")
+        lines.append(f"- wall-time ratio `{kind}` / `ray_modelbatch` = {r['wall_s'] / mb['wall_s']:.2f}x; "
+                     f"trial processes {r['processes']} vs {mb['processes']}")
+        for a_run, b_run in ((r, mb), (mb, r)):
+            if a_run["best_seed"] == b_run["best_seed"]:
+                continue
+            seed = a_run["best_seed"]
+            da = next(row["df"] for row in a_run["rows"] if row["seed"] == seed)
+            db = next((row["df"] for row in b_run["rows"] if row["seed"] == seed), None)
+            if db is None:
+                continue
+            common = int(min(da["training_iteration"].max(), db["training_iteration"].max()))
+            va = float(da.loc[da["training_iteration"] <= common, "val_loss"].min())
+            vb = float(db.loc[db["training_iteration"] <= common, "val_loss"].min())
+            lines.append(f"- best trial of `{a_run['kind']}` is {trial_no[seed]}: ASHA ran it "
+                         f"{int(da['training_iteration'].max())} iterations there and "
+                         f"{int(db['training_iteration'].max())} in `{b_run['kind']}` (asynchronous ASHA: "
+                         f"promotions depend on the order results arrive); its best val_loss in the first "
+                         f"{common} iterations was {va:.4f} vs {vb:.4f}")
+    std = runs.get("standard")
+    lines.append("")
+    if mb is not None and std is not None:
+        ratio = std["wall_s"] / mb["wall_s"]
+        tol = max(0.01, 0.05 * std["best_val_loss"])
+        fast = ratio >= TARGET_SPEEDUP
+        same_metric = abs(mb["best_val_loss"] - std["best_val_loss"]) <= tol
+        lines += [
+            f"Target: >= {TARGET_SPEEDUP:.0f}x lower wall time than `standard` at the same best val_loss:",
+            f"- wall time: {ratio:.2f}x -> {'met' if fast else 'not met'}",
+            f"- best val_loss {mb['best_val_loss']:.4f} vs {std['best_val_loss']:.4f} (tolerance {tol:.3f}) -> "
+            f"{'met' if same_metric else 'not met'}; best val_acc {mb['best_val_acc']:.4f} vs {std['best_val_acc']:.4f}",
+            f"- overall: {'MET' if fast and same_metric and not mb['errors'] else 'NOT MET'}",
+        ]
+    lines += ["", f"Run time: {time.monotonic() - t_start:.0f} s"]
+    text = "\n".join(lines) + "\n"
+    print()
+    print(text)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""Tune layer lifecycle with real Ray: slots, checkpoints, reporting, bad input, a torch-free proxy.
+
+The slot host records every attach and detach (``T.host_stats()[i]["events"]``
+with the reason of each detach), which is what these tests read to see when a
+trial got and lost its slot.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.fs
+import pytest
+import ray
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+import tune_helpers as h
+
+K = 5  # fused steps per Tune iteration
+ENDED, DIED = "the trial ended", "its process died"
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def trainables(ray_session):
+    made = []
+
+    def make(**kw):
+        kw.setdefault("steps_per_report", K)
+        kw.setdefault("idle_timeout_s", 10.0)
+        T = h.make_trainable(**kw)
+        made.append(T)
+        return T
+
+    try:
+        yield make
+    finally:
+        for T in made:
+            T.shutdown_hosts()
+
+
+def by_trial(events):
+    out: dict[str, list[dict]] = {}
+    for e in events:
+        out.setdefault(e["trial"], []).append(e)
+    return out
+
+
+class EndTimes(tune.Callback):
+    """When Tune decided each trial was over (complete or error), and how."""
+
+    def __init__(self):
+        self.ended: dict[str, tuple[float, str]] = {}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = (time.time(), "complete")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = (time.time(), "error")
+
+
+class KillAt(tune.Callback):
+    """SIGKILLs the process of the trial with ``lr == target`` at its ``at``-th result."""
+
+    def __init__(self, target, at):
+        self.target, self.at, self.killed = target, at, None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.killed is None and trial.config["lr"] == self.target and result["training_iteration"] == self.at:
+            self.killed = trial.trial_id
+            os.kill(result["pid"], signal.SIGKILL)
+
+
+class MaskWatch(tune.Callback):
+    """At every result: every stack computes exactly its owned slots (a freed slot is masked)."""
+
+    def __init__(self, T):
+        self.T, self.bad, self.max_held = T, [], 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        for s in self.T.host_stats():
+            self.max_held = max(self.max_held, s["attached"] + s["reserved"])
+            for key, st in s["stacks"].items():
+                if st["active"] != st["used"]:
+                    self.bad.append((key, st))
+
+
+# ------------------------------------------------------------------------------- slot lifecycle
+
+
+def test_slot_freed_at_once_when_trial_stops_finishes_errors_or_dies(trainables, tmp_path):
+    """ASHA stops some trials, some finish, one errors inside its step, one's process is killed.
+
+    The first three free their slot through ``cleanup()`` right when Tune ends them (the lease check
+    runs every second, but the detach reason tells the two apart); the killed one is freed by the
+    host's lease check. Later trials take the freed slots over.
+    """
+    T = trainables(slots_per_host=3, lease_check_s=1.0)
+    lrs = [0.05, 0.03, 0.02, 0.04, 1e-5, 2e-5, 0.011]
+    space = {"lr": tune.grid_search(lrs), "fail_after": tune.sample_from(lambda c: 9 if c["lr"] == 0.04 else 0)}
+    ends, kill, masks = EndTimes(), KillAt(target=0.03, at=1), MaskWatch(T)
+    grid, log = h.fit(T, space, tmp_path, scheduler=ASHAScheduler(max_t=4, grace_period=1, reduction_factor=2),
+                      run_kw={"stop": {"training_iteration": 4}, "callbacks": [ends, kill, masks]})
+    assert len(grid) == len(lrs)
+    status = {r.config["lr"]: ("error" if r.error else "ok") for r in grid}
+    errs = {r.config["lr"]: str(r.error) for r in grid if r.error}
+    assert set(errs) == {0.04, 0.03}, errs
+    assert "planned failure" in errs[0.04]
+    iters = {r.config["lr"]: r.metrics.get("training_iteration", 0) for r in grid}
+    assert any(iters[lr] < 4 and status[lr] == "ok" for lr in lrs), iters  # ASHA stopped some early
+    assert any(iters[lr] == 4 for lr in lrs), iters
+
+    stats = T.host_stats()
+    assert sum(s["attached"] + s["reserved"] for s in stats) == 0
+    assert all(st["used"] == 0 and st["active"] == 0 for s in stats for st in s["stacks"].values())
+    assert masks.bad == [] and 0 < masks.max_held <= 3
+    events = [e for s in stats for e in s["events"]]
+    tid = {r.config["lr"]: r.metrics["trial_id"] for r in grid}
+    per = by_trial(events)
+    for lr in lrs:
+        evs = per[tid[lr]]
+        assert [e["event"] for e in evs] == ["attach", "detach"], evs
+        detach = evs[1]
+        if lr == 0.03:
+            assert detach["why"] == DIED, detach  # freed by the host's lease check
+        else:
+            assert detach["why"] == ENDED, detach  # cleanup() detached it...
+            assert detach["t"] - ends.ended[tid[lr]][0] < 3.0  # ...right when Tune ended the trial
+    assert sum(s["freed_by_lease"] for s in stats) == 1
+    # Slots were handed over: 7 trials went through the 3 slots of the main stack.
+    assert {e["slot"] for e in events if e["event"] == "attach"} <= {0, 1, 2}
+    slot_users: dict[tuple, list] = {}
+    for e in sorted(events, key=lambda e: e["t"]):
+        users = slot_users.setdefault((e["stack"], e["slot"]), [])
+        if e["event"] == "attach":
+            assert not users or users[-1][1] == "detach", "a slot was handed out while still owned"
+        users.append((e["trial"], e["event"]))
+    assert max(sum(1 for _, ev in u if ev == "attach") for u in slot_users.values()) >= 2
+
+
+def test_reuse_actors_reset_config_hands_the_slot_to_the_next_trial(trainables, tmp_path):
+    T = trainables(slots_per_host=2)
+    masks = MaskWatch(T)
+    grid, log = h.fit(T, {"lr": tune.grid_search([0.05, 0.03, 0.02, 0.01, 0.005])}, tmp_path,
+                      scheduler=FIFOScheduler(), reuse_actors=True,
+                      run_kw={"stop": {"training_iteration": 2}, "callbacks": [masks]})
+    assert len(grid) == 5 and h.errors(grid) == []
+    pids: dict[int, list[str]] = {}
+    for r in grid:
+        rows = log.rows(r)
+        # a trial on a reused actor starts from its own fresh slot, not the previous trial's state
+        assert [x["slot_steps"] for x in rows] == [K, 2 * K]
+        assert all(x["lr"] == pytest.approx(r.config["lr"]) for x in rows)
+        pids.setdefault(rows[0]["pid"], []).append(r.metrics["trial_id"])
+    assert max(len(v) for v in pids.values()) >= 2, pids  # Tune did reuse actors (reset_config)
+    stats = T.host_stats()
+    assert sum(s["attached"] + s["reserved"] for s in stats) == 0 and sum(s["refused"] for s in stats) == 0
+    assert masks.bad == [] and masks.max_held <= 2
+    events = sorted((e for s in stats for e in s["events"]), key=lambda e: e["t"])
+    per = by_trial(events)
+    for trials in pids.values():
+        for tid in trials:
+            assert [e["event"] for e in per[tid]] == ["attach", "detach"]
+            assert per[tid][1]["why"] == ENDED
+        # on one reused actor: the previous trial is detached before the next attaches
+        for prev, nxt in zip(trials, trials[1:]):
+            assert per[prev][1]["t"] <= per[nxt][0]["t"]
+    assert {e["slot"] for e in events if e["event"] == "attach"} == {0, 1}
+
+
+def test_host_ignores_a_stale_detach_of_a_reattached_trial(ray_session):
+    """A reused proxy that detaches its old trial after that trial re-attached elsewhere (another
+    proxy) must not free the new attachment."""
+    from ray_modelbatch.tune.host import SlotHost
+
+    T = h.make_trainable(steps_per_report=K)
+    host = ray.remote(SlotHost).options(max_concurrency=8, num_cpus=0).remote(T._spec_bytes, "stale-host", 2)
+    lease = ray.put("lease")
+    try:
+        ray.get(host.attach.remote("t1", {"lr": 0.01}, [lease], None, "old"))
+        ray.get(host.attach.remote("t1", {"lr": 0.01}, [lease], None, "new"))
+        ray.get(host.detach.remote("t1", "old"))
+        assert ray.get(host.stats.remote())["trials"] == {"t1": 0}
+        assert ray.get(host.train.remote("t1", 2))["slot_steps"] == 2
+        ray.get(host.detach.remote("t1", "new"))
+        assert ray.get(host.stats.remote())["trials"] == {}
+    finally:
+        ray.get(host.shutdown.remote())
+        ray.kill(host)
+
+
+def test_dead_proxy_slot_is_freed_by_the_lease_and_reused(trainables):
+    T = trainables(slots_per_host=2, lease_check_s=0.5)
+    P = h.probe_class(T)
+    made = []
+
+    def proxy(name, lr):
+        a = ray.remote(P).options(num_cpus=0.01).remote(config={"probe_id": name, "lr": lr})
+        made.append(a)
+        return a
+
+    try:
+        p1, p2 = proxy("p1", 0.05), proxy("p2", 0.02)
+        r1, r2 = ray.get([p1.train.remote(), p2.train.remote()])
+        [stats] = T.host_stats()
+        assert stats["attached"] == 2 and stats["trials"] == {"p1": r1["slot"], "p2": r2["slot"]}
+        info = ray.get(p1.where.remote())
+        os.kill(info["pid"], signal.SIGKILL)  # the trial process dies without cleanup()
+        assert h.wait_until(lambda: T.host_stats()[0]["attached"] == 1, timeout=15)
+        [stats] = T.host_stats()
+        assert stats["trials"] == {"p2": r2["slot"]} and stats["freed_by_lease"] == 1
+        assert [e["why"] for e in stats["events"] if e["event"] == "detach"] == [DIED]
+        assert ray.get(p2.train.remote())["slot_steps"] == 2 * K  # the other trial never noticed
+        p3 = proxy("p3", 0.01)
+        r3 = ray.get(p3.train.remote())
+        assert r3["slot"] == r1["slot"] and r3["slot_steps"] == K  # took the freed slot, fresh
+        ray.get([p2.stop.remote(), p3.stop.remote()])  # Trainable.stop() -> cleanup() -> detach
+        assert T.host_stats()[0]["attached"] == 0
+    finally:
+        for a in made:
+            try:
+                shutil.rmtree(ray.get(a.where.remote(), timeout=5)["logdir"], ignore_errors=True)
+            except Exception:  # noqa: BLE001 - dead or stopped already
+                pass
+            ray.kill(a)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_restores_into_another_slot_host_and_experiment(trainables, tmp_path):
+    """Tune persists through a pyarrow filesystem; a checkpoint loads into a fresh trial elsewhere."""
+    T = trainables(slots_per_host=2)
+    storage = tmp_path / "pa_store"
+    tuner = tune.Tuner(
+        T, param_space={"lr": tune.grid_search([0.05, 0.02])},
+        tune_config=h.tune_config(T),
+        run_config=tune.RunConfig(name="pa", storage_path=str(storage), verbose=0,
+                                  storage_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  stop={"training_iteration": 3}),
+    )
+    grid = tuner.fit()
+    assert len(grid) == 2 and h.errors(grid) == []
+    src = grid[0]
+    ckpt = src.checkpoint
+    assert isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem)
+    assert ckpt.path.startswith(str(storage)) and os.path.exists(os.path.join(ckpt.path, "slot_state.pt"))
+    saved = h.load_slot_state(ckpt.path)
+    assert saved["optimizer"]["steps"] == 3 * K
+
+    T2 = trainables(slots_per_host=2)  # another experiment: its own registry and host
+    P = h.probe_class(T2)
+    made = []
+    try:
+        if src.metrics["slot"] == 0:  # make the restored trial land in another slot than it had
+            made.append(ray.remote(P).options(num_cpus=0.01).remote(config={"probe_id": "filler", "lr": 0.01}))
+            ray.get(made[-1].where.remote())
+        made.append(ray.remote(P).options(num_cpus=0.01).remote(config={"probe_id": "restored", "lr": 0.003}))
+        p = made[-1]
+        assert ray.get(p.where.remote())["slot"]["slot"] != src.metrics["slot"]
+        ray.get(p.restore.remote(ckpt))
+        [stats] = T2.host_stats()
+        assert stats["host"] != src.metrics["host"]
+        host = ray.get_actor(stats["host"])
+        now = torch.load(io.BytesIO(ray.get(host.save.remote("restored"))), weights_only=False)
+        for k, v in saved["model"].items():
+            assert torch.equal(now["model"][k], v), k
+        for dt, st in saved["optimizer"]["state"].items():
+            for name, v in st.items():
+                assert torch.equal(now["optimizer"]["state"][dt][name], v), name
+        assert now["optimizer"]["steps"] == 3 * K
+        assert now["optimizer"]["hparams"]["lr"] == pytest.approx(0.003)  # the new trial's own config
+        res = ray.get(p.train.remote())
+        assert res["slot_steps"] == 4 * K and res["lr"] == pytest.approx(0.003)
+        assert res["val_loss"] < 1.0  # trained weights, not a fresh init (which is at ~2.3)
+    finally:
+        for a in made:
+            try:
+                shutil.rmtree(ray.get(a.where.remote(), timeout=5)["logdir"], ignore_errors=True)
+            except Exception:  # noqa: BLE001
+                pass
+            ray.kill(a)
+
+
+# -------------------------------------------------------------------------------------- reporting
+
+
+def test_results_loggers_and_host_tensorboard(trainables, tmp_path):
+    T = trainables(slots_per_host=2, stats_every_s=0.2)
+    grid, log = h.fit(T, {"lr": tune.grid_search([0.05, 0.02])}, tmp_path, name="rep",
+                      run_kw={"stop": {"training_iteration": 3}})
+    assert len(grid) == 2 and h.errors(grid) == []
+    [stats] = T.host_stats()
+    for r in grid:
+        rows = log.rows(r)
+        assert len(rows) == 3
+        for x in rows:
+            assert x["host"] == stats["host"] and x["slot"] in (0, 1) and x["stack"] in stats["stacks"]
+            assert x["lr"] == pytest.approx(r.config["lr"]) and x["nonfinite_steps"] == 0
+            assert 0 < x["val_loss"] < 3 and 0 <= x["val_acc"] <= 1 and x["grad_norm"] > 0
+        assert rows[0]["val_loss"] != rows[-1]["val_loss"]  # the trial's own metrics, iteration by iteration
+        files = os.listdir(r.path)
+        with open(os.path.join(r.path, "progress.csv")) as f:
+            assert "val_loss" in f.readline().split(",")
+        assert h.read_results(r.path)[-1]["val_loss"] == pytest.approx(rows[-1]["val_loss"])
+        assert any(f.startswith("events.out.tfevents") for f in files)
+        assert "ray/tune/val_loss" in h.tb_tags(r.path)
+    vals = {r.metrics["trial_id"]: r.metrics["val_loss"] for r in grid}
+    assert len(set(vals.values())) == 2  # each trial reports its own slot's metrics
+
+    host_dir = tmp_path / "rep" / "slot_hosts" / stats["host"].replace(":", "_")
+    assert host_dir.is_dir(), os.listdir(tmp_path / "rep")
+    tags = h.tb_tags(str(host_dir))
+    for tag in ("host/active_slots", "host/fused_steps_per_s", "host/wait_fraction", "host/busy_fraction",
+                "host/rss_mb"):
+        assert tag in tags, sorted(tags)
+    assert max(tags["host/fused_steps_per_s"]) > 0
+    assert all(0 <= v <= 1.0001 for v in tags["host/busy_fraction"])
+
+
+# -------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_configs_fail_or_isolate_only_their_own_trial(trainables, tmp_path):
+    """Another shape: another stack, trains fine. Unfusable: its own trial errors with the FusionError
+    message. A huge lr: NaN steps in that trial only."""
+    T = trainables(slots_per_host=4, optimizer="sgd")
+    cases = {
+        "base": {"lr": 0.1},
+        "wide": {"lr": 0.1, "hidden": 48},
+        "item": {"lr": 0.1, "unfusable": True},
+        "nan": {"lr": 1e12},
+    }
+    space = {"case": tune.grid_search(list(cases))}
+    for key in ("lr", "hidden", "unfusable"):
+        space[key] = tune.sample_from(lambda c, key=key: cases[c["case"]].get(key, {"hidden": 32}.get(key)))
+    grid, log = h.fit(T, space, tmp_path, scheduler=FIFOScheduler(),
+                      run_kw={"stop": {"training_iteration": 3}})
+    # (an errored trial without results has no ``config`` on its Result: use its directory name)
+    res = {next(c for c in cases if f"case={c}_" in os.path.basename(r.path)): r for r in grid}
+    assert set(res) == set(cases)
+    err = str(res["item"].error)
+    assert res["item"].error is not None and "FusionError" in err
+    assert "Cannot fuse the model's own forward" in err and ".item()" in err
+    for case in ("base", "wide", "nan"):
+        assert res[case].error is None, (case, res[case].error)
+        assert res[case].metrics["training_iteration"] == 3
+    assert res["wide"].metrics["stack"] != res["base"].metrics["stack"]
+    for case in ("base", "wide"):
+        rows = log.rows(res[case])
+        assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+        assert all(x["nonfinite_steps"] == 0 for x in rows) and rows[-1]["nonfinite_steps_total"] == 0
+    nan_rows = log.rows(res["nan"])
+    assert any(x["nonfinite_steps"] > 0 for x in nan_rows)
+    assert nan_rows[-1]["nonfinite_steps_total"] == sum(x["nonfinite_steps"] for x in nan_rows) > 0
+    assert res["nan"].metrics["stack"] == res["base"].metrics["stack"]  # NaN isolated inside a shared stack
+    [stats] = T.host_stats()
+    assert sum(1 for e in stats["events"] if e["event"] == "attach") == 3  # the unfusable one never attached
+    assert stats["attached"] == 0 and stats["reserved"] == 0
+
+
+# ----------------------------------------------------------------------------------- torch-free proxy
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_proxy_and_unpickled_trainable_do_not_import_torch(tmp_path):
+    out = _run("import ray_modelbatch.tune.proxy, sys; assert 'torch' not in sys.modules, 'torch imported'")
+    assert out.returncode == 0, out.stderr
+
+    pkl = tmp_path / "trainable.pkl"
+    made = _run(
+        "import cloudpickle, tune_helpers as h\n"
+        f"open({str(pkl)!r}, 'wb').write(cloudpickle.dumps(h.make_trainable()))\n"
+    )
+    assert made.returncode == 0, made.stderr
+    code = (
+        "import sys, cloudpickle\n"
+        f"T = cloudpickle.loads(open({str(pkl)!r}, 'rb').read())\n"
+        "from ray_modelbatch.tune.proxy import SlotTrialProxy\n"
+        "assert issubclass(T, SlotTrialProxy) and T._spec_bytes, T\n"
+        "assert T.default_resource_request({}).required_resources == {'CPU': 0.01}\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'sklearn')))\n"
+        "assert not bad, bad[:5]\n"
+        "print('ok')\n"
+    )
+    # run from a directory where tune_helpers is not importable: the factories travel by value
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
