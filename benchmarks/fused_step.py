@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -194,6 +195,14 @@ class Probe:
         return v
 
 
+def wait_quiet(probe: Probe, max_wait: float) -> float:
+    """Wait (up to ``max_wait`` s) until the probe reads >= QUIET x its best; returns the seconds waited."""
+    t0 = time.perf_counter()
+    while probe() < QUIET * probe.best and time.perf_counter() - t0 < max_wait:
+        time.sleep(1.0)
+    return time.perf_counter() - t0
+
+
 def time_contenders(
     fns: dict[str, Callable[[], None]], device: torch.device, min_time: float, probe: Probe
 ) -> tuple[dict[str, float], float]:
@@ -343,6 +352,18 @@ def machine(device: torch.device) -> str:
     return "\n".join(lines)
 
 
+def code_version() -> str:
+    """Commit of the checkout and whether ray_modelbatch/ differs from it (the code under test changes often)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()  # noqa: E731
+        head = run("rev-parse", "--short", "HEAD")
+        dirty = run("status", "--porcelain", "--", "ray_modelbatch")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return f"{head or 'unknown'}{' + uncommitted changes in ray_modelbatch/' if dirty else ''}"
+
+
 def command() -> str:
     argv0 = sys.argv[0]
     try:
@@ -365,6 +386,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds each timing runs for (default 0.5; --quick 0.2)")
     ap.add_argument("--dense-n", type=int, default=None, help="matmul size for the dense limit (default 2048 cpu, 4096 cuda)")
+    ap.add_argument("--max-wait", type=float, default=60.0,
+                    help="seconds to wait for the machine to be quiet before re-running a config timed while slow")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).with_name("fused_step_latest.md")), help="markdown file to write")
     args = ap.parse_args()
@@ -387,6 +410,7 @@ def main() -> None:
         "# Fused training step benchmark",
         "",
         f"- command: `{command()}`",
+        f"- code: {code_version()}",
         machine(device),
         f"- batch {BATCH}, Adam, one input batch shared by all models; after warm-up (>= 3 steps) fused and loop are "
         f"timed in {BLOCKS} alternating blocks ({SLOW_BLOCKS} when a step takes > {SLOW_STEP_S:g} s) that together run "
@@ -394,7 +418,8 @@ def main() -> None:
         f"- machine-speed guard (shared/throttled machines have phases several times slower): each round of blocks "
         f"is bracketed by a probe ({'512' if device.type == 'cpu' else '2048'}^3 matmul); rounds whose probe reads "
         f"< {QUIET:.0%} of the best probe of the run are discarded and replaced (up to 2x the rounds); configs still "
-        f"below that at the end are re-run once. Column 'speed' = probe during the kept rounds / best probe",
+        f"below that at the end are re-run once (after waiting up to {args.max_wait:g} s for a quiet machine). "
+        f"Column 'speed' = probe during the kept rounds / best probe; '(noisy)' marks rows still below {QUIET:.0%}",
     ]
     print("\n".join(head), flush=True)
 
@@ -421,7 +446,8 @@ def main() -> None:
     rows = [measure(n, s) for n in names for s in slots]
     for i, r in enumerate(rows):  # the best probe may have risen since: re-run configs timed while slow
         if r["speed"] < QUIET * probe.best:
-            again = measure(r["model"], r["s"], "  [re-run: machine was slow]")
+            waited = wait_quiet(probe, args.max_wait)
+            again = measure(r["model"], r["s"], f"  [re-run after waiting {waited:.0f} s: machine was slow]")
             if again["speed"] > r["speed"]:
                 rows[i] = again
 

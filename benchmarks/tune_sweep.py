@@ -57,6 +57,7 @@ import ray.cloudpickle
 import torch
 import torch.nn.functional as F
 from ray import tune
+from ray.tune.execution.placement_groups import PlacementGroupFactory
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +84,12 @@ def warmup_cosine_factor(t: int, total: float, warmup: float, min_ratio: float) 
 
 class StandardTrainable(tune.Trainable):
     """One trial, one process, one plain model: what a Ray Tune user writes without ray_modelbatch."""
+
+    cpus = 0.5  # set from --baseline-cpus
+
+    @classmethod
+    def default_resource_request(cls, config: dict) -> PlacementGroupFactory:
+        return PlacementGroupFactory([{"CPU": cls.cpus}])
 
     def setup(self, config: dict) -> None:
         torch.set_num_threads(1)  # as the slot host (1 CPU): tiny ops, more threads only cost
@@ -243,7 +250,8 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
             trainable = sweep.make_trainable(args.slots)
             reuse = True
         else:
-            trainable = tune.with_resources(StandardTrainable, {"cpu": args.baseline_cpus})
+            StandardTrainable.cpus = args.baseline_cpus
+            trainable = StandardTrainable
             reuse = kind == "standard+reuse"
         tuner = tune.Tuner(
             trainable,

@@ -268,31 +268,33 @@ def main() -> None:
     t_start = time.monotonic()
     started_ray = init_ray(args.num_cpus)
     T = make_trainable(args.slots)
-    configs = sample_configs(search_space(args.max_t), args.trials, args.seed)
-    timeline = SlotTimeline()
-    tuner = tune.Tuner(
-        T,
-        param_space=search_space(args.max_t),
-        tune_config=tune.TuneConfig(
-            metric="val_loss",
-            mode="min",
-            num_samples=args.trials,
-            # An explicit generator ignores TuneConfig(max_concurrent_trials=...) in Ray 2.60:
-            # the slot cap goes to the generator itself.
-            search_alg=BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=T.max_concurrent()),
-            scheduler=asha(args.max_t, args.grace, args.reduction),
-            # A stopped trial's proxy process is handed to the next trial (reset_config moves it to the
-            # freed slot) instead of Tune starting a new process per trial: the refill takes milliseconds.
-            reuse_actors=not args.no_reuse_actors,
-        ),
-        run_config=tune.RunConfig(
-            name=args.name,
-            storage_path=os.path.abspath(args.storage),
-            callbacks=[timeline],
-            verbose=0,
-        ),
-    )
     try:
+        configs = sample_configs(search_space(args.max_t), args.trials, args.seed)
+        timeline = SlotTimeline()
+        tuner = tune.Tuner(
+            T,
+            param_space=search_space(args.max_t),
+            tune_config=tune.TuneConfig(
+                metric="val_loss",
+                mode="min",
+                num_samples=args.trials,
+                # An explicit generator ignores TuneConfig(max_concurrent_trials=...) in Ray 2.60:
+                # the slot cap goes to the generator itself.
+                search_alg=BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=T.max_concurrent()),
+                scheduler=asha(args.max_t, args.grace, args.reduction),
+                # A stopped trial's proxy process is handed to the next trial (reset_config moves it to the
+                # freed slot) instead of Tune starting a new process per trial: the refill takes milliseconds.
+                # (ASHA only stops trials. With pauses, as in PBT, see pbt_sweep.py; the slot-integrity
+                # check below would show a slot reset under a running trial.)
+                reuse_actors=not args.no_reuse_actors,
+            ),
+            run_config=tune.RunConfig(
+                name=args.name,
+                storage_path=os.path.abspath(args.storage),
+                callbacks=[timeline],
+                verbose=0,
+            ),
+        )
         t_fit = time.monotonic()
         results = tuner.fit()
         fit_s = time.monotonic() - t_fit

@@ -73,41 +73,41 @@ def main() -> None:
     t_start = time.monotonic()
     started_ray = init_ray(args.num_cpus)
     T = make_trainable(args.slots)
-    space = {**search_space(args.max_t), "hidden": args.hidden}
-    configs = sample_configs(space, args.trials, args.seed)
-    pbt = PopulationBasedTraining(
-        time_attr="training_iteration",
-        perturbation_interval=args.interval,
-        hyperparam_mutations={"lr": tune.loguniform(1e-4, 3e-2), "wd": tune.loguniform(1e-5, 1e-1)},
-        quantile_fraction=0.25,
-        resample_probability=0.25,
-    )
-    tuner = tune.Tuner(
-        T,
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            metric="val_loss",
-            mode="min",
-            num_samples=args.trials,
-            # An explicit generator ignores TuneConfig(max_concurrent_trials=...) in Ray 2.60.
-            search_alg=BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=T.max_concurrent()),
-            scheduler=pbt,
-            # Every pause (exploit, or PBT letting paused trials catch up) stops the proxy process and
-            # resume starts a new one. Not reuse_actors=True: Tune 2.60 then caches paused trials' proxies
-            # with their slots still attached and may start a trial on a second process at once, and the
-            # host keys slots by trial ID only, so the second attach resets the slot under the first.
-            reuse_actors=False,
-        ),
-        run_config=tune.RunConfig(
-            name=args.name,
-            storage_path=os.path.abspath(args.storage),
-            stop={"training_iteration": args.max_t},
-            # PBT points a recipient at the donor's checkpoint: never delete checkpoints under it.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_frequency=args.interval),
-            verbose=0,
-        ),
-    )
     try:
+        space = {**search_space(args.max_t), "hidden": args.hidden}
+        configs = sample_configs(space, args.trials, args.seed)
+        pbt = PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=args.interval,
+            hyperparam_mutations={"lr": tune.loguniform(1e-4, 3e-2), "wd": tune.loguniform(1e-5, 1e-1)},
+            quantile_fraction=0.25,
+            resample_probability=0.25,
+        )
+        tuner = tune.Tuner(
+            T,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric="val_loss",
+                mode="min",
+                num_samples=args.trials,
+                # An explicit generator ignores TuneConfig(max_concurrent_trials=...) in Ray 2.60.
+                search_alg=BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=T.max_concurrent()),
+                scheduler=pbt,
+                # Every pause (exploit, or PBT letting paused trials catch up) stops the proxy process and
+                # resume starts a new one. Not reuse_actors=True: Tune 2.60 then caches paused trials' proxies
+                # with their slots still attached and may start a trial on a second process at once, and the
+                # host keys slots by trial ID only, so the second attach resets the slot under the first.
+                reuse_actors=False,
+            ),
+            run_config=tune.RunConfig(
+                name=args.name,
+                storage_path=os.path.abspath(args.storage),
+                stop={"training_iteration": args.max_t},
+                # PBT points a recipient at the donor's checkpoint: never delete checkpoints under it.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_frequency=args.interval),
+                verbose=0,
+            ),
+        )
         t_fit = time.monotonic()
         results = tuner.fit()
         fit_s = time.monotonic() - t_fit
@@ -122,6 +122,7 @@ def main() -> None:
     events = exploit_events(results.experiment_path)
     print(f"\n{len(results)} trials on {args.slots} slots ({len(errors)} errored), {args.max_t} iterations each, "
           f"PBT every {args.interval}: {len(events)} exploits")
+    print("iter = the recipient's training_iteration as PBT logs it (its last stored result when it exploited)")
     print(f"{'iter':>4}  {'recipient':>9} <- {'donor':<5}  {'lr (donor -> new)':>23}  {'wd (donor -> new)':>23}")
     for e in events:
         d, n = e["donor_config"], e["new_config"]
@@ -144,7 +145,9 @@ def main() -> None:
           f"lr={best.config['lr']:.3g}, wd={best.config['wd']:.3g}, warmup_steps={best.config['warmup_steps']}")
     for h in hosts:
         print(f"host {h['host']}: busy {h['busy_fraction']:.1%} of {h['wall_s']:.1f}s "
-              f"({h['fused_steps']} fused steps = {h['slot_steps']} slot-steps)")
+              f"({h['fused_steps']} fused steps = {h['slot_steps']} slot-steps, "
+              f"{h['slot_steps'] / max(h['fused_steps'], 1):.1f} slots per fused step: PBT pauses trials, and "
+              "each pause restarts the trial's proxy process)")
     print(f"time: fit {fit_s:.1f}s, total {time.monotonic() - t_start:.1f}s; results in {results.experiment_path}")
     print(f"slot integrity: every result had slot_steps == iteration x {STEPS_PER_REPORT}" if not lost else
           f"WARNING: {len(lost)} trials' slots lost their state mid-trial: {', '.join(lost)}")

@@ -25,6 +25,10 @@ from ray.tune.schedulers import (
 import tune_helpers as h
 
 K = 5  # fused steps per Tune iteration (steps_per_report)
+# A new trial's process may ask for a slot in the moment between Tune ending the previous trial and
+# that trial's cleanup() freeing it (one refused reservation, retried 0.2 s later). Oversubscription
+# shows up as many: Tune running more live trials than slots (see the "unlimited" case).
+REFUSALS_TOLERATED = 1
 GOOD_FIRST = [0.05, 0.03, 0.02, 0.01, 3e-5, 2e-5, 1.5e-5, 1e-5]  # good trials start (and set the rungs) first
 
 
@@ -89,7 +93,7 @@ def test_fifo_all_trials_run_to_the_end_through_fewer_slots(trainables, tmp_path
     assert {r.metrics["slot"] for r in grid} <= {0, 1}  # 4 trials through 2 slots
     assert 0 < watch.max_held <= 2
     [stats] = T.host_stats()
-    assert stats["attached"] == 0 and stats["reserved"] == 0 and stats["refused"] == 0
+    assert stats["attached"] == 0 and stats["reserved"] == 0 and stats["refused"] <= REFUSALS_TOLERATED
 
 
 def test_asha_stops_trials_early_and_refills_freed_slots(trainables, tmp_path):
@@ -112,7 +116,7 @@ def test_asha_stops_trials_early_and_refills_freed_slots(trainables, tmp_path):
     assert {e["slot"] for e in attaches} <= set(range(4))
     assert 0 < watch.max_held <= 4
     [stats] = T.host_stats()
-    assert stats["refused"] == 0 and stats["attached"] == 0
+    assert stats["refused"] <= REFUSALS_TOLERATED and stats["attached"] == 0
 
 
 def test_hyperband_pauses_and_resumes_from_checkpoint(trainables, tmp_path):
@@ -143,14 +147,14 @@ def test_hyperband_pauses_and_resumes_from_checkpoint(trainables, tmp_path):
 
 def test_median_stopping_rule_stops_bad_trials(trainables, tmp_path):
     T = trainables(slots_per_host=4)
-    grid, log = h.fit(T, {"lr": tune.grid_search(GOOD_FIRST[:3] + GOOD_FIRST[-3:])}, tmp_path,
+    grid, log = h.fit(T, {"lr": tune.grid_search(GOOD_FIRST[:2] + GOOD_FIRST[-3:])}, tmp_path,
                  scheduler=MedianStoppingRule(time_attr="training_iteration", grace_period=2,
                                               min_samples_required=2),
-                 run_kw={"stop": {"training_iteration": 5}})
-    assert_all_ok(grid, 6)
+                 run_kw={"stop": {"training_iteration": 4}})
+    assert_all_ok(grid, 5)
     iters = {r.config["lr"]: r.metrics["training_iteration"] for r in grid}
-    assert all(iters[lr] == 5 for lr in GOOD_FIRST[:2]), iters
-    assert any(iters[lr] < 5 for lr in GOOD_FIRST[-3:]), iters
+    assert all(iters[lr] == 4 for lr in GOOD_FIRST[:2]), iters
+    assert any(iters[lr] < 4 for lr in GOOD_FIRST[-3:]), iters
     for r in grid:
         assert_steps_continue(log.rows(r))
 
@@ -232,7 +236,6 @@ def test_pb2_explores_and_trials_use_their_new_lr(trainables, tmp_path):
     grid, log = h.fit(T, {"lr": tune.grid_search([0.05, 0.03, 1e-5, 2e-5])}, tmp_path, scheduler=pb2,
                  run_kw={"stop": {"training_iteration": 4},
                          "checkpoint_config": tune.CheckpointConfig(num_to_keep=None)})
-    import json; json.dump({"events": h.host_events(T), "rows": {r.metrics["trial_id"]: [{k: x[k] for k in ("training_iteration", "slot_steps", "slot", "pid", "val_loss", "lr", "timestamp")} for x in log.rows(r)] for r in grid}}, open("/tmp/pb2dbg.json", "w"), default=str)  # DEBUG
     assert_all_ok(grid, 4)
     # The two bad trials were exploited after iteration 2 and trained on with their new lr.
     assert _assert_lr_follows_config(grid, log) == 2
@@ -318,10 +321,10 @@ def test_searchers_never_oversubscribe_the_slots(trainables, tmp_path, searcher)
     """More trials than slots; the slot cap must hold, and "unlimited" shows the check can fail."""
     T = trainables(slots_per_host=2)
     watch, live = h.HostWatch(T), LiveWatch()
-    kw: dict = {"num_samples": 5}
+    kw: dict = {"num_samples": 4}
     space = {"lr": tune.loguniform(1e-3, 0.1)}
     if searcher == "grid":
-        space = {"lr": tune.grid_search([0.05, 0.03, 0.02, 0.01, 0.005])}
+        space = {"lr": tune.grid_search([0.05, 0.03, 0.02, 0.01])}
         kw["num_samples"] = 1
     elif searcher == "optuna":
         pytest.importorskip("optuna")
@@ -334,18 +337,18 @@ def test_searchers_never_oversubscribe_the_slots(trainables, tmp_path, searcher)
         kw["max_concurrent_trials"] = None
     grid, log = h.fit(T, space, tmp_path, run_kw={"stop": {"training_iteration": 2}, "callbacks": [watch, live]},
                  **kw)
-    assert_all_ok(grid, 5)  # every trial ran to the end (waiting ones too)
+    assert_all_ok(grid, 4)  # every trial ran to the end (waiting ones too)
     if searcher == "grid":
-        assert sorted(r.config["lr"] for r in grid) == [0.005, 0.01, 0.02, 0.03, 0.05]
+        assert sorted(r.config["lr"] for r in grid) == [0.01, 0.02, 0.03, 0.05]
     if searcher == "optuna":
-        assert len({r.config["lr"] for r in grid}) == 5
+        assert len({r.config["lr"] for r in grid}) == 4
     [stats] = T.host_stats()
     assert stats["max_held"] <= stats["capacity"] == 2
     assert watch.max_held <= 2
-    assert len({e["trial"] for e in stats["events"] if e["event"] == "attach"}) == 5
+    assert len({e["trial"] for e in stats["events"] if e["event"] == "attach"}) == 4
     if searcher == "unlimited":
         # Tune started more trials than slots: the host refused reservations and trials waited.
-        assert live.max_live > 2 and stats["refused"] > 0
+        assert live.max_live > 2 and stats["refused"] >= 4, (live.max_live, stats["refused"])
     else:
         assert live.max_live <= 2
-        assert stats["refused"] == 0
+        assert stats["refused"] <= REFUSALS_TOLERATED

@@ -210,6 +210,8 @@ def tb_tags(path: str) -> dict[str, list[float]]:
         pos = 0
         while pos + 12 <= len(data):
             (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            if pos + 12 + n + 4 > len(data):
+                break  # a record still being written
             body = data[pos + 12:pos + 12 + n]
             pos += 12 + n + 4
             ev = Event()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import uuid
 from typing import Any
@@ -45,6 +46,7 @@ class SlotTrialProxy(Trainable):
         self._attach(config)
 
     def _attach(self, config: dict) -> None:
+        self._skip_taken_checkpoint_dirs()
         registry = get_registry(self._spec_bytes, self._experiment, self._options)
         waited, warned, registry_errors = time.monotonic(), False, 0
         while True:
@@ -77,6 +79,33 @@ class SlotTrialProxy(Trainable):
             self._host.attach.remote(self.trial_id, config, [self._lease], self._experiment_dir(), self._token)
         )
         self._attached = self.trial_id
+
+    def _skip_taken_checkpoint_dirs(self) -> None:
+        """Never write a checkpoint into a ``checkpoint_N`` directory that already exists.
+
+        Works around a Ray Tune 2.60 race that batched trials hit at almost every
+        synchronous PBT/PB2 perturbation (all slots report in the same fused step):
+        a top trial whose pause-checkpoint is still being saved is saved a second
+        time by PBT; the pause then drops the second save's future, so the
+        driver's checkpoint index lags the files by one. The trial's next actor
+        starts from that index and overwrites the newest checkpoint, which is the
+        very one PBT told the recipients to restore (they would silently load a
+        later state with the earlier iteration count).
+        """
+        storage = getattr(self, "_storage", None)
+        if storage is None or getattr(storage, "trial_dir_name", None) is None:
+            return
+        try:
+            import pyarrow.fs
+
+            infos = storage.storage_filesystem.get_file_info(
+                pyarrow.fs.FileSelector(storage.trial_fs_path, allow_not_found=True)
+            )
+        except Exception:  # noqa: BLE001 - best effort; Tune's own index is the fallback
+            return
+        taken = [int(m.group(1)) for i in infos if (m := re.fullmatch(r"checkpoint_(\d+)", i.base_name))]
+        if taken and storage.current_checkpoint_index < max(taken):
+            storage.current_checkpoint_index = max(taken)  # the next save takes max + 1
 
     def _experiment_dir(self) -> str | None:
         """Where the host writes its TensorBoard figures: the experiment directory when it is local.
