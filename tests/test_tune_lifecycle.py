@@ -184,21 +184,25 @@ def test_reuse_actors_reset_config_hands_the_slot_to_the_next_trial(trainables, 
     assert {e["slot"] for e in events if e["event"] == "attach"} == {0, 1}
 
 
-def test_host_ignores_a_stale_detach_of_a_reattached_trial(ray_session):
-    """A reused proxy that detaches its old trial after that trial re-attached elsewhere (another
-    proxy) must not free the new attachment."""
+def test_two_proxies_of_one_trial_hold_separate_slots(ray_session):
+    """Tune can briefly run two proxies for one trial (a fresh proxy replaced by a cached one, or a
+    paused trial's cached proxy still attached). Each attachment has its own slot: the stale one
+    attaching late must not reset the live one, and its detach must not free the live one."""
     from ray_modelbatch.tune.host import SlotHost
 
     T = h.make_trainable(steps_per_report=K)
     host = ray.remote(SlotHost).options(max_concurrency=8, num_cpus=0).remote(T._spec_bytes, "stale-host", 2)
     lease = ray.put("lease")
     try:
-        ray.get(host.attach.remote("t1", {"lr": 0.01}, [lease], None, "old"))
-        ray.get(host.attach.remote("t1", {"lr": 0.01}, [lease], None, "new"))
-        ray.get(host.detach.remote("t1", "old"))
-        assert ray.get(host.stats.remote())["trials"] == {"t1": 0}
-        assert ray.get(host.train.remote("t1", 2))["slot_steps"] == 2
-        ray.get(host.detach.remote("t1", "new"))
+        ray.get(host.attach.remote("t1", {"lr": 0.01}, [lease], None, "live"))
+        assert ray.get(host.train.remote("live", 2))["slot_steps"] == 2
+        before = ray.get(host.save.remote("live"))
+        ray.get(host.attach.remote("t1", {"lr": 0.01}, [lease], None, "stale"))  # arrives late
+        assert ray.get(host.save.remote("live")) == before  # not reset by the late attach
+        ray.get(host.detach.remote("stale"))
+        assert ray.get(host.stats.remote())["attached"] == 1
+        assert ray.get(host.train.remote("live", 2))["slot_steps"] == 4
+        ray.get(host.detach.remote("live"))
         assert ray.get(host.stats.remote())["trials"] == {}
     finally:
         ray.get(host.shutdown.remote())
@@ -296,6 +300,31 @@ def test_checkpoint_restores_into_another_slot_host_and_experiment(trainables, t
             except Exception:  # noqa: BLE001
                 pass
             ray.kill(a)
+
+
+def test_new_trial_actor_never_overwrites_an_existing_checkpoint_dir(tmp_path):
+    """Unit level: Tune 2.60's driver-side checkpoint index can lag the files after a synchronous PBT
+    perturbation (see ``SlotTrialProxy._skip_taken_checkpoint_dirs``); a trial actor that starts from
+    such an index must skip the directories that exist, or it overwrites the checkpoint that PBT
+    recipients restore (the PB2 test above caught that as a recipient continuing from a later state)."""
+    from types import SimpleNamespace
+
+    from ray_modelbatch.tune.proxy import SlotTrialProxy
+
+    trial_dir = tmp_path / "trial"
+    for name in ("checkpoint_000000", "checkpoint_000001", "events.out.tfevents.1", "checkpoint_tmp"):
+        (trial_dir / name).mkdir(parents=True)
+    storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(trial_dir),
+                              trial_dir_name="trial", current_checkpoint_index=0)
+    SlotTrialProxy._skip_taken_checkpoint_dirs(SimpleNamespace(_storage=storage))
+    assert storage.current_checkpoint_index == 1  # Tune adds 1 before it persists: next is checkpoint_000002
+    storage.current_checkpoint_index = 5  # ahead of the files: left alone
+    SlotTrialProxy._skip_taken_checkpoint_dirs(SimpleNamespace(_storage=storage))
+    assert storage.current_checkpoint_index == 5
+    fresh = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(tmp_path / "none"),
+                            trial_dir_name="none", current_checkpoint_index=-1)
+    SlotTrialProxy._skip_taken_checkpoint_dirs(SimpleNamespace(_storage=fresh))
+    assert fresh.current_checkpoint_index == -1
 
 
 # -------------------------------------------------------------------------------------- reporting

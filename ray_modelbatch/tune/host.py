@@ -45,10 +45,10 @@ class _Request:
 
 @dataclass
 class _Trial:
+    trial_id: str
     stack: Any
     slot: int
     lease: Any
-    token: str | None = None
     request: _Request | None = None
     reports: int = 0
     nonfinite_steps: int = 0
@@ -110,15 +110,15 @@ class SlotHost:
     def ping(self) -> str:
         return self.name
 
-    def reserve(self, trial_id: str) -> bool:
-        """Hold a slot for ``trial_id`` if there is room; called by the registry, atomically."""
+    def reserve(self, key: str) -> bool:
+        """Hold a slot for attachment ``key`` if there is room; called by the registry, atomically."""
         with self._lock:
-            if trial_id in self.trials or trial_id in self.reserved:
+            if key in self.trials or key in self.reserved:
                 return True
             if len(self.trials) + len(self.reserved) >= self.capacity:
                 self._stats.refused += 1
                 return False
-            self.reserved.add(trial_id)
+            self.reserved.add(key)
             self._stats.max_held = max(self._stats.max_held, len(self.trials) + len(self.reserved))
             return True
 
@@ -127,50 +127,50 @@ class SlotHost:
             return self.capacity - len(self.trials) - len(self.reserved)
 
     def attach(self, trial_id: str, config: dict, lease_box: list, log_dir: str | None = None,
-               token: str | None = None) -> dict:
+               key: str | None = None) -> dict:
         """Give the trial a slot with fresh weights from its config and seed.
 
-        ``token`` names this attachment: :meth:`detach` with another token is
-        ignored, so a reused proxy that detaches its previous trial late cannot
-        free the slot that trial got again through another proxy.
+        ``key`` names this attachment (one per proxy ``setup``/``reset_config``;
+        default: the trial ID). Every later call uses it. Tune may briefly run
+        two proxies for one trial (it replaces a freshly started proxy by a
+        cached one, and a paused trial's cached proxy still holds its slot);
+        each then has its own slot, and the stale one's slot is freed when that
+        proxy detaches or dies, without touching the live one.
         """
         if log_dir and self._log_dir is None:
             self._log_dir = log_dir
-        return self._call(lambda: self._attach(trial_id, config, lease_box[0], token))
+        return self._call(lambda: self._attach(trial_id, config, lease_box[0], key or trial_id))
 
-    def train(self, trial_id: str, steps: int) -> dict:
-        """Run ``steps`` more fused steps for the trial, then evaluate it; returns its metrics."""
+    def train(self, key: str, steps: int) -> dict:
+        """Run ``steps`` more fused steps for the attachment, then evaluate it; returns its metrics."""
         fut: Future = Future()
         with self._lock:
-            trial = self.trials.get(trial_id)
+            trial = self.trials.get(key)
             if trial is None:
-                raise RuntimeError(f"trial {trial_id} has no slot on host {self.name}; it must attach first")
+                raise RuntimeError(f"attachment {key} has no slot on host {self.name}; the trial must attach first")
             if trial.request is not None:
-                raise RuntimeError(f"trial {trial_id} already has a step in flight on host {self.name}")
+                raise RuntimeError(f"trial {trial.trial_id} already has a step in flight on host {self.name}")
             trial.request = _Request(int(steps), fut)
             self._lock.notify_all()
         return fut.result()
 
-    def save(self, trial_id: str) -> bytes:
-        return self._call(lambda: self._trial(trial_id).stack.export(self._trial(trial_id).slot))
+    def save(self, key: str) -> bytes:
+        return self._call(lambda: self._trial(key).stack.export(self._trial(key).slot))
 
-    def restore(self, trial_id: str, blob: bytes, config: dict) -> None:
+    def restore(self, key: str, blob: bytes, config: dict) -> None:
         def run():
-            t = self._trial(trial_id)
+            t = self._trial(key)
             t.stack.load(t.slot, blob, self.spec.hparams(config))
 
         return self._call(run)
 
-    def detach(self, trial_id: str, token: str | None = None) -> None:
-        """Free the trial's slot at once (it is masked out of the next fused step)."""
+    def detach(self, key: str) -> None:
+        """Free the attachment's slot at once (it is masked out of the next fused step)."""
 
         def run() -> None:
-            t = self.trials.get(trial_id)
-            if t is not None and token is not None and t.token != token:
-                return  # a stale proxy: the trial has attached again through another one
             with self._lock:
-                self.reserved.discard(trial_id)
-            self._detach(trial_id, "the trial ended")
+                self.reserved.discard(key)
+            self._detach(key, "the trial ended")
 
         return self._call(run)
 
@@ -188,7 +188,7 @@ class SlotHost:
                     k: {"capacity": st.capacity, "used": st.used, "active": int(st.mb.active_slots.numel())}
                     for k, st in self.stacks.items()
                 },
-                "trials": {tid: t.slot for tid, t in self.trials.items()},
+                "trials": {t.trial_id: t.slot for t in self.trials.values()},
                 "events": list(self._events),
                 "fused_steps": s.fused_steps,
                 "slot_steps": s.slot_steps,
@@ -217,57 +217,57 @@ class SlotHost:
             self._lock.notify_all()
         return fut.result()
 
-    def _trial(self, trial_id: str) -> _Trial:
-        t = self.trials.get(trial_id)
+    def _trial(self, key: str) -> _Trial:
+        t = self.trials.get(key)
         if t is None:
-            raise RuntimeError(f"trial {trial_id} has no slot on host {self.name}")
+            raise RuntimeError(f"attachment {key} has no slot on host {self.name}")
         return t
 
-    def _attach(self, trial_id: str, config: dict, lease: Any, token: str | None = None) -> dict:
+    def _attach(self, trial_id: str, config: dict, lease: Any, key: str) -> dict:
         import torch
 
         from .stack import Stack, stack_key
 
-        if trial_id in self.trials:
-            self._detach(trial_id, "it attached again")
+        if key in self.trials:
+            self._detach(key, "it attached again")
         try:
             with torch.device("meta"):
-                key = stack_key(self.spec.model(config))
+                skey = stack_key(self.spec.model(config))
             seed = trial_seed(trial_id, config, self.spec.seed_key)
             torch.manual_seed(seed)
             model = self.spec.model(config)
             hparams = self.spec.hparams(config)
-            stack = self.stacks.get(key)
+            stack = self.stacks.get(skey)
             if stack is None:
-                stack = Stack(self.spec, key, model, self.data, self.capacity, self.device)
-                self.stacks[key] = stack
-                logger.info("host %s: new stack %s for trial %s", self.name, key, trial_id)
+                stack = Stack(self.spec, skey, model, self.data, self.capacity, self.device)
+                self.stacks[skey] = stack
+                logger.info("host %s: new stack %s for trial %s", self.name, skey, trial_id)
             slot = stack.add(trial_id, model, seed, hparams)
         except BaseException:
             with self._lock:
-                self.reserved.discard(trial_id)
+                self.reserved.discard(key)
             raise
         with self._lock:  # one step: the slot never looks free between reservation and attachment
-            self.reserved.discard(trial_id)
-            self.trials[trial_id] = _Trial(stack, slot, lease, token)
-            self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot, "stack": key})
-        return {"host": self.name, "stack": key, "slot": slot, "device": str(self.device)}
+            self.reserved.discard(key)
+            self.trials[key] = _Trial(trial_id, stack, slot, lease)
+            self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot, "stack": skey})
+        return {"host": self.name, "stack": skey, "slot": slot, "device": str(self.device)}
 
-    def _detach(self, trial_id: str, why: str) -> None:
+    def _detach(self, key: str, why: str) -> None:
         with self._lock:
-            t = self.trials.pop(trial_id, None)
+            t = self.trials.pop(key, None)
         if t is None:
             return
         t.stack.remove(t.slot)
         with self._lock:
             self._events.append(
-                {"t": time.time(), "event": "detach", "trial": trial_id, "slot": t.slot, "stack": t.stack.key, "why": why}
+                {"t": time.time(), "event": "detach", "trial": t.trial_id, "slot": t.slot, "stack": t.stack.key, "why": why}
             )
         if t.request is not None and not t.request.future.done():
-            t.request.future.set_exception(RuntimeError(f"trial {trial_id} lost its slot: {why}"))
+            t.request.future.set_exception(RuntimeError(f"trial {t.trial_id} lost its slot: {why}"))
 
     def _check_leases(self) -> None:
-        for trial_id, t in list(self.trials.items()):
+        for key, t in list(self.trials.items()):
             try:
                 try:
                     ray.get(t.lease, timeout=0)  # a live lease is in the local object store: no wait
@@ -278,8 +278,8 @@ class SlotHost:
             except ray.exceptions.GetTimeoutError:
                 pass  # slow (e.g. another node): treat as alive, look again next time
             except Exception:  # OwnerDiedError and friends: the proxy is gone
-                logger.warning("host %s: trial %s's process died without cleanup; freeing its slot", self.name, trial_id)
-                self._detach(trial_id, "its process died")
+                logger.warning("host %s: trial %s's process died without cleanup; freeing its slot", self.name, t.trial_id)
+                self._detach(key, "its process died")
                 with self._lock:
                     self._stats.freed_by_lease += 1
 

@@ -48,10 +48,11 @@ class SlotTrialProxy(Trainable):
     def _attach(self, config: dict) -> None:
         self._skip_taken_checkpoint_dirs()
         registry = get_registry(self._spec_bytes, self._experiment, self._options)
+        token = f"{self.trial_id}:{uuid.uuid4().hex[:8]}"  # this attachment; see SlotHost.attach
         waited, warned, registry_errors = time.monotonic(), False, 0
         while True:
             try:
-                got = ray.get(registry.assign.remote(self.trial_id))
+                got = ray.get(registry.assign.remote(token))
             except ray.exceptions.RayActorError:
                 # The registry stopped itself (idle timeout) just as this trial came: start a new one.
                 registry_errors += 1
@@ -74,10 +75,10 @@ class SlotTrialProxy(Trainable):
             time.sleep(0.2)
         self._host_name, self._host = got
         self._lease = ray.put(self.trial_id)  # owned by this process: dies with it, which frees the slot
-        self._token = uuid.uuid4().hex
         self._slot = ray.get(
-            self._host.attach.remote(self.trial_id, config, [self._lease], self._experiment_dir(), self._token)
+            self._host.attach.remote(self.trial_id, config, [self._lease], self._experiment_dir(), token)
         )
+        self._token = token
         self._attached = self.trial_id
 
     def _skip_taken_checkpoint_dirs(self) -> None:
@@ -121,16 +122,16 @@ class SlotTrialProxy(Trainable):
     def _detach(self) -> None:
         if self._host is not None and self._attached is not None:
             try:
-                ray.get(self._host.detach.remote(self._attached, self._token))
+                ray.get(self._host.detach.remote(self._token))
             except ray.exceptions.RayActorError:
                 pass  # the host is gone, and the slot with it
         self._attached = None
 
     def step(self) -> dict[str, Any]:
-        return ray.get(self._host.train.remote(self.trial_id, self._options["steps_per_report"]))
+        return ray.get(self._host.train.remote(self._token, self._options["steps_per_report"]))
 
     def save_checkpoint(self, checkpoint_dir: str) -> str:
-        blob = ray.get(self._host.save.remote(self.trial_id))
+        blob = ray.get(self._host.save.remote(self._token))
         with open(os.path.join(checkpoint_dir, CHECKPOINT_FILE), "wb") as f:
             f.write(blob)
         return checkpoint_dir
@@ -139,7 +140,7 @@ class SlotTrialProxy(Trainable):
         path = checkpoint if isinstance(checkpoint, str) else checkpoint.path
         with open(os.path.join(path, CHECKPOINT_FILE), "rb") as f:
             blob = f.read()
-        ray.get(self._host.restore.remote(self.trial_id, blob, self.config))
+        ray.get(self._host.restore.remote(self._token, blob, self.config))
 
     def reset_config(self, new_config: dict) -> bool:
         """Reused actor (``reuse_actors=True``): free the old trial's slot, attach the new trial."""

@@ -62,17 +62,17 @@ class HostRegistry:
     def host_handles(self) -> list[tuple[str, Any]]:
         return list(self.hosts)
 
-    def assign(self, trial_id: str) -> tuple[str, Any] | None:
-        """Reserve a slot for ``trial_id``: on the host with most free slots, or on a new host."""
+    def assign(self, key: str) -> tuple[str, Any] | None:
+        """Reserve a slot for attachment ``key``: on the host with most free slots, or on a new host."""
         with self._lock:
             self.last_busy = time.monotonic()
             free = ray.get([h.free_slots.remote() for _, h in self.hosts]) if self.hosts else []
             for _, (name, h) in sorted(zip(free, self.hosts), key=lambda p: -p[0]):
-                if ray.get(h.reserve.remote(trial_id)):
+                if ray.get(h.reserve.remote(key)):
                     return name, h
             if len(self.hosts) < len(self.plan):
                 name, h = self._create(len(self.hosts))
-                if ray.get(h.reserve.remote(trial_id)):
+                if ray.get(h.reserve.remote(key)):
                     return name, h
             return None
 

@@ -126,7 +126,8 @@ class FreeSlotLimiter(ConcurrencyLimiter):
 
     ``tune.TuneConfig(search_alg=FreeSlotLimiter(OptunaSearch(...), trainable))``.
     For random and grid search, ``TuneConfig(max_concurrent_trials=trainable.max_concurrent())``
-    does the same.
+    does the same; when you pass your own ``BasicVariantGenerator`` instance, Tune ignores
+    ``max_concurrent_trials``, so give it ``max_concurrent=trainable.max_concurrent()`` instead.
     """
 
     def __init__(self, searcher: Searcher, trainable: type[SlotTrialProxy], batch: bool = False):
