@@ -451,12 +451,16 @@ def main() -> None:
         ratio = std["wall_s"] / mb["wall_s"]
         tol = max(0.01, 0.05 * std["best_val_loss"])
         fast = ratio >= TARGET_SPEEDUP
-        same_metric = abs(mb["best_val_loss"] - std["best_val_loss"]) <= tol
+        # Each trial trains identically in both runs (checked above); which trials async ASHA
+        # promotes depends on result order, so the best can differ either way. The target is
+        # that fusion costs no quality: the best must be no worse than standard's beyond noise.
+        same_metric = mb["best_val_loss"] <= std["best_val_loss"] + tol
         lines += [
             f"Target: >= {TARGET_SPEEDUP:.0f}x lower wall time than `standard` at the same best val_loss:",
             f"- wall time: {ratio:.2f}x -> {'met' if fast else 'not met'}",
-            f"- best val_loss {mb['best_val_loss']:.4f} vs {std['best_val_loss']:.4f} (tolerance {tol:.3f}) -> "
-            f"{'met' if same_metric else 'not met'}; best val_acc {mb['best_val_acc']:.4f} vs {std['best_val_acc']:.4f}",
+            f"- best val_loss {mb['best_val_loss']:.4f} vs {std['best_val_loss']:.4f} (no worse than standard "
+            f"+ {tol:.3f}) -> {'met' if same_metric else 'not met'}; best val_acc {mb['best_val_acc']:.4f} vs "
+            f"{std['best_val_acc']:.4f}",
             f"- overall: {'MET' if fast and same_metric and not mb['errors'] else 'NOT MET'}",
         ]
     lines += ["", f"Run time: {time.monotonic() - t_start:.0f} s"]

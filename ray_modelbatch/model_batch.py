@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .cpu_memory import keep_freed_memory
 from .errors import IncompatibleModelsError
 from .fusion_check import explain_failure, run_first_call
 from .signature import check_compatible, first_mismatch, module_signature
@@ -78,6 +79,8 @@ class ModelBatch:
         self.device = torch.device(device) if device is not None else (
             first.device if first is not None else torch.device("cpu")
         )
+        if self.device.type == "cpu":
+            keep_freed_memory()
         template = copy.deepcopy(models[0])
         self._module_class = type(models[0])
         self._state_keys = self._state_key_map(template)
