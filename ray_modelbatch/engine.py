@@ -88,7 +88,8 @@ class FusedEngine:
             empty = torch.zeros(0, device=mb.device)
             return StepResult(host, empty, empty.bool(), empty.bool(), empty)
         mb.train()
-        idx = mb.resolve_slots(host)  # resolved once for every piece below; None means every slot
+        # Resolved once for every piece below; None means every slot (the fast path, no gathers).
+        idx = mb.resolve_slots(slots if isinstance(slots, str) else host)
         opt.zero_grad()
         # Forward updates buffers (BatchNorm statistics) in place; a slot whose
         # step is skipped must get those back, or a NaN batch poisons it.

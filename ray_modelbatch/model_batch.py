@@ -232,8 +232,9 @@ class ModelBatch:
             return None
         if isinstance(slots, str) and slots == "active":
             return None if self._all_active else self._active_dev
-        if isinstance(slots, torch.Tensor) and slots.dtype == torch.long and slots.device == self.device and slots.dim() == 1:
-            return slots  # already resolved (e.g. by the engine): no copy, no device sync
+        if (isinstance(slots, torch.Tensor) and slots.dtype == torch.long and slots.dim() == 1
+                and slots.device == self.device and self.device.type != "cpu"):
+            return slots  # already resolved on the accelerator (e.g. by the engine): no copy, no sync
         idx = self._cpu_index(slots)
         if idx.numel() == self.num_slots and torch.equal(idx, torch.arange(self.num_slots)):
             return None

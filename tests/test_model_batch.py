@@ -261,3 +261,28 @@ def test_evaluate_per_slot_data_for_a_subset_of_slots():
     got = eng.evaluate(xs, ys, slots=[0, 2], per_slot=True, batch_size=4)["loss"]
     want = [nn.functional.mse_loss(models[i](xs[i]), ys[i]).item() for i in (0, 2)]
     assert got.tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_all_slots_take_the_path_without_gathers():
+    """Naming every slot (as a list, tensor or "active") must not gather/scatter the stacked weights."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    mb = rmb.ModelBatch(make_models(3))
+    eng = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=0.1), nn.functional.mse_loss)
+    for slots in ("active", [0, 1, 2], torch.arange(3)):
+        with Ops() as ops:
+            eng.train_step(torch.randn(4, 5), torch.randn(4, 3), slots=slots)
+        assert not {"index_select.default", "index_copy_.default", "index_add.default"} & ops.names, slots
+    mb.deactivate(1)
+    with Ops() as ops:
+        eng.train_step(torch.randn(4, 5), torch.randn(4, 3))
+    assert "index_select.default" in ops.names  # the subset path gathers, as it should

@@ -230,7 +230,7 @@ def probe_class(T):
             return self.config.get("probe_id", "default")
 
         def where(self):
-            return {"logdir": self.logdir, "pid": os.getpid(), "slot": self._slot}
+            return {"logdir": self.logdir, "pid": os.getpid(), "slot": self._slot, "key": self._token}
 
     Probe.__name__ = Probe.__qualname__ = T.__name__ + "Probe"
     return Probe
