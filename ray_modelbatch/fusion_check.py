@@ -95,11 +95,12 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
             f"Cannot fuse {location}: op {m.group(1)} has no vmap batching rule. Fix: replace it with "
             f"an equivalent op that vmap supports, or train this model without fusion."
         )
+    first = msg.strip().splitlines()[0] if msg.strip() else "(no message)"
     return FusionError(
-        f"Cannot fuse {location}: torch.vmap failed with {type(exc).__name__}: "
-        f"{msg.strip().splitlines()[0] if msg.strip() else '(no message)'}. Fix: make forward a pure "
-        "function of its parameters, buffers and inputs (no Python side effects, no reading tensor "
-        "values in Python); check that the input shapes are what the model expects."
+        f"{location[0].upper()}{location[1:]} raised {type(exc).__name__} in the fused (torch.vmap) forward: "
+        f"{first}. If the model runs fine alone, fix: make forward a pure function of its parameters, "
+        "buffers and inputs (no Python side effects, no reading tensor values in Python); otherwise fix the "
+        "model itself. The original exception is chained below."
     )
 
 

@@ -221,13 +221,29 @@ def tb_tags(path: str) -> dict[str, list[float]]:
     return out
 
 
-def probe_class(T):
-    """``T`` whose trial ID comes from ``config["probe_id"]``, for proxies created outside Tune."""
+def probe_class(T, base_dir):
+    """``T`` whose trial ID comes from ``config["probe_id"]``, for proxies created outside Tune.
+
+    Without Tune there is no storage context: its log directory (and the host's TensorBoard
+    figures) go under ``base_dir`` instead of Trainable's default ``~/ray_results``.
+    """
+    import tempfile
 
     class Probe(T):
+        _probe_dir = str(base_dir)
+
         @property
         def trial_id(self):
             return self.config.get("probe_id", "default")
+
+        def _setup_logdir(self):
+            if self._storage is not None:
+                return super()._setup_logdir()
+            os.makedirs(self._probe_dir, exist_ok=True)
+            self._logdir = tempfile.mkdtemp(prefix="probe_", dir=self._probe_dir)
+
+        def _experiment_dir(self):
+            return self._probe_dir if self._storage is None else super()._experiment_dir()
 
         def where(self):
             return {"logdir": self.logdir, "pid": os.getpid(), "slot": self._slot, "key": self._token}

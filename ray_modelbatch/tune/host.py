@@ -93,7 +93,7 @@ class SlotHost:
         self.data = tuple(torch.as_tensor(t).to(self.device) for t in (x, y, xv, yv))
         self.stacks: dict[str, Any] = {}
         self.trials: dict[str, _Trial] = {}
-        self.reserved: set[str] = set()
+        self.reserved: dict[str, float] = {}  # key -> when reserved; see _check_leases
         self._lock = threading.Condition()
         self._commands: collections.deque = collections.deque()
         self._stop = False
@@ -118,7 +118,7 @@ class SlotHost:
             if len(self.trials) + len(self.reserved) >= self.capacity:
                 self._stats.refused += 1
                 return False
-            self.reserved.add(key)
+            self.reserved[key] = time.monotonic()
             self._stats.max_held = max(self._stats.max_held, len(self.trials) + len(self.reserved))
             return True
 
@@ -169,7 +169,7 @@ class SlotHost:
 
         def run() -> None:
             with self._lock:
-                self.reserved.discard(key)
+                self.reserved.pop(key, None)
             self._detach(key, "the trial ended")
 
         return self._call(run)
@@ -245,10 +245,10 @@ class SlotHost:
             slot = stack.add(trial_id, model, seed, hparams)
         except BaseException:
             with self._lock:
-                self.reserved.discard(key)
+                self.reserved.pop(key, None)
             raise
         with self._lock:  # one step: the slot never looks free between reservation and attachment
-            self.reserved.discard(key)
+            self.reserved.pop(key, None)
             self.trials[key] = _Trial(trial_id, stack, slot, lease)
             self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot, "stack": skey})
         return {"host": self.name, "stack": skey, "slot": slot, "device": str(self.device)}
@@ -266,7 +266,14 @@ class SlotHost:
         if t.request is not None and not t.request.future.done():
             t.request.future.set_exception(RuntimeError(f"trial {t.trial_id} lost its slot: {why}"))
 
+    RESERVATION_TTL_S = 120.0  # a proxy that died between reserve and attach has no lease yet
+
     def _check_leases(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            for key in [k for k, t in self.reserved.items() if now - t > self.RESERVATION_TTL_S]:
+                logger.warning("host %s: reservation %s was never attached; freeing it", self.name, key)
+                del self.reserved[key]
         for key, t in list(self.trials.items()):
             try:
                 try:
