@@ -23,8 +23,8 @@ trains the fused path and the loop for 3 steps from the same weights on the
 same batches and reports the largest relative parameter difference (next to
 the fp32 loop's own difference from an fp64 copy, the noise floor), so a fast
 but wrong fused step cannot go unnoticed. Shared CPUs have phases several
-times slower than normal; a small matmul probe around every timing round
-discards rounds measured in such a phase (column 'speed').
+times slower than normal; a small matmul probe around every timing block
+discards blocks measured in such a phase (column 'speed').
 
 Runs without Ray. ``python benchmarks/fused_step.py [--quick] [--device cuda]
 [--models mlp_tiny,mlp_784,cnn] [--slots 1,8,32]``; writes the markdown it
@@ -61,7 +61,7 @@ EQ_STEPS = 3
 BLOCKS = 5  # timing blocks per contender, alternated; the fastest counts
 SLOW_BLOCKS = 3  # ... when one step of a contender takes more than SLOW_STEP_S
 SLOW_STEP_S = 1.0
-QUIET = 0.85  # a timing round counts only if the machine probe reads >= this fraction of its best
+QUIET = 0.85  # a timing block counts only if the machine probe reads >= this fraction of its best
 
 
 # --------------------------------------------------------------------- models
@@ -171,11 +171,14 @@ def reps_for(t_est: float, min_time: float) -> int:
 
 
 class Probe:
-    """Speed of the machine right now: a fixed small matmul, as FLOP/s; remembers the best it saw.
+    """How fast the machine is right now, as a fraction of the best seen in this run.
 
-    Shared or throttled machines (VMs with CPU steal) have phases in which
-    everything runs several times slower; timing rounds bracketed by probes
-    that read well below the best are not trusted.
+    Shared or throttled machines (VMs with CPU steal, other jobs) have phases
+    in which everything runs several times slower. The probe measures both
+    kinds of speed a training step depends on: throughput (a fixed matmul,
+    ~20 ms, long enough to span several scheduler time slices) and per-op
+    latency (a burst of tiny ops, which is what small models are made of).
+    A reading is a raw pair; :meth:`frac` rates it against the best of each.
     """
 
     def __init__(self, device: torch.device):
@@ -184,58 +187,64 @@ class Probe:
         self.a = torch.randn(self.n, self.n, device=device)
         self.b = torch.randn(self.n, self.n, device=device)
         self.c = torch.empty(self.n, self.n, device=device)
-        self.best = 0.0
+        self.small = torch.randn(64, device=device)
+        self.small_out = torch.empty(64, device=device)
+        self.best = (0.0, 0.0)
 
-    def __call__(self) -> float:
-        # One block of ~20 ms (CPU): long enough to span several scheduler time
-        # slices, so it reads low while other processes compete for the cores.
+    def __call__(self) -> tuple[float, float]:
         mm = lambda: torch.mm(self.a, self.b, out=self.c)  # noqa: E731
-        v = 2 * self.n**3 / timed(mm, self.device, 16)
-        self.best = max(self.best, v)
-        return v
+        tiny = lambda: torch.add(self.small, 1.0, out=self.small_out)  # noqa: E731
+        raw = (2 * self.n**3 / timed(mm, self.device, 16), 1.0 / timed(tiny, self.device, 500))
+        self.best = (max(self.best[0], raw[0]), max(self.best[1], raw[1]))
+        return raw
+
+    def frac(self, raw: tuple[float, float]) -> float:
+        return min(raw[0] / self.best[0], raw[1] / self.best[1])
 
 
 def wait_quiet(probe: Probe, max_wait: float) -> float:
-    """Wait (up to ``max_wait`` s) until the probe reads >= QUIET x its best; returns the seconds waited."""
+    """Wait (up to ``max_wait`` s) until the probe reads >= QUIET of its best; returns the seconds waited."""
     t0 = time.perf_counter()
-    while probe() < QUIET * probe.best and time.perf_counter() - t0 < max_wait:
+    while probe.frac(probe()) < QUIET and time.perf_counter() - t0 < max_wait:
         time.sleep(1.0)
     return time.perf_counter() - t0
 
 
 def time_contenders(
     fns: dict[str, Callable[[], None]], device: torch.device, min_time: float, probe: Probe
-) -> tuple[dict[str, float], float]:
-    """Seconds per call of each fn, and the machine speed (probe FLOP/s) they were measured at.
+) -> tuple[dict[str, float], tuple[float, float]]:
+    """Seconds per call of each fn, and the (raw) probe reading of the slowest kept block.
 
-    Rounds of one block per fn, alternated, each round bracketed by probes.
-    Blocks together run >= ``min_time`` per fn; each fn's fastest block from
-    the quiet rounds (both probes >= QUIET x the best probe) counts. Up to
-    twice the planned rounds are run to collect enough quiet ones; with none,
-    the fastest of all blocks is returned with the speed of the best round.
+    The fns' blocks alternate, and a probe runs between every two blocks, so
+    each block is bracketed by probes. Blocks together run >= ``min_time`` per
+    fn; each fn's fastest quiet block (both probes >= QUIET x the best probe)
+    counts. Up to twice the planned blocks are run to collect enough quiet
+    ones; a fn with none gets its fastest block and that block's (low) speed.
     Each fn must already be warmed up; one more call sizes the blocks.
     """
     est = {k: timed(f, device, 1) for k, f in fns.items()}
     blocks = SLOW_BLOCKS if max(est.values()) > SLOW_STEP_S else BLOCKS
     reps = {k: reps_for(t, min_time / blocks) for k, t in est.items()}
-    best_all = {k: math.inf for k in fns}
-    best_quiet = dict(best_all)
-    speeds_all: list[float] = []
-    speeds_quiet: list[float] = []
+    quiet_best = {k: (math.inf, (0.0, 0.0)) for k in fns}  # (seconds per call, probe reading), fastest quiet block
+    any_best = dict(quiet_best)
+    quiet = {k: 0 for k in fns}
+    before = probe()
     for _ in range(2 * blocks):
-        before = probe()
-        times = {k: timed(f, device, reps[k]) for k, f in fns.items()}
-        speed = min(before, probe())
-        speeds_all.append(speed)
-        best_all = {k: min(best_all[k], times[k]) for k in fns}
-        if speed >= QUIET * probe.best:
-            speeds_quiet.append(speed)
-            best_quiet = {k: min(best_quiet[k], times[k]) for k in fns}
-            if len(speeds_quiet) >= blocks:
-                break
-    if speeds_quiet:
-        return best_quiet, min(speeds_quiet)
-    return best_all, max(speeds_all)
+        for k, f in fns.items():
+            if quiet[k] >= blocks:
+                continue
+            t = timed(f, device, reps[k])
+            after = probe()
+            speed = before if probe.frac(before) < probe.frac(after) else after
+            before = after
+            any_best[k] = min(any_best[k], (t, speed))
+            if probe.frac(speed) >= QUIET:
+                quiet[k] += 1
+                quiet_best[k] = min(quiet_best[k], (t, speed))
+        if all(q >= blocks for q in quiet.values()):
+            break
+    kept = {k: quiet_best[k] if quiet[k] else any_best[k] for k in fns}
+    return {k: v[0] for k, v in kept.items()}, min((v[1] for v in kept.values()), key=probe.frac)
 
 
 def dense_flops(device: torch.device, n: int, min_time: float) -> float:
@@ -415,11 +424,12 @@ def main() -> None:
         f"- batch {BATCH}, Adam, one input batch shared by all models; after warm-up (>= 3 steps) fused and loop are "
         f"timed in {BLOCKS} alternating blocks ({SLOW_BLOCKS} when a step takes > {SLOW_STEP_S:g} s) that together run "
         f">= {min_time} s per path, at least one step per block; the fastest block counts",
-        f"- machine-speed guard (shared/throttled machines have phases several times slower): each round of blocks "
-        f"is bracketed by a probe ({'512' if device.type == 'cpu' else '2048'}^3 matmul); rounds whose probe reads "
-        f"< {QUIET:.0%} of the best probe of the run are discarded and replaced (up to 2x the rounds); configs still "
+        f"- machine-speed guard (shared/throttled machines have phases several times slower): each timing block "
+        f"is bracketed by probes ({'512' if device.type == 'cpu' else '2048'}^3 matmul for throughput, 500 tiny adds for "
+        f"per-op latency); blocks whose probes read "
+        f"< {QUIET:.0%} of the best probe of the run are discarded and replaced (up to 2x the blocks); configs still "
         f"below that at the end are re-run once (after waiting up to {args.max_wait:g} s for a quiet machine). "
-        f"Column 'speed' = probe during the kept rounds / best probe; '(noisy)' marks rows still below {QUIET:.0%}",
+        f"Column 'speed' = the slower probe ratio around the kept blocks; '(noisy)' marks rows still below {QUIET:.0%}",
     ]
     print("\n".join(head), flush=True)
 
@@ -438,7 +448,7 @@ def main() -> None:
         print(
             f"  {n:8s} S={s:<4d} fused {r['fused_msps']:>10,.0f} model-steps/s  loop {r['loop_msps']:>8,.0f}  "
             f"x{r['fused_msps'] / r['loop_msps']:.2f}  {r['fused_flops'] / 1e9:.1f} GFLOP/s  "
-            f"diff {r['max_rel']:.1e} (floor {r['noise']:.1e})  speed {r['speed'] / probe.best:.0%}  "
+            f"diff {r['max_rel']:.1e} (floor {r['noise']:.1e})  speed {probe.frac(r['speed']):.0%}  "
             f"({time.perf_counter() - t0:.1f} s){note}",
             file=sys.stderr, flush=True,
         )
@@ -446,10 +456,10 @@ def main() -> None:
 
     rows = [measure(n, s) for n in names for s in slots]
     for i, r in enumerate(rows):  # the best probe may have risen since: re-run configs timed while slow
-        if r["speed"] < QUIET * probe.best:
+        if probe.frac(r["speed"]) < QUIET:
             waited = wait_quiet(probe, args.max_wait)
             again = measure(r["model"], r["s"], f"  [re-run after waiting {waited:.0f} s: machine was slow]")
-            if again["speed"] > r["speed"]:
+            if probe.frac(again["speed"]) > probe.frac(r["speed"]):
                 rows[i] = again
 
     wait_quiet(probe, args.max_wait)
@@ -484,7 +494,7 @@ def main() -> None:
             f"| {r['model']} | {r['s']} | {fmt(r['fused_step_s'] * 1e3)} | {fmt(r['fused_msps'])} | {r['n_loop']} | "
             f"{fmt(r['loop_msps'])} | {r['fused_msps'] / r['loop_msps']:.2f}x | {r['fused_flops'] / 1e9:.2f} | "
             f"{100 * r['fused_flops'] / dense:.1f}% | {r['max_rel']:.1e} ({r['n_eq']} slots) | {r['noise']:.1e} | "
-            f"{r['speed'] / probe.best:.0%}{'' if r['speed'] >= QUIET * probe.best else ' (noisy)'} |"
+            f"{probe.frac(r['speed']):.0%}{'' if probe.frac(r['speed']) >= QUIET else ' (noisy)'} |"
         )
 
     def find(model: str, s: int) -> dict | None:

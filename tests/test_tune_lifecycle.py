@@ -22,36 +22,11 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 import tune_helpers as h
+from tune_helpers import K, ray_session, trainables  # noqa: F401 - shared fixtures
 
-K = 5  # fused steps per Tune iteration
 ENDED, DIED = "the trial ended", "its process died"
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture
-def trainables(ray_session):
-    made = []
-
-    def make(**kw):
-        kw.setdefault("steps_per_report", K)
-        kw.setdefault("idle_timeout_s", 10.0)
-        T = h.make_trainable(**kw)
-        made.append(T)
-        return T
-
-    try:
-        yield make
-    finally:
-        for T in made:
-            T.shutdown_hosts()
 
 
 def by_trial(events):

@@ -23,8 +23,8 @@ from ray.tune.schedulers import (
 )
 
 import tune_helpers as h
+from tune_helpers import K, ray_session, trainables  # noqa: F401 - shared fixtures
 
-K = 5  # fused steps per Tune iteration (steps_per_report)
 # A new trial's process may ask for a slot in the moment between Tune ending the previous trial and
 # that trial's cleanup() freeing it (one refused reservation, retried 0.2 s later). Oversubscription
 # shows up as many: Tune running more live trials than slots (see the "unlimited" case).
@@ -32,32 +32,6 @@ REFUSALS_TOLERATED = 1
 GOOD_FIRST = [0.05, 0.03, 0.02, 0.01, 3e-5, 2e-5, 1.5e-5, 1e-5]  # good trials start (and set the rungs) first
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture
-def trainables(ray_session):
-    """``make(**kw)`` builds a batched trainable; every one built is shut down after the test."""
-    made = []
-
-    def make(**kw):
-        kw.setdefault("steps_per_report", K)
-        kw.setdefault("idle_timeout_s", 10.0)
-        T = h.make_trainable(**kw)
-        made.append(T)
-        return T
-
-    try:
-        yield make
-    finally:
-        for T in made:
-            T.shutdown_hosts()
 
 
 def assert_all_ok(grid, n):

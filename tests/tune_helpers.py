@@ -13,12 +13,15 @@ import sys
 import time
 
 import cloudpickle
+import pytest
 import ray
 from ray import tune
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 IN, HIDDEN, OUT = 64, 32, 10
+
+K = 5  # fused steps per Tune iteration (steps_per_report) in the Tune tests
 
 
 def digits():
@@ -254,3 +257,31 @@ def probe_class(T, base_dir):
 
 def host_events(T) -> list[dict]:
     return [e for s in T.host_stats() for e in s["events"]]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def trainables(ray_session):
+    """``make(**kw)`` builds a batched trainable; every one built is shut down after the test."""
+    made = []
+
+    def make(**kw):
+        kw.setdefault("steps_per_report", K)
+        kw.setdefault("idle_timeout_s", 10.0)
+        T = make_trainable(**kw)
+        made.append(T)
+        return T
+
+    try:
+        yield make
+    finally:
+        for T in made:
+            T.shutdown_hosts()
