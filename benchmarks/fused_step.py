@@ -174,11 +174,9 @@ class Probe:
     """How fast the machine is right now, as a fraction of the best seen in this run.
 
     Shared or throttled machines (VMs with CPU steal, other jobs) have phases
-    in which everything runs several times slower. The probe measures both
-    kinds of speed a training step depends on: throughput (a fixed matmul,
-    ~20 ms, long enough to span several scheduler time slices) and per-op
-    latency (a burst of tiny ops, which is what small models are made of).
-    A reading is a raw pair; :meth:`frac` rates it against the best of each.
+    in which everything runs several times slower. A reading is the FLOP/s of
+    a fixed matmul run for ~20 ms, long enough to span several scheduler time
+    slices, so it reads low while other processes compete for the cores.
     """
 
     def __init__(self, device: torch.device):
@@ -187,19 +185,16 @@ class Probe:
         self.a = torch.randn(self.n, self.n, device=device)
         self.b = torch.randn(self.n, self.n, device=device)
         self.c = torch.empty(self.n, self.n, device=device)
-        self.small = torch.randn(64, device=device)
-        self.small_out = torch.empty(64, device=device)
-        self.best = (0.0, 0.0)
+        self.best = 0.0
 
-    def __call__(self) -> tuple[float, float]:
+    def __call__(self) -> float:
         mm = lambda: torch.mm(self.a, self.b, out=self.c)  # noqa: E731
-        tiny = lambda: torch.add(self.small, 1.0, out=self.small_out)  # noqa: E731
-        raw = (2 * self.n**3 / timed(mm, self.device, 16), 1.0 / timed(tiny, self.device, 500))
-        self.best = (max(self.best[0], raw[0]), max(self.best[1], raw[1]))
+        raw = 2 * self.n**3 / timed(mm, self.device, 16)
+        self.best = max(self.best, raw)
         return raw
 
-    def frac(self, raw: tuple[float, float]) -> float:
-        return min(raw[0] / self.best[0], raw[1] / self.best[1])
+    def frac(self, raw: float) -> float:
+        return raw / self.best
 
 
 def wait_quiet(probe: Probe, max_wait: float) -> float:
@@ -212,7 +207,7 @@ def wait_quiet(probe: Probe, max_wait: float) -> float:
 
 def time_contenders(
     fns: dict[str, Callable[[], None]], device: torch.device, min_time: float, probe: Probe
-) -> tuple[dict[str, float], tuple[float, float]]:
+) -> tuple[dict[str, float], float]:
     """Seconds per call of each fn, and the (raw) probe reading of the slowest kept block.
 
     The fns' blocks alternate, and a probe runs between every two blocks, so
@@ -225,7 +220,7 @@ def time_contenders(
     est = {k: timed(f, device, 1) for k, f in fns.items()}
     blocks = SLOW_BLOCKS if max(est.values()) > SLOW_STEP_S else BLOCKS
     reps = {k: reps_for(t, min_time / blocks) for k, t in est.items()}
-    quiet_best = {k: (math.inf, (0.0, 0.0)) for k in fns}  # (seconds per call, probe reading), fastest quiet block
+    quiet_best = {k: (math.inf, 0.0) for k in fns}  # (seconds per call, probe reading) of the fastest quiet block
     any_best = dict(quiet_best)
     quiet = {k: 0 for k in fns}
     before = probe()
@@ -235,8 +230,7 @@ def time_contenders(
                 continue
             t = timed(f, device, reps[k])
             after = probe()
-            speed = before if probe.frac(before) < probe.frac(after) else after
-            before = after
+            speed, before = min(before, after), after
             any_best[k] = min(any_best[k], (t, speed))
             if probe.frac(speed) >= QUIET:
                 quiet[k] += 1
@@ -425,11 +419,10 @@ def main() -> None:
         f"timed in {BLOCKS} alternating blocks ({SLOW_BLOCKS} when a step takes > {SLOW_STEP_S:g} s) that together run "
         f">= {min_time} s per path, at least one step per block; the fastest block counts",
         f"- machine-speed guard (shared/throttled machines have phases several times slower): each timing block "
-        f"is bracketed by probes ({'512' if device.type == 'cpu' else '2048'}^3 matmul for throughput, 500 tiny adds for "
-        f"per-op latency); blocks whose probes read "
+        f"is bracketed by probes ({'512' if device.type == 'cpu' else '2048'}^3 matmul, ~20 ms); blocks whose probes read "
         f"< {QUIET:.0%} of the best probe of the run are discarded and replaced (up to 2x the blocks); configs still "
         f"below that at the end are re-run once (after waiting up to {args.max_wait:g} s for a quiet machine). "
-        f"Column 'speed' = the slower probe ratio around the kept blocks; '(noisy)' marks rows still below {QUIET:.0%}",
+        f"Column 'speed' = probe around the kept blocks / best probe; '(noisy)' marks rows still below {QUIET:.0%}",
     ]
     print("\n".join(head), flush=True)
 
