@@ -104,6 +104,9 @@ def test_slot_freed_at_once_when_trial_stops_finishes_errors_or_dies(trainables,
     # The killed trial's slot is freed by the lease check, which needs Ray to notice the owner died
     # (seconds): wait for it. Every other slot was freed by cleanup() before fit() returned.
     h.wait_until(lambda: sum(s["attached"] + s["reserved"] for s in T.host_stats()) == 0, timeout=30)
+    # The killed trial's slot is freed by the lease check, which needs Ray to notice its owner died
+    # (a few seconds); fit() can return before that on a loaded machine.
+    h.wait_until(lambda: sum(s["attached"] + s["reserved"] for s in T.host_stats()) == 0, timeout=30)
     stats = T.host_stats()
     assert sum(s["attached"] + s["reserved"] for s in stats) == 0, [
         (s["trials"], s["reserved"], [e for e in s["events"] if e["trial"] in s["trials"]]) for s in stats]
