@@ -278,15 +278,17 @@ class VectorOptimizer:
             scale = torch.where(ok, clip, 0.0)
         names = [k for k, v in c64.items() if isinstance(v, torch.Tensor)]
         stacked = torch.stack([c64[k] for k in names] + [scale])
+        flags = {k: v for k, v in c64.items() if not isinstance(v, torch.Tensor)}
+        skipped = ~ok.unsqueeze(1)
         for dt, g in groups.items():
             cols = stacked.to(dt).unsqueeze(-1)  # one cast for all coefficients: [K, n, 1]
             p = rows(g.data)
             st = {k: rows(v) for k, v in self.state[dt].items()}
             for r, c_ in _tiles(p):
                 c = {k: cols[j, r] for j, k in enumerate(names)}
-                c.update({k: v for k, v in c64.items() if not isinstance(v, torch.Tensor)})
+                c.update(flags)
                 gt = grads[dt][r, c_]
-                gt.masked_fill_(~ok[r].unsqueeze(1), 0.0)  # 0 * inf would be NaN
+                gt.masked_fill_(skipped[r], 0.0)  # 0 * inf would be NaN
                 gt.mul_(cols[-1, r])
                 self._update(p[r, c_], gt, {k: v[r, c_] for k, v in st.items()}, c)
             if idx is not None:
