@@ -77,7 +77,6 @@ class Stack:
         else:
             self.streams = SharedStream(self.x, self.y, spec.batch_size, seed=0)
         self.owner: dict[int, str] = {}
-        self._fresh = True  # slot 0 already holds `first`
 
     def _validate(self) -> None:
         """Run the fused forward once on two validation rows so an unfusable model fails here, alone."""
@@ -113,9 +112,7 @@ class Stack:
     def add(self, trial_id: str, model: nn.Module, seed: int, hparams: Mapping[str, Any]) -> int:
         """Give ``trial_id`` a free slot holding ``model`` with its hyperparameters; return the slot."""
         slot = self._free_slot()
-        if not (self._fresh and slot == 0):
-            self.mb.reset_slot(slot, model)
-        self._fresh = False
+        self.mb.reset_slot(slot, model)
         self.opt.set_hparams(slot, **hparams)
         if self.scaler is not None:
             self.scaler._on_reset(slot)
