@@ -36,9 +36,14 @@ _EXPORTS = {
     "HyperparameterError": ".errors",
     "IncompatibleModelsError": ".errors",
     "InputShapeError": ".errors",
+    "OutOfDeviceMemoryError": ".errors",
+    "MemoryProfileError": ".errors",
+    "CapacityFit": ".capacity",
+    "profile_capacity": ".capacity",
     "batched_trainable": ".tune",
 }
-_SUBMODULES = {"optim", "data", "metrics", "tune", "engine", "amp", "errors", "signature", "trainer", "tensorboard"}
+_SUBMODULES = {"optim", "data", "metrics", "tune", "engine", "amp", "errors", "signature", "trainer", "tensorboard",
+               "capacity"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -67,6 +67,9 @@ class FusedEngine:
         self.loss_fn = loss_fn
         self.scaler = scaler
         self.autocast_dtype = autocast_dtype
+        # True after a train_step that raised once the optimizer update had begun: its slots may be
+        # partly updated, so running the step again would apply (part of) it twice.
+        self.partial_step = False
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -91,19 +94,29 @@ class FusedEngine:
         # Resolved once for every piece below; None means every slot (the fast path, no gathers).
         idx = mb.resolve_slots(slots if isinstance(slots, str) else host)
         opt.zero_grad()
+        self.partial_step = False
         # Forward updates buffers (BatchNorm statistics) in place; a slot whose
-        # step is skipped must get those back, or a NaN batch poisons it.
-        saved = {k: v.clone() for k, v in mb.buffers.items() if v.is_floating_point()}
-        with self._autocast():
-            losses, _ = mb.forward_loss(x, y, self.loss_fn, per_slot=per_slot, slots=idx)
-        losses = losses.float()
-        bad_loss = ~torch.isfinite(losses)
+        # step is skipped must get those back, or a NaN batch poisons it; and a
+        # step that raises before the update (e.g. out of memory) must leave
+        # every slot as it was, so that it can be run again in smaller pieces.
+        saved = {k: v.clone() for k, v in mb.buffers.items()}
+        try:
+            with self._autocast():
+                losses, _ = mb.forward_loss(x, y, self.loss_fn, per_slot=per_slot, slots=idx)
+            losses = losses.float()
+            bad_loss = ~torch.isfinite(losses)
+            (losses.sum() if self.scaler is None else self.scaler.scale(losses, idx)).backward()
+        except BaseException:
+            with torch.no_grad():
+                for k, old in saved.items():
+                    mb.buffers[k].copy_(old)
+            raise
+        saved = {k: v for k, v in saved.items() if v.is_floating_point()}
+        self.partial_step = True  # until this step returns
         if self.scaler is not None:
-            self.scaler.scale(losses, idx).backward()
             self.scaler.step(opt, idx, skip=bad_loss)
             self.scaler.update(idx)
         else:
-            losses.sum().backward()
             opt.step(idx, skip=bad_loss)
         nonfinite = opt.last_nonfinite if idx is None else opt.last_nonfinite.index_select(0, idx)
         grad_norm = opt.last_grad_norm if idx is None else opt.last_grad_norm.index_select(0, idx)
@@ -116,6 +129,7 @@ class FusedEngine:
                 for k, old in saved.items():
                     cur = mb.buffers[k]
                     cur.copy_(torch.where(skipped.view(-1, *[1] * (cur.dim() - 1)), old, cur))
+        self.partial_step = False
         return StepResult(host, losses.detach(), ~nonfinite, nonfinite, grad_norm)
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .cpu_memory import keep_freed_memory
-from .errors import IncompatibleModelsError
+from .errors import IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
 from .signature import check_compatible, first_mismatch, module_signature
 
@@ -287,7 +287,7 @@ class ModelBatch:
                 out = run_first_call(self._template, invoke)
                 self._checked.add(key)
         except Exception as exc:  # vmap's own errors are unreadable for users
-            if isinstance(exc, torch.OutOfMemoryError):
+            if is_out_of_memory(exc):  # not a fusion problem; re-running it to explain would only fail again
                 raise
             raise explain_failure(self._template, exc, invoke) from exc
         if self.training and self.buffers:

@@ -174,7 +174,7 @@ def test_two_proxies_of_one_trial_hold_separate_slots(ray_session):
 
     T = h.make_trainable(steps_per_report=K)
     host = ray.remote(SlotHost).options(max_concurrency=8, num_cpus=0).remote(T._spec_bytes, "stale-host", 2)
-    lease = ray.put("lease")
+    lease = None  # driven directly, not by proxies: no lease check
     try:
         ray.get(host.attach.remote("t1", {"lr": 0.01}, [lease], None, "live"))
         assert ray.get(host.train.remote("live", 2))["slot_steps"] == 2
@@ -343,26 +343,41 @@ def test_results_loggers_and_host_tensorboard(trainables, tmp_path):
 
 
 def test_bad_configs_fail_or_isolate_only_their_own_trial(trainables, tmp_path):
-    """Another shape: another stack, trains fine. Unfusable: its own trial errors with the FusionError
-    message. A huge lr: NaN steps in that trial only."""
+    """Another shape: another stack, trains fine. A huge lr: NaN steps in that trial only. Each bad
+    input fails only its own trial, at attach, with an error that names the problem and the fix:
+    an unfusable model, a negative lr, a config key the factory needs, inputs or labels of data()
+    that do not fit the model."""
     T = trainables(slots_per_host=4, optimizer="sgd")
     cases = {
         "base": {"lr": 0.1},
-        "wide": {"lr": 0.1, "hidden": 48},
-        "item": {"lr": 0.1, "unfusable": True},
+        "wide": {"lr": 0.1, "arch": {"hidden": 48}},
         "nan": {"lr": 1e12},
+        "item": {"lr": 0.1, "unfusable": True},
+        "neg_lr": {"lr": -0.1},
+        "no_key": {"lr": 0.1, "arch": {}},
+        "in30": {"lr": 0.1, "d_in": 30},
+        "out1": {"lr": 0.1, "d_out": 1},
     }
+    defaults = {"arch": {"hidden": 32}, "unfusable": False, "d_in": 64, "d_out": 10}
     space = {"case": tune.grid_search(list(cases))}
-    for key in ("lr", "hidden", "unfusable"):
-        space[key] = tune.sample_from(lambda c, key=key: cases[c["case"]].get(key, {"hidden": 32}.get(key)))
+    for key in ("lr", *defaults):
+        space[key] = tune.sample_from(lambda c, key=key: cases[c["case"]].get(key, defaults.get(key)))
     grid, log = h.fit(T, space, tmp_path, scheduler=FIFOScheduler(),
                       run_kw={"stop": {"training_iteration": 3}})
     # (an errored trial without results has no ``config`` on its Result: use its directory name)
     res = {next(c for c in cases if f"case={c}_" in os.path.basename(r.path)): r for r in grid}
     assert set(res) == set(cases)
-    err = str(res["item"].error)
-    assert res["item"].error is not None and "FusionError" in err
-    assert "Cannot fuse the model's own forward" in err and ".item()" in err
+    expect = {
+        "item": ["FusionError", "Cannot fuse the model's own forward", ".item()"],
+        "neg_lr": ["HyperparameterError", "lr", "-0.1"],
+        "no_key": ["TrialConfigError", "no key 'hidden'", "model() factory", "param_space"],
+        "in30": ["InputShapeError", "data()", "(2, 64)", "make the config's model take inputs"],
+        "out1": ["InputShapeError", "labels of data()", "cross_entropy", "Fix:"],
+    }
+    for case, words in expect.items():
+        err = str(res[case].error)
+        assert res[case].error is not None, case
+        assert all(w in err for w in words), (case, err[-1500:])
     for case in ("base", "wide", "nan"):
         assert res[case].error is None, (case, res[case].error)
         assert res[case].metrics["training_iteration"] == 3
@@ -376,8 +391,30 @@ def test_bad_configs_fail_or_isolate_only_their_own_trial(trainables, tmp_path):
     assert nan_rows[-1]["nonfinite_steps_total"] == sum(x["nonfinite_steps"] for x in nan_rows) > 0
     assert res["nan"].metrics["stack"] == res["base"].metrics["stack"]  # NaN isolated inside a shared stack
     [stats] = T.host_stats()
-    assert sum(1 for e in stats["events"] if e["event"] == "attach") == 3  # the unfusable one never attached
+    assert sum(1 for e in stats["events"] if e["event"] == "attach") == 3  # only the good ones attached
     assert stats["attached"] == 0 and stats["reserved"] == 0
+
+
+def test_checkpoint_of_another_signature_fails_only_the_trial_that_loads_it(trainables, tmp_path):
+    T = trainables(slots_per_host=2)
+    P = h.probe_class(T, tmp_path)
+    made = []
+    try:
+        small = ray.remote(P).options(num_cpus=0.01).remote(config={"probe_id": "small", "lr": 0.01})
+        wide = ray.remote(P).options(num_cpus=0.01).remote(config={"probe_id": "wide", "lr": 0.01, "hidden": 48})
+        made += [small, wide]
+        ray.get([small.train.remote(), wide.train.remote()])
+        ckpt = ray.get(small.save.remote())  # a checkpoint of the 64-32-10 model
+        with pytest.raises(Exception, match="another model signature") as info:
+            ray.get(wide.restore.remote(ckpt))
+        msg = str(info.value)
+        assert "IncompatibleModelsError" in msg and "[32, 64]" in msg and "[48, 64]" in msg and "PBT" in msg
+        # Both trials go on: the failed restore changed nothing.
+        r_small, r_wide = ray.get([small.train.remote(), wide.train.remote()])
+        assert r_small["slot_steps"] == r_wide["slot_steps"] == 2 * K
+    finally:
+        for a in made:
+            ray.kill(a)
 
 
 # ----------------------------------------------------------------------------------- torch-free proxy

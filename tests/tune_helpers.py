@@ -38,11 +38,13 @@ def digits():
 
 
 def make_model(cfg):
-    """64-32-10 MLP; ``cfg["hidden"]`` changes the shape, ``cfg["unfusable"]`` calls ``.item()`` in forward."""
+    """64-32-10 MLP; ``cfg["hidden"]`` (or ``cfg["arch"]["hidden"]``), ``cfg["d_in"]`` and ``cfg["d_out"]``
+    change the shape, ``cfg["unfusable"]`` calls ``.item()`` in forward."""
     import torch
     from torch import nn
 
-    hidden = int(cfg.get("hidden", HIDDEN))
+    hidden = int(cfg["arch"]["hidden"]) if "arch" in cfg else int(cfg.get("hidden", HIDDEN))
+    d_in, d_out = int(cfg.get("d_in", IN)), int(cfg.get("d_out", OUT))
     if cfg.get("unfusable"):
 
         class ItemMLP(nn.Module):
@@ -75,7 +77,7 @@ def make_model(cfg):
                 return super().forward(x)
 
         return FailingMLP(cfg["fail_after"])
-    return nn.Sequential(nn.Linear(IN, hidden), nn.ReLU(), nn.Linear(hidden, OUT))
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
 
 
 def hparams(cfg):
@@ -285,3 +287,77 @@ def trainables(ray_session):
     finally:
         for T in made:
             T.shutdown_hosts()
+
+
+# The sweep of the survival tests (host crash, driver interrupt): its trials must reach
+# SURVIVE_ITERS with the same final metrics as an undisturbed run of the same space.
+SURVIVE_ITERS = 6
+SURVIVE_TRAINABLE = {"slots_per_host": 4, "num_hosts": 2, "host_cpus": 0.5, "steps_per_report": K,
+                     "idle_timeout_s": 5.0}
+SURVIVE_SPACE = {"lr": tune.grid_search([0.002 * (i + 1) for i in range(8)]), "seed": 0}
+
+
+def survive_run_kw() -> dict:
+    return {
+        "stop": {"training_iteration": SURVIVE_ITERS},
+        "checkpoint_config": tune.CheckpointConfig(checkpoint_frequency=1),
+        "failure_config": tune.FailureConfig(max_failures=2),
+    }
+
+
+def alive_actors(job_id: str | None = None) -> list[dict]:
+    """Actors the GCS knows as alive (no dashboard needed), optionally of one job only."""
+    from ray._private import state
+
+    return [a for a in state.actors().values()
+            if a["State"] != "DEAD" and (job_id is None or a["JobID"] == job_id)]
+
+
+def alive_named(prefix: str) -> list[str]:
+    return [a["Name"] for a in alive_actors() if (a["Name"] or "").startswith(prefix)]
+
+
+# The load sweep (tests/test_tune_load.py, benchmarks/load.py): many short ASHA trials through few slots.
+LOAD_MAX_T, LOAD_GRACE, LOAD_RF = 4, 1, 2
+
+
+class RateWatch(tune.Callback):
+    """Results the controller handled, with their arrival times, and the hosts' high-water marks."""
+
+    def __init__(self, T, sample_every: int = 10):
+        self.T, self.every, self.times, self.samples = T, sample_every, [], []
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.times.append(time.monotonic())
+        if len(self.times) % self.every == 1:
+            self.samples.extend(self.T.host_stats())
+
+    def peak_rate(self, window_s: float = 2.0) -> float:
+        """Most results per second over any ``window_s`` window."""
+        best, j = 0, 0
+        for i, t in enumerate(self.times):
+            while t - self.times[j] > window_s:
+                j += 1
+            best = max(best, i - j + 1)
+        return best / window_s
+
+
+def load_sweep(storage, *, trials: int, slots: int, reuse_actors: bool, steps_per_report: int = 2,
+               callbacks=()):
+    """``trials`` ASHA trials through one host of ``slots`` slots; returns ``(T, grid, log, watch, wall_s)``."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    T = make_trainable(slots_per_host=slots, steps_per_report=steps_per_report, idle_timeout_s=30.0,
+                       stats_every_s=60.0)
+    log, watch = ResultLog(), RateWatch(T)
+    space = {"lr": tune.loguniform(1e-4, 1e-1), "seed": tune.randint(0, 2**31 - 1)}
+    tuner = tune.Tuner(
+        T, param_space=space,
+        tune_config=tune_config(T, num_samples=trials, reuse_actors=reuse_actors,
+                                scheduler=ASHAScheduler(max_t=LOAD_MAX_T, grace_period=LOAD_GRACE,
+                                                        reduction_factor=LOAD_RF)),
+        run_config=run_config(storage, name="load", callbacks=[log, watch, *callbacks]),
+    )
+    start = time.monotonic()
+    grid = tuner.fit()
+    return T, grid, log, watch, time.monotonic() - start

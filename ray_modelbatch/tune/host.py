@@ -8,9 +8,11 @@ slots that still have steps outstanding. A slot whose K steps are done is
 evaluated and answered at once; the others keep going. A slot with no request
 does not advance.
 
-Proxies hand the host a *lease*: an object they own. When a proxy process
-dies without ``cleanup()``, the lease's owner is gone and the host frees the
-slot on its next check.
+Proxies hand the host a *lease*: their own actor handle. The host keeps one
+cheap ``__ray_ready__`` probe in flight per proxy; when a proxy process dies
+without ``cleanup()`` (a SIGKILL, a dead driver), the probe fails and the host
+frees the slot on its next check. A proxy that is merely busy leaves its
+probe pending, which counts as alive.
 
 This module imports torch only inside the actor (``SlotHost.__init__``), so a
 registry can create hosts without paying for torch.
@@ -48,7 +50,8 @@ class _Trial:
     trial_id: str
     stack: Any
     slot: int
-    lease: Any
+    lease: Any  # the proxy's actor handle, or None (never freed by the lease check)
+    probe: Any = None  # the lease's in-flight liveness probe
     request: _Request | None = None
     reports: int = 0
     nonfinite_steps: int = 0
@@ -80,17 +83,25 @@ def trial_seed(trial_id: str, config: dict, key: str) -> int:
 class SlotHost:
     """Owns the fused stacks of one device. Create it as a threaded Ray actor (see ``registry``)."""
 
-    def __init__(self, spec_bytes: bytes, name: str, capacity: int, lease_check_s: float = 2.0,
-                 stats_every_s: float = 5.0):
+    def __init__(self, spec_bytes: bytes, name: str, capacity: int | str, lease_check_s: float = 2.0,
+                 stats_every_s: float = 5.0, profile_config: dict | None = None, max_slots: int = 256):
         import cloudpickle
         import torch
 
         self.spec = cloudpickle.loads(spec_bytes)
         self.name = name
-        self.capacity = int(capacity)
-        self.device = torch.device(self.spec.device or ("cuda" if ray.get_gpu_ids() else "cpu"))
+        self.device = _pick_device(self.spec.device)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.in_placement_group = ray.util.get_current_placement_group() is not None
         x, y, xv, yv = self.spec.data()
         self.data = tuple(torch.as_tensor(t).to(self.device) for t in (x, y, xv, yv))
+        self.capacity_fit: str | None = None
+        if capacity == "auto":
+            fit = self._profile(profile_config or {}, max_slots)
+            self.capacity, self.capacity_fit = fit.slots, fit.describe()
+            logger.info("host %s: %s", name, self.capacity_fit)
+        else:
+            self.capacity = int(capacity)
         self.stacks: dict[str, Any] = {}
         self.trials: dict[str, _Trial] = {}
         self.reserved: dict[str, float] = {}  # key -> when reserved; see _check_leases
@@ -107,8 +118,26 @@ class SlotHost:
         self._thread.start()
 
     # ------------------------------------------------------------ public API
-    def ping(self) -> str:
-        return self.name
+    def _profile(self, config: dict, max_slots: int) -> Any:
+        """Slots of ``config``'s model that fit this host's device (see :mod:`ray_modelbatch.capacity`)."""
+        import torch
+
+        from ..capacity import profile_capacity
+        from .stack import Stack
+
+        def model() -> Any:
+            torch.manual_seed(0)
+            return _from_config(self.spec.model, "model", config)
+
+        hparams = _from_config(self.spec.hparams, "hparams", config)
+        build = Stack.build_for_profile(self.spec, model, self.data, self.device, hparams)
+        return profile_capacity(build, self.device, max_slots=max_slots)
+
+    def ping(self) -> dict:
+        """Who and where this host is; the registry waits for it before handing out slots."""
+        return {"name": self.name, "capacity": self.capacity, "capacity_fit": self.capacity_fit,
+                "device": str(self.device), "node_id": self.node_id,
+                "pid": os.getpid(), "in_placement_group": self.in_placement_group}
 
     def reserve(self, key: str) -> bool:
         """Hold a slot for attachment ``key`` if there is room; called by the registry, atomically."""
@@ -181,7 +210,11 @@ class SlotHost:
             return {
                 "host": self.name,
                 "device": str(self.device),
+                "node_id": self.node_id,
+                "pid": os.getpid(),
+                "in_placement_group": self.in_placement_group,
                 "capacity": self.capacity,
+                "capacity_fit": self.capacity_fit,
                 "attached": len(self.trials),
                 "reserved": len(self.reserved),
                 "stacks": {
@@ -206,6 +239,7 @@ class SlotHost:
             self._stop = True
             self._lock.notify_all()
         self._thread.join(timeout=10)
+        self._log_stats()  # the last window: a short sweep may have run entirely inside it
         if self._writer is not None:
             self._writer.close()
 
@@ -232,11 +266,11 @@ class SlotHost:
             self._detach(key, "it attached again")
         try:
             with torch.device("meta"):
-                skey = stack_key(self.spec.model(config))
+                skey = stack_key(_from_config(self.spec.model, "model", config))
             seed = trial_seed(trial_id, config, self.spec.seed_key)
             torch.manual_seed(seed)
-            model = self.spec.model(config)
-            hparams = self.spec.hparams(config)
+            model = _from_config(self.spec.model, "model", config)
+            hparams = _from_config(self.spec.hparams, "hparams", config)
             stack = self.stacks.get(skey)
             if stack is None:
                 stack = Stack(self.spec, skey, model, self.data, self.capacity, self.device)
@@ -251,7 +285,7 @@ class SlotHost:
             self.reserved.pop(key, None)
             self.trials[key] = _Trial(trial_id, stack, slot, lease)
             self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot, "stack": skey})
-        return {"host": self.name, "stack": skey, "slot": slot, "device": str(self.device)}
+        return {"host": self.name, "stack": skey, "slot": slot, "device": str(self.device), "node_id": self.node_id}
 
     def _detach(self, key: str, why: str) -> None:
         with self._lock:
@@ -274,21 +308,31 @@ class SlotHost:
             for key in [k for k, t in self.reserved.items() if now - t > self.RESERVATION_TTL_S]:
                 logger.warning("host %s: reservation %s was never attached; freeing it", self.name, key)
                 del self.reserved[key]
-        for key, t in list(self.trials.items()):
+        with self._lock:
+            leased = [(k, t) for k, t in self.trials.items() if t.lease is not None]
+        for _, t in leased:
+            if t.probe is None:
+                t.probe = t.lease.__ray_ready__.remote()
+        if not leased:
+            return
+        # A probe answered either fine (alive: probe again next time) or with an actor error (dead).
+        # Never ray.get a lease *object*: a borrower caches its value, so a dead owner looks alive.
+        ready, _ = ray.wait([t.probe for _, t in leased], num_returns=len(leased), timeout=0)
+        ready = set(ready)
+        for key, t in leased:
+            if t.probe not in ready:
+                continue
+            probe, t.probe = t.probe, None
             try:
-                try:
-                    ray.get(t.lease, timeout=0)  # a live lease is in the local object store: no wait
-                except ray.exceptions.GetTimeoutError:
-                    # Not local. With timeout=0 Ray never asks the owner, so a dead owner looks like
-                    # "not ready" forever; a short positive timeout makes it raise OwnerDiedError.
-                    ray.get(t.lease, timeout=0.2)
-            except ray.exceptions.GetTimeoutError:
-                pass  # slow (e.g. another node): treat as alive, look again next time
-            except Exception:  # OwnerDiedError and friends: the proxy is gone
-                logger.warning("host %s: trial %s's process died without cleanup; freeing its slot", self.name, t.trial_id)
+                ray.get(probe)
+            except ray.exceptions.RayActorError:
+                logger.warning("host %s: trial %s's process died without cleanup; freeing its slot",
+                               self.name, t.trial_id)
                 self._detach(key, "its process died")
                 with self._lock:
                     self._stats.freed_by_lease += 1
+            except Exception:  # noqa: BLE001 - unknown: look again next time
+                pass
 
     def _pending(self) -> dict[Any, list[tuple[str, _Trial]]]:
         work: dict[Any, list[tuple[str, _Trial]]] = {}
@@ -389,6 +433,7 @@ class SlotHost:
             "slot": t.slot,
             "stack": t.stack.key,
             "host": self.name,
+            "host_node": self.node_id,
         }
         result.update({f"val_{k}": v for k, v in val.items()})
         r.future.set_result(result)
@@ -431,6 +476,41 @@ class SlotHost:
         for k, v in figures.items():
             self._writer.add_scalar(k, v, step)
         self._writer.flush()
+
+
+def _from_config(factory: Callable[[dict], Any], what: str, config: dict) -> Any:
+    """``factory(config)``, with a missing config key named as such (not a bare ``KeyError: 'lr'``)."""
+    from ..errors import TrialConfigError
+
+    try:
+        return factory(config)
+    except KeyError as exc:
+        if isinstance(exc, TrialConfigError):
+            raise
+        key = exc.args[0] if exc.args else "?"
+        raise TrialConfigError(
+            f"the trial config has no key {key!r}, which the {what}() factory reads (top-level keys: "
+            f"{sorted(config)}). Add {key!r} to the param_space (for every trial of a conditional "
+            f"space), or read it with config.get({key!r}, default)."
+        ) from exc
+
+
+def _pick_device(requested: str | None) -> Any:
+    """The spec's device, else the GPU Ray gave this actor, else the CPU.
+
+    A node may declare GPUs that torch cannot use (a test cluster, a driver
+    mismatch); the host then trains on its CPU and says so, instead of failing.
+    """
+    import torch
+
+    if requested:
+        return torch.device(requested)
+    if ray.get_gpu_ids():
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        logger.warning("Ray gave this host GPU %s but torch sees no CUDA device; training on the CPU",
+                       ray.get_gpu_ids())
+    return torch.device("cpu")
 
 
 def _rss_mb() -> float:

@@ -21,6 +21,7 @@ import ray
 from ray.tune import Trainable
 from ray.tune.execution.placement_groups import PlacementGroupFactory
 
+from ..errors import SlotHostLostError
 from .registry import get_registry
 
 logger = logging.getLogger(__name__)
@@ -49,35 +50,36 @@ class SlotTrialProxy(Trainable):
         self._skip_taken_checkpoint_dirs()
         registry = get_registry(self._spec_bytes, self._experiment, self._options)
         token = f"{self.trial_id}:{uuid.uuid4().hex[:8]}"  # this attachment; see SlotHost.attach
-        waited, warned, registry_errors = time.monotonic(), False, 0
+        self._lease = _own_handle()  # the host frees the slot when this process dies without cleanup()
+        waited, warned, actor_errors = time.monotonic(), False, 0
         while True:
             try:
-                got = ray.get(registry.assign.remote(token))
+                got = ray.get(registry.assign.remote(token, config))
+                if got is not None:
+                    self._host_name, self._host = got
+                    self._slot = ray.get(self._host.attach.remote(
+                        self.trial_id, config, [self._lease], self._experiment_dir(), token))
+                    break
             except ray.exceptions.RayActorError:
-                # The registry stopped itself (idle timeout) just as this trial came: start a new one.
-                registry_errors += 1
-                if registry_errors > 5:
+                # The registry stopped itself (idle timeout) just as this trial came, or the host
+                # died between reservation and attachment: ask a new registry.
+                actor_errors += 1
+                if actor_errors > 5:
                     raise
                 time.sleep(0.5)
                 registry = get_registry(self._spec_bytes, self._experiment, self._options)
                 continue
-            if got is not None:
-                break
             if not warned and time.monotonic() - waited > self._options.get("oversubscribe_warn_s", 5.0):
+                capacity = ray.get(registry.capacity.remote())
                 logger.warning(
-                    "trial %s is waiting for a free slot: Tune started more trials than the %d slots "
-                    "of this experiment. Set TuneConfig(max_concurrent_trials=<trainable>.max_concurrent()) "
-                    "or wrap the searcher with ray_modelbatch.tune.FreeSlotLimiter to avoid idle trial processes.",
-                    self.trial_id,
-                    ray.get(registry.capacity.remote()),
+                    "trial %s is waiting for a free slot. Either Tune started more trials than the %d slots "
+                    "of this experiment: set TuneConfig(max_concurrent_trials=<trainable>.max_concurrent()) "
+                    "or wrap the searcher with ray_modelbatch.tune.FreeSlotLimiter. Or no node has a GPU (or "
+                    "host_cpus CPUs) free to start a slot host on: free one, or add nodes.",
+                    self.trial_id, capacity,
                 )
                 warned = True
             time.sleep(0.2)
-        self._host_name, self._host = got
-        self._lease = ray.put(self.trial_id)  # owned by this process: dies with it, which frees the slot
-        self._slot = ray.get(
-            self._host.attach.remote(self.trial_id, config, [self._lease], self._experiment_dir(), token)
-        )
         self._token = token
         self._attached = self.trial_id
 
@@ -127,11 +129,24 @@ class SlotTrialProxy(Trainable):
                 pass  # the host is gone, and the slot with it
         self._attached = None
 
+    def _on_host(self, method: str, *args: Any) -> Any:
+        """Call the slot host; a dead host becomes an error Tune can recover the trial from."""
+        try:
+            return ray.get(getattr(self._host, method).remote(*args))
+        except ray.exceptions.RayActorError as exc:
+            self._attached = None
+            raise SlotHostLostError(
+                f"slot host {self._host_name} of trial {self.trial_id} died during {method}() "
+                f"({type(exc).__name__}). With tune.FailureConfig(max_failures>=1), Tune restarts the trial "
+                "from its last checkpoint on a new host; tune.CheckpointConfig(checkpoint_frequency=N) "
+                "bounds the iterations lost."
+            ) from exc
+
     def step(self) -> dict[str, Any]:
-        return ray.get(self._host.train.remote(self._token, self._options["steps_per_report"]))
+        return self._on_host("train", self._token, self._options["steps_per_report"])
 
     def save_checkpoint(self, checkpoint_dir: str) -> str:
-        blob = ray.get(self._host.save.remote(self._token))
+        blob = self._on_host("save", self._token)
         with open(os.path.join(checkpoint_dir, CHECKPOINT_FILE), "wb") as f:
             f.write(blob)
         return checkpoint_dir
@@ -140,7 +155,7 @@ class SlotTrialProxy(Trainable):
         path = checkpoint if isinstance(checkpoint, str) else checkpoint.path
         with open(os.path.join(path, CHECKPOINT_FILE), "rb") as f:
             blob = f.read()
-        ray.get(self._host.restore.remote(self._token, blob, self.config))
+        self._on_host("restore", self._token, blob, self.config)
 
     def reset_config(self, new_config: dict) -> bool:
         """Reused actor (``reuse_actors=True``): free the old trial's slot, attach the new trial."""
@@ -150,3 +165,11 @@ class SlotTrialProxy(Trainable):
 
     def cleanup(self) -> None:
         self._detach()
+
+
+def _own_handle() -> Any:
+    """This proxy's actor handle (its lease), or None when it does not run as a Ray actor."""
+    try:
+        return ray.get_runtime_context().current_actor
+    except RuntimeError:
+        return None

@@ -2,11 +2,16 @@
 
 The registry is a named, detached actor created by the first proxy with
 ``scheduling_strategy="DEFAULT"``, so it is never trapped in a trial's
-placement group and outlives the trial that happened to create it. It creates
-hosts on demand (one per GPU, or one per node on CPU-only clusters, pinned to
-that node), so hosts are owned by the registry and die with it. When no trial
-has held a slot for ``idle_timeout_s``, the registry stops its hosts and
-itself: nothing is left behind after ``fit()`` returns or the driver dies.
+placement group and outlives the trial that happened to create it. Hosts are
+planned one per GPU of every alive node (one per node on CPU-only clusters)
+and created on demand, pinned to their node, when a trial needs a slot and
+that node has the GPU free. A trial goes to the host with the most free
+slots, so trials spread over GPUs before any host fills up. Hosts that die
+(a crash, a lost node) are dropped, and their GPU is planned again.
+
+When no trial has held a slot for ``idle_timeout_s``, the registry stops its
+hosts and itself: nothing is left behind after ``fit()`` returns or raises,
+or after the driver dies.
 
 Imports no torch.
 """
@@ -16,11 +21,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray._private import state as ray_state
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ..errors import SlotHostStartError
 from .host import SlotHost
 
 logger = logging.getLogger(__name__)
@@ -30,89 +38,175 @@ def registry_name(experiment: str) -> str:
     return f"ray_modelbatch:{experiment}:registry"
 
 
-def plan_hosts(num_hosts: int | None = None) -> list[dict[str, Any]]:
-    """One entry per host the cluster can hold: one per GPU, else one per alive node."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+@dataclass(frozen=True)
+class HostPlace:
+    """One place a host may live: a GPU of a node (``gpu=True``), or a CPU-only node."""
+
+    node_id: str | None
+    index: int
+    gpu: bool
+
+    @property
+    def label(self) -> str:
+        node = (self.node_id or "any")[:8]
+        return f"{node}-gpu{self.index}" if self.gpu else f"{node}-cpu{self.index}"
+
+
+def plan_hosts(num_hosts: int | None = None) -> list[HostPlace]:
+    """Every host the cluster can hold now: one per GPU of each alive node, else one per alive node."""
     if num_hosts is not None:
-        return [{"node_id": None, "gpu": False} for _ in range(int(num_hosts))]
+        return [HostPlace(None, i, False) for i in range(int(num_hosts))]
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
     plan = [
-        {"node_id": n["NodeID"], "gpu": True}
+        HostPlace(n["NodeID"], k, True)
         for n in nodes
-        for _ in range(int(n.get("Resources", {}).get("GPU", 0)))
+        for k in range(int(n.get("Resources", {}).get("GPU", 0)))
     ]
-    return plan or [{"node_id": n["NodeID"], "gpu": False} for n in nodes]
+    return plan or [HostPlace(n["NodeID"], 0, False) for n in nodes]
 
 
 class HostRegistry:
-    """Assigns trials to hosts with free slots, creating hosts lazily up to the cluster's plan."""
+    """Assigns trials to hosts with free slots, creating hosts lazily where the cluster has room."""
 
     def __init__(self, spec_bytes: bytes, experiment: str, options: dict):
         self.spec_bytes = spec_bytes
         self.experiment = experiment
         self.options = options
-        self.plan = plan_hosts(options.get("num_hosts"))
-        self.hosts: list[tuple[str, Any]] = []
+        self.hosts: dict[HostPlace, tuple[str, Any]] = {}
+        self.slots: dict[HostPlace, int] = {}  # each host's capacity (it may profile its own device)
+        self._created = 0  # host names are never reused: a dead host's name may still be registered
         self.last_busy = time.monotonic()
         self._lock = threading.RLock()  # the idle watch holds it through its decision and shutdown()
         threading.Thread(target=self._idle_watch, daemon=True).start()
 
     def capacity(self) -> int:
-        return len(self.plan) * int(self.options["slots_per_host"])
+        """Slots of the running hosts, plus the planned ones (as large as the largest running one)."""
+        planned = plan_hosts(self.options.get("num_hosts"))
+        per = self.options["slots_per_host"]
+        per = max(self.slots.values(), default=0) if per == "auto" else int(per)
+        return sum(self.slots.values()) + per * sum(1 for p in planned if p not in self.hosts)
 
-    def host_handles(self) -> list[tuple[str, Any]]:
-        return list(self.hosts)
-
-    def assign(self, key: str) -> tuple[str, Any] | None:
-        """Reserve a slot for attachment ``key``: on the host with most free slots, or on a new host."""
+    def start_hosts(self, config: dict) -> int:
+        """Start a host on every planned place that has room now; returns :meth:`capacity`."""
         with self._lock:
             self.last_busy = time.monotonic()
-            free = ray.get([h.free_slots.remote() for _, h in self.hosts]) if self.hosts else []
-            for _, (name, h) in sorted(zip(free, self.hosts), key=lambda p: -p[0]):
-                if ray.get(h.reserve.remote(key)):
-                    return name, h
-            if len(self.hosts) < len(self.plan):
-                name, h = self._create(len(self.hosts))
-                if ray.get(h.reserve.remote(key)):
-                    return name, h
+            self._free_by_host()
+            while self._create_where_free(config) is not None:
+                pass
+            return self.capacity()
+
+    def in_placement_group(self) -> bool:
+        """False by design: a registry inside a trial's placement group would die with that trial."""
+        return ray.util.get_current_placement_group() is not None
+
+    def host_handles(self) -> list[tuple[str, Any]]:
+        return list(self.hosts.values())
+
+    def assign(self, key: str, config: dict | None = None) -> tuple[str, Any] | None:
+        """Reserve a slot for attachment ``key`` on the host with most free slots; None if none is free.
+
+        A place of the plan that has no host yet counts as fully free, so a new
+        host (on a free GPU) is preferred over filling up a running one. ``config``
+        is the trial's: a new host with ``slots_per_host="auto"`` profiles it,
+        unless the trainable names a ``profile_config``.
+        """
+        with self._lock:
+            self.last_busy = time.monotonic()
+            free = self._free_by_host()
+            if all(free[p] < self.slots[p] for p in free):
+                created = self._create_where_free(config)  # every host has trials: spread to a free GPU
+                if created is not None:
+                    free[created] = self.slots[created]
+            order = sorted(free, key=lambda p: -free[p])
+            # The counts may be stale by now; the host's reserve() decides, and counts a refusal.
+            for place in [p for p in order if free[p] > 0] or order[:1]:
+                if ray.get(self.hosts[place][1].reserve.remote(key)):
+                    return self.hosts[place]
             return None
 
-    def _create(self, i: int) -> tuple[str, Any]:
-        entry = self.plan[i]
-        name = f"ray_modelbatch:{self.experiment}:host{i}"
-        slots = int(self.options["slots_per_host"])
+    def _free_by_host(self) -> dict[HostPlace, int]:
+        """Free slots of every live host; hosts that died are dropped so their place is planned again."""
+        places = list(self.hosts)
+        refs = [self.hosts[p][1].free_slots.remote() for p in places]
+        free: dict[HostPlace, int] = {}
+        for place, ref in zip(places, refs):
+            try:
+                free[place] = ray.get(ref, timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                name, handle = self.hosts.pop(place)
+                self.slots.pop(place, None)
+                logger.warning("slot host %s is gone (%s); its trials restart from their checkpoints",
+                               name, type(exc).__name__)
+                ray.kill(handle, no_restart=True)
+        return free
+
+    def _create_where_free(self, config: dict | None) -> HostPlace | None:
+        """Start a host on the first planned place without one whose node has the resources free now."""
+        avail = ray_state.available_resources_per_node()
+        cpus = float(self.options.get("host_cpus", 1))
+        for place in plan_hosts(self.options.get("num_hosts")):
+            if place in self.hosts:
+                continue
+            if place.node_id is not None:
+                res = avail.get(place.node_id, {})
+                if res.get("CPU", 0.0) < cpus or (place.gpu and res.get("GPU", 0.0) < 1):
+                    continue  # taken (e.g. by another experiment's idle host): try again at a later trial
+            if self._create(place, config):
+                return place
+        return None
+
+    def _create(self, place: HostPlace, config: dict | None) -> bool:
+        name = f"ray_modelbatch:{self.experiment}:host{self._created}"
+        self._created += 1
+        slots = self.options["slots_per_host"]
         opts: dict[str, Any] = {
             "name": name,
-            "max_concurrency": 2 * slots + 16,  # every waiting step holds a thread
+            # every waiting step holds a thread
+            "max_concurrency": 2 * (self.options["max_slots_per_host"] if slots == "auto" else slots) + 16,
             "num_cpus": self.options.get("host_cpus", 1),
-            "num_gpus": 1 if entry["gpu"] else 0,
+            "num_gpus": 1 if place.gpu else 0,
             "max_restarts": 0,
+            "scheduling_strategy": "DEFAULT"
+            if place.node_id is None
+            else NodeAffinitySchedulingStrategy(place.node_id, soft=False),
         }
-        if entry["node_id"] is not None:
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(entry["node_id"], soft=False)
-        else:
-            opts["scheduling_strategy"] = "DEFAULT"
         handle = ray.remote(SlotHost).options(**opts).remote(
             self.spec_bytes, name, slots, lease_check_s=self.options.get("lease_check_s", 2.0),
             stats_every_s=self.options.get("stats_every_s", 5.0),
+            profile_config=self.options.get("profile_config") or config,
+            max_slots=self.options["max_slots_per_host"],
         )
-        ray.get(handle.ping.remote())  # surface a host that cannot start (e.g. its data loader fails)
-        self.hosts.append((name, handle))
-        logger.info("created slot host %s (%d slots, gpu=%s)", name, slots, entry["gpu"])
-        return name, handle
+        timeout = float(self.options.get("host_start_timeout_s", 120.0))
+        try:
+            info = ray.get(handle.ping.remote(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(handle, no_restart=True)
+            logger.warning("slot host %s on %s did not start within %.0fs; trying again later",
+                           name, place.label, timeout)
+            return False
+        except ray.exceptions.RayActorError as exc:
+            # The host's constructor raised (its data() failed, or not one slot fits its device):
+            # a plain error for the trial that asked, not an actor error its proxy would retry.
+            raise SlotHostStartError(f"slot host {name} on {place.label} could not start: {exc}") from None
+        self.hosts[place] = (name, handle)
+        self.slots[place] = int(info["capacity"])
+        logger.info("created slot host %s on %s (%d slots, %s)%s", name, place.label, info["capacity"],
+                    info["device"], f": {info['capacity_fit']}" if info.get("capacity_fit") else "")
+        return True
 
     def stats(self) -> list[dict]:
-        return ray.get([h.stats.remote() for _, h in self.hosts])
+        return ray.get([h.stats.remote() for _, h in self.hosts.values()])
 
     def shutdown(self) -> None:
         """Stop every host of this experiment, then this registry."""
         with self._lock:
-            for _, h in self.hosts:
+            for _, h in self.hosts.values():
                 try:
                     ray.get(h.shutdown.remote(), timeout=15)
                 except Exception:  # noqa: BLE001 - a dead host is already what we want
                     pass
-                ray.kill(h)
-            self.hosts = []
+                ray.kill(h, no_restart=True)
+            self.hosts, self.slots = {}, {}
         ray.kill(ray.get_runtime_context().current_actor)
 
     def _idle_watch(self) -> None:
@@ -122,14 +216,8 @@ class HostRegistry:
             # Decide and stop under the lock: an assign() that slipped in between a count of
             # zero used slots and shutdown() would hand out a host that is about to be killed.
             with self._lock:
-                hosts = list(self.hosts)
-                try:
-                    used = sum(
-                        self.options["slots_per_host"] - f
-                        for f in ray.get([h.free_slots.remote() for _, h in hosts], timeout=10)
-                    )
-                except Exception:  # noqa: BLE001 - a host died; treat as busy, recovery is the trials' job
-                    used = 1
+                free = self._free_by_host()
+                used = sum(self.slots[p] - f for p, f in free.items())
                 if used:
                     self.last_busy = time.monotonic()
                 elif time.monotonic() - self.last_busy > timeout:

@@ -25,7 +25,8 @@ class SlotSpec:
         metrics: ``{name: fn(output, target)}`` reported as ``val_<name>``.
         batch_size: training batch size (one per stack, since a fused step has one batch shape).
         steps_per_report: fused steps behind each ``Trainable.step()``.
-        slots_per_host: slots of one host (all its stacks together).
+        slots_per_host: slots of one host (all its stacks together), or ``"auto"``: each
+            host profiles the model on its device and takes what fits.
         data_mode: ``"per_slot"`` (each trial its own seeded sampler, reproduces
             independent training) or ``"shared"`` (one batch for all, cheaper).
         seed_key: config key holding the trial's seed; absent means a seed
@@ -40,7 +41,7 @@ class SlotSpec:
     metrics: dict[str, Callable[[Any, Any], Any]] = field(default_factory=dict)
     batch_size: int = 64
     steps_per_report: int = 10
-    slots_per_host: int = 32
+    slots_per_host: int | str = 32
     data_mode: str = "per_slot"
     eval_batch_size: int | None = None
     seed_key: str = "seed"
@@ -50,7 +51,9 @@ class SlotSpec:
     def __post_init__(self) -> None:
         if self.data_mode not in ("per_slot", "shared"):
             raise ValueError(f"data_mode must be 'per_slot' or 'shared', got {self.data_mode!r}")
-        for name in ("batch_size", "steps_per_report", "slots_per_host"):
+        if self.slots_per_host != "auto" and (isinstance(self.slots_per_host, str) or int(self.slots_per_host) < 1):
+            raise ValueError(f"slots_per_host must be >= 1 or 'auto', got {self.slots_per_host!r}")
+        for name in ("batch_size", "steps_per_report"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("model", "hparams", "loss", "data"):

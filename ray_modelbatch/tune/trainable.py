@@ -24,7 +24,9 @@ def batched_trainable(
     metrics: Mapping[str, Callable] | None = None,
     batch_size: int = 64,
     steps_per_report: int = 10,
-    slots_per_host: int = 32,
+    slots_per_host: int | str = 32,
+    profile_config: Mapping[str, Any] | None = None,
+    max_slots_per_host: int = 256,
     data_mode: str = "per_slot",
     eval_batch_size: int | None = None,
     seed_key: str = "seed",
@@ -33,9 +35,10 @@ def batched_trainable(
     num_hosts: int | None = None,
     host_cpus: float = 1,
     trial_resources: dict | None = None,
-    idle_timeout_s: float = 60.0,
+    idle_timeout_s: float = 20.0,
     stats_every_s: float = 5.0,
     lease_check_s: float = 2.0,
+    host_start_timeout_s: float = 120.0,
     name: str = "BatchedTrainable",
 ) -> type[SlotTrialProxy]:
     """Build a Tune trainable whose trials are slots of fused stacks on shared hosts.
@@ -57,16 +60,28 @@ def batched_trainable(
         metrics: ``{name: fn(output, target)}``, reported as ``val_<name>`` with ``val_loss``.
         batch_size: training batch size of every trial.
         steps_per_report: fused steps per ``Trainable.step()`` (one Tune iteration).
-        slots_per_host: trials one host trains at once (over all its stacks).
+        slots_per_host: trials one host trains at once (over all its stacks), or ``"auto"``:
+            each host builds the model of ``profile_config`` at two slot counts, measures the
+            peak memory of a step, fits a line and takes the slots that fit in 80% of its free
+            device memory (up to ``max_slots_per_host``); a step that still runs out of memory
+            is split into smaller fused steps.
+        profile_config: with ``"auto"``, the config to profile: the largest model of the
+            sweep. Default: the config of the trial that starts the host.
+        max_slots_per_host: the most slots ``"auto"`` gives one host. Every slot is a trial
+            process of about 110 MB on some node, so this bounds that memory too.
         data_mode: ``"per_slot"`` (own seeded sampler per trial) or ``"shared"``.
         num_hosts: fixed number of hosts; default one per GPU, or one per node without GPUs.
         host_cpus: CPUs each host reserves (it does the compute).
         trial_resources: resources of each proxy trial (default ``{"CPU": 0.01}``).
-        idle_timeout_s: hosts stop this long after their last trial left.
+        idle_timeout_s: hosts (and the experiment's registry) stop this long after their last
+            trial left, so nothing outlives ``fit()`` or a killed driver for longer; a trial
+            that comes later simply starts new hosts.
         stats_every_s: how often each host writes its own TensorBoard figures
             (under ``<experiment dir>/slot_hosts/<host>``).
         lease_check_s: how often a host looks for trials whose process died
             without detaching, and frees their slots.
+        host_start_timeout_s: how long a new host may take to start (scheduling, torch
+            import, ``data()``); one that is not up by then is dropped and tried again later.
     """
     spec = SlotSpec(
         model=model, optimizer=optimizer, hparams=hparams, loss=loss, data=data, metrics=dict(metrics or {}),
@@ -76,13 +91,16 @@ def batched_trainable(
     )
     options = {
         "steps_per_report": int(steps_per_report),
-        "slots_per_host": int(slots_per_host),
+        "slots_per_host": slots_per_host if slots_per_host == "auto" else int(slots_per_host),
+        "profile_config": dict(profile_config) if profile_config is not None else None,
+        "max_slots_per_host": int(max_slots_per_host),
         "num_hosts": num_hosts,
         "host_cpus": host_cpus,
         "trial_resources": trial_resources,
         "idle_timeout_s": float(idle_timeout_s),
         "stats_every_s": float(stats_every_s),
         "lease_check_s": float(lease_check_s),
+        "host_start_timeout_s": float(host_start_timeout_s),
     }
     attrs = {
         "_spec_bytes": cloudpickle.dumps(spec),
@@ -96,8 +114,20 @@ def batched_trainable(
 
 
 def _max_concurrent(cls: type[SlotTrialProxy]) -> int:
-    """Slots this trainable has on the current Ray cluster: use as ``max_concurrent_trials``."""
-    return len(plan_hosts(cls._options.get("num_hosts"))) * int(cls._options["slots_per_host"])
+    """Slots this trainable has on the current Ray cluster: use as ``max_concurrent_trials``.
+
+    With ``slots_per_host="auto"`` this starts the hosts (each profiles its device)
+    and sums their capacities, so it needs ``profile_config``.
+    """
+    if cls._options["slots_per_host"] != "auto":
+        return len(plan_hosts(cls._options.get("num_hosts"))) * int(cls._options["slots_per_host"])
+    if cls._options.get("profile_config") is None:
+        raise ValueError(
+            "max_concurrent() with slots_per_host='auto' must profile a model before any trial runs: pass "
+            "batched_trainable(profile_config=<the config of the largest model in the sweep>)."
+        )
+    registry = get_registry(cls._spec_bytes, cls._experiment, cls._options)
+    return ray.get(registry.start_hosts.remote(cls._options["profile_config"]))
 
 
 def _host_stats(cls: type[SlotTrialProxy]) -> list[dict]:
