@@ -259,7 +259,8 @@ def loop_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, x
     opt.step()
 
 
-def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: int, probe: Probe) -> dict:
+def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: int, probe: Probe,
+               compile_update: bool = False) -> dict:
     gen = torch.Generator().manual_seed(seed)
     eq_batches = [tuple(t.to(device) for t in spec.batch(gen)) for _ in range(EQ_STEPS)]
     x, y = (t.to(device) for t in spec.batch(gen))
@@ -277,7 +278,7 @@ def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: 
     ref_opts = [torch.optim.Adam(m.parameters(), lr=lrs[i]) for i, m in enumerate(refs)]
 
     mb = ModelBatch(models, device=device)
-    opt = mb_optim.Adam(mb, lr=lrs)
+    opt = mb_optim.Adam(mb, lr=lrs, compile=compile_update)
     engine = FusedEngine(mb, opt, spec.loss_fn)
 
     # Equivalence: 3 steps of both paths from the same weights on the same batches.
@@ -392,6 +393,8 @@ def main() -> None:
     ap.add_argument("--max-wait", type=float, default=60.0,
                     help="seconds to wait for the machine to be quiet before re-running a config timed while slow")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-update", action="store_true",
+                    help="fused optimizer with compile=True (the update as one torch.compile'd pass)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("fused_step_latest.md")), help="markdown file to write")
     args = ap.parse_args()
 
@@ -415,7 +418,8 @@ def main() -> None:
         f"- command: `{command()}`",
         f"- code: {code_version()}",
         machine(device),
-        f"- batch {BATCH}, Adam, one input batch shared by all models; after warm-up (>= 3 steps) fused and loop are "
+        f"- batch {BATCH}, Adam ({'compile=True: the update is one compiled pass' if args.compile_update else 'eager update'}), "
+        f"one input batch shared by all models; after warm-up (>= 3 steps) fused and loop are "
         f"timed in {BLOCKS} alternating blocks ({SLOW_BLOCKS} when a step takes > {SLOW_STEP_S:g} s) that together run "
         f">= {min_time} s per path, at least one step per block; the fastest block counts",
         f"- machine-speed guard (shared/throttled machines have phases several times slower): each timing block "
@@ -436,7 +440,7 @@ def main() -> None:
     flop_info = {n: step_flops(SPECS[n]) for n in names}
     def measure(n: str, s: int, note: str = "") -> dict:
         t0 = time.perf_counter()
-        r = run_config(SPECS[n], s, device, min_time, args.seed, probe)
+        r = run_config(SPECS[n], s, device, min_time, args.seed, probe, args.compile_update)
         r.update(model=n, s=s, fused_flops=r["fused_msps"] * flop_info[n][1])
         print(
             f"  {n:8s} S={s:<4d} fused {r['fused_msps']:>10,.0f} model-steps/s  loop {r['loop_msps']:>8,.0f}  "

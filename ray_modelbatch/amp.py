@@ -69,6 +69,7 @@ class SlotGradScaler:
         if not self.enabled:
             return
         inv = self.scales.reciprocal().unsqueeze(1)
+        self.mb.sync_grads()
         for g in self.mb.groups.values():
             g.grad.mul_(inv.to(g.grad.dtype))
 

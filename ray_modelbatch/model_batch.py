@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from . import fast_path
 from .cpu_memory import keep_freed_memory
 from .errors import IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
@@ -70,9 +71,13 @@ class ModelBatch:
         models: modules of the same class with identical parameter and buffer
             names, shapes and dtypes. Their current values become slots 0..S-1.
         device: where the stacked tensors live; defaults to the first model's device.
+        direct_path: run models made only of ``nn.Linear`` and elementwise ops with
+            direct batched kernels instead of ``torch.vmap`` (see :mod:`ray_modelbatch.fast_path`);
+            other models always use vmap. False forces vmap, e.g. to compare.
     """
 
-    def __init__(self, models: Sequence[nn.Module], device: torch.device | str | None = None):
+    def __init__(self, models: Sequence[nn.Module], device: torch.device | str | None = None,
+                 direct_path: bool = True):
         models = list(models)
         self.signature = check_compatible(models)
         first = next(iter(models[0].state_dict().values()), None)
@@ -93,6 +98,10 @@ class ModelBatch:
         self._vmapped: dict[tuple, Callable] = {}
         self._index_cache: dict[tuple, torch.Tensor] = {}
         self._checked: set[tuple] = set()
+        # Linear + elementwise models skip vmap (see fast_path); None means vmap for everything.
+        self._direct_path = direct_path
+        self._plans: dict[bool, fast_path.FastPlan | None] = {}  # per train/eval mode; see _plan()
+        self._slow_keys: set[tuple] = set()  # calls the direct path could not take
 
         s = len(models)
         self._groups: dict[torch.dtype, FlatGroup] = {}
@@ -178,9 +187,16 @@ class ModelBatch:
             p.grad = view
 
     def zero_grad(self) -> None:
-        self.sync_grads()
-        for g in self._groups.values():
-            g.grad.zero_()
+        """Clear the gradients of every slot.
+
+        Sets each ``param.grad`` to None instead of zeroing the flat buffer: the
+        next backward then hands over each gradient as it is, rather than adding
+        it into zeros (a fill and a read-add-write of every gradient, which for
+        large stacks costs as much as the optimizer). :meth:`sync_grads`, which
+        every optimizer step runs first, copies them into the flat buffer.
+        """
+        for name in self._grad_views:
+            self.params[name].grad = None
 
     # ------------------------------------------------------------ train / eval
     def train(self, mode: bool = True) -> "ModelBatch":
@@ -278,6 +294,13 @@ class ModelBatch:
         else:
             params = {k: v.index_select(0, idx) for k, v in self.params.items()}
             buffers = {k: v.index_select(0, idx) for k, v in self.buffers.items()}
+        if key not in self._slow_keys and not call_args[-2] and not call_args[-1] and self._plan() is not None:
+            try:
+                return self._run_direct(key, call_args, params)
+            except Exception as exc:  # noqa: BLE001 - vmap's path below runs it again, and explains errors
+                if is_out_of_memory(exc):
+                    raise
+                self._slow_keys.add(key)
         fn = self._fn(*key)
         invoke = lambda: fn(params, buffers, *call_args)  # noqa: E731
         try:
@@ -300,6 +323,27 @@ class ModelBatch:
                     for k, v in self.buffers.items():
                         v[act] = buffers[k][act]
         return out
+
+    @property
+    def uses_direct_path(self) -> bool:
+        """Whether forwards in the current mode skip vmap (a model of Linear layers and elementwise ops)."""
+        return self._plan() is not None
+
+    def _plan(self) -> fast_path.FastPlan | None:
+        if not self._direct_path:
+            return None
+        if self.training not in self._plans:
+            self._plans[self.training] = fast_path.plan(self._template)
+        return self._plans[self.training]
+
+    def _run_direct(self, key: tuple, call_args: tuple, params: dict[str, torch.Tensor]) -> Any:
+        with_loss, x_dim, y_dim = key
+        out = fast_path.run(self._plan(), self._template, params, call_args[0], per_slot=x_dim is not None)
+        if not with_loss:
+            return out
+        y, loss_fn = call_args[1], call_args[2]
+        losses = vmap(loss_fn, in_dims=(0, y_dim), randomness="different")(out, y)
+        return losses, out
 
     def _prepare_x(self, x: Any, per_slot: bool, idx: torch.Tensor | None, what: str = "x") -> tuple[Any, int | None]:
         if not per_slot:

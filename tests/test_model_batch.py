@@ -286,3 +286,72 @@ def test_all_slots_take_the_path_without_gathers():
     with Ops() as ops:
         eng.train_step(torch.randn(4, 5), torch.randn(4, 3))
     assert "index_select.default" in ops.names  # the subset path gathers, as it should
+
+
+# ------------------------------------------------------------------------------ direct path
+def test_direct_path_matches_vmap_for_linear_models():
+    """Linear + elementwise models skip vmap; outputs and gradients equal the vmap path's, for shared
+    and per-slot inputs, all slots or a subset; anything else (BatchNorm, 3-D inputs) uses vmap."""
+    models = make_models(6)
+    direct, vmapped = rmb.ModelBatch(clones(models)), rmb.ModelBatch(clones(models), direct_path=False)
+    assert direct.uses_direct_path and not vmapped.uses_direct_path
+    assert not rmb.ModelBatch(make_models(2, bn=True)).uses_direct_path
+    x, xs, y = torch.randn(16, 5), torch.randn(6, 16, 5), torch.randn(16, 3)
+    for slots in (None, [4, 1]):
+        torch.testing.assert_close(direct(x, slots=slots), vmapped(x, slots=slots))
+        xin = xs if slots is None else xs[slots]
+        torch.testing.assert_close(direct(xin, per_slot=True, slots=slots), vmapped(xin, per_slot=True, slots=slots))
+        for mb in (direct, vmapped):
+            mb.zero_grad()
+            loss, _ = mb.forward_loss(x, y, nn.functional.mse_loss, slots=slots)
+            loss.sum().backward()
+            mb.sync_grads()
+        for name in direct.params:
+            torch.testing.assert_close(direct.params[name].grad, vmapped.params[name].grad, rtol=1e-5, atol=1e-7)
+    seq = torch.randn(16, 4, 5)  # [B, T, features]: not a direct-path shape, falls back to vmap
+    torch.testing.assert_close(direct(seq), vmapped(seq))
+
+
+def test_direct_path_dropout_draws_a_mask_per_slot():
+    mb = rmb.ModelBatch([nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 8, bias=False))] * 4)
+    assert mb.uses_direct_path
+    with torch.no_grad():
+        for i in range(4):
+            mb.params["1.weight"][i].copy_(torch.eye(8))
+    out = mb(torch.ones(32, 8))  # dropout on the shared input itself
+    assert not torch.equal(out[0], out[1]) and set(out.unique().tolist()) == {0.0, 2.0}
+    mb.eval()
+    assert torch.equal(mb(torch.ones(32, 8)), torch.ones(4, 32, 8))
+
+
+def test_direct_path_keeps_python_side_effects_and_mode_branches():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.calls = nn.Linear(3, 2), 0
+
+        def forward(self, x):
+            self.calls += 1  # a traced graph would drop this: such models stay on vmap
+            return self.lin(x)
+
+    class TrainShift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return torch.tanh(h) if self.training else h  # fixed by a trace: one plan per mode
+
+    mb = rmb.ModelBatch([Counting(), Counting()])
+    assert not mb.uses_direct_path
+    mb(torch.randn(4, 3))
+    mb(torch.randn(4, 3))
+    assert mb._template.calls == 2
+    mb = rmb.ModelBatch([TrainShift(), TrainShift()])
+    x = torch.randn(4, 3)
+    assert mb.uses_direct_path
+    train_out = mb(x)
+    mb.eval()
+    assert mb.uses_direct_path
+    torch.testing.assert_close(train_out, torch.tanh(mb(x)))

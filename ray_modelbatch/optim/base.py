@@ -15,6 +15,7 @@ step size 0, moment weight 0) after their gradients are zeroed.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
@@ -68,6 +69,18 @@ def per_slot(name: str, value: Any, num_slots: int) -> torch.Tensor:
 CPU_TILE_ELEMENTS = 1 << 17
 
 
+def _compile(fn: Callable) -> Callable:
+    import torch._dynamo  # noqa: F401 - fail here, not at the first step, if torch has no compiler stack
+
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def _is_compile_failure(exc: Exception) -> bool:
+    """Errors of the compiler stack (Dynamo, Inductor, a missing C++ compiler), not of the math."""
+    mod = type(exc).__module__
+    return mod.startswith(("torch._dynamo", "torch._inductor")) or "compile" in type(exc).__name__.lower()
+
+
 def _tiles(t: torch.Tensor) -> list[tuple[slice, slice]]:
     """Row/column blocks of a ``[n, P]`` buffer that each fit in the CPU cache (one block on GPU)."""
     n, width = t.shape
@@ -96,10 +109,14 @@ class VectorOptimizer:
         schedule: schedules.Schedule | Sequence[schedules.Schedule] | None = None,
         max_grad_norm: Any = None,
         skip_nonfinite: bool = True,
+        compile: bool = False,
         **hparams: Any,
     ):
         self.mb = mb
         self.skip_nonfinite = skip_nonfinite
+        # torch.compile fuses the whole elementwise update into one pass over parameters, gradients
+        # and state (eager runs ~10 passes); see _apply. Off by default: compiling takes seconds per shape.
+        self._compiled: Callable | None = _compile(self._apply) if compile else None
         self.specs = {**self.HPARAMS, **COMMON}
         s = mb.num_slots
         self._hp = {k: torch.full((s,), spec.default, dtype=torch.float64) for k, spec in self.specs.items()}
@@ -284,13 +301,16 @@ class VectorOptimizer:
             cols = stacked.to(dt).unsqueeze(-1)  # one cast for all coefficients: [K, n, 1]
             p = rows(g.data)
             st = {k: rows(v) for k, v in self.state[dt].items()}
-            for r, c_ in _tiles(p):
-                c = {k: cols[j, r] for j, k in enumerate(names)}
+            if self._compiled is not None:  # one fused pass needs no cache tiles
+                c = {k: cols[j] for j, k in enumerate(names)}
                 c.update(flags)
-                gt = grads[dt][r, c_]
-                gt.masked_fill_(skipped[r], 0.0)  # 0 * inf would be NaN
-                gt.mul_(cols[-1, r])
-                self._update(p[r, c_], gt, {k: v[r, c_] for k, v in st.items()}, c)
+                self._run_compiled(p, grads[dt], st, c, skipped, cols[-1])
+            else:
+                for r, c_ in _tiles(p):
+                    c = {k: cols[j, r] for j, k in enumerate(names)}
+                    c.update(flags)
+                    self._apply(p[r, c_], grads[dt][r, c_], {k: v[r, c_] for k, v in st.items()}, c,
+                                skipped[r], cols[-1, r])
             if idx is not None:
                 g.data.index_copy_(0, idx, p)
                 for k, v in st.items():
@@ -306,6 +326,24 @@ class VectorOptimizer:
             self.steps.index_copy_(0, idx, new_steps)
             self.last_nonfinite.zero_().index_copy_(0, idx, nonfinite)
             self.last_grad_norm.zero_().index_copy_(0, idx, norm)
+
+    def _apply(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], c: dict[str, Any],
+               skipped: torch.Tensor, scale: torch.Tensor) -> None:
+        """Zero skipped slots' gradients, scale (clip) them, then :meth:`_update` (the part compiled)."""
+        g.masked_fill_(skipped, 0.0)  # 0 * inf would be NaN
+        g.mul_(scale)
+        self._update(p, g, state, c)
+
+    def _run_compiled(self, *args: Any) -> None:
+        try:
+            self._compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - no C++ compiler, an unsupported op: run eagerly
+            if not _is_compile_failure(exc):
+                raise
+            warnings.warn(f"compile=True: torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "running the optimizer update eagerly", RuntimeWarning, stacklevel=3)
+            self._compiled = self._apply
+            self._apply(*args)
 
     def _coefficients(
         self, hp: Mapping[str, torch.Tensor], steps: torch.Tensor, ok: torch.Tensor, lr: torch.Tensor
