@@ -72,7 +72,10 @@ CPU_TILE_ELEMENTS = 1 << 17
 def _compile(fn: Callable) -> Callable:
     import torch._dynamo  # noqa: F401 - fail here, not at the first step, if torch has no compiler stack
 
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+    # dynamic=None: the first change of shape recompiles once with symbolic sizes. With static
+    # shapes every stack size is another entry in Dynamo's per-function cache (shared by every
+    # optimizer instance), and past its limit Dynamo silently runs the function eagerly.
+    return torch.compile(fn, fullgraph=True, dynamic=None)
 
 
 def _is_compile_failure(exc: Exception) -> bool:
