@@ -142,12 +142,15 @@ class HostRegistry:
 
     def _create_where_free(self, config: dict | None) -> HostPlace | None:
         """Start a host on the first planned place without one whose node has the resources free now."""
-        avail = ray_state.available_resources_per_node()
+        try:
+            avail = ray_state.available_resources_per_node()
+        except Exception:  # noqa: BLE001 - a private Ray API: without it, try every place
+            avail = None
         cpus = float(self.options.get("host_cpus", 1))
         for place in plan_hosts(self.options.get("num_hosts")):
             if place in self.hosts:
                 continue
-            if place.node_id is not None:
+            if place.node_id is not None and avail is not None:
                 res = avail.get(place.node_id, {})
                 if res.get("CPU", 0.0) < cpus or (place.gpu and res.get("GPU", 0.0) < 1):
                     continue  # taken (e.g. by another experiment's idle host): try again at a later trial
