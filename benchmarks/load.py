@@ -22,7 +22,6 @@ import platform
 import shlex
 import sys
 import tempfile
-import time
 
 import ray
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-
 import tune_helpers as h
 from tune_helpers import ray_session  # noqa: F401 - shared fixture
 

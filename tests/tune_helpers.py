@@ -187,12 +187,6 @@ def wait_until(pred, timeout=20.0, every=0.2):
     return pred()
 
 
-def ray_alive_actors(prefix: str) -> list:
-    from ray.util.state import list_actors
-
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if (a.name or "").startswith(prefix)]
-
-
 def read_results(trial_path: str) -> list[dict]:
     """The trial's ``result.json`` rows (Tune's JSON logger), ordered by iteration."""
     import json
