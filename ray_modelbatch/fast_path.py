@@ -78,7 +78,10 @@ def plan(template: nn.Module) -> FastPlan | None:
         graph = fx.symbolic_trace(probe).graph
     except Exception:  # noqa: BLE001 - control flow, custom tracing problems: not for the direct path
         return None
-    if _settings(probe) != before:
+    try:
+        if _settings(probe) != before:
+            return None
+    except Exception:  # noqa: BLE001 - attributes that cannot be compared (e.g. arrays): be safe
         return None
     modules = dict(template.named_modules())
     steps, inputs, output = [], [], None
