@@ -342,8 +342,11 @@ class ModelBatch:
         if not with_loss:
             return out
         y, loss_fn = call_args[1], call_args[2]
-        losses = vmap(loss_fn, in_dims=(0, y_dim), randomness="different")(out, y)
-        return losses, out
+        vloss = self._vmapped.get(("direct_loss", y_dim))
+        if vloss is None:  # built once per target layout, like the vmapped forwards in _fn
+            vloss = self._vmapped[("direct_loss", y_dim)] = vmap(
+                lambda o, t, fn: fn(o, t), in_dims=(0, y_dim, None), randomness="different")
+        return vloss(out, y, loss_fn), out
 
     def _prepare_x(self, x: Any, per_slot: bool, idx: torch.Tensor | None, what: str = "x") -> tuple[Any, int | None]:
         if not per_slot:
