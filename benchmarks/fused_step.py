@@ -2,8 +2,9 @@
 
 What is measured, for S = 1, 8, 32, 128, 512 models of one architecture
 (tiny MLP 32-64-64-1 with MSE, MLP 784-256-256-10 with cross-entropy, small
-CNN on 1x28x28 with cross-entropy; batch 64, Adam, one input batch shared by
-every model as in a hyperparameter sweep):
+CNN on 1x28x28 with cross-entropy; batch 64, Adam (``--optimizer sgd``: SGD
+with momentum 0.9), one input batch shared by every model as in a hyperparameter
+sweep):
 
 * fused: ``ModelBatch`` + ``ray_modelbatch.optim.Adam`` (one learning rate per
   slot) + ``FusedEngine.train_step`` -- one step of all S models;
@@ -259,8 +260,18 @@ def loop_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, x
     opt.step()
 
 
+# name -> (fused optimizer over a ModelBatch, torch.optim optimizer of one model); lr per model
+OPTIMIZERS: dict[str, tuple[Callable, Callable]] = {
+    "adam": (lambda mb, lrs, compile: mb_optim.Adam(mb, lr=lrs, compile=compile),
+             lambda params, lr: torch.optim.Adam(params, lr=lr)),
+    "sgd": (lambda mb, lrs, compile: mb_optim.SGD(mb, lr=lrs, momentum=0.9, compile=compile),
+            lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)),
+}
+OPTIMIZER_LABELS = {"adam": "Adam", "sgd": "SGD (momentum 0.9)"}
+
+
 def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: int, probe: Probe,
-               compile_update: bool = False) -> dict:
+               compile_update: bool = False, optimizer: str = "adam") -> dict:
     gen = torch.Generator().manual_seed(seed)
     eq_batches = [tuple(t.to(device) for t in spec.batch(gen)) for _ in range(EQ_STEPS)]
     x, y = (t.to(device) for t in spec.batch(gen))
@@ -272,13 +283,14 @@ def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: 
     lrs = [1e-3 * 10 ** (i / max(s - 1, 1) - 0.5) for i in range(s)]  # 3.2e-4 .. 3.2e-3, a sweep
     n_loop, n_eq = min(s, LOOP_CAP), min(s, EQ_CAP)
     loop_models = models[:n_loop]  # ModelBatch copies the weights, so these stay independent
-    loop_opts = [torch.optim.Adam(m.parameters(), lr=lrs[i]) for i, m in enumerate(loop_models)]
+    make_fused, make_ref = OPTIMIZERS[optimizer]
+    loop_opts = [make_ref(m.parameters(), lrs[i]) for i, m in enumerate(loop_models)]
     # fp64 copies of the loop give the fp32 noise floor the max-diff must be read against.
     refs = [copy.deepcopy(m).double() for m in loop_models[:n_eq]]
-    ref_opts = [torch.optim.Adam(m.parameters(), lr=lrs[i]) for i, m in enumerate(refs)]
+    ref_opts = [make_ref(m.parameters(), lrs[i]) for i, m in enumerate(refs)]
 
     mb = ModelBatch(models, device=device)
-    opt = mb_optim.Adam(mb, lr=lrs, compile=compile_update)
+    opt = make_fused(mb, lrs, compile_update)
     engine = FusedEngine(mb, opt, spec.loss_fn)
 
     # Equivalence: 3 steps of both paths from the same weights on the same batches.
@@ -395,6 +407,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile-update", action="store_true",
                     help="fused optimizer with compile=True (the update as one torch.compile'd pass)")
+    ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam",
+                    help="optimizer of both paths (default adam; sgd = SGD with momentum 0.9)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("fused_step_latest.md")), help="markdown file to write")
     args = ap.parse_args()
 
@@ -418,7 +432,7 @@ def main() -> None:
         f"- command: `{command()}`",
         f"- code: {code_version()}",
         machine(device),
-        f"- batch {BATCH}, Adam ({'compile=True: the update is one compiled pass' if args.compile_update else 'eager update'}), "
+        f"- batch {BATCH}, {OPTIMIZER_LABELS[args.optimizer]} ({'compile=True: the optimizer step is one compiled call' if args.compile_update else 'eager update'}), "
         f"one input batch shared by all models; after warm-up (>= 3 steps) fused and loop are "
         f"timed in {BLOCKS} alternating blocks ({SLOW_BLOCKS} when a step takes > {SLOW_STEP_S:g} s) that together run "
         f">= {min_time} s per path, at least one step per block; the fastest block counts",
@@ -440,7 +454,7 @@ def main() -> None:
     flop_info = {n: step_flops(SPECS[n]) for n in names}
     def measure(n: str, s: int, note: str = "") -> dict:
         t0 = time.perf_counter()
-        r = run_config(SPECS[n], s, device, min_time, args.seed, probe, args.compile_update)
+        r = run_config(SPECS[n], s, device, min_time, args.seed, probe, args.compile_update, args.optimizer)
         r.update(model=n, s=s, fused_flops=r["fused_msps"] * flop_info[n][1])
         print(
             f"  {n:8s} S={s:<4d} fused {r['fused_msps']:>10,.0f} model-steps/s  loop {r['loop_msps']:>8,.0f}  "
@@ -470,7 +484,7 @@ def main() -> None:
         "- FLOPs = matmul/conv FLOPs one step needs: forward 2·B·MACs + weight grads 2·B·MACs + input grads 2·B·MACs "
         "of every layer except the first (its input needs no grad); bias, activations, pooling, loss and optimizer "
         "are not counted",
-        f"- loop = sequential Python loop over plain nn.Modules, each with its own torch.optim.Adam (defaults); timed "
+        f"- loop = sequential Python loop over plain nn.Modules, each with its own torch.optim optimizer (same settings); timed "
         f"on min(S, {LOOP_CAP}) models (column 'loop n'), reported per model step",
         f"- max rel diff = max over the first min(S, {EQ_CAP}) slots and all parameter tensors of "
         f"max|p_fused - p_loop| / max|p_loop| after {EQ_STEPS} steps from the same weights on the same batches; "

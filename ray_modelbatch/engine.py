@@ -101,7 +101,7 @@ class FusedEngine:
         # every slot as it was, so that it can be run again in smaller pieces.
         saved = {k: v.clone() for k, v in mb.buffers.items()}
         try:
-            with self._autocast():
+            with self._autocast(), mb.gradients_into_buffer():
                 losses, _ = mb.forward_loss(x, y, self.loss_fn, per_slot=per_slot, slots=idx)
             losses = losses.float()
             bad_loss = ~torch.isfinite(losses)

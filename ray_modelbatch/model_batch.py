@@ -14,17 +14,18 @@ register with :meth:`ModelBatch.attach` and follow those changes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from . import fast_path
+from . import fast_path, slot_losses
 from .cpu_memory import keep_freed_memory
 from .errors import IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
@@ -94,6 +95,7 @@ class ModelBatch:
         self._buffer_names = [n for n, _ in template.named_buffers()]
         self._template = template.to("meta")
         self.training = models[0].training
+        self._applied_mode: bool | None = None  # the mode train() last set on every submodule
         self._listeners: list[weakref.ref] = []
         self._vmapped: dict[tuple, Callable] = {}
         self._index_cache: dict[tuple, torch.Tensor] = {}
@@ -102,6 +104,7 @@ class ModelBatch:
         self._direct_path = direct_path
         self._plans: dict[bool, fast_path.FastPlan | None] = {}  # per train/eval mode; see _plan()
         self._slow_keys: set[tuple] = set()  # calls the direct path could not take
+        self._grads_into_buffer = False  # see gradients_into_buffer()
 
         s = len(models)
         self._groups: dict[torch.dtype, FlatGroup] = {}
@@ -144,6 +147,7 @@ class ModelBatch:
                 p.grad = grads[name]
                 params[name] = p
                 self._grad_views[name] = grads[name]
+        self._grad_targets = {n: fast_path.GradTarget(params[n], v) for n, v in self._grad_views.items()}
         params.update(self._frozen)
         self.params: dict[str, torch.Tensor] = {n: params[n] for n in self._param_names}
         self._refresh_active()
@@ -201,7 +205,9 @@ class ModelBatch:
     # ------------------------------------------------------------ train / eval
     def train(self, mode: bool = True) -> "ModelBatch":
         self.training = mode
-        self._template.train(mode)
+        if mode is not self._applied_mode:  # every training step calls this; walking the modules costs ~20 us
+            self._template.train(mode)
+            self._applied_mode = mode
         return self
 
     def eval(self) -> "ModelBatch":
@@ -336,12 +342,36 @@ class ModelBatch:
             self._plans[self.training] = fast_path.plan(self._template)
         return self._plans[self.training]
 
+    @contextlib.contextmanager
+    def gradients_into_buffer(self) -> Iterator["ModelBatch"]:
+        """Within this block, direct-path forwards over all slots have backward write into the flat buffer.
+
+        Each weight and bias gradient is then computed straight into the flat
+        gradient buffer that the optimizers read, instead of being allocated,
+        handed to autograd and copied into the buffer at the optimizer step: for
+        large stacks one pass less over every gradient. The parameters then get
+        their gradients only through ``.backward()`` (``torch.autograd.grad``
+        and parameter hooks do not see them), which is how
+        :meth:`FusedEngine.train_step` uses it. Models on vmap, slot subsets and
+        autocast are unaffected.
+        """
+        previous, self._grads_into_buffer = self._grads_into_buffer, True
+        try:
+            yield self
+        finally:
+            self._grads_into_buffer = previous
+
     def _run_direct(self, key: tuple, call_args: tuple, params: dict[str, torch.Tensor]) -> Any:
         with_loss, x_dim, y_dim = key
-        out = fast_path.run(self._plan(), self._template, params, call_args[0], per_slot=x_dim is not None)
+        write = self._grads_into_buffer and params is self.params and torch.is_grad_enabled()
+        out = fast_path.run(self._plan(), self._template, params, call_args[0], per_slot=x_dim is not None,
+                            grads=self._grad_targets if write else None)
         if not with_loss:
             return out
         y, loss_fn = call_args[1], call_args[2]
+        losses = slot_losses.per_slot_loss(loss_fn, out, y, per_slot_targets=y_dim is not None)
+        if losses is not None:
+            return losses, out
         vloss = self._vmapped.get(("direct_loss", y_dim))
         if vloss is None:  # built once per target layout, like the vmapped forwards in _fn
             vloss = self._vmapped[("direct_loss", y_dim)] = vmap(

@@ -355,3 +355,68 @@ def test_direct_path_keeps_python_side_effects_and_mode_branches():
     mb.eval()
     assert mb.uses_direct_path
     torch.testing.assert_close(train_out, torch.tanh(mb(x)))
+
+
+@pytest.mark.parametrize("hidden", [8, 160])  # weights below and above fast_path.DIRECT_WRITE_MIN elements
+def test_gradients_into_buffer_write_what_autograd_would(hidden):
+    """In the engine's mode the backward writes weight and bias gradients straight into the flat
+    buffer. Per slot they equal a plain model's, a second backward adds to them (torch semantics),
+    frozen parameters get none, and autograd never allocates them (``p.grad`` is the buffer view)."""
+    from ray_modelbatch import fast_path
+
+    models = make_models(4, d_in=120, hidden=hidden)
+    assert (hidden * 120 >= fast_path.DIRECT_WRITE_MIN) == (hidden == 160)
+    for m in models:
+        m[0].bias.requires_grad_(False)  # frozen: lives outside the flat buffer
+    mb = rmb.ModelBatch(clones(models))
+    assert mb.uses_direct_path
+    x, y, xs = torch.randn(16, 120), torch.randn(16, 3), torch.randn(4, 16, 120)
+    for per_slot in (False, True):
+        inp, tgt = (xs, y.expand(4, *y.shape)) if per_slot else (x, y)
+        mb.zero_grad()
+        for _ in range(2):  # the second backward accumulates
+            with mb.gradients_into_buffer():
+                losses, _ = mb.forward_loss(inp, tgt, nn.functional.mse_loss, per_slot=per_slot)
+            losses.sum().backward()
+        for name, p in mb.named_parameters():
+            assert p.grad is mb._grad_views[name], name  # written in place, nothing to copy
+        for i, m in enumerate(models):
+            m.zero_grad()
+            for _ in range(2):
+                nn.functional.mse_loss(m(inp[i] if per_slot else inp), y).backward()
+            for name, p in m.named_parameters():
+                if p.requires_grad:
+                    torch.testing.assert_close(mb.params[name].grad[i], p.grad, rtol=1e-5, atol=1e-6)
+        assert mb.params["0.bias"].grad is None
+    # Outside the block, gradients reach autograd as usual (torch.autograd.grad sees them).
+    losses, _ = mb.forward_loss(x, y, nn.functional.mse_loss)
+    grads = torch.autograd.grad(losses.sum(), [mb.params["2.weight"]])
+    models[1].zero_grad()
+    nn.functional.mse_loss(models[1](x), y).backward()
+    torch.testing.assert_close(grads[0][1], models[1][2].weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_direct_path_input_gradient_and_double_backward():
+    """Gradients w.r.t. inputs that require grad (shared or per slot), and a gradient penalty
+    (double backward through them), match plain models' on the direct path."""
+    models = make_models(3)
+    mb = rmb.ModelBatch(clones(models))
+    assert mb.uses_direct_path
+    x = torch.randn(6, 5, requires_grad=True)
+    (gx,) = torch.autograd.grad(mb(x).square().sum(), x)
+    ref_gx = sum(torch.autograd.grad(m(x).square().sum(), x)[0] for m in models)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-6)
+
+    xs = torch.randn(3, 6, 5, requires_grad=True)  # per slot, so each slot's penalty is its own
+    (gxs,) = torch.autograd.grad(mb(xs, per_slot=True).square().sum(), xs, create_graph=True)
+    mb.zero_grad()
+    gxs.square().sum().backward()
+    mb.sync_grads()
+    for i, m in enumerate(models):
+        xi = xs[i].detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(m(xi).square().sum(), xi, create_graph=True)
+        torch.testing.assert_close(gxs[i], g, rtol=1e-5, atol=1e-6)
+        m.zero_grad()
+        g.square().sum().backward()
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(mb.params[name].grad[i], p.grad, rtol=1e-4, atol=1e-6)

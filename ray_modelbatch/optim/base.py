@@ -117,9 +117,10 @@ class VectorOptimizer:
     ):
         self.mb = mb
         self.skip_nonfinite = skip_nonfinite
-        # torch.compile fuses the whole elementwise update into one pass over parameters, gradients
-        # and state (eager runs ~10 passes); see _apply. Off by default: compiling takes seconds per shape.
-        self._compiled: Callable | None = _compile(self._apply) if compile else None
+        # torch.compile turns the step (norms, per-slot coefficients, masks) into one call and the
+        # elementwise update into one pass over parameters, gradients and state (eager runs ~10
+        # passes); see _core. Off by default: compiling takes seconds per shape.
+        self._compiled: Callable | None = _compile(self._core) if compile else None
         self.specs = {**self.HPARAMS, **COMMON}
         s = mb.num_slots
         self._hp = {k: torch.full((s,), spec.default, dtype=torch.float64) for k, spec in self.specs.items()}
@@ -200,7 +201,7 @@ class VectorOptimizer:
                 if name not in st:
                     st[name] = torch.zeros_like(self.mb.groups[dt].data)
         kinds = {schedules.KINDS[int(k)] for k in self._hp["schedule_kind"].unique().tolist()}
-        self._schedule_kinds = kinds - {"constant"}
+        self._schedule_kinds = tuple(sorted(kinds - {"constant"}))  # a tuple: compiled code guards on it
         self._clipping = bool(torch.isfinite(self._hp["max_grad_norm"]).any())
 
     def set_hparams(self, slots: Slots, **hparams: Any) -> None:
@@ -275,19 +276,49 @@ class VectorOptimizer:
             return
         rows = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
         groups = mb.groups
-        grads = {dt: rows(g.grad) for dt, g in groups.items()}
-        n = mb.num_slots if idx is None else idx.numel()
+        ps = [rows(g.data) for g in groups.values()]
+        gs = [rows(g.grad) for g in groups.values()]
+        sts = [{k: rows(v) for k, v in self.state[dt].items()} for dt in groups]
+        hp = {k: rows(v) for k, v in self.hp.items()}
+        steps = rows(self.steps)
+        if skip is not None:
+            skip = skip.to(device=mb.device, dtype=torch.bool)
+        norm, okf = self._run_core(ps, gs, sts, hp, steps, skip)
+        if idx is not None:
+            for dt, g, p, st in zip(groups, groups.values(), ps, sts):
+                g.data.index_copy_(0, idx, p)
+                for k, v in st.items():
+                    self.state[dt][k].index_copy_(0, idx, v)
+
+        new_steps = steps + okf
+        nonfinite = ~torch.isfinite(norm)
+        if idx is None:
+            self.steps.copy_(new_steps)
+            self.last_nonfinite.copy_(nonfinite)
+            self.last_grad_norm.copy_(norm)
+        else:
+            self.steps.index_copy_(0, idx, new_steps)
+            self.last_nonfinite.zero_().index_copy_(0, idx, nonfinite)
+            self.last_grad_norm.zero_().index_copy_(0, idx, norm)
+
+    def _core(self, ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[dict[str, torch.Tensor]],
+              hp: dict[str, torch.Tensor], steps: torch.Tensor, skip: torch.Tensor | None,
+              fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Norms, per-slot coefficients and the in-place update of the given rows; returns ``(norm, ok)``.
+
+        One function from the gradients to the new parameters, so that with
+        ``compile=True`` the few dozen small per-slot ops (coefficients,
+        clipping, masks) and the update are one compiled call.
+        """
         # One fp32 norm pass per group gives both the clipping norm and the
         # finiteness test: a row's norm is NaN/inf iff it holds a NaN/inf (or
         # overflows fp32, which no trainable model survives either).
-        norms = [torch.linalg.vector_norm(g, dim=1, dtype=torch.float32) for g in grads.values()]
+        norms = [torch.linalg.vector_norm(g, dim=1, dtype=torch.float32) for g in gs]
         norm = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum(0).sqrt()
         finite = torch.isfinite(norm)
         ok = finite if self.skip_nonfinite else torch.ones_like(finite)
         if skip is not None:
-            ok = ok & ~skip.to(device=mb.device, dtype=torch.bool)
-        hp = {k: rows(v) for k, v in self.hp.items()}
-        steps = rows(self.steps)
+            ok = ok & ~skip
         okf = ok.to(torch.float64)
         c64 = self._coefficients(hp, steps, okf, self._lr(hp, steps))
         # Gradient scale per slot: 0 for skipped slots (after their NaNs are
@@ -300,53 +331,46 @@ class VectorOptimizer:
         stacked = torch.stack([c64[k] for k in names] + [scale])
         flags = {k: v for k, v in c64.items() if not isinstance(v, torch.Tensor)}
         skipped = ~ok.unsqueeze(1)
-        for dt, g in groups.items():
-            cols = stacked.to(dt).unsqueeze(-1)  # one cast for all coefficients: [K, n, 1]
-            p = rows(g.data)
-            st = {k: rows(v) for k, v in self.state[dt].items()}
-            if self._compiled is not None:  # one fused pass needs no cache tiles
+        for p, g, st in zip(ps, gs, sts):
+            cols = stacked.to(p.dtype).unsqueeze(-1)  # one cast for all coefficients: [K, n, 1]
+            if fused:  # one compiled pass needs no cache tiles
                 c = {k: cols[j] for j, k in enumerate(names)}
                 c.update(flags)
-                self._run_compiled(p, grads[dt], st, c, skipped, cols[-1])
-            else:
-                for r, c_ in _tiles(p):
-                    c = {k: cols[j, r] for j, k in enumerate(names)}
-                    c.update(flags)
-                    self._apply(p[r, c_], grads[dt][r, c_], {k: v[r, c_] for k, v in st.items()}, c,
-                                skipped[r], cols[-1, r])
-            if idx is not None:
-                g.data.index_copy_(0, idx, p)
-                for k, v in st.items():
-                    self.state[dt][k].index_copy_(0, idx, v)
-
-        new_steps = steps + okf
-        nonfinite = ~finite
-        if idx is None:
-            self.steps.copy_(new_steps)
-            self.last_nonfinite.copy_(nonfinite)
-            self.last_grad_norm.copy_(norm)
-        else:
-            self.steps.index_copy_(0, idx, new_steps)
-            self.last_nonfinite.zero_().index_copy_(0, idx, nonfinite)
-            self.last_grad_norm.zero_().index_copy_(0, idx, norm)
+                self._apply(p, g, st, c, skipped, cols[-1], fused=True)
+                continue
+            for r, c_ in _tiles(p):
+                c = {k: cols[j, r] for j, k in enumerate(names)}
+                c.update(flags)
+                self._apply(p[r, c_], g[r, c_], {k: v[r, c_] for k, v in st.items()}, c, skipped[r], cols[-1, r])
+        return norm, okf
 
     def _apply(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], c: dict[str, Any],
-               skipped: torch.Tensor, scale: torch.Tensor) -> None:
-        """Zero skipped slots' gradients, scale (clip) them, then :meth:`_update` (the part compiled)."""
-        g.masked_fill_(skipped, 0.0)  # 0 * inf would be NaN
-        g.mul_(scale)
+               skipped: torch.Tensor, scale: torch.Tensor, fused: bool = False) -> None:
+        """Zero skipped slots' gradients, scale (clip) them, then :meth:`_update`.
+
+        Eagerly the gradient buffer is scaled in place (no temporary); in a
+        compiled pass the scaled gradient stays a value inside the fused loop,
+        since writing it back would add a full pass of stores.
+        """
+        if fused:
+            g = torch.where(skipped, 0.0, g) * scale
+        else:
+            g.masked_fill_(skipped, 0.0)  # 0 * inf would be NaN
+            g.mul_(scale)
         self._update(p, g, state, c)
 
-    def _run_compiled(self, *args: Any) -> None:
+    def _run_core(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._compiled is None:
+            return self._core(*args, False)
         try:
-            self._compiled(*args)
+            return self._compiled(*args, True)
         except Exception as exc:  # noqa: BLE001 - no C++ compiler, an unsupported op: run eagerly
             if not _is_compile_failure(exc):
                 raise
             warnings.warn(f"compile=True: torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); "
                           "running the optimizer update eagerly", RuntimeWarning, stacklevel=3)
-            self._compiled = self._apply
-            self._apply(*args)
+            self._compiled = None
+            return self._core(*args, False)
 
     def _coefficients(
         self, hp: Mapping[str, torch.Tensor], steps: torch.Tensor, ok: torch.Tensor, lr: torch.Tensor

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection
 
 import torch
 
@@ -65,7 +65,7 @@ def warmup_cosine(total_steps: Any, warmup_steps: Any = 0, min_lr_ratio: Any = 0
                                       "min_lr_ratio": min_lr_ratio})
 
 
-def factor(kind: torch.Tensor, t: torch.Tensor, p: dict[str, torch.Tensor], present: set[str]) -> torch.Tensor:
+def factor(kind: torch.Tensor, t: torch.Tensor, p: dict[str, torch.Tensor], present: Collection[str]) -> torch.Tensor:
     """Vectorized learning-rate factor for every slot (tensors are ``[S]`` float64).
 
     ``present`` names the kinds in use, known on the host, so that no branch
