@@ -388,6 +388,16 @@ def test_gradients_into_buffer_write_what_autograd_would(hidden):
                 if p.requires_grad:
                     torch.testing.assert_close(mb.params[name].grad[i], p.grad, rtol=1e-5, atol=1e-6)
         assert mb.params["0.bias"].grad is None
+    # A gradient tensor someone assigned is carried into the buffer, and the backward adds to it.
+    w = mb.params["2.weight"]
+    w.grad = torch.ones_like(w)
+    with mb.gradients_into_buffer():
+        losses, _ = mb.forward_loss(x, y, nn.functional.mse_loss)
+    losses.sum().backward()
+    assert w.grad is mb._grad_views["2.weight"]
+    models[2].zero_grad()
+    nn.functional.mse_loss(models[2](x), y).backward()
+    torch.testing.assert_close(w.grad[2], models[2][2].weight.grad + 1, rtol=1e-5, atol=1e-6)
     # Outside the block, gradients reach autograd as usual (torch.autograd.grad sees them).
     losses, _ = mb.forward_loss(x, y, nn.functional.mse_loss)
     grads = torch.autograd.grad(losses.sum(), [mb.params["2.weight"]])

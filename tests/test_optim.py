@@ -296,3 +296,30 @@ def test_compiled_step_on_a_changing_subset_of_slots_matches_eager():
     assert eager_steps == comp_steps == [5.0, 2.0, 5.0, 4.0]
     for k in eager:
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-6, atol=1e-7)
+
+
+def test_compiler_failure_warns_and_runs_the_step_eagerly():
+    """If torch.compile cannot build the step (no C++ compiler, an unsupported op), the step runs
+    eagerly with a warning, gives the eager result, and later steps stay eager."""
+    import torch._dynamo.exc
+
+    def run(break_compiler):
+        torch.manual_seed(0)
+        mb = rmb.ModelBatch(make_models(S))
+        opt = rmb.optim.Adam(mb, lr=LR, compile=break_compiler)
+        if break_compiler:
+            def fails(*args):
+                raise torch._dynamo.exc.Unsupported("no C++ compiler")
+            opt._compiled = fails
+        eng = rmb.FusedEngine(mb, opt, nn.functional.mse_loss)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            eng.train_step(torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g))
+        return {k: v.detach().clone() for k, v in mb.params.items()}, opt
+
+    with pytest.warns(RuntimeWarning, match="running the optimizer update eagerly"):
+        got, opt = run(True)
+    assert opt._compiled is None
+    want, _ = run(False)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
