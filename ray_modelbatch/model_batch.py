@@ -75,10 +75,21 @@ class ModelBatch:
         direct_path: run models made only of ``nn.Linear`` and elementwise ops with
             direct batched kernels instead of ``torch.vmap`` (see :mod:`ray_modelbatch.fast_path`);
             other models always use vmap. False forces vmap, e.g. to compare.
+        cpu_gemm: ``"blas"`` (default) runs the direct path's GEMMs with the
+            kernels ``nn.Linear`` uses, so a slot matches a solo run bit for bit
+            where the math allows. ``"onednn"`` runs large fp32 layers on CPU
+            through oneDNN: faster where the BLAS does not use AVX-512 (MKL on
+            AMD CPUs), fp32-accurate but not bitwise ``nn.Linear``'s.
     """
 
     def __init__(self, models: Sequence[nn.Module], device: torch.device | str | None = None,
-                 direct_path: bool = True):
+                 direct_path: bool = True, cpu_gemm: str = "blas"):
+        if cpu_gemm not in fast_path.GEMMS:
+            raise ValueError(f"cpu_gemm={cpu_gemm!r}: expected one of {fast_path.GEMMS}")
+        if cpu_gemm == "onednn" and not fast_path.onednn_available():
+            raise ValueError("cpu_gemm='onednn': this torch build has no oneDNN (mkldnn) fp32 linear kernel; "
+                             "use cpu_gemm='blas'")
+        self.cpu_gemm = cpu_gemm
         models = list(models)
         self.signature = check_compatible(models)
         first = next(iter(models[0].state_dict().values()), None)
@@ -365,7 +376,7 @@ class ModelBatch:
         with_loss, x_dim, y_dim = key
         write = self._grads_into_buffer and params is self.params and torch.is_grad_enabled()
         out = fast_path.run(self._plan(), self._template, params, call_args[0], per_slot=x_dim is not None,
-                            grads=self._grad_targets if write else None)
+                            grads=self._grad_targets if write else None, gemm=self.cpu_gemm)
         if not with_loss:
             return out
         y, loss_fn = call_args[1], call_args[2]

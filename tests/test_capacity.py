@@ -111,6 +111,14 @@ def _stack(n=6, bn=False, data_mode="per_slot"):
     return st
 
 
+def test_spec_cpu_gemm_is_checked_and_reaches_the_stack():
+    with pytest.raises(ValueError, match="cpu_gemm must be 'blas' or 'onednn', got 'mkl'"):
+        _spec(cpu_gemm="mkl")
+    model = _mlp(16)
+    st = Stack(_spec(cpu_gemm="onednn", batch_size=8), stack_key(model), model, _data(), 2, torch.device("cpu"))
+    assert st.mb.cpu_gemm == "onednn"
+
+
 def _oom_when_more_than(limit, count, exc=torch.OutOfMemoryError):
     def check(n):
         count.append(n)

@@ -357,8 +357,9 @@ def test_direct_path_keeps_python_side_effects_and_mode_branches():
     torch.testing.assert_close(train_out, torch.tanh(mb(x)))
 
 
-@pytest.mark.parametrize("hidden", [8, 160])  # weights below and above fast_path.DIRECT_WRITE_MIN elements
-def test_gradients_into_buffer_write_what_autograd_would(hidden):
+# weights below and above fast_path.DIRECT_WRITE_MIN elements; oneDNN only takes the large ones
+@pytest.mark.parametrize("hidden,cpu_gemm", [(8, "blas"), (160, "blas"), (160, "onednn")])
+def test_gradients_into_buffer_write_what_autograd_would(hidden, cpu_gemm):
     """In the engine's mode the backward writes weight and bias gradients straight into the flat
     buffer. Per slot they equal a plain model's, a second backward adds to them (torch semantics),
     frozen parameters get none, and autograd never allocates them (``p.grad`` is the buffer view)."""
@@ -368,7 +369,7 @@ def test_gradients_into_buffer_write_what_autograd_would(hidden):
     assert (hidden * 120 >= fast_path.DIRECT_WRITE_MIN) == (hidden == 160)
     for m in models:
         m[0].bias.requires_grad_(False)  # frozen: lives outside the flat buffer
-    mb = rmb.ModelBatch(clones(models))
+    mb = rmb.ModelBatch(clones(models), cpu_gemm=cpu_gemm)
     assert mb.uses_direct_path
     x, y, xs = torch.randn(16, 120), torch.randn(16, 3), torch.randn(4, 16, 120)
     for per_slot in (False, True):
@@ -406,18 +407,29 @@ def test_gradients_into_buffer_write_what_autograd_would(hidden):
     torch.testing.assert_close(grads[0][1], models[1][2].weight.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_direct_path_input_gradient_and_double_backward():
+def test_cpu_gemm_choice_is_checked(monkeypatch):
+    from ray_modelbatch import fast_path
+
+    with pytest.raises(ValueError, match="cpu_gemm='mkl'.*'blas', 'onednn'"):
+        rmb.ModelBatch(make_models(2), cpu_gemm="mkl")
+    monkeypatch.setattr(fast_path, "onednn_available", lambda: False)
+    with pytest.raises(ValueError, match="no oneDNN.*use cpu_gemm='blas'"):
+        rmb.ModelBatch(make_models(2), cpu_gemm="onednn")
+
+
+@pytest.mark.parametrize("d_in,hidden,cpu_gemm", [(5, 8, "blas"), (120, 160, "onednn")])
+def test_direct_path_input_gradient_and_double_backward(d_in, hidden, cpu_gemm):
     """Gradients w.r.t. inputs that require grad (shared or per slot), and a gradient penalty
     (double backward through them), match plain models' on the direct path."""
-    models = make_models(3)
-    mb = rmb.ModelBatch(clones(models))
+    models = make_models(3, d_in=d_in, hidden=hidden)
+    mb = rmb.ModelBatch(clones(models), cpu_gemm=cpu_gemm)
     assert mb.uses_direct_path
-    x = torch.randn(6, 5, requires_grad=True)
+    x = torch.randn(6, d_in, requires_grad=True)
     (gx,) = torch.autograd.grad(mb(x).square().sum(), x)
     ref_gx = sum(torch.autograd.grad(m(x).square().sum(), x)[0] for m in models)
     torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-6)
 
-    xs = torch.randn(3, 6, 5, requires_grad=True)  # per slot, so each slot's penalty is its own
+    xs = torch.randn(3, 6, d_in, requires_grad=True)  # per slot, so each slot's penalty is its own
     (gxs,) = torch.autograd.grad(mb(xs, per_slot=True).square().sum(), xs, create_graph=True)
     mb.zero_grad()
     gxs.square().sum().backward()

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ray_modelbatch as rmb
+from ray_modelbatch import fast_path
 from ray_modelbatch.errors import HyperparameterError
 from ray_modelbatch.optim import schedules
 
@@ -17,11 +18,11 @@ S = 4
 STEPS = 20
 
 
-def run_pair(make_fused, make_ref, make_sched=None, clip=None, steps=STEPS, hook=None):
+def run_pair(make_fused, make_ref, make_sched=None, clip=None, steps=STEPS, hook=None, d_in=5, hidden=8, **mb_kw):
     """Train S fused slots and S reference models on identical batches; return (mb, refs, opt)."""
-    models = make_models(S)
+    models = make_models(S, d_in=d_in, hidden=hidden)
     refs = clones(models)
-    mb = rmb.ModelBatch(models)
+    mb = rmb.ModelBatch(models, **mb_kw)
     opt = make_fused(mb)
     ropts = [make_ref(r.parameters(), i) for i, r in enumerate(refs)]
     scheds = [make_sched(o, i) for i, o in enumerate(ropts)] if make_sched else []
@@ -29,7 +30,7 @@ def run_pair(make_fused, make_ref, make_sched=None, clip=None, steps=STEPS, hook
     for step in range(steps):
         if hook:
             hook(step, opt, ropts)
-        x, y = torch.randn(16, 5), torch.randn(16, 3)
+        x, y = torch.randn(16, d_in), torch.randn(16, 3)
         eng.train_step(x, y)
         for r, o in zip(refs, ropts):
             o.zero_grad()
@@ -62,6 +63,30 @@ def test_adam_family_matches_torch_with_distinct_per_slot_hparams(cls):
         lambda mb: getattr(rmb.optim, cls)(mb, lr=LR, betas=betas, eps=eps, weight_decay=wd, amsgrad=ams),
         lambda p, i: getattr(torch.optim, cls)(p, lr=LR[i], betas=betas[i], eps=eps[i], weight_decay=wd[i], amsgrad=ams[i]),
     )
+    assert max_rel_diff(mb, refs) < 1e-5
+
+
+@pytest.mark.parametrize("cls", ["SGD", "Adam"])
+def test_onednn_gemms_match_torch(cls):
+    """``cpu_gemm="onednn"`` runs layers of at least DIRECT_WRITE_MIN weights through oneDNN, one
+    slot at a time (the 120x160 layer here, not the 160x3 one); the slots still train like torch."""
+    assert fast_path.onednn_available()  # torch's CPU wheels ship it: a build without it should fail here
+    kw = dict(momentum=0.9) if cls == "SGD" else dict(betas=(0.8, 0.99))
+    calls = []
+    real = fast_path._onednn_linear
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fast_path, "_onednn_linear", counted)
+        mb, refs, _ = run_pair(
+            lambda mb: getattr(rmb.optim, cls)(mb, lr=LR, **kw),
+            lambda p, i: getattr(torch.optim, cls)(p, lr=LR[i], **kw),
+            d_in=120, hidden=160, cpu_gemm="onednn",
+        )
+    assert len(calls) == STEPS * S * 2  # forward and weight gradient of the first layer, per slot and step
     assert max_rel_diff(mb, refs) < 1e-5
 
 

@@ -31,6 +31,7 @@ class SlotSpec:
             independent training) or ``"shared"`` (one batch for all, cheaper).
         seed_key: config key holding the trial's seed; absent means a seed
             derived from the trial ID.
+        cpu_gemm: the stacks' ``ModelBatch(cpu_gemm=...)``.
     """
 
     model: Callable[[Mapping[str, Any]], Any]
@@ -47,10 +48,13 @@ class SlotSpec:
     seed_key: str = "seed"
     autocast_dtype: Any = None
     device: str | None = None
+    cpu_gemm: str = "blas"
 
     def __post_init__(self) -> None:
         if self.data_mode not in ("per_slot", "shared"):
             raise ValueError(f"data_mode must be 'per_slot' or 'shared', got {self.data_mode!r}")
+        if self.cpu_gemm not in ("blas", "onednn"):  # fast_path.GEMMS; not imported: proxies never import torch
+            raise ValueError(f"cpu_gemm must be 'blas' or 'onednn', got {self.cpu_gemm!r}")
         if self.slots_per_host != "auto" and (isinstance(self.slots_per_host, str) or int(self.slots_per_host) < 1):
             raise ValueError(f"slots_per_host must be >= 1 or 'auto', got {self.slots_per_host!r}")
         for name in ("batch_size", "steps_per_report"):

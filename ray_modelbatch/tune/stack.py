@@ -74,7 +74,7 @@ class Stack:
     def __init__(self, spec: SlotSpec, key: str, first: nn.Module, data: tuple, limit: int, device: torch.device):
         self.spec, self.key, self.limit = spec, key, limit
         self.x, self.y, self.x_val, self.y_val = data
-        self.mb = ModelBatch([first], device=device)
+        self.mb = ModelBatch([first], device=device, cpu_gemm=spec.cpu_gemm)
         self.mb.deactivate(0)
         self._validate()
         self.opt = spec.optimizer(self.mb)

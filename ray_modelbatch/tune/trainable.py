@@ -32,6 +32,7 @@ def batched_trainable(
     seed_key: str = "seed",
     autocast_dtype: Any = None,
     device: str | None = None,
+    cpu_gemm: str = "blas",
     num_hosts: int | None = None,
     host_cpus: float = 1,
     trial_resources: dict | None = None,
@@ -70,6 +71,14 @@ def batched_trainable(
         max_slots_per_host: the most slots ``"auto"`` gives one host. Every slot is a trial
             process of about 110 MB on some node, so this bounds that memory too.
         data_mode: ``"per_slot"`` (own seeded sampler per trial) or ``"shared"``.
+        eval_batch_size: batch size of validation passes (default: the whole validation set).
+        seed_key: config key holding the trial's seed.
+        autocast_dtype: ``torch.bfloat16`` or ``torch.float16`` to train under autocast
+            (fp16 with per-slot loss scaling); None trains in the model's dtype.
+        device: the hosts' device, e.g. ``"cpu"``; default ``cuda`` where the host has a GPU.
+        cpu_gemm: ``ModelBatch(cpu_gemm=...)``: ``"onednn"`` runs large fp32 Linear layers
+            on CPU hosts through oneDNN (faster where the BLAS lacks AVX-512, not bitwise
+            ``nn.Linear``'s results); default ``"blas"``.
         num_hosts: fixed number of hosts; default one per GPU, or one per node without GPUs.
         host_cpus: CPUs each host reserves (it does the compute).
         trial_resources: resources of each proxy trial (default ``{"CPU": 0.01}``).
@@ -87,7 +96,7 @@ def batched_trainable(
         model=model, optimizer=optimizer, hparams=hparams, loss=loss, data=data, metrics=dict(metrics or {}),
         batch_size=batch_size, steps_per_report=steps_per_report, slots_per_host=slots_per_host,
         data_mode=data_mode, eval_batch_size=eval_batch_size, seed_key=seed_key,
-        autocast_dtype=autocast_dtype, device=device,
+        autocast_dtype=autocast_dtype, device=device, cpu_gemm=cpu_gemm,
     )
     options = {
         "steps_per_report": int(steps_per_report),
