@@ -409,7 +409,7 @@ def command() -> str:
 
 
 def fmt(v: float, digits: int = 3) -> str:
-    return f"{v:,.{digits}g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return f"{v:,.{digits}g}" if abs(v) < 10 ** digits - 0.5 else f"{v:,.0f}"  # 999.7 -> "1,000", not "1e+03"
 
 
 def main() -> None:
