@@ -82,8 +82,13 @@ class SlotGradScaler:
         return self.found_inf
 
     @torch.no_grad()
-    def update(self, slots: Slots = "active", found_inf: torch.Tensor | None = None) -> None:
-        """Back off the scale of slots that overflowed, grow it after ``growth_interval`` clean steps."""
+    def update(self, slots: Slots = "active", found_inf: torch.Tensor | None = None,
+               keep: torch.Tensor | None = None) -> None:
+        """Back off the scale of slots that overflowed, grow it after ``growth_interval`` clean steps.
+
+        ``keep`` (``[n]`` bool aligned with ``slots``) marks slots that were masked out of the step:
+        their scale and growth count stay as they were.
+        """
         if not self.enabled:
             return
         found = self.found_inf if found_inf is None else found_inf
@@ -95,6 +100,10 @@ class SlotGradScaler:
         grow = tracker >= self.growth_interval
         scales = torch.where(found, scales * self.backoff_factor, torch.where(grow, scales * self.growth_factor, scales))
         tracker = torch.where(grow, 0, tracker)
+        if keep is not None:
+            keep = keep.to(device=scales.device, dtype=torch.bool)
+            scales = torch.where(keep, self._rows(self.scales, slots), scales)
+            tracker = torch.where(keep, self._rows(self.growth_tracker, slots), tracker)
         if idx is None:
             self.scales.copy_(scales)
             self.growth_tracker.copy_(tracker)
@@ -104,6 +113,10 @@ class SlotGradScaler:
         self.found_inf = None
 
     # ------------------------------------------------------------ slot state
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        """Every per-slot tensor of this scaler (dim 0 is the slot): see :mod:`ray_modelbatch.slot_state`."""
+        return {"scaler.scales": self.scales, "scaler.growth_tracker": self.growth_tracker}
+
     def slot_state(self, i: int) -> dict[str, Any]:
         return {"scale": float(self.scales[i]), "growth_tracker": int(self.growth_tracker[i])}
 

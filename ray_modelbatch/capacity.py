@@ -203,7 +203,7 @@ def profile_capacity(
     """How many slots fit on ``device``: measure ``build`` at ``points`` slot counts and fit a line.
 
     ``build(S)`` constructs S slots (e.g. :meth:`Stack.build_for_profile
-    <ray_modelbatch.tune.stack.Stack.build_for_profile>`) and returns a
+    <ray_modelbatch.slot_group.SlotGroup.build_for_profile>`) and returns a
     function running one step. If a point runs out of memory, the slot count
     is capped below it and the points measured before it are fitted.
     """

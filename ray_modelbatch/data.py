@@ -142,6 +142,15 @@ class SlotSampler:
             "generator_state": self.generator.get_state(),
         }
 
+    def capture(self) -> tuple:
+        """Where the stream is, by reference (the generator state is copied): see :meth:`restore`."""
+        return (self.seed, self.epoch, self.position, self._perm, self._epoch_start_state, self.generator.get_state())
+
+    def restore(self, captured: tuple) -> None:
+        """Go back to where :meth:`capture` was taken; the next batches are the ones that followed it then."""
+        self.seed, self.epoch, self.position, self._perm, self._epoch_start_state, gen = captured
+        self.generator.set_state(gen)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume the stream exactly where :meth:`state_dict` left it (same indices required)."""
         if int(state["num_indices"]) != self.indices.numel() or int(state["batch_size"]) != self.batch_size:
@@ -248,16 +257,23 @@ class PerSlotStreams:
                                  f"[{int(idx.min())}, {int(idx.max())}]")
         return SlotSampler(idx, self.batch_size, seed)
 
-    def next_batch(self, slots: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, slots: Sequence[int] | torch.Tensor,
+                   skip: Sequence[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Batches of the named slots, ``(xb [n, B, ...], yb [n, B, ...])`` aligned with ``slots``.
 
-        Only these slots' samplers advance. The ``[n, B]`` row index is built
+        Only these slots' samplers advance. ``skip`` (aligned with ``slots``)
+        marks slots that are masked out of the step: their samplers stay where
+        they are and their rows repeat another slot's batch (any rows do: the
+        step leaves those slots untouched). The ``[n, B]`` row index is built
         on the device and used for one gather per tensor.
         """
         if isinstance(slots, torch.Tensor):
             slots = slots.tolist()
-        rows = []
-        for i in slots:
+        rows: list[torch.Tensor | None] = []
+        for j, i in enumerate(slots):
+            if skip is not None and skip[j]:
+                rows.append(None)
+                continue
             sampler = self.samplers[i]
             if sampler is None:
                 raise RuntimeError(f"slot {i} has no data stream yet; call reset_slot({i}, seed, indices) first")
@@ -265,11 +281,28 @@ class PerSlotStreams:
         if not rows:
             empty = torch.zeros(0, self.batch_size, dtype=torch.long, device=self.device)
             return self.x[empty], self.y[empty]
-        idx = torch.stack(rows).flatten()
+        filler = next((r for r in rows if r is not None), None)
+        if filler is None:
+            filler = torch.arange(self.batch_size, device=self.device) % self.x.shape[0]
+        idx = torch.stack([filler if r is None else r for r in rows]).flatten()
         n, b = len(rows), self.batch_size
         xb = self.x.index_select(0, idx).view(n, b, *self.x.shape[1:])
         yb = self.y.index_select(0, idx).view(n, b, *self.y.shape[1:])
         return xb, yb
+
+    def capture_slot(self, i: int) -> Any:
+        """Slot ``i``'s stream position as an opaque value for :meth:`restore_slot` (a run-ahead snapshot).
+
+        Cheaper than :meth:`slot_state`: the epoch's permutation and the
+        generator state are shared, not redrawn on restore.
+        """
+        s = self.samplers[i]
+        return None if s is None else s.capture()
+
+    def restore_slot(self, i: int, captured: Any) -> None:
+        sampler = self.samplers[i]
+        if sampler is not None and captured is not None:
+            sampler.restore(captured)
 
     def reset_slot(self, i: int, seed: int, indices: torch.Tensor | None = None) -> None:
         """Give slot ``i`` a new stream (e.g. a new trial in a freed slot)."""

@@ -79,11 +79,20 @@ class FusedEngine:
     def _host_slots(self, slots: Slots) -> torch.Tensor:
         return self.mb._cpu_index(slots)
 
-    def train_step(self, x: Any, y: Any, *, slots: Slots = "active", per_slot: bool = False) -> StepResult:
+    def train_step(self, x: Any, y: Any, *, slots: Slots = "active", per_slot: bool = False,
+                   skip: torch.Tensor | None = None) -> StepResult:
         """One forward, backward and optimizer step over ``slots`` (default: the active ones).
 
         ``per_slot=True`` means ``x``/``y`` carry a leading slot dimension
         aligned with ``slots``; otherwise every slot sees the same batch.
+
+        ``skip`` (``[n]`` bool aligned with ``slots``) marks slots that run in
+        the fused computation but must not move: their parameters, buffers,
+        optimizer state and step counts stay exactly as they were, and their
+        rows of the result say ``updated=False`` (``nonfinite`` stays False).
+        Stepping a whole stack with a mask keeps every slot's arithmetic the
+        same whichever slots are masked, which a gather of a subset does not
+        always do, and saves the gather where most slots step.
         """
         mb, opt = self.mb, self.optimizer
         host = self._host_slots(slots)
@@ -105,32 +114,38 @@ class FusedEngine:
                 losses, _ = mb.forward_loss(x, y, self.loss_fn, per_slot=per_slot, slots=idx)
             losses = losses.float()
             bad_loss = ~torch.isfinite(losses)
+            if skip is not None:
+                skip = skip.to(device=losses.device, dtype=torch.bool)
+                bad_loss = bad_loss & ~skip
             (losses.sum() if self.scaler is None else self.scaler.scale(losses, idx)).backward()
         except BaseException:
             with torch.no_grad():
                 for k, old in saved.items():
                     mb.buffers[k].copy_(old)
             raise
-        saved = {k: v for k, v in saved.items() if v.is_floating_point()}
         self.partial_step = True  # until this step returns
+        held = bad_loss if skip is None else bad_loss | skip
         if self.scaler is not None:
-            self.scaler.step(opt, idx, skip=bad_loss)
-            self.scaler.update(idx)
+            self.scaler.step(opt, idx, skip=held)
+            self.scaler.update(idx, keep=skip)
         else:
-            opt.step(idx, skip=bad_loss)
+            opt.step(idx, skip=held)
         nonfinite = opt.last_nonfinite if idx is None else opt.last_nonfinite.index_select(0, idx)
         grad_norm = opt.last_grad_norm if idx is None else opt.last_grad_norm.index_select(0, idx)
         nonfinite = nonfinite | bad_loss
+        if skip is not None:
+            nonfinite = nonfinite & ~skip
         if saved:
-            skipped = nonfinite
+            skipped = nonfinite if skip is None else nonfinite | skip
             if idx is not None:
-                skipped = torch.zeros(mb.num_slots, dtype=torch.bool, device=mb.device).index_copy(0, idx, nonfinite)
+                skipped = torch.zeros(mb.num_slots, dtype=torch.bool, device=mb.device).index_copy(0, idx, skipped)
             with torch.no_grad():
                 for k, old in saved.items():
                     cur = mb.buffers[k]
                     cur.copy_(torch.where(skipped.view(-1, *[1] * (cur.dim() - 1)), old, cur))
         self.partial_step = False
-        return StepResult(host, losses.detach(), ~nonfinite, nonfinite, grad_norm)
+        updated = ~nonfinite if skip is None else ~(nonfinite | skip)
+        return StepResult(host, losses.detach(), updated, nonfinite, grad_norm)
 
     @torch.no_grad()
     def evaluate(

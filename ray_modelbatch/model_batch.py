@@ -459,6 +459,17 @@ class ModelBatch:
             raise IndexError(f"slot {i} is out of range for a batch of {self.num_slots} slots")
         return int(i)
 
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        """Every per-slot tensor of the batch (dim 0 is the slot): see :mod:`ray_modelbatch.slot_state`.
+
+        Weights (the flat groups, frozen parameters) and buffers; gradients
+        are not state, since every step starts by overwriting them.
+        """
+        out = {f"params.{dt}": g.data for dt, g in self._groups.items()}
+        out.update({f"frozen.{k}": v for k, v in self._frozen.items()})
+        out.update({f"buffers.{k}": v for k, v in self.buffers.items()})
+        return out
+
     def slot_state(self, i: int) -> dict[str, torch.Tensor]:
         """A plain ``state_dict`` of slot ``i`` that loads into a fresh instance of the model class."""
         i = self._check_slot(i)

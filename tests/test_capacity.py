@@ -18,7 +18,7 @@ from ray_modelbatch.capacity import MiB, fit_capacity, measure_step_memory, memo
 from ray_modelbatch.data import PerSlotStreams
 from ray_modelbatch.errors import OutOfDeviceMemoryError
 from ray_modelbatch.tune.spec import SlotSpec
-from ray_modelbatch.tune.stack import Stack, stack_key
+from ray_modelbatch.slot_group import SlotGroup as Stack, stack_key
 
 
 # ------------------------------------------------------------------ fit_capacity
@@ -131,9 +131,9 @@ def _oom_when_more_than(limit, count, exc=torch.OutOfMemoryError):
 def _inject_in_engine(st, check):
     real = st.engine.train_step
 
-    def train_step(x, y, *, slots, per_slot):
+    def train_step(x, y, *, slots, **kw):
         check(len(slots))
-        return real(x, y, slots=slots, per_slot=per_slot)
+        return real(x, y, slots=slots, **kw)
 
     st.engine.train_step = train_step
 
@@ -174,7 +174,7 @@ def test_chunked_step_gives_every_slot_the_unchunked_result(where, caplog):
     calls: list[int] = []
     (_inject_in_engine if where == "engine" else _inject_after_forward)(st, _oom_when_more_than(2, calls))
     schedule = [list(range(6))] * 3 + [[5, 1, 3], list(range(6))]  # a subset, out of order
-    with caplog.at_level(logging.WARNING, logger="ray_modelbatch.tune.stack"):
+    with caplog.at_level(logging.WARNING, logger="ray_modelbatch.slot_group"):
         for step, slots in enumerate(schedule):
             want, got = ref.train_step(slots), st.train_step(slots)
             assert got.slots.tolist() == slots

@@ -99,11 +99,7 @@ def test_slot_freed_at_once_when_trial_stops_finishes_errors_or_dies(trainables,
     assert "planned failure" in errs[0.04]
     iters = {r.config["lr"]: r.metrics.get("training_iteration", 0) for r in grid}
     assert any(iters[lr] < 4 and status[lr] == "ok" for lr in lrs), iters  # ASHA stopped some early
-    assert any(iters[lr] == 4 for lr in lrs), iters
 
-    # The killed trial's slot is freed by the lease check, which needs Ray to notice the owner died
-    # (seconds): wait for it. Every other slot was freed by cleanup() before fit() returned.
-    h.wait_until(lambda: sum(s["attached"] + s["reserved"] for s in T.host_stats()) == 0, timeout=30)
     # The killed trial's slot is freed by the lease check, which needs Ray to notice its owner died
     # (a few seconds); fit() can return before that on a loaded machine.
     h.wait_until(lambda: sum(s["attached"] + s["reserved"] for s in T.host_stats()) == 0, timeout=30)
@@ -177,13 +173,13 @@ def test_two_proxies_of_one_trial_hold_separate_slots(ray_session):
     lease = None  # driven directly, not by proxies: no lease check
     try:
         ray.get(host.attach.remote("t1", {"lr": 0.01}, [lease], None, "live"))
-        assert ray.get(host.train.remote("live", 2))["slot_steps"] == 2
+        assert ray.get(host.train.remote("live"))["slot_steps"] == K
         before = ray.get(host.save.remote("live"))
         ray.get(host.attach.remote("t1", {"lr": 0.01}, [lease], None, "stale"))  # arrives late
         assert ray.get(host.save.remote("live")) == before  # not reset by the late attach
         ray.get(host.detach.remote("stale"))
         assert ray.get(host.stats.remote())["attached"] == 1
-        assert ray.get(host.train.remote("live", 2))["slot_steps"] == 4
+        assert ray.get(host.train.remote("live"))["slot_steps"] == 2 * K
         ray.get(host.detach.remote("live"))
         assert ray.get(host.stats.remote())["trials"] == {}
     finally:
@@ -332,7 +328,7 @@ def test_results_loggers_and_host_tensorboard(trainables, tmp_path):
     host_dir = tmp_path / "rep" / "slot_hosts" / stats["host"].replace(":", "_")
     assert host_dir.is_dir(), os.listdir(tmp_path / "rep")
     tags = h.tb_tags(str(host_dir))
-    for tag in ("host/active_slots", "host/fused_steps_per_s", "host/wait_fraction", "host/busy_fraction",
+    for tag in ("host/attached_slots", "host/stepped_fraction", "host/fused_steps_per_s", "host/wait_fraction", "host/busy_fraction",
                 "host/rss_mb"):
         assert tag in tags, sorted(tags)
     assert max(tags["host/fused_steps_per_s"]) > 0

@@ -238,8 +238,8 @@ def test_host_save_restore_transfers_full_slot_state_with_own_hparams(ray_sessio
         cfg = {"A": {"lr": 0.05, "seed": 1}, "B": {"lr": 0.001, "seed": 2}, "C": {"lr": 0.05, "seed": 3}}
         for tid in "ABC":
             ray.get(host.attach.remote(tid, cfg[tid], [lease]))
-        ray.get([host.train.remote(t, K) for t in "AB"])
-        ray.get([host.train.remote(t, K) for t in "AB"])
+        ray.get([host.train.remote(t) for t in "AB"])
+        ray.get([host.train.remote(t) for t in "AB"])
         load = lambda blob: torch.load(io.BytesIO(blob), weights_only=False)  # noqa: E731
         blob_a = ray.get(host.save.remote("A"))
         a = load(blob_a)
@@ -257,7 +257,7 @@ def test_host_save_restore_transfers_full_slot_state_with_own_hparams(ray_sessio
         assert a["optimizer"]["hparams"]["lr"] == pytest.approx(0.05)
         # C got A's complete state *and* A's lr: it must now train exactly like A (same weights,
         # moments, step count and data stream); B, with its own lr, must not.
-        ra, rb, rc = ray.get([host.train.remote(t, K) for t in "ABC"])
+        ra, rb, rc = ray.get([host.train.remote(t) for t in "ABC"])
         assert ra["slot_steps"] == rb["slot_steps"] == rc["slot_steps"] == 3 * K
         assert rc["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
         assert rc["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5)

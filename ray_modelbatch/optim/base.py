@@ -383,6 +383,16 @@ class VectorOptimizer:
         raise NotImplementedError
 
     # ------------------------------------------------------------ slot state
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        """Every per-slot tensor of this optimizer (dim 0 is the slot): see :mod:`ray_modelbatch.slot_state`.
+
+        Hyperparameters are not among them: training never changes them, only
+        :meth:`set_hparams` does.
+        """
+        out = {f"optim.{dt}.{k}": v for dt, st in self.state.items() for k, v in st.items()}
+        out["optim.steps"] = self.steps
+        return out
+
     def slot_state(self, i: int) -> dict[str, Any]:
         """Export slot ``i``: its step count, per-parameter state and hyperparameters."""
         i = self.mb._check_slot(i)

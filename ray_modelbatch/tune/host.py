@@ -1,12 +1,26 @@
 """The slot host: one Ray actor per GPU (or node) that trains many Tune trials as fused stacks.
 
-Continuous batching, no barrier: each proxy ``step()`` is a request for K more
-fused steps. A single worker thread loops: it first serves control commands
-(attach, detach, save, restore) so that PBT's blocking save in the driver is
-answered between two fused steps, then runs one fused step per stack over the
-slots that still have steps outstanding. A slot whose K steps are done is
-evaluated and answered at once; the others keep going. A slot with no request
-does not advance.
+**Run-ahead.** Every held slot steps on every fused step, whether or not its
+trial has a request out: a slot may complete up to ``run_ahead`` iterations
+past the last result its trial has taken. Finished iterations' results wait
+in the trial's buffer, so the proxy's next ``step()`` is answered at once. The
+device never idles while Tune's controller turns results around one trial at
+a time; with ``run_ahead=0`` a slot steps only while its trial waits (the
+behaviour of a plain request-response host).
+
+**Exact.** A slot's training is a function of its own state and its seeded
+data stream, whichever slots step beside it (see
+:mod:`ray_modelbatch.slot_group`). The group keeps each slot's full state at
+its last ``run_ahead + 1`` iteration boundaries, and the host tells it which
+boundary Tune knows: the last result the trial took. So a save exports that
+boundary's state, a stop discards the extra work, and a restore (a resumed
+pause, a PBT exploit) overwrites it. Every result and every checkpoint is the
+one a host without run-ahead would give.
+
+A single worker thread loops: it first serves control commands (attach,
+detach, save, restore), so PBT's blocking save in the driver is answered
+between two fused steps, then runs one fused step per stack over its
+runnable slots, and evaluates the slots that finished an iteration.
 
 Proxies hand the host a *lease*: their own actor handle. The host keeps one
 cheap ``__ray_ready__`` probe in flight per proxy; when a proxy process dies
@@ -36,25 +50,24 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _Request:
-    remaining: int
-    future: Future
-    loss_sum: float = 0.0
-    grad_sum: float = 0.0
-    finite_steps: int = 0
-    nonfinite_steps: int = 0
+class _Attachment:
+    """One proxy's hold on a slot: the Ray plumbing around the slot its group owns."""
 
-
-@dataclass
-class _Trial:
     trial_id: str
-    stack: Any
+    group: Any
     slot: int
     lease: Any  # the proxy's actor handle, or None (never freed by the lease check)
     probe: Any = None  # the lease's in-flight liveness probe
-    request: _Request | None = None
-    reports: int = 0
-    nonfinite_steps: int = 0
+    results: collections.deque = field(default_factory=collections.deque)  # finished, not yet taken
+    waiter: Future | None = None  # the proxy's step() waiting for the next result
+    taken: int = 0  # iterations whose results the trial took since the slot was loaded: the boundary
+    nonfinite_total: int = 0
+    error: BaseException | None = None  # the slot failed; the next step() raises it
+
+    def runnable(self, run_ahead: int) -> bool:
+        if self.error is not None:
+            return False
+        return len(self.results) < run_ahead or (self.waiter is not None and not self.results)
 
 
 @dataclass
@@ -64,10 +77,15 @@ class _Stats:
     wait_s: float = 0.0
     fused_steps: int = 0
     slot_steps: int = 0
+    held_slot_steps: int = 0  # sum over fused steps of the slots the stepped stack held
+    first_result_s: float | None = None  # seconds from the first attach to the first result
+    first_attach: float | None = None
     window_start: float = field(default_factory=time.monotonic)
     window_busy: float = 0.0
     window_wait: float = 0.0
     window_steps: int = 0
+    window_stepped: int = 0
+    window_held: int = 0
     max_held: int = 0  # high-water mark of attached + reserved trials
     refused: int = 0  # reservations refused because the host was full (Tune oversubscribed it)
     freed_by_lease: int = 0  # slots freed because the trial's process died without detaching
@@ -84,7 +102,8 @@ class SlotHost:
     """Owns the fused stacks of one device. Create it as a threaded Ray actor (see ``registry``)."""
 
     def __init__(self, spec_bytes: bytes, name: str, capacity: int | str, lease_check_s: float = 2.0,
-                 stats_every_s: float = 5.0, profile_config: dict | None = None, max_slots: int = 256):
+                 stats_every_s: float = 5.0, profile_config: dict | None = None, max_slots: int = 256,
+                 run_ahead: int = 2, threads: int | None = None):
         import cloudpickle
         import torch
 
@@ -93,6 +112,8 @@ class SlotHost:
         self.device = _pick_device(self.spec.device)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.in_placement_group = ray.util.get_current_placement_group() is not None
+        self.threads = _use_cpus(self.device, threads, self.node_id)
+        self.run_ahead = int(run_ahead)
         x, y, xv, yv = self.spec.data()
         self.data = tuple(torch.as_tensor(t).to(self.device) for t in (x, y, xv, yv))
         self.capacity_fit: str | None = None
@@ -102,8 +123,8 @@ class SlotHost:
             logger.info("host %s: %s", name, self.capacity_fit)
         else:
             self.capacity = int(capacity)
-        self.stacks: dict[str, Any] = {}
-        self.trials: dict[str, _Trial] = {}
+        self.groups: dict[str, Any] = {}
+        self.trials: dict[str, _Attachment] = {}
         self.reserved: dict[str, float] = {}  # key -> when reserved; see _check_leases
         self._lock = threading.Condition()
         self._commands: collections.deque = collections.deque()
@@ -123,20 +144,20 @@ class SlotHost:
         import torch
 
         from ..capacity import profile_capacity
-        from .stack import Stack
+        from ..slot_group import SlotGroup
 
         def model() -> Any:
             torch.manual_seed(0)
             return _from_config(self.spec.model, "model", config)
 
         hparams = _from_config(self.spec.hparams, "hparams", config)
-        build = Stack.build_for_profile(self.spec, model, self.data, self.device, hparams)
+        build = SlotGroup.build_for_profile(self.spec, model, self.data, self.device, hparams)
         return profile_capacity(build, self.device, max_slots=max_slots)
 
     def ping(self) -> dict:
         """Who and where this host is; the registry waits for it before handing out slots."""
         return {"name": self.name, "capacity": self.capacity, "capacity_fit": self.capacity_fit,
-                "device": str(self.device), "node_id": self.node_id,
+                "device": str(self.device), "node_id": self.node_id, "threads": self.threads,
                 "pid": os.getpid(), "in_placement_group": self.in_placement_group}
 
     def reserve(self, key: str) -> bool:
@@ -170,26 +191,40 @@ class SlotHost:
             self._log_dir = log_dir
         return self._call(lambda: self._attach(trial_id, config, lease_box[0], key or trial_id))
 
-    def train(self, key: str, steps: int) -> dict:
-        """Run ``steps`` more fused steps for the attachment, then evaluate it; returns its metrics."""
-        fut: Future = Future()
+    def train(self, key: str) -> dict:
+        """The attachment's next result: at once if its slot already finished that iteration."""
         with self._lock:
-            trial = self.trials.get(key)
-            if trial is None:
+            t = self.trials.get(key)
+            if t is None:
                 raise RuntimeError(f"attachment {key} has no slot on host {self.name}; the trial must attach first")
-            if trial.request is not None:
-                raise RuntimeError(f"trial {trial.trial_id} already has a step in flight on host {self.name}")
-            trial.request = _Request(int(steps), fut)
+            if t.waiter is not None:
+                raise RuntimeError(f"trial {t.trial_id} already has a step in flight on host {self.name}")
+            if t.results:
+                return self._take(t, t.results.popleft())
+            if t.error is not None:
+                raise t.error
+            fut: Future = Future()
+            t.waiter = fut
             self._lock.notify_all()
         return fut.result()
 
+    def _take(self, t: _Attachment, result: dict) -> dict:
+        """Hand a finished iteration's result to the trial (under the lock): its state becomes the boundary."""
+        t.taken += 1
+        self._lock.notify_all()  # the slot may run again
+        return result
+
     def save(self, key: str) -> bytes:
-        return self._call(lambda: self._trial(key).stack.export(self._trial(key).slot))
+        """The trial's slot state at the boundary Tune knows (the last result it took)."""
+        return self._call(lambda: self._trial(key).group.export(self._trial(key).slot, self._trial(key).taken))
 
     def restore(self, key: str, blob: bytes, config: dict) -> None:
-        def run():
+        def run() -> None:
             t = self._trial(key)
-            t.stack.load(t.slot, blob, self.spec.hparams(config))
+            t.group.load(t.slot, blob, _from_config(self.spec.hparams, "hparams", config))
+            with self._lock:
+                t.results.clear()  # work done past the old boundary belongs to a state Tune left
+                t.taken, t.error = 0, None
 
         return self._call(run)
 
@@ -207,24 +242,35 @@ class SlotHost:
         with self._lock:
             s = self._stats
             wall = time.monotonic() - s.started
+            paths = {"full": 0, "masked": 0, "gathered": 0, "stepped": 0, "computed": 0}
+            for g in self.groups.values():
+                for k in paths:
+                    paths[k] += getattr(g.stats, k)
             return {
                 "host": self.name,
                 "device": str(self.device),
                 "node_id": self.node_id,
                 "pid": os.getpid(),
+                "threads": self.threads,
+                "run_ahead": self.run_ahead,
                 "in_placement_group": self.in_placement_group,
                 "capacity": self.capacity,
                 "capacity_fit": self.capacity_fit,
                 "attached": len(self.trials),
                 "reserved": len(self.reserved),
                 "stacks": {
-                    k: {"capacity": st.capacity, "used": st.used, "active": int(st.mb.active_slots.numel())}
-                    for k, st in self.stacks.items()
+                    k: {"capacity": g.capacity, "used": g.used, "active": int(g.mb.active_slots.numel()),
+                        "snapshot_mb": g.snapshots.nbytes() / 2**20}
+                    for k, g in self.groups.items()
                 },
                 "trials": {t.trial_id: t.slot for t in self.trials.values()},
                 "events": list(self._events),
                 "fused_steps": s.fused_steps,
                 "slot_steps": s.slot_steps,
+                "held_slot_steps": s.held_slot_steps,
+                "stepped_fraction": s.slot_steps / s.held_slot_steps if s.held_slot_steps else 0.0,
+                "step_paths": paths,
+                "first_result_s": s.first_result_s,
                 "busy_s": s.busy_s,
                 "wait_s": s.wait_s,
                 "wall_s": wall,
@@ -251,7 +297,7 @@ class SlotHost:
             self._lock.notify_all()
         return fut.result()
 
-    def _trial(self, key: str) -> _Trial:
+    def _trial(self, key: str) -> _Attachment:
         t = self.trials.get(key)
         if t is None:
             raise RuntimeError(f"attachment {key} has no slot on host {self.name}")
@@ -260,7 +306,7 @@ class SlotHost:
     def _attach(self, trial_id: str, config: dict, lease: Any, key: str) -> dict:
         import torch
 
-        from .stack import Stack, stack_key
+        from ..slot_group import SlotGroup, stack_key
 
         if key in self.trials:
             self._detach(key, "it attached again")
@@ -271,19 +317,22 @@ class SlotHost:
             torch.manual_seed(seed)
             model = _from_config(self.spec.model, "model", config)
             hparams = _from_config(self.spec.hparams, "hparams", config)
-            stack = self.stacks.get(skey)
-            if stack is None:
-                stack = Stack(self.spec, skey, model, self.data, self.capacity, self.device)
-                self.stacks[skey] = stack
+            group = self.groups.get(skey)
+            if group is None:
+                group = SlotGroup(self.spec, skey, model, self.data, self.capacity, self.device,
+                                  run_ahead=self.run_ahead)
+                self.groups[skey] = group
                 logger.info("host %s: new stack %s for trial %s", self.name, skey, trial_id)
-            slot = stack.add(trial_id, model, seed, hparams)
+            slot = group.add(trial_id, model, seed, hparams)
         except BaseException:
             with self._lock:
                 self.reserved.pop(key, None)
             raise
         with self._lock:  # one step: the slot never looks free between reservation and attachment
             self.reserved.pop(key, None)
-            self.trials[key] = _Trial(trial_id, stack, slot, lease)
+            self.trials[key] = _Attachment(trial_id, group, slot, lease)
+            if self._stats.first_attach is None:
+                self._stats.first_attach = time.monotonic()
             self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot, "stack": skey})
         return {"host": self.name, "stack": skey, "slot": slot, "device": str(self.device), "node_id": self.node_id}
 
@@ -292,13 +341,15 @@ class SlotHost:
             t = self.trials.pop(key, None)
         if t is None:
             return
-        t.stack.remove(t.slot)
+        t.group.remove(t.slot)
         with self._lock:
             self._events.append(
-                {"t": time.time(), "event": "detach", "trial": t.trial_id, "slot": t.slot, "stack": t.stack.key, "why": why}
+                {"t": time.time(), "event": "detach", "trial": t.trial_id, "slot": t.slot, "stack": t.group.key,
+                 "why": why}
             )
-        if t.request is not None and not t.request.future.done():
-            t.request.future.set_exception(RuntimeError(f"trial {t.trial_id} lost its slot: {why}"))
+            waiter, t.waiter = t.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(RuntimeError(f"trial {t.trial_id} lost its slot: {why}"))
 
     RESERVATION_TTL_S = 120.0  # a proxy that died between reserve and attach has no lease yet
 
@@ -334,11 +385,12 @@ class SlotHost:
             except Exception:  # noqa: BLE001 - unknown: look again next time
                 pass
 
-    def _pending(self) -> dict[Any, list[tuple[str, _Trial]]]:
-        work: dict[Any, list[tuple[str, _Trial]]] = {}
-        for trial_id, t in self.trials.items():
-            if t.request is not None and t.request.remaining > 0:
-                work.setdefault(t.stack, []).append((trial_id, t))
+    def _runnable(self) -> dict[Any, list[_Attachment]]:
+        """Per stack, the attachments whose slots may step now (under the lock)."""
+        work: dict[Any, list[_Attachment]] = {}
+        for t in self.trials.values():
+            if t.runnable(self.run_ahead):
+                work.setdefault(t.group, []).append(t)
         return work
 
     def _loop(self) -> None:
@@ -346,7 +398,7 @@ class SlotHost:
         while True:
             with self._lock:
                 start_wait = time.monotonic()
-                while not self._stop and not self._commands and not self._has_work():
+                while not self._stop and not self._commands and not self._runnable():
                     self._lock.wait(timeout=self._lease_check_s)
                     if time.monotonic() - last_check >= self._lease_check_s:
                         break
@@ -366,48 +418,30 @@ class SlotHost:
                 self._check_leases()
                 last_check = now
             with self._lock:
-                work = self._pending()
-            for stack, items in work.items():
-                self._step_stack(stack, items)
+                work = self._runnable()
+            for group, items in work.items():
+                self._step_group(group, items)
             if now - last_stats >= self._stats_every_s:
                 self._log_stats()
                 last_stats = now
 
-    def _has_work(self) -> bool:
-        return any(t.request is not None and t.request.remaining > 0 for t in self.trials.values())
-
-    def _step_stack(self, stack: Any, items: list[tuple[str, _Trial]]) -> None:
-        slots = [t.slot for _, t in items]
+    def _step_group(self, group: Any, items: list[_Attachment]) -> None:
+        """One fused step of ``group`` over ``items``' slots; results of finished iterations go out."""
+        by_slot = {t.slot: t for t in items}
         t0 = time.monotonic()
         try:
-            res = stack.train_step(slots)
-            losses, bad, gnorm = res.losses.tolist(), res.nonfinite.tolist(), res.grad_norm.tolist()
-        except BaseException as exc:  # noqa: BLE001 - fail these requests, keep the host alive
-            for trial_id, t in items:
-                self._fail(trial_id, t, exc)
+            done = group.step(list(by_slot))
+            results = group.finish(done)
+        except BaseException as exc:  # noqa: BLE001 - fail these trials, keep the host alive
+            for t in items:
+                self._fail(t, exc)
             return
-        done: list[tuple[str, _Trial]] = []
-        for (trial_id, t), loss, nf, g in zip(items, losses, bad, gnorm):
-            r = t.request
-            r.remaining -= 1
-            if nf:
-                r.nonfinite_steps += 1
-            else:
-                r.loss_sum += loss
-                r.grad_sum += g
-                r.finite_steps += 1
-            if r.remaining == 0:
-                done.append((trial_id, t))
-        if done:
-            try:
-                metrics = stack.evaluate([t.slot for _, t in done])
-            except BaseException as exc:  # noqa: BLE001
-                for trial_id, t in done:
-                    self._fail(trial_id, t, exc)
-                done = []
-            lr = stack.opt.current_lr().tolist() if done else []
-            for j, (trial_id, t) in enumerate(done):
-                self._answer(trial_id, t, {k: v[j] for k, v in metrics.items()}, lr[t.slot])
+        for slot, result in results.items():
+            t = by_slot[slot]
+            t.nonfinite_total += result["nonfinite_steps"]
+            result.update({"nonfinite_steps_total": t.nonfinite_total, "slot": slot, "stack": group.key,
+                           "host": self.name, "host_node": self.node_id})
+            self._deliver(t, result)
         dt = time.monotonic() - t0
         with self._lock:
             s = self._stats
@@ -416,33 +450,26 @@ class SlotHost:
             s.fused_steps += 1
             s.window_steps += 1
             s.slot_steps += len(items)
+            s.held_slot_steps += group.used
+            s.window_stepped += len(items)
+            s.window_held += group.used
+            if results and s.first_result_s is None and s.first_attach is not None:
+                s.first_result_s = time.monotonic() - s.first_attach
 
-    def _answer(self, trial_id: str, t: _Trial, val: dict, lr: float) -> None:
-        r = t.request
-        t.request = None
-        t.reports += 1
-        t.nonfinite_steps += r.nonfinite_steps
-        nan = float("nan")
-        result = {
-            "train_loss": r.loss_sum / r.finite_steps if r.finite_steps else nan,
-            "grad_norm": r.grad_sum / r.finite_steps if r.finite_steps else nan,
-            "lr": lr,
-            "nonfinite_steps": r.nonfinite_steps,
-            "nonfinite_steps_total": t.nonfinite_steps,
-            "slot_steps": int(t.stack.opt.steps[t.slot]),
-            "slot": t.slot,
-            "stack": t.stack.key,
-            "host": self.name,
-            "host_node": self.node_id,
-        }
-        result.update({f"val_{k}": v for k, v in val.items()})
-        r.future.set_result(result)
+    def _deliver(self, t: _Attachment, result: dict) -> None:
+        with self._lock:
+            if t.waiter is not None and not t.results:
+                waiter, t.waiter = t.waiter, None
+                waiter.set_result(self._take(t, result))
+            else:
+                t.results.append(result)
 
-    def _fail(self, trial_id: str, t: _Trial, exc: BaseException) -> None:
-        r = t.request
-        t.request = None
-        if r is not None and not r.future.done():
-            r.future.set_exception(exc)
+    def _fail(self, t: _Attachment, exc: BaseException) -> None:
+        with self._lock:
+            t.error = exc
+            waiter, t.waiter = t.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
 
     # --------------------------------------------------------- host metrics
     def _log_stats(self) -> None:
@@ -458,12 +485,15 @@ class SlotHost:
                 return
             figures = {
                 "host/attached_slots": len(self.trials),
-                "host/active_slots": sum(1 for t in self.trials.values() if t.request is not None),
+                "host/waiting_trials": sum(1 for t in self.trials.values() if t.waiter is not None),
+                "host/buffered_results": sum(len(t.results) for t in self.trials.values()),
                 "host/fused_steps_per_s": s.window_steps / window,
+                "host/stepped_fraction": s.window_stepped / s.window_held if s.window_held else 0.0,
                 "host/busy_fraction": s.window_busy / window,
                 "host/wait_fraction": s.window_wait / window,
             }
-            s.window_start, s.window_busy, s.window_wait, s.window_steps = time.monotonic(), 0.0, 0.0, 0
+            s.window_start, s.window_busy, s.window_wait = time.monotonic(), 0.0, 0.0
+            s.window_steps = s.window_stepped = s.window_held = 0
         if self.device.type == "cuda":
             figures["host/device_memory_mb"] = torch.cuda.memory_allocated(self.device) / 2**20
         else:
@@ -511,6 +541,25 @@ def _pick_device(requested: str | None) -> Any:
         logger.warning("Ray gave this host GPU %s but torch sees no CUDA device; training on the CPU",
                        ray.get_gpu_ids())
     return torch.device("cpu")
+
+
+def _use_cpus(device: Any, threads: int | None, node_id: str) -> int:
+    """Give a CPU host's torch the cores trials do not use, not the 1 thread Ray's reservation implies.
+
+    Ray sets ``OMP_NUM_THREADS`` to an actor's ``num_cpus``. The proxies of a
+    host's trials reserve 0.01 CPU each and sleep while the host computes, so
+    by default the host uses every CPU of its node. On a GPU host nothing changes.
+    """
+    import torch
+
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    if threads is None:
+        cpus = next((n.get("Resources", {}).get("CPU") for n in ray.nodes() if n.get("NodeID") == node_id), None)
+        threads = int(cpus or os.cpu_count() or 1)
+    threads = max(1, min(int(threads), os.cpu_count() or int(threads)))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def _rss_mb() -> float:

@@ -143,7 +143,7 @@ class SlotTrialProxy(Trainable):
             ) from exc
 
     def step(self) -> dict[str, Any]:
-        return self._on_host("train", self._token, self._options["steps_per_report"])
+        return self._on_host("train", self._token)
 
     def save_checkpoint(self, checkpoint_dir: str) -> str:
         blob = self._on_host("save", self._token)

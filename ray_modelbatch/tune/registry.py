@@ -178,6 +178,7 @@ class HostRegistry:
             stats_every_s=self.options.get("stats_every_s", 5.0),
             profile_config=self.options.get("profile_config") or config,
             max_slots=self.options["max_slots_per_host"],
+            run_ahead=self.options.get("run_ahead", 2), threads=self.options.get("host_threads"),
         )
         timeout = float(self.options.get("host_start_timeout_s", 120.0))
         try:

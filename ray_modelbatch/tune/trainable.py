@@ -35,6 +35,8 @@ def batched_trainable(
     cpu_gemm: str = "blas",
     num_hosts: int | None = None,
     host_cpus: float = 1,
+    host_threads: int | None = None,
+    run_ahead: int = 2,
     trial_resources: dict | None = None,
     idle_timeout_s: float = 20.0,
     stats_every_s: float = 5.0,
@@ -80,7 +82,14 @@ def batched_trainable(
             on CPU hosts through oneDNN (faster where the BLAS lacks AVX-512, not bitwise
             ``nn.Linear``'s results); default ``"blas"``.
         num_hosts: fixed number of hosts; default one per GPU, or one per node without GPUs.
-        host_cpus: CPUs each host reserves (it does the compute).
+        host_cpus: CPUs each host reserves from Ray.
+        host_threads: torch threads of a CPU host; default every CPU of its node, since the
+            proxies of its trials sleep while it computes (Ray would otherwise cap it at
+            ``host_cpus`` threads).
+        run_ahead: iterations a slot may train past the last result its trial took, so the
+            host keeps every slot busy while Tune turns results around. Saves, pauses, stops
+            and restores still see exactly the state Tune knows; each slot keeps
+            ``run_ahead + 1`` copies of its state. 0 steps a slot only while its trial waits.
         trial_resources: resources of each proxy trial (default ``{"CPU": 0.01}``).
         idle_timeout_s: hosts (and the experiment's registry) stop this long after their last
             trial left, so nothing outlives ``fit()`` or a killed driver for longer; a trial
@@ -105,6 +114,8 @@ def batched_trainable(
         "max_slots_per_host": int(max_slots_per_host),
         "num_hosts": num_hosts,
         "host_cpus": host_cpus,
+        "host_threads": host_threads,
+        "run_ahead": int(run_ahead),
         "trial_resources": trial_resources,
         "idle_timeout_s": float(idle_timeout_s),
         "stats_every_s": float(stats_every_s),

@@ -1,0 +1,502 @@
+"""SlotGroup: the one home of every slot of one fused stack, and of everything each slot owns.
+
+A group trains the slots whose models share a signature as one
+:class:`~ray_modelbatch.ModelBatch`. It owns, for all of them together:
+
+- the stacked models, the vectorized optimizer, the optional loss scaler and
+  the per-slot data streams (the per-slot components, see
+  :mod:`ray_modelbatch.slot_state`);
+- occupancy: which slot is free and who holds each of the others;
+- each slot's iteration: the steps it ran since its last result and the
+  sums its result is made of (:class:`~ray_modelbatch.slot_results.IterationMeter`);
+- the run-ahead snapshots: the slot's full state at its last few iteration
+  boundaries, so a driver may let a slot train ahead of what its consumer has
+  taken and still export, or go back to, exactly the state that consumer knows.
+
+Adding, removing, stepping (with the out-of-memory split), evaluating,
+exporting and loading a slot are each one method here. Drivers decide only
+*when*: the standalone loop and the Ray Tune slot host both call these. The
+group never imports Ray.
+
+**Exactness.** A slot's training is a function of its own state and its own
+data stream: the fused kernels compute every slot's rows independently. Only
+the number of rows can change how a kernel rounds: on the direct path a
+gather of one slot runs a plain GEMM, which rounds differently from a batched
+one, and under ``torch.vmap`` any gather may be blocked differently from the
+whole stack (measured: Adam then turns the last-bit differences into
+lr-sized ones). So a fused step runs over the whole stack with the
+non-stepping slots masked (``FusedEngine.train_step(skip=...)``) whenever at
+least ``full_step_fraction`` of the slots step or the model runs on vmap, and
+a gather on the direct path never has fewer than two rows; evaluation follows
+the same rule. A slot's results are then bit-identical whichever other slots
+happen to step with it (for a vmapped model: at the same stack size), which
+is what lets a host run slots ahead.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import zlib
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .amp import SlotGradScaler
+from .data import PerSlotStreams, SharedStream
+from .engine import FusedEngine, StepResult
+from .errors import FusionError, IncompatibleModelsError, InputShapeError, OutOfDeviceMemoryError, is_out_of_memory
+from .model_batch import ModelBatch
+from .signature import module_signature
+from .slot_results import IterationMeter, iteration_result
+from .slot_state import SlotSnapshots, collect_tensors
+
+CHECKPOINT_FORMAT = 1
+MIN_CAPACITY = 4  # a new group's first size: a 1-slot stack would round differently from a larger one
+
+logger = logging.getLogger(__name__)
+
+
+def _simple_attrs(module: nn.Module) -> tuple:
+    """Plain Python settings of a module (e.g. Dropout.p, an activation name) that shape its forward."""
+    out = []
+    for k, v in sorted(vars(module).items()):
+        if k.startswith("_") or k == "training":
+            continue
+        if isinstance(v, (bool, int, float, str, type(None))) or (
+            isinstance(v, tuple) and all(isinstance(e, (bool, int, float, str)) for e in v)
+        ):
+            out.append((k, v))
+    return tuple(out)
+
+
+def stack_key(model: nn.Module) -> str:
+    """A key that is equal exactly when two models can share one fused stack.
+
+    Tensor shapes and dtypes are not enough: two configs may give equal shapes
+    but different forwards (another activation, another dropout rate), and a
+    stack runs one forward for all its slots. So the key also covers the module
+    tree and each module's plain settings.
+    """
+    structure = [(name, type(m).__qualname__, _simple_attrs(m)) for name, m in model.named_modules()]
+    text = repr((type(model).__module__, module_signature(model), structure))
+    return f"{type(model).__name__}-{zlib.crc32(text.encode()):08x}"
+
+
+@dataclass
+class StepStats:
+    """Which path the group's fused steps took (see the module docstring), for the host's figures."""
+
+    full: int = 0  # whole stack, nothing masked
+    masked: int = 0  # whole stack, some slots masked
+    gathered: int = 0  # a gather of the stepping slots
+    stepped: int = 0  # slot-steps that advanced a slot
+    computed: int = 0  # slot-steps computed (masked rows included)
+
+
+class SlotGroup:
+    """Slots of one model signature trained as one ModelBatch.
+
+    Args:
+        settings: the training settings, by attribute: ``optimizer``
+            (``ModelBatch -> optimizer``), ``loss``, ``metrics``, ``batch_size``,
+            ``steps_per_report``, ``data_mode`` (``"per_slot"`` or ``"shared"``),
+            ``eval_batch_size``, ``autocast_dtype``, ``cpu_gemm``
+            (a :class:`ray_modelbatch.tune.spec.SlotSpec` has all of them).
+        key: the group's name (its :func:`stack_key`).
+        first: a model of the signature (its values are not used).
+        data: ``(x_train, y_train, x_val, y_val)`` on ``device``.
+        limit: the most slots the group may grow to.
+        run_ahead: iterations a slot may complete beyond the boundary its
+            consumer knows; the snapshots keep ``run_ahead + 1`` states per slot.
+        full_step_fraction: step the whole stack with a mask when at least
+            this share of its slots step; gather them otherwise.
+
+    Attributes:
+        max_chunk: the most slots one fused step runs at once; None means all
+            of them. Set (halved) when a step runs out of device memory, and
+            kept, so later steps run their slots in chunks of this size.
+    """
+
+    def __init__(self, settings: Any, key: str, first: nn.Module, data: tuple, limit: int,
+                 device: torch.device | str, run_ahead: int = 0, full_step_fraction: float = 0.5):
+        self.settings, self.key, self.limit = settings, key, int(limit)
+        self.device = torch.device(device)
+        self.x, self.y, self.x_val, self.y_val = data
+        self.steps_per_report = int(settings.steps_per_report)
+        self.full_step_fraction = float(full_step_fraction)
+        self.mb = ModelBatch([first], device=self.device, cpu_gemm=settings.cpu_gemm)
+        self.mb.deactivate(0)
+        self._validate()
+        self.opt = settings.optimizer(self.mb)
+        fp16 = settings.autocast_dtype == torch.float16
+        self.scaler = SlotGradScaler(self.mb) if fp16 else None
+        self.engine = FusedEngine(self.mb, self.opt, settings.loss, scaler=self.scaler,
+                                  autocast_dtype=settings.autocast_dtype)
+        if settings.data_mode == "per_slot":
+            self.streams: Any = PerSlotStreams(self.x, self.y, settings.batch_size, seeds=[0])
+        else:
+            self.streams = SharedStream(self.x, self.y, settings.batch_size, seed=0)
+        self.per_slot_data = isinstance(self.streams, PerSlotStreams)
+        self.owner: dict[int, str] = {}
+        self.iteration: list[int] = [0]  # iterations each slot completed since it was loaded
+        self.meter = IterationMeter(1, self.device)
+        self.snapshots = SlotSnapshots(int(run_ahead) + 1, 1)
+        self.stats = StepStats()
+        self._direct: bool | None = None  # see _exact_gathers
+        self.max_chunk: int | None = None
+        self._grow(min(self.limit, MIN_CAPACITY))
+
+    # ------------------------------------------------------------ components
+    def _python_state(self) -> list[Any]:
+        return [self.streams] if self.per_slot_data else []
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return collect_tensors([self.mb, self.opt, self.scaler])
+
+    @classmethod
+    def build_for_profile(
+        cls,
+        settings: Any,
+        model_factory: Callable[[], nn.Module],
+        data: tuple,
+        device: torch.device | str,
+        hparams: Mapping[str, Any] | None = None,
+    ) -> Callable[[int], Callable[[], None]]:
+        """A ``build(S)`` for :func:`ray_modelbatch.capacity.profile_capacity`.
+
+        ``build(S)`` makes a group of S slots the way a host does (same
+        ModelBatch, optimizer, engine, data streams and growth) and returns a
+        function running one fused train step over all S slots on a real
+        ``batch_size`` batch plus one evaluation on the validation data.
+        That step has no out-of-memory fallback: profiling must see the true
+        peak. ``hparams`` matter when they allocate optimizer state (SGD
+        momentum, AMSGrad).
+        """
+        device = torch.device(device)
+        hp = dict(hparams or {})
+
+        def build(slots: int) -> Callable[[], None]:
+            model = model_factory()
+            group = cls(settings, stack_key(model), model, data, slots, device)
+            for i in range(slots):
+                group.add(f"profile-{i}", model, seed=i, hparams=hp)
+            everyone = list(range(slots))
+
+            def run() -> None:
+                group._step(everyone, *group.streams.next_batch(everyone))
+                group.evaluate(everyone)
+
+            return run
+
+        return build
+
+    def _validate(self) -> None:
+        """Run forward and loss once on two validation rows, so a model that cannot be fused, or
+        that does not fit ``data()``'s inputs or labels, fails here: at attach, for its own trial."""
+        was = self.mb.training
+        self.mb.eval()
+        try:
+            with torch.no_grad():
+                try:
+                    out = self.mb(self.x_val[:2])
+                except InputShapeError as exc:
+                    raise InputShapeError(
+                        f"{exc} The batches come from data(): x_val[:2] has shape {tuple(self.x_val[:2].shape)}; "
+                        "make the config's model take inputs of that shape, or reshape the data in data()."
+                    ) from None
+                try:
+                    self.mb.forward_loss(self.x_val[:2], self.y_val[:2], self.settings.loss)
+                except (InputShapeError, FusionError) as exc:
+                    cause = exc.__cause__ or exc
+                    raise InputShapeError(
+                        f"the loss {getattr(self.settings.loss, '__name__', self.settings.loss)!r} failed on the "
+                        f"model's output: {type(cause).__name__}: {cause}. One model's output has shape "
+                        f"{tuple(out.shape[1:])}; the labels of data() (y_val[:2]) have shape "
+                        f"{tuple(self.y_val[:2].shape)} and dtype {self.y_val.dtype}. Fix: make the config's "
+                        "model output what the loss expects for these labels (e.g. one logit per class)."
+                    ) from exc
+        finally:
+            self.mb.train(was)
+
+    # ------------------------------------------------------------- occupancy
+    @property
+    def capacity(self) -> int:
+        return self.mb.num_slots
+
+    @property
+    def used(self) -> int:
+        return len(self.owner)
+
+    def _grow(self, new: int) -> None:
+        """Resize every per-slot component to ``new`` slots, keeping the current ones in place."""
+        old = self.capacity
+        if new <= old:
+            return
+        keep = list(range(old))
+        self.mb.resize(new)  # the optimizer and the scaler follow through ModelBatch.attach
+        if self.per_slot_data:
+            self.streams.resize(new)
+        self.meter.resize(keep, new)
+        self.snapshots.resize(keep, new)
+        self.iteration = self.iteration + [0] * (new - old)
+
+    def _free_slot(self) -> int:
+        for i in range(self.capacity):
+            if i not in self.owner:
+                return i
+        if self.capacity >= self.limit:
+            raise RuntimeError(f"stack {self.key} is full ({self.capacity} slots)")
+        old = self.capacity
+        self._grow(min(self.limit, max(2 * old, MIN_CAPACITY)))
+        return old
+
+    def add(self, owner: str, model: nn.Module, seed: int, hparams: Mapping[str, Any]) -> int:
+        """Give ``owner`` a free slot holding ``model`` with its hyperparameters; return the slot."""
+        slot = self._free_slot()
+        self.mb.reset_slot(slot, model)  # the optimizer and scaler reset the slot's state with it
+        self.opt.set_hparams(slot, **hparams)
+        if self.per_slot_data:
+            self.streams.reset_slot(slot, seed)
+        self.owner[slot] = owner
+        self._begin(slot)
+        self.mb.activate(slot)
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """Free a slot at once: masked out of every later step."""
+        self.mb.deactivate(slot)
+        self.owner.pop(slot, None)
+        self.meter.reset(slot)
+        self.snapshots.forget(slot)
+
+    def _begin(self, slot: int) -> None:
+        """The slot's current state is its iteration-0 boundary."""
+        self.iteration[slot] = 0
+        self.meter.reset(slot)
+        self.snapshots.capture(self._tensors(), self._python_state(), [slot], [0])
+
+    # ------------------------------------------------------------------ work
+    def step(self, slots: Sequence[int]) -> list[int]:
+        """One fused step that advances exactly ``slots``; returns those that completed an iteration.
+
+        The whole stack runs, with the others masked, when at least
+        ``full_step_fraction`` of it steps; otherwise the slots are gathered
+        (at least two rows). Either way each slot's result is the same.
+        """
+        slots = sorted(int(s) for s in slots)
+        if not slots:
+            return []
+        cap = self.capacity
+        if len(slots) == cap:
+            run, skip = slots, None
+            self.stats.full += 1
+        elif len(slots) >= self.full_step_fraction * cap or not self._exact_gathers():
+            run = list(range(cap))
+            stepping = set(slots)
+            skip = [i not in stepping for i in run]
+            self.stats.masked += 1
+        else:
+            run, skip = slots, None
+            if len(slots) == 1 and cap > 1:  # a one-row gather would round differently
+                run = sorted(slots + [next(i for i in range(cap) if i != slots[0])])
+                skip = [i not in slots for i in run]
+            self.stats.gathered += 1
+        res = self.train_step(run, skip)
+        self.stats.stepped += len(slots)
+        self.stats.computed += len(run)
+        self.meter.add(res, slots)
+        k = self.steps_per_report
+        return [s for s in slots if self.meter.steps[s] >= k]
+
+    def _exact_gathers(self) -> bool:
+        """Whether a gather of two or more slots rounds like the whole stack: only on the direct path."""
+        if self._direct is None:
+            was = self.mb.training
+            self._direct = self.mb.train(True).uses_direct_path and self.mb.train(False).uses_direct_path
+            self.mb.train(was)
+        return self._direct
+
+    def _step(self, slots: list[int], xb: torch.Tensor, yb: torch.Tensor,
+              skip: torch.Tensor | None = None) -> StepResult:
+        return self.engine.train_step(xb, yb, slots=slots, per_slot=self.per_slot_data, skip=skip)
+
+    def train_step(self, slots: list[int], skip: Sequence[bool] | None = None) -> StepResult:
+        """One step for each of ``slots`` (``skip`` marks rows that compute but do not move); results
+        are aligned with ``slots``.
+
+        When the fused step runs out of device memory, the same slots run again
+        as consecutive chunks of half the size (down to one slot), on the same
+        batches: the streams advanced once, and the engine left every slot as it
+        was. Each slot's math is independent of the others', so a chunked step
+        gives each slot the result the full step would have (models with dropout
+        draw other random numbers).
+        """
+        if self.per_slot_data:
+            xb, yb = self.streams.next_batch(slots, skip)  # once: a retry must reuse these rows
+        else:
+            xb, yb = self.streams.next_batch(slots)
+        mask = None if skip is None else torch.tensor(list(skip), dtype=torch.bool)
+        if not slots:
+            return self._step(slots, xb, yb)
+        parts: list[StepResult] = []
+        start = 0
+        while start < len(slots):
+            size = len(slots) - start if self.max_chunk is None else min(self.max_chunk, len(slots) - start)
+            end = start + size
+            chunk = (xb[start:end], yb[start:end]) if self.per_slot_data else (xb, yb)
+            try:
+                parts.append(self._step(slots[start:end], *chunk, None if mask is None else mask[start:end]))
+                start = end
+                continue
+            except BaseException as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                partial = self.engine.partial_step  # the update had begun: a retry would apply it twice
+                if size == 1 or partial:
+                    if size > 1:
+                        self._shrink(size)  # later steps still benefit
+                    raise self._out_of_memory(len(slots), size, partial) from exc
+            # Retry outside the except block, so the traceback no longer holds the failed step's tensors.
+            if self.mb.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._shrink(size)
+        return parts[0] if len(parts) == 1 else _concat(parts)
+
+    def _shrink(self, failed: int) -> None:
+        """Halve the chunk size after a step of ``failed`` slots ran out of memory; say so once."""
+        self.max_chunk = (failed + 1) // 2
+        logger.warning(
+            "stack %s ran out of memory on %s in a fused step of %d slots; from now on it runs at most %d "
+            "slots per fused step (same results per slot, slower). Fewer slots_per_host avoids this.",
+            self.key, self.mb.device, failed, self.max_chunk,
+        )
+
+    def _out_of_memory(self, requested: int, failed: int, partial: bool) -> OutOfDeviceMemoryError:
+        if partial:
+            what = (f"in the optimizer update of a fused step of {failed} slot(s), which may have left them "
+                    "partly updated, so the step cannot be retried")
+        else:
+            what = "even when running one slot per fused step"
+        return OutOfDeviceMemoryError(
+            f"stack {self.key} ran out of memory on {self.mb.device} {what} ({self.used} slots attached, "
+            f"{requested} in this step). Fix: a smaller batch_size or model, fewer slots_per_host, or a "
+            "device with more memory."
+        )
+
+    def evaluate(self, slots: list[int]) -> dict[str, list[float]]:
+        """Validation metrics of ``slots`` (``val_`` not yet prefixed), one list entry per slot."""
+        slots = list(slots)
+        if not self._exact_gathers():  # as in step(): the whole stack, then this call's rows
+            res = self.engine.evaluate(self.x_val, self.y_val, self.settings.metrics, slots=None,
+                                       batch_size=self.settings.eval_batch_size)
+            return {k: [v[s] for s in slots] for k, v in ((k, v.tolist()) for k, v in res.items())}
+        run = list(slots)
+        if len(run) == 1 and self.capacity > 1:  # never a one-row gather
+            run.append(next(i for i in range(self.capacity) if i != run[0]))
+        res = self.engine.evaluate(self.x_val, self.y_val, self.settings.metrics, slots=run,
+                                   batch_size=self.settings.eval_batch_size)
+        return {k: v.tolist()[: len(slots)] for k, v in res.items()}
+
+    def finish(self, slots: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """End the current iteration of ``slots``: evaluate them, build their results, snapshot them."""
+        slots = list(slots)
+        if not slots:
+            return {}
+        val = self.evaluate(slots)
+        train = self.meter.take(slots)
+        lr = self.opt.current_lr().tolist()
+        out = {}
+        for j, s in enumerate(slots):
+            self.iteration[s] += 1
+            out[s] = iteration_result(train[j], {k: v[j] for k, v in val.items()}, lr[s], int(self.opt.steps[s]))
+        self.snapshots.capture(self._tensors(), self._python_state(), slots,
+                               [self.iteration[s] % self.snapshots.depth for s in slots])
+        return out
+
+    # ---------------------------------------------------------------- run-ahead
+    def at_boundary(self, slot: int, iteration: int) -> bool:
+        """Whether the slot's live state is its state after ``iteration`` (no step since)."""
+        return self.iteration[slot] == iteration and self.meter.steps[slot] == 0
+
+    def rollback(self, slot: int, iteration: int) -> None:
+        """Put the slot back to its state after ``iteration`` (at most ``run_ahead`` iterations back)."""
+        self._check_kept(slot, iteration)
+        if self.at_boundary(slot, iteration):
+            return
+        self.snapshots.restore(self._tensors(), self._python_state(), slot, iteration % self.snapshots.depth)
+        self.iteration[slot] = iteration
+        self.meter.reset(slot)
+
+    def _check_kept(self, slot: int, iteration: int) -> None:
+        if not self.iteration[slot] - self.snapshots.depth < iteration <= self.iteration[slot]:
+            raise ValueError(f"slot {slot} is at iteration {self.iteration[slot]}; the snapshots keep only the "
+                             f"last {self.snapshots.depth} boundaries, not iteration {iteration}")
+
+    # ----------------------------------------------------------- checkpoints
+    def export(self, slot: int, iteration: int | None = None) -> bytes:
+        """Everything a slot needs to continue elsewhere, as bytes: its state after ``iteration``
+        (default: its live state), so a slot that ran ahead still exports what its consumer knows."""
+        if iteration is None or self.at_boundary(slot, iteration):
+            return self._export_live(slot)
+        self._check_kept(slot, iteration)
+        tensors, python = self._tensors(), self._python_state()
+        live = self.snapshots.live_copy(tensors, python, slot)
+        self.snapshots.restore(tensors, python, slot, iteration % self.snapshots.depth)
+        try:
+            return self._export_live(slot)
+        finally:
+            self.snapshots.put_back(tensors, python, slot, live)
+
+    def _export_live(self, slot: int) -> bytes:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "stack_key": self.key,
+            "signature": [s.describe() for s in self.mb.signature],
+            "model": {k: v.cpu() for k, v in self.mb.slot_state(slot).items()},
+            "optimizer": _to_cpu(self.opt.slot_state(slot)),
+            "scaler": None if self.scaler is None else self.scaler.slot_state(slot),
+            "stream": self.streams.slot_state(slot) if self.per_slot_data else None,
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        return buf.getvalue()
+
+    def load(self, slot: int, blob: bytes, hparams: Mapping[str, Any]) -> None:
+        """Restore a slot from :meth:`export` bytes, then apply this trial's own hyperparameters.
+
+        The loaded state is the slot's new iteration-0 boundary.
+        """
+        state = torch.load(io.BytesIO(blob), map_location=self.mb.device, weights_only=False)
+        if state.get("stack_key") != self.key:
+            mine = [s.describe() for s in self.mb.signature]
+            theirs = state.get("signature", [])
+            diff = next((f"{a} vs {b}" for a, b in zip(theirs, mine) if a != b), "module structure differs")
+            raise IncompatibleModelsError(
+                f"checkpoint was saved from another model signature ({diff}). A checkpoint restores only into "
+                "a trial whose config builds the same architecture; keep shape-changing keys out of "
+                "PBT's hyperparameter mutations."
+            )
+        self.mb.load_slot(slot, state["model"])
+        self.opt.load_slot_state(slot, state["optimizer"], hparams=False)
+        self.opt.set_hparams(slot, **hparams)
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_slot_state(slot, state["scaler"])
+        if self.per_slot_data and state.get("stream") is not None:
+            self.streams.load_slot_state(slot, state["stream"])
+        self._begin(slot)
+
+
+def _concat(parts: list[StepResult]) -> StepResult:
+    """One StepResult from the results of consecutive chunks of slots, in their order."""
+    return StepResult(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(StepResult)})
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj

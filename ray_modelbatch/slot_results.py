@@ -1,0 +1,88 @@
+"""What a slot reports after each iteration, accumulated over its steps: defined here, once.
+
+Both drivers of fused training, the standalone :class:`~ray_modelbatch.Trainer`
+and the Ray Tune slot host, report the same figures under the same keys:
+
+- ``train_loss``, ``grad_norm``: means over the iteration's finite steps
+  (NaN when every step of the iteration was non-finite);
+- ``nonfinite_steps``: steps of the iteration that were skipped because the
+  loss or the gradients were NaN/inf (or an fp16 overflow);
+- ``lr``: the learning rate of the slot's next step (schedule applied);
+- ``slot_steps``: optimizer steps the slot has taken in all;
+- ``val_<name>``: each validation metric (with ``val_loss``).
+
+:class:`IterationMeter` keeps the sums on the device, one entry per slot,
+and adds a whole fused step to them with a few batched ops: no per-slot
+Python work and no device sync until a slot's iteration is read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .engine import StepResult
+
+TRAIN_KEYS = ("train_loss", "grad_norm", "nonfinite_steps")
+
+
+def iteration_result(train: Mapping[str, Any], val: Mapping[str, float], lr: float, slot_steps: int) -> dict[str, Any]:
+    """One slot's result for one iteration, under the keys every driver reports."""
+    return {**train, "lr": lr, "slot_steps": int(slot_steps), **{f"val_{k}": v for k, v in val.items()}}
+
+
+class IterationMeter:
+    """Per-slot sums over the steps of the current iteration.
+
+    ``steps[s]`` (host side) counts the steps slot ``s`` ran in this
+    iteration, so a driver knows without a device sync which slots finished
+    an iteration; the loss and gradient-norm sums stay on the device.
+    """
+
+    def __init__(self, capacity: int, device: torch.device | str):
+        self.device = torch.device(device)
+        self.steps = [0] * capacity
+        self._sums = torch.zeros(4, capacity, dtype=torch.float64, device=self.device)  # loss, grad, finite, nonfinite
+
+    def add(self, result: StepResult, ran: Sequence[int]) -> None:
+        """Add one fused step: ``result`` rows are the slots in ``result.slots``; ``ran`` lists those not masked."""
+        for s in ran:
+            self.steps[s] += 1
+        ok = result.updated
+        rows = torch.stack([
+            torch.where(ok, result.losses.double(), 0.0),
+            torch.where(ok, result.grad_norm.double(), 0.0),
+            ok.double(),
+            result.nonfinite.double(),
+        ])
+        idx = result.slots.to(self.device)
+        if idx.numel() == self._sums.shape[1] and bool(result.slots.equal(torch.arange(idx.numel()))):
+            self._sums.add_(rows)
+        else:
+            self._sums.index_add_(1, idx, rows)
+
+    def take(self, slots: Sequence[int]) -> list[dict[str, Any]]:
+        """The train figures of ``slots``' iterations (one sync), and start their next iteration."""
+        if not slots:
+            return []
+        idx = torch.as_tensor(list(slots), dtype=torch.long, device=self.device)
+        loss, grad, finite, nonfinite = self._sums.index_select(1, idx).tolist()
+        self._sums.index_fill_(1, idx, 0.0)
+        for s in slots:
+            self.steps[s] = 0
+        nan = math.nan
+        return [{"train_loss": l / n if n else nan, "grad_norm": g / n if n else nan, "nonfinite_steps": int(b)}
+                for l, g, n, b in zip(loss, grad, finite, nonfinite)]
+
+    def reset(self, slot: int) -> None:
+        """Forget a slot's partial iteration (a new model, a restore, a rollback)."""
+        self.steps[slot] = 0
+        self._sums[:, slot] = 0.0
+
+    def resize(self, keep: Sequence[int], capacity: int) -> None:
+        sums = torch.zeros(4, capacity, dtype=torch.float64, device=self.device)
+        sums[:, : len(keep)] = self._sums[:, list(keep)]
+        self._sums = sums
+        self.steps = [self.steps[k] for k in keep] + [0] * (capacity - len(keep))

@@ -1,0 +1,248 @@
+"""Run-ahead is exact: a slot's results and checkpoints do not depend on when, or beside whom, it steps.
+
+Two levels:
+
+* the :class:`SlotGroup` alone (no Ray): slots stepped in random subsets,
+  through the masked whole-stack path, the gather path and one-slot steps,
+  give bit-identical results to slots stepped all together; an export of an
+  older boundary is the state at that boundary; a rollback replays exactly;
+* real Tune runs with ``run_ahead=2`` against the same runs with
+  ``run_ahead=0`` (a slot steps only while its trial waits), for FIFO, ASHA,
+  HyperBand (pause and resume) and PBT (exploit and explore): every reported
+  result and every checkpoint is bit-identical.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining
+from torch import nn
+
+import tune_helpers as h
+from ray_modelbatch import optim
+from ray_modelbatch.amp import SlotGradScaler
+from ray_modelbatch.model_batch import ModelBatch
+from ray_modelbatch.slot_group import SlotGroup, stack_key
+from ray_modelbatch.tune.spec import SlotSpec
+from tune_helpers import ray_session, trainables  # noqa: F401 - shared fixtures
+
+K = 3  # steps per iteration in the group tests
+
+
+def _spec(**kw) -> SlotSpec:
+    kw.setdefault("batch_size", 16)
+    kw.setdefault("steps_per_report", K)
+    kw.setdefault("metrics", {"acc": lambda o, y: (o.argmax(-1) == y).float().mean()})
+    return SlotSpec(model=lambda c: None, optimizer=lambda mb: optim.AdamW(mb, lr=1e-2), hparams=lambda c: {},
+                    loss=F.cross_entropy, data=lambda: None, **kw)
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, 12, generator=g)
+    y = torch.randint(0, 4, (200,), generator=g)
+    return x, y, x[:40], y[:40]
+
+
+def _model(bn: bool) -> nn.Module:
+    mid = [nn.BatchNorm1d(24)] if bn else []
+    return nn.Sequential(nn.Linear(12, 24), *mid, nn.ReLU(), nn.Linear(24, 4))
+
+
+def _group(n: int, bn: bool = False, run_ahead: int = 2) -> SlotGroup:
+    torch.manual_seed(0)
+    models = [_model(bn) for _ in range(n)]
+    g = SlotGroup(_spec(), stack_key(models[0]), models[0], _data(), n, "cpu", run_ahead=run_ahead)
+    for i, m in enumerate(models):
+        g.add(f"t{i}", m, seed=10 + i, hparams={"lr": 1e-3 * (i + 1), "weight_decay": 0.01 * i})
+    return g
+
+
+def _train(g: SlotGroup, schedule) -> dict[int, list[dict]]:
+    """Step ``g`` along ``schedule`` (lists of slots); every slot's results, in order."""
+    out: dict[int, list[dict]] = {s: [] for s in range(g.capacity)}
+    for slots in schedule:
+        for s, r in g.finish(g.step(slots)).items():
+            out[s].append(r)
+    return out
+
+
+def _random_schedule(n: int, iterations: int, seed: int) -> list[list[int]]:
+    """Random subsets (sizes 1..n) until every slot has taken ``iterations * K`` steps."""
+    rng = random.Random(seed)
+    left = {s: iterations * K for s in range(n)}
+    schedule = []
+    while any(left.values()):
+        live = [s for s, v in left.items() if v]
+        pick = [s for s in live if rng.random() < rng.choice([0.2, 0.6, 1.0])] or [rng.choice(live)]
+        for s in pick:
+            left[s] -= 1
+        schedule.append(pick)
+    return schedule
+
+
+def _state(blob: bytes) -> dict:
+    import io
+
+    return torch.load(io.BytesIO(blob), weights_only=False)
+
+
+def _assert_same_state(a: dict, b: dict, where="") -> None:
+    assert a["stack_key"] == b["stack_key"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), (where, k)
+    assert a["optimizer"]["steps"] == b["optimizer"]["steps"], where
+    for dt, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][dt][k]), (where, dt, k)
+    sa, sb = a["stream"], b["stream"]
+    assert (sa is None) == (sb is None)
+    if sa is not None:
+        for k, v in sa.items():
+            assert torch.equal(v, sb[k]) if isinstance(v, torch.Tensor) else v == sb[k], (where, k)
+
+
+# --------------------------------------------------------------------------------- the group alone
+
+
+@pytest.mark.parametrize("bn", [False, True], ids=["mlp_direct_path", "batchnorm_vmap"])
+def test_a_slot_trains_the_same_whichever_slots_step_beside_it(bn):
+    n, iters = 6, 4
+    together = _group(n, bn)
+    want = _train(together, [list(range(n))] * (iters * K))
+    mixed = _group(n, bn)
+    got = _train(mixed, _random_schedule(n, iters, seed=1))
+    paths = mixed.stats
+    if bn:  # on vmap a gather may round differently: always the whole stack, masked
+        assert paths.masked and not paths.gathered, paths
+    else:
+        assert paths.masked and paths.gathered, paths  # both paths, and one-slot steps, were taken
+    for s in range(n):
+        assert len(got[s]) == iters
+        assert got[s] == want[s], s  # bit for bit: floats compared with ==
+        _assert_same_state(_state(together.export(s)), _state(mixed.export(s)), s)
+    assert [r["slot_steps"] for r in got[0]] == [K, 2 * K, 3 * K, 4 * K]
+
+
+def test_export_of_an_older_boundary_is_the_state_at_that_boundary_and_leaves_the_slot_alone():
+    ref, g = _group(4), _group(4)
+    at: dict[int, bytes] = {}
+    for it in range(1, 4):  # the reference exports at every boundary
+        _train(ref, [list(range(4))] * K)
+        at[it] = ref.export(1)
+    _train(g, [list(range(4))] * (3 * K) + [[0, 1, 2, 3]])  # 3 iterations and one step into the 4th
+    assert g.iteration[1] == 3 and g.meter.steps[1] == 1
+    for it in (1, 2, 3):  # run_ahead=2: the last three boundaries are kept
+        _assert_same_state(_state(g.export(1, it)), _state(at[it]), it)
+    with pytest.raises(ValueError, match="keep only the last 3 boundaries"):
+        g.export(1, 0)
+    # Exporting did not disturb the live slot: both go on identically.
+    _train(ref, [list(range(4))])
+    assert _train(g, [list(range(4))] * (K - 1)) == _train(ref, [list(range(4))] * (K - 1))
+
+
+def test_rollback_replays_the_same_iterations():
+    g = _group(3)
+    first = _train(g, [[0, 1, 2]] * (2 * K))
+    _train(g, [[0, 1, 2]] * (K + 1))  # slot 1 runs ahead one more iteration and a step
+    g.rollback(1, 1)
+    assert g.iteration[1] == 1 and g.meter.steps[1] == 0
+    again = _train(g, [[1]] * K)
+    assert again[1] == [first[1][1]]  # iteration 2 again, bit for bit
+
+
+def test_scaler_keeps_the_scale_of_masked_slots():
+    mb = ModelBatch([_model(False) for _ in range(3)])
+    sc = SlotGradScaler(mb, init_scale=8.0, growth_interval=1)
+    opt = optim.SGD(mb, lr=0.1)
+    mb.sync_grads()
+    sc.step(opt, None, skip=torch.tensor([False, True, False]))
+    sc.update(None, keep=torch.tensor([False, True, False]))
+    assert sc.scales.tolist() == [16.0, 8.0, 16.0] and sc.growth_tracker.tolist() == [0, 0, 0]
+
+
+# ------------------------------------------------------------------------------------ real Tune
+
+LRS = [0.05, 0.02, 0.01, 0.003]
+
+
+def _run(trainables, tmp_path, run_ahead, scheduler, stop, lrs=LRS, **kw):
+    T = trainables(slots_per_host=len(lrs), run_ahead=run_ahead)
+    space = {"lr": tune.grid_search(lrs), "seed": tune.sample_from(lambda c: int(c["lr"] * 10_000))}
+    grid, log = h.fit(T, space, tmp_path / f"ahead{run_ahead}", scheduler=scheduler,
+                      run_kw={"stop": {"training_iteration": stop},
+                              "checkpoint_config": tune.CheckpointConfig(num_to_keep=None, checkpoint_frequency=1)},
+                      **kw)
+    assert h.errors(grid) == []
+    [stats] = T.host_stats()
+    T.shutdown_hosts()  # its CPU goes to the next run's host now, not after the idle timeout
+    by_seed = {}
+    for r in grid:
+        seed = log.rows(r)[0]["config"]["seed"]
+        ckpts = {}
+        for p in h.trial_checkpoints(r.path):
+            st = h.load_slot_state(p)
+            ckpts[st["optimizer"]["steps"]] = st
+        by_seed[seed] = (log.by_trial[r.metrics["trial_id"]], ckpts)
+    return by_seed, stats
+
+
+REPORTED = ("train_loss", "grad_norm", "lr", "nonfinite_steps", "slot_steps", "val_loss", "val_acc")
+
+
+def _compare(a, b):
+    """Every result both runs reported, and every checkpoint both wrote, is bit-identical."""
+    assert a.keys() == b.keys()
+    compared = ckpts = 0
+    for seed in a:
+        rows_a, ck_a = a[seed]
+        rows_b, ck_b = b[seed]
+        # A resumed trial may report an iteration twice (once before the pause was decided); each
+        # report of an iteration must be the same, so index every one by (iteration, config).
+        ix = {}
+        for row in rows_b:
+            ix.setdefault((row["training_iteration"], row["config"]["lr"]), []).append(row)
+        for row in rows_a:
+            for other in ix.get((row["training_iteration"], row["config"]["lr"]), []):
+                assert {k: row[k] for k in REPORTED} == {k: other[k] for k in REPORTED}, (seed, row["training_iteration"])
+                compared += 1
+        for steps in ck_a.keys() & ck_b.keys():
+            _assert_same_state(ck_a[steps], ck_b[steps], (seed, steps))
+            ckpts += 1
+    assert compared >= len(a) and ckpts >= len(a)
+    return compared, ckpts
+
+
+SCHEDULERS = {
+    "fifo": lambda: FIFOScheduler(),
+    "asha": lambda: ASHAScheduler(max_t=6, grace_period=2, reduction_factor=2),
+    "hyperband": lambda: HyperBandScheduler(time_attr="training_iteration", max_t=4, reduction_factor=2),
+    # Synchronous, one donor (the top quarter of 4) and a deterministic explore: the same exploits in
+    # both runs, given the same results.
+    "pbt": lambda: PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=2, synch=True,
+                                           quantile_fraction=0.25,
+                                           custom_explore_fn=lambda c: {**c, "lr": c["lr"] * 0.5}),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_tune_results_and_checkpoints_are_those_without_run_ahead(trainables, tmp_path, name):
+    stop = {"fifo": 4, "asha": 6, "hyperband": 4, "pbt": 6}[name]
+    # HyperBand (max_t 4, eta 2) pauses the first arrivals of its second bracket of 3 at its rung:
+    # 6 trials, all live at once.
+    lrs = [0.05, 0.02, 0.01, 0.03, 0.015, 1e-5] if name == "hyperband" else LRS
+    base, _ = _run(trainables, tmp_path, 0, SCHEDULERS[name](), stop, lrs)
+    ahead, stats = _run(trainables, tmp_path, 2, SCHEDULERS[name](), stop, lrs)
+    _compare(base, ahead)
+    assert stats["run_ahead"] == 2
+    if name == "pbt":  # the recipients really took a donor's state and a new lr
+        lrs = {row["config"]["lr"] for rows, _ in ahead.values() for row in rows}
+        assert lrs - set(LRS), lrs
+    if name == "hyperband":
+        assert any(row["iterations_since_restore"] < row["training_iteration"]
+                   for rows, _ in ahead.values() for row in rows), "no trial was paused and resumed"
