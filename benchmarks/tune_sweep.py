@@ -70,7 +70,22 @@ for _pickler in (cloudpickle, ray.cloudpickle):
 
 from ray_modelbatch.data import SlotSampler  # noqa: E402
 
-TARGET_SPEEDUP = 5.0
+TARGET_SPEEDUP = 5.0  # vs one process per trial
+TARGET_VS_REUSE = {"mlp": 4.0, "cnn": 1.5}  # vs standard Tune with reuse_actors=True (issue 10)
+
+
+class FirstResult(tune.Callback):
+    """Seconds from the experiment's start to its first result (what a user waits before seeing anything)."""
+
+    def __init__(self) -> None:
+        self.t0, self.first = time.monotonic(), None
+
+    def setup(self, **info) -> None:
+        self.t0 = time.monotonic()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if self.first is None:
+            self.first = time.monotonic() - self.t0
 
 
 # ------------------------------------------------------------ standard trainable
@@ -253,9 +268,10 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
             StandardTrainable.cpus = args.baseline_cpus
             trainable = StandardTrainable
             reuse = kind == "standard+reuse"
+        first = FirstResult()
         tuner = tune.Tuner(
             trainable,
-            param_space=sweep.search_space(args.max_t),
+            param_space={**sweep.search_space(args.max_t), "arch": args.arch},
             tune_config=tune.TuneConfig(
                 metric="val_loss",
                 mode="min",
@@ -265,7 +281,8 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
                 scheduler=sweep.asha(args.max_t, args.grace, args.reduction),
                 reuse_actors=reuse,
             ),
-            run_config=tune.RunConfig(name=kind.replace("+", "_"), storage_path=storage, verbose=0),
+            run_config=tune.RunConfig(name=kind.replace("+", "_"), storage_path=storage, verbose=0,
+                                      callbacks=[first]),
         )
         hosts: list[dict] = []
         with MemorySampler(ignore=earlier) as mem:
@@ -305,6 +322,7 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
         "workers_mb": mem.peak_workers / 2**20,
         "seen": {n: sum(1 for m, _ in mem.per_pid.values() if m == n) for n, _ in mem.per_pid.values()},
         "hosts": hosts,
+        "first_result_s": first.first,
     }
 
 
@@ -352,6 +370,10 @@ def main() -> None:
     p.add_argument("--grace", type=int, default=2, help="ASHA grace period (iterations)")
     p.add_argument("--reduction", type=int, default=3, help="ASHA reduction factor")
     p.add_argument("--quick", action="store_true", help="a small sweep that checks the benchmark runs")
+    p.add_argument("--arch", choices=("mlp", "cnn"), default="mlp",
+                   help="the digits MLP, or a small CNN with BatchNorm on the 8x8 digit images")
+    p.add_argument("--steps-per-report", type=int, default=sweep.STEPS_PER_REPORT,
+                   help="steps per Tune iteration (default: one epoch of the training rows)")
     p.add_argument("--baseline-cpus", type=float, default=0.5,
                    help="CPUs of each standard trial (0.5 on 2 CPUs: 4 trials at once)")
     p.add_argument("--runs", default="ray_modelbatch,standard,standard+reuse",
@@ -365,8 +387,11 @@ def main() -> None:
     args.slots = args.slots or (8 if args.quick else 16)
     args.max_t = args.max_t or (6 if args.quick else 20)
 
+    sweep.STEPS_PER_REPORT = args.steps_per_report  # read by make_trainable and search_space at call time
     t_start = time.monotonic()
     configs = sweep.sample_configs(sweep.search_space(args.max_t), args.trials, args.seed)
+    for c in configs:
+        c["arch"] = args.arch
     kinds = args.runs.split(",")
     unknown = set(kinds) - {"ray_modelbatch", "standard", "standard+reuse"}
     if unknown:
@@ -389,10 +414,12 @@ def main() -> None:
         f"{args.num_cpus or os.cpu_count()} CPUs, fresh per run",
         f"- torch {torch.__version__}, ray {ray.__version__}, Python {platform.python_version()}",
         f"- sweep: {args.trials} trials (configs drawn up front, seed {args.seed}; same order and per-trial `seed` "
-        f"in every run), digits MLP 64-{{{','.join(map(str, sweep.HIDDEN))}}}-10, AdamW + warmup-cosine, "
+        f"in every run), " + (f"digits MLP 64-{{{','.join(map(str, sweep.HIDDEN))}}}-10" if args.arch == "mlp" else
+                              "digits CNN (conv-BN-ReLU x2, maxpool, linear; 4 or 16 channels)")
+        + ", AdamW + warmup-cosine, "
         f"batch {sweep.BATCH_SIZE}, {sweep.STEPS_PER_REPORT} steps per iteration, ASHA max_t {args.max_t}, "
         f"grace {args.grace}, reduction {args.reduction}, at most {args.slots} live trials",
-        f"- ray_modelbatch: 1 slot host (1 CPU, {args.slots} slots), proxy trials 0.01 CPU each, reuse_actors=True",
+        f"- ray_modelbatch: 1 slot host (reserves 1 CPU, computes with every CPU of the node; {args.slots} slots, run-ahead 2), proxy trials 0.01 CPU each, reuse_actors=True",
         f"- standard: class Trainable, {{'cpu': {args.baseline_cpus}}} per trial "
         f"(up to {int((args.num_cpus or os.cpu_count() or 2) / args.baseline_cpus)} trials at once), "
         "torch.optim.AdamW + LambdaLR, 1 torch thread; `standard` = reuse_actors=False (one process per trial), "
@@ -404,17 +431,20 @@ def main() -> None:
         "",
         "| run | reuse_actors | wall s | trials/hour | iterations | errors | best val_loss (val_acc there) "
         "| best val_acc | trial processes | USS MB per trial process | host USS MB | all Ray workers' USS MB (peak) "
-        "| host busy |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| host busy | slots stepped per fused step / held | first result s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for kind, r in runs.items():
         busy = ", ".join(f"{h['busy_fraction']:.0%} of {h['wall_s']:.0f}s" for h in r["hosts"]) or "-"
+        fill = ", ".join(f"{h['slot_steps'] / max(h['fused_steps'], 1):.1f} ({h['stepped_fraction']:.0%})"
+                         for h in r["hosts"]) or "-"
+        first = "-" if r["first_result_s"] is None else f"{r['first_result_s']:.1f}"
         host_mem = "-" if math.isnan(r["host_mb"]) else f"{r['host_mb']:.0f}"
         lines.append(
             f"| {kind} | {r['reuse_actors']} | {r['wall_s']:.1f} | {r['trials'] / r['wall_s'] * 3600:,.0f} | "
             f"{r['iterations']} | {r['errors']} | {r['best_val_loss']:.4f} ({r['best_val_acc_at']:.4f}) | "
             f"{r['best_val_acc']:.4f} | {r['processes']} | {r['trial_mb']:.0f} | {host_mem} | {r['workers_mb']:.0f} | "
-            f"{busy} |")
+            f"{busy} | {fill} | {first} |")
     lines.append("")
     for kind, r in runs.items():
         seen = ", ".join(f"{n} x{c}" for n, c in sorted(r["seen"].items()))
@@ -463,6 +493,19 @@ def main() -> None:
             f"{std['best_val_acc']:.4f}",
             f"- overall: {'MET' if fast and same_metric and not mb['errors'] else 'NOT MET'}",
         ]
+    reuse = runs.get("standard+reuse")
+    if mb is not None and reuse is not None:
+        ratio = reuse["wall_s"] / mb["wall_s"]
+        target = TARGET_VS_REUSE[args.arch]
+        lines += [
+            f"Target (issue 10): >= {target:g}x lower wall time than `standard+reuse`: {ratio:.2f}x -> "
+            f"{'met' if ratio >= target else 'not met'}; best val_loss {mb['best_val_loss']:.4f} vs "
+            f"{reuse['best_val_loss']:.4f}",
+        ]
+        for h_ in mb["hosts"]:
+            lines.append(f"- host: busy {h_['busy_fraction']:.0%}, {h_['stepped_fraction']:.0%} of held slots stepped "
+                         f"per fused step, step paths {h_['step_paths']}, {h_['threads']} threads, "
+                         f"run-ahead {h_['run_ahead']}")
     lines += ["", f"Run time: {time.monotonic() - t_start:.0f} s"]
     text = "\n".join(lines) + "\n"
     print()
