@@ -34,6 +34,9 @@ from .host import SlotHost
 logger = logging.getLogger(__name__)
 
 
+STARTUP_GRACE_S = 300.0  # how long hosts started before fit() wait for its first trial
+
+
 def registry_name(experiment: str) -> str:
     return f"ray_modelbatch:{experiment}:registry"
 
@@ -76,6 +79,7 @@ class HostRegistry:
         self.slots: dict[HostPlace, int] = {}  # each host's capacity (it may profile its own device)
         self._created = 0  # host names are never reused: a dead host's name may still be registered
         self.last_busy = time.monotonic()
+        self._assigned = False  # before the first trial, hosts started early wait for fit() (see _idle_watch)
         self._lock = threading.RLock()  # the idle watch holds it through its decision and shutdown()
         threading.Thread(target=self._idle_watch, daemon=True).start()
 
@@ -112,6 +116,7 @@ class HostRegistry:
         """
         with self._lock:
             self.last_busy = time.monotonic()
+            self._assigned = True
             free = self._free_by_host()
             if all(free[p] < self.slots[p] for p in free):
                 created = self._create_where_free(config)  # every host has trials: spread to a free GPU
@@ -224,7 +229,9 @@ class HostRegistry:
                 used = sum(self.slots[p] - f for p, f in free.items())
                 if used:
                     self.last_busy = time.monotonic()
-                elif time.monotonic() - self.last_busy > timeout:
+                # Hosts started by max_concurrent() before fit(): a slow Tune start (or a slow profile)
+                # must not find them stopped, so the first trial gets a longer grace.
+                elif time.monotonic() - self.last_busy > (timeout if self._assigned else max(timeout, STARTUP_GRACE_S)):
                     logger.info("registry %s idle for %.0fs: stopping its hosts", self.experiment, timeout)
                     self.shutdown()
                     return
