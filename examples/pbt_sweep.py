@@ -93,11 +93,11 @@ def main() -> None:
                 # An explicit generator ignores TuneConfig(max_concurrent_trials=...) in Ray 2.60.
                 search_alg=BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=T.max_concurrent()),
                 scheduler=pbt,
-                # Every pause (exploit, or PBT letting paused trials catch up) stops the proxy process and
-                # resume starts a new one. Not reuse_actors=True: Tune 2.60 then caches paused trials' proxies
-                # with their slots still attached and may start a trial on a second process at once, and the
-                # host keys slots by trial ID only, so the second attach resets the slot under the first.
-                reuse_actors=False,
+                # A pause (an exploit, or PBT letting paused trials catch up) keeps the proxy process:
+                # Tune hands it to the resumed trial (reset_config, then restore from the checkpoint)
+                # instead of starting a new one. Each attachment has its own slot, so a paused trial's
+                # cached proxy never resets the slot of the trial that runs meanwhile.
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=args.name,
@@ -146,8 +146,8 @@ def main() -> None:
     for h in hosts:
         print(f"host {h['host']}: busy {h['busy_fraction']:.1%} of {h['wall_s']:.1f}s "
               f"({h['fused_steps']} fused steps = {h['slot_steps']} slot-steps, "
-              f"{h['slot_steps'] / max(h['fused_steps'], 1):.1f} slots per fused step: PBT pauses trials, and "
-              "each pause restarts the trial's proxy process)")
+              f"{h['slot_steps'] / max(h['fused_steps'], 1):.1f} slots per fused step, "
+              f"{h['stepped_fraction']:.0%} of the slots held)")
     print(f"time: fit {fit_s:.1f}s, total {time.monotonic() - t_start:.1f}s; results in {results.experiment_path}")
     print(f"slot integrity: every result had slot_steps == iteration x {STEPS_PER_REPORT}" if not lost else
           f"WARNING: {len(lost)} trials' slots lost their state mid-trial: {', '.join(lost)}")
