@@ -25,7 +25,6 @@ import torch
 
 from .engine import StepResult
 
-TRAIN_KEYS = ("train_loss", "grad_norm", "nonfinite_steps")
 
 
 def iteration_result(train: Mapping[str, Any], val: Mapping[str, float], lr: float, slot_steps: int) -> dict[str, Any]:
