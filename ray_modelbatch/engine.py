@@ -135,16 +135,17 @@ class FusedEngine:
         nonfinite = nonfinite | bad_loss
         if skip is not None:
             nonfinite = nonfinite & ~skip
+        still = nonfinite if skip is None else nonfinite | skip  # rows that did not move: their buffers go back
         if saved:
-            skipped = nonfinite if skip is None else nonfinite | skip
+            skipped = still
             if idx is not None:
-                skipped = torch.zeros(mb.num_slots, dtype=torch.bool, device=mb.device).index_copy(0, idx, skipped)
+                skipped = torch.zeros(mb.num_slots, dtype=torch.bool, device=mb.device).index_copy(0, idx, still)
             with torch.no_grad():
                 for k, old in saved.items():
                     cur = mb.buffers[k]
                     cur.copy_(torch.where(skipped.view(-1, *[1] * (cur.dim() - 1)), old, cur))
         self.partial_step = False
-        updated = ~nonfinite if skip is None else ~(nonfinite | skip)
+        updated = ~still
         return StepResult(host, losses.detach(), updated, nonfinite, grad_norm)
 
     @torch.no_grad()

@@ -77,9 +77,13 @@ class SlotSnapshots:
         """Save the current state of ``slots`` into their ring ``positions`` (one copy per tensor)."""
         if not slots:
             return
+        index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (slots, ring rows) per device
         for name, t in tensors.items():
-            dev_slots = torch.as_tensor(list(slots), dtype=torch.long, device=t.device)
-            rows = self._rows(dev_slots, torch.as_tensor(list(positions), dtype=torch.long, device=t.device))
+            if t.device not in index:
+                dev_slots = torch.as_tensor(list(slots), dtype=torch.long, device=t.device)
+                pos = torch.as_tensor(list(positions), dtype=torch.long, device=t.device)
+                index[t.device] = (dev_slots, self._rows(dev_slots, pos))
+            dev_slots, rows = index[t.device]
             ring = self._ring.get(name)
             if ring is None or ring.dtype != t.dtype or ring.shape[1:] != t.shape[1:]:
                 ring = self._ring[name] = torch.zeros((self.depth * self.capacity, *t.shape[1:]), dtype=t.dtype,
