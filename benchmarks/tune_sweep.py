@@ -78,10 +78,14 @@ class FirstResult(tune.Callback):
     """Seconds from the experiment's start to its first result (what a user waits before seeing anything)."""
 
     def __init__(self) -> None:
-        self.t0, self.first = time.monotonic(), None
+        self.t0, self.first, self.first_start = time.monotonic(), None, None
 
     def setup(self, **info) -> None:
         self.t0 = time.monotonic()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        if self.first_start is None:
+            self.first_start = time.monotonic() - self.t0
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if self.first is None:
@@ -323,7 +327,34 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
         "seen": {n: sum(1 for m, _ in mem.per_pid.values() if m == n) for n, _ in mem.per_pid.values()},
         "hosts": hosts,
         "first_result_s": first.first,
+        "first_start_s": first.first_start,
     }
+
+
+class _ProxyLike:
+    """A process that imports what a trial proxy imports (``ray.tune``, ``ray_modelbatch.tune.proxy``), nothing more."""
+
+    def __init__(self) -> None:
+        import ray_modelbatch.tune.proxy  # noqa: F401 - the import is the cost being measured
+
+    def ready(self) -> bool:
+        return True
+
+
+def proxy_start_bound(n: int, num_cpus: int) -> float:
+    """Seconds for a fresh local Ray to start ``n`` trial-proxy processes at once: the least time any run with
+    ``n`` concurrent Tune trials spends before its last first-wave trial can start (Ray starts at most one
+    worker per CPU at a time, and each process imports ``ray.tune``)."""
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+    try:
+        cls = ray.remote(num_cpus=0.01)(_ProxyLike)
+        t0 = time.monotonic()
+        actors = [cls.remote() for _ in range(n)]
+        ray.get([a.ready.remote() for a in actors])
+        return time.monotonic() - t0
+    finally:
+        ray.shutdown()
+        wait_for_ray_exit()
 
 
 def wait_for_ray_exit(timeout_s: float = 30.0) -> None:
@@ -397,6 +428,10 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown runs {sorted(unknown)}; choose from ray_modelbatch, standard, standard+reuse")
     runs = {}
+    start_bound = None
+    if "ray_modelbatch" in kinds:
+        start_bound = proxy_start_bound(args.slots, args.num_cpus or os.cpu_count() or 2)
+        print(f"  {args.slots} proxy-like processes started in {start_bound:.1f}s", flush=True)
     with tempfile.TemporaryDirectory(prefix="tune_sweep_") as tmp:
         storage = os.path.abspath(args.storage) if args.storage else tmp
         for kind in kinds:
@@ -431,20 +466,21 @@ def main() -> None:
         "",
         "| run | reuse_actors | wall s | trials/hour | iterations | errors | best val_loss (val_acc there) "
         "| best val_acc | trial processes | USS MB per trial process | host USS MB | all Ray workers' USS MB (peak) "
-        "| host busy | slots stepped per fused step / held | first result s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| host busy | slots stepped per fused step / held | first trial started s | first result s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for kind, r in runs.items():
         busy = ", ".join(f"{h['busy_fraction']:.0%} of {h['wall_s']:.0f}s" for h in r["hosts"]) or "-"
         fill = ", ".join(f"{h['slot_steps'] / max(h['fused_steps'], 1):.1f} ({h['stepped_fraction']:.0%})"
                          for h in r["hosts"]) or "-"
         first = "-" if r["first_result_s"] is None else f"{r['first_result_s']:.1f}"
+        started = "-" if r["first_start_s"] is None else f"{r['first_start_s']:.1f}"
         host_mem = "-" if math.isnan(r["host_mb"]) else f"{r['host_mb']:.0f}"
         lines.append(
             f"| {kind} | {r['reuse_actors']} | {r['wall_s']:.1f} | {r['trials'] / r['wall_s'] * 3600:,.0f} | "
             f"{r['iterations']} | {r['errors']} | {r['best_val_loss']:.4f} ({r['best_val_acc_at']:.4f}) | "
             f"{r['best_val_acc']:.4f} | {r['processes']} | {r['trial_mb']:.0f} | {host_mem} | {r['workers_mb']:.0f} | "
-            f"{busy} | {fill} | {first} |")
+            f"{busy} | {fill} | {started} | {first} |")
     lines.append("")
     for kind, r in runs.items():
         seen = ", ".join(f"{n} x{c}" for n, c in sorted(r["seen"].items()))
@@ -506,6 +542,19 @@ def main() -> None:
             lines.append(f"- host: busy {h_['busy_fraction']:.0%}, {h_['stepped_fraction']:.0%} of held slots stepped "
                          f"per fused step, step paths {h_['step_paths']}, {h_['threads']} threads, "
                          f"run-ahead {h_['run_ahead']}")
+    if mb is not None and reuse is not None and reuse["first_start_s"] is not None:
+        # Before its first trial starts, a Tune run has trained nothing: whatever a trainable does,
+        # its wall time includes that start. So standard+reuse's own start bounds any ratio against it.
+        bound = reuse["wall_s"] / reuse["first_start_s"]
+        lines.append(f"- bound: `standard+reuse` itself spent {reuse['first_start_s']:.1f} s of its {reuse['wall_s']:.1f} s "
+                     f"before its first trial started; a run that trained in zero time after the same start would "
+                     f"be {bound:.2f}x faster. ray_modelbatch: first trial started at "
+                     f"{mb['first_start_s']:.1f} s, host busy "
+                     f"{sum(h['busy_fraction'] * h['wall_s'] for h in mb['hosts']):.1f} s")
+    if start_bound is not None:
+        lines.append(f"- bound: starting {args.slots} trial-proxy processes (import `ray.tune`, no torch) on this node takes "
+                     f"{start_bound:.1f} s by itself (measured before the runs, fresh Ray); a ray_modelbatch run with "
+                     f"{args.slots} slots cannot finish sooner")
     lines += ["", f"Run time: {time.monotonic() - t_start:.0f} s"]
     text = "\n".join(lines) + "\n"
     print()

@@ -407,11 +407,11 @@ class SlotGroup:
             return {}
         val = self.evaluate(slots)
         train = self.meter.take(slots)
-        lr = self.opt.current_lr().tolist()
+        lr, steps = torch.stack([self.opt.current_lr().double(), self.opt.steps.double()]).tolist()  # one sync
         out = {}
         for j, s in enumerate(slots):
             self.iteration[s] += 1
-            out[s] = iteration_result(train[j], {k: v[j] for k, v in val.items()}, lr[s], int(self.opt.steps[s]))
+            out[s] = iteration_result(train[j], {k: v[j] for k, v in val.items()}, lr[s], steps[s])
         self.snapshots.capture(self._tensors(), self._python_state(), slots,
                                [self.iteration[s] % self.snapshots.depth for s in slots])
         return out

@@ -29,6 +29,7 @@ import torch
 
 from .data import PerSlotStreams, SharedStream
 from .engine import FusedEngine, MetricFn
+from .slot_results import IterationMeter, iteration_result
 from .tensorboard import SlotWriter
 
 __all__ = ["EarlyStopping", "History", "Trainer", "STATUSES"]
@@ -115,9 +116,11 @@ class History:
 
     Attributes:
         results: ``results[slot]`` is the list of that slot's result dicts, in
-            order; each has ``"step"`` (trainer steps so far), ``"train_loss"``
-            and ``"grad_norm"`` (means over the finite steps since the last
-            evaluation), ``"lr"`` (the rate of the slot's next step) and the
+            order; each has ``"step"`` (trainer steps so far) and the keys of
+            :func:`~ray_modelbatch.slot_results.iteration_result`, which a Tune
+            trial reports too: ``"train_loss"`` and ``"grad_norm"`` (means over
+            the finite steps since the last evaluation), ``"nonfinite_steps"``,
+            ``"lr"`` (the rate of the slot's next step), ``"slot_steps"`` and the
             validation metrics as ``"val_<name>"``.
         nonfinite: ``{slot: [steps]}`` for slots that had NaN/inf steps
             (skipped, parameters untouched); slots without any are absent.
@@ -310,9 +313,7 @@ class Trainer:
         self.history.status = ["active" if i in active else "inactive" for i in range(s)]
         self.step_count = 0
         self._consecutive_bad = [0] * s
-        self._loss_sum = [0.0] * s
-        self._gn_sum = [0.0] * s
-        self._finite_count = [0] * s
+        self.meter = IterationMeter(s, mb.device)  # the per-slot sums a result is made of
         self._best_any: float | None = None
         self._es_key: str | None = None
         self._hparams_logged_at: dict[int, int] = {}
@@ -397,10 +398,11 @@ class Trainer:
         mb, eng = self.mb, self.engine
         xb, yb = self.train.next_batch(active)
         res = eng.train_step(xb, yb, slots=active, per_slot=self.train.per_slot)
+        self.meter.add(res, active)
         self.step_count += 1
         step = self.step_count
 
-        parts = [res.nonfinite.double(), res.losses.double(), res.grad_norm.double()]
+        parts = [res.nonfinite.double()]
         keys: list[str] = []
         if evaluate:
             # mb.active_slots is `active` already on the device (cached by the
@@ -409,7 +411,8 @@ class Trainer:
             ev = self._eval_tensors(active, idx)
             keys = list(ev)
             parts += [ev[k].double() for k in keys]
-            parts.append(eng.optimizer.current_lr().index_select(0, idx).double())
+            opt = eng.optimizer
+            parts += [opt.current_lr().index_select(0, idx).double(), opt.steps.index_select(0, idx).double()]
         rows = torch.stack([p.to(mb.device) for p in parts]).tolist()  # the step's one device sync
 
         diverged = []
@@ -421,23 +424,14 @@ class Trainer:
                     diverged.append(s)
             else:
                 self._consecutive_bad[s] = 0
-                self._loss_sum[s] += rows[1][j]
-                self._gn_sum[s] += rows[2][j]
-                self._finite_count[s] += 1
 
         recorded: list[tuple[int, dict[str, Any]]] = []
         stopped = []
         if evaluate:
+            train = self.meter.take(active)
             for j, s in enumerate(active):
-                n = self._finite_count[s]
-                result: dict[str, Any] = {
-                    "step": step,
-                    "train_loss": self._loss_sum[s] / n if n else math.nan,
-                    "grad_norm": self._gn_sum[s] / n if n else math.nan,
-                    "lr": rows[-1][j],
-                    **{k: rows[3 + r][j] for r, k in enumerate(keys)},
-                }
-                self._loss_sum[s], self._gn_sum[s], self._finite_count[s] = 0.0, 0.0, 0
+                val = {k[len("val_"):]: rows[1 + r][j] for r, k in enumerate(keys)}
+                result: dict[str, Any] = {"step": step, **iteration_result(train[j], val, rows[-2][j], rows[-1][j])}
                 self.history.results[s].append(result)
                 recorded.append((s, result))
                 if self.writer is not None:

@@ -146,8 +146,10 @@ def test_history_records_and_summary(digits):
     trainer = Trainer(eng, SharedStream(x, y, 16, 0), (x[:200], y[:200]), eval_every=4, progress=False)
     hist = trainer.fit(10)  # evals at 4, 8 and the last step
     assert [r["step"] for r in hist[0]] == [4, 8, 10]
-    assert set(hist.final(1)) == {"step", "train_loss", "grad_norm", "lr", "val_loss"}
+    # The keys a Tune trial reports too (slot_results.iteration_result), plus the trainer's step.
+    assert set(hist.final(1)) == {"step", "train_loss", "grad_norm", "nonfinite_steps", "lr", "slot_steps", "val_loss"}
     assert hist.final(1)["lr"] == pytest.approx(1e-2)
+    assert hist.final(1)["slot_steps"] == 10 and hist.final(1)["nonfinite_steps"] == 0
     records = hist.to_records()
     assert len(records) == 6 and {r["slot"] for r in records} == {0, 1}
     assert all(r["status"] == "finished" for r in records)

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray._private import state as ray_state
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import SlotHostStartError
 from .host import SlotHost
+from .ray_compat import available_resources_per_node
 
 logger = logging.getLogger(__name__)
 
@@ -147,10 +147,7 @@ class HostRegistry:
 
     def _create_where_free(self, config: dict | None) -> HostPlace | None:
         """Start a host on the first planned place without one whose node has the resources free now."""
-        try:
-            avail = ray_state.available_resources_per_node()
-        except Exception:  # noqa: BLE001 - a private Ray API: without it, try every place
-            avail = None
+        avail = available_resources_per_node()  # None: unknown, try every place
         cpus = float(self.options.get("host_cpus", 1))
         for place in plan_hosts(self.options.get("num_hosts")):
             if place in self.hosts:
