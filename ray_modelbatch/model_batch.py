@@ -311,25 +311,25 @@ class ModelBatch:
         else:
             params = {k: v.index_select(0, idx) for k, v in self.params.items()}
             buffers = {k: v.index_select(0, idx) for k, v in self.buffers.items()}
+        out = None
         if key not in self._slow_keys and not call_args[-2] and not call_args[-1] and self._plan() is not None:
+            # BatchNorm updates its statistics in place: a direct run that fails halfway must not
+            # have touched them before vmap runs the step again, so it works on copies.
+            work = {k: v.clone() for k, v in buffers.items()} if buffers is self.buffers and self.training else buffers
             try:
-                return self._run_direct(key, call_args, params)
+                out = self._run_direct(key, call_args, params, work)
+                buffers = work
             except Exception as exc:  # noqa: BLE001 - vmap's path below runs it again, and explains errors
                 if is_out_of_memory(exc):
                     raise
                 self._slow_keys.add(key)
-        fn = self._fn(*key)
-        invoke = lambda: fn(params, buffers, *call_args)  # noqa: E731
-        try:
-            if key in self._checked:
-                out = invoke()
-            else:
-                out = run_first_call(self._template, invoke)
-                self._checked.add(key)
-        except Exception as exc:  # vmap's own errors are unreadable for users
-            if is_out_of_memory(exc):  # not a fusion problem; re-running it to explain would only fail again
-                raise
-            raise explain_failure(self._template, exc, invoke) from exc
+                out = None
+                if idx is not None:  # the direct run may have updated these copies
+                    buffers = {k: v.index_select(0, idx) for k, v in self.buffers.items()}
+                elif protect and buffers is not self.buffers:
+                    buffers = {k: v.clone() for k, v in self.buffers.items()}
+        if out is None:
+            out = self._run_vmap(key, call_args, params, buffers)
         if self.training and self.buffers:
             with torch.no_grad():
                 if idx is not None:
@@ -341,10 +341,32 @@ class ModelBatch:
                         v[act] = buffers[k][act]
         return out
 
+    def _run_vmap(self, key: tuple, call_args: tuple, params: dict[str, torch.Tensor],
+                  buffers: dict[str, torch.Tensor]) -> Any:
+        fn = self._fn(*key)
+        invoke = lambda: fn(params, buffers, *call_args)  # noqa: E731
+        try:
+            if key in self._checked:
+                return invoke()
+            out = run_first_call(self._template, invoke)
+            self._checked.add(key)
+            return out
+        except Exception as exc:  # vmap's own errors are unreadable for users
+            if is_out_of_memory(exc):  # not a fusion problem; re-running it to explain would only fail again
+                raise
+            raise explain_failure(self._template, exc, invoke) from exc
+
     @property
     def uses_direct_path(self) -> bool:
-        """Whether forwards in the current mode skip vmap (a model of Linear layers and elementwise ops)."""
+        """Whether forwards in the current mode skip vmap (see :mod:`ray_modelbatch.fast_path` for the layers)."""
         return self._plan() is not None
+
+    @property
+    def gather_exact(self) -> bool:
+        """Whether a forward over any two or more slots gives each slot the bits the whole stack gives it,
+        in the current mode (a direct plan of Linear and elementwise layers; see ``fast_path``)."""
+        plan = self._plan()
+        return plan is not None and plan.gather_exact
 
     def _plan(self) -> fast_path.FastPlan | None:
         if not self._direct_path:
@@ -372,11 +394,12 @@ class ModelBatch:
         finally:
             self._grads_into_buffer = previous
 
-    def _run_direct(self, key: tuple, call_args: tuple, params: dict[str, torch.Tensor]) -> Any:
+    def _run_direct(self, key: tuple, call_args: tuple, params: dict[str, torch.Tensor],
+                    buffers: dict[str, torch.Tensor]) -> Any:
         with_loss, x_dim, y_dim = key
         write = self._grads_into_buffer and params is self.params and torch.is_grad_enabled()
         out = fast_path.run(self._plan(), self._template, params, call_args[0], per_slot=x_dim is not None,
-                            grads=self._grad_targets if write else None, gemm=self.cpu_gemm)
+                            grads=self._grad_targets if write else None, gemm=self.cpu_gemm, buffers=buffers)
         if not with_loss:
             return out
         y, loss_fn = call_args[1], call_args[2]

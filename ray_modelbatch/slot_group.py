@@ -312,10 +312,10 @@ class SlotGroup:
         return [s for s in slots if self.meter.steps[s] >= k]
 
     def _exact_gathers(self) -> bool:
-        """Whether a gather of two or more slots rounds like the whole stack: only on the direct path."""
+        """Whether a gather of two or more slots rounds like the whole stack (``ModelBatch.gather_exact``)."""
         if self._direct is None:
             was = self.mb.training
-            self._direct = self.mb.train(True).uses_direct_path and self.mb.train(False).uses_direct_path
+            self._direct = self.mb.train(True).gather_exact and self.mb.train(False).gather_exact
             self.mb.train(was)
         return self._direct
 

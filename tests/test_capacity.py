@@ -82,7 +82,9 @@ def _data(n=256, d=32, classes=5, seed=0):
 
 
 def _mlp(hidden, d=32, classes=5, bn=False):
-    layers = [nn.Linear(d, hidden)] + ([nn.BatchNorm1d(hidden)] if bn else []) + [nn.ReLU()]
+    # No bias before BatchNorm: BN cancels it, so its gradient is rounding noise, which Adam turns
+    # into lr-sized steps that depend on how a kernel rounds (chunked or not).
+    layers = [nn.Linear(d, hidden, bias=not bn)] + ([nn.BatchNorm1d(hidden)] if bn else []) + [nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
 

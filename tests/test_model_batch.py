@@ -291,11 +291,12 @@ def test_all_slots_take_the_path_without_gathers():
 # ------------------------------------------------------------------------------ direct path
 def test_direct_path_matches_vmap_for_linear_models():
     """Linear + elementwise models skip vmap; outputs and gradients equal the vmap path's, for shared
-    and per-slot inputs, all slots or a subset; anything else (BatchNorm, 3-D inputs) uses vmap."""
+    and per-slot inputs, all slots or a subset; layers without a direct kernel (LayerNorm) and 3-D
+    inputs to a Linear use vmap. (Convolutions and BatchNorm: tests/test_direct_conv.py.)"""
     models = make_models(6)
     direct, vmapped = rmb.ModelBatch(clones(models)), rmb.ModelBatch(clones(models), direct_path=False)
     assert direct.uses_direct_path and not vmapped.uses_direct_path
-    assert not rmb.ModelBatch(make_models(2, bn=True)).uses_direct_path
+    assert not rmb.ModelBatch([nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Linear(8, 3))] * 2).uses_direct_path
     x, xs, y = torch.randn(16, 5), torch.randn(6, 16, 5), torch.randn(16, 3)
     for slots in (None, [4, 1]):
         torch.testing.assert_close(direct(x, slots=slots), vmapped(x, slots=slots))

@@ -1,0 +1,128 @@
+"""The direct path for CNNs (fast_path: grouped convolution, stacked BatchNorm, pooling, reshapes).
+
+Every slot must train exactly like the same module alone with ``torch.optim``:
+same parameters, same BatchNorm running statistics and batch counts, same
+outputs in eval mode, to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import ray_modelbatch as rmb
+
+
+class SmallCNN(nn.Module):
+    """conv-BN-ReLU x2, max-pool, flatten, linear, on flat 64-feature inputs reshaped to 8x8 images."""
+
+    def __init__(self, width: int = 3, groups: int = 1):
+        super().__init__()
+        # No bias before BatchNorm: BN cancels it, so its true gradient is zero and Adam would turn
+        # the rounding noise in it into lr-sized steps that differ from run to run.
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(2 * width),
+            nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Linear(2 * width * 16, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x.view(-1, 1, 8, 8)).flatten(1))
+
+
+def seq1d() -> nn.Module:
+    """Conv1d with groups, AvgPool1d, BatchNorm1d after a Linear, an nn.Flatten module."""
+    return nn.Sequential(
+        nn.Conv1d(4, 6, 3, groups=2), nn.ReLU(), nn.AvgPool1d(2), nn.Flatten(),
+        nn.Linear(6 * 3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3),
+    )
+
+
+def state_close(mb: rmb.ModelBatch, solo: list[nn.Module], atol: float = 2e-5) -> None:
+    for i, m in enumerate(solo):
+        got = mb.slot_state(i)
+        for k, v in m.state_dict().items():
+            if v.is_floating_point():
+                torch.testing.assert_close(got[k], v, rtol=1e-4, atol=atol, msg=f"slot {i} {k}")
+            else:
+                assert torch.equal(got[k].to(v.dtype), v), (i, k)
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "Adam"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_cnn_slots_train_like_solo_modules(opt_name, groups):
+    torch.manual_seed(0)
+    models = [SmallCNN(groups=groups) for _ in range(5)]
+    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    assert mb.uses_direct_path and not mb.gather_exact
+    kw = {"lr": 0.05, "momentum": 0.9} if opt_name == "SGD" else {"lr": 1e-2}
+    eng = rmb.FusedEngine(mb, getattr(rmb.optim, opt_name)(mb, **kw), nn.functional.cross_entropy)
+    solo = [copy.deepcopy(m) for m in models]
+    opts = [getattr(torch.optim, opt_name)(m.parameters(), **kw) for m in solo]
+    x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    for _ in range(6):
+        eng.train_step(x, y)
+        for m, o in zip(solo, opts):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    state_close(mb, solo)
+    mb.eval()
+    with torch.no_grad():
+        out = mb(x)
+        for i, m in enumerate(solo):
+            torch.testing.assert_close(out[i], m.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cnn_per_slot_batches_and_slot_subsets():
+    """Per-slot inputs; a step of some slots leaves the others' weights and BatchNorm statistics untouched."""
+    torch.manual_seed(1)
+    models = [SmallCNN() for _ in range(4)]
+    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    eng = rmb.FusedEngine(mb, rmb.optim.SGD(mb, lr=0.1), nn.functional.cross_entropy)
+    solo = [copy.deepcopy(m) for m in models]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in solo]
+    xs, ys = torch.randn(4, 12, 64), torch.randint(0, 10, (4, 12))
+    for slots in ([0, 1, 2, 3], [1, 3], [2], [0, 1, 2, 3]):
+        eng.train_step(xs[slots], ys[slots], slots=slots, per_slot=True)
+        for s in slots:
+            opts[s].zero_grad()
+            nn.functional.cross_entropy(solo[s](xs[s]), ys[s]).backward()
+            opts[s].step()
+    state_close(mb, solo)
+    assert [int(mb.slot_state(i)["features.1.num_batches_tracked"]) for i in range(4)] == [2, 3, 3, 3]
+
+
+def test_conv1d_pool_flatten_batchnorm1d_match_vmap():
+    torch.manual_seed(2)
+    models = [seq1d() for _ in range(3)]
+    direct = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    vmapped = rmb.ModelBatch([copy.deepcopy(m) for m in models], direct_path=False)
+    assert direct.uses_direct_path and not vmapped.uses_direct_path
+    x, xs, y = torch.randn(10, 4, 8), torch.randn(3, 10, 4, 8), torch.randn(10, 3)
+    torch.testing.assert_close(direct(x), vmapped(x))
+    torch.testing.assert_close(direct(xs, per_slot=True), vmapped(xs, per_slot=True))
+    for mb in (direct, vmapped):
+        mb.zero_grad()
+        loss, _ = mb.forward_loss(x, y, nn.functional.mse_loss)
+        loss.sum().backward()
+        mb.sync_grads()
+    for name in direct.params:
+        torch.testing.assert_close(direct.params[name].grad, vmapped.params[name].grad, rtol=1e-4, atol=1e-6)
+    for name in direct.buffers:
+        torch.testing.assert_close(direct.buffers[name], vmapped.buffers[name])
+
+
+def test_layers_without_a_direct_kernel_fall_back_to_vmap():
+    reflect = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(128, 2))
+    mb = rmb.ModelBatch([copy.deepcopy(reflect) for _ in range(2)])
+    assert not mb.uses_direct_path
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(mb(x)[0], copy.deepcopy(reflect)(x), rtol=1e-5, atol=1e-6)
+    # BatchNorm with momentum=None (a cumulative average) has no direct kernel either.
+    cumulative = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=None), nn.Linear(4, 2))
+    assert not rmb.ModelBatch([copy.deepcopy(cumulative) for _ in range(2)]).uses_direct_path
