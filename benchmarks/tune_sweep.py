@@ -51,7 +51,6 @@ import threading
 import time
 from pathlib import Path
 
-import cloudpickle
 import ray
 import ray.cloudpickle
 import torch
@@ -65,8 +64,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import asha_sweep as sweep  # noqa: E402
 
 # The example module is not importable in Ray's workers: ship its functions by value.
-for _pickler in (cloudpickle, ray.cloudpickle):
-    _pickler.register_pickle_by_value(sweep)
+ray.cloudpickle.register_pickle_by_value(sweep)
 
 from ray_modelbatch.data import SlotSampler  # noqa: E402
 

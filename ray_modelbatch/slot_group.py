@@ -85,6 +85,19 @@ def stack_key(model: nn.Module) -> str:
     return f"{type(model).__name__}-{zlib.crc32(text.encode()):08x}"
 
 
+def grown_capacity(old: int) -> int:
+    """The next size of a full group: a quarter more (at least MIN_CAPACITY more), not double.
+
+    A model whose gathers are not exact steps its whole stack, held or not
+    (see the module docstring), so every free row costs a full slot-step.
+    Doubling left the CNN sweep's stacks about half empty (17,076 slot-steps
+    computed for 7,714 that advanced a slot); growing by a quarter keeps the
+    waste under a fifth of the stack, for a few more resizes (each one copy of
+    the stack's state).
+    """
+    return old + max(MIN_CAPACITY, old // 4)
+
+
 @dataclass
 class StepStats:
     """Which path the group's fused steps took (see the module docstring), for the host's figures."""
@@ -250,7 +263,7 @@ class SlotGroup:
         if self.capacity >= self.limit:
             raise RuntimeError(f"stack {self.key} is full ({self.capacity} slots)")
         old = self.capacity
-        self._grow(min(self.limit, max(2 * old, MIN_CAPACITY)))
+        self._grow(min(self.limit, grown_capacity(old)))
         return old
 
     def add(self, owner: str, model: nn.Module, seed: int, hparams: Mapping[str, Any]) -> int:

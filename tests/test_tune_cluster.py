@@ -84,7 +84,7 @@ def test_one_host_per_gpu_on_every_node_created_as_gpus_free_up(two_gpu_nodes, t
         for r in grid:
             trials_of.setdefault(r.metrics["host"], set()).add(r.metrics["trial_id"])
         assert all(len(v) >= 2 for v in trials_of.values())  # both hosts did real work
-        assert ray.get(ray.get_actor(f"ray_modelbatch:{T._experiment}:registry").in_placement_group.remote()) is False
+        assert ray.get(ray.get_actor(f"ray_modelbatch:{T._experiment}:registry", namespace="ray_modelbatch").in_placement_group.remote()) is False
     finally:
         T.shutdown_hosts()
 

@@ -425,12 +425,12 @@ def test_proxy_and_unpickled_trainable_do_not_import_torch(tmp_path):
     out = _run("import ray_modelbatch.tune.proxy, sys; assert 'torch' not in sys.modules, 'torch imported'")
     assert out.returncode == 0, out.stderr
 
-    import cloudpickle
+    from ray import cloudpickle
 
     pkl = tmp_path / "trainable.pkl"
     pkl.write_bytes(cloudpickle.dumps(h.make_trainable()))  # the test helpers travel by value
     code = (
-        "import sys, cloudpickle\n"
+        "import sys\nfrom ray import cloudpickle\n"
         f"T = cloudpickle.loads(open({str(pkl)!r}, 'rb').read())\n"
         "from ray_modelbatch.tune.proxy import SlotTrialProxy\n"
         "assert issubclass(T, SlotTrialProxy) and T._spec_bytes, T\n"

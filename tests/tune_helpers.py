@@ -12,10 +12,9 @@ import os
 import sys
 import time
 
-import cloudpickle
 import pytest
 import ray
-from ray import tune
+from ray import cloudpickle, tune
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

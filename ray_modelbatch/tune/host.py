@@ -104,7 +104,7 @@ class SlotHost:
     def __init__(self, spec_bytes: bytes, name: str, capacity: int | str, lease_check_s: float = 2.0,
                  stats_every_s: float = 5.0, profile_config: dict | None = None, max_slots: int = 256,
                  run_ahead: int = 2, threads: int | None = None):
-        import cloudpickle
+        from ray import cloudpickle  # Ray's own copy: the package needs no separate cloudpickle
         import torch
 
         self.spec = cloudpickle.loads(spec_bytes)

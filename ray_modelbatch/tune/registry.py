@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 STARTUP_GRACE_S = 300.0  # how long hosts started before fit() wait for its first trial
 
 
+# Registries are detached actors; a named namespace keeps Ray from warning, on every experiment,
+# that a detached actor in the driver's anonymous namespace cannot be found again.
+NAMESPACE = "ray_modelbatch"
+
+
 def registry_name(experiment: str) -> str:
     return f"ray_modelbatch:{experiment}:registry"
 
@@ -241,6 +246,7 @@ def get_registry(spec_bytes: bytes, experiment: str, options: dict) -> Any:
         .options(
             name=registry_name(experiment),
             get_if_exists=True,
+            namespace=NAMESPACE,
             lifetime="detached",
             num_cpus=0,
             scheduling_strategy="DEFAULT",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Any, Callable, Mapping
 
-import cloudpickle
 import ray
+from ray import cloudpickle  # Ray's vendored copy, the pickler Ray itself ships the trainable with
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from .proxy import SlotTrialProxy
-from .registry import get_registry, plan_hosts, registry_name
+from .registry import NAMESPACE, get_registry, plan_hosts, registry_name
 from .spec import SlotSpec
 
 
@@ -153,7 +153,7 @@ def _max_concurrent(cls: type[SlotTrialProxy]) -> int:
 def _host_stats(cls: type[SlotTrialProxy]) -> list[dict]:
     """Per-host figures (busy fraction, fused steps, free slots) of this trainable's running hosts."""
     try:
-        registry = ray.get_actor(registry_name(cls._experiment))
+        registry = ray.get_actor(registry_name(cls._experiment), namespace=NAMESPACE)
     except ValueError:
         return []
     return ray.get(registry.stats.remote())
@@ -162,7 +162,7 @@ def _host_stats(cls: type[SlotTrialProxy]) -> list[dict]:
 def _shutdown_hosts(cls: type[SlotTrialProxy]) -> None:
     """Stop this trainable's registry and hosts now instead of waiting for the idle timeout."""
     try:
-        registry = ray.get_actor(registry_name(cls._experiment))
+        registry = ray.get_actor(registry_name(cls._experiment), namespace=NAMESPACE)
     except ValueError:
         return
     try:
