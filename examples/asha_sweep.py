@@ -37,7 +37,7 @@ from torch import nn
 
 import ray_modelbatch
 from ray_modelbatch.optim import schedules
-from ray_modelbatch.tune import batched_trainable
+from ray_modelbatch.tune import SweepProgress, batched_trainable
 
 HIDDEN = (32, 128)  # two architectures, so two stacks on the host
 BATCH_SIZE = 64
@@ -308,7 +308,7 @@ def main() -> None:
             run_config=tune.RunConfig(
                 name=args.name,
                 storage_path=os.path.abspath(args.storage),
-                callbacks=[timeline],
+                callbacks=[timeline, SweepProgress(T)],  # one line of progress every 5 s
                 verbose=0,
             ),
         )

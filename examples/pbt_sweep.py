@@ -29,6 +29,8 @@ from ray import tune
 from ray.tune.schedulers import PopulationBasedTraining
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from ray_modelbatch.tune import SweepProgress
+
 from asha_sweep import (STEPS_PER_REPORT, init_ray, lost_slot_state, make_trainable, sample_configs, search_space,
                         short_id)
 
@@ -105,6 +107,7 @@ def main() -> None:
                 stop={"training_iteration": args.max_t},
                 # PBT points a recipient at the donor's checkpoint: never delete checkpoints under it.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_frequency=args.interval),
+                callbacks=[SweepProgress(T, metric="val_loss")],  # one line of progress every 5 s
                 verbose=0,
             ),
         )

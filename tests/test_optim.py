@@ -348,3 +348,14 @@ def test_compiler_failure_warns_and_runs_the_step_eagerly():
     want, _ = run(False)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_betas_as_two_per_slot_tensors():
+    """``betas=(beta1s, beta2s)`` with one value per slot in each tensor, as the README shows."""
+    mb = rmb.ModelBatch([nn.Linear(3, 2) for _ in range(4)])
+    b1, b2 = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([0.99, 0.98, 0.97, 0.96])
+    opt = rmb.optim.Adam(mb, betas=(b1, b2))
+    assert [opt.get_hparams(i)["betas"] for i in range(4)] == [
+        pytest.approx((float(a), float(b))) for a, b in zip(b1, b2)]
+    with pytest.raises(rmb.errors.HyperparameterError, match="two tensors of 4 values"):
+        rmb.optim.Adam(mb, betas=(torch.ones(3) * 0.9, torch.ones(3) * 0.99))

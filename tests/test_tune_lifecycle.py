@@ -275,26 +275,26 @@ def test_checkpoint_restores_into_another_slot_host_and_experiment(trainables, t
 
 def test_new_trial_actor_never_overwrites_an_existing_checkpoint_dir(tmp_path):
     """Unit level: Tune 2.60's driver-side checkpoint index can lag the files after a synchronous PBT
-    perturbation (see ``SlotTrialProxy._skip_taken_checkpoint_dirs``); a trial actor that starts from
+    perturbation (see ``ray_compat.skip_taken_checkpoint_dirs``); a trial actor that starts from
     such an index must skip the directories that exist, or it overwrites the checkpoint that PBT
     recipients restore (the PB2 test above caught that as a recipient continuing from a later state)."""
     from types import SimpleNamespace
 
-    from ray_modelbatch.tune.proxy import SlotTrialProxy
+    from ray_modelbatch.tune.ray_compat import skip_taken_checkpoint_dirs
 
     trial_dir = tmp_path / "trial"
     for name in ("checkpoint_000000", "checkpoint_000001", "events.out.tfevents.1", "checkpoint_tmp"):
         (trial_dir / name).mkdir(parents=True)
     storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(trial_dir),
                               trial_dir_name="trial", current_checkpoint_index=0)
-    SlotTrialProxy._skip_taken_checkpoint_dirs(SimpleNamespace(_storage=storage))
+    skip_taken_checkpoint_dirs(SimpleNamespace(_storage=storage))
     assert storage.current_checkpoint_index == 1  # Tune adds 1 before it persists: next is checkpoint_000002
     storage.current_checkpoint_index = 5  # ahead of the files: left alone
-    SlotTrialProxy._skip_taken_checkpoint_dirs(SimpleNamespace(_storage=storage))
+    skip_taken_checkpoint_dirs(SimpleNamespace(_storage=storage))
     assert storage.current_checkpoint_index == 5
     fresh = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(tmp_path / "none"),
                             trial_dir_name="none", current_checkpoint_index=-1)
-    SlotTrialProxy._skip_taken_checkpoint_dirs(SimpleNamespace(_storage=fresh))
+    skip_taken_checkpoint_dirs(SimpleNamespace(_storage=fresh))
     assert fresh.current_checkpoint_index == -1
 
 

@@ -19,8 +19,8 @@ class Adam(VectorOptimizer):
     """Adam over every slot of a ModelBatch in one fused update.
 
     Keywords are those of ``torch.optim.Adam``; each may be one value or one
-    per slot (``betas``: a pair or a sequence of S pairs; ``amsgrad``: a bool
-    or S bools). ``weight_decay`` is L2 added to the gradient, as in torch.
+    per slot (``betas``: a pair, a sequence of S pairs, or a pair of S-value
+    tensors ``(beta1s, beta2s)``; ``amsgrad``: a bool or S bools). ``weight_decay`` is L2 added to the gradient, as in torch.
     Extra keywords: ``schedule`` (see :mod:`ray_modelbatch.optim.schedules`),
     ``max_grad_norm`` (per-slot clipping) and ``skip_nonfinite``.
     """
@@ -55,13 +55,18 @@ class Adam(VectorOptimizer):
         hparams = dict(hparams)
         out = {}
         if "betas" in hparams:
-            b = torch.as_tensor(hparams.pop("betas"), dtype=torch.float64)
+            raw = hparams.pop("betas")
+            if (isinstance(raw, (tuple, list)) and len(raw) == 2 and all(isinstance(t, torch.Tensor) for t in raw)
+                    and all(t.dim() == 1 for t in raw) and raw[0].numel() == raw[1].numel()):
+                raw = torch.stack([t.detach().double().cpu() for t in raw], dim=1)  # (beta1s, beta2s): columns
+            b = torch.as_tensor(raw, dtype=torch.float64)
             if b.shape == (2,):
                 b = b.unsqueeze(0).expand(num_slots, 2)
             if b.shape != (num_slots, 2):
                 raise HyperparameterError(
-                    f"betas has shape {list(b.shape)}; give one pair (beta1, beta2) for all slots or a "
-                    f"sequence of {num_slots} pairs, one per slot."
+                    f"betas has shape {list(b.shape)}; give one pair (beta1, beta2) for all slots, a "
+                    f"sequence of {num_slots} pairs (one per slot), or two tensors of {num_slots} values "
+                    "(beta1 per slot, beta2 per slot)."
                 )
             out["beta1"], out["beta2"] = b[:, 0].clone(), b[:, 1].clone()
         out.update(super()._expand(hparams, num_slots))

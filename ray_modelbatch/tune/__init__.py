@@ -11,10 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["batched_trainable", "FreeSlotLimiter"]
+__all__ = ["batched_trainable", "FreeSlotLimiter", "SweepProgress"]
+_HOME = {"batched_trainable": ".trainable", "FreeSlotLimiter": ".trainable", "SweepProgress": ".progress"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module(".trainable", __name__), name)
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -84,7 +84,7 @@ class SlotTrialProxy(Trainable):
                 if got is not None:
                     self._host_name, self._host = got
                     self._slot = ray.get(self._host.attach.remote(
-                        self.trial_id, config, [self._lease], experiment_dir(self), token))
+                        self.trial_id, config, [self._lease], self._experiment_dir(), token))
                     break
             except ray.exceptions.RayActorError:
                 # The registry stopped itself (idle timeout) just as this trial came, or the host
@@ -108,6 +108,10 @@ class SlotTrialProxy(Trainable):
             time.sleep(0.2)
         self._token = token
         self._attached = self.trial_id
+
+    def _experiment_dir(self) -> str | None:
+        """Where the host writes its TensorBoard figures (see ``ray_compat.experiment_dir``)."""
+        return experiment_dir(self)
 
     def _detach(self) -> None:
         if self._host is not None and self._attached is not None:

@@ -63,3 +63,36 @@ class SlotSpec:
         for name in ("model", "hparams", "loss", "data"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be callable, got {type(getattr(self, name)).__name__}")
+        check_optimizer(self.optimizer)
+
+
+FUSED_OPTIMIZERS = ("SGD", "Adam", "AdamW")  # ray_modelbatch.optim's classes (not imported here: no torch)
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """One clear line when ``optimizer`` is not a ``ray_modelbatch.optim`` class (or a factory of one).
+
+    A ``torch.optim`` class would otherwise fail deep inside torch, once per
+    trial, with ``'ModelBatch' object is not iterable``. Checked by the class's
+    module name, so the driver and proxies still never import torch here.
+    """
+    mro = getattr(optimizer, "__mro__", None)
+    if mro is None and not callable(optimizer):
+        raise TypeError(f"optimizer must be a ray_modelbatch.optim class ({', '.join(FUSED_OPTIMIZERS)}) or a "
+                        f"function returning one for a ModelBatch; got {optimizer!r}.")
+    if mro is None:  # a factory (functools.partial, a lambda): checked when a host builds it
+        base = getattr(optimizer, "func", None)
+        if base is None:
+            return
+        return check_optimizer(base)
+    names = [f"{c.__module__}.{c.__qualname__}" for c in mro]
+    if any(n.startswith("ray_modelbatch.optim.") for n in names):
+        return
+    if any(n.startswith("torch.optim.") for n in names):
+        fused = optimizer.__name__ if optimizer.__name__ in FUSED_OPTIMIZERS else None
+        fix = (f"use ray_modelbatch.optim.{fused}, which takes the same keywords, one value per slot"
+               if fused else f"ray_modelbatch.optim has {', '.join(FUSED_OPTIMIZERS)}")
+        raise TypeError(f"optimizer={optimizer.__module__}.{optimizer.__name__} is a torch.optim class, which "
+                        f"cannot step a stack of models: {fix}.")
+    raise TypeError(f"optimizer must be a ray_modelbatch.optim class ({', '.join(FUSED_OPTIMIZERS)}) or a "
+                    f"function returning one for a ModelBatch; got {optimizer!r}.")

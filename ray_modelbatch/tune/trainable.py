@@ -137,8 +137,11 @@ def _max_concurrent(cls: type[SlotTrialProxy]) -> int:
     """Slots this trainable has on the current Ray cluster: use as ``max_concurrent_trials``.
 
     With ``slots_per_host="auto"`` this starts the hosts (each profiles its device)
-    and sums their capacities, so it needs ``profile_config``.
+    and sums their capacities, so it needs ``profile_config``. Starts Ray with its
+    defaults when it is not running yet, as ``Tuner.fit()`` would.
     """
+    if not ray.is_initialized():
+        ray.init()
     if cls._options["slots_per_host"] != "auto":
         return len(plan_hosts(cls._options.get("num_hosts"))) * int(cls._options["slots_per_host"])
     if cls._options.get("profile_config") is None:
