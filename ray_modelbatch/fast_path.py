@@ -77,7 +77,8 @@ class Unsupported(Exception):
 @dataclass(frozen=True)
 class _Step:
     kind: str  # "linear" | "conv" | "norm" | "pool" | "module" | "function" | "flatten" | "reshape"
-    target: Any  # the module's name (linear, conv, norm, pool, module), the function, or the reshape's sizes
+    target: Any  # the module's name (linear, conv, norm, pool, module), the function, the reshape's
+    #              sizes, or the flatten's start_dim
     src: str
     dst: str
 
@@ -148,11 +149,11 @@ def plan(template: nn.Module) -> FastPlan | None:
             kind = _module_kind(mod)
             if kind is None:
                 return None
-            steps.append(_Step(kind, node.target, src, node.name))
+            steps.append(_Step(kind, mod.start_dim if kind == "flatten" else node.target, src, node.name))
         elif node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS and not rest and not node.kwargs:
             steps.append(_Step("function", node.target, src, node.name))
         elif _is_flatten(node, rest):
-            steps.append(_Step("flatten", None, src, node.name))
+            steps.append(_Step("flatten", rest[0] if rest else node.kwargs.get("start_dim", 0), src, node.name))
         elif (node.op == "call_method" and node.target in RESHAPE_METHODS and not node.kwargs and len(rest) > 1
               and rest[0] == -1 and all(isinstance(d, int) and d > 0 for d in rest[1:])):
             steps.append(_Step("reshape", tuple(rest[1:]), src, node.name))
@@ -180,18 +181,18 @@ def _module_kind(mod: nn.Module) -> str | None:
     if type(mod) in ELEMENTWISE_MODULES:
         return "module"
     if type(mod) is nn.Flatten:
-        return "flatten" if mod.start_dim == 1 and mod.end_dim == -1 else None
+        return "flatten" if mod.end_dim == -1 and (mod.start_dim == 1 or mod.start_dim < 0) else None
     return None
 
 
 def _is_flatten(node: fx.Node, rest: tuple) -> bool:
-    """``x.flatten(1)`` or ``torch.flatten(x, 1)``: every sample to one row."""
+    """``x.flatten(1)``, ``torch.flatten(x, 1)`` (or a negative start that means 1): every sample to one row."""
     start = rest[0] if rest else node.kwargs.get("start_dim", 0)
     end = rest[1] if len(rest) > 1 else node.kwargs.get("end_dim", -1)
     extra = set(node.kwargs) - {"start_dim", "end_dim"}
     call = (node.op == "call_method" and node.target == "flatten") or (
         node.op == "call_function" and node.target in FLATTEN_FUNCTIONS)
-    return call and not extra and len(rest) <= 2 and start == 1 and end == -1
+    return call and not extra and len(rest) <= 2 and isinstance(start, int) and (start == 1 or start < 0) and end == -1
 
 
 # Weight matrices of at least this many elements get their gradient GEMM'd straight into their
@@ -427,6 +428,9 @@ def run(p: FastPlan, template: nn.Module, params: Mapping[str, torch.Tensor], x:
             else:
                 values[step.dst] = (mod(h), layout)
         elif step.kind == "flatten":
+            rank = h.dim() - (layout == "slot")  # of one sample batch: [B, ...]
+            if (step.target if step.target >= 0 else rank + step.target) != 1:
+                raise Unsupported("a flatten that does not keep exactly the batch dimension")
             if layout == "shared":
                 values[step.dst] = (h.flatten(1), "shared")
             else:

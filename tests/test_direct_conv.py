@@ -126,3 +126,16 @@ def test_layers_without_a_direct_kernel_fall_back_to_vmap():
     # BatchNorm with momentum=None (a cumulative average) has no direct kernel either.
     cumulative = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=None), nn.Linear(4, 2))
     assert not rmb.ModelBatch([copy.deepcopy(cumulative) for _ in range(2)]).uses_direct_path
+
+
+def test_flatten_with_a_negative_start_dim():
+    """``nn.Flatten(-3)`` on [B, C, H, W] keeps only the batch dimension: direct; ``Flatten(-2)`` does not: vmap."""
+    torch.manual_seed(3)
+    for start, direct in ((-3, True), (-2, False)):
+        tail = nn.Linear(2 * 16, 2) if start == -3 else nn.Linear(16, 2)
+        model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(start), tail)
+        mb = rmb.ModelBatch([copy.deepcopy(model) for _ in range(3)])
+        x = torch.randn(5, 1, 8, 8)
+        out = mb(x)
+        assert mb._slow_keys == (set() if direct else {(False, None, None)})
+        torch.testing.assert_close(out[1], model(x), rtol=1e-5, atol=1e-6)

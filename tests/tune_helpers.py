@@ -107,6 +107,9 @@ def make_trainable(*, optimizer: str = "adam", slots_per_host: int = 4, steps_pe
 
 
 def tune_config(T, **kw):
+    # A sweep that stops making progress (Tune's PBT has been seen to leave every trial PAUSED)
+    # ends as a failed assertion after this budget instead of hanging the suite.
+    kw.setdefault("time_budget_s", 240)
     kw.setdefault("metric", "val_loss")
     kw.setdefault("mode", "min")
     if "search_alg" not in kw:

@@ -2,7 +2,7 @@
 
 Every stacked model is a real Tune trial: Tune's schedulers, searchers,
 checkpointing and loggers see ordinary trials. The proxy holds no model and
-imports no torch (about 108 MB per trial process instead of 230 MB); the
+imports no torch (see the README's "Memory per trial" for the measured figure); the
 host does all the work. ``step()`` asks the host for K more fused steps and
 returns when this trial's K steps and evaluation are done; the host keeps
 stepping the other trials meanwhile.

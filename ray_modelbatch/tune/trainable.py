@@ -71,7 +71,7 @@ def batched_trainable(
         profile_config: with ``"auto"``, the config to profile: the largest model of the
             sweep. Default: the config of the trial that starts the host.
         max_slots_per_host: the most slots ``"auto"`` gives one host. Every slot is a trial
-            process of about 110 MB on some node, so this bounds that memory too.
+            process on some node (README, "Memory per trial"), so this bounds that memory too.
         data_mode: ``"per_slot"`` (own seeded sampler per trial) or ``"shared"``.
         eval_batch_size: batch size of validation passes (default: the whole validation set).
         seed_key: config key holding the trial's seed.
