@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import tune_helpers as h
 from tune_helpers import ray_session  # noqa: F401 - shared fixture
 
@@ -17,6 +19,7 @@ def rungs() -> set[int]:
     return out
 
 
+@pytest.mark.slow  # a load test: outside the README command, run by .ci/run
 def test_300_asha_trials_through_16_slots_lose_nothing(ray_session, tmp_path):
     T, grid, log, watch, wall = h.load_sweep(str(tmp_path), trials=TRIALS, slots=SLOTS, reuse_actors=True,
                                              steps_per_report=K)

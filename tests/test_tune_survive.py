@@ -103,6 +103,7 @@ def test_nothing_left_after_fit_raises(ray_session, tmp_path):
     assert h.wait_until(lambda: h.alive_actors() == [], timeout=20), h.alive_actors()
 
 
+@pytest.mark.slow  # a soak test: outside the README command, run by .ci/run
 def test_nothing_left_after_the_driver_is_killed(ray_session, tmp_path):
     proc, info = driver(tmp_path, "killed", pause=0.2)
     exp = f"ray_modelbatch:{info['EXP']}:"
@@ -137,6 +138,7 @@ class KillHost(tune.Callback):
         self.recovered.add(trial.trial_id)
 
 
+@pytest.mark.slow  # a soak test: outside the README command, run by .ci/run
 def test_killed_host_trials_resume_from_checkpoints_others_lose_nothing(reference, tmp_path):
     T = h.make_trainable(**h.SURVIVE_TRAINABLE)
     kill = KillHost(T, at=14)
@@ -160,6 +162,7 @@ def test_killed_host_trials_resume_from_checkpoints_others_lose_nothing(referenc
 # --------------------------------------------------------------------------------- driver restore
 
 
+@pytest.mark.slow  # a soak test: outside the README command, run by .ci/run
 def test_tuner_restore_after_the_driver_is_interrupted(reference, tmp_path):
     proc, info = driver(tmp_path, "interrupted", pause=0.3)
     proc.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves the experiment state and stops
