@@ -36,6 +36,7 @@ __all__ = [
     "kfold",
     "shards",
     "padded_per_slot",
+    "sweep_data",
 ]
 
 
@@ -400,3 +401,39 @@ def padded_per_slot(
     lengths = torch.tensor([i.numel() for i in idx], device=dev)
     mask = torch.arange(n_max, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
     return x[rows], y.to(dev)[rows], mask
+
+
+SWEEP_DATA = "(x_train, y_train, x_val, y_val)"
+
+
+def sweep_data(items: Any, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """What a trainable's ``data()`` returned, checked and as four tensors on ``device``.
+
+    A slot host calls this once when it starts. Every problem is one line that
+    names the fix, raised as ``ValueError``/``TypeError``, instead of an
+    unpacking error deep in the host.
+    """
+    if not isinstance(items, (tuple, list)) or len(items) != 4:
+        got = f"{len(items)} items" if isinstance(items, (tuple, list)) else f"a {type(items).__name__}"
+        raise ValueError(f"data() must return four tensors {SWEEP_DATA}; it returned {got}. Fix: return the "
+                         "training and the validation set, e.g. `return x[:n], y[:n], x[n:], y[n:]`.")
+    names = ("x_train", "y_train", "x_val", "y_val")
+    out = []
+    for name, t in zip(names, items):
+        try:
+            out.append(torch.as_tensor(t).to(device))
+        except Exception as exc:  # noqa: BLE001 - anything torch cannot take: say which item
+            raise TypeError(f"data() item {name} is a {type(t).__name__} that torch.as_tensor cannot take "
+                            f"({exc}). Fix: return tensors or arrays {SWEEP_DATA}.") from None
+    x, y, xv, yv = out
+    for a, b, pair in ((x, y, "x_train and y_train"), (xv, yv, "x_val and y_val")):
+        if a.dim() == 0 or b.dim() == 0 or a.shape[0] != b.shape[0]:
+            raise ValueError(f"data(): {pair} must have one row per example; got shapes {tuple(a.shape)} and "
+                             f"{tuple(b.shape)}. Fix: return {SWEEP_DATA} with matching first dimensions.")
+    if x.shape[0] == 0 or xv.shape[0] == 0:
+        raise ValueError(f"data(): the training set has {x.shape[0]} rows and the validation set {xv.shape[0]}; "
+                         "both need at least one.")
+    if x.shape[1:] != xv.shape[1:]:
+        raise ValueError(f"data(): x_train rows have shape {tuple(x.shape[1:])} but x_val rows "
+                         f"{tuple(xv.shape[1:])}. Fix: give both sets the same features.")
+    return x, y, xv, yv

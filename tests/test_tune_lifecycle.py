@@ -442,3 +442,23 @@ def test_proxy_and_unpickled_trainable_do_not_import_torch(tmp_path):
     # run from a directory where tune_helpers is not importable: the factories travel by value
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_a_bad_data_fails_every_trial_with_one_line_and_starts_one_host(trainables, tmp_path):
+    """data() returning 2 items: the host reports it in one line (no aborted host process), the
+    registry remembers it, and every trial fails at once with that line without starting hosts of
+    its own."""
+    T = trainables(slots_per_host=4, data=h.digits_train_only)
+    grid, _ = h.fit(T, {"lr": tune.grid_search([0.1, 0.2, 0.3])}, tmp_path, scheduler=FIFOScheduler(),
+                    run_kw={"stop": {"training_iteration": 2}})
+    errs = h.errors(grid)
+    assert len(errs) == 3
+    for e in errs:
+        text = str(e)
+        assert "data() must return four tensors (x_train, y_train, x_val, y_val); it returned 2 items" in text, text
+        assert "SIGABRT" not in text and "Stack trace" not in text
+    from ray_modelbatch.tune.registry import NAMESPACE, registry_name
+
+    registry = ray.get_actor(registry_name(T._experiment), namespace=NAMESPACE)
+    assert ray.get(registry.host_handles.remote()) == []  # the failed host was dropped, and no other was made
+    assert ray.get(registry.__ray_call__.remote(lambda self: self._created)) == 1

@@ -36,6 +36,11 @@ def digits():
     return x[train], y[train], x[val], y[val]
 
 
+def digits_train_only():
+    """A wrong data(): two items instead of four (issue 12)."""
+    return digits()[:2]
+
+
 def make_model(cfg):
     """64-32-10 MLP; ``cfg["hidden"]`` (or ``cfg["arch"]["hidden"]``), ``cfg["d_in"]`` and ``cfg["d_out"]``
     change the shape, ``cfg["unfusable"]`` calls ``.item()`` in forward."""
@@ -96,7 +101,7 @@ def make_trainable(*, optimizer: str = "adam", slots_per_host: int = 4, steps_pe
         optimizer=opt,
         hparams=hparams,
         loss=F.cross_entropy,
-        data=digits,
+        data=kw.pop("data", digits),
         metrics={"acc": ray_modelbatch.metrics.accuracy},
         batch_size=kw.pop("batch_size", 32),
         steps_per_report=steps_per_report,

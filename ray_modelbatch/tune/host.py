@@ -107,6 +107,8 @@ class SlotHost:
         from ray import cloudpickle  # Ray's own copy: the package needs no separate cloudpickle
         import torch
 
+        from ..data import sweep_data
+
         self.spec = cloudpickle.loads(spec_bytes)
         self.name = name
         self.device = _pick_device(self.spec.device)
@@ -114,15 +116,20 @@ class SlotHost:
         self.in_placement_group = ray.util.get_current_placement_group() is not None
         self.threads = _use_cpus(self.device, threads, self.node_id)
         self.run_ahead = int(run_ahead)
-        x, y, xv, yv = self.spec.data()
-        self.data = tuple(torch.as_tensor(t).to(self.device) for t in (x, y, xv, yv))
-        self.capacity_fit: str | None = None
-        if capacity == "auto":
-            fit = self._profile(profile_config or {}, max_slots)
-            self.capacity, self.capacity_fit = fit.slots, fit.describe()
-            logger.info("host %s: %s", name, self.capacity_fit)
-        else:
-            self.capacity = int(capacity)
+        self.capacity, self.capacity_fit = 0, None
+        # A host that cannot start reports why through ping(), in one line, instead of raising here:
+        # an exception in an actor's constructor makes Ray abort the process with a C++ stack dump.
+        self.start_error: str | None = None
+        try:
+            self.data = sweep_data(self.spec.data(), self.device)
+            if capacity == "auto":
+                fit = self._profile(profile_config or {}, max_slots)
+                self.capacity, self.capacity_fit = fit.slots, fit.describe()
+                logger.info("host %s: %s", name, self.capacity_fit)
+            else:
+                self.capacity = int(capacity)
+        except Exception as exc:  # noqa: BLE001 - every start failure goes to the registry as one line
+            self.start_error = f"{type(exc).__name__}: {exc}"
         self.groups: dict[str, Any] = {}
         self.trials: dict[str, _Attachment] = {}
         self.reserved: dict[str, float] = {}  # key -> when reserved; see _check_leases
@@ -158,7 +165,7 @@ class SlotHost:
         """Who and where this host is; the registry waits for it before handing out slots."""
         return {"name": self.name, "capacity": self.capacity, "capacity_fit": self.capacity_fit,
                 "device": str(self.device), "node_id": self.node_id, "threads": self.threads,
-                "pid": os.getpid(), "in_placement_group": self.in_placement_group}
+                "pid": os.getpid(), "in_placement_group": self.in_placement_group, "error": self.start_error}
 
     def reserve(self, key: str) -> bool:
         """Hold a slot for attachment ``key`` if there is room; called by the registry, atomically."""

@@ -20,7 +20,7 @@ import ray
 from ray.tune import Trainable
 from ray.tune.execution.placement_groups import PlacementGroupFactory
 
-from ..errors import SlotHostLostError
+from ..errors import SlotHostLostError, SlotHostStartError
 from .ray_compat import experiment_dir, skip_taken_checkpoint_dirs
 from .registry import get_registry
 
@@ -62,7 +62,7 @@ class SlotTrialProxy(Trainable):
         cls._prestarted = cls._experiment
         try:
             registry = get_registry(cls._spec_bytes, cls._experiment, cls._options)
-            registry.start_hosts.remote(cls._options.get("profile_config") or config)  # not awaited
+            registry.start_hosts.remote(cls._options.get("profile_config") or config, quiet=True)  # not awaited
         except Exception as exc:  # noqa: BLE001 - only a head start: the first trial's setup() tries again
             logger.debug("could not prestart the slot hosts: %s", exc)
 
@@ -86,6 +86,10 @@ class SlotTrialProxy(Trainable):
                     self._slot = ray.get(self._host.attach.remote(
                         self.trial_id, config, [self._lease], self._experiment_dir(), token))
                     break
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(getattr(exc, "cause", None), SlotHostStartError):
+                    raise SlotHostStartError(str(exc.cause)) from None  # one line, not the registry's traceback
+                raise
             except ray.exceptions.RayActorError:
                 # The registry stopped itself (idle timeout) just as this trial came, or the host
                 # died between reservation and attachment: ask a new registry.

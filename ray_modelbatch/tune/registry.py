@@ -85,6 +85,9 @@ class HostRegistry:
         self._created = 0  # host names are never reused: a dead host's name may still be registered
         self.last_busy = time.monotonic()
         self._assigned = False  # before the first trial, hosts started early wait for fit() (see _idle_watch)
+        # Why a host could not start (data() failed, not one slot fits): every later trial gets the same
+        # one-line error at once, instead of starting (and failing) a host of its own.
+        self.start_error: str | None = None
         self._lock = threading.RLock()  # the idle watch holds it through its decision and shutdown()
         threading.Thread(target=self._idle_watch, daemon=True).start()
 
@@ -95,13 +98,21 @@ class HostRegistry:
         per = max(self.slots.values(), default=0) if per == "auto" else int(per)
         return sum(self.slots.values()) + per * sum(1 for p in planned if p not in self.hosts)
 
-    def start_hosts(self, config: dict) -> int:
-        """Start a host on every planned place that has room now; returns :meth:`capacity`."""
+    def start_hosts(self, config: dict, quiet: bool = False) -> int:
+        """Start a host on every planned place that has room now; returns :meth:`capacity`.
+
+        ``quiet``: a host that cannot start raises nothing here (nobody waits on a
+        prestart); the first trial to ask for a slot gets the error instead.
+        """
         with self._lock:
             self.last_busy = time.monotonic()
             self._free_by_host()
-            while self._create_where_free(config) is not None:
-                pass
+            try:
+                while self._create_where_free(config) is not None:
+                    pass
+            except SlotHostStartError:
+                if not quiet:
+                    raise
             return self.capacity()
 
     def in_placement_group(self) -> bool:
@@ -122,6 +133,8 @@ class HostRegistry:
         with self._lock:
             self.last_busy = time.monotonic()
             self._assigned = True
+            if self.start_error is not None:
+                raise SlotHostStartError(self.start_error)
             free = self._free_by_host()
             if all(free[p] < self.slots[p] for p in free):
                 created = self._create_where_free(config)  # every host has trials: spread to a free GPU
@@ -196,9 +209,14 @@ class HostRegistry:
                            name, place.label, timeout)
             return False
         except ray.exceptions.RayActorError as exc:
-            # The host's constructor raised (its data() failed, or not one slot fits its device):
-            # a plain error for the trial that asked, not an actor error its proxy would retry.
+            # The host died while starting: a plain error for the trial that asked, not an actor
+            # error its proxy would retry.
             raise SlotHostStartError(f"slot host {name} on {place.label} could not start: {exc}") from None
+        if info.get("error"):
+            ray.kill(handle, no_restart=True)
+            self.start_error = f"slot host could not start: {info['error']}"
+            logger.error("%s", self.start_error)
+            raise SlotHostStartError(self.start_error)
         self.hosts[place] = (name, handle)
         self.slots[place] = int(info["capacity"])
         logger.info("created slot host %s on %s (%d slots, %s)%s", name, place.label, info["capacity"],
