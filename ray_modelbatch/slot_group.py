@@ -98,6 +98,23 @@ def grown_capacity(old: int) -> int:
     return old + max(MIN_CAPACITY, old // 4)
 
 
+def label_fix(output_shape: tuple, labels: torch.Tensor) -> str:
+    """The fix for a loss that failed on one model's output (``[batch, *output_shape]``) and these labels.
+
+    Points at the labels when they are what is wrong, the common case being
+    class indices stored as floats for ``cross_entropy``; at the model otherwise.
+    """
+    classes = output_shape[-1] if output_shape else 1
+    if labels.is_floating_point() and labels.dim() == 1 and classes > 1:
+        return (f"Fix: return y.long() from data() (or one-hot labels of shape [N, {classes}]). The labels are "
+                f"wrong, not the model: it gives {classes} scores per example, so the loss wants class indices "
+                f"as integers, and data() returns {labels.dtype} labels.")
+    if not labels.is_floating_point() and classes == 1:
+        return ("Fix: give the model one output per class (e.g. nn.Linear(..., num_classes)), or use a loss for "
+                "one value per example: the model gives 1 value per example and the labels are integer classes.")
+    return "Fix: make the config's model output what the loss expects for these labels (e.g. one logit per class)."
+
+
 @dataclass
 class StepStats:
     """Which path the group's fused steps took (see the module docstring), for the host's figures."""
@@ -228,8 +245,8 @@ class SlotGroup:
                         f"the loss {getattr(self.settings.loss, '__name__', self.settings.loss)!r} failed on the "
                         f"model's output: {type(cause).__name__}: {cause}. One model's output has shape "
                         f"{tuple(out.shape[1:])}; the labels of data() (y_val[:2]) have shape "
-                        f"{tuple(self.y_val[:2].shape)} and dtype {self.y_val.dtype}. Fix: make the config's "
-                        "model output what the loss expects for these labels (e.g. one logit per class)."
+                        f"{tuple(self.y_val[:2].shape)} and dtype {self.y_val.dtype}. "
+                        f"{label_fix(tuple(out.shape[2:]), self.y_val[:2])}"
                     ) from exc
         finally:
             self.mb.train(was)

@@ -36,3 +36,24 @@ def test_fused_optimizers_and_factories_are_accepted():
         assert batched_trainable(**_kw(optimizer=opt))
     with pytest.raises(TypeError, match="optimizer must be a ray_modelbatch.optim class"):
         batched_trainable(**_kw(optimizer="adam"))
+
+
+def _group_with(y_val: torch.Tensor, out_features: int):
+    from ray_modelbatch.slot_group import SlotGroup, stack_key
+    from ray_modelbatch.tune.spec import SlotSpec
+
+    spec = SlotSpec(model=lambda c: None, optimizer=rmb.optim.Adam, hparams=lambda c: {},
+                    loss=nn.functional.cross_entropy, data=lambda: None)
+    x = torch.randn(8, 4)
+    model = nn.Linear(4, out_features)
+    return SlotGroup(spec, stack_key(model), model, (x, y_val, x, y_val), 4, "cpu")
+
+
+def test_float_class_labels_name_the_labels_as_the_fix():
+    with pytest.raises(rmb.errors.InputShapeError, match=r"Fix: return y\.long\(\) from data\(\).*The labels are wrong, not the model"):
+        _group_with(torch.tensor([0.0, 1.0, 2.0, 1.0, 0.0, 2.0, 1.0, 0.0]), out_features=3)
+
+
+def test_one_output_for_integer_classes_names_the_model_as_the_fix():
+    with pytest.raises(rmb.errors.InputShapeError, match=r"Fix: give the model one output per class"):
+        _group_with(torch.tensor([0, 1, 2, 1, 0, 2, 1, 0]), out_features=1)
