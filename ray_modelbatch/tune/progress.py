@@ -24,8 +24,6 @@ from ray.tune import Callback
 
 from .registry import NAMESPACE, registry_name
 
-_DONE = ("TERMINATED",)
-
 
 class SweepProgress(Callback):
     """Print trials done/running/pending, each host's busy slots and busy fraction, and the best metric.
