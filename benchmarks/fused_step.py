@@ -102,6 +102,21 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
+class DigitsCNN(nn.Module):
+    """The Tune sweep's CNN (``examples/asha_sweep.py``, 4 channels): conv-BN-ReLU x2, max-pool, linear on 8x8."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Linear(2 * width * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.view(-1, 1, 8, 8)).flatten(1))
+
+
 @dataclass
 class Spec:
     name: str
@@ -125,6 +140,7 @@ SPECS = {
         Spec("mlp_tiny", "MLP 32-64-64-1, MSE", TinyMLP, F.mse_loss, _regression),
         Spec("mlp_784", "MLP 784-256-256-10, CE", MLP784, F.cross_entropy, _classify((784,))),
         Spec("cnn", "CNN 1x28x28 c16-c32-fc10, CE", SmallCNN, F.cross_entropy, _classify((1, 28, 28))),
+        Spec("cnn_digits", "CNN 8x8 c4-BN-c8-BN-fc10 (the sweep's), CE", DigitsCNN, F.cross_entropy, _classify((64,))),
     )
 }
 
