@@ -187,6 +187,33 @@ class SlotGroup:
         return collect_tensors([self.mb, self.opt, self.scaler])
 
     @classmethod
+    def around(cls, engine: FusedEngine, streams: Any, *, steps_per_report: int = 1,
+               key: str = "trainer") -> "SlotGroup":
+        """A group over an engine and streams that someone else built: the standalone Trainer's case.
+
+        Every slot of the engine's ModelBatch is held (by its index) from the
+        start; which of them step is the caller's choice, through
+        :meth:`train_step`. The group adds what it adds for a host: the
+        out-of-memory split of a fused step, the per-slot iteration sums, the
+        step-path figures. Its own validation data is not used (the caller
+        evaluates); no run-ahead.
+        """
+        g = cls.__new__(cls)
+        mb = engine.mb
+        g.settings, g.key, g.limit, g.device = None, key, mb.num_slots, mb.device
+        g.x = g.y = g.x_val = g.y_val = None
+        g.steps_per_report, g.full_step_fraction = int(steps_per_report), 0.5
+        g.mb, g.opt, g.scaler, g.engine = mb, engine.optimizer, engine.scaler, engine
+        g.streams, g.per_slot_data = streams, bool(streams.per_slot)
+        g.owner = {i: str(i) for i in range(mb.num_slots)}
+        g.iteration = [0] * mb.num_slots
+        g.meter = IterationMeter(mb.num_slots, mb.device)
+        g.snapshots = SlotSnapshots(1, mb.num_slots)
+        g.stats = StepStats()
+        g._direct, g.max_chunk = None, None
+        return g
+
+    @classmethod
     def build_for_profile(
         cls,
         settings: Any,
@@ -400,7 +427,8 @@ class SlotGroup:
         self.max_chunk = (failed + 1) // 2
         logger.warning(
             "stack %s ran out of memory on %s in a fused step of %d slots; from now on it runs at most %d "
-            "slots per fused step (same results per slot, slower). Fewer slots_per_host avoids this.",
+            "slots per fused step (same results per slot, slower). Fewer slots per stack (slots_per_host in a "
+            "sweep) avoid this.",
             self.key, self.mb.device, failed, self.max_chunk,
         )
 

@@ -1,21 +1,22 @@
 """Standalone (no Ray) training loop over a :class:`~ray_modelbatch.FusedEngine`.
 
-The engine does the fused math for an explicit list of slots; this module only
-decides *which* slots run each step and *where* their results go (history,
-TensorBoard, progress bar). A Ray Tune slot host drives the same engine with
-its own policy (trials come and go, results go to Tune); nothing here is
-needed for that, and nothing here imports Ray.
+The engine does the fused math for an explicit list of slots, and a
+:class:`~ray_modelbatch.slot_group.SlotGroup` around it steps them and keeps
+each slot's iteration sums, as it does for a Ray Tune slot host. This module
+only decides *which* slots run each step and *where* their results go
+(history, TensorBoard, progress bar); nothing here imports Ray.
 
 Per step the trainer:
 
-1. asks the stream for a batch for the active slots (``mb.active``),
-2. runs ``engine.train_step(..., slots=active)``, so paused slots do not move,
-3. reads the step's per-slot tensors (and, on evaluation steps, the
+1. has the group step the active slots (``mb.active``): a batch from the
+   stream, then ``engine.train_step(..., slots=active)``, so paused slots do
+   not move (a step that runs out of device memory is rerun in chunks),
+2. reads the step's per-slot tensors (and, on evaluation steps, the
    validation metrics and learning rates) in ONE device-to-host transfer, so
    a GPU run synchronizes at most once per step,
-4. records non-finite steps per slot and deactivates slots that stay
+3. records non-finite steps per slot and deactivates slots that stay
    non-finite for ``max_nonfinite_steps`` steps in a row (diverged),
-5. every ``eval_every`` steps: records a result per slot, logs it to
+4. every ``eval_every`` steps: records a result per slot, logs it to
    TensorBoard, applies early stopping and updates the progress bar.
 """
 
@@ -29,7 +30,8 @@ import torch
 
 from .data import PerSlotStreams, SharedStream
 from .engine import FusedEngine, MetricFn
-from .slot_results import IterationMeter, iteration_result
+from .slot_group import SlotGroup
+from .slot_results import iteration_result
 from .tensorboard import SlotWriter
 
 __all__ = ["EarlyStopping", "History", "Trainer", "STATUSES"]
@@ -313,7 +315,9 @@ class Trainer:
         self.history.status = ["active" if i in active else "inactive" for i in range(s)]
         self.step_count = 0
         self._consecutive_bad = [0] * s
-        self.meter = IterationMeter(s, mb.device)  # the per-slot sums a result is made of
+        # The group steps the slots (splitting a fused step that runs out of device memory) and keeps
+        # the per-slot sums a result is made of; the trainer decides which slots step and when to report.
+        self.group = SlotGroup.around(engine, train, steps_per_report=self.eval_every)
         self._best_any: float | None = None
         self._es_key: str | None = None
         self._hparams_logged_at: dict[int, int] = {}
@@ -396,9 +400,8 @@ class Trainer:
         if not active:
             return []
         mb, eng = self.mb, self.engine
-        xb, yb = self.train.next_batch(active)
-        res = eng.train_step(xb, yb, slots=active, per_slot=self.train.per_slot)
-        self.meter.add(res, active)
+        res = self.group.train_step(active)
+        self.group.meter.add(res, active)
         self.step_count += 1
         step = self.step_count
 
@@ -428,7 +431,7 @@ class Trainer:
         recorded: list[tuple[int, dict[str, Any]]] = []
         stopped = []
         if evaluate:
-            train = self.meter.take(active)
+            train = self.group.meter.take(active)
             for j, s in enumerate(active):
                 val = {k[len("val_"):]: rows[1 + r][j] for r, k in enumerate(keys)}
                 result: dict[str, Any] = {"step": step, **iteration_result(train[j], val, rows[-2][j], rows[-1][j])}

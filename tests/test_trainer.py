@@ -276,3 +276,35 @@ def test_metric_functions_match_torch():
     # vmapped over slots, as the engine does.
     out = torch.vmap(metrics.accuracy, in_dims=(0, None))(torch.randn(3, 6, 5), target)
     assert out.shape == (3, 6)
+
+
+def test_a_step_that_runs_out_of_memory_is_rerun_in_chunks_with_the_same_results(digits):
+    """The Trainer steps through a SlotGroup, so it inherits the out-of-memory split of a host's group:
+    a fused step of more than 2 slots that fails is rerun as chunks of 2, and every slot's history
+    and state equal those of an undisturbed run to float rounding (per-slot streams: each chunk gets
+    its own rows; a one-slot chunk runs a plain GEMM, which rounds differently from a batched one)."""
+    x, y = digits
+    torch.manual_seed(0)
+    models = [mlp() for _ in range(5)]
+
+    def run(inject: bool):
+        eng = engine_for([copy.deepcopy(m) for m in models], lr=1e-2)
+        if inject:
+            real = eng.train_step
+
+            def train_step(xb, yb, *, slots, **kw):
+                if len(slots) > 2:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+                return real(xb, yb, slots=slots, **kw)
+
+            eng.train_step = train_step
+        trainer = Trainer(eng, PerSlotStreams(x, y, 16, seeds=list(range(5))), (x[:100], y[:100]),
+                          eval_every=3, progress=False)
+        return trainer.fit(7), snapshot(eng), trainer
+
+    (h_ref, s_ref, _), (h_oom, s_oom, t_oom) = run(False), run(True)
+    assert t_oom.group.max_chunk == 2
+    for got, want in zip(h_oom.results, h_ref.results):
+        assert got == [pytest.approx(r, rel=1e-5, abs=1e-7) for r in want]
+    for k in s_ref:
+        torch.testing.assert_close(s_oom[k], s_ref[k], rtol=1e-5, atol=1e-6)
