@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 import time
 import uuid
 from typing import Any
@@ -68,6 +70,7 @@ class SlotTrialProxy(Trainable):
 
     # ------------------------------------------------------------ lifecycle
     def setup(self, config: dict) -> None:
+        _quiet_sigterm()
         self._host = None
         self._attached: str | None = None
         self._attach(config)
@@ -161,6 +164,37 @@ class SlotTrialProxy(Trainable):
 
     def cleanup(self) -> None:
         self._detach()
+
+
+def _quiet_sigterm() -> None:
+    """End this trial process at SIGTERM without a traceback on the user's screen.
+
+    Ray ends a trial's process with SIGTERM, and its handler raises SystemExit
+    in whatever Python code runs next. When that is a finalizer (an actor
+    handle's or a weak set's ``__del__``, at the end of every sweep), Python
+    prints "Exception ignored in ..." and a traceback, which Ray forwards to
+    the driver although the sweep succeeded. The proxy holds no state worth
+    a graceful shutdown (the host owns every slot), so it flushes its output
+    and exits at once. Only in a Ray worker's main thread; once per process.
+    """
+    if getattr(_quiet_sigterm, "done", False):
+        return
+    try:
+        if ray.get_runtime_context().get_actor_id() is None:
+            return  # not a trial process (a test running the proxy in the driver)
+
+        def exit_now(signum: int, frame: Any) -> None:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001 - a closed stream: nothing left to flush
+                    pass
+            os._exit(1)  # Ray's own handler exits with 1 too
+
+        signal.signal(signal.SIGTERM, exit_now)
+        _quiet_sigterm.done = True
+    except ValueError:  # not the main thread: keep Ray's handler
+        pass
 
 
 def _own_handle() -> Any:
