@@ -60,6 +60,9 @@ from ray_modelbatch import FusedEngine, ModelBatch
 from ray_modelbatch import fast_path
 from ray_modelbatch import optim as mb_optim
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from digits_cnn import DigitsCNN  # noqa: E402 - the Tune sweep's CNN, torch only
+
 BATCH = 64
 LOOP_CAP = 32  # the loop is timed on at most this many models
 EQ_CAP = 8  # equivalence is checked on at most this many slots
@@ -100,21 +103,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-class DigitsCNN(nn.Module):
-    """The Tune sweep's CNN (``examples/asha_sweep.py``, 4 channels): conv-BN-ReLU x2, max-pool, linear on 8x8."""
-
-    def __init__(self, width: int = 4) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        self.head = nn.Linear(2 * width * 16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x.view(-1, 1, 8, 8)).flatten(1))
 
 
 @dataclass

@@ -62,9 +62,11 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 import asha_sweep as sweep  # noqa: E402
+import digits_cnn  # noqa: E402
 
-# The example module is not importable in Ray's workers: ship its functions by value.
-ray.cloudpickle.register_pickle_by_value(sweep)
+# The example modules are not importable in Ray's workers: ship their functions by value.
+for _module in (sweep, digits_cnn):
+    ray.cloudpickle.register_pickle_by_value(_module)
 
 from ray_modelbatch.data import SlotSampler  # noqa: E402
 

@@ -39,6 +39,8 @@ import ray_modelbatch
 from ray_modelbatch.optim import schedules
 from ray_modelbatch.tune import SweepProgress, batched_trainable
 
+from digits_cnn import DigitsCNN  # examples/digits_cnn.py: the model of config["arch"] == "cnn"
+
 HIDDEN = (32, 128)  # two architectures, so two stacks on the host
 BATCH_SIZE = 64
 STEPS_PER_REPORT = 22  # fused steps per Tune iteration: one epoch of the 1,437 training rows
@@ -59,21 +61,6 @@ def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     n_val = int(x.shape[0] * VAL_FRACTION)
     val, train = perm[:n_val], perm[n_val:]
     return x[train], y[train], x[val], y[val]
-
-
-class DigitsCNN(nn.Module):
-    """A small CNN with BatchNorm on the 8x8 digit images (``config["arch"] == "cnn"``)."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        self.head = nn.Linear(2 * width * 16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x.view(-1, 1, 8, 8)).flatten(1))
 
 
 def make_model(config: dict) -> nn.Module:

@@ -26,6 +26,7 @@ def test_readme_block_runs(index, tmp_path):
                          timeout=600)
     assert out.returncode == 0, f"README block {index} failed:\n{code}\n--- stderr ---\n{out.stderr[-4000:]}"
     assert "Traceback" not in out.stderr, out.stderr[-4000:]
+    assert "anonymous namespace" not in out.stderr, "the registry is a detached actor: give it a namespace"
     if "tune.Tuner" in code:
         lines = out.stdout.splitlines()
         progress = [line for line in lines if "trials" in line and "done" in line]

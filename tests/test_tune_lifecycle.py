@@ -424,6 +424,10 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_proxy_and_unpickled_trainable_do_not_import_torch(tmp_path):
     out = _run("import ray_modelbatch.tune.proxy, sys; assert 'torch' not in sys.modules, 'torch imported'")
     assert out.returncode == 0, out.stderr
+    # The registry and host processes skip ray.tune (0.7 s each on 2 cores): ray_modelbatch.tune is lazy.
+    out = _run("import ray_modelbatch.tune.registry, ray_modelbatch.tune.host, sys\n"
+               "assert 'ray.tune' not in sys.modules and 'torch' not in sys.modules, 'ray.tune or torch imported'")
+    assert out.returncode == 0, out.stderr
 
     from ray import cloudpickle
 
@@ -462,3 +466,14 @@ def test_a_bad_data_fails_every_trial_with_one_line_and_starts_one_host(trainabl
     registry = ray.get_actor(registry_name(T._experiment), namespace=NAMESPACE)
     assert ray.get(registry.host_handles.remote()) == []  # the failed host was dropped, and no other was made
     assert ray.get(registry.__ray_call__.remote(lambda self: self._created)) == 1
+
+
+def test_max_concurrent_starts_ray_when_it_is_not_running():
+    """As Tuner.fit() would: the README's order (trainable, then max_concurrent(), then fit()) needs no ray.init()."""
+    out = _run("import ray, tune_helpers as h\n"
+               "T = h.make_trainable(slots_per_host=3)\n"
+               "assert not ray.is_initialized()\n"
+               "n = T.max_concurrent()\n"
+               "assert ray.is_initialized() and n == 3, n\n"
+               "ray.shutdown()\n")
+    assert out.returncode == 0, out.stderr[-3000:]
