@@ -9,7 +9,7 @@ slots that are not named do not advance at all.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
@@ -17,9 +17,34 @@ import torch
 from .amp import SlotGradScaler
 from .model_batch import ModelBatch, Slots
 from .optim.base import VectorOptimizer
+from .step_config import SlotConfigs
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 MetricFn = Callable[[Any, Any], torch.Tensor]
+StepFn = Callable[[torch.nn.Module, Any, Mapping[str, Any]], Any]
+
+
+def split_step_output(out: Any, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(losses [n], {other name: [n]})`` from what a user's step returned for every slot.
+
+    A step returns its loss, or a dict whose ``"loss"`` is backpropagated and
+    whose other entries are reported.
+    """
+    if isinstance(out, torch.Tensor):
+        loss, extras = out, {}
+    elif isinstance(out, Mapping) and "loss" in out:
+        loss = out["loss"]
+        extras = {k: v for k, v in out.items() if k != "loss"}
+    else:
+        got = f"a dict with keys {sorted(out)}" if isinstance(out, Mapping) else type(out).__name__
+        raise TypeError(f"{name} must return its loss (a scalar tensor) or a dict with a 'loss' entry; it "
+                        f"returned {got}.")
+    for key, value in {"loss": loss, **extras}.items():
+        if not isinstance(value, torch.Tensor) or value.dim() != 1:
+            shape = list(value.shape[1:]) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"{name} returned {key!r} of shape {shape} for one model; each value it returns must "
+                            "be a scalar tensor (e.g. loss.mean(), or torch.as_tensor(x) for a number).")
+    return loss, {k: v.detach() for k, v in extras.items()}
 
 
 @dataclass
@@ -31,6 +56,7 @@ class StepResult:
     updated: torch.Tensor  # [n] bool: the slot's parameters were updated
     nonfinite: torch.Tensor  # [n] bool: loss or gradients were NaN/inf (or fp16 overflow)
     grad_norm: torch.Tensor  # [n] gradient norm before clipping
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # [n] other values a user's step returned
 
 
 class FusedEngine:
@@ -41,6 +67,13 @@ class FusedEngine:
         optimizer: a :mod:`ray_modelbatch.optim` optimizer built on ``mb``.
         loss_fn: ``loss_fn(output, target) -> scalar`` for *one* model; it is
             vmapped over slots, so write it as for a single model.
+        step_fn: instead of ``loss_fn``, the whole training step for one model:
+            ``step_fn(model, (x, y), config)`` returns the loss, or a dict whose
+            ``"loss"`` is backpropagated and whose other entries are reported
+            (see :meth:`ModelBatch.run_step`).
+        eval_fn: ``eval_fn(model, (x, y), config) -> {name: value}`` for one
+            model, run on validation batches instead of ``loss_fn``/metrics.
+        configs: each slot's config, for ``step_fn``/``eval_fn``.
         scaler: a :class:`SlotGradScaler` for fp16 (optional).
         autocast_dtype: ``torch.bfloat16`` or ``torch.float16`` to run forward
             under autocast; ``None`` for full precision.
@@ -50,11 +83,17 @@ class FusedEngine:
         self,
         mb: ModelBatch,
         optimizer: VectorOptimizer,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None = None,
         *,
+        step_fn: StepFn | None = None,
+        eval_fn: StepFn | None = None,
+        configs: SlotConfigs | None = None,
         scaler: SlotGradScaler | None = None,
         autocast_dtype: torch.dtype | None = None,
     ):
+        if (loss_fn is None) == (step_fn is None):
+            raise ValueError("give the engine either loss_fn (a loss of output and target) or step_fn (a whole "
+                             "training step for one model), not both")
         if optimizer.mb is not mb:
             raise ValueError("the optimizer was built for a different ModelBatch; build it with this one")
         if autocast_dtype == torch.float16 and scaler is None:
@@ -65,6 +104,7 @@ class FusedEngine:
         self.mb = mb
         self.optimizer = optimizer
         self.loss_fn = loss_fn
+        self.step_fn, self.eval_fn, self.configs = step_fn, eval_fn, configs
         self.scaler = scaler
         self.autocast_dtype = autocast_dtype
         # True after a train_step that raised once the optimizer update had begun: its slots may be
@@ -111,7 +151,11 @@ class FusedEngine:
         saved = {k: v.clone() for k, v in mb.buffers.items()}
         try:
             with self._autocast(), mb.gradients_into_buffer():
-                losses, _ = mb.forward_loss(x, y, self.loss_fn, per_slot=per_slot, slots=idx)
+                if self.step_fn is not None:
+                    losses, extras = split_step_output(self._run_user(self.step_fn, x, y, per_slot, idx),
+                                                       "train_step")
+                else:
+                    (losses, _), extras = mb.forward_loss(x, y, self.loss_fn, per_slot=per_slot, slots=idx), {}
             losses = losses.float()
             bad_loss = ~torch.isfinite(losses)
             if skip is not None:
@@ -146,7 +190,12 @@ class FusedEngine:
                     cur.copy_(torch.where(skipped.view(-1, *[1] * (cur.dim() - 1)), old, cur))
         self.partial_step = False
         updated = ~still
-        return StepResult(host, losses.detach(), updated, nonfinite, grad_norm)
+        return StepResult(host, losses.detach(), updated, nonfinite, grad_norm, extras)
+
+    def _run_user(self, fn: StepFn, x: Any, y: Any, per_slot: bool, idx: torch.Tensor | None) -> Any:
+        """``fn(model, (x, y), config)`` for the slots ``idx`` (None: all), each with its own config values."""
+        config, values = self.configs.for_rows(idx) if self.configs is not None else ({}, {})
+        return self.mb.run_step(fn, (x, y), config, values, per_slot=per_slot, slots=idx)
 
     @torch.no_grad()
     def evaluate(
@@ -176,7 +225,8 @@ class FusedEngine:
         host = self._host_slots(slots)
         # The training loss reduces to one value per batch, which cannot be
         # averaged over padded per-slot sets; with a mask only metrics count.
-        fns = {**({"loss": self.loss_fn} if mask is None else {}), **(metrics or {})}
+        user = self.eval_fn if self.eval_fn is not None else self.step_fn
+        fns = {} if user is not None else {**({"loss": self.loss_fn} if mask is None else {}), **(metrics or {})}
         if host.numel() == 0:
             return {k: torch.zeros(0, device=mb.device) for k in fns}
         if per_slot:  # select the slots' rows once, so chunks below line up with ``host``
@@ -188,8 +238,9 @@ class FusedEngine:
         axis = 1 if per_slot else 0
         total = x.shape[axis]
         step = batch_size or total
-        sums = {k: torch.zeros(host.numel(), dtype=torch.float64, device=mb.device) for k in fns}
+        sums: dict[str, torch.Tensor] = {}
         counts = torch.zeros(host.numel(), dtype=torch.float64, device=mb.device)
+        rows = mb.resolve_slots(host)
         was_training = mb.training
         mb.eval()
         try:
@@ -198,11 +249,12 @@ class FusedEngine:
                 yb = y.narrow(axis, start, min(step, total - start))
                 mb_ = None if mask is None else mask.narrow(1, start, xb.shape[axis]).to(torch.float64)
                 with self._autocast():
-                    out = mb(xb, per_slot=per_slot, slots=host)
-                ydim = 0 if per_slot else None
+                    vals = self._eval_values(user, fns, xb, yb, per_slot, host, rows)
                 w = float(xb.shape[axis]) if mb_ is None else mb_.sum(1)
-                for name, fn in fns.items():
-                    val = torch.vmap(fn, in_dims=(0, ydim))(out, yb).double()
+                for name, val in vals.items():
+                    val = val.double()
+                    if name not in sums:
+                        sums[name] = torch.zeros(host.numel(), dtype=torch.float64, device=mb.device)
                     if val.dim() == 2:  # per-example values
                         sums[name] += (val * mb_).sum(1) if mb_ is not None else val.sum(1)
                     elif mb_ is not None:
@@ -216,3 +268,24 @@ class FusedEngine:
         finally:
             mb.train(was_training)
         return {k: (v / counts).float() for k, v in sums.items()}
+
+    def _eval_values(self, user: StepFn | None, fns: Mapping[str, MetricFn], x: Any, y: Any, per_slot: bool,
+                     host: torch.Tensor, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``{name: [n] or [n, B]}`` values of one validation chunk: the user's eval (or train) step, or
+        the loss and metrics of the outputs."""
+        if user is None:
+            out = self.mb(x, per_slot=per_slot, slots=host)
+            ydim = 0 if per_slot else None
+            return {name: torch.vmap(fn, in_dims=(0, ydim))(out, y) for name, fn in fns.items()}
+        res = self._run_user(user, x, y, per_slot, rows)
+        if user is self.step_fn:  # no eval_step: the training step's values on validation data
+            loss, extras = split_step_output(res, "train_step")
+            return {"loss": loss, **extras}
+        if not isinstance(res, Mapping):
+            raise TypeError(f"eval_step must return a dict of metrics ({{name: value}}); it returned "
+                            f"{type(res).__name__}.")
+        bad = {k: list(v.shape[1:]) for k, v in res.items() if not isinstance(v, torch.Tensor) or v.dim() > 2}
+        if bad:
+            raise TypeError(f"eval_step returned values that are not one number (or one per example) per model: "
+                            f"{bad}; return scalars such as (pred == y).float().mean().")
+        return dict(res)

@@ -68,15 +68,20 @@ def _describe(root: nn.Module, path: str) -> str:
     return f"module '{path}' ({type(root.get_submodule(path)).__name__})"
 
 
-def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any]) -> FusionError | InputShapeError:
-    """Build a FusionError for ``exc`` by re-running the call under module tracking."""
+def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any],
+                    outside: str | None = None) -> FusionError | InputShapeError:
+    """Build a FusionError for ``exc`` by re-running the call under module tracking.
+
+    ``outside`` names the code around the model (a user's step function), for
+    failures that happen while no module of the model runs.
+    """
     where = None
     with track_modules(root) as stack:
         try:
             rerun()
         except Exception:  # the same failure, now with the stack filled in
             where = stack[-1] if stack else None
-    location = _describe(root, where) if where else f"the forward of {type(root).__name__}"
+    location = _describe(root, where) if where else (outside or f"the forward of {type(root).__name__}")
     msg = str(exc)
     if _SHAPE_RE.search(msg):
         return InputShapeError(

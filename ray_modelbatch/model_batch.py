@@ -24,8 +24,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils import _pytree as pytree
 
-from . import fast_path, slot_losses
+from . import fast_path, slot_losses, step_config
 from .cpu_memory import keep_freed_memory
 from .errors import IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
@@ -289,7 +291,14 @@ class ModelBatch:
         if fn is None:
             template = self._template
 
-            if with_loss:
+            if with_loss == "step":  # a user's step: fn(model, batch, config) for one model (see run_step)
+                def one(params, buffers, batch, values, step, config):
+                    # functional_call's own swap (tied weights stay tied), around the user's function
+                    with _reparametrize_module(template, {**params, **buffers}, tie_weights=True):
+                        return step(template, batch, step_config.with_values(config, values))
+
+                fn = vmap(one, in_dims=(0, 0, x_dim, 0, None, None), randomness="different")
+            elif with_loss:
                 def one(params, buffers, x, y, loss_fn, args, kwargs):
                     out = functional_call(template, (params, buffers), (x, *args), kwargs)
                     return loss_fn(out, y), out
@@ -312,7 +321,8 @@ class ModelBatch:
             params = {k: v.index_select(0, idx) for k, v in self.params.items()}
             buffers = {k: v.index_select(0, idx) for k, v in self.buffers.items()}
         out = None
-        if key not in self._slow_keys and not call_args[-2] and not call_args[-1] and self._plan() is not None:
+        direct = key[0] != "step" and not call_args[-2] and not call_args[-1]
+        if direct and key not in self._slow_keys and self._plan() is not None:
             # BatchNorm updates its statistics in place: a direct run that fails halfway must not
             # have touched them before vmap runs the step again, so it works on copies.
             work = {k: v.clone() for k, v in buffers.items()} if buffers is self.buffers and self.training else buffers
@@ -354,7 +364,10 @@ class ModelBatch:
         except Exception as exc:  # vmap's own errors are unreadable for users
             if is_out_of_memory(exc):  # not a fusion problem; re-running it to explain would only fail again
                 raise
-            raise explain_failure(self._template, exc, invoke) from exc
+            outside = None
+            if key[0] == "step":
+                outside = f"the step function {getattr(call_args[2], '__name__', call_args[2])!r}"
+            raise explain_failure(self._template, exc, invoke, outside=outside) from exc
 
     @property
     def uses_direct_path(self) -> bool:
@@ -462,6 +475,45 @@ class ModelBatch:
         x, x_dim = self._prepare_x(x, per_slot, idx)
         y, y_dim = self._prepare_x(y, per_slot, idx, "targets")
         return self._run((True, x_dim, y_dim), (x, y, loss_fn, args, kwargs), idx)
+
+    def run_step(
+        self,
+        step: Callable[[nn.Module, Any, Mapping[str, Any]], Any],
+        batch: Any,
+        config: Mapping[str, Any],
+        values: Mapping[tuple, torch.Tensor] | None = None,
+        *,
+        per_slot: bool = False,
+        slots: Slots = None,
+    ) -> Any:
+        """Run ``step(model, batch, config)``, written for one model, for every selected slot at once.
+
+        ``model`` inside ``step`` is the model itself (a real ``nn.Module``:
+        ``model(x)``, ``model.parameters()``, ``model.encoder``), holding the
+        slot's parameters and buffers, so a step may call it several times, add
+        a penalty on its weights or draw noise. Whatever it returns (a loss, a
+        dict of values) comes back with a leading slot dimension.
+
+        Args:
+            batch: any nest of tensors; shared by every slot, or with
+                ``per_slot=True`` each tensor has a leading slot dimension.
+            config: the config the step sees (the same for every slot) ...
+            values: ... except at these paths (see :mod:`ray_modelbatch.step_config`):
+                ``{path: [n] tensor}``, one value per selected slot.
+        """
+        idx = self.resolve_slots(slots)
+        leaves, spec = pytree.tree_flatten(batch)
+        dim = None
+        if per_slot:
+            leaves = [self._prepare_x(t, True, idx, "batch entry")[0] for t in leaves]
+            dim = 0
+        batch = pytree.tree_unflatten(leaves, spec)
+        values = dict(values or {})
+        n = self.num_slots if idx is None else idx.numel()
+        for path, v in values.items():
+            if v.shape != (n,):
+                raise ValueError(f"config values at {path} have shape {list(v.shape)}; expected one per slot ([{n}])")
+        return self._run(("step", dim, None), (batch, values, step, config), idx)
 
     # ------------------------------------------------------------- slot state
     def attach(self, listener: Any) -> None:

@@ -35,7 +35,6 @@ is what lets a host run slots ahead.
 
 from __future__ import annotations
 
-import io
 import logging
 import zlib
 from dataclasses import dataclass, fields
@@ -44,16 +43,18 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from . import checkpoint
 from .amp import SlotGradScaler
 from .data import PerSlotStreams, SharedStream
 from .engine import FusedEngine, StepResult
-from .errors import FusionError, IncompatibleModelsError, InputShapeError, OutOfDeviceMemoryError, is_out_of_memory
+from .errors import FusionError, InputShapeError, OutOfDeviceMemoryError, is_out_of_memory
 from .model_batch import ModelBatch
 from .signature import module_signature
 from .slot_results import IterationMeter, iteration_result
 from .slot_state import SlotSnapshots, collect_tensors
+from .step_config import RecordingConfig, SlotConfigs, static_part, tensor_paths, value_dtype
+from .trial_settings import optimizer_id, resolve_batch_size, resolve_optimizer
 
-CHECKPOINT_FORMAT = 1
 MIN_CAPACITY = 4  # a new group's first size: a 1-slot stack would round differently from a larger one
 
 logger = logging.getLogger(__name__)
@@ -130,12 +131,19 @@ class SlotGroup:
     """Slots of one model signature trained as one ModelBatch.
 
     Args:
-        settings: the training settings, by attribute: ``optimizer``
-            (``ModelBatch -> optimizer``), ``loss``, ``metrics``, ``batch_size``,
-            ``steps_per_report``, ``data_mode`` (``"per_slot"`` or ``"shared"``),
-            ``eval_batch_size``, ``autocast_dtype``, ``cpu_gemm``
-            (a :class:`ray_modelbatch.tune.spec.SlotSpec` has all of them).
-        key: the group's name (its :func:`stack_key`).
+        settings: the training settings, by attribute: ``optimizer`` (a
+            :mod:`ray_modelbatch.optim` class, a ``ModelBatch -> optimizer``
+            factory, or ``config -> class``), ``loss``, ``metrics``, ``batch_size``
+            (an int or ``config -> int``), ``steps_per_report``, ``data_mode``
+            (``"per_slot"`` or ``"shared"``), ``eval_batch_size``,
+            ``autocast_dtype``, ``cpu_gemm``, and optionally ``train_step``,
+            ``eval_step``, ``stack_by`` (a :class:`ray_modelbatch.tune.spec.SlotSpec`
+            has all of them).
+        key: the group's name (its :func:`stack_key`, or that key with a suffix
+            when trials of one model differ in optimizer, batch size or step settings).
+        config: the config of the group's first trial: it fixes the group's
+            optimizer family, batch size and the step settings that must be
+            equal within a stack (:meth:`accepts`).
         first: a model of the signature (its values are not used).
         data: ``(x_train, y_train, x_val, y_val)`` on ``device``.
         limit: the most slots the group may grow to.
@@ -151,24 +159,34 @@ class SlotGroup:
     """
 
     def __init__(self, settings: Any, key: str, first: nn.Module, data: tuple, limit: int,
-                 device: torch.device | str, run_ahead: int = 0, full_step_fraction: float = 0.5):
+                 device: torch.device | str, run_ahead: int = 0, full_step_fraction: float = 0.5,
+                 config: Mapping[str, Any] | None = None):
         self.settings, self.key, self.limit = settings, key, int(limit)
+        self.model_key = stack_key(first)
         self.device = torch.device(device)
         self.x, self.y, self.x_val, self.y_val = data
         self.steps_per_report = int(settings.steps_per_report)
         self.full_step_fraction = float(full_step_fraction)
+        self.train_fn = getattr(settings, "train_step", None)
+        self.eval_fn = getattr(settings, "eval_step", None)
+        self.optimizer = resolve_optimizer(settings.optimizer, config)
+        self.batch_size = resolve_batch_size(settings.batch_size, config)
         self.mb = ModelBatch([first], device=self.device, cpu_gemm=settings.cpu_gemm)
         self.mb.deactivate(0)
-        self._validate()
-        self.opt = settings.optimizer(self.mb)
+        self.reads: set = set()  # config paths the user's steps read (see step_config)
+        self.configs: SlotConfigs | None = None
+        self._validate(config or {})
+        self.static = static_part(self.reads, config or {}, self.configs.float_paths if self.configs else ())
+        self.opt = self.optimizer(self.mb)
         fp16 = settings.autocast_dtype == torch.float16
         self.scaler = SlotGradScaler(self.mb) if fp16 else None
-        self.engine = FusedEngine(self.mb, self.opt, settings.loss, scaler=self.scaler,
-                                  autocast_dtype=settings.autocast_dtype)
+        self.engine = FusedEngine(self.mb, self.opt, None if self.train_fn else settings.loss,
+                                  step_fn=self.train_fn, eval_fn=self.eval_fn, configs=self.configs,
+                                  scaler=self.scaler, autocast_dtype=settings.autocast_dtype)
         if settings.data_mode == "per_slot":
-            self.streams: Any = PerSlotStreams(self.x, self.y, settings.batch_size, seeds=[0])
+            self.streams: Any = PerSlotStreams(self.x, self.y, self.batch_size, seeds=[0])
         else:
-            self.streams = SharedStream(self.x, self.y, settings.batch_size, seed=0)
+            self.streams = SharedStream(self.x, self.y, self.batch_size, seed=0)
         self.per_slot_data = isinstance(self.streams, PerSlotStreams)
         self.owner: dict[int, str] = {}
         self.iteration: list[int] = [0]  # iterations each slot completed since it was loaded
@@ -201,6 +219,8 @@ class SlotGroup:
         g = cls.__new__(cls)
         mb = engine.mb
         g.settings, g.key, g.limit, g.device = None, key, mb.num_slots, mb.device
+        g.model_key, g.train_fn, g.eval_fn, g.configs, g.reads, g.static = key, engine.step_fn, engine.eval_fn, \
+            engine.configs, set(), ()
         g.x = g.y = g.x_val = g.y_val = None
         g.steps_per_report, g.full_step_fraction = int(steps_per_report), 0.5
         g.mb, g.opt, g.scaler, g.engine = mb, engine.optimizer, engine.scaler, engine
@@ -221,6 +241,7 @@ class SlotGroup:
         data: tuple,
         device: torch.device | str,
         hparams: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
     ) -> Callable[[int], Callable[[], None]]:
         """A ``build(S)`` for :func:`ray_modelbatch.capacity.profile_capacity`.
 
@@ -237,9 +258,9 @@ class SlotGroup:
 
         def build(slots: int) -> Callable[[], None]:
             model = model_factory()
-            group = cls(settings, stack_key(model), model, data, slots, device)
+            group = cls(settings, stack_key(model), model, data, slots, device, config=config)
             for i in range(slots):
-                group.add(f"profile-{i}", model, seed=i, hparams=hp)
+                group.add(f"profile-{i}", model, seed=i, hparams=hp, config=config)
             everyone = list(range(slots))
 
             def run() -> None:
@@ -250,9 +271,11 @@ class SlotGroup:
 
         return build
 
-    def _validate(self) -> None:
+    def _validate(self, config: Mapping[str, Any]) -> None:
         """Run forward and loss once on two validation rows, so a model that cannot be fused, or
         that does not fit ``data()``'s inputs or labels, fails here: at attach, for its own trial."""
+        if self.train_fn is not None or self.eval_fn is not None:
+            return self._validate_steps(config)
         was = self.mb.training
         self.mb.eval()
         try:
@@ -278,6 +301,45 @@ class SlotGroup:
         finally:
             self.mb.train(was)
 
+    def _validate_steps(self, config: Mapping[str, Any]) -> None:
+        """Run the user's steps once on two validation rows: they must fuse, and the config paths they
+        read decide which values are per-slot tensors and which must be equal within the stack."""
+        batch = (self.x_val[:2], self.y_val[:2])
+        dtype = value_dtype(next(iter(self.mb.groups), torch.float32))
+        fns = [(n, f) for n, f in (("train_step", self.train_fn), ("eval_step", self.eval_fn)) if f is not None]
+        was = self.mb.training
+        try:
+            with torch.no_grad():
+                for name, fn in fns:  # first with plain values, recording what the step reads
+                    self.mb.train(name == "train_step")
+                    self.mb.run_step(fn, batch, RecordingConfig(config, self.reads))
+                self.configs = SlotConfigs(self.capacity, tensor_paths(self.reads, [config], getattr(self.settings, "stack_by", ())),
+                                           dtype, self.device)
+                self.configs.set(0, config)
+                shared, values = self.configs.for_rows(None)
+                for name, fn in fns:  # then as a fused step runs it: float values as per-slot tensors
+                    self.mb.train(name == "train_step")
+                    try:
+                        self.mb.run_step(fn, batch, shared, values)
+                    except FusionError as exc:
+                        keys = [".".join(map(str, p)) for p in self.configs.float_paths]
+                        raise FusionError(
+                            f"{exc} Inside a fused step the float config values it reads ({keys}) are per-trial "
+                            "tensors, so they cannot steer Python control flow (if, range, float()); to use one "
+                            "that way, list it in batched_trainable(stack_by=[...]): trials then share a stack "
+                            "only with trials of the same value."
+                        ) from exc
+        finally:
+            self.mb.train(was)
+
+    def accepts(self, config: Mapping[str, Any]) -> bool:
+        """Whether a trial with this config (and a model of the group's signature) may join the group:
+        same optimizer family, same batch size, same values of what the steps read that is not per-slot."""
+        floats = self.configs.float_paths if self.configs else ()
+        return (optimizer_id(resolve_optimizer(self.settings.optimizer, config)) == optimizer_id(self.optimizer)
+                and resolve_batch_size(self.settings.batch_size, config) == self.batch_size
+                and static_part(self.reads, config, floats) == self.static)
+
     # ------------------------------------------------------------- occupancy
     @property
     def capacity(self) -> int:
@@ -298,6 +360,8 @@ class SlotGroup:
             self.streams.resize(new)
         self.meter.resize(keep, new)
         self.snapshots.resize(keep, new)
+        if self.configs is not None:
+            self.configs.resize(keep, new)
         self.iteration = self.iteration + [0] * (new - old)
 
     def _free_slot(self) -> int:
@@ -310,11 +374,17 @@ class SlotGroup:
         self._grow(min(self.limit, grown_capacity(old)))
         return old
 
-    def add(self, owner: str, model: nn.Module, seed: int, hparams: Mapping[str, Any]) -> int:
-        """Give ``owner`` a free slot holding ``model`` with its hyperparameters; return the slot."""
+    def add(self, owner: str, model: nn.Module, seed: int, hparams: Mapping[str, Any],
+            config: Mapping[str, Any] | None = None) -> int:
+        """Give ``owner`` a free slot holding ``model`` with its hyperparameters; return the slot.
+
+        ``config`` is what the user's steps see for this slot (its trial's config).
+        """
         slot = self._free_slot()
         self.mb.reset_slot(slot, model)  # the optimizer and scaler reset the slot's state with it
         self.opt.set_hparams(slot, **hparams)
+        if self.configs is not None:
+            self.configs.set(slot, config or {})
         if self.per_slot_data:
             self.streams.reset_slot(slot, seed)
         self.owner[slot] = owner
@@ -326,6 +396,8 @@ class SlotGroup:
         """Free a slot at once: masked out of every later step."""
         self.mb.deactivate(slot)
         self.owner.pop(slot, None)
+        if self.configs is not None:
+            self.configs.set(slot, None)
         self.meter.reset(slot)
         self.snapshots.forget(slot)
 
@@ -370,6 +442,8 @@ class SlotGroup:
 
     def _exact_gathers(self) -> bool:
         """Whether a gather of two or more slots rounds like the whole stack (``ModelBatch.gather_exact``)."""
+        if self._direct is None and (self.train_fn is not None or self.eval_fn is not None):
+            self._direct = False  # the user's steps run on vmap
         if self._direct is None:
             was = self.mb.training
             self._direct = self.mb.train(True).gather_exact and self.mb.train(False).gather_exact
@@ -469,7 +543,8 @@ class SlotGroup:
         out = {}
         for j, s in enumerate(slots):
             self.iteration[s] += 1
-            out[s] = iteration_result(train[j], {k: v[j] for k, v in val.items()}, lr[s], steps[s])
+            out[s] = iteration_result(train[j], {k: v[j] for k, v in val.items()}, lr[s], steps[s],
+                                      val_prefix="" if self.eval_fn is not None else "val_")
         self.snapshots.capture(self._tensors(), self._python_state(), slots,
                                [self.iteration[s] % self.snapshots.depth for s in slots])
         return out
@@ -509,34 +584,26 @@ class SlotGroup:
             self.snapshots.put_back(tensors, python, slot, live)
 
     def _export_live(self, slot: int) -> bytes:
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "stack_key": self.key,
+        return checkpoint.to_bytes({
             "signature": [s.describe() for s in self.mb.signature],
-            "model": {k: v.cpu() for k, v in self.mb.slot_state(slot).items()},
-            "optimizer": _to_cpu(self.opt.slot_state(slot)),
+            "optimizer_class": optimizer_id(self.optimizer),
+            "model": self.mb.slot_state(slot),
+            "optimizer": self.opt.slot_state(slot),
+            "optimizer_layout": {str(dt): [[n, o, list(sh)] for n, o, sh in zip(g.names, g.offsets, g.shapes)]
+                                 for dt, g in self.mb.groups.items()},
             "scaler": None if self.scaler is None else self.scaler.slot_state(slot),
             "stream": self.streams.slot_state(slot) if self.per_slot_data else None,
-        }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        return buf.getvalue()
+        })
 
     def load(self, slot: int, blob: bytes, hparams: Mapping[str, Any]) -> None:
         """Restore a slot from :meth:`export` bytes, then apply this trial's own hyperparameters.
 
-        The loaded state is the slot's new iteration-0 boundary.
+        The loaded state is the slot's new iteration-0 boundary. The bytes are
+        plain tensors and types (:mod:`ray_modelbatch.checkpoint`); whether they
+        fit is decided by the model's tensors, not by where its class was defined.
         """
-        state = torch.load(io.BytesIO(blob), map_location=self.mb.device, weights_only=False)
-        if state.get("stack_key") != self.key:
-            mine = [s.describe() for s in self.mb.signature]
-            theirs = state.get("signature", [])
-            diff = next((f"{a} vs {b}" for a, b in zip(theirs, mine) if a != b), "module structure differs")
-            raise IncompatibleModelsError(
-                f"checkpoint was saved from another model signature ({diff}). A checkpoint restores only into "
-                "a trial whose config builds the same architecture; keep shape-changing keys out of "
-                "PBT's hyperparameter mutations."
-            )
+        state = checkpoint.from_bytes(blob, self.mb.device)
+        checkpoint.check_fits(state, [s.describe() for s in self.mb.signature])
         self.mb.load_slot(slot, state["model"])
         self.opt.load_slot_state(slot, state["optimizer"], hparams=False)
         self.opt.set_hparams(slot, **hparams)
@@ -549,12 +616,8 @@ class SlotGroup:
 
 def _concat(parts: list[StepResult]) -> StepResult:
     """One StepResult from the results of consecutive chunks of slots, in their order."""
-    return StepResult(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(StepResult)})
+    tensors = {f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(StepResult)
+               if f.name != "extras"}
+    extras = {k: torch.cat([p.extras[k] for p in parts]) for k in parts[0].extras}
+    return StepResult(**tensors, extras=extras)
 
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    return obj

@@ -9,7 +9,10 @@ and the Ray Tune slot host, report the same figures under the same keys:
   loss or the gradients were NaN/inf (or an fp16 overflow);
 - ``lr``: the learning rate of the slot's next step (schedule applied);
 - ``slot_steps``: optimizer steps the slot has taken in all;
-- ``val_<name>``: each validation metric (with ``val_loss``).
+- ``val_<name>``: each validation metric (with ``val_loss``); with a user's
+  ``eval_step``, its metrics under the user's own names instead;
+- the other values a user's ``train_step`` returns besides ``"loss"``, under
+  their own names: means over the iteration's finite steps.
 
 :class:`IterationMeter` keeps the sums on the device, one entry per slot,
 and adds a whole fused step to them with a few batched ops: no per-slot
@@ -27,9 +30,17 @@ from .engine import StepResult
 
 
 
-def iteration_result(train: Mapping[str, Any], val: Mapping[str, float], lr: float, slot_steps: int) -> dict[str, Any]:
+def iteration_result(train: Mapping[str, Any], val: Mapping[str, float], lr: float, slot_steps: int,
+                     val_prefix: str = "val_") -> dict[str, Any]:
     """One slot's result for one iteration, under the keys every driver reports."""
-    return {**train, "lr": lr, "slot_steps": int(slot_steps), **{f"val_{k}": v for k, v in val.items()}}
+    out = {**train, "lr": lr, "slot_steps": int(slot_steps)}
+    for k, v in val.items():
+        name = f"{val_prefix}{k}"
+        if name in out:
+            raise ValueError(f"the evaluation reports {name!r}, which the training step reports too; rename one "
+                             "of them (the keys a result already has: " + ", ".join(sorted(out)) + ").")
+        out[name] = v
+    return out
 
 
 class IterationMeter:
@@ -44,6 +55,7 @@ class IterationMeter:
         self.device = torch.device(device)
         self.steps = [0] * capacity
         self._sums = torch.zeros(4, capacity, dtype=torch.float64, device=self.device)  # loss, grad, finite, nonfinite
+        self._extras: dict[str, torch.Tensor] = {}  # a user step's other values: sums over finite steps
 
     def add(self, result: StepResult, ran: Sequence[int]) -> None:
         """Add one fused step: ``result`` rows are the slots in ``result.slots``; ``ran`` lists those not masked."""
@@ -57,31 +69,52 @@ class IterationMeter:
             result.nonfinite.double(),
         ])
         idx = result.slots.to(self.device)
-        if idx.numel() == self._sums.shape[1] and bool(result.slots.equal(torch.arange(idx.numel()))):
+        whole = idx.numel() == self._sums.shape[1] and bool(result.slots.equal(torch.arange(idx.numel())))
+        if whole:
             self._sums.add_(rows)
         else:
             self._sums.index_add_(1, idx, rows)
+        for name, value in result.extras.items():
+            sums = self._extras.get(name)
+            if sums is None:
+                sums = self._extras[name] = torch.zeros(self._sums.shape[1], dtype=torch.float64, device=self.device)
+            value = torch.where(ok, value.double(), 0.0)
+            sums.add_(value) if whole else sums.index_add_(0, idx, value)
 
     def take(self, slots: Sequence[int]) -> list[dict[str, Any]]:
         """The train figures of ``slots``' iterations (one sync), and start their next iteration."""
         if not slots:
             return []
         idx = torch.as_tensor(list(slots), dtype=torch.long, device=self.device)
-        loss, grad, finite, nonfinite = self._sums.index_select(1, idx).tolist()
+        names = list(self._extras)
+        table = torch.cat([self._sums, *(self._extras[k].unsqueeze(0) for k in names)]).index_select(1, idx)
+        loss, grad, finite, nonfinite, *extra = table.tolist()  # one sync
         self._sums.index_fill_(1, idx, 0.0)
+        for sums in self._extras.values():
+            sums.index_fill_(0, idx, 0.0)
         for s in slots:
             self.steps[s] = 0
         nan = math.nan
-        return [{"train_loss": l / n if n else nan, "grad_norm": g / n if n else nan, "nonfinite_steps": int(b)}
-                for l, g, n, b in zip(loss, grad, finite, nonfinite)]
+        out = [{"train_loss": l / n if n else nan, "grad_norm": g / n if n else nan, "nonfinite_steps": int(b)}
+               for l, g, n, b in zip(loss, grad, finite, nonfinite)]
+        for name, values in zip(names, extra):
+            for row, v, n in zip(out, values, finite):
+                row[name] = v / n if n else nan
+        return out
 
     def reset(self, slot: int) -> None:
         """Forget a slot's partial iteration (a new model, a restore, a rollback)."""
         self.steps[slot] = 0
         self._sums[:, slot] = 0.0
+        for sums in self._extras.values():
+            sums[slot] = 0.0
 
     def resize(self, keep: Sequence[int], capacity: int) -> None:
         sums = torch.zeros(4, capacity, dtype=torch.float64, device=self.device)
         sums[:, : len(keep)] = self._sums[:, list(keep)]
         self._sums = sums
+        for name, old in self._extras.items():
+            new = torch.zeros(capacity, dtype=torch.float64, device=self.device)
+            new[: len(keep)] = old[list(keep)]
+            self._extras[name] = new
         self.steps = [self.steps[k] for k in keep] + [0] * (capacity - len(keep))

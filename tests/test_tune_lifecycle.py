@@ -257,7 +257,7 @@ def test_checkpoint_restores_into_another_slot_host_and_experiment(trainables, t
         assert stats["host"] != src.metrics["host"]
         host = ray.get_actor(stats["host"])
         key = ray.get(p.where.remote())["key"]  # the host knows each proxy attachment by its key
-        now = torch.load(io.BytesIO(ray.get(host.save.remote(key))), weights_only=False)
+        now = torch.load(io.BytesIO(ray.get(host.save.remote(key))), weights_only=True)
         for k, v in saved["model"].items():
             assert torch.equal(now["model"][k], v), k
         for dt, st in saved["optimizer"]["state"].items():

@@ -240,7 +240,7 @@ def test_host_save_restore_transfers_full_slot_state_with_own_hparams(ray_sessio
             ray.get(host.attach.remote(tid, cfg[tid], [lease]))
         ray.get([host.train.remote(t) for t in "AB"])
         ray.get([host.train.remote(t) for t in "AB"])
-        load = lambda blob: torch.load(io.BytesIO(blob), weights_only=False)  # noqa: E731
+        load = lambda blob: torch.load(io.BytesIO(blob), weights_only=True)  # noqa: E731
         blob_a = ray.get(host.save.remote("A"))
         a = load(blob_a)
         ray.get(host.restore.remote("B", blob_a, cfg["B"]))

@@ -132,6 +132,7 @@ class SlotHost:
             self.start_error = f"{type(exc).__name__}: {exc}"
         self.groups: dict[str, Any] = {}
         self.trials: dict[str, _Attachment] = {}
+        self._warned_keys: set[str] = set()
         self.reserved: dict[str, float] = {}  # key -> when reserved; see _check_leases
         self._lock = threading.Condition()
         self._commands: collections.deque = collections.deque()
@@ -158,7 +159,7 @@ class SlotHost:
             return _from_config(self.spec.model, "model", config)
 
         hparams = _from_config(self.spec.hparams, "hparams", config)
-        build = SlotGroup.build_for_profile(self.spec, model, self.data, self.device, hparams)
+        build = SlotGroup.build_for_profile(self.spec, model, self.data, self.device, hparams, config=config)
         return profile_capacity(build, self.device, max_slots=max_slots)
 
     def ping(self) -> dict:
@@ -314,23 +315,32 @@ class SlotHost:
         import torch
 
         from ..slot_group import SlotGroup, stack_key
+        from ..step_config import RecordingConfig
+        from ..trial_settings import _is_fixed as _is_fixed_optimizer
 
         if key in self.trials:
             self._detach(key, "it attached again")
         try:
+            reads: set = {(self.spec.seed_key,)}
+            seen = RecordingConfig(config, reads)  # what the factories read: see _warn_unread
             with torch.device("meta"):
-                skey = stack_key(_from_config(self.spec.model, "model", config))
+                skey = stack_key(_from_config(self.spec.model, "model", seen))
             seed = trial_seed(trial_id, config, self.spec.seed_key)
             torch.manual_seed(seed)
             model = _from_config(self.spec.model, "model", config)
-            hparams = _from_config(self.spec.hparams, "hparams", config)
-            group = self.groups.get(skey)
+            hparams = _from_config(self.spec.hparams, "hparams", seen)
+            for setting in (self.spec.optimizer, self.spec.batch_size):
+                if callable(setting) and not _is_fixed_optimizer(setting):
+                    _from_config(setting, "optimizer/batch_size", seen)
+            group = next((g for g in self.groups.values() if g.model_key == skey and g.accepts(config)), None)
             if group is None:
-                group = SlotGroup(self.spec, skey, model, self.data, self.capacity, self.device,
-                                  run_ahead=self.run_ahead)
-                self.groups[skey] = group
-                logger.info("host %s: new stack %s for trial %s", self.name, skey, trial_id)
-            slot = group.add(trial_id, model, seed, hparams)
+                name = skey if skey not in self.groups else f"{skey}.{len(self.groups)}"
+                group = SlotGroup(self.spec, name, model, self.data, self.capacity, self.device,
+                                  run_ahead=self.run_ahead, config=config)
+                self.groups[name] = group
+                logger.info("host %s: new stack %s for trial %s", self.name, name, trial_id)
+            slot = group.add(trial_id, model, seed, hparams, config=config)
+            self._warn_unread(config, reads | group.reads)
         except BaseException:
             with self._lock:
                 self.reserved.pop(key, None)
@@ -342,6 +352,26 @@ class SlotHost:
                 self._stats.first_attach = time.monotonic()
             self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot, "stack": skey})
         return {"host": self.name, "stack": skey, "slot": slot, "device": str(self.device), "node_id": self.node_id}
+
+    def _warn_unread(self, config: dict, reads: set) -> None:
+        """Warn once per key about config keys named like a training setting that nothing reads.
+
+        A port that leaves ``batch_size`` or ``lr`` in its search space without
+        wiring it into ``batch_size=``/``hparams=`` would otherwise search over
+        a value that changes nothing.
+        """
+        from ..trial_settings import unread_settings
+
+        for key in unread_settings(config, reads):
+            if key in self._warned_keys:
+                continue
+            self._warned_keys.add(key)
+            logger.warning(
+                "config key %r is never read by model(), hparams(), optimizer=, batch_size= or the train/eval "
+                "steps, so it changes nothing in training. Fix: read it where it belongs, e.g. "
+                "batched_trainable(batch_size=lambda c: c[%r]) or hparams=lambda c: {'lr': c[%r]}.",
+                key, key, key,
+            )
 
     def _detach(self, key: str, why: str) -> None:
         with self._lock:

@@ -88,6 +88,7 @@ class HostRegistry:
         # Why a host could not start (data() failed, not one slot fits): every later trial gets the same
         # one-line error at once, instead of starting (and failing) a host of its own.
         self.start_error: str | None = None
+        self.blocked_reason: str | None = None  # why no host could be placed, last time one was tried
         self._lock = threading.RLock()  # the idle watch holds it through its decision and shutdown()
         threading.Thread(target=self._idle_watch, daemon=True).start()
 
@@ -164,21 +165,54 @@ class HostRegistry:
         return free
 
     def _create_where_free(self, config: dict | None) -> HostPlace | None:
-        """Start a host on the first planned place without one whose node has the resources free now."""
+        """Start a host on the first planned place without one whose node has the resources free now.
+
+        When no host runs yet and every CPU-only node's CPUs are held (by trials
+        that asked for more than the proxy needs, e.g. ``tune.with_resources``),
+        the host starts without a CPU reservation rather than never: proxies
+        sleep while the host computes. A GPU place needs its GPU free; while none
+        is, :meth:`waiting_reason` says why, for the trial's error.
+        """
         avail = available_resources_per_node()  # None: unknown, try every place
         cpus = float(self.options.get("host_cpus", 1))
+        blocked: list[tuple[HostPlace, dict]] = []
         for place in plan_hosts(self.options.get("num_hosts")):
             if place in self.hosts:
                 continue
             if place.node_id is not None and avail is not None:
                 res = avail.get(place.node_id, {})
                 if res.get("CPU", 0.0) < cpus or (place.gpu and res.get("GPU", 0.0) < 1):
+                    blocked.append((place, res))
                     continue  # taken (e.g. by another experiment's idle host): try again at a later trial
             if self._create(place, config):
+                self.blocked_reason = None
                 return place
+        self.blocked_reason = self._blocked(blocked, cpus) if blocked else None
+        cpu_only = [p for p, res in blocked if not p.gpu]
+        if not self.hosts and cpu_only and cpus > 0:
+            logger.warning("%s Starting the slot host without a CPU reservation instead.", self.blocked_reason)
+            if self._create(cpu_only[0], config, num_cpus=0):
+                self.blocked_reason = None
+                return cpu_only[0]
         return None
 
-    def _create(self, place: HostPlace, config: dict | None) -> bool:
+    def _blocked(self, blocked: list[tuple[HostPlace, dict]], cpus: float) -> str:
+        """One line: why no slot host fits on the cluster now, and which setting to change."""
+        gpu = any(p.gpu for p, _ in blocked)
+        need = f"{cpus:g} CPU" + (" and 1 GPU" if gpu else "")
+        free = ", ".join(f"{p.label}: {res.get('CPU', 0.0):g} CPU" + (f" {res.get('GPU', 0.0):g} GPU" if p.gpu else "")
+                         for p, res in blocked[:4])
+        return (f"no node has {need} free for a slot host (free now: {free}); trials or other actors hold the rest. "
+                "A batched trial's process does no training and needs only {'CPU': 0.01}: drop tune.with_resources "
+                "around the trainable (or use batched_trainable(trial_resources=...)), lower "
+                "batched_trainable(host_cpus=...), or free the GPUs other actors hold.")
+
+    def waiting_reason(self) -> str | None:
+        """Why a trial cannot get a slot now, if the cause is resources rather than full hosts."""
+        with self._lock:
+            return self.blocked_reason if not self.hosts else None
+
+    def _create(self, place: HostPlace, config: dict | None, num_cpus: float | None = None) -> bool:
         name = f"ray_modelbatch:{self.experiment}:host{self._created}"
         self._created += 1
         slots = self.options["slots_per_host"]
@@ -186,7 +220,7 @@ class HostRegistry:
             "name": name,
             # every waiting step holds a thread
             "max_concurrency": 2 * (self.options["max_slots_per_host"] if slots == "auto" else slots) + 16,
-            "num_cpus": self.options.get("host_cpus", 1),
+            "num_cpus": self.options.get("host_cpus", 1) if num_cpus is None else num_cpus,
             "num_gpus": 1 if place.gpu else 0,
             "max_restarts": 0,
             "scheduling_strategy": "DEFAULT"

@@ -8,7 +8,7 @@ imports torch is never imported into a proxy process.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 
 @dataclass
@@ -17,13 +17,21 @@ class SlotSpec:
 
     Attributes:
         model: ``config -> nn.Module``; called under the trial's seed.
-        optimizer: a :mod:`ray_modelbatch.optim` class (e.g. ``AdamW``).
+        optimizer: a :mod:`ray_modelbatch.optim` class (e.g. ``AdamW``), or
+            ``config -> class`` (trials of different classes train in different stacks).
         hparams: ``config -> dict`` of optimizer keywords for this trial
             (``lr``, ``betas``, ``weight_decay``, ``schedule``, ``max_grad_norm``...).
-        loss: ``loss(output, target) -> scalar`` for one model.
+        loss: ``loss(output, target) -> scalar`` for one model (None with ``train_step``).
         data: ``() -> (x_train, y_train, x_val, y_val)`` tensors, loaded once per host.
         metrics: ``{name: fn(output, target)}`` reported as ``val_<name>``.
-        batch_size: training batch size (one per stack, since a fused step has one batch shape).
+        batch_size: training batch size, or ``config -> int`` (one per stack, since a
+            fused step has one batch shape: trials of other sizes train in other stacks).
+        train_step: ``(model, batch, config) -> loss or {"loss": ..., name: value}``
+            written for one model, instead of ``loss``.
+        eval_step: ``(model, batch, config) -> {name: value}`` for one model,
+            reported under the user's own names, instead of ``metrics``.
+        stack_by: float config keys a step uses in Python control flow: equal
+            within a stack instead of per-slot tensors (see ``step_config``).
         steps_per_report: fused steps behind each ``Trainable.step()``.
         slots_per_host: slots of one host (all its stacks together), or ``"auto"``: each
             host profiles the model on its device and takes what fits.
@@ -37,10 +45,10 @@ class SlotSpec:
     model: Callable[[Mapping[str, Any]], Any]
     optimizer: Any
     hparams: Callable[[Mapping[str, Any]], dict]
-    loss: Callable[[Any, Any], Any]
+    loss: Callable[[Any, Any], Any] | None
     data: Callable[[], tuple]
     metrics: dict[str, Callable[[Any, Any], Any]] = field(default_factory=dict)
-    batch_size: int = 64
+    batch_size: int | Callable[[Mapping[str, Any]], int] = 64
     steps_per_report: int = 10
     slots_per_host: int | str = 32
     data_mode: str = "per_slot"
@@ -49,6 +57,9 @@ class SlotSpec:
     autocast_dtype: Any = None
     device: str | None = None
     cpu_gemm: str = "blas"
+    train_step: Callable[[Any, Any, Mapping[str, Any]], Any] | None = None
+    eval_step: Callable[[Any, Any, Mapping[str, Any]], Any] | None = None
+    stack_by: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if self.data_mode not in ("per_slot", "shared"):
@@ -57,16 +68,30 @@ class SlotSpec:
             raise ValueError(f"cpu_gemm must be 'blas' or 'onednn', got {self.cpu_gemm!r}")
         if self.slots_per_host != "auto" and (isinstance(self.slots_per_host, str) or int(self.slots_per_host) < 1):
             raise ValueError(f"slots_per_host must be >= 1 or 'auto', got {self.slots_per_host!r}")
-        for name in ("batch_size", "steps_per_report"):
+        names = ("steps_per_report",) if callable(self.batch_size) else ("batch_size", "steps_per_report")
+        for name in names:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("model", "hparams", "loss", "data"):
+        if self.loss is None and self.train_step is None:
+            raise TypeError("give loss=fn(output, target) or train_step=fn(model, batch, config): the trainable "
+                            "needs one of them to train")
+        if self.loss is not None and self.train_step is not None:
+            raise TypeError("give either loss= or train_step=, not both: a train_step computes its own loss")
+        if self.metrics and self.eval_step is not None:
+            raise TypeError("give either metrics= or eval_step=, not both: an eval_step reports its own metrics")
+        for name in ("model", "hparams", "data"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be callable, got {type(getattr(self, name)).__name__}")
+        for name in ("loss", "train_step", "eval_step"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"{name} must be callable, got {type(getattr(self, name)).__name__}")
+        if isinstance(self.stack_by, str):
+            self.stack_by = (self.stack_by,)
         check_optimizer(self.optimizer)
 
 
-FUSED_OPTIMIZERS = ("SGD", "Adam", "AdamW")  # ray_modelbatch.optim's classes (not imported here: no torch)
+# ray_modelbatch.optim's classes (not imported here: no torch)
+FUSED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
 
 
 def check_optimizer(optimizer: Any) -> None:

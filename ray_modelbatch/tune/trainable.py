@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import ray
 from ray import cloudpickle  # Ray's vendored copy, the pickler Ray itself ships the trainable with
@@ -19,10 +19,13 @@ def batched_trainable(
     model: Callable[[Mapping[str, Any]], Any],
     optimizer: Any,
     hparams: Callable[[Mapping[str, Any]], dict],
-    loss: Callable[[Any, Any], Any],
     data: Callable[[], tuple],
+    loss: Callable[[Any, Any], Any] | None = None,
     metrics: Mapping[str, Callable] | None = None,
-    batch_size: int = 64,
+    train_step: Callable[[Any, Any, Mapping[str, Any]], Any] | None = None,
+    eval_step: Callable[[Any, Any, Mapping[str, Any]], Any] | None = None,
+    stack_by: Sequence[str] = (),
+    batch_size: int | Callable[[Mapping[str, Any]], int] = 64,
     steps_per_report: int = 10,
     slots_per_host: int | str = 32,
     profile_config: Mapping[str, Any] | None = None,
@@ -54,14 +57,29 @@ def batched_trainable(
         model: ``config -> nn.Module``, built under the trial's seed (``config[seed_key]``
             or a seed derived from the trial ID). Configs that give different
             shapes or module settings land in different stacks.
-        optimizer: a :mod:`ray_modelbatch.optim` class, e.g. ``ray_modelbatch.optim.AdamW``.
+        optimizer: a :mod:`ray_modelbatch.optim` class, e.g. ``ray_modelbatch.optim.AdamW``
+            (or ``functools.partial`` of one), or ``config -> class`` to search the optimizer
+            family: trials of different classes train in different stacks.
         hparams: ``config -> dict`` of that optimizer's keywords for the trial
             (``lr``, ``betas``, ``weight_decay``, ``schedule``, ``max_grad_norm``...).
-        loss: ``loss(output, target) -> scalar`` written for one model.
         data: ``() -> (x_train, y_train, x_val, y_val)``; called once per host, so
             load or build the data inside it (nothing is downloaded by us).
+        loss: ``loss(output, target) -> scalar`` written for one model: the simple path.
         metrics: ``{name: fn(output, target)}``, reported as ``val_<name>`` with ``val_loss``.
-        batch_size: training batch size of every trial.
+        train_step: instead of ``loss``, the training step as written for one model:
+            ``train_step(model, (x, y), config)`` returns the loss, or a dict whose ``"loss"``
+            is backpropagated and whose other entries are reported under their own names.
+            It may call the model several times, penalize its weights, draw noise. Float
+            values it reads from ``config`` are per-trial tensors inside the fused step;
+            other values it reads (ints, strings...) are equal within a stack.
+        eval_step: instead of ``metrics``, ``eval_step(model, (x, y), config) -> {name: value}``
+            for one model on validation batches, reported under the user's own names
+            (unprefixed). With ``train_step`` and no ``eval_step``, the training step's values
+            on the validation data are reported as ``val_loss`` and ``val_<name>``.
+        stack_by: float config keys the steps use in Python control flow (``if``, ``range``):
+            kept as Python values, equal within a stack.
+        batch_size: training batch size of every trial, or ``config -> int`` to search it:
+            trials of different sizes train in different stacks.
         steps_per_report: fused steps per ``Trainable.step()`` (one Tune iteration).
         slots_per_host: trials one host trains at once (over all its stacks), or ``"auto"``:
             each host builds the model of ``profile_config`` at two slot counts, measures the
@@ -103,7 +121,7 @@ def batched_trainable(
     """
     spec = SlotSpec(
         model=model, optimizer=optimizer, hparams=hparams, loss=loss, data=data, metrics=dict(metrics or {}),
-        batch_size=batch_size, steps_per_report=steps_per_report, slots_per_host=slots_per_host,
+        train_step=train_step, eval_step=eval_step, stack_by=tuple(stack_by), batch_size=batch_size, steps_per_report=steps_per_report, slots_per_host=slots_per_host,
         data_mode=data_mode, eval_batch_size=eval_batch_size, seed_key=seed_key,
         autocast_dtype=autocast_dtype, device=device, cpu_gemm=cpu_gemm,
     )
@@ -129,6 +147,8 @@ def batched_trainable(
         "max_concurrent": classmethod(_max_concurrent),
         "host_stats": classmethod(_host_stats),
         "shutdown_hosts": classmethod(_shutdown_hosts),
+        "load_model": classmethod(_load_model),
+        "load_state": classmethod(_load_state),
     }
     return type(name, (SlotTrialProxy,), attrs)
 
@@ -151,6 +171,34 @@ def _max_concurrent(cls: type[SlotTrialProxy]) -> int:
         )
     registry = get_registry(cls._spec_bytes, cls._experiment, cls._options)
     return ray.get(registry.start_hosts.remote(cls._options["profile_config"]))
+
+
+def _load_state(cls: type[SlotTrialProxy], checkpoint: Any) -> dict:
+    """Everything a trial's checkpoint holds, as plain tensors and types.
+
+    ``checkpoint`` is a ``Result``'s ``tune.Checkpoint`` (``result.checkpoint``,
+    ``result_grid.get_best_result().checkpoint``) or its directory. Keys:
+    ``"model"`` (the ``state_dict``), ``"optimizer"`` (``steps``, the per-parameter
+    ``state`` in the stack's flat layout, ``hparams``), ``"config"`` (the trial's
+    config), ``"stream"`` (the data position), ``"signature"``. Needs neither Ray
+    nor a slot host.
+    """
+    from .. import checkpoint as slot_checkpoint
+
+    return slot_checkpoint.read(checkpoint)
+
+
+def _load_model(cls: type[SlotTrialProxy], checkpoint: Any, config: Mapping[str, Any] | None = None) -> Any:
+    """The trial's trained ``nn.Module``: built by ``model(config)`` and loaded with the checkpoint's weights.
+
+    ``config`` defaults to the trial's own config, saved with the checkpoint.
+    The module is returned in eval mode on the CPU; the optimizer state is in
+    :meth:`load_state`. Needs neither Ray nor a slot host.
+    """
+    from .. import checkpoint as slot_checkpoint
+
+    spec = cloudpickle.loads(cls._spec_bytes)
+    return slot_checkpoint.build_model(spec.model, slot_checkpoint.read(checkpoint), config)
 
 
 def _host_stats(cls: type[SlotTrialProxy]) -> list[dict]:
