@@ -83,7 +83,13 @@ def per_parameter(state: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]
     """The optimizer's per-parameter state by parameter name (``{"0.weight": {"exp_avg": ...}}``), as
     ``torch.optim`` keeps it: cut out of the stack's flat per-dtype buffers with the saved layout."""
     layout = state.get("optimizer_layout") or {}
-    flat = (state.get("optimizer") or {}).get("state") or {}
+    opt = state.get("optimizer") or {}
+    if "parts" in opt:  # a model trained in parts: one optimizer (and layout) per part
+        out = {}
+        for part, part_state in opt["parts"].items():
+            out.update(per_parameter({"optimizer": part_state, "optimizer_layout": layout.get(part, {})}))
+        return out
+    flat = opt.get("state") or {}
     out: dict[str, dict[str, torch.Tensor]] = {}
     for dtype, entries in layout.items():
         for name, offset, shape in entries:

@@ -96,6 +96,14 @@ class FusedEngine:
                              "training step for one model), not both")
         if optimizer.mb is not mb:
             raise ValueError("the optimizer was built for a different ModelBatch; build it with this one")
+        if isinstance(step_fn, Mapping):  # one step per part of the model, each with its own optimizer
+            parts = getattr(optimizer, "parts", None)
+            if parts is None or list(parts) != list(step_fn):
+                raise ValueError(f"train_step has steps for parts {list(step_fn)}; give one optimizer per part in the "
+                                 f"same order (optimizer={{part: class}}), got {list(parts or [])}.")
+            if scaler is not None:
+                raise ValueError("fp16 loss scaling is not supported for models trained in parts; use "
+                                 "autocast_dtype=torch.bfloat16")
         if autocast_dtype == torch.float16 and scaler is None:
             raise ValueError(
                 "fp16 training needs per-slot loss scaling: pass scaler=SlotGradScaler(mb), or use "
@@ -142,6 +150,8 @@ class FusedEngine:
         mb.train()
         # Resolved once for every piece below; None means every slot (the fast path, no gathers).
         idx = mb.resolve_slots(slots if isinstance(slots, str) else host)
+        if isinstance(self.step_fn, Mapping):
+            return self._train_parts(x, y, per_slot, idx, host, skip)
         opt.zero_grad()
         self.partial_step = False
         # Forward updates buffers (BatchNorm statistics) in place; a slot whose
@@ -191,6 +201,64 @@ class FusedEngine:
         self.partial_step = False
         updated = ~still
         return StepResult(host, losses.detach(), updated, nonfinite, grad_norm, extras)
+
+    def _train_parts(self, x: Any, y: Any, per_slot: bool, idx: torch.Tensor | None, host: torch.Tensor,
+                     skip: torch.Tensor | None) -> StepResult:
+        """One step of a model trained in parts: each part's step, backward and update in turn.
+
+        As a user writes it for one model: ``opt_D.zero_grad(); d_step(...).backward();
+        opt_D.step()``, then the same for G, whose loss sees the updated D. Each part
+        skips its own update where its loss or gradients are not finite. The
+        slot's loss is the sum of the parts' losses; each part's is reported as
+        ``loss_<part>``.
+        """
+        mb, opts = self.mb, self.optimizer.parts
+        n = host.numel()
+        skip = None if skip is None else skip.to(device=mb.device, dtype=torch.bool)
+        saved = {k: v.clone() for k, v in mb.buffers.items()}
+        total = torch.zeros(n, device=mb.device)
+        nonfinite = torch.zeros(n, dtype=torch.bool, device=mb.device)
+        norms = torch.zeros(n, device=mb.device)
+        extras: dict[str, torch.Tensor] = {}
+        rows = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))  # noqa: E731
+        self.partial_step = False
+        try:
+            for part, fn in self.step_fn.items():
+                opt = opts[part]
+                mb.zero_grad()
+                with self._autocast():
+                    loss, more = split_step_output(self._run_user(fn, x, y, per_slot, idx), f"train_step[{part!r}]")
+                loss = loss.float()
+                bad = ~torch.isfinite(loss)
+                if skip is not None:
+                    bad = bad & ~skip
+                loss.sum().backward()
+                self.partial_step = True  # an earlier part may have moved: a retry would apply it twice
+                opt.step(idx, skip=bad if skip is None else bad | skip)
+                nonfinite |= rows(opt.last_nonfinite) | bad
+                norms += rows(opt.last_grad_norm).float().square()
+                total += torch.where(torch.isfinite(loss), loss.detach(), 0.0)
+                extras[f"loss_{part}"] = loss.detach()
+                extras.update(more)
+        except BaseException:
+            if not self.partial_step:
+                with torch.no_grad():
+                    for k, old in saved.items():
+                        mb.buffers[k].copy_(old)
+            raise
+        if skip is not None:
+            nonfinite = nonfinite & ~skip
+        still = nonfinite if skip is None else nonfinite | skip
+        if saved:
+            skipped = still if idx is None else torch.zeros(
+                mb.num_slots, dtype=torch.bool, device=mb.device).index_copy(0, idx, still)
+            with torch.no_grad():
+                for k, old in saved.items():
+                    cur = mb.buffers[k]
+                    cur.copy_(torch.where(skipped.view(-1, *[1] * (cur.dim() - 1)), old, cur))
+        self.partial_step = False
+        losses = torch.where(nonfinite, torch.nan, total)
+        return StepResult(host, losses, ~still, nonfinite, norms.sqrt(), extras)
 
     def _run_user(self, fn: StepFn, x: Any, y: Any, per_slot: bool, idx: torch.Tensor | None) -> Any:
         """``fn(model, (x, y), config)`` for the slots ``idx`` (None: all), each with its own config values."""
@@ -277,6 +345,12 @@ class FusedEngine:
             out = self.mb(x, per_slot=per_slot, slots=host)
             ydim = 0 if per_slot else None
             return {name: torch.vmap(fn, in_dims=(0, ydim))(out, y) for name, fn in fns.items()}
+        if isinstance(user, Mapping):  # parts, no eval_step: each part's step on validation data
+            out: dict[str, torch.Tensor] = {}
+            for part, fn in user.items():
+                loss, extras = split_step_output(self._run_user(fn, x, y, per_slot, rows), f"train_step[{part!r}]")
+                out.update({f"loss_{part}": loss, **extras})
+            return out
         res = self._run_user(user, x, y, per_slot, rows)
         if user is self.step_fn:  # no eval_step: the training step's values on validation data
             loss, extras = split_step_output(res, "train_step")

@@ -53,7 +53,7 @@ from .signature import module_signature
 from .slot_results import IterationMeter, iteration_result
 from .slot_state import SlotSnapshots, collect_tensors
 from .step_config import RecordingConfig, SlotConfigs, static_part, tensor_paths, value_dtype
-from .trial_settings import optimizer_id, resolve_batch_size, resolve_optimizer
+from .trial_settings import build_optimizer, optimizer_id, resolve_batch_size, resolve_optimizer
 
 MIN_CAPACITY = 4  # a new group's first size: a 1-slot stack would round differently from a larger one
 
@@ -177,7 +177,7 @@ class SlotGroup:
         self.configs: SlotConfigs | None = None
         self._validate(config or {})
         self.static = static_part(self.reads, config or {}, self.configs.float_paths if self.configs else ())
-        self.opt = self.optimizer(self.mb)
+        self.opt = build_optimizer(self.optimizer, self.mb)
         fp16 = settings.autocast_dtype == torch.float16
         self.scaler = SlotGradScaler(self.mb) if fp16 else None
         self.engine = FusedEngine(self.mb, self.opt, None if self.train_fn else settings.loss,
@@ -306,19 +306,21 @@ class SlotGroup:
         read decide which values are per-slot tensors and which must be equal within the stack."""
         batch = (self.x_val[:2], self.y_val[:2])
         dtype = value_dtype(next(iter(self.mb.groups), torch.float32))
-        fns = [(n, f) for n, f in (("train_step", self.train_fn), ("eval_step", self.eval_fn)) if f is not None]
+        steps = self.train_fn.items() if isinstance(self.train_fn, Mapping) else [("", self.train_fn)]
+        fns = [(f"train_step{f'[{p!r}]' if p else ''}", f) for p, f in steps if f is not None]
+        fns += [("eval_step", self.eval_fn)] if self.eval_fn is not None else []
         was = self.mb.training
         try:
             with torch.no_grad():
                 for name, fn in fns:  # first with plain values, recording what the step reads
-                    self.mb.train(name == "train_step")
+                    self.mb.train(name.startswith("train_step"))
                     self.mb.run_step(fn, batch, RecordingConfig(config, self.reads))
                 self.configs = SlotConfigs(self.capacity, tensor_paths(self.reads, [config], getattr(self.settings, "stack_by", ())),
                                            dtype, self.device)
                 self.configs.set(0, config)
                 shared, values = self.configs.for_rows(None)
                 for name, fn in fns:  # then as a fused step runs it: float values as per-slot tensors
-                    self.mb.train(name == "train_step")
+                    self.mb.train(name.startswith("train_step"))
                     try:
                         self.mb.run_step(fn, batch, shared, values)
                     except FusionError as exc:
@@ -589,8 +591,9 @@ class SlotGroup:
             "optimizer_class": optimizer_id(self.optimizer),
             "model": self.mb.slot_state(slot),
             "optimizer": self.opt.slot_state(slot),
-            "optimizer_layout": {str(dt): [[n, o, list(sh)] for n, o, sh in zip(g.names, g.offsets, g.shapes)]
-                                 for dt, g in self.mb.groups.items()},
+            "optimizer_layout": self.opt.layout() if hasattr(self.opt, "layout") else {
+                str(dt): [[n, o, list(sh)] for n, o, sh in zip(g.names, g.offsets, g.shapes)]
+                for dt, g in self.mb.groups.items()},
             "scaler": None if self.scaler is None else self.scaler.slot_state(slot),
             "stream": self.streams.slot_state(slot) if self.per_slot_data else None,
         })

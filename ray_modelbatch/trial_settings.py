@@ -33,12 +33,16 @@ def _is_fixed(optimizer: Any) -> bool:
     return isinstance(optimizer, functools.partial) and _is_optimizer_class(optimizer.func)
 
 
-def resolve_optimizer(optimizer: Any, config: Mapping[str, Any] | None) -> Callable:
-    """The optimizer factory (``ModelBatch -> optimizer``) of a trial.
+def resolve_optimizer(optimizer: Any, config: Mapping[str, Any] | None) -> Any:
+    """The optimizer factory (``ModelBatch -> optimizer``) of a trial, or one per part of its model.
 
     ``optimizer`` is a :mod:`ray_modelbatch.optim` class (or a ``functools.partial``
-    of one), or a function ``config -> class`` that chooses it per trial.
+    of one), a function ``config -> class`` that chooses it per trial, or a dict
+    of those by part (``{"G": optim.Adam, "D": optim.Adam}``; see
+    :mod:`ray_modelbatch.model_parts`).
     """
+    if isinstance(optimizer, Mapping):
+        return {part: resolve_optimizer(o, config) for part, o in optimizer.items()}
     if _is_fixed(optimizer):
         return optimizer
     if config is None:  # no trial (the standalone Trainer, a profile): a plain factory of a ModelBatch
@@ -53,8 +57,19 @@ def resolve_optimizer(optimizer: Any, config: Mapping[str, Any] | None) -> Calla
     return chosen
 
 
+def build_optimizer(factory: Any, mb: Any) -> Any:
+    """The stack's optimizer from :func:`resolve_optimizer`'s result: one, or an ``OptimizerSet`` of parts."""
+    if isinstance(factory, Mapping):
+        from .model_parts import OptimizerSet
+
+        return OptimizerSet(mb, factory)
+    return factory(mb)
+
+
 def optimizer_id(factory: Any) -> str:
     """A name equal exactly when two trials' optimizer factories build the same optimizer family."""
+    if isinstance(factory, Mapping):
+        return repr({part: optimizer_id(f) for part, f in factory.items()})
     if isinstance(factory, functools.partial):
         fixed = sorted((k, repr(v)) for k, v in factory.keywords.items())
         return f"{optimizer_id(factory.func)}{fixed}"

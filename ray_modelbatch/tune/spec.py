@@ -83,11 +83,27 @@ class SlotSpec:
             if not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be callable, got {type(getattr(self, name)).__name__}")
         for name in ("loss", "train_step", "eval_step"):
-            if getattr(self, name) is not None and not callable(getattr(self, name)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping) and name == "train_step":
+                if not value or not all(callable(f) for f in value.values()):
+                    raise TypeError("train_step as a dict must map each part of the model to a step function")
+                continue
+            if value is not None and not callable(value):
                 raise TypeError(f"{name} must be callable, got {type(getattr(self, name)).__name__}")
         if isinstance(self.stack_by, str):
             self.stack_by = (self.stack_by,)
-        check_optimizer(self.optimizer)
+        if isinstance(self.optimizer, Mapping):  # one per part of the model (see model_parts)
+            for part in self.optimizer.values():
+                check_optimizer(part)
+            if self.train_step is not None and (not isinstance(self.train_step, Mapping)
+                                                or list(self.train_step) != list(self.optimizer)):
+                raise TypeError(f"optimizer has parts {list(self.optimizer)}: give train_step as a dict of one step "
+                                "per part, in the order they update (e.g. {'D': d_step, 'G': g_step}).")
+        else:
+            if isinstance(self.train_step, Mapping):
+                raise TypeError(f"train_step has one step per part {list(self.train_step)}: give optimizer as a dict "
+                                "of one optimizer class per part, in the same order.")
+            check_optimizer(self.optimizer)
 
 
 # ray_modelbatch.optim's classes (not imported here: no torch)
