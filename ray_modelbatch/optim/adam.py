@@ -2,36 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from ..model_batch import ModelBatch
-from .base import HParam, VectorOptimizer, _nonneg, per_slot
-from ..errors import HyperparameterError
+from .base import VectorOptimizer
+from .betas import BetasMixin, beta
+from .hparams import flag, learning_rate, nonneg
 
 
-def _beta(name: str) -> HParam:
-    return HParam(0.9 if name == "beta1" else 0.999, lambda v: (v >= 0) & (v < 1), f"{name} must be in [0, 1)")
-
-
-class Adam(VectorOptimizer):
+class Adam(BetasMixin, VectorOptimizer):
     """Adam over every slot of a ModelBatch in one fused update.
 
     Keywords are those of ``torch.optim.Adam``; each may be one value or one
     per slot (``betas``: a pair, a sequence of S pairs, or a pair of S-value
     tensors ``(beta1s, beta2s)``; ``amsgrad``: a bool or S bools). ``weight_decay`` is L2 added to the gradient, as in torch.
     Extra keywords: ``schedule`` (see :mod:`ray_modelbatch.optim.schedules`),
-    ``max_grad_norm`` (per-slot clipping) and ``skip_nonfinite``.
+    ``plateau`` (:func:`~ray_modelbatch.optim.schedules.plateau`), ``max_grad_norm``
+    (per-slot clipping) and ``skip_nonfinite``.
     """
 
     HPARAMS = {
-        "lr": HParam(1e-3, lambda v: (v >= 0) & torch.isfinite(v), "lr must be a finite number >= 0"),
-        "beta1": _beta("beta1"),
-        "beta2": _beta("beta2"),
-        "eps": _nonneg("eps"),
-        "weight_decay": _nonneg("weight_decay"),
-        "amsgrad": HParam(0.0, lambda v: (v == 0) | (v == 1), "amsgrad must be a bool"),
+        "lr": learning_rate(1e-3),
+        "beta1": beta("beta1"),
+        "beta2": beta("beta2"),
+        "eps": nonneg("eps", 1e-8),
+        "weight_decay": nonneg("weight_decay"),
+        "amsgrad": flag("amsgrad"),
     }
     STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     decoupled = False
@@ -47,35 +45,6 @@ class Adam(VectorOptimizer):
         **kwargs: Any,
     ):
         super().__init__(mb, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, **kwargs)
-
-    def public_hparams(self) -> list[str]:
-        return ["lr", "betas", "eps", "weight_decay", "amsgrad", "max_grad_norm", "schedule"]
-
-    def _expand(self, hparams: Mapping[str, Any], num_slots: int) -> dict[str, torch.Tensor]:
-        hparams = dict(hparams)
-        out = {}
-        if "betas" in hparams:
-            raw = hparams.pop("betas")
-            if (isinstance(raw, (tuple, list)) and len(raw) == 2 and all(isinstance(t, torch.Tensor) for t in raw)
-                    and all(t.dim() == 1 for t in raw) and raw[0].numel() == raw[1].numel()):
-                raw = torch.stack([t.detach().double().cpu() for t in raw], dim=1)  # (beta1s, beta2s): columns
-            b = torch.as_tensor(raw, dtype=torch.float64)
-            if b.shape == (2,):
-                b = b.unsqueeze(0).expand(num_slots, 2)
-            if b.shape != (num_slots, 2):
-                raise HyperparameterError(
-                    f"betas has shape {list(b.shape)}; give one pair (beta1, beta2) for all slots, a "
-                    f"sequence of {num_slots} pairs (one per slot), or two tensors of {num_slots} values "
-                    "(beta1 per slot, beta2 per slot)."
-                )
-            out["beta1"], out["beta2"] = b[:, 0].clone(), b[:, 1].clone()
-        out.update(super()._expand(hparams, num_slots))
-        return out
-
-    def _collapse(self, row: dict[str, float]) -> dict[str, Any]:
-        row["betas"] = (row.pop("beta1"), row.pop("beta2"))
-        row["amsgrad"] = bool(row["amsgrad"])
-        return row
 
     def _state_names(self) -> tuple[str, ...]:
         used = bool((self._hp["amsgrad"] == 1).any())
@@ -98,7 +67,7 @@ class Adam(VectorOptimizer):
             "w2": (1.0 - b2) * ok,
             "step_size": torch.where(skip, 0.0, lr / bc1),
             "bc2_sqrt": torch.where(skip, 1.0, bc2.sqrt()),
-            "eps": hp["eps"],
+            "eps": torch.where(skip, 1.0, hp["eps"]),  # skipped slots never divide 0 by 0 (eps may be 0)
             "ams": hp["amsgrad"],
         }
         if self._any_wd:

@@ -1,64 +1,45 @@
-"""The vectorized optimizer machinery shared by SGD, Adam and AdamW.
+"""The vectorized optimizer machinery shared by every optimizer of :mod:`ray_modelbatch.optim`.
 
 Every hyperparameter is a ``[S]`` tensor, so slots can differ in anything
-(learning rate, betas, weight decay, schedule, clipping) and the update is
-still a fixed handful of elementwise kernels over each flat ``[S, P]`` buffer
-with per-slot coefficients broadcast as ``[S, 1]`` columns. The kernel count
-of a step does not depend on S.
+(learning rate, betas, weight decay, schedule, plateau rule, clipping) and the
+update is still a fixed handful of elementwise kernels over each flat
+``[S, P]`` buffer with per-slot coefficients broadcast as ``[S, 1]`` columns.
+The kernel count of a step does not depend on S.
 
 Slots that must not move in a step (inactive, non-finite gradients, an fp16
 overflow) are not handled with extra ``where`` passes over the parameters:
 their coefficients are chosen so the update is an exact no-op (decay factor 1,
 step size 0, moment weight 0) after their gradients are zeroed.
+
+Per-slot state comes in three shapes, all with the slot as dim 0 and all in
+:meth:`VectorOptimizer.slot_tensors`: per-parameter buffers (``STATE``: Adam's
+moments, ``[S, P]``), the step count, and per-slot scalars (``SLOT_SCALARS``,
+e.g. NAdam's ``mu_product``, and the plateau state of :mod:`.plateau`, ``[S]``).
 """
 
 from __future__ import annotations
 
 import math
+import types
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
 
 import torch
 
 from ..errors import HyperparameterError
 from ..model_batch import ModelBatch, Slots
+from . import plateau as plateau_rule
 from . import schedules
+from .hparams import HParam, nonneg, per_slot
 
-
-@dataclass(frozen=True)
-class HParam:
-    """One per-slot hyperparameter: its default and the rule it must satisfy."""
-
-    default: float
-    check: Callable[[torch.Tensor], torch.Tensor]
-    rule: str
-
-
-def _nonneg(name: str) -> HParam:
-    return HParam(0.0, lambda v: (v >= 0) & torch.isfinite(v), f"{name} must be a finite number >= 0")
-
+_nonneg = nonneg  # the old private name, kept for imports of it
 
 COMMON: dict[str, HParam] = {
     "max_grad_norm": HParam(math.inf, lambda v: v > 0, "max_grad_norm must be > 0 (inf or None disables clipping)"),
     "schedule_kind": HParam(0.0, lambda v: (v >= 0) & (v < len(schedules.KINDS)), "unknown schedule kind"),
-    **{k: HParam(d, lambda v: torch.ones_like(v, dtype=torch.bool), "") for k, d in schedules.PARAM_DEFAULTS.items()},
+    **schedules.COLUMNS,
+    **plateau_rule.COLUMNS,
 }
-
-
-def per_slot(name: str, value: Any, num_slots: int) -> torch.Tensor:
-    """Broadcast a scalar, or check a per-slot sequence/tensor, into a float64 ``[S]`` CPU tensor."""
-    if value is None and name == "max_grad_norm":
-        value = math.inf
-    t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
-    if t.dim() == 0:
-        return t.expand(num_slots).clone()
-    if t.dim() == 1 and t.shape[0] == num_slots:
-        return t.clone()
-    raise HyperparameterError(
-        f"{name} has shape {list(t.shape)} but the batch has {num_slots} slots. Give one value for all "
-        f"slots or a sequence of exactly {num_slots} values."
-    )
 
 
 # On CPU an elementwise pass over a large [S, P] buffer streams it from DRAM,
@@ -76,6 +57,27 @@ def _compile(fn: Callable) -> Callable:
     # shapes every stack size is another entry in Dynamo's per-function cache (shared by every
     # optimizer instance), and past its limit Dynamo silently runs the function eagerly.
     return torch.compile(fn, fullgraph=True, dynamic=None)
+
+
+_CORE_PER_CLASS: dict[type, Callable] = {}
+
+
+def _core_of(cls: type) -> Callable:
+    """``VectorOptimizer._core`` with a code object of its own for optimizer class ``cls``.
+
+    Dynamo keeps compiled entries, and its recompile limit (8), per code
+    object. With one shared ``_core`` every optimizer class (their ``hp``
+    dicts differ) evicts the others, and a process that steps a few classes
+    (stacks of different optimizers on one host) runs past the limit and falls
+    back to eager. A copy per class keeps each class's entries apart.
+    """
+    fn = _CORE_PER_CLASS.get(cls)
+    if fn is None:
+        base = VectorOptimizer._core
+        code = base.__code__.replace(co_name=f"_core_{cls.__name__}")
+        fn = types.FunctionType(code, base.__globals__, code.co_name, base.__defaults__, base.__closure__)
+        _CORE_PER_CLASS[cls] = fn
+    return fn
 
 
 def _is_compile_failure(exc: Exception) -> bool:
@@ -99,17 +101,33 @@ class VectorOptimizer:
     """Base class: per-slot hyperparameters, masking, clipping, non-finite isolation and slot state.
 
     Subclasses declare ``HPARAMS`` and ``STATE`` (names of per-parameter state
-    buffers) and implement :meth:`_coefficients` and :meth:`_update`.
+    buffers) and implement :meth:`_coefficients` and :meth:`_update`. Optional:
+
+    * ``STATE_INIT``: state buffers that start at a hyperparameter's value
+      instead of 0 (Adagrad's ``sum`` starts at ``initial_accumulator_value``),
+      on construction, on reset and for new slots.
+    * ``SLOT_SCALARS``: per-slot scalar state and its initial value (NAdam's
+      ``mu_product``). ``_coefficients`` reads the current values from ``hp``
+      and returns the new ones under the key ``"scalars"``; skipped slots must
+      get their old value back.
+
+    Every optimizer also takes ``schedule=`` (:mod:`ray_modelbatch.optim.schedules`),
+    ``plateau=`` (:func:`ray_modelbatch.optim.schedules.plateau`, driven by
+    :meth:`plateau_step`), ``max_grad_norm=`` (per-slot clipping),
+    ``skip_nonfinite`` and ``compile``.
     """
 
     HPARAMS: ClassVar[dict[str, HParam]] = {}
     STATE: ClassVar[tuple[str, ...]] = ()
+    STATE_INIT: ClassVar[dict[str, str]] = {}
+    SLOT_SCALARS: ClassVar[dict[str, float]] = {}
 
     def __init__(
         self,
         mb: ModelBatch,
         *,
         schedule: schedules.Schedule | Sequence[schedules.Schedule] | None = None,
+        plateau: plateau_rule.Plateau | Sequence[plateau_rule.Plateau | None] | None = None,
         max_grad_norm: Any = None,
         skip_nonfinite: bool = True,
         compile: bool = False,
@@ -120,19 +138,23 @@ class VectorOptimizer:
         # torch.compile turns the step (norms, per-slot coefficients, masks) into one call and the
         # elementwise update into one pass over parameters, gradients and state (eager runs ~10
         # passes); see _core. Off by default: compiling takes seconds per shape.
-        self._compiled: Callable | None = _compile(self._core) if compile else None
+        self._compiled: Callable | None = (_compile(types.MethodType(_core_of(type(self)), self))
+                                           if compile else None)
         self.specs = {**self.HPARAMS, **COMMON}
         s = mb.num_slots
         self._hp = {k: torch.full((s,), spec.default, dtype=torch.float64) for k, spec in self.specs.items()}
         values = self._expand(hparams, s)
         values["max_grad_norm"] = per_slot("max_grad_norm", max_grad_norm, s)
-        if schedule is not None:
-            values.update(self._expand_schedule(schedule, s))
+        values.update(schedules.encode(schedule, s))
+        values.update(plateau_rule.encode(plateau, s))
         self._validate(values, torch.arange(s))
         self._hp.update(values)
         # New slots created by resize() start from the constructor's scalar values.
         self.defaults = {k: float(v[0]) if bool((v == v[0]).all()) else self.specs[k].default for k, v in self._hp.items()}
         self.steps = torch.zeros(s, dtype=torch.float64, device=mb.device)
+        self._scalar_init = {**plateau_rule.STATE_INIT, **self.SLOT_SCALARS}
+        self.scalars = {k: torch.full((s,), v, dtype=torch.float64, device=mb.device)
+                        for k, v in self._scalar_init.items()}
         self.state: dict[torch.dtype, dict[str, torch.Tensor]] = {dt: {} for dt in mb.groups}
         self.last_nonfinite = torch.zeros(s, dtype=torch.bool, device=mb.device)
         self.last_grad_norm = torch.zeros(s, dtype=torch.float32, device=mb.device)
@@ -144,7 +166,7 @@ class VectorOptimizer:
         """Turn user-facing keyword values into per-slot tensors (subclasses split e.g. ``betas``)."""
         out = {}
         for name, value in hparams.items():
-            if name not in self.specs:
+            if name not in self.HPARAMS:
                 raise HyperparameterError(
                     f"{type(self).__name__} has no hyperparameter {name!r}; valid ones are "
                     f"{sorted(self.public_hparams())}."
@@ -153,26 +175,7 @@ class VectorOptimizer:
         return out
 
     def public_hparams(self) -> list[str]:
-        return [k for k in self.HPARAMS] + ["max_grad_norm", "schedule"]
-
-    @staticmethod
-    def _expand_schedule(schedule: Any, num_slots: int) -> dict[str, torch.Tensor]:
-        rows = [schedule] * num_slots if isinstance(schedule, schedules.Schedule) else list(schedule)
-        if len(rows) != num_slots or not all(isinstance(r, schedules.Schedule) for r in rows):
-            raise HyperparameterError(
-                f"schedule must be one Schedule or a sequence of {num_slots} Schedules (one per slot); "
-                "build them with ray_modelbatch.optim.schedules.constant/step_decay/warmup_cosine."
-            )
-        out = {"schedule_kind": torch.tensor([schedules.KINDS.index(r.kind) for r in rows], dtype=torch.float64)}
-        for name, default in schedules.PARAM_DEFAULTS.items():
-            if isinstance(schedule, schedules.Schedule):
-                out[name] = per_slot(name, schedule.params.get(name, default), num_slots)
-            else:
-                out[name] = torch.tensor([float(r.params.get(name, default)) for r in rows], dtype=torch.float64)
-            problem = schedules.validate(name, out[name])
-            if problem:
-                raise HyperparameterError(f"invalid schedule: {problem}, got {out[name].tolist()}.")
-        return out
+        return [k for k in self.HPARAMS] + ["max_grad_norm", "schedule", "plateau"]
 
     def _validate(self, values: Mapping[str, torch.Tensor], slots: torch.Tensor) -> None:
         for name, v in values.items():
@@ -194,27 +197,43 @@ class VectorOptimizer:
         return self.STATE
 
     def _push(self) -> None:
-        """Copy the host-side hyperparameters to the device, refresh host-side flags, allocate state."""
-        self.hp = {k: v.to(self.mb.device) for k, v in self._hp.items()}
+        """Copy the host-side hyperparameters to the device, refresh host-side flags, allocate state.
+
+        On the device the hyperparameters are one ``[S, K]`` matrix, so a step
+        over a subset of slots gathers them with one ``index_select``; ``hp``
+        holds its columns by name.
+        """
+        names = tuple(self._hp)
+        self._hp_mat = torch.stack([self._hp[k] for k in names], 1).to(self.mb.device)
+        self._hp_names = names
+        self.hp = {k: self._hp_mat[:, j] for j, k in enumerate(names)}
         for dt, st in self.state.items():
             for name in self._state_names():
                 if name not in st:
-                    st[name] = torch.zeros_like(self.mb.groups[dt].data)
+                    st[name] = self._fresh_state(dt, name)
         kinds = {schedules.KINDS[int(k)] for k in self._hp["schedule_kind"].unique().tolist()}
         self._schedule_kinds = tuple(sorted(kinds - {"constant"}))  # a tuple: compiled code guards on it
         self._clipping = bool(torch.isfinite(self._hp["max_grad_norm"]).any())
+        self._plateau_any = bool((self._hp["plateau_on"] == 1).any())
+        self._step_scalars = tuple(self.SLOT_SCALARS) + (("plateau_lr_mult",) if self._plateau_any else ())
 
     def set_hparams(self, slots: Slots, **hparams: Any) -> None:
         """Change hyperparameters of some slots at run time, e.g. ``opt.set_hparams(3, lr=1e-3)``.
 
-        Accepts the constructor's keywords (``schedule`` and ``max_grad_norm``
-        included); values are scalars or one value per selected slot.
+        Accepts the constructor's keywords (``schedule``, ``plateau`` and
+        ``max_grad_norm`` included); values are scalars or one value per
+        selected slot. State is kept: a new ``plateau`` rule continues from the
+        slot's plateau state (best, counters, multiplier). A ``STATE_INIT``
+        hyperparameter (Adagrad's ``initial_accumulator_value``) refills the
+        state of selected slots that have not stepped yet.
         """
         idx = self.mb._cpu_index(slots)
         hparams = dict(hparams)
         values: dict[str, torch.Tensor] = {}
         if "schedule" in hparams:
-            values.update(self._expand_schedule(hparams.pop("schedule"), idx.numel()))
+            values.update(schedules.encode(hparams.pop("schedule"), idx.numel()))
+        if "plateau" in hparams:
+            values.update(plateau_rule.encode(hparams.pop("plateau"), idx.numel()))
         if "max_grad_norm" in hparams:
             values["max_grad_norm"] = per_slot("max_grad_norm", hparams.pop("max_grad_norm"), idx.numel())
         values.update(self._expand(hparams, idx.numel()))
@@ -224,14 +243,23 @@ class VectorOptimizer:
         self._validate({k: merged[k][idx] for k in merged}, idx)
         self._hp = merged
         self._push()
+        refill = {name for name, source in self.STATE_INIT.items() if source in values}
+        if refill:
+            fresh = idx[self.steps.cpu()[idx] == 0]
+            if fresh.numel():
+                self._init_state_rows(fresh, refill)
 
     def get_hparams(self, i: int) -> dict[str, Any]:
         """The hyperparameters of slot ``i`` as plain Python values (keyword names of the constructor)."""
         row = {k: float(v[i]) for k, v in self._hp.items()}
-        kind = schedules.KINDS[int(row.pop("schedule_kind"))]
-        sched = {k: row.pop(k) for k in schedules.PARAM_DEFAULTS}
+        sched = schedules.decode({k: row.pop(k) for k in ("schedule_kind", *schedules.PARAM_DEFAULTS)})
+        rule = plateau_rule.decode({k: row.pop(k) for k in plateau_rule.COLUMNS})
+        for k, spec in self.HPARAMS.items():
+            if spec.boolean:
+                row[k] = bool(row[k])
         out = self._collapse(row)
-        out["schedule"] = schedules.Schedule(kind, {} if kind == "constant" else sched)
+        out["schedule"] = sched
+        out["plateau"] = rule
         return out
 
     def _collapse(self, row: dict[str, float]) -> dict[str, Any]:
@@ -239,14 +267,53 @@ class VectorOptimizer:
         return row
 
     def current_lr(self) -> torch.Tensor:
-        """The learning rate each slot uses at its next step (schedule applied), ``[S]``."""
-        return self._lr(self.hp, self.steps)
+        """The learning rate each slot uses at its next step (schedule and plateau applied), ``[S]``."""
+        return self._lr({**self.hp, **self.scalars}, self.steps)
 
     def _lr(self, hp: Mapping[str, torch.Tensor], steps: torch.Tensor) -> torch.Tensor:
-        if not self._schedule_kinds:
-            return hp["lr"]
-        sched = {k: hp[k] for k in schedules.PARAM_DEFAULTS}
-        return hp["lr"] * schedules.factor(hp["schedule_kind"], steps, sched, self._schedule_kinds)
+        lr = hp["lr"]
+        if self._schedule_kinds:
+            sched = {k: hp[k] for k in schedules.PARAM_DEFAULTS}
+            lr = lr * schedules.factor(hp["schedule_kind"], steps, sched, self._schedule_kinds)
+        if self._plateau_any:
+            lr = lr * torch.where(hp["plateau_on"] > 0, hp["plateau_lr_mult"], 1.0)
+        return lr
+
+    # --------------------------------------------------------------- plateau
+    @torch.no_grad()
+    def plateau_step(self, slots: Slots, values: torch.Tensor | Sequence[float]) -> None:
+        """Feed each slot's metric to its plateau rule: torch's ``ReduceLROnPlateau.step(metric)`` per slot.
+
+        Call it once per report (once per "epoch" in torch's terms) with the
+        reporting slots and their metric, in the same order::
+
+            opt.plateau_step([0, 3], torch.tensor([val_loss_0, val_loss_3]))
+
+        ``values`` is a list of floats or a tensor on any device (no host sync
+        on an accelerator). Slots without a plateau rule ignore their value;
+        a NaN or infinite value counts as a bad epoch. The new multiplier
+        applies from the slot's next :meth:`step` on; read it back with
+        :meth:`current_lr`. A slot may appear at most once per call.
+        """
+        idx = self.mb._cpu_index(slots)
+        n = idx.numel()
+        if len(set(idx.tolist())) != n:
+            raise ValueError(f"plateau_step got a slot more than once ({idx.tolist()}); pass each reporting "
+                             "slot once, with its own metric.")
+        metric = torch.as_tensor(values, dtype=torch.float64).to(self.mb.device).flatten()
+        if metric.numel() != n:
+            raise ValueError(f"plateau_step got {metric.numel()} metric values for {n} slots; pass one value per "
+                             "slot, in the order of slots.")
+        if n == 0 or not self._plateau_any:
+            return
+        dev = idx.to(self.mb.device)
+        rows = self._hp_mat.index_select(0, dev)
+        col = {k: j for j, k in enumerate(self._hp_names)}
+        cfg = {k: rows[:, col[k]] for k in plateau_rule.COLUMNS}
+        state = {k: self.scalars[k].index_select(0, dev) for k in plateau_rule.STATE_INIT}
+        new = plateau_rule.update(state, cfg, rows[:, col["lr"]], metric)
+        for k, v in new.items():
+            self.scalars[k].index_copy_(0, dev, v)
 
     # ------------------------------------------------------------------ step
     def zero_grad(self, set_to_none: bool = False) -> None:
@@ -279,11 +346,13 @@ class VectorOptimizer:
         ps = [rows(g.data) for g in groups.values()]
         gs = [rows(g.grad) for g in groups.values()]
         sts = [{k: rows(v) for k, v in self.state[dt].items()} for dt in groups]
-        hp = {k: rows(v) for k, v in self.hp.items()}
+        hpm = rows(self._hp_mat)
+        hp = {k: hpm[:, j] for j, k in enumerate(self._hp_names)}
+        scalars = {k: rows(self.scalars[k]) for k in self._step_scalars}
         steps = rows(self.steps)
         if skip is not None:
             skip = skip.to(device=mb.device, dtype=torch.bool)
-        norm, okf = self._run_core(ps, gs, sts, hp, steps, skip)
+        norm, okf, new_scalars = self._run_core(ps, gs, sts, hp, scalars, steps, skip)
         if idx is not None:
             for dt, g, p, st in zip(groups, groups.values(), ps, sts):
                 g.data.index_copy_(0, idx, p)
@@ -296,19 +365,24 @@ class VectorOptimizer:
             self.steps.copy_(new_steps)
             self.last_nonfinite.copy_(nonfinite)
             self.last_grad_norm.copy_(norm)
+            for k, v in new_scalars.items():
+                self.scalars[k].copy_(v)
         else:
             self.steps.index_copy_(0, idx, new_steps)
             self.last_nonfinite.zero_().index_copy_(0, idx, nonfinite)
             self.last_grad_norm.zero_().index_copy_(0, idx, norm)
+            for k, v in new_scalars.items():
+                self.scalars[k].index_copy_(0, idx, v)
 
     def _core(self, ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[dict[str, torch.Tensor]],
-              hp: dict[str, torch.Tensor], steps: torch.Tensor, skip: torch.Tensor | None,
-              fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Norms, per-slot coefficients and the in-place update of the given rows; returns ``(norm, ok)``.
+              hp: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor], steps: torch.Tensor,
+              skip: torch.Tensor | None, fused: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Norms, per-slot coefficients and the in-place update of the given rows.
 
-        One function from the gradients to the new parameters, so that with
-        ``compile=True`` the few dozen small per-slot ops (coefficients,
-        clipping, masks) and the update are one compiled call.
+        Returns ``(norm, ok, new per-slot scalars)``. One function from the
+        gradients to the new parameters, so that with ``compile=True`` the few
+        dozen small per-slot ops (coefficients, clipping, masks) and the update
+        are one compiled call.
         """
         # One fp32 norm pass per group gives both the clipping norm and the
         # finiteness test: a row's norm is NaN/inf iff it holds a NaN/inf (or
@@ -320,7 +394,9 @@ class VectorOptimizer:
         if skip is not None:
             ok = ok & ~skip
         okf = ok.to(torch.float64)
+        hp = {**hp, **scalars}
         c64 = self._coefficients(hp, steps, okf, self._lr(hp, steps))
+        new_scalars = c64.pop("scalars", {})
         # Gradient scale per slot: 0 for skipped slots (after their NaNs are
         # zeroed), the clipping factor where clipping is on, else 1.
         scale = okf
@@ -342,7 +418,7 @@ class VectorOptimizer:
                 c = {k: cols[j, r] for j, k in enumerate(names)}
                 c.update(flags)
                 self._apply(p[r, c_], g[r, c_], {k: v[r, c_] for k, v in st.items()}, c, skipped[r], cols[-1, r])
-        return norm, okf
+        return norm, okf, new_scalars
 
     def _apply(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], c: dict[str, Any],
                skipped: torch.Tensor, scale: torch.Tensor, fused: bool = False) -> None:
@@ -359,7 +435,7 @@ class VectorOptimizer:
             g.mul_(scale)
         self._update(p, g, state, c)
 
-    def _run_core(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_core(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         if self._compiled is None:
             return self._core(*args, False)
         try:
@@ -375,7 +451,11 @@ class VectorOptimizer:
     def _coefficients(
         self, hp: Mapping[str, torch.Tensor], steps: torch.Tensor, ok: torch.Tensor, lr: torch.Tensor
     ) -> dict[str, Any]:
-        """Per-slot float64 ``[n]`` coefficients (or host-side flags) for :meth:`_update`."""
+        """Per-slot float64 ``[n]`` coefficients (or host-side flags) for :meth:`_update`.
+
+        ``hp`` holds the hyperparameters and the ``SLOT_SCALARS`` of the rows;
+        new values of the latter go under the key ``"scalars"``.
+        """
         raise NotImplementedError
 
     def _update(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], c: dict[str, Any]) -> None:
@@ -383,27 +463,57 @@ class VectorOptimizer:
         raise NotImplementedError
 
     # ------------------------------------------------------------ slot state
+    def _fresh_state(self, dt: torch.dtype, name: str) -> torch.Tensor:
+        """A new ``[S, P]`` state buffer at its initial value (0, or its ``STATE_INIT`` hyperparameter)."""
+        data = self.mb.groups[dt].data
+        source = self.STATE_INIT.get(name)
+        if source is None:
+            return torch.zeros_like(data)
+        return torch.empty_like(data).copy_(self.hp[source].to(data.dtype).unsqueeze(1).expand_as(data))
+
+    def _init_state_rows(self, rows: torch.Tensor, names: Collection[str] | None = None) -> None:
+        """Put the per-parameter state of ``rows`` (a CPU index) back to its initial value."""
+        dev = rows.to(self.mb.device)
+        for st in self.state.values():
+            for k, v in st.items():
+                if names is not None and k not in names:
+                    continue
+                source = self.STATE_INIT.get(k)
+                if source is None:
+                    v.index_fill_(0, dev, 0.0)
+                else:
+                    fill = self.hp[source].index_select(0, dev).to(v.dtype).unsqueeze(1).expand(-1, v.shape[1])
+                    v.index_copy_(0, dev, fill.contiguous())
+
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         """Every per-slot tensor of this optimizer (dim 0 is the slot): see :mod:`ray_modelbatch.slot_state`.
 
-        Hyperparameters are not among them: training never changes them, only
-        :meth:`set_hparams` does.
+        Per-parameter state, step counts and per-slot scalars (``SLOT_SCALARS``
+        and the plateau state). Hyperparameters are not among them: training
+        never changes them, only :meth:`set_hparams` does.
         """
         out = {f"optim.{dt}.{k}": v for dt, st in self.state.items() for k, v in st.items()}
         out["optim.steps"] = self.steps
+        out.update({f"optim.{k}": v for k, v in self.scalars.items()})
         return out
 
     def slot_state(self, i: int) -> dict[str, Any]:
-        """Export slot ``i``: its step count, per-parameter state and hyperparameters."""
+        """Export slot ``i``: its step count, per-parameter state, per-slot scalars and hyperparameters."""
         i = self.mb._check_slot(i)
+        scalars = torch.stack([v[i] for v in self.scalars.values()]).tolist()  # one sync
         return {
             "steps": int(self.steps[i]),
             "state": {str(dt): {k: v[i].detach().clone() for k, v in st.items()} for dt, st in self.state.items()},
+            "scalars": dict(zip(self.scalars, scalars)),
             "hparams": self.get_hparams(i),
         }
 
     def load_slot_state(self, i: int, state: Mapping[str, Any], hparams: bool = True) -> None:
-        """Import what :meth:`slot_state` exported into slot ``i`` (of any batch of the same model)."""
+        """Import what :meth:`slot_state` exported into slot ``i`` (of any batch of the same model).
+
+        Per-slot scalars missing from ``state`` (the plateau state of a
+        checkpoint written before plateau rules existed) start fresh.
+        """
         i = self.mb._check_slot(i)
         saved = state["state"]
         for dt, st in self.state.items():
@@ -415,29 +525,46 @@ class VectorOptimizer:
                     f"signature or optimizer ({type(self).__name__} expects {width} {dt} values per state "
                     f"buffer out of {list(self.STATE)}). Load a checkpoint of the same model and optimizer."
                 )
+        saved_scalars = dict(state.get("scalars", {}))
+        unknown = sorted(set(saved_scalars) - set(self._scalar_init))
+        missing = sorted(set(self.SLOT_SCALARS) - set(saved_scalars))
+        if unknown or missing:
+            raise HyperparameterError(
+                f"optimizer state for slot {i} does not fit {type(self).__name__}: it was saved by another "
+                f"optimizer (per-slot state {unknown} not used here, {missing} missing). Load a checkpoint of "
+                "the same optimizer."
+            )
         if hparams and "hparams" in state:
             self.set_hparams(i, **state["hparams"])
         for name in {k for got in saved.values() for k in got}:
             if name not in self._state_names():  # e.g. amsgrad state saved, amsgrad now off
                 for dt, st in self.state.items():
-                    st.setdefault(name, torch.zeros_like(self.mb.groups[dt].data))
+                    st.setdefault(name, self._fresh_state(dt, name))
+        row = torch.tensor([i])
         for dt, st in self.state.items():
             for k, v in st.items():
                 src = saved[str(dt)].get(k)
-                v[i].copy_(src) if src is not None else v[i].zero_()
+                if src is not None:
+                    v[i].copy_(src)
+                else:
+                    self._init_state_rows(row, {k})
         self.steps[i] = float(state["steps"])
+        for k, v in self.scalars.items():
+            v[i] = float(saved_scalars.get(k, self._scalar_init[k]))
 
     def _on_reset(self, i: int) -> None:
-        for st in self.state.values():
-            for v in st.values():
-                v[i].zero_()
+        self._init_state_rows(torch.tensor([i]))
         self.steps[i] = 0.0
+        for k, v in self.scalars.items():
+            v[i] = self._scalar_init[k]
 
     def _on_copy(self, src: int, dst: int) -> None:
         for st in self.state.values():
             for v in st.values():
                 v[dst] = v[src]
         self.steps[dst] = self.steps[src]
+        for v in self.scalars.values():
+            v[dst] = v[src]
 
     def _on_resize(self, keep: list[int], capacity: int) -> None:
         src = torch.tensor(keep, dtype=torch.long)
@@ -450,7 +577,10 @@ class VectorOptimizer:
 
         self.state = {dt: {k: remap(v, dev) for k, v in st.items()} for dt, st in self.state.items()}
         self.steps = remap(self.steps, dev)
+        self.scalars = {k: remap(v, dev, self._scalar_init[k]) for k, v in self.scalars.items()}
         self.last_nonfinite = remap(self.last_nonfinite, dev)
         self.last_grad_norm = remap(self.last_grad_norm, dev)
         self._hp = {k: remap(v, src, self.defaults[k]) for k, v in self._hp.items()}
         self._push()
+        if self.STATE_INIT and capacity > len(keep):
+            self._init_state_rows(torch.arange(len(keep), capacity), set(self.STATE_INIT))

@@ -8,7 +8,8 @@ import torch
 
 from ..errors import HyperparameterError
 from ..model_batch import ModelBatch
-from .base import HParam, VectorOptimizer, _nonneg
+from .base import VectorOptimizer
+from .hparams import HParam, flag, learning_rate, nonneg
 
 
 class SGD(VectorOptimizer):
@@ -16,15 +17,15 @@ class SGD(VectorOptimizer):
 
     Keywords are those of ``torch.optim.SGD``; each may be one value or one
     per slot (``nesterov``: a bool or S bools). Extra keywords: ``schedule``,
-    ``max_grad_norm`` and ``skip_nonfinite`` (see :class:`VectorOptimizer`).
+    ``plateau``, ``max_grad_norm`` and ``skip_nonfinite`` (see :class:`VectorOptimizer`).
     """
 
     HPARAMS = {
-        "lr": HParam(1e-3, lambda v: (v >= 0) & torch.isfinite(v), "lr must be a finite number >= 0"),
-        "momentum": _nonneg("momentum"),
+        "lr": learning_rate(1e-3),
+        "momentum": nonneg("momentum"),
         "dampening": HParam(0.0, lambda v: (v >= 0) & (v <= 1), "dampening must be in [0, 1]"),
-        "weight_decay": _nonneg("weight_decay"),
-        "nesterov": HParam(0.0, lambda v: (v == 0) | (v == 1), "nesterov must be a bool"),
+        "weight_decay": nonneg("weight_decay"),
+        "nesterov": flag("nesterov"),
     }
     STATE = ("momentum_buffer",)
 
@@ -41,10 +42,6 @@ class SGD(VectorOptimizer):
                     f"nesterov momentum for slot(s) {slots[bad].tolist()} needs momentum > 0 and dampening 0 "
                     "(as in torch.optim.SGD); set nesterov=False or change momentum/dampening for them."
                 )
-
-    def _collapse(self, row):
-        row["nesterov"] = bool(row["nesterov"])
-        return row
 
     def _state_names(self) -> tuple[str, ...]:
         return self.STATE if bool((self._hp["momentum"] != 0).any()) else ()

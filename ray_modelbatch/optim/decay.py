@@ -1,0 +1,32 @@
+"""Per-slot weight decay for optimizers with torch's ``decoupled_weight_decay`` flag (NAdam, RAdam).
+
+Slots may mix the two forms; each form costs its elementwise pass only when
+some slot uses it (``kinds``, known on the host). Skipped slots get decay 1
+and L2 weight 0, so their parameters and state stay exactly unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+
+def decay_kinds(hp: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    """Which forms some slot uses: ``"coupled"`` (L2 added to the gradient), ``"decoupled"`` (AdamW-style)."""
+    on = hp["weight_decay"] != 0
+    dec = hp["decoupled_weight_decay"] == 1
+    used = {"coupled": bool((on & ~dec).any()), "decoupled": bool((on & dec).any())}
+    return tuple(k for k, u in used.items() if u)
+
+
+def weight_decay_coefficients(hp: Mapping[str, torch.Tensor], ok: torch.Tensor, lr: torch.Tensor,
+                              kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``decay`` (parameter factor ``1 - lr * wd``) and/or ``wd`` (L2 weight) columns, ``[n]`` float64."""
+    wd, dec = hp["weight_decay"], hp["decoupled_weight_decay"]
+    out = {}
+    if "decoupled" in kinds:
+        out["decay"] = torch.where((ok > 0) & (dec > 0), 1.0 - lr * wd, 1.0)
+    if "coupled" in kinds:
+        out["wd"] = wd * (1.0 - dec) * ok
+    return out
