@@ -58,10 +58,12 @@ def from_bytes(blob: bytes, device: torch.device | str = "cpu") -> dict[str, Any
 
 def read(checkpoint: Any) -> dict[str, Any]:
     """The contents of a trial checkpoint: a ``tune.Checkpoint``, its directory, or the state file itself."""
-    path = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else getattr(checkpoint, "path", None)
-    if path is None:
+    if hasattr(checkpoint, "as_directory"):  # a tune.Checkpoint, maybe on remote storage: a local copy
+        with checkpoint.as_directory() as local:
+            return read(local)
+    if not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"expected a tune.Checkpoint (result.checkpoint) or a path; got {type(checkpoint).__name__}")
-    path = os.fspath(path)
+    path = os.fspath(checkpoint)
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     file = os.path.join(path, STATE_FILE) if os.path.isdir(path) else path
     if not os.path.exists(file):

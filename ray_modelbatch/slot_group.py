@@ -541,15 +541,33 @@ class SlotGroup:
             return {}
         val = self.evaluate(slots)
         train = self.meter.take(slots)
-        lr, steps = torch.stack([self.opt.current_lr().double(), self.opt.steps.double()]).tolist()  # one sync
         out = {}
         for j, s in enumerate(slots):
             self.iteration[s] += 1
-            out[s] = iteration_result(train[j], {k: v[j] for k, v in val.items()}, lr[s], steps[s],
+            out[s] = iteration_result(train[j], {k: v[j] for k, v in val.items()}, 0.0, 0,
                                       val_prefix="" if self.eval_fn is not None else "val_")
+        self._plateau_step(slots, out)  # before the learning rate is read: the next step's rate
+        lr, steps = torch.stack([self.opt.current_lr().double(), self.opt.steps.double()]).tolist()  # one sync
+        for s in slots:
+            out[s]["lr"], out[s]["slot_steps"] = lr[s], int(steps[s])
         self.snapshots.capture(self._tensors(), self._python_state(), slots,
                                [self.iteration[s] % self.snapshots.depth for s in slots])
         return out
+
+    def _plateau_step(self, slots: list[int], results: Mapping[int, Mapping[str, Any]]) -> None:
+        """Feed each slot's metric to its ReduceLROnPlateau rule (``plateau=`` in its hyperparameters), once
+        per report, before the boundary is captured: snapshots and checkpoints hold the rule's state."""
+        opts = getattr(self.opt, "parts", None) or {"": self.opt}
+        if not any(getattr(o, "_plateau_any", False) for o in opts.values()):
+            return
+        metric = getattr(self.settings, "plateau_metric", None) or "val_loss"
+        missing = [s for s in slots if metric not in results[s]]
+        if missing:
+            raise KeyError(f"a plateau= schedule steps on {metric!r}, which the results do not have (they have "
+                           f"{sorted(results[missing[0]])}); pass batched_trainable(plateau_metric=<one of them>).")
+        values = [float(results[s][metric]) for s in slots]
+        for o in opts.values():
+            o.plateau_step(slots, values)
 
     # ---------------------------------------------------------------- run-ahead
     def at_boundary(self, slot: int, iteration: int) -> bool:

@@ -235,3 +235,34 @@ def test_recording_config_sees_reads_through_copies_and_nesting():
     assert reads == {("a",), ("lr",), ("arch", "width")}
     assert tensor_paths(reads, [{"a": 1, "lr": 0.1, "arch": {"width": 8}}]) == [("lr",)]
     assert unread_settings({"batch_size": 32, "lr": 0.1, "other": 1}, {("lr",)}) == ["batch_size"]
+
+
+def test_reduce_lr_on_plateau_steps_on_the_reported_metric():
+    from ray_modelbatch.optim import schedules
+
+    spec = _spec(eval_step=evaluate, plateau_metric="nll")
+    group = _group(spec, CONFIGS[0])
+    rule = schedules.plateau(mode="min", factor=0.5, patience=0)
+    slot = group.add("t", _model(), seed=0, hparams={"lr": 0.01, "plateau": rule}, config=CONFIGS[0])
+    other = group.add("u", _model(), seed=1, hparams={"lr": 0.01}, config=CONFIGS[1])
+    seen = []
+    for _ in range(6):
+        done = []
+        while not done:
+            done = group.step([slot, other])
+        res = group.finish(done)
+        seen.append((res[slot]["nll"], res[slot]["lr"], res[other]["lr"]))
+    # every report that does not improve on the best nll halves the next lr (patience 0); the other slot keeps its own
+    best, lr = float("inf"), 0.01
+    for nll, got_lr, other_lr in seen:
+        if nll >= best * (1 - 1e-4):
+            lr *= 0.5
+        best = min(best, nll)
+        assert got_lr == pytest.approx(lr) and other_lr == pytest.approx(0.01)
+    with pytest.raises(KeyError, match="plateau_metric"):
+        bad = _group(_spec(eval_step=evaluate), CONFIGS[0])
+        s = bad.add("t", _model(), seed=0, hparams={"plateau": rule}, config=CONFIGS[0])
+        done = []
+        while not done:
+            done = bad.step([s])
+        bad.finish(done)

@@ -107,6 +107,16 @@ def accuracy_step(model, batch, config):
     return {"accuracy": (out.argmax(-1) == y).float().mean(), "nll": F.cross_entropy(out, y)}
 
 
+def chosen_optimizer(config):
+    """The optimizer family searched by the config: ``config["opt"]`` is "adam" or "sgd"."""
+    import functools
+
+    import ray_modelbatch
+
+    return {"adam": ray_modelbatch.optim.Adam,
+            "sgd": functools.partial(ray_modelbatch.optim.SGD, momentum=0.9)}[config["opt"]]
+
+
 def make_trainable(*, optimizer: str = "adam", slots_per_host: int = 4, steps_per_report: int = 5,
                    idle_timeout_s: float = 3.0, **kw):
     import torch.nn.functional as F

@@ -32,6 +32,8 @@ class SlotSpec:
             reported under the user's own names, instead of ``metrics``.
         stack_by: float config keys a step uses in Python control flow: equal
             within a stack instead of per-slot tensors (see ``step_config``).
+        plateau_metric: the result key a ``plateau=`` (ReduceLROnPlateau) rule
+            steps on, once per report (default ``val_loss``).
         steps_per_report: fused steps behind each ``Trainable.step()``.
         slots_per_host: slots of one host (all its stacks together), or ``"auto"``: each
             host profiles the model on its device and takes what fits.
@@ -60,6 +62,7 @@ class SlotSpec:
     train_step: Callable[[Any, Any, Mapping[str, Any]], Any] | None = None
     eval_step: Callable[[Any, Any, Mapping[str, Any]], Any] | None = None
     stack_by: Sequence[str] = ()
+    plateau_metric: str | None = None
 
     def __post_init__(self) -> None:
         if self.data_mode not in ("per_slot", "shared"):

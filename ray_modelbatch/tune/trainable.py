@@ -25,6 +25,7 @@ def batched_trainable(
     train_step: Callable[[Any, Any, Mapping[str, Any]], Any] | None = None,
     eval_step: Callable[[Any, Any, Mapping[str, Any]], Any] | None = None,
     stack_by: Sequence[str] = (),
+    plateau_metric: str | None = None,
     batch_size: int | Callable[[Mapping[str, Any]], int] = 64,
     steps_per_report: int = 10,
     slots_per_host: int | str = 32,
@@ -78,6 +79,8 @@ def batched_trainable(
             on the validation data are reported as ``val_loss`` and ``val_<name>``.
         stack_by: float config keys the steps use in Python control flow (``if``, ``range``):
             kept as Python values, equal within a stack.
+        plateau_metric: the result key that ``hparams``' ``plateau=schedules.plateau(...)``
+            (ReduceLROnPlateau) steps on after each report; default ``val_loss``.
         batch_size: training batch size of every trial, or ``config -> int`` to search it:
             trials of different sizes train in different stacks.
         steps_per_report: fused steps per ``Trainable.step()`` (one Tune iteration).
@@ -121,7 +124,8 @@ def batched_trainable(
     """
     spec = SlotSpec(
         model=model, optimizer=optimizer, hparams=hparams, loss=loss, data=data, metrics=dict(metrics or {}),
-        train_step=train_step, eval_step=eval_step, stack_by=tuple(stack_by), batch_size=batch_size, steps_per_report=steps_per_report, slots_per_host=slots_per_host,
+        train_step=train_step, eval_step=eval_step, stack_by=tuple(stack_by), plateau_metric=plateau_metric,
+        batch_size=batch_size, steps_per_report=steps_per_report, slots_per_host=slots_per_host,
         data_mode=data_mode, eval_batch_size=eval_batch_size, seed_key=seed_key,
         autocast_dtype=autocast_dtype, device=device, cpu_gemm=cpu_gemm,
     )

@@ -1,0 +1,62 @@
+"""Resource requests that starve the slot host never hang a sweep (issue 11, item 6).
+
+``tune.with_resources(trainable, {"cpu": 2})`` (kept from a script ported
+from plain Tune) makes each trial process hold CPUs it never uses. On a
+CPU-only cluster the host then starts without a CPU reservation; where the
+host needs a GPU the trials hold, each trial fails within
+``host_start_timeout_s`` with one line naming the settings to change.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+from ray import tune
+
+from tune_helpers import errors, make_trainable, run_config
+
+
+@pytest.fixture
+def ray_with_gpu():
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_cpus():
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _fit(T, tmp_path, trials: int):
+    tuner = tune.Tuner(T, param_space={"lr": tune.grid_search([0.01, 0.02][:trials])},
+                       tune_config=tune.TuneConfig(metric="val_loss", mode="min", time_budget_s=120),
+                       run_config=run_config(tmp_path, stop={"training_iteration": 2}))
+    return tuner.fit()
+
+
+def test_trials_holding_every_cpu_still_get_a_host(ray_cpus, tmp_path):
+    T = make_trainable(slots_per_host=2, idle_timeout_s=3.0)
+    start = time.monotonic()
+    grid = _fit(tune.with_resources(T, {"cpu": 1}), tmp_path, trials=2)  # two trials hold both CPUs
+    assert not errors(grid), errors(grid)
+    assert all(r.metrics["training_iteration"] == 2 for r in grid)
+    assert time.monotonic() - start < 100
+
+
+def test_a_host_that_cannot_get_its_gpu_fails_the_trial_naming_the_fix(ray_with_gpu, tmp_path):
+    T = make_trainable(slots_per_host=2, idle_timeout_s=3.0, host_start_timeout_s=8.0)
+    start = time.monotonic()
+    grid = _fit(tune.with_resources(T, {"cpu": 0.01, "gpu": 1}), tmp_path, trials=1)  # the trial holds the GPU
+    (err,) = errors(grid)
+    text = str(err)
+    assert "no node has 1 CPU and 1 GPU free for a slot host" in text and "tune.with_resources" in text, text
+    assert time.monotonic() - start < 90

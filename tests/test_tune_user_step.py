@@ -1,0 +1,44 @@
+"""A Tune sweep with the user's own step, metric names, searched batch size and optimizer (issue 11, items 1-2, 5)."""
+
+from __future__ import annotations
+
+import pytest
+from ray import tune
+
+from tune_helpers import (accuracy_step, chosen_optimizer, digits, errors, fit, make_model,  # noqa: F401
+                          ray_session, regularized_step)
+
+
+def test_sweep_with_own_steps_names_batch_size_and_optimizer(ray_session, tmp_path):
+    import torch
+
+    import ray_modelbatch
+    from ray_modelbatch.tune import batched_trainable
+
+    T = batched_trainable(
+        model=make_model, optimizer=chosen_optimizer, hparams=lambda c: {"lr": c["lr"]}, data=digits,
+        train_step=regularized_step, eval_step=accuracy_step, batch_size=lambda c: c["batch_size"],
+        steps_per_report=10, slots_per_host=8, idle_timeout_s=3.0,
+    )
+    space = {"batch_size": tune.grid_search([16, 32]), "opt": tune.grid_search(["adam", "sgd"]),
+             "l2": tune.grid_search([0.0, 1e-4]), "lr": 0.02}
+    grid, log = fit(T, space, tmp_path, metric="accuracy", mode="max",
+                    run_kw={"stop": {"training_iteration": 3},
+                            "checkpoint_config": tune.CheckpointConfig(checkpoint_at_end=True)})
+    assert not errors(grid)
+    assert len(grid) == 8
+    stacks = {}
+    for r in grid:
+        m = r.metrics
+        assert {"accuracy", "nll", "penalty", "train_loss"} <= set(m), sorted(m)
+        assert not any(k.startswith("val_") for k in m)
+        stacks.setdefault((r.config["batch_size"], r.config["opt"]), set()).add(m["stack"])
+    # one stack per (batch size, optimizer family); the l2 values share it as per-slot tensors
+    assert all(len(v) == 1 for v in stacks.values()) and len({s for v in stacks.values() for s in v}) == 4
+    best = grid.get_best_result()
+    assert best.metrics["accuracy"] > 0.8
+    model = T.load_model(best.checkpoint)
+    x, y, xv, yv = digits()
+    with torch.no_grad():
+        acc = float((model(xv).argmax(-1) == yv).float().mean())
+    assert acc == pytest.approx(best.metrics["accuracy"], abs=1e-6)
