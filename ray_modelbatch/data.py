@@ -37,6 +37,8 @@ __all__ = [
     "shards",
     "padded_per_slot",
     "sweep_data",
+    "sweep_inputs",
+    "resolve_steps_per_report",
 ]
 
 
@@ -437,3 +439,66 @@ def sweep_data(items: Any, device: torch.device | str = "cpu") -> tuple[torch.Te
         raise ValueError(f"data(): x_train rows have shape {tuple(x.shape[1:])} but x_val rows "
                          f"{tuple(xv.shape[1:])}. Fix: give both sets the same features.")
     return x, y, xv, yv
+
+
+def resolve_steps_per_report(value: int | str, num_examples: int, batch_size: int) -> int:
+    """Fused steps per report: an int as given, or ``"epoch"``: one epoch of ``num_examples`` rows.
+
+    An epoch is ``num_examples // batch_size`` steps, as in
+    :attr:`SlotSampler.batches_per_epoch`: every batch is full and the
+    incomplete one at the end of an epoch is dropped, so after ``k`` reports
+    of ``"epoch"`` a slot has run exactly ``k`` epochs of its sampler (when
+    its rows are ``num_examples``; k-fold or bootstrap slots have their own
+    counts, see ``steps_per_epoch(slot)`` of the streams).
+    """
+    if isinstance(value, str):
+        if value != "epoch":
+            raise ValueError(f"steps_per_report must be a positive int or \"epoch\", got {value!r}")
+        if batch_size < 1 or num_examples < batch_size:
+            raise ValueError(f"steps_per_report=\"epoch\" needs batch_size <= the training rows, got batch_size "
+                             f"{batch_size} and {num_examples} rows (an epoch would be no full batch).")
+        return int(num_examples) // int(batch_size)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"steps_per_report must be a positive int or \"epoch\", got {value!r}")
+    return int(value)
+
+
+SWEEP_INPUTS = ("four tensors (x_train, y_train, x_val, y_val), two map-style Datasets (train, val), or a dict "
+                "{'train': Dataset, 'val': Dataset or (x_val, y_val), 'transform': fn (optional), "
+                "'fields': (x_key, y_key) (optional)}")
+
+
+def sweep_inputs(items: Any, device: torch.device | str = "cpu") -> Any:
+    """What a trainable's ``data()`` returned, checked: tensors as :func:`sweep_data` gives them, or datasets.
+
+    * ``(x_train, y_train, x_val, y_val)``: exactly :func:`sweep_data`'s result.
+    * ``(train_dataset, val_dataset)`` or ``{"train": ..., "val": ..., "transform": fn, "fields": ...}``:
+      a :class:`~ray_modelbatch.dataset_streams.DatasetInputs` whose training
+      set stays a map-style dataset (streamed per slot by
+      :class:`~ray_modelbatch.dataset_streams.DatasetStreams`) and whose
+      validation set is collated once into tensors on ``device``.
+
+    :func:`~ray_modelbatch.dataset_streams.per_slot_streams` builds the
+    streams for either. Anything else is one ``ValueError``/``TypeError`` line
+    naming what came back and the accepted forms.
+    """
+    from .dataset_streams import check_map_dataset, dataset_inputs  # imports this module
+
+    if isinstance(items, dict):
+        unknown = sorted(set(map(str, items)) - {"train", "val", "transform", "fields"})
+        missing = [k for k in ("train", "val") if k not in items]
+        if unknown or missing:
+            what = f"unknown keys {unknown}" if unknown else f"no {' and no '.join(repr(k) for k in missing)}"
+            raise ValueError(f"data() returned a dict with {what}; it must return {SWEEP_INPUTS}.")
+        return dataset_inputs(items["train"], items["val"], items.get("transform"), items.get("fields"), device)
+    if isinstance(items, (tuple, list)) and len(items) == 4:
+        return sweep_data(items, device)
+    if isinstance(items, (tuple, list)) and len(items) == 2:
+        for name, d in zip(("train", "val"), items):
+            try:
+                check_map_dataset(d, f"the {name} set")
+            except TypeError as exc:
+                raise TypeError(f"data() returned two items and {exc} It must return {SWEEP_INPUTS}.") from None
+        return dataset_inputs(items[0], items[1], device=device)
+    got = f"{len(items)} items" if isinstance(items, (tuple, list)) else f"a {type(items).__name__}"
+    raise ValueError(f"data() returned {got}; it must return {SWEEP_INPUTS}.")

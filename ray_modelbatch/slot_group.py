@@ -45,7 +45,8 @@ from torch import nn
 
 from . import checkpoint
 from .amp import SlotGradScaler
-from .data import PerSlotStreams, SharedStream
+from .data import SharedStream, resolve_steps_per_report
+from .dataset_streams import DatasetInputs, per_slot_streams
 from .engine import FusedEngine, StepResult
 from .errors import FusionError, InputShapeError, OutOfDeviceMemoryError, is_out_of_memory
 from .model_batch import ModelBatch
@@ -164,8 +165,11 @@ class SlotGroup:
         self.settings, self.key, self.limit = settings, key, int(limit)
         self.model_key = stack_key(first)
         self.device = torch.device(device)
-        self.x, self.y, self.x_val, self.y_val = data
-        self.steps_per_report = int(settings.steps_per_report)
+        if isinstance(data, DatasetInputs):  # the training set stays a dataset, streamed per slot
+            self.x = self.y = None
+            self.x_val, self.y_val = data.x_val, data.y_val
+        else:
+            self.x, self.y, self.x_val, self.y_val = data
         self.full_step_fraction = float(full_step_fraction)
         self.train_fn = getattr(settings, "train_step", None)
         self.eval_fn = getattr(settings, "eval_step", None)
@@ -184,10 +188,17 @@ class SlotGroup:
                                   step_fn=self.train_fn, eval_fn=self.eval_fn, configs=self.configs,
                                   scaler=self.scaler, autocast_dtype=settings.autocast_dtype)
         if settings.data_mode == "per_slot":
-            self.streams: Any = PerSlotStreams(self.x, self.y, self.batch_size, seeds=[0])
+            self.streams: Any = per_slot_streams(data, self.batch_size, [0], self.device,
+                                                 host=bool(getattr(settings, "host_memory", False)),
+                                                 num_workers=int(getattr(settings, "data_workers", 0)))
+        elif self.x is None:
+            raise ValueError("data_mode='shared' needs data() to return tensors; datasets are streamed per slot "
+                             "(data_mode='per_slot').")
         else:
             self.streams = SharedStream(self.x, self.y, self.batch_size, seed=0)
-        self.per_slot_data = isinstance(self.streams, PerSlotStreams)
+        self.per_slot_data = bool(self.streams.per_slot)
+        num = self.x.shape[0] if self.x is not None else self.streams.num_examples
+        self.steps_per_report = resolve_steps_per_report(settings.steps_per_report, num, self.batch_size)
         self.owner: dict[int, str] = {}
         self.iteration: list[int] = [0]  # iterations each slot completed since it was loaded
         self.meter = IterationMeter(1, self.device)

@@ -39,6 +39,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -107,21 +108,30 @@ class SlotHost:
         from ray import cloudpickle  # Ray's own copy: the package needs no separate cloudpickle
         import torch
 
-        from ..data import sweep_data
+        from ..data import sweep_inputs
 
-        self.spec = cloudpickle.loads(spec_bytes)
+        # A host that cannot start reports why through ping(), in one line, instead of raising here:
+        # an exception in an actor's constructor makes Ray abort the process with a C++ stack dump.
+        self.start_error: str | None = None
         self.name = name
-        self.device = _pick_device(self.spec.device)
+        try:
+            self.spec = cloudpickle.loads(spec_bytes)
+        except Exception as exc:  # noqa: BLE001 - e.g. a function the host's process cannot import
+            self.spec = None
+            self.start_error = (f"the trainable's functions could not be loaded in the slot host's process "
+                                f"({type(exc).__name__}: {exc}). Define them at the top level of your script or in "
+                                "an importable module (a functools.lru_cache-wrapped function in the script cannot "
+                                "be sent: cache in a global dict instead).")
+        self.device = _pick_device(self.spec.device if self.spec is not None else "cpu")
         self.node_id = ray.get_runtime_context().get_node_id()
         self.in_placement_group = ray.util.get_current_placement_group() is not None
         self.threads = _use_cpus(self.device, threads, self.node_id)
         self.run_ahead = int(run_ahead)
         self.capacity, self.capacity_fit = 0, None
-        # A host that cannot start reports why through ping(), in one line, instead of raising here:
-        # an exception in an actor's constructor makes Ray abort the process with a C++ stack dump.
-        self.start_error: str | None = None
         try:
-            self.data = sweep_data(self.spec.data(), self.device)
+            if self.spec is None:
+                raise RuntimeError("no spec")
+            self.data = _load_data(self.spec, self.device, sweep_inputs)
             if capacity == "auto":
                 fit = self._profile(profile_config or {}, max_slots)
                 self.capacity, self.capacity_fit = fit.slots, fit.describe()
@@ -129,7 +139,7 @@ class SlotHost:
             else:
                 self.capacity = int(capacity)
         except Exception as exc:  # noqa: BLE001 - every start failure goes to the registry as one line
-            self.start_error = f"{type(exc).__name__}: {exc}"
+            self.start_error = self.start_error or f"{type(exc).__name__}: {exc}"
         self.groups: dict[str, Any] = {}
         self.trials: dict[str, _Attachment] = {}
         self._warned_keys: set[str] = set()
@@ -323,7 +333,8 @@ class SlotHost:
         try:
             reads: set = {(self.spec.seed_key,)}
             seen = RecordingConfig(config, reads)  # what the factories read: see _warn_unread
-            with torch.device("meta"):
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. load_state_dict into meta tensors: a no-op, and fine here
                 skey = stack_key(_from_config(self.spec.model, "model", seen))
             seed = trial_seed(trial_id, config, self.spec.seed_key)
             torch.manual_seed(seed)
@@ -543,6 +554,18 @@ class SlotHost:
         for k, v in figures.items():
             self._writer.add_scalar(k, v, step)
         self._writer.flush()
+
+
+def _load_data(spec: Any, device: Any, sweep_inputs: Callable) -> Any:
+    """``spec.data()``, checked, on the host's device; with ``host_memory`` the training tensors stay in
+    host memory (streamed to the device one step's batches at a time) and only validation moves."""
+    if not getattr(spec, "host_memory", False):
+        return sweep_inputs(spec.data(), device)
+    data = sweep_inputs(spec.data(), "cpu")
+    if isinstance(data, tuple) and len(data) == 4 and not hasattr(data, "_fields"):
+        x, y, x_val, y_val = data
+        return x, y, x_val.to(device), y_val.to(device)
+    return data._replace(x_val=data.x_val.to(device), y_val=data.y_val.to(device))
 
 
 def _from_config(factory: Callable[[dict], Any], what: str, config: dict) -> Any:

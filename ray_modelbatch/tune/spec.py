@@ -34,7 +34,11 @@ class SlotSpec:
             within a stack instead of per-slot tensors (see ``step_config``).
         plateau_metric: the result key a ``plateau=`` (ReduceLROnPlateau) rule
             steps on, once per report (default ``val_loss``).
-        steps_per_report: fused steps behind each ``Trainable.step()``.
+        steps_per_report: fused steps behind each ``Trainable.step()``, or ``"epoch"``:
+            one pass over the training set at the stack's batch size.
+        host_memory: keep the training tensors in host memory and copy each
+            step's batches to the device (data larger than device memory).
+        data_workers: threads reading and transforming dataset examples.
         slots_per_host: slots of one host (all its stacks together), or ``"auto"``: each
             host profiles the model on its device and takes what fits.
         data_mode: ``"per_slot"`` (each trial its own seeded sampler, reproduces
@@ -51,7 +55,7 @@ class SlotSpec:
     data: Callable[[], tuple]
     metrics: dict[str, Callable[[Any, Any], Any]] = field(default_factory=dict)
     batch_size: int | Callable[[Mapping[str, Any]], int] = 64
-    steps_per_report: int = 10
+    steps_per_report: int | str = 10
     slots_per_host: int | str = 32
     data_mode: str = "per_slot"
     eval_batch_size: int | None = None
@@ -63,6 +67,8 @@ class SlotSpec:
     eval_step: Callable[[Any, Any, Mapping[str, Any]], Any] | None = None
     stack_by: Sequence[str] = ()
     plateau_metric: str | None = None
+    host_memory: bool = False
+    data_workers: int = 0
 
     def __post_init__(self) -> None:
         if self.data_mode not in ("per_slot", "shared"):
@@ -72,6 +78,10 @@ class SlotSpec:
         if self.slots_per_host != "auto" and (isinstance(self.slots_per_host, str) or int(self.slots_per_host) < 1):
             raise ValueError(f"slots_per_host must be >= 1 or 'auto', got {self.slots_per_host!r}")
         names = ("steps_per_report",) if callable(self.batch_size) else ("batch_size", "steps_per_report")
+        if self.steps_per_report == "epoch":
+            names = tuple(n for n in names if n != "steps_per_report")
+        elif isinstance(self.steps_per_report, str):
+            raise ValueError(f"steps_per_report must be a positive int or 'epoch', got {self.steps_per_report!r}")
         for name in names:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -26,8 +26,10 @@ def batched_trainable(
     eval_step: Callable[[Any, Any, Mapping[str, Any]], Any] | None = None,
     stack_by: Sequence[str] = (),
     plateau_metric: str | None = None,
+    host_memory: bool = False,
+    data_workers: int = 0,
     batch_size: int | Callable[[Mapping[str, Any]], int] = 64,
-    steps_per_report: int = 10,
+    steps_per_report: int | str = 10,
     slots_per_host: int | str = 32,
     profile_config: Mapping[str, Any] | None = None,
     max_slots_per_host: int = 256,
@@ -63,8 +65,13 @@ def batched_trainable(
             family: trials of different classes train in different stacks.
         hparams: ``config -> dict`` of that optimizer's keywords for the trial
             (``lr``, ``betas``, ``weight_decay``, ``schedule``, ``max_grad_norm``...).
-        data: ``() -> (x_train, y_train, x_val, y_val)``; called once per host, so
-            load or build the data inside it (nothing is downloaded by us).
+        data: ``() -> (x_train, y_train, x_val, y_val)`` tensors, or map-style torch
+            ``Dataset``s: ``(train_dataset, val_dataset)`` or ``{"train": ..., "val": ...,
+            "transform": fn}``. The training set is then read per slot with its own seeded
+            shuffle, and ``transform(sample, generator)`` (or a torchvision-style
+            ``transform(x)``) augments each example reproducibly per trial; the validation
+            set is collated once. Called once per host, so load or build the data inside it
+            (nothing is downloaded by us).
         loss: ``loss(output, target) -> scalar`` written for one model: the simple path.
         metrics: ``{name: fn(output, target)}``, reported as ``val_<name>`` with ``val_loss``.
         train_step: instead of ``loss``, the training step as written for one model:
@@ -83,7 +90,12 @@ def batched_trainable(
             (ReduceLROnPlateau) steps on after each report; default ``val_loss``.
         batch_size: training batch size of every trial, or ``config -> int`` to search it:
             trials of different sizes train in different stacks.
-        steps_per_report: fused steps per ``Trainable.step()`` (one Tune iteration).
+        steps_per_report: fused steps per ``Trainable.step()`` (one Tune iteration), or
+            ``"epoch"``: one pass over the training set at the trial's batch size.
+        host_memory: keep training tensors in host memory and copy each step's batches to
+            the device, for data larger than device memory.
+        data_workers: threads that read and transform dataset examples (for I/O-bound
+            datasets; on CPU-bound transforms they do not help).
         slots_per_host: trials one host trains at once (over all its stacks), or ``"auto"``:
             each host builds the model of ``profile_config`` at two slot counts, measures the
             peak memory of a step, fits a line and takes the slots that fit in 80% of its free
@@ -125,12 +137,13 @@ def batched_trainable(
     spec = SlotSpec(
         model=model, optimizer=optimizer, hparams=hparams, loss=loss, data=data, metrics=dict(metrics or {}),
         train_step=train_step, eval_step=eval_step, stack_by=tuple(stack_by), plateau_metric=plateau_metric,
+        host_memory=host_memory, data_workers=int(data_workers),
         batch_size=batch_size, steps_per_report=steps_per_report, slots_per_host=slots_per_host,
         data_mode=data_mode, eval_batch_size=eval_batch_size, seed_key=seed_key,
         autocast_dtype=autocast_dtype, device=device, cpu_gemm=cpu_gemm,
     )
     options = {
-        "steps_per_report": int(steps_per_report),
+        "steps_per_report": steps_per_report if steps_per_report == "epoch" else int(steps_per_report),
         "slots_per_host": slots_per_host if slots_per_host == "auto" else int(slots_per_host),
         "profile_config": dict(profile_config) if profile_config is not None else None,
         "max_slots_per_host": int(max_slots_per_host),
