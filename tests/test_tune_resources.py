@@ -60,3 +60,10 @@ def test_a_host_that_cannot_get_its_gpu_fails_the_trial_naming_the_fix(ray_with_
     text = str(err)
     assert "no node has 1 CPU and 1 GPU free for a slot host" in text and "tune.with_resources" in text, text
     assert time.monotonic() - start < 90
+
+
+def test_with_parameters_names_where_objects_go(ray_cpus, tmp_path):
+    T = make_trainable(slots_per_host=2, idle_timeout_s=3.0)
+    grid = _fit(tune.with_parameters(T, table=list(range(10))), tmp_path, trials=1)
+    (err,) = errors(grid)
+    assert "batched_trainable(data=...)" in str(err) and "['table']" in str(err)
