@@ -441,7 +441,7 @@ def sweep_data(items: Any, device: torch.device | str = "cpu") -> tuple[torch.Te
     return x, y, xv, yv
 
 
-def resolve_steps_per_report(value: int | str, num_examples: int, batch_size: int) -> int:
+def resolve_steps_per_report(value: int | str, num_examples: int | None, batch_size: int) -> int:
     """Fused steps per report: an int as given, or ``"epoch"``: one epoch of ``num_examples`` rows.
 
     An epoch is ``num_examples // batch_size`` steps, as in
@@ -450,10 +450,20 @@ def resolve_steps_per_report(value: int | str, num_examples: int, batch_size: in
     of ``"epoch"`` a slot has run exactly ``k`` epochs of its sampler (when
     its rows are ``num_examples``; k-fold or bootstrap slots have their own
     counts, see ``steps_per_epoch(slot)`` of the streams).
+
+    ``num_examples`` is None when the training data cannot say (a factory of
+    iterables without ``len()``, see
+    :class:`~ray_modelbatch.iterable_streams.IterableStreams`): an int works,
+    ``"epoch"`` is refused in one line.
     """
     if isinstance(value, str):
         if value != "epoch":
             raise ValueError(f"steps_per_report must be a positive int or \"epoch\", got {value!r}")
+        if num_examples is None:
+            raise ValueError("steps_per_report=\"epoch\" needs the length of an epoch, but the training data does "
+                             "not know it (a factory whose iterables have no len(), e.g. generators); give "
+                             "steps_per_report as an int, or make the factory return a DataLoader over a sized "
+                             "Dataset.")
         if batch_size < 1 or num_examples < batch_size:
             raise ValueError(f"steps_per_report=\"epoch\" needs batch_size <= the training rows, got batch_size "
                              f"{batch_size} and {num_examples} rows (an epoch would be no full batch).")
@@ -464,8 +474,8 @@ def resolve_steps_per_report(value: int | str, num_examples: int, batch_size: in
 
 
 SWEEP_INPUTS = ("four tensors (x_train, y_train, x_val, y_val), two map-style Datasets (train, val), or a dict "
-                "{'train': Dataset, 'val': Dataset or (x_val, y_val), 'transform': fn (optional), "
-                "'fields': (x_key, y_key) (optional)}")
+                "{'train': Dataset or factory(seed, epoch) -> iterable of (x, y) batches, 'val': Dataset or "
+                "(x_val, y_val), 'transform': fn (optional, Datasets only), 'fields': (x_key, y_key) (optional)}")
 
 
 def sweep_inputs(items: Any, device: torch.device | str = "cpu") -> Any:
@@ -477,6 +487,10 @@ def sweep_inputs(items: Any, device: torch.device | str = "cpu") -> Any:
       set stays a map-style dataset (streamed per slot by
       :class:`~ray_modelbatch.dataset_streams.DatasetStreams`) and whose
       validation set is collated once into tensors on ``device``.
+    * ``{"train": factory, "val": ...}`` where ``factory(seed, epoch)``
+      returns an iterable of ``(x, y)`` batches (a pipeline that is not
+      random-access): a ``DatasetInputs`` with ``iterable=True``, streamed per
+      slot by :class:`~ray_modelbatch.iterable_streams.IterableStreams`.
 
     :func:`~ray_modelbatch.dataset_streams.per_slot_streams` builds the
     streams for either. Anything else is one ``ValueError``/``TypeError`` line
@@ -490,6 +504,13 @@ def sweep_inputs(items: Any, device: torch.device | str = "cpu") -> Any:
         if unknown or missing:
             what = f"unknown keys {unknown}" if unknown else f"no {' and no '.join(repr(k) for k in missing)}"
             raise ValueError(f"data() returned a dict with {what}; it must return {SWEEP_INPUTS}.")
+        from .iterable_streams import is_iterable_factory, iterable_inputs
+
+        if is_iterable_factory(items["train"]):
+            if items.get("transform") is not None:
+                raise ValueError("data() returned a factory of iterables with a 'transform'; augment inside "
+                                 "factory(seed, epoch) (seeded from its arguments), where the batches are made.")
+            return iterable_inputs(items["train"], items["val"], items.get("fields"), device)
         return dataset_inputs(items["train"], items["val"], items.get("transform"), items.get("fields"), device)
     if isinstance(items, (tuple, list)) and len(items) == 4:
         return sweep_data(items, device)

@@ -112,16 +112,20 @@ def check_map_dataset(obj: Any, what: str = "the dataset") -> None:
     """Raise one clear line unless ``obj`` is a map-style dataset (``__len__`` and ``__getitem__``)."""
     if isinstance(obj, DataLoader):
         raise TypeError(f"{what} is a DataLoader; pass its map-style dataset (`loader.dataset`): batching, "
-                        "shuffling and workers are the streams' job, per slot.")
+                        "shuffling and workers are the streams' job, per slot (or return {'train': "
+                        "factory(seed, epoch) -> DataLoader, 'val': ...} to keep the loader).")
     if isinstance(obj, IterableDataset):
         raise TypeError(f"{what} is an IterableDataset ({type(obj).__name__}); per-slot shuffling and rollback "
-                        "need random access, so give a map-style Dataset (__len__ and __getitem__).")
+                        "need random access, so give a map-style Dataset (__len__ and __getitem__), or return "
+                        "{'train': factory(seed, epoch) -> iterable of (x, y) batches, 'val': ...}.")
     if isinstance(obj, (torch.Tensor, str, bytes, Mapping)) or type(obj).__module__ == "numpy":
         raise TypeError(f"{what} is a {type(obj).__name__}, not a map-style Dataset (an object with __len__ and "
                         "__getitem__ returning one (x, y) example).")
     if not (hasattr(obj, "__len__") and hasattr(obj, "__getitem__")):
+        hint = (" (a factory(seed, epoch) of iterables goes in a dict: {'train': factory, 'val': ...})"
+                if callable(obj) else "")
         raise TypeError(f"{what} is a {type(obj).__name__} without __len__ and __getitem__; give a map-style "
-                        "torch.utils.data.Dataset whose items are (x, y) examples.")
+                        f"torch.utils.data.Dataset whose items are (x, y) examples{hint}.")
 
 
 def pick(sample: Any, fields: tuple[Any, Any] | None) -> tuple[Any, Any]:
@@ -529,7 +533,12 @@ class DatasetInputs(NamedTuple):
     """What :func:`~ray_modelbatch.data.sweep_inputs` returns for dataset forms of ``data()``.
 
     ``train`` stays a dataset (streamed per slot); the validation set is
-    tensors on the device, so evaluation is one fused pass.
+    tensors on the device, so evaluation is one fused pass. With
+    ``iterable=True``, ``train`` is a ``factory(seed, epoch) -> iterable of
+    (x, y) batches`` (see :mod:`ray_modelbatch.iterable_streams`); the field
+    comes last with a default so that code building or unpacking the five
+    older fields keeps working, and ``isinstance(data, DatasetInputs)`` still
+    tells a driver that the training set is not tensors.
     """
 
     train: Any
@@ -537,6 +546,7 @@ class DatasetInputs(NamedTuple):
     y_val: torch.Tensor
     transform: Callable[..., Any] | None = None
     fields: tuple[Any, Any] | None = None
+    iterable: bool = False
 
 
 def _materialize(dataset: Any, fields: tuple[Any, Any] | None, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -545,6 +555,23 @@ def _materialize(dataset: Any, fields: tuple[Any, Any] | None, device: torch.dev
     xs, ys = loader.load(range(_dataset_rows(dataset)))
     x, y = loader.collate(xs, ys, torch.device("cpu"))
     return x.to(device), y.to(device)
+
+
+def validation_tensors(val: Any, fields: tuple[Any, Any] | None, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The validation set (a map-style dataset or ``(x_val, y_val)``) as two checked tensors on ``device``.
+
+    Shared by every non-tensor form of ``data()``: validation is never
+    streamed, so evaluation stays one fused pass whatever feeds training.
+    """
+    if isinstance(val, (tuple, list)) and len(val) == 2 and all(isinstance(v, torch.Tensor) for v in val):
+        x_val, y_val = (v.to(device) for v in val)
+    else:
+        check_map_dataset(val, "the validation set")
+        x_val, y_val = _materialize(val, fields, device)
+    if x_val.dim() == 0 or y_val.dim() == 0 or x_val.shape[0] != y_val.shape[0] or x_val.shape[0] == 0:
+        raise ValueError(f"data(): the validation set must have one or more rows of x and y; got shapes "
+                         f"{tuple(x_val.shape)} and {tuple(y_val.shape)}.")
+    return x_val, y_val
 
 
 def dataset_inputs(train: Any, val: Any, transform: Callable[..., Any] | None = None,
@@ -559,14 +586,7 @@ def dataset_inputs(train: Any, val: Any, transform: Callable[..., Any] | None = 
     if transform is not None and not callable(transform):
         raise TypeError(f"data(): transform is a {type(transform).__name__}; give a callable "
                         "transform(sample, generator) or transform(x), or None.")
-    if isinstance(val, (tuple, list)) and len(val) == 2 and all(isinstance(v, torch.Tensor) for v in val):
-        x_val, y_val = (v.to(dev) for v in val)
-    else:
-        check_map_dataset(val, "the validation set")
-        x_val, y_val = _materialize(val, fields, dev)
-    if x_val.dim() == 0 or y_val.dim() == 0 or x_val.shape[0] != y_val.shape[0] or x_val.shape[0] == 0:
-        raise ValueError(f"data(): the validation set must have one or more rows of x and y; got shapes "
-                         f"{tuple(x_val.shape)} and {tuple(y_val.shape)}.")
+    x_val, y_val = validation_tensors(val, fields, dev)
     loader = SampleLoader(train, transform, fields=fields)
     xs, ys = loader.load([0], [0] if transform is not None else None)
     x0, _ = loader.collate(xs, ys, torch.device("cpu"))
@@ -583,8 +603,16 @@ def per_slot_streams(inputs: Any, batch_size: int, seeds: Sequence[int], device:
 
     Four tensors give :class:`PerSlotStreams` (or :class:`HostTensorStreams`
     with ``host=True``: the training tensors stay in host memory); a
-    :class:`DatasetInputs` gives :class:`DatasetStreams`.
+    :class:`DatasetInputs` gives :class:`DatasetStreams`, or
+    :class:`~ray_modelbatch.iterable_streams.IterableStreams` when its
+    ``train`` is a factory of iterables (``host`` and ``num_workers`` do not
+    apply there: batches are always assembled on the host, and workers belong
+    to the factory's own ``DataLoader``).
     """
+    if isinstance(inputs, DatasetInputs) and inputs.iterable:
+        from .iterable_streams import IterableStreams  # it imports this module
+
+        return IterableStreams(inputs.train, batch_size, seeds, device=device, fields=inputs.fields)
     if isinstance(inputs, DatasetInputs):
         return DatasetStreams(inputs.train, batch_size, seeds, device=device, transform=inputs.transform,
                               num_workers=num_workers, fields=inputs.fields)
