@@ -32,6 +32,7 @@ from .cpu_memory import keep_freed_memory
 from .errors import IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
 from .signature import check_compatible, first_mismatch, module_signature
+from .unrolled_rnn import unroll_rnns
 
 Slots = Union[None, str, int, Sequence[int], torch.Tensor]
 
@@ -39,6 +40,23 @@ Slots = Union[None, str, int, Sequence[int], torch.Tensor]
 # that their grads break DDP's bucket layout contract. That contract does not
 # apply here: the grads are deliberately views of the flat gradient buffer.
 warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device, ties kept.
+
+    ``module.to("meta")`` unties shared parameters (an LM head that shares the
+    embedding's weight gets a weight of its own), and a stack built from the
+    untied copy would compute with a tensor no slot holds. Copying with each
+    tensor mapped to one meta tensor keeps every tie: the shared weight is
+    stacked once and every module that uses it reads the same slot row.
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():  # each shared tensor once
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
 
 
 @dataclass
@@ -100,13 +118,13 @@ class ModelBatch:
         )
         if self.device.type == "cpu":
             keep_freed_memory()
-        template = copy.deepcopy(models[0])
+        template = unroll_rnns(_meta_copy(models[0]))  # LSTM/GRU kernels have no vmap rule: see unrolled_rnn
         self._module_class = type(models[0])
         self._state_keys = self._state_key_map(template)
         self._param_names = [n for n, _ in template.named_parameters()]
         self._trainable = {n for n, p in template.named_parameters() if p.requires_grad}
         self._buffer_names = [n for n, _ in template.named_buffers()]
-        self._template = template.to("meta")
+        self._template = template
         self.training = models[0].training
         self._applied_mode: bool | None = None  # the mode train() last set on every submodule
         self._listeners: list[weakref.ref] = []
