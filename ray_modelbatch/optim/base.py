@@ -50,6 +50,23 @@ COMMON: dict[str, HParam] = {
 CPU_TILE_ELEMENTS = 1 << 17
 
 
+# torch.optim keywords with no fused meaning, accepted at torch's own defaults (code that forwards torch's
+# keyword arguments keeps working); another value is refused, naming it.
+TORCH_DEFAULTS: dict[str, Any] = {"foreach": None, "maximize": False, "capturable": False,
+                                  "differentiable": False, "fused": None}
+
+
+def _drop_torch_defaults(name: str, hparams: dict[str, Any]) -> None:
+    for key, default in TORCH_DEFAULTS.items():
+        if key in hparams:
+            value = hparams.pop(key)
+            if value != default and not (key in ("foreach", "fused") and value is False):
+                raise HyperparameterError(
+                    f"{name}({key}={value!r}) is not supported: a fused optimizer always updates every slot in "
+                    f"one pass{' and minimizes' if key == 'maximize' else ''}; drop {key}= (torch's default "
+                    f"{default!r} is accepted).")
+
+
 def _compile(fn: Callable) -> Callable:
     import torch._dynamo  # noqa: F401 - fail here, not at the first step, if torch has no compiler stack
 
@@ -133,6 +150,7 @@ class VectorOptimizer:
         compile: bool = False,
         **hparams: Any,
     ):
+        _drop_torch_defaults(type(self).__name__, hparams)
         self.mb = mb
         self.skip_nonfinite = skip_nonfinite
         # torch.compile turns the step (norms, per-slot coefficients, masks) into one call and the
@@ -321,10 +339,13 @@ class VectorOptimizer:
         self.mb.zero_grad()
 
     @torch.no_grad()
-    def step(self, slots: Slots = "active", skip: torch.Tensor | None = None) -> None:
+    def step(self, slots: Slots = "active", skip: torch.Tensor | None = None,
+             closure: Callable[[], Any] | None = None) -> Any:
         """Update the selected slots whose gradients are finite; no other slot changes.
 
         Args:
+            closure: as in ``torch.optim``: called first (with gradients enabled)
+                to recompute the loss and gradients; its value is returned.
             slots: the slots that ran this step (default: the active ones).
                 Only these advance: parameters, state and step counts of all
                 other slots stay exactly as they were.
@@ -336,6 +357,17 @@ class VectorOptimizer:
         NaN/inf gradients and ``last_grad_norm`` holds each slot's gradient
         norm before clipping.
         """
+        if callable(slots) and not isinstance(slots, torch.Tensor):  # step(closure), torch's positional form
+            slots, closure = "active", slots
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step(slots, skip)
+        return loss
+
+    @torch.no_grad()
+    def _step(self, slots: Slots, skip: torch.Tensor | None) -> None:
         mb = self.mb
         mb.sync_grads()
         idx = mb.resolve_slots(slots)
@@ -484,6 +516,28 @@ class VectorOptimizer:
                 else:
                     fill = self.hp[source].index_select(0, dev).to(v.dtype).unsqueeze(1).expand(-1, v.shape[1])
                     v.index_copy_(0, dev, fill.contiguous())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every slot's state and hyperparameters (plain tensors), as ``torch.optim``'s ``state_dict``."""
+        return {"class": type(self).__name__, "num_slots": self.mb.num_slots,
+                "tensors": {k: v.detach().clone() for k, v in self.slot_tensors().items()},
+                "hparams": {k: v.clone() for k, v in self._hp.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, into an optimizer of the same class over the same stack."""
+        if state.get("class") != type(self).__name__ or state.get("num_slots") != self.mb.num_slots:
+            raise HyperparameterError(
+                f"this state_dict is of a {state.get('class')} over {state.get('num_slots')} slots; this optimizer is "
+                f"a {type(self).__name__} over {self.mb.num_slots}. Load it into the optimizer it was saved from.")
+        self._hp = {k: v.clone().to(torch.float64) for k, v in state["hparams"].items()}
+        self._push()  # allocates the state buffers the hyperparameters need
+        mine = self.slot_tensors()
+        unknown = sorted(set(state["tensors"]) - set(mine))
+        if unknown:
+            raise HyperparameterError(f"state_dict has state {unknown} that this optimizer does not keep")
+        with torch.no_grad():
+            for k, v in state["tensors"].items():
+                mine[k].copy_(v)
 
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         """Every per-slot tensor of this optimizer (dim 0 is the slot): see :mod:`ray_modelbatch.slot_state`.
