@@ -1,0 +1,119 @@
+"""``check_model``: before a sweep, see how a model fuses, what falls back, and what fusion gains.
+
+A model fuses in one of two ways (see :mod:`ray_modelbatch.fast_path`): the
+direct path (batched GEMMs, grouped convolutions) when every layer has such a
+kernel, else ``torch.vmap``. Under vmap, an op without a batching rule runs
+as a per-slot loop (a ``FusionWarning``), and some forwards cannot be fused at
+all (a ``FusionError``). Finding that out in the middle of a sweep costs a
+sweep; one call here shows it on one example batch, with the measured time of
+a fused training step against a loop of the same models with ``torch.optim``.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import FusionError, FusionWarning
+from .model_batch import ModelBatch
+
+
+@dataclass
+class ModelReport:
+    """What :func:`check_model` found. ``str(report)`` is a short table."""
+
+    model: str
+    slots: int
+    path: str  # "direct", "vmap" or "cannot fuse"
+    layers: list[tuple[str, str]] = field(default_factory=list)  # (module name, type) of the leaf modules
+    fallbacks: list[str] = field(default_factory=list)  # ops vmap runs as a per-slot loop
+    error: str | None = None
+    fused_ms: float | None = None  # one fused training step of every slot
+    loop_ms: float | None = None  # the same step, one model after the other with torch.optim.Adam
+
+    @property
+    def speedup(self) -> float | None:
+        return self.loop_ms / self.fused_ms if self.fused_ms and self.loop_ms else None
+
+    def __str__(self) -> str:
+        lines = [f"{self.model}: {self.path} path, {self.slots} slots"]
+        if self.error:
+            lines.append(f"  cannot fuse: {self.error}")
+        for name, kind in self.layers:
+            lines.append(f"  {name or '<root>':<32} {kind:<24} {self.path}")
+        for f in self.fallbacks:
+            lines.append(f"  per-slot loop: {f}")
+        if self.speedup is not None:
+            lines.append(f"  training step: fused {self.fused_ms:.2f} ms, loop {self.loop_ms:.2f} ms "
+                         f"({self.speedup:.2f}x the loop)")
+        return "\n".join(lines)
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up (first-call checks, allocations)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _default_loss(out: Any, _: Any) -> torch.Tensor:
+    return out.float().pow(2).mean()
+
+
+def check_model(model: nn.Module | Callable[[], nn.Module], example_input: Any, *, slots: int = 8,
+                loss: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None,
+                repeats: int = 5) -> ModelReport:
+    """Fuse ``slots`` copies of ``model`` (or ``model()`` calls) on ``example_input`` and report how.
+
+    Args:
+        model: a module (copied per slot) or a factory of modules.
+        example_input: one batch as one model takes it.
+        loss: ``loss(output, target)`` for the timed step (default: mean square of the output).
+        target: the target ``loss`` gets (default: None).
+        repeats: timed repetitions (the median is reported).
+    """
+    factory = model if not isinstance(model, nn.Module) else (lambda: copy.deepcopy(model))
+    models = [factory() for _ in range(slots)]
+    name = type(models[0]).__name__
+    leaves = [(n, type(m).__name__) for n, m in models[0].named_modules() if not list(m.children())]
+    loss = loss or _default_loss
+    try:
+        mb = ModelBatch([copy.deepcopy(m) for m in models])
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: this is a check
+        return ModelReport(name, slots, "cannot fuse", leaves, error=f"{type(exc).__name__}: {exc}")
+    report = ModelReport(name, slots, "direct" if mb.uses_direct_path else "vmap", leaves)
+    from . import optim
+    from .engine import FusedEngine
+
+    with warnings.catch_warnings(record=True) as caught:  # every first call (eval, train) names its fallbacks
+        warnings.simplefilter("always")
+        try:
+            with torch.no_grad():
+                mb(example_input)
+            engine = FusedEngine(mb, optim.Adam(mb, lr=1e-3), loss)
+            report.fused_ms = _median_ms(lambda: engine.train_step(example_input, target), repeats)
+        except FusionError as exc:
+            report.path, report.error = "cannot fuse", str(exc)
+            return report
+    report.fallbacks = sorted({str(w.message).split(", which has no vmap batching rule")[0] for w in caught
+                               if issubclass(w.category, FusionWarning)})
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
+
+    def loop() -> None:
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            loss(m(example_input), target).backward()
+            o.step()
+
+    report.loop_ms = _median_ms(loop, repeats)
+    return report

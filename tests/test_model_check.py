@@ -1,0 +1,45 @@
+"""check_model: how a model fuses, what falls back, and the fused-vs-loop time (issue 13, item 7)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ray_modelbatch as rmb
+
+
+def test_a_direct_path_model_reports_its_layers_and_timing():
+    report = rmb.check_model(lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)), torch.randn(32, 8),
+                             slots=4, repeats=2)
+    assert report.path == "direct" and report.error is None and not report.fallbacks
+    assert [kind for _, kind in report.layers] == ["Linear", "ReLU", "Linear"]
+    assert report.fused_ms > 0 and report.loop_ms > 0 and report.speedup > 0
+    assert "x the loop" in str(report)
+
+
+def test_a_model_that_cannot_fuse_is_reported_not_raised():
+    class ItemNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.l(x) * float(self.l(x).mean().item())
+
+    report = rmb.check_model(ItemNet(), torch.randn(3, 4), slots=2)
+    assert report.path == "cannot fuse" and ".item()" in report.error
+    assert "cannot fuse" in str(report)
+
+
+def test_an_lstm_runs_on_vmap():
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(3, 5, batch_first=True)
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    report = rmb.check_model(Seq, torch.randn(4, 6, 3), slots=2, repeats=1)
+    assert report.path == "vmap" and report.error is None and report.speedup is not None
