@@ -10,6 +10,7 @@ stepping the other trials meanwhile.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -23,12 +24,18 @@ from ray.tune import Trainable
 from ray.tune.execution.placement_groups import PlacementGroupFactory
 
 from ..errors import SlotHostLostError, SlotHostStartError
-from .ray_compat import experiment_dir, skip_taken_checkpoint_dirs
+from .ray_compat import experiment_dir, patch_tune_driver, quiet_setup_time_notice, skip_taken_checkpoint_dirs
 from .registry import get_registry
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "slot_state.pt"
+# Tune's controller runs in the driver, which imports this module to build the trainable: from here on
+# it neither deletes a checkpoint a PBT recipient has yet to load (num_to_keep) nor stops a recipient
+# with a decision left over from before its exploit (see ray_compat).
+patch_tune_driver()
+
+CHECKPOINT_FILE = "slot_state.pt"  # ray_modelbatch.checkpoint.STATE_FILE (not imported: it imports torch)
+CONFIG_FILE = "trial_config.json"  # ray_modelbatch.checkpoint.CONFIG_FILE
 
 
 class SlotTrialProxy(Trainable):
@@ -69,8 +76,15 @@ class SlotTrialProxy(Trainable):
             logger.debug("could not prestart the slot hosts: %s", exc)
 
     # ------------------------------------------------------------ lifecycle
-    def setup(self, config: dict) -> None:
+    def setup(self, config: dict, **params: Any) -> None:
+        if params:
+            raise TypeError(
+                f"tune.with_parameters(...) passed {sorted(params)} to the trial, but a batched trial's model trains "
+                "on a shared slot host, not in the trial's process. Give large objects to the host instead: return "
+                "them from batched_trainable(data=...) (called once per host), or close over them in model=/hparams=."
+            )
         _quiet_sigterm()
+        quiet_setup_time_notice()
         self._host = None
         self._attached: str | None = None
         self._attach(config)
@@ -102,7 +116,17 @@ class SlotTrialProxy(Trainable):
                 time.sleep(0.5)
                 registry = get_registry(self._spec_bytes, self._experiment, self._options)
                 continue
-            if not warned and time.monotonic() - waited > self._options.get("oversubscribe_warn_s", 5.0):
+            elapsed = time.monotonic() - waited
+            if elapsed > self._options.get("oversubscribe_warn_s", 5.0) and (
+                    not warned or elapsed > self._options.get("host_start_timeout_s", 120.0)):
+                reason = ray.get(registry.waiting_reason.remote())
+                if reason and warned:  # resources, not full hosts: waiting longer would wait forever
+                    raise SlotHostStartError(f"trial {self.trial_id} got no slot in {elapsed:.0f}s: {reason}")
+                if reason:
+                    logger.warning("trial %s is waiting for a slot host: %s", self.trial_id, reason)
+                    warned = True
+                    continue
+            if not warned and elapsed > self._options.get("oversubscribe_warn_s", 5.0):
                 capacity = ray.get(registry.capacity.remote())
                 logger.warning(
                     "trial %s is waiting for a free slot. Either Tune started more trials than the %d slots "
@@ -145,15 +169,29 @@ class SlotTrialProxy(Trainable):
         return self._on_host("train", self._token)
 
     def save_checkpoint(self, checkpoint_dir: str) -> str:
+        """The host's bytes for this slot, at the last iteration Tune took, as ``slot_state.pt``.
+
+        With PBT the directory may outlive this trial's use of it: a recipient loads it later, and
+        ``ray_compat.keep_restore_sources`` keeps Tune's retention from deleting it before then.
+        """
         blob = self._on_host("save", self._token)
         with open(os.path.join(checkpoint_dir, CHECKPOINT_FILE), "wb") as f:
             f.write(blob)
+        with open(os.path.join(checkpoint_dir, CONFIG_FILE), "w") as f:  # for trainable.load_model
+            json.dump(self.config, f, default=repr)
         return checkpoint_dir
 
     def load_checkpoint(self, checkpoint: Any) -> None:
+        """Send the checkpoint's bytes to this trial's slot, with this trial's own (maybe new) config."""
         path = checkpoint if isinstance(checkpoint, str) else checkpoint.path
-        with open(os.path.join(path, CHECKPOINT_FILE), "rb") as f:
-            blob = f.read()
+        try:
+            with open(os.path.join(path, CHECKPOINT_FILE), "rb") as f:
+                blob = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"trial {self.trial_id} cannot restore: {os.path.join(path, CHECKPOINT_FILE)} does not exist "
+                "(deleted, or not a checkpoint of a ray_modelbatch trainable)"
+            ) from None
         self._on_host("restore", self._token, blob, self.config)
 
     def reset_config(self, new_config: dict) -> bool:

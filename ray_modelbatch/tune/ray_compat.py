@@ -8,9 +8,13 @@ breaks something, this file is the place to look. Imports no torch.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import weakref
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 TESTED_RAY = "2.60"  # the Ray version these workarounds were written against and tested with
 
@@ -61,6 +65,203 @@ def skip_taken_checkpoint_dirs(trainable: Any) -> None:
         storage.current_checkpoint_index = max(taken)  # the next save takes max + 1
 
 
+_kept_installed = False
+_managers: weakref.WeakSet = weakref.WeakSet()  # every Tune checkpoint manager of this (driver) process
+_pbt_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PBT per-trial state -> ref to its trial
+_future_checkpoints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PBT's save future -> its checkpoint
+_deferred: dict[str, tuple[Any, str]] = {}  # fs_path -> (filesystem, fs_path): retention deletions put off
+
+
+def keep_restore_sources() -> None:
+    """Never let checkpoint retention delete a checkpoint that a trial will still restore from.
+
+    Ray Tune 2.60 bug, hit by PBT/PB2 with ``CheckpointConfig(num_to_keep=N)``
+    (the recipient fails in ``Trainable.restore`` with "Could not recover from
+    checkpoint as it does not exist on storage anymore"):
+
+    * ``PopulationBasedTraining._exploit`` (``tune/schedulers/pbt.py``) points
+      the recipient's ``checkpoint_manager._latest_checkpoint_result`` at a
+      shallow copy of the donor's checkpoint: a directory in the *donor's*
+      trial directory. The recipient restores from it only when its paused
+      trial starts again.
+    * The donor's ``_CheckpointManager.register_checkpoint``
+      (``train/_internal/checkpoint_manager.py``) deletes every checkpoint
+      older than its newest ``num_to_keep`` except its *own* latest; nothing
+      tells it another trial still needs one. Neither does anything protect
+      ``_PBTTrialState.last_checkpoint`` (a checkpoint, or the future of a
+      save PBT resolves only then), which PBT hands out at the next exploit
+      of that donor: async PBT lets the donor save ``N`` more times first.
+    * Synchronous PBT restarts its paused trials one at a time, in trial
+      order (``choose_trial_to_run`` and ``TuneController._maybe_add_actors``);
+      asynchronous PBT lets the donor run on while the recipient's trial
+      process starts. A batched slot trains an iteration in a fraction of the
+      seconds a trial process takes to start, so the donor saves ``N`` times
+      and deletes the checkpoint before its recipient loads it. Standard Tune
+      fails the same way when its iterations are that short.
+
+    The workaround wraps the donor's deletion: a checkpoint directory that is
+    some trial's latest checkpoint, or the one PBT would clone from a running
+    trial, is not deleted but put off, and deleted at the next registration
+    after no trial needs it any more. Each trial needs at most those two, so
+    the directories kept beyond ``num_to_keep`` number at most two per trial
+    (at the end of a sweep, at most PBT's last one of the trial that ended
+    last); Tune's own bookkeeping is unchanged. Runs in the process that drives
+    Tune (the proxy module calls it at import); idempotent, torch-free. Check
+    on upgrade: ``tests/test_tune_pbt_keep.py``, and whether Ray still deletes
+    through ``checkpoint_manager._delete_fs_path``.
+    """
+    global _kept_installed
+    if _kept_installed:
+        return
+    try:
+        import ray
+        from ray.train import Checkpoint
+        from ray.train._internal import checkpoint_manager
+        from ray.train._internal.session import _FutureTrainingResult
+        from ray.tune.schedulers import pbt
+
+        manager_cls, state_cls = checkpoint_manager._CheckpointManager, pbt._PBTTrialState
+        delete = checkpoint_manager._delete_fs_path
+        register = manager_cls.register_checkpoint
+        manager_init, state_init = manager_cls.__init__, state_cls.__init__
+    except (ImportError, AttributeError) as exc:  # another Ray: tests/test_tune_pbt_keep.py tells if still needed
+        logger.debug("not installing the PBT checkpoint-retention workaround (Ray %s): %s", TESTED_RAY, exc)
+        return
+
+    def needed() -> set[str]:
+        """Paths some trial may still restore from: latest checkpoints, and PBT's checkpoints to clone."""
+        paths = set()
+        for manager in list(_managers):
+            latest = getattr(manager, "_latest_checkpoint_result", None)
+            if latest is not None and latest.checkpoint is not None:
+                paths.add(_path_key(latest.checkpoint.path))
+        for state, trial_ref in list(_pbt_states.items()):
+            trial = trial_ref()
+            if trial is None or trial.is_finished():
+                continue  # PBT never clones a finished trial
+            checkpoint = state.last_checkpoint
+            if isinstance(checkpoint, _FutureTrainingResult):  # PBT resolves it only at the exploit
+                checkpoint = saved_checkpoint(checkpoint)
+            if isinstance(checkpoint, Checkpoint):
+                paths.add(_path_key(checkpoint.path))
+        return paths
+
+    def saved_checkpoint(future: Any) -> Any:
+        """The checkpoint of a PBT-requested save that has finished, else None (never waits)."""
+        if future not in _future_checkpoints:
+            try:
+                result = ray.get(future.future, timeout=0)
+            except Exception:  # noqa: BLE001 - still saving (nothing to delete yet) or failed
+                return None
+            _future_checkpoints[future] = getattr(result, "checkpoint", None)
+        return _future_checkpoints[future]
+
+    def delete_unless_needed(fs: Any, fs_path: str) -> None:
+        key = _path_key(fs_path)
+        if key in needed():
+            logger.debug("keeping %s until no trial restores from it (PBT)", fs_path)
+            _deferred[key] = (fs, fs_path)
+            return
+        delete(fs=fs, fs_path=fs_path)
+
+    def register_checkpoint(self: Any, checkpoint_result: Any) -> None:
+        _managers.add(self)  # also one unpickled from an experiment state (Tuner.restore)
+        register(self, checkpoint_result)
+        if _deferred:
+            still = needed()
+            for key in [k for k in _deferred if k not in still]:
+                fs, fs_path = _deferred.pop(key)
+                delete(fs=fs, fs_path=fs_path)
+
+    def track_manager(self: Any, *args: Any, **kwargs: Any) -> None:
+        manager_init(self, *args, **kwargs)
+        _managers.add(self)
+
+    def track_manager_unpickled(self: Any, state: dict) -> None:
+        self.__dict__.update(state)
+        _managers.add(self)
+
+    def track_state(self: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
+        state_init(self, trial, *args, **kwargs)
+        _pbt_states[self] = weakref.ref(trial)
+
+    checkpoint_manager._delete_fs_path = delete_unless_needed
+    manager_cls.register_checkpoint = register_checkpoint
+    manager_cls.__init__ = track_manager
+    if "__setstate__" not in manager_cls.__dict__:
+        manager_cls.__setstate__ = track_manager_unpickled
+    state_cls.__init__ = track_state
+    _kept_installed = True
+
+
+def _path_key(fs_path: str) -> str:
+    return fs_path.rstrip("/")
+
+
+_stale_stop_installed = False
+
+
+def drop_stale_stop_on_pause() -> None:
+    """Never let a PBT recipient be stopped by a STOP left over from before its exploit.
+
+    Ray Tune 2.60 bug, hit by synchronous PBT/PB2 whenever checkpoints are
+    saved between perturbations (``CheckpointConfig(checkpoint_frequency)``):
+    the recipient ends one iteration after its exploit, TERMINATED without an
+    error, its remaining iterations silently lost.
+
+    * All slots of a stack report in the same fused step, so when the last
+      trial reaches the perturbation the others' pause-checkpoints are still
+      being saved. ``PopulationBasedTraining._exploit`` pauses such a
+      recipient with ``pause_trial(trial, should_checkpoint=False)``.
+    * ``TuneController._schedule_trial_stop`` (``tune/execution/tune_controller.py``)
+      sees the save in flight and caches a STOP decision "to run after the save
+      resolves", then clears the actor's futures: the save never resolves, the
+      trial is set PAUSED, and the STOP stays in ``_cached_trial_decisions``.
+    * After the recipient restarts, its next save pops that STOP
+      (``_process_trial_save``), which wins over CONTINUE (``_queue_decision``)
+      and terminates the trial. A pause-checkpoint of its own clears it
+      instead (``pause_trial`` pops cached decisions), which is why
+      ``checkpoint_frequency=0`` sweeps never showed it.
+
+    The workaround drops a trial's cached decision once ``_schedule_trial_pause``
+    has stopped it without a checkpoint: its futures are gone, so no save can
+    act on it. Runs in the process that drives Tune; idempotent. Check on
+    upgrade: ``tests/test_tune_pbt_keep.py`` (the sync sweep must reach its
+    last iteration in every trial).
+    """
+    global _stale_stop_installed
+    if _stale_stop_installed:
+        return
+    try:
+        from ray.tune.execution.tune_controller import TuneController
+        from ray.tune.experiment import Trial
+
+        pause = TuneController._schedule_trial_pause
+    except (ImportError, AttributeError) as exc:
+        logger.debug("not installing the PBT stale-STOP workaround (Ray %s): %s", TESTED_RAY, exc)
+        return
+
+    def schedule_trial_pause(self: Any, trial: Any, should_checkpoint: bool = True) -> None:
+        pause(self, trial, should_checkpoint=should_checkpoint)
+        if not should_checkpoint and trial.status == Trial.PAUSED:
+            getattr(self, "_cached_trial_decisions", {}).pop(trial.trial_id, None)
+
+    TuneController._schedule_trial_pause = schedule_trial_pause
+    _stale_stop_installed = True
+
+
+def patch_tune_driver() -> None:
+    """Install the workarounds that must run where Tune's controller runs (the driver).
+
+    Called when the proxy module is imported: the driver imports it to build
+    the trainable (also under ``Tuner.restore`` and Ray Client, which unpickle
+    the trainable where the controller runs). Trial processes import it too,
+    where the patches are installed but never used. Imports no torch.
+    """
+    keep_restore_sources()
+    drop_stale_stop_on_pause()
+
+
 def experiment_dir(trainable: Any) -> str | None:
     """The experiment directory of a running trial when it is on the local disk, else the best guess.
 
@@ -72,3 +273,20 @@ def experiment_dir(trainable: Any) -> str | None:
     if storage is not None and getattr(storage.storage_filesystem, "type_name", "") == "local":
         return storage.experiment_fs_path
     return os.path.dirname(trainable.logdir) if trainable.logdir else None
+
+
+def quiet_setup_time_notice() -> None:
+    """Drop Tune's "Trainable.setup took N seconds ... consider reuse_actors=True" notice for batched trials.
+
+    Ray Tune 2.60 (``tune/trainable/trainable.py``, ``SETUP_TIME_THRESHOLD`` read
+    right after ``setup()``): a batched trial's ``setup()`` waits for the shared
+    slot host to start (torch import, ``data()``), which is no cost of the trial's
+    own process, so the advice is wrong, and it appeared even with
+    ``reuse_actors=True``. Called from the proxy's ``setup()``, before Tune reads it.
+    """
+    try:
+        from ray.tune.trainable import trainable as tune_trainable
+
+        tune_trainable.SETUP_TIME_THRESHOLD = float("inf")
+    except (ImportError, AttributeError):
+        pass
