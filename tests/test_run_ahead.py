@@ -244,7 +244,9 @@ SCHEDULERS = {
 }
 
 
-@pytest.mark.parametrize("name", list(SCHEDULERS))
+# FIFO and ASHA run in CI's slow step (`pytest -m slow`): HyperBand and PBT cover pauses and restores here.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("fifo", "asha") else n
+                                  for n in SCHEDULERS])
 def test_tune_results_and_checkpoints_are_those_without_run_ahead(trainables, tmp_path, name):
     stop = {"fifo": 4, "asha": 6, "hyperband": 4, "pbt": 6}[name]
     # HyperBand (max_t 4, eta 2) pauses the first arrivals of its second bracket of 3 at its rung:

@@ -401,7 +401,7 @@ def test_checkpoint_of_another_signature_fails_only_the_trial_that_loads_it(trai
         made += [small, wide]
         ray.get([small.train.remote(), wide.train.remote()])
         ckpt = ray.get(small.save.remote())  # a checkpoint of the 64-32-10 model
-        with pytest.raises(Exception, match="another model signature") as info:
+        with pytest.raises(Exception, match="another architecture") as info:
             ray.get(wide.restore.remote(ckpt))
         msg = str(info.value)
         assert "IncompatibleModelsError" in msg and "[32, 64]" in msg and "[48, 64]" in msg and "PBT" in msg

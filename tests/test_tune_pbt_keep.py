@@ -82,7 +82,8 @@ def _error_text(error) -> str:
     return str(error)[-300:]
 
 
-@pytest.mark.parametrize("api,reuse", [("tuner", False), ("run", True)], ids=["Tuner", "tune.run-reuse_actors"])
+@pytest.mark.parametrize("api,reuse", [("tuner", False), pytest.param("run", True, marks=pytest.mark.slow)],
+                         ids=["Tuner", "tune.run-reuse_actors"])
 def test_pbt_recipients_restore_donor_checkpoints_that_retention_would_delete(trainables, tmp_path, api, reuse):
     T = trainables(slots_per_host=6)
     outcomes, log = _sweep(T, tmp_path, api=api, reuse=reuse)

@@ -293,7 +293,8 @@ class LiveWatch(tune.Callback):
         self._see(trials)
 
 
-@pytest.mark.parametrize("searcher", ["random", "grid", "optuna", "unlimited"])
+@pytest.mark.parametrize("searcher", [pytest.param("random", marks=pytest.mark.slow),
+                                      pytest.param("grid", marks=pytest.mark.slow), "optuna", "unlimited"])
 def test_searchers_never_oversubscribe_the_slots(trainables, tmp_path, searcher):
     """More trials than slots; the slot cap must hold, and "unlimited" shows the check can fail."""
     T = trainables(slots_per_host=2)

@@ -1,12 +1,13 @@
-"""A Tune sweep with the user's own step, metric names, searched batch size and optimizer (issue 11, items 1-2, 5)."""
+"""A Tune sweep with the user's own step, metric names, searched batch size and optimizer, a Dataset with per-trial
+augmentation, a plateau rule on the user's metric, and the trained model back (issue 11, items 1-5)."""
 
 from __future__ import annotations
 
 import pytest
 from ray import tune
 
-from tune_helpers import (accuracy_step, chosen_optimizer, digits, errors, fit, make_model,  # noqa: F401
-                          ray_session, regularized_step)
+from tune_helpers import (accuracy_step, chosen_optimizer, digits, digits_pipeline, errors, fit,  # noqa: F401
+                          make_model, ray_session, regularized_step)
 
 
 def test_sweep_with_own_steps_names_batch_size_and_optimizer(ray_session, tmp_path):
@@ -15,13 +16,18 @@ def test_sweep_with_own_steps_names_batch_size_and_optimizer(ray_session, tmp_pa
     import ray_modelbatch
     from ray_modelbatch.tune import batched_trainable
 
+    from ray_modelbatch.optim import schedules
+
+    plateau = schedules.plateau(mode="min", factor=0.5, patience=0)
     T = batched_trainable(
-        model=make_model, optimizer=chosen_optimizer, hparams=lambda c: {"lr": c["lr"]}, data=digits,
+        model=make_model, optimizer=chosen_optimizer, data=digits_pipeline,
+        hparams=lambda c: {"lr": c["lr"], "plateau": plateau}, plateau_metric="nll",
         train_step=regularized_step, eval_step=accuracy_step, batch_size=lambda c: c["batch_size"],
         steps_per_report=10, slots_per_host=8, idle_timeout_s=3.0,
     )
-    space = {"batch_size": tune.grid_search([16, 32]), "opt": tune.grid_search(["adam", "sgd"]),
-             "l2": tune.grid_search([0.0, 1e-4]), "lr": 0.02}
+    space = {"batch_size": tune.grid_search([16, 32]), "opt": tune.grid_search(["rmsprop", "sgd"]),
+             "l2": tune.grid_search([0.0, 1e-4]), "lr": tune.sample_from(lambda s: 3e-3 if s.config.opt == "rmsprop"
+                                                                             else 0.02)}
     grid, log = fit(T, space, tmp_path, metric="accuracy", mode="max",
                     run_kw={"stop": {"training_iteration": 3},
                             "checkpoint_config": tune.CheckpointConfig(checkpoint_at_end=True)})
@@ -35,6 +41,15 @@ def test_sweep_with_own_steps_names_batch_size_and_optimizer(ray_session, tmp_pa
         stacks.setdefault((r.config["batch_size"], r.config["opt"]), set()).add(m["stack"])
     # one stack per (batch size, optimizer family); the l2 values share it as per-slot tensors
     assert all(len(v) == 1 for v in stacks.values()) and len({s for v in stacks.values() for s in v}) == 4
+    # the plateau rule halved a trial's lr after each report whose nll did not improve
+    for r in grid:
+        df = r.metrics_dataframe.sort_values("training_iteration")
+        best, lr = float("inf"), r.config["lr"]
+        for nll, got in zip(df["nll"], df["lr"]):
+            if not nll < best * (1 - 1e-4):
+                lr *= 0.5
+            best = min(best, nll)
+            assert got == pytest.approx(lr), (r.config, list(df["nll"]), list(df["lr"]))
     best = grid.get_best_result()
     assert best.metrics["accuracy"] > 0.8
     model = T.load_model(best.checkpoint)

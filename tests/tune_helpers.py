@@ -113,8 +113,35 @@ def chosen_optimizer(config):
 
     import ray_modelbatch
 
-    return {"adam": ray_modelbatch.optim.Adam,
+    return {"adam": ray_modelbatch.optim.Adam, "rmsprop": ray_modelbatch.optim.RMSprop,
             "sgd": functools.partial(ray_modelbatch.optim.SGD, momentum=0.9)}[config["opt"]]
+
+
+class DigitsDataset:
+    """The digits training rows as a map-style dataset (``__len__``/``__getitem__``), as a user's pipeline gives them."""
+
+    def __init__(self):
+        self.x, self.y, _, _ = digits()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def jitter(sample, generator):
+    """A per-example augmentation drawn from the trial's own generator: a little pixel noise."""
+    import torch
+
+    x, y = sample
+    return x + 0.02 * torch.randn(x.shape, generator=generator), y
+
+
+def digits_pipeline():
+    """data() as a Dataset, a validation pair and a transform: the pipeline form."""
+    _, _, xv, yv = digits()
+    return {"train": DigitsDataset(), "val": (xv, yv), "transform": jitter}
 
 
 def make_trainable(*, optimizer: str = "adam", slots_per_host: int = 4, steps_per_report: int = 5,
