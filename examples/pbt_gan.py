@@ -186,7 +186,7 @@ def main() -> None:
                 name="pbt_gan", storage_path=os.path.abspath(args.storage),
                 stop={"training_iteration": args.max_t},
                 checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=args.interval, num_to_keep=4),
-                callbacks=[SweepProgress(T, metric="is_score")], verbose=0,
+                callbacks=[SweepProgress(T, metric="is_score", mode="max")], verbose=0,
             ),
         )
         results = tuner.fit()
