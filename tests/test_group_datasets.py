@@ -72,3 +72,23 @@ def test_each_slot_trains_on_its_own_augmented_batches_like_a_solo_loader():
     # the stream's position and augmentation state are plain tensors in the checkpoint
     state = torch.load(io.BytesIO(group.export(slots[0])), weights_only=True)
     assert isinstance(state["stream"]["augment_state"], torch.Tensor)
+
+
+def test_host_memory_streams_train_like_data_on_the_device():
+    """``host_memory=True``: training tensors stay in host memory, each step's batches are copied; same results."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 1, 6, 6, generator=g), torch.randint(0, 3, (60,), generator=g)
+    data = (x, y, x[:10], y[:10])
+    results = []
+    for host in (False, True):
+        spec = SlotSpec(model=lambda c: None, optimizer=optim.Adam, hparams=lambda c: {}, loss=F.cross_entropy,
+                        data=lambda: None, batch_size=8, steps_per_report=3, host_memory=host)
+        torch.manual_seed(0)
+        first = _model()
+        group = SlotGroup(spec, stack_key(first), first, data, 4, "cpu")
+        assert type(group.streams).__name__ == ("HostTensorStreams" if host else "PerSlotStreams")
+        slots = [group.add(f"t{i}", _model(), seed=i, hparams={"lr": 1e-2}) for i in range(2)]
+        for _ in range(6):
+            group.step(slots)
+        results.append(group.mb.groups[torch.float32].data.clone())
+    assert torch.equal(results[0], results[1])
