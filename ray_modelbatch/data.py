@@ -211,7 +211,32 @@ class SharedStream:
         self.sampler.load_state_dict(state["sampler"])
 
 
-class PerSlotStreams:
+def resized(items: list, capacity: int, keep: Sequence[int] | None) -> list:
+    """Per-slot items after :meth:`ModelBatch.resize`: new slot ``j`` takes ``items[keep[j]]``, the rest ``None``."""
+    keep = list(range(min(len(items), capacity))) if keep is None else list(keep)
+    if len(keep) > capacity:
+        raise ValueError(f"keep lists {len(keep)} slots but capacity is {capacity}")
+    return [items[k] for k in keep] + [None] * (capacity - len(keep))
+
+
+class SlotStreamsState:
+    """``state_dict``/``load_state_dict`` of per-slot streams, built on their ``slot_state``/``load_slot_state``."""
+
+    num_slots: int
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samplers": [self.slot_state(i) for i in range(self.num_slots)]}
+
+    def load_state_dict(self, state: Any) -> None:
+        saved = state["samplers"]
+        if len(saved) != self.num_slots:
+            raise ValueError(f"state has {len(saved)} slots, these streams have {self.num_slots}")
+        for i, st in enumerate(saved):
+            if st is not None:
+                self.load_slot_state(i, st)
+
+
+class PerSlotStreams(SlotStreamsState):
     """One :class:`SlotSampler` per slot over shared on-device ``x``/``y`` (``per_slot = True``).
 
     Args:
@@ -316,12 +341,7 @@ class PerSlotStreams:
 
         Slots beyond ``len(keep)`` have no stream until :meth:`reset_slot`.
         """
-        if keep is None:
-            keep = list(range(min(self.num_slots, capacity)))
-        keep = list(keep)
-        if len(keep) > capacity:
-            raise ValueError(f"keep lists {len(keep)} slots but capacity is {capacity}")
-        self.samplers = [self.samplers[k] for k in keep] + [None] * (capacity - len(keep))
+        self.samplers = resized(self.samplers, capacity, keep)
 
     def slot_state(self, i: int) -> dict[str, Any] | None:
         """The stream position of slot ``i`` (for a per-trial checkpoint)."""
@@ -333,17 +353,6 @@ class PerSlotStreams:
         if sampler is None:
             raise RuntimeError(f"slot {i} has no data stream; call reset_slot first, then load its state")
         sampler.load_state_dict(state)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"samplers": [self.slot_state(i) for i in range(self.num_slots)]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state["samplers"]
-        if len(saved) != self.num_slots:
-            raise ValueError(f"state has {len(saved)} slots, these streams have {self.num_slots}")
-        for i, st in enumerate(saved):
-            if st is not None:
-                self.load_slot_state(i, st)
 
 
 # --------------------------------------------------------------------- routing

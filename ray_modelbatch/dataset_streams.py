@@ -70,7 +70,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data import default_collate
 
-from .data import PerSlotStreams, SlotSampler, _as_index
+from .data import PerSlotStreams, SlotSampler, SlotStreamsState, _as_index, resized
 from .host_streams import HostTensorStreams, _on_cpu, expand_skipped, staging, to_device
 
 __all__ = [
@@ -354,7 +354,7 @@ class SlotLoader:
         self.position.load_state_dict(state)
 
 
-class DatasetStreams:
+class DatasetStreams(SlotStreamsState):
     """Per-slot streams over a map-style dataset (``per_slot = True``): a drop-in for :class:`PerSlotStreams`.
 
     Args:
@@ -493,12 +493,7 @@ class DatasetStreams:
 
     def resize(self, capacity: int, keep: Sequence[int] | None = None) -> None:
         """Follow :meth:`ModelBatch.resize`: new slot ``j`` keeps old slot ``keep[j]``'s stream."""
-        if keep is None:
-            keep = list(range(min(self.num_slots, capacity)))
-        keep = list(keep)
-        if len(keep) > capacity:
-            raise ValueError(f"keep lists {len(keep)} slots but capacity is {capacity}")
-        self.samplers = [self.samplers[k] for k in keep] + [None] * (capacity - len(keep))
+        self.samplers = resized(self.samplers, capacity, keep)
 
     def slot_state(self, i: int) -> dict[str, Any] | None:
         """Slot ``i``'s position as plain tensors and numbers (for a per-trial checkpoint)."""
@@ -511,17 +506,6 @@ class DatasetStreams:
         if s is None:
             raise RuntimeError(f"slot {i} has no data stream; call reset_slot first, then load its state")
         s.load_state_dict(state)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"samplers": [self.slot_state(i) for i in range(self.num_slots)]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved = state["samplers"]
-        if len(saved) != self.num_slots:
-            raise ValueError(f"state has {len(saved)} slots, these streams have {self.num_slots}")
-        for i, st in enumerate(saved):
-            if st is not None:
-                self.load_slot_state(i, st)
 
     def close(self) -> None:
         """Stop the worker threads, if any."""

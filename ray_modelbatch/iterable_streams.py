@@ -62,6 +62,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from .data import SlotStreamsState, resized
 from .dataset_streams import DatasetInputs, validation_tensors
 from .host_streams import expand_skipped, staging, to_device
 
@@ -149,7 +150,7 @@ class SlotPosition:
         return c is not None and (c.seed, c.epoch, c.taken) == self.position()
 
 
-class IterableStreams:
+class IterableStreams(SlotStreamsState):
     """Per-slot streams over ``factory(seed, epoch)`` iterables (``per_slot = True``): a drop-in for PerSlotStreams.
 
     Args:
@@ -380,12 +381,7 @@ class IterableStreams:
 
     def resize(self, capacity: int, keep: Sequence[int] | None = None) -> None:
         """Follow :meth:`ModelBatch.resize`: new slot ``j`` keeps old slot ``keep[j]``'s stream (and iterator)."""
-        if keep is None:
-            keep = list(range(min(self.num_slots, capacity)))
-        keep = list(keep)
-        if len(keep) > capacity:
-            raise ValueError(f"keep lists {len(keep)} slots but capacity is {capacity}")
-        self.slots = [self.slots[k] for k in keep] + [None] * (capacity - len(keep))
+        self.slots = resized(self.slots, capacity, keep)
 
     def slot_state(self, i: int) -> dict[str, int] | None:
         """Slot ``i``'s position as plain ints (a checkpoint loads with ``torch.load(weights_only=True)``)."""
@@ -406,17 +402,6 @@ class IterableStreams:
             raise ValueError(f"stream state was saved with batch_size {int(state['batch_size'])}, these streams have "
                              f"{self.batch_size}; batches taken would not mean the same rows.")
         s.seek((state["seed"], state["epoch"], state["taken"]))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"samplers": [self.slot_state(i) for i in range(self.num_slots)]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved = state["samplers"]
-        if len(saved) != self.num_slots:
-            raise ValueError(f"state has {len(saved)} slots, these streams have {self.num_slots}")
-        for i, st in enumerate(saved):
-            if st is not None:
-                self.load_slot_state(i, st)
 
     def close(self) -> None:
         """Drop every open iterator (a DataLoader's workers stop with it)."""

@@ -13,7 +13,6 @@ from tune_helpers import (accuracy_step, chosen_optimizer, digits, digits_pipeli
 def test_sweep_with_own_steps_names_batch_size_and_optimizer(ray_session, tmp_path):
     import torch
 
-    import ray_modelbatch
     from ray_modelbatch.tune import batched_trainable
 
     from ray_modelbatch.optim import schedules

@@ -106,7 +106,6 @@ class SlotHost:
                  stats_every_s: float = 5.0, profile_config: dict | None = None, max_slots: int = 256,
                  run_ahead: int = 2, threads: int | None = None):
         from ray import cloudpickle  # Ray's own copy: the package needs no separate cloudpickle
-        import torch
 
         from ..data import sweep_inputs
 
