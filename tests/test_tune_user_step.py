@@ -7,7 +7,7 @@ import pytest
 from ray import tune
 
 from tune_helpers import (accuracy_step, chosen_optimizer, digits, digits_pipeline, errors, fit,  # noqa: F401
-                          make_model, ray_session, regularized_step)
+                          gan_d_step, gan_g_step, gan_gap, make_model, ray_session, regularized_step, tiny_gan)
 
 
 def test_sweep_with_own_steps_names_batch_size_and_optimizer(ray_session, tmp_path):
@@ -56,3 +56,31 @@ def test_sweep_with_own_steps_names_batch_size_and_optimizer(ray_session, tmp_pa
     with torch.no_grad():
         acc = float((model(xv).argmax(-1) == yv).float().mean())
     assert acc == pytest.approx(best.metrics["accuracy"], abs=1e-6)
+
+
+def test_a_model_in_parts_trains_in_a_sweep_and_comes_back(ray_session, tmp_path):
+    """A GAN: one optimizer and learning rate per part, alternating steps, its own metric, the ModuleDict back."""
+    import torch
+
+    from ray_modelbatch import optim
+    from ray_modelbatch.tune import batched_trainable
+
+    T = batched_trainable(
+        model=tiny_gan, optimizer={"D": optim.Adam, "G": optim.Adam}, data=digits,
+        hparams=lambda c: {"D": {"lr": c["lr_d"]}, "G": {"lr": c["lr_g"]}},
+        train_step={"D": gan_d_step, "G": gan_g_step}, eval_step=gan_gap,
+        batch_size=32, steps_per_report=10, slots_per_host=4, idle_timeout_s=3.0,
+    )
+    grid, _ = fit(T, {"lr_d": tune.grid_search([1e-3, 3e-3]), "lr_g": 2e-3}, tmp_path, metric="pixel_gap",
+                  mode="min", run_kw={"stop": {"training_iteration": 3},
+                                      "checkpoint_config": tune.CheckpointConfig(checkpoint_at_end=True)})
+    assert not errors(grid)
+    for r in grid:
+        m = r.metrics
+        assert {"pixel_gap", "loss_D", "loss_G", "train_loss"} <= set(m) and m["training_iteration"] == 3
+        assert m["lr"] == pytest.approx(r.config["lr_d"])  # the first part's (D) learning rate
+    gan = T.load_model(grid.get_best_result().checkpoint)
+    state = T.load_state(grid.get_best_result().checkpoint)
+    assert set(state["optimizer"]["parts"]) == {"D", "G"} and state["optimizer"]["parts"]["G"]["steps"] == 30
+    with torch.no_grad():
+        assert gan["G"](torch.randn(5, 8)).shape == (5, 64)

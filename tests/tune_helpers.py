@@ -418,3 +418,41 @@ def load_sweep(storage, *, trials: int, slots: int, reuse_actors: bool, steps_pe
     start = time.monotonic()
     grid = tuner.fit()
     return T, grid, log, watch, time.monotonic() - start
+
+
+def tiny_gan(config):
+    """A GAN of two MLPs over the 64 digit pixels: the model of a trainable trained in parts."""
+    from torch import nn
+
+    return nn.ModuleDict({
+        "D": nn.Sequential(nn.Linear(64, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1)),
+        "G": nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 64), nn.Sigmoid()),
+    })
+
+
+def gan_d_step(model, batch, config):
+    import torch
+    import torch.nn.functional as F
+
+    real, _ = batch
+    fake = model["G"](torch.randn(real.shape[0], 8)).detach()
+    r, f = model["D"](real), model["D"](fake)
+    return F.binary_cross_entropy_with_logits(r, torch.ones_like(r)) + F.binary_cross_entropy_with_logits(
+        f, torch.zeros_like(f))
+
+
+def gan_g_step(model, batch, config):
+    import torch
+    import torch.nn.functional as F
+
+    real, _ = batch
+    logit = model["D"](model["G"](torch.randn(real.shape[0], 8)))
+    return F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
+
+
+def gan_gap(model, batch, config):
+    """How far the generated pixels' mean is from the real ones' (lower is better)."""
+    import torch
+
+    real, _ = batch
+    return {"pixel_gap": (model["G"](torch.randn(real.shape[0], 8)).mean(0) - real.mean(0)).abs().mean()}
