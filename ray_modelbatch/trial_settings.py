@@ -47,7 +47,14 @@ def resolve_optimizer(optimizer: Any, config: Mapping[str, Any] | None) -> Any:
         return optimizer
     if config is None:  # no trial (the standalone Trainer, a profile): a plain factory of a ModelBatch
         return optimizer
-    chosen = optimizer(config)
+    try:
+        chosen = optimizer(config)
+    except (AttributeError, TypeError) as exc:  # e.g. a ModelBatch -> optimizer lambda given a config
+        raise TrialConfigError(
+            f"optimizer={getattr(optimizer, '__name__', optimizer)!r} failed on this trial's config "
+            f"({type(exc).__name__}: {exc}); give a ray_modelbatch.optim class, functools.partial(class, ...) for "
+            "fixed keywords, or a function config -> class."
+        ) from exc
     if not _is_fixed(chosen):
         raise TrialConfigError(
             f"optimizer={getattr(optimizer, '__name__', optimizer)!r} returned {chosen!r} for this trial's config; "

@@ -266,3 +266,12 @@ def test_reduce_lr_on_plateau_steps_on_the_reported_metric():
         while not done:
             done = bad.step([s])
         bad.finish(done)
+
+
+def test_an_optimizer_factory_of_a_modelbatch_is_named_in_one_line():
+    from ray_modelbatch.errors import TrialConfigError
+    from ray_modelbatch.trial_settings import resolve_optimizer
+
+    with pytest.raises(TrialConfigError, match="a function config -> class") as info:
+        resolve_optimizer(lambda mb: optim.Adam(mb, lr=1e-3), {"lr": 1e-3})
+    assert "\n" not in str(info.value)

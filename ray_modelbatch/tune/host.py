@@ -339,9 +339,10 @@ class SlotHost:
             torch.manual_seed(seed)
             model = _from_config(self.spec.model, "model", config)
             hparams = _from_config(self.spec.hparams, "hparams", seen)
-            for setting in (self.spec.optimizer, self.spec.batch_size):
+            opt = self.spec.optimizer
+            for setting in (*(opt.values() if isinstance(opt, dict) else [opt]), self.spec.batch_size):
                 if callable(setting) and not _is_fixed_optimizer(setting):
-                    _from_config(setting, "optimizer/batch_size", seen)
+                    _from_config(setting, "optimizer/batch_size", seen)  # records what they read
             group = next((g for g in self.groups.values() if g.model_key == skey and g.accepts(config)), None)
             if group is None:
                 name = skey if skey not in self.groups else f"{skey}.{len(self.groups)}"

@@ -133,8 +133,8 @@ def check_optimizer(optimizer: Any) -> None:
     mro = getattr(optimizer, "__mro__", None)
     if mro is None and not callable(optimizer):
         raise TypeError(f"optimizer must be a ray_modelbatch.optim class ({', '.join(FUSED_OPTIMIZERS)}) or a "
-                        f"function returning one for a ModelBatch; got {optimizer!r}.")
-    if mro is None:  # a factory (functools.partial, a lambda): checked when a host builds it
+                        f"function of the trial's config returning one; got {optimizer!r}.")
+    if mro is None:  # functools.partial of a class, or config -> class: checked when a host resolves it
         base = getattr(optimizer, "func", None)
         if base is None:
             return
@@ -149,4 +149,4 @@ def check_optimizer(optimizer: Any) -> None:
         raise TypeError(f"optimizer={optimizer.__module__}.{optimizer.__name__} is a torch.optim class, which "
                         f"cannot step a stack of models: {fix}.")
     raise TypeError(f"optimizer must be a ray_modelbatch.optim class ({', '.join(FUSED_OPTIMIZERS)}) or a "
-                    f"function returning one for a ModelBatch; got {optimizer!r}.")
+                    f"function of the trial's config returning one; got {optimizer!r}.")
