@@ -256,10 +256,28 @@ def patch_tune_driver() -> None:
     Called when the proxy module is imported: the driver imports it to build
     the trainable (also under ``Tuner.restore`` and Ray Client, which unpickle
     the trainable where the controller runs). Trial processes import it too,
-    where the patches are installed but never used. Imports no torch.
+    where nothing would use the patches: they are skipped there, so the 16+
+    trial processes of a sweep start without importing PBT and Ray Train's
+    checkpoint manager. Imports no torch.
     """
+    if in_worker_process():
+        return
     keep_restore_sources()
     drop_stale_stop_on_pause()
+
+
+def in_worker_process() -> bool:
+    """Whether this process is a Ray worker (a trial, a host), not the driver that runs Tune's controller.
+
+    Ray 2.60: ``ray._private.worker.global_worker.mode`` is ``WORKER_MODE`` in
+    worker processes; no public API says so. Unknown counts as the driver.
+    """
+    try:
+        from ray._private import worker
+
+        return worker.global_worker.mode == worker.WORKER_MODE
+    except Exception:  # noqa: BLE001 - a private API: absent or changed means "not known to be a worker"
+        return False
 
 
 def experiment_dir(trainable: Any) -> str | None:
