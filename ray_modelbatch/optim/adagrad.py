@@ -8,6 +8,7 @@ import torch
 
 from ..model_batch import ModelBatch
 from .base import VectorOptimizer
+from .decay import apply_weight_decay
 from .hparams import learning_rate, nonneg
 
 
@@ -56,8 +57,7 @@ class Adagrad(VectorOptimizer):
         return c
 
     def _update(self, p, g, state, c):
-        if "wd" in c:
-            g = g.add(p * c["wd"])
+        g = apply_weight_decay(p, g, c)
         acc = state["sum"]
         acc.addcmul_(g, g)
         std = acc.sqrt().add_(c["eps"])

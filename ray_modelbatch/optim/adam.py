@@ -8,6 +8,7 @@ import torch
 
 from ..model_batch import ModelBatch
 from .base import VectorOptimizer
+from .decay import apply_weight_decay
 from .betas import BetasMixin, beta
 from .hparams import flag, learning_rate, nonneg
 
@@ -79,10 +80,7 @@ class Adam(BetasMixin, VectorOptimizer):
 
     def _update(self, p, g, state, c):
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        if "decay" in c:
-            p.mul_(c["decay"])
-        if "wd" in c:
-            g = g.add(p * c["wd"])
+        g = apply_weight_decay(p, g, c)
         m.lerp_(g, c["w1"])
         v.lerp_(g * g, c["w2"])
         second = v

@@ -8,6 +8,7 @@ import torch
 
 from ..model_batch import ModelBatch
 from .base import VectorOptimizer
+from .decay import apply_weight_decay
 from .betas import BetasMixin, beta
 from .hparams import learning_rate, nonneg
 
@@ -55,8 +56,7 @@ class Adamax(BetasMixin, VectorOptimizer):
         return c
 
     def _update(self, p, g, state, c):
-        if "wd" in c:
-            g = g.add(p * c["wd"])
+        g = apply_weight_decay(p, g, c)
         m, u = state["exp_avg"], state["exp_inf"]
         m.lerp_(g, c["w1"])
         torch.maximum(u.mul_(c["decay_inf"]), g.abs().add_(c["eps"]), out=u)

@@ -1,4 +1,5 @@
-"""Per-slot weight decay for optimizers with torch's ``decoupled_weight_decay`` flag (NAdam, RAdam).
+"""Per-slot weight decay: coefficients for torch's ``decoupled_weight_decay`` flag (NAdam, RAdam), and the
+one place every optimizer's update applies decay (:func:`apply_weight_decay`).
 
 Slots may mix the two forms; each form costs its elementwise pass only when
 some slot uses it (``kinds``, known on the host). Skipped slots get decay 1
@@ -30,3 +31,17 @@ def weight_decay_coefficients(hp: Mapping[str, torch.Tensor], ok: torch.Tensor, 
     if "coupled" in kinds:
         out["wd"] = wd * (1.0 - dec) * ok
     return out
+
+
+def apply_weight_decay(p: torch.Tensor, g: torch.Tensor, c: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Apply the decay columns of ``c`` at the start of an update; returns the gradient to use.
+
+    ``decay`` scales the parameters in place (decoupled, AdamW-style); ``wd``
+    adds L2 to the gradient (a new tensor: the flat gradient buffer is not
+    changed). Either key is present only when some slot uses that form.
+    """
+    if "decay" in c:
+        p.mul_(c["decay"])
+    if "wd" in c:
+        g = g.add(p * c["wd"])
+    return g

@@ -9,7 +9,7 @@ import torch
 from ..model_batch import ModelBatch
 from .base import VectorOptimizer
 from .betas import BetasMixin, beta
-from .decay import decay_kinds, weight_decay_coefficients
+from .decay import apply_weight_decay, decay_kinds, weight_decay_coefficients
 from .hparams import flag, learning_rate, nonneg
 
 
@@ -70,10 +70,7 @@ class NAdam(BetasMixin, VectorOptimizer):
         return c
 
     def _update(self, p, g, state, c):
-        if "decay" in c:
-            p.mul_(c["decay"])
-        if "wd" in c:
-            g = g.add(p * c["wd"])
+        g = apply_weight_decay(p, g, c)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.lerp_(g, c["w1"])
         v.lerp_(g * g, c["w2"])

@@ -8,6 +8,7 @@ import torch
 
 from ..model_batch import ModelBatch
 from .base import VectorOptimizer
+from .decay import apply_weight_decay
 from .hparams import flag, learning_rate, nonneg, unit_interval
 
 
@@ -75,8 +76,7 @@ class RMSprop(VectorOptimizer):
         return c
 
     def _update(self, p, g, state, c):
-        if "wd" in c:
-            g = g.add(p * c["wd"])
+        g = apply_weight_decay(p, g, c)
         square_avg = state["square_avg"]
         square_avg.mul_(c["keep"]).addcmul_(g, g * c["take"])
         if "centered" in c:

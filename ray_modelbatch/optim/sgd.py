@@ -9,6 +9,7 @@ import torch
 from ..errors import HyperparameterError
 from ..model_batch import ModelBatch
 from .base import VectorOptimizer
+from .decay import apply_weight_decay
 from .hparams import HParam, flag, learning_rate, nonneg
 
 
@@ -67,8 +68,7 @@ class SGD(VectorOptimizer):
         return c
 
     def _update(self, p, g, state, c):
-        if "wd" in c:
-            g = g.add(p * c["wd"])
+        g = apply_weight_decay(p, g, c)
         if "keep" in c:
             buf = state["momentum_buffer"]
             buf.mul_(c["keep"]).add_(g * c["take"])
