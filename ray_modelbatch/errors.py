@@ -41,6 +41,12 @@ class SlotHostStartError(ModelBatchError, RuntimeError):
     """A slot host could not start: its ``data()`` raised, or not one slot fits its device."""
 
 
+class SweepSetupError(SlotHostStartError):
+    """The sweep's own functions fail the same way for every trial (``data()`` returned the wrong items, the
+    loss does not fit the labels...): the first trial reports it and the sweep stops, instead of every trial
+    failing with the same message."""
+
+
 class TrialConfigError(ModelBatchError, KeyError):
     """A trial's config lacks a key, or has a value, that the user's factories need."""
 

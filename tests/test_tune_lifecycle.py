@@ -449,19 +449,19 @@ def test_proxy_and_unpickled_trainable_do_not_import_torch(tmp_path):
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
-def test_a_bad_data_fails_every_trial_with_one_line_and_starts_one_host(trainables, tmp_path):
+def test_a_bad_data_fails_the_sweep_once_in_one_line_and_starts_one_host(trainables, tmp_path):
     """data() returning 2 items: the host reports it in one line (no aborted host process), the
-    registry remembers it, and every trial fails at once with that line without starting hosts of
-    its own."""
+    first trial fails with that line, and the sweep stops there: no other trial errors or starts a
+    host, and Tune's loop ends instead of running the remaining samples."""
     T = trainables(slots_per_host=4, data=h.digits_train_only)
-    grid, _ = h.fit(T, {"lr": tune.grid_search([0.1, 0.2, 0.3])}, tmp_path, scheduler=FIFOScheduler(),
+    grid, _ = h.fit(T, {"lr": tune.grid_search([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])}, tmp_path, scheduler=FIFOScheduler(),
                     run_kw={"stop": {"training_iteration": 2}})
     errs = h.errors(grid)
-    assert len(errs) == 3
-    for e in errs:
-        text = str(e)
-        assert "data() returned two items" in text and "It must return four tensors (x_train, y_train, x_val, y_val)" in text, text
-        assert "SIGABRT" not in text and "Stack trace" not in text
+    assert len(errs) == 1, [str(e)[-200:] for e in errs]
+    text = str(errs[0])
+    assert "data() returned two items" in text and "It must return four tensors (x_train, y_train, x_val, y_val)" in text, text
+    assert "SweepSetupError" in text and "SIGABRT" not in text and "Stack trace" not in text
+    assert all(r.metrics.get("training_iteration", 0) == 0 for r in grid)  # nothing trained
     from ray_modelbatch.tune.registry import NAMESPACE, registry_name
 
     registry = ray.get_actor(registry_name(T._experiment), namespace=NAMESPACE)

@@ -104,8 +104,9 @@ class SlotTrialProxy(Trainable):
                         self.trial_id, config, [self._lease], self._experiment_dir(), token))
                     break
             except ray.exceptions.RayTaskError as exc:
-                if isinstance(getattr(exc, "cause", None), SlotHostStartError):
-                    raise SlotHostStartError(str(exc.cause)) from None  # one line, not the registry's traceback
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, SlotHostStartError):  # SweepSetupError too: the driver then stops the sweep
+                    raise type(cause)(str(cause)) from None  # one line, not the registry's traceback
                 raise
             except ray.exceptions.RayActorError:
                 # The registry stopped itself (idle timeout) just as this trial came, or the host

@@ -250,6 +250,57 @@ def drop_stale_stop_on_pause() -> None:
     _stale_stop_installed = True
 
 
+_stop_on_setup_error_installed = False
+
+
+def stop_sweep_on_setup_error() -> None:
+    """End the whole sweep at the first trial that fails with a :class:`~ray_modelbatch.errors.SweepSetupError`.
+
+    Such an error (``data()`` returned the wrong items, the trainable's functions
+    cannot be loaded on the host) is the same for every trial of the sweep, so
+    Tune would print it once per trial, each with a Ray traceback. Ray Tune 2.60
+    (``tune/execution/tune_controller.py``): every trial failure, of a task or of
+    the trial actor's creation, passes ``TuneController._trial_task_failure``, and
+    ``_stop_experiment_if_needed`` (after each event) stops every trial once
+    ``_should_stop_experiment`` is set, the flag a scheduler's "stop all" sets. The
+    wrapper sets it at the first such failure, which Tune reports as usual; later
+    ones of the same sweep only stop their trial (TERMINATED, no second report).
+    Idempotent. Check on upgrade: ``tests/test_tune_lifecycle.py``, the bad-data test.
+    """
+    global _stop_on_setup_error_installed
+    if _stop_on_setup_error_installed:
+        return
+    try:
+        from ray.tune.execution.tune_controller import TuneController
+
+        task_failure = TuneController._trial_task_failure
+    except (ImportError, AttributeError) as exc:
+        logger.debug("not installing the stop-on-setup-error hook (Ray %s): %s", TESTED_RAY, exc)
+        return
+
+    def trial_task_failure(self: Any, trial: Any, exception: Exception) -> None:
+        if "SweepSetupError" not in f"{type(exception).__name__} {exception}":
+            return task_failure(self, trial, exception)
+        if getattr(self, "_rmb_setup_error", False):
+            self._schedule_trial_stop(trial)  # the sweep is stopping for this very reason: no second report
+            return None
+        self._rmb_setup_error = True
+        self._should_stop_experiment = True
+        task_failure(self, trial, exception)
+        logger.error("ray_modelbatch: stopping the sweep, since every trial would fail the same way: %s",
+                     _last_line(str(exception)))
+        return None
+
+    TuneController._trial_task_failure = trial_task_failure
+    _stop_on_setup_error_installed = True
+
+
+def _last_line(text: str) -> str:
+    """The line of a (remote) traceback that says what went wrong: its last non-empty one."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else text
+
+
 def patch_tune_driver() -> None:
     """Install the workarounds that must run where Tune's controller runs (the driver).
 
@@ -264,6 +315,7 @@ def patch_tune_driver() -> None:
         return
     keep_restore_sources()
     drop_stale_stop_on_pause()
+    stop_sweep_on_setup_error()
 
 
 def in_worker_process() -> bool:

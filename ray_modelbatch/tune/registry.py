@@ -27,7 +27,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..errors import SlotHostStartError
+from ..errors import SlotHostStartError, SweepSetupError
 from .host import SlotHost
 from .ray_compat import available_resources_per_node
 
@@ -135,7 +135,7 @@ class HostRegistry:
             self.last_busy = time.monotonic()
             self._assigned = True
             if self.start_error is not None:
-                raise SlotHostStartError(self.start_error)
+                raise SweepSetupError(self.start_error)
             free = self._free_by_host()
             if all(free[p] < self.slots[p] for p in free):
                 created = self._create_where_free(config)  # every host has trials: spread to a free GPU
@@ -250,7 +250,7 @@ class HostRegistry:
             ray.kill(handle, no_restart=True)
             self.start_error = f"slot host could not start: {info['error']}"
             logger.error("%s", self.start_error)
-            raise SlotHostStartError(self.start_error)
+            raise SweepSetupError(self.start_error)
         self.hosts[place] = (name, handle)
         self.slots[place] = int(info["capacity"])
         logger.info("created slot host %s on %s (%d slots, %s)%s", name, place.label, info["capacity"],
