@@ -73,6 +73,22 @@ def build_optimizer(factory: Any, mb: Any) -> Any:
     return factory(mb)
 
 
+def fits_param_groups(opt: Any, hparams: Mapping[str, Any] | None) -> bool:
+    """Whether a trial's hparams give the parameter groups that ``opt``, its stack's optimizer, has.
+
+    Group membership shapes the fused update (see :mod:`ray_modelbatch.optim.groups`),
+    so it is equal within a stack, like the optimizer family: a trial whose
+    ``param_groups`` hold other parameters trains in another stack. Group
+    values may differ per trial. A model in parts is checked part by part.
+    """
+    hparams = hparams or {}
+    parts = getattr(opt, "parts", None)
+    if parts is not None:
+        return all(fits_param_groups(o, hparams.get(name)) for name, o in parts.items())
+    fits = getattr(opt, "fits_param_groups", None)
+    return fits is None or fits(hparams.get("param_groups"))
+
+
 def optimizer_id(factory: Any) -> str:
     """A name equal exactly when two trials' optimizer factories build the same optimizer family."""
     if isinstance(factory, Mapping):

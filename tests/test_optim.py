@@ -91,9 +91,10 @@ def test_onednn_gemms_match_torch(cls):
 
 
 def _cosine_lambda(warmup, total, ratio):
+    """HF's get_cosine_with_min_lr_schedule_with_warmup lambda (held at the minimum after total)."""
     def f(t):
         if t < warmup:
-            return (t + 1) / warmup
+            return t / max(1, warmup)
         progress = min(max((t - warmup) / max(1, total - warmup), 0.0), 1.0)
         return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f

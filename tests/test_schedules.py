@@ -116,6 +116,44 @@ def test_warmup_linear_matches_hf_linear_schedule_with_warmup():
     check(sched, [lambda o, c=c: L.LambdaLR(o, hf_linear_with_warmup(*c)) for c in cfg], 24)
 
 
+def hf_cosine_with_warmup(warmup, total, min_ratio=0.0):
+    """transformers' _get_cosine_schedule_with_warmup_lr_lambda (num_cycles=0.5, min_lr_rate), written out."""
+    def f(step):
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        factor = 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress))
+        return max(0, factor * (1 - min_ratio) + min_ratio)
+    return f
+
+
+COSINE = [(5, 20, 0.0), (0, 12, 0.1), (1, 6, 0.0), (8, 15, 0.25)]  # (warmup, total, min_lr_ratio) per slot
+
+
+def test_warmup_cosine_matches_hf_cosine_schedule_with_warmup():
+    """HF's factor t / max(1, warmup) in warmup (step 0 has rate 0), cosine to min_lr_ratio at total_steps;
+    after total_steps ours holds the minimum (HF's cosine rises again, so it is compared up to total)."""
+    sched = schedules.warmup_cosine(*[[c[k] for c in COSINE] for k in (1, 0, 2)])
+    got = check(sched, [lambda o, c=c: L.LambdaLR(o, hf_cosine_with_warmup(*c)) for c in COSINE], 24,
+                upto=[c[1] + 1 for c in COSINE])
+    assert [row[0] for row in got[:2]] == pytest.approx([0.0, LR[0] / 5], abs=1e-15)  # step 0: rate 0
+    for i, (_, total, ratio) in enumerate(COSINE):
+        assert [row[i] for row in got[total:]] == pytest.approx([LR[i] * ratio] * (24 - total), abs=1e-15)
+
+
+def test_warmup_schedules_match_transformers():
+    """Against transformers' own functions, when installed (the formula tests above always run)."""
+    optimization = pytest.importorskip("transformers.optimization")
+    cosine = schedules.warmup_cosine(*[[c[k] for c in COSINE] for k in (1, 0, 2)])
+    check(cosine, [lambda o, c=c: optimization.get_cosine_with_min_lr_schedule_with_warmup(
+        o, c[0], c[1], min_lr_rate=c[2]) for c in COSINE], 24, upto=[c[1] + 1 for c in COSINE])
+    plain = schedules.warmup_cosine(20, 5)
+    check(plain, [lambda o: optimization.get_cosine_schedule_with_warmup(o, 5, 20)] * 4, 21)
+    lin = [(5, 20), (0, 10), (3, 3), (8, 15)]
+    check(schedules.warmup_linear([c[0] for c in lin], [c[1] for c in lin]),
+          [lambda o, c=c: optimization.get_linear_schedule_with_warmup(o, *c) for c in lin], 24)
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_one_kind_per_slot_trains_like_torch_schedulers(compiled):
     """A different new schedule in each slot of one Adam, through real training (compiled and eager)."""

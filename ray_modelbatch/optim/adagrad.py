@@ -33,6 +33,7 @@ class Adagrad(VectorOptimizer):
         "initial_accumulator_value": nonneg("initial_accumulator_value"),
         "eps": nonneg("eps", 1e-10),
     }
+    LR_COEFFICIENTS = ("clr",)
     STATE = ("sum",)
     STATE_INIT = {"sum": "initial_accumulator_value"}
 
@@ -43,7 +44,7 @@ class Adagrad(VectorOptimizer):
 
     def _push(self) -> None:
         super()._push()
-        self._any_wd = bool((self._hp["weight_decay"] != 0).any())
+        self._any_wd = any(bool((wd != 0).any()) for wd in self._weight_decays())
 
     def _coefficients(self, hp, steps, ok, lr):
         skip = ok == 0

@@ -32,6 +32,7 @@ class Adam(BetasMixin, VectorOptimizer):
         "weight_decay": nonneg("weight_decay"),
         "amsgrad": flag("amsgrad"),
     }
+    LR_COEFFICIENTS = ("step_size",)
     STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     decoupled = False
 
@@ -55,7 +56,7 @@ class Adam(BetasMixin, VectorOptimizer):
         super()._push()
         ams = self._hp["amsgrad"]
         self._amsgrad = "all" if bool((ams == 1).all()) else ("some" if bool((ams == 1).any()) else "none")
-        self._any_wd = bool((self._hp["weight_decay"] != 0).any())
+        self._any_wd = any(bool((wd != 0).any()) for wd in self._weight_decays())
 
     def _coefficients(self, hp, steps, ok, lr):
         b1, b2 = hp["beta1"], hp["beta2"]

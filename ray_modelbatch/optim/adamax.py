@@ -29,6 +29,7 @@ class Adamax(BetasMixin, VectorOptimizer):
         "eps": nonneg("eps", 1e-8),
         "weight_decay": nonneg("weight_decay"),
     }
+    LR_COEFFICIENTS = ("step_size",)
     STATE = ("exp_avg", "exp_inf")
 
     def __init__(self, mb: ModelBatch, lr: Any = 2e-3, betas: Any = (0.9, 0.999), eps: Any = 1e-8,
@@ -37,7 +38,7 @@ class Adamax(BetasMixin, VectorOptimizer):
 
     def _push(self) -> None:
         super()._push()
-        self._any_wd = bool((self._hp["weight_decay"] != 0).any())
+        self._any_wd = any(bool((wd != 0).any()) for wd in self._weight_decays())
 
     def _coefficients(self, hp, steps, ok, lr):
         b1 = hp["beta1"]

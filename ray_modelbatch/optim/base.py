@@ -11,6 +11,12 @@ overflow) are not handled with extra ``where`` passes over the parameters:
 their coefficients are chosen so the update is an exact no-op (decay factor 1,
 step size 0, moment weight 0) after their gradients are zeroed.
 
+Parameter groups (:mod:`.groups`) give a subset of the parameters its own
+weight decay and lr multiplier, still per slot: the coefficients that involve
+them are computed once per group and become per-column values, picked from a
+``[n, G + 1]`` table by a fixed number of passes (none inside a run of one
+group's parameters).
+
 Per-slot state comes in three shapes, all with the slot as dim 0 and all in
 :meth:`VectorOptimizer.slot_tensors`: per-parameter buffers (``STATE``: Adam's
 moments, ``[S, P]``), the step count, and per-slot scalars (``SLOT_SCALARS``,
@@ -20,6 +26,7 @@ e.g. NAdam's ``mu_product``, and the plateau state of :mod:`.plateau`, ``[S]``).
 from __future__ import annotations
 
 import math
+import sys
 import types
 import warnings
 from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
@@ -28,8 +35,10 @@ import torch
 
 from ..errors import HyperparameterError
 from ..model_batch import ModelBatch, Slots
+from . import groups as pgroups
 from . import plateau as plateau_rule
 from . import schedules
+from . import torch_compat
 from .hparams import HParam, nonneg, per_slot
 
 _nonneg = nonneg  # the old private name, kept for imports of it
@@ -131,10 +140,28 @@ class VectorOptimizer:
     Every optimizer also takes ``schedule=`` (:mod:`ray_modelbatch.optim.schedules`),
     ``plateau=`` (:func:`ray_modelbatch.optim.schedules.plateau`, driven by
     :meth:`plateau_step`), ``max_grad_norm=`` (per-slot clipping),
-    ``skip_nonfinite`` and ``compile``.
+    ``param_groups=`` (see below), ``skip_nonfinite`` and ``compile``.
+
+    ``param_groups=[{"params": names or predicate, "weight_decay": ..., "lr_scale": ...}, ...]``
+    gives subsets of the parameters their own weight decay and a multiplier
+    of the slot's learning rate (schedules and plateau rules apply to it), as
+    torch's param groups do; each value is a float or one per slot.
+    ``params`` is a list of parameter names or a predicate ``(name, param) ->
+    bool`` (``lambda n, p: p.ndim < 2``: biases and norm weights). Parameters in
+    no group use the optimizer's own values; a parameter in two groups is an
+    error. A group that leaves a key out uses the slot's main value for it.
+    Membership is the same in every slot and fixed once given; ``set_hparams``
+    changes the values (``set_hparams(slot, param_groups=[...])`` with the same
+    groups), ``get_hparams`` returns them with the groups' parameter names.
+
+    torch's ``lr_scheduler`` objects are refused in one line naming the
+    per-slot schedule to use instead (:mod:`.torch_compat`).
     """
 
     HPARAMS: ClassVar[dict[str, HParam]] = {}
+    # The coefficients of _coefficients proportional to the learning rate: with parameter groups that set
+    # lr_scale, these (and the decay coefficients of decay.py) are computed per group and picked per column.
+    LR_COEFFICIENTS: ClassVar[tuple[str, ...]] = ()
     STATE: ClassVar[tuple[str, ...]] = ()
     STATE_INIT: ClassVar[dict[str, str]] = {}
     SLOT_SCALARS: ClassVar[dict[str, float]] = {}
@@ -146,6 +173,7 @@ class VectorOptimizer:
         schedule: schedules.Schedule | Sequence[schedules.Schedule] | None = None,
         plateau: plateau_rule.Plateau | Sequence[plateau_rule.Plateau | None] | None = None,
         max_grad_norm: Any = None,
+        param_groups: Sequence[Mapping[str, Any]] | None = None,
         skip_nonfinite: bool = True,
         compile: bool = False,
         **hparams: Any,
@@ -161,10 +189,16 @@ class VectorOptimizer:
         self.specs = {**self.HPARAMS, **COMMON}
         s = mb.num_slots
         self._hp = {k: torch.full((s,), spec.default, dtype=torch.float64) for k, spec in self.specs.items()}
+        self._layout = pgroups.NO_GROUPS
+        self._group_index: dict[torch.dtype, pgroups.ColumnGroups] = {}
         values = self._expand(hparams, s)
         values["max_grad_norm"] = per_slot("max_grad_norm", max_grad_norm, s)
         values.update(schedules.encode(schedule, s))
         values.update(plateau_rule.encode(plateau, s))
+        values.update(self._group_values(param_groups, s))
+        # Groups given here belong to the optimizer's family (e.g. a functools.partial in Tune): a trial
+        # whose hparams name no groups keeps them (see fits_param_groups).
+        self._layout_fixed = bool(self._layout)
         self._validate(values, torch.arange(s))
         self._hp.update(values)
         # New slots created by resize() start from the constructor's scalar values.
@@ -178,6 +212,19 @@ class VectorOptimizer:
         self.last_grad_norm = torch.zeros(s, dtype=torch.float32, device=mb.device)
         self._push()
         mb.attach(self)
+
+    # ------------------------------------------------------------ torch habits
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: PLE0237 - see torch_compat: isinstance's fallback is torch's check
+        """``type(self)``, except to a ``torch.optim.lr_scheduler`` constructor: refused in one line."""
+        torch_compat.refuse_scheduler(sys._getframe(1), self)
+        return type(self)
+
+    @property
+    def param_groups(self) -> Any:
+        """Refused: hyperparameters are per slot (``get_hparams``/``set_hparams``); see :mod:`.torch_compat`."""
+        torch_compat.refuse_scheduler(sys._getframe(1), self)
+        raise torch_compat.NoParamGroupsError(torch_compat.param_groups_refusal(self))
 
     # ------------------------------------------------------- hyperparameters
     def _expand(self, hparams: Mapping[str, Any], num_slots: int) -> dict[str, torch.Tensor]:
@@ -193,7 +240,7 @@ class VectorOptimizer:
         return out
 
     def public_hparams(self) -> list[str]:
-        return [k for k in self.HPARAMS] + ["max_grad_norm", "schedule", "plateau"]
+        return [k for k in self.HPARAMS] + ["max_grad_norm", "schedule", "plateau", "param_groups"]
 
     def _validate(self, values: Mapping[str, torch.Tensor], slots: torch.Tensor) -> None:
         for name, v in values.items():
@@ -234,16 +281,99 @@ class VectorOptimizer:
         self._clipping = bool(torch.isfinite(self._hp["max_grad_norm"]).any())
         self._plateau_any = bool((self._hp["plateau_on"] == 1).any())
         self._step_scalars = tuple(self.SLOT_SCALARS) + (("plateau_lr_mult",) if self._plateau_any else ())
+        per_group: set[str] = set()
+        if self._layout.sets("lr_scale"):
+            per_group |= {*self.LR_COEFFICIENTS, "decay"}
+        if self._layout.sets("weight_decay"):
+            per_group |= set(pgroups.DECAY_COEFFICIENTS)
+        self._per_group_keys = tuple(sorted(per_group))  # a tuple: compiled code guards on it
+
+    # ------------------------------------------------------- parameter groups
+    def _weight_decays(self) -> list[torch.Tensor]:
+        """The ``weight_decay`` column and every group's: host-side flags (is any decay on?) must see both."""
+        return [self._hp["weight_decay"]] + [self._hp[c] for _, key, c in self._layout.columns()
+                                              if key == "weight_decay"]
+
+    def _group_values(self, spec: Sequence[Mapping[str, Any]] | None, num_slots: int) -> dict[str, torch.Tensor]:
+        """The per-slot columns of ``param_groups=`` for ``num_slots`` slots; the first groups fix the layout.
+
+        ``None`` leaves the groups as they are. Otherwise the groups' membership
+        and keys must be this optimizer's (any, if it has none yet).
+        """
+        if spec is None:
+            return {}
+        layout, values = pgroups.resolve(spec, self.mb)
+        if layout != self._layout:
+            if self._layout:
+                raise HyperparameterError(
+                    f"param_groups {layout.describe()} differ from this optimizer's {self._layout.describe()}: "
+                    "group membership is the same in every slot and fixed once given; give the same groups (other "
+                    "values are fine), or build another optimizer (Tune puts such trials in another stack).")
+            self._use_layout(layout)
+        return {c: per_slot(c, values[k][key], num_slots) for k, key, c in layout.columns()}
+
+    def _use_layout(self, layout: pgroups.GroupLayout) -> None:
+        """Add the columns of ``layout``'s values; slots not given values keep behaving as without groups."""
+        # New dicts, not updates in place: set_hparams puts the old ones back if a value is refused.
+        self.specs, self._hp = dict(self.specs), dict(self._hp)
+        defaults = dict(self.defaults) if hasattr(self, "defaults") else None
+        for k, key, c in layout.columns():
+            self.specs[c] = pgroups.GROUP_HPARAMS[key]
+            if key == "weight_decay":  # the slot's own decay: unchanged behaviour until the slot sets it
+                self._hp[c] = self._hp["weight_decay"].clone()
+            else:
+                self._hp[c] = torch.full_like(self._hp["weight_decay"], pgroups.GROUP_HPARAMS[key].default)
+            if defaults is not None:  # for slots a resize adds
+                defaults[c] = defaults[key] if key == "weight_decay" else pgroups.GROUP_HPARAMS[key].default
+        if defaults is not None:
+            self.defaults = defaults
+        self._layout = layout
+        self._group_index = pgroups.column_groups(layout, self.mb)
+
+    def fits_param_groups(self, spec: Sequence[Mapping[str, Any]] | None) -> bool:
+        """Whether a slot with these ``param_groups`` (a trial's hparams) can use this optimizer.
+
+        ``None`` (the trial names no groups) fits an optimizer without groups
+        or with groups given at construction; other groups fit when their
+        membership and keys are this optimizer's.
+        """
+        if spec is None:
+            return not self._layout or self._layout_fixed
+        return pgroups.resolve(spec, self.mb)[0] == self._layout
+
+    def _group_tables(self, c64: dict[str, Any], hp: Mapping[str, torch.Tensor], steps: torch.Tensor,
+                      ok: torch.Tensor, lr: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pop the coefficients that differ by group from ``c64``; return them as ``[n, G + 1]`` tables.
+
+        Column 0 is the parameters in no group; column ``k + 1`` is group k,
+        whose coefficients are the optimizer's own formulas with the group's
+        ``weight_decay`` and ``lr * lr_scale``: torch's per-group math, exactly.
+        """
+        keys = [k for k in self._per_group_keys if isinstance(c64.get(k), torch.Tensor)]
+        if not keys:
+            return {}
+        variants = []
+        for k, set_keys in enumerate(self._layout.keys):
+            hp_k = dict(hp)
+            if "weight_decay" in set_keys:
+                hp_k["weight_decay"] = hp[pgroups.column(k, "weight_decay")]
+            lr_k = lr * hp[pgroups.column(k, "lr_scale")] if "lr_scale" in set_keys else lr
+            variants.append(self._coefficients(hp_k, steps, ok, lr_k))
+        return {key: torch.stack([c64.pop(key)] + [v[key] for v in variants], dim=1) for key in keys}
 
     def set_hparams(self, slots: Slots, **hparams: Any) -> None:
         """Change hyperparameters of some slots at run time, e.g. ``opt.set_hparams(3, lr=1e-3)``.
 
-        Accepts the constructor's keywords (``schedule``, ``plateau`` and
-        ``max_grad_norm`` included); values are scalars or one value per
-        selected slot. State is kept: a new ``plateau`` rule continues from the
-        slot's plateau state (best, counters, multiplier). A ``STATE_INIT``
-        hyperparameter (Adagrad's ``initial_accumulator_value``) refills the
-        state of selected slots that have not stepped yet.
+        Accepts the constructor's keywords (``schedule``, ``plateau``,
+        ``max_grad_norm`` and ``param_groups`` included); values are scalars or
+        one value per selected slot. ``param_groups`` must name the groups the
+        optimizer has (their values may change), or, on an optimizer without
+        groups, sets them for every slot: the other slots get ``lr_scale`` 1
+        and their own weight decay, so they train as before. State is kept: a
+        new ``plateau`` rule continues from the slot's plateau state (best,
+        counters, multiplier). A ``STATE_INIT`` hyperparameter (Adagrad's
+        ``initial_accumulator_value``) refills the state of selected slots that
+        have not stepped yet.
         """
         idx = self.mb._cpu_index(slots)
         hparams = dict(hparams)
@@ -254,11 +384,18 @@ class VectorOptimizer:
             values.update(plateau_rule.encode(hparams.pop("plateau"), idx.numel()))
         if "max_grad_norm" in hparams:
             values["max_grad_norm"] = per_slot("max_grad_norm", hparams.pop("max_grad_norm"), idx.numel())
+        group_spec = hparams.pop("param_groups", None)
         values.update(self._expand(hparams, idx.numel()))
-        merged = {k: v.clone() for k, v in self._hp.items()}
-        for k, v in values.items():
-            merged[k][idx] = v
-        self._validate({k: merged[k][idx] for k in merged}, idx)
+        before = (self._layout, self._hp, self.specs, self.defaults, self._group_index)
+        try:
+            values.update(self._group_values(group_spec, idx.numel()))
+            merged = {k: v.clone() for k, v in self._hp.items()}
+            for k, v in values.items():
+                merged[k][idx] = v
+            self._validate({k: merged[k][idx] for k in merged}, idx)
+        except Exception:  # a refused value leaves no half-made groups behind
+            self._layout, self._hp, self.specs, self.defaults, self._group_index = before
+            raise
         self._hp = merged
         self._push()
         refill = {name for name, source in self.STATE_INIT.items() if source in values}
@@ -270,6 +407,8 @@ class VectorOptimizer:
     def get_hparams(self, i: int) -> dict[str, Any]:
         """The hyperparameters of slot ``i`` as plain Python values (keyword names of the constructor)."""
         row = {k: float(v[i]) for k, v in self._hp.items()}
+        group_rows = [{"params": list(names), **{key: row.pop(pgroups.column(k, key)) for key in keys}}
+                      for k, (names, keys) in enumerate(zip(self._layout.members, self._layout.keys))]
         sched = schedules.decode({k: row.pop(k) for k in ("schedule_kind", *schedules.PARAM_DEFAULTS)})
         rule = plateau_rule.decode({k: row.pop(k) for k in plateau_rule.COLUMNS})
         for k, spec in self.HPARAMS.items():
@@ -278,6 +417,7 @@ class VectorOptimizer:
         out = self._collapse(row)
         out["schedule"] = sched
         out["plateau"] = rule
+        out["param_groups"] = group_rows or None  # None: no groups (set_hparams reads it as "unchanged")
         return out
 
     def _collapse(self, row: dict[str, float]) -> dict[str, Any]:
@@ -384,7 +524,8 @@ class VectorOptimizer:
         steps = rows(self.steps)
         if skip is not None:
             skip = skip.to(device=mb.device, dtype=torch.bool)
-        norm, okf, new_scalars = self._run_core(ps, gs, sts, hp, scalars, steps, skip)
+        index = [self._group_index.get(dt) for dt in groups]
+        norm, okf, new_scalars = self._run_core(ps, gs, sts, hp, scalars, steps, skip, index)
         if idx is not None:
             for dt, g, p, st in zip(groups, groups.values(), ps, sts):
                 g.data.index_copy_(0, idx, p)
@@ -408,13 +549,15 @@ class VectorOptimizer:
 
     def _core(self, ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[dict[str, torch.Tensor]],
               hp: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor], steps: torch.Tensor,
-              skip: torch.Tensor | None, fused: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+              skip: torch.Tensor | None, index: list[pgroups.ColumnGroups | None],
+              fused: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Norms, per-slot coefficients and the in-place update of the given rows.
 
-        Returns ``(norm, ok, new per-slot scalars)``. One function from the
-        gradients to the new parameters, so that with ``compile=True`` the few
-        dozen small per-slot ops (coefficients, clipping, masks) and the update
-        are one compiled call.
+        ``index`` holds each buffer's :class:`~.groups.ColumnGroups` (None
+        without parameter groups). Returns ``(norm, ok, new per-slot
+        scalars)``. One function from the gradients to the new parameters, so
+        that with ``compile=True`` the few dozen small per-slot ops
+        (coefficients, clipping, masks) and the update are one compiled call.
         """
         # One fp32 norm pass per group gives both the clipping norm and the
         # finiteness test: a row's norm is NaN/inf iff it holds a NaN/inf (or
@@ -427,8 +570,10 @@ class VectorOptimizer:
             ok = ok & ~skip
         okf = ok.to(torch.float64)
         hp = {**hp, **scalars}
-        c64 = self._coefficients(hp, steps, okf, self._lr(hp, steps))
+        lr = self._lr(hp, steps)
+        c64 = self._coefficients(hp, steps, okf, lr)
         new_scalars = c64.pop("scalars", {})
+        tables = self._group_tables(c64, hp, steps, okf, lr) if self._layout else {}
         # Gradient scale per slot: 0 for skipped slots (after their NaNs are
         # zeroed), the clipping factor where clipping is on, else 1.
         scale = okf
@@ -438,16 +583,24 @@ class VectorOptimizer:
         names = [k for k, v in c64.items() if isinstance(v, torch.Tensor)]
         stacked = torch.stack([c64[k] for k in names] + [scale])
         flags = {k: v for k, v in c64.items() if not isinstance(v, torch.Tensor)}
+        table_names = list(tables)
+        table = torch.stack([tables[k] for k in table_names]) if tables else None  # [Kg, n, G + 1]
         skipped = ~ok.unsqueeze(1)
-        for p, g, st in zip(ps, gs, sts):
+        for p, g, st, at in zip(ps, gs, sts, index):
             cols = stacked.to(p.dtype).unsqueeze(-1)  # one cast for all coefficients: [K, n, 1]
+            by_group = table.to(p.dtype) if table is not None else None
             if fused:  # one compiled pass needs no cache tiles
                 c = {k: cols[j] for j, k in enumerate(names)}
+                if by_group is not None:  # each column its group's value: [n, P]
+                    c.update(zip(table_names, at.select(by_group).unbind(0)))
                 c.update(flags)
                 self._apply(p, g, st, c, skipped, cols[-1], fused=True)
                 continue
             for r, c_ in _tiles(p):
                 c = {k: cols[j, r] for j, k in enumerate(names)}
+                if by_group is not None:
+                    picked = at.pick(by_group[:, r], c_, gather=p.device.type != "cpu")
+                    c.update(zip(table_names, picked.unbind(0)))
                 c.update(flags)
                 self._apply(p[r, c_], g[r, c_], {k: v[r, c_] for k, v in st.items()}, c, skipped[r], cols[-1, r])
         return norm, okf, new_scalars
@@ -521,7 +674,8 @@ class VectorOptimizer:
         """Every slot's state and hyperparameters (plain tensors), as ``torch.optim``'s ``state_dict``."""
         return {"class": type(self).__name__, "num_slots": self.mb.num_slots,
                 "tensors": {k: v.detach().clone() for k, v in self.slot_tensors().items()},
-                "hparams": {k: v.clone() for k, v in self._hp.items()}}
+                "hparams": {k: v.clone() for k, v in self._hp.items()},
+                "param_groups": self._layout.plain()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, into an optimizer of the same class over the same stack."""
@@ -529,6 +683,13 @@ class VectorOptimizer:
             raise HyperparameterError(
                 f"this state_dict is of a {state.get('class')} over {state.get('num_slots')} slots; this optimizer is "
                 f"a {type(self).__name__} over {self.mb.num_slots}. Load it into the optimizer it was saved from.")
+        layout = pgroups.GroupLayout.from_plain(state.get("param_groups") or [])
+        if layout != self._layout:
+            if self._layout:
+                raise HyperparameterError(
+                    f"this state_dict has param_groups {layout.describe()}, this optimizer "
+                    f"{self._layout.describe()}; load it into an optimizer with the same groups (or none).")
+            self._use_layout(layout)
         self._hp = {k: v.clone().to(torch.float64) for k, v in state["hparams"].items()}
         self._push()  # allocates the state buffers the hyperparameters need
         mine = self.slot_tensors()

@@ -8,14 +8,18 @@ and L2 weight 0, so their parameters and state stay exactly unchanged.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
 
-def decay_kinds(hp: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
-    """Which forms some slot uses: ``"coupled"`` (L2 added to the gradient), ``"decoupled"`` (AdamW-style)."""
-    on = hp["weight_decay"] != 0
+def decay_kinds(hp: Mapping[str, torch.Tensor], weight_decays: Sequence[torch.Tensor] = ()) -> tuple[str, ...]:
+    """Which forms some slot uses: ``"coupled"`` (L2 added to the gradient), ``"decoupled"`` (AdamW-style).
+
+    ``weight_decays``: every ``[S]`` decay column to consider (the slot's own and its parameter groups'), by
+    default ``hp["weight_decay"]``; a slot decays if any of them is nonzero.
+    """
+    on = torch.stack(list(weight_decays) or [hp["weight_decay"]]).ne(0).any(0)
     dec = hp["decoupled_weight_decay"] == 1
     used = {"coupled": bool((on & ~dec).any()), "decoupled": bool((on & dec).any())}
     return tuple(k for k, u in used.items() if u)

@@ -37,6 +37,7 @@ class NAdam(BetasMixin, VectorOptimizer):
         "momentum_decay": nonneg("momentum_decay", 4e-3),
         "decoupled_weight_decay": flag("decoupled_weight_decay"),
     }
+    LR_COEFFICIENTS = ("grad_step", "avg_step")
     STATE = ("exp_avg", "exp_avg_sq")
     SLOT_SCALARS = {"mu_product": 1.0}
 
@@ -48,7 +49,7 @@ class NAdam(BetasMixin, VectorOptimizer):
 
     def _push(self) -> None:
         super()._push()
-        self._decay_kinds = decay_kinds(self._hp)
+        self._decay_kinds = decay_kinds(self._hp, self._weight_decays())
 
     def _coefficients(self, hp, steps, ok, lr):
         b1, b2 = hp["beta1"], hp["beta2"]

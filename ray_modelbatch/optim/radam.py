@@ -34,6 +34,7 @@ class RAdam(BetasMixin, VectorOptimizer):
         "weight_decay": nonneg("weight_decay"),
         "decoupled_weight_decay": flag("decoupled_weight_decay"),
     }
+    LR_COEFFICIENTS = ("adaptive_step", "plain_step")
     STATE = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, mb: ModelBatch, lr: Any = 1e-3, betas: Any = (0.9, 0.999), eps: Any = 1e-8,
@@ -43,7 +44,7 @@ class RAdam(BetasMixin, VectorOptimizer):
 
     def _push(self) -> None:
         super()._push()
-        self._decay_kinds = decay_kinds(self._hp)
+        self._decay_kinds = decay_kinds(self._hp, self._weight_decays())
 
     def _coefficients(self, hp, steps, ok, lr):
         b1, b2 = hp["beta1"], hp["beta2"]

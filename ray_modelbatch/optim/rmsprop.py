@@ -34,6 +34,7 @@ class RMSprop(VectorOptimizer):
         "momentum": nonneg("momentum"),
         "centered": flag("centered"),
     }
+    LR_COEFFICIENTS = ("lr",)
     STATE = ("square_avg", "momentum_buffer", "grad_avg")
 
     def __init__(self, mb: ModelBatch, lr: Any = 1e-2, alpha: Any = 0.99, eps: Any = 1e-8, weight_decay: Any = 0.0,
@@ -53,7 +54,7 @@ class RMSprop(VectorOptimizer):
         super()._push()
         self._any_momentum = bool((self._hp["momentum"] != 0).any())
         self._any_centered = bool((self._hp["centered"] == 1).any())
-        self._any_wd = bool((self._hp["weight_decay"] != 0).any())
+        self._any_wd = any(bool((wd != 0).any()) for wd in self._weight_decays())
 
     def _coefficients(self, hp, steps, ok, lr):
         alpha = hp["alpha"]

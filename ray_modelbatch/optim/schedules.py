@@ -112,11 +112,21 @@ def step_decay(step_size: Any, gamma: Any = 0.1) -> Schedule:
 
 
 def warmup_cosine(total_steps: Any, warmup_steps: Any = 0, min_lr_ratio: Any = 0.0) -> Schedule:
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr`` at ``total_steps``.
+    """Linear warmup from 0 over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr`` at ``total_steps``.
 
-    Warmup factor at step ``t < warmup_steps`` is ``(t + 1) / warmup_steps``.
+    HuggingFace's ``get_cosine_schedule_with_warmup`` (``min_lr_ratio=0``) and
+    ``get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=min_lr_ratio)``,
+    so that ported scripts match: the factor at step ``t`` is
+    ``t / max(1, warmup_steps)`` while ``t < warmup_steps`` (the very first
+    step has rate 0), then ``r + (1 - r) * 0.5 * (1 + cos(pi * progress))``
+    with ``progress = (t - warmup_steps) / max(1, total_steps - warmup_steps)``.
     With ``warmup_steps=0`` this is ``CosineAnnealingLR(T_max=total_steps,
-    eta_min=min_lr_ratio * lr)``; after ``total_steps`` the rate stays at the minimum.
+    eta_min=min_lr_ratio * lr)``. After ``total_steps`` the rate stays at the
+    minimum (HF's cosine and torch's CosineAnnealingLR would rise again).
+
+    Up to version 0.1.0 the warmup factor was ``(t + 1) / warmup_steps``, one
+    step ahead of HF's. Checkpoints store the schedule's kind and parameters,
+    not its formula, so older ones load unchanged and continue with this one.
     """
     return Schedule("warmup_cosine", {"total_steps": total_steps, "warmup_steps": warmup_steps,
                                       "min_lr_ratio": min_lr_ratio})
@@ -312,7 +322,7 @@ def factor(kind: torch.Tensor, t: torch.Tensor, p: dict[str, torch.Tensor], pres
         progress = torch.clamp((t - warm) / span, 0.0, 1.0)
         r = p["min_lr_ratio"]
         cosine = r + (1.0 - r) * 0.5 * (1.0 + torch.cos(math.pi * progress))
-        warmup = (t + 1.0) / torch.clamp(warm, min=1.0)
+        warmup = t / torch.clamp(warm, min=1.0)  # HF's: step 0 has rate 0
         out = torch.where(rows("warmup_cosine"), torch.where(t < warm, warmup, cosine), out)
     if "exponential" in present:
         out = torch.where(rows("exponential"), p["gamma"] ** t, out)

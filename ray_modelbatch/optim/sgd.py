@@ -28,6 +28,7 @@ class SGD(VectorOptimizer):
         "weight_decay": nonneg("weight_decay"),
         "nesterov": flag("nesterov"),
     }
+    LR_COEFFICIENTS = ("lr",)
     STATE = ("momentum_buffer",)
 
     def __init__(self, mb: ModelBatch, lr: Any = 1e-3, momentum: Any = 0.0, dampening: Any = 0.0,
@@ -51,7 +52,7 @@ class SGD(VectorOptimizer):
         super()._push()
         self._any_momentum = bool((self._hp["momentum"] != 0).any())
         self._any_nesterov = bool((self._hp["nesterov"] == 1).any())
-        self._any_wd = bool((self._hp["weight_decay"] != 0).any())
+        self._any_wd = any(bool((wd != 0).any()) for wd in self._weight_decays())
 
     def _coefficients(self, hp, steps, ok, lr):
         c: dict[str, Any] = {"lr": lr * ok}
