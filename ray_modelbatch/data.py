@@ -13,7 +13,9 @@ Two ways to feed a :class:`~ray_modelbatch.ModelBatch`:
   sharding (:func:`shards`) need.
 
 Data stays on the device: a step builds one ``[n, B]`` index tensor for the
-``n`` slots that run and gathers ``x``/``y`` with it, so there is no host
+``n`` slots that run and gathers ``x``/``y`` with it (every column, when ``x`` is
+a dict of keyword inputs such as ``{"input_ids": ..., "attention_mask": ...}``;
+``y`` is None when the labels are one of them, see :mod:`ray_modelbatch.inputs`), so there is no host
 round trip and no Python loop over examples. Only the samplers of the slots
 that run advance, so a slot that is paused (early stopping, a Ray Tune trial
 on hold) resumes where it left off.
@@ -24,9 +26,11 @@ and a Ray Tune slot host use the same streams.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
+
+from . import inputs
 
 __all__ = [
     "SlotSampler",
@@ -179,36 +183,43 @@ class SharedStream:
     """One batch per step, shared by every slot that runs (``per_slot = False``).
 
     Args:
-        x, y: the whole training set (tensors with rows on dim 0); kept on
-            ``device`` (default: where ``x`` is).
+        x, y: the whole training set (tensors with rows on dim 0, or dicts of
+            such columns; ``y`` may be None); kept on ``device`` (default: where ``x`` is).
         batch_size: rows per step.
         seed: seed of the shuffling generator.
     """
 
     per_slot = False
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0,
+    def __init__(self, x: Any, y: Any, batch_size: int, seed: int = 0,
                  device: torch.device | str | None = None):
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
-        dev = torch.device(device) if device is not None else x.device
-        self.x, self.y = x.to(dev), y.to(dev)
-        self.sampler = SlotSampler(torch.arange(x.shape[0], device=dev), batch_size, seed)
+        rows = _check_rows(x, y)
+        dev = torch.device(device) if device is not None else inputs.leaves(x)[0].device
+        self.x, self.y = (inputs.apply(lambda t: t.to(dev), v) for v in (x, y))
+        self.sampler = SlotSampler(torch.arange(rows, device=dev), batch_size, seed)
 
     @property
     def batch_size(self) -> int:
         return self.sampler.batch_size
 
-    def next_batch(self, slots: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, slots: Sequence[int] | None = None) -> tuple[Any, Any]:
         """The next shared batch ``(xb [B, ...], yb [B, ...])``; ``slots`` is accepted and ignored."""
         b = next(self.sampler)
-        return self.x.index_select(0, b), self.y.index_select(0, b)
+        return tuple(inputs.apply(lambda t: t.index_select(0, b), v) for v in (self.x, self.y))
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
+
+
+def _check_rows(x: Any, y: Any) -> int:
+    """Rows of a training set ``x`` (a tensor or a dict of columns) and of its targets ``y`` (or None): equal."""
+    n = inputs.num_rows(x)
+    if y is not None and inputs.num_rows(y, what="y") != n:
+        raise ValueError(f"x has {n} rows but y has {inputs.num_rows(y, what='y')}")
+    return n
 
 
 def resized(items: list, capacity: int, keep: Sequence[int] | None) -> list:
@@ -240,7 +251,8 @@ class PerSlotStreams(SlotStreamsState):
     """One :class:`SlotSampler` per slot over shared on-device ``x``/``y`` (``per_slot = True``).
 
     Args:
-        x, y: the data set; slots draw rows of it (kept on ``device``).
+        x, y: the data set; slots draw rows of it (kept on ``device``). ``x`` may be
+            a dict of columns (keyword inputs) and ``y`` None (labels among them).
         batch_size: rows per slot per step (the same for every slot, so the
             gathered batch is one ``[n, B, ...]`` tensor).
         seeds: one seed per slot; its length is the number of slots.
@@ -250,15 +262,15 @@ class PerSlotStreams(SlotStreamsState):
 
     per_slot = True
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seeds: Sequence[int],
+    def __init__(self, x: Any, y: Any, batch_size: int, seeds: Sequence[int],
                  indices: Sequence[torch.Tensor] | None = None, device: torch.device | str | None = None):
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+        self._rows = _check_rows(x, y)
         seeds = [int(s) for s in seeds]
         if indices is not None and len(indices) != len(seeds):
             raise ValueError(f"got {len(seeds)} seeds but {len(indices)} index sets; give one of each per slot")
-        dev = torch.device(device) if device is not None else x.device
-        self.x, self.y = x.to(dev), y.to(dev)
+        dev = torch.device(device) if device is not None else inputs.leaves(x)[0].device
+        self._device = dev
+        self.x, self.y = (inputs.apply(lambda t: t.to(dev), v) for v in (x, y))
         self.batch_size = int(batch_size)
         self._all: torch.Tensor | None = None
         self.samplers: list[SlotSampler | None] = [
@@ -267,7 +279,7 @@ class PerSlotStreams(SlotStreamsState):
 
     @property
     def device(self) -> torch.device:
-        return self.x.device
+        return self._device
 
     @property
     def num_slots(self) -> int:
@@ -276,17 +288,17 @@ class PerSlotStreams(SlotStreamsState):
     def _make(self, seed: int, indices: torch.Tensor | None) -> SlotSampler:
         if indices is None:
             if self._all is None:
-                self._all = torch.arange(self.x.shape[0], device=self.device)
+                self._all = torch.arange(self._rows, device=self.device)
             idx = self._all
         else:
             idx = _as_index(indices, self.device)
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.x.shape[0]):
-                raise IndexError(f"slot indices must be in [0, {self.x.shape[0]}), got range "
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self._rows):
+                raise IndexError(f"slot indices must be in [0, {self._rows}), got range "
                                  f"[{int(idx.min())}, {int(idx.max())}]")
         return SlotSampler(idx, self.batch_size, seed)
 
     def next_batch(self, slots: Sequence[int] | torch.Tensor,
-                   skip: Sequence[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   skip: Sequence[bool] | None = None) -> tuple[Any, Any]:
         """Batches of the named slots, ``(xb [n, B, ...], yb [n, B, ...])`` aligned with ``slots``.
 
         Only these slots' samplers advance. ``skip`` (aligned with ``slots``)
@@ -308,15 +320,14 @@ class PerSlotStreams(SlotStreamsState):
             rows.append(next(sampler))
         if not rows:
             empty = torch.zeros(0, self.batch_size, dtype=torch.long, device=self.device)
-            return self.x[empty], self.y[empty]
+            return tuple(inputs.apply(lambda t: t[empty], v) for v in (self.x, self.y))
         filler = next((r for r in rows if r is not None), None)
         if filler is None:
-            filler = torch.arange(self.batch_size, device=self.device) % self.x.shape[0]
+            filler = torch.arange(self.batch_size, device=self.device) % self._rows
         idx = torch.stack([filler if r is None else r for r in rows]).flatten()
         n, b = len(rows), self.batch_size
-        xb = self.x.index_select(0, idx).view(n, b, *self.x.shape[1:])
-        yb = self.y.index_select(0, idx).view(n, b, *self.y.shape[1:])
-        return xb, yb
+        gather = lambda t: t.index_select(0, idx).view(n, b, *t.shape[1:])  # noqa: E731
+        return inputs.apply(gather, self.x), inputs.apply(gather, self.y)
 
     def capture_slot(self, i: int) -> Any:
         """Slot ``i``'s stream position as an opaque value for :meth:`restore_slot` (a run-ahead snapshot).
@@ -403,7 +414,7 @@ def padded_per_slot(
     """
     if not indices:
         raise ValueError("padded_per_slot needs at least one slot's indices")
-    dev = x.device
+    dev = inputs.leaves(x)[0].device
     idx = [_as_index(i, dev) for i in indices]
     if any(i.numel() == 0 for i in idx):
         raise ValueError("every slot needs at least one row; got an empty index set")
@@ -411,14 +422,19 @@ def padded_per_slot(
     rows = torch.stack([torch.cat([i, i[:1].expand(n_max - i.numel())]) for i in idx])
     lengths = torch.tensor([i.numel() for i in idx], device=dev)
     mask = torch.arange(n_max, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
-    return x[rows], y.to(dev)[rows], mask
+    return inputs.apply(lambda t: t[rows], x), inputs.apply(lambda t: t.to(dev)[rows], y), mask
 
 
 SWEEP_DATA = "(x_train, y_train, x_val, y_val)"
 
 
-def sweep_data(items: Any, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+def sweep_data(items: Any, device: torch.device | str = "cpu") -> tuple[Any, ...]:
     """What a trainable's ``data()`` returned, checked and as four tensors on ``device``.
+
+    ``x_train``/``x_val`` may be dicts of columns, the model's keyword inputs
+    (``{"input_ids": ..., "attention_mask": ...}``), and then ``y_train``/``y_val``
+    may be None: the labels are a column (``"labels"``), as Hugging Face
+    batches have them (see :mod:`ray_modelbatch.inputs`).
 
     A slot host calls this once when it starts. Every problem is one line that
     names the fix, raised as ``ValueError``/``TypeError``, instead of an
@@ -429,25 +445,37 @@ def sweep_data(items: Any, device: torch.device | str = "cpu") -> tuple[torch.Te
         raise ValueError(f"data() must return four tensors {SWEEP_DATA}; it returned {got}. Fix: return the "
                          "training and the validation set, e.g. `return x[:n], y[:n], x[n:], y[n:]`.")
     names = ("x_train", "y_train", "x_val", "y_val")
-    out = []
-    for name, t in zip(names, items):
-        try:
-            out.append(torch.as_tensor(t).to(device))
-        except Exception as exc:  # noqa: BLE001 - anything torch cannot take: say which item
-            raise TypeError(f"data() item {name} is a {type(t).__name__} that torch.as_tensor cannot take "
-                            f"({exc}). Fix: return tensors or arrays {SWEEP_DATA}.") from None
-    x, y, xv, yv = out
+    x, y, xv, yv = (inputs.tensors(t, name, device, f"return tensors or arrays {SWEEP_DATA}")
+                    for name, t in zip(names, items))
+    if inputs.is_columns(x) != inputs.is_columns(xv):
+        raise ValueError("data(): one of x_train and x_val is a dict of columns and the other is not; give both "
+                         "sets in the same form.")
+    if (y is None) != (yv is None) or (y is None and not inputs.is_columns(x)):
+        raise ValueError("data(): y_train and y_val may be None only together, and only when x_train and x_val are "
+                         "dicts whose columns hold the labels (e.g. {'input_ids': ..., 'labels': ...}).")
     for a, b, pair in ((x, y, "x_train and y_train"), (xv, yv, "x_val and y_val")):
-        if a.dim() == 0 or b.dim() == 0 or a.shape[0] != b.shape[0]:
-            raise ValueError(f"data(): {pair} must have one row per example; got shapes {tuple(a.shape)} and "
-                             f"{tuple(b.shape)}. Fix: return {SWEEP_DATA} with matching first dimensions.")
-    if x.shape[0] == 0 or xv.shape[0] == 0:
-        raise ValueError(f"data(): the training set has {x.shape[0]} rows and the validation set {xv.shape[0]}; "
+        rows = [_rows_of(v) for v in (a, b) if v is not None]
+        if None in rows or len(set(rows)) != 1:
+            raise ValueError(f"data(): {pair} must have one row per example; got shapes {inputs.describe(a)} and "
+                             f"{inputs.describe(b)}. Fix: return {SWEEP_DATA} with matching first dimensions.")
+    n, nv = inputs.num_rows(x, what="x_train"), inputs.num_rows(xv, what="x_val")
+    if n == 0 or nv == 0:
+        raise ValueError(f"data(): the training set has {n} rows and the validation set {nv}; "
                          "both need at least one.")
-    if x.shape[1:] != xv.shape[1:]:
+    if inputs.is_columns(x):
+        if sorted(x) != sorted(xv):
+            raise ValueError(f"data(): x_train has columns {sorted(x)} but x_val {sorted(xv)}. Fix: give both sets "
+                             "the same columns.")
+    elif x.shape[1:] != xv.shape[1:]:
         raise ValueError(f"data(): x_train rows have shape {tuple(x.shape[1:])} but x_val rows "
                          f"{tuple(xv.shape[1:])}. Fix: give both sets the same features.")
     return x, y, xv, yv
+
+
+def _rows_of(v: Any) -> int | None:
+    """Rows of a tensor or of every column of a dict; None when there is no row dimension or columns disagree."""
+    sizes = {t.shape[0] if t.dim() else None for t in inputs.leaves(v)}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def resolve_steps_per_report(value: int | str, num_examples: int | None, batch_size: int) -> int:
@@ -482,7 +510,9 @@ def resolve_steps_per_report(value: int | str, num_examples: int | None, batch_s
     return int(value)
 
 
-SWEEP_INPUTS = ("four tensors (x_train, y_train, x_val, y_val), two map-style Datasets (train, val), or a dict "
+SWEEP_INPUTS = ("four tensors (x_train, y_train, x_val, y_val), two dicts of columns (train, val) such as "
+                "{'input_ids': ..., 'attention_mask': ..., 'labels': ...}, two map-style Datasets (train, val), "
+                "or a dict "
                 "{'train': Dataset or factory(seed, epoch) -> iterable of (x, y) batches, 'val': Dataset or "
                 "(x_val, y_val), 'transform': fn (optional, Datasets only), 'fields': (x_key, y_key) (optional)}")
 
@@ -491,6 +521,10 @@ def sweep_inputs(items: Any, device: torch.device | str = "cpu") -> Any:
     """What a trainable's ``data()`` returned, checked: tensors as :func:`sweep_data` gives them, or datasets.
 
     * ``(x_train, y_train, x_val, y_val)``: exactly :func:`sweep_data`'s result.
+    * ``(train_columns, val_columns)`` or ``{"train": columns, "val": columns}``, each a
+      dict of tensors whose rows are examples (a tokenizer's output plus ``"labels"``):
+      ``(train_columns, None, val_columns, None)``. Each batch is such a dict,
+      the model is called ``model(**batch)`` and a ``train_step`` gets the dict.
     * ``(train_dataset, val_dataset)`` or ``{"train": ..., "val": ..., "transform": fn, "fields": ...}``:
       a :class:`~ray_modelbatch.dataset_streams.DatasetInputs` whose training
       set stays a map-style dataset (streamed per slot by
@@ -507,6 +541,9 @@ def sweep_inputs(items: Any, device: torch.device | str = "cpu") -> Any:
     """
     from .dataset_streams import check_map_dataset, dataset_inputs  # imports this module
 
+    if _column_pair(items):
+        train, val = (items["train"], items["val"]) if isinstance(items, dict) else items
+        return sweep_data((train, None, val, None), device)
     if isinstance(items, dict):
         unknown = sorted(set(map(str, items)) - {"train", "val", "transform", "fields"})
         missing = [k for k in ("train", "val") if k not in items]
@@ -532,3 +569,15 @@ def sweep_inputs(items: Any, device: torch.device | str = "cpu") -> Any:
         return dataset_inputs(items[0], items[1], device=device)
     got = f"{len(items)} items" if isinstance(items, (tuple, list)) else f"a {type(items).__name__}"
     raise ValueError(f"data() returned {got}; it must return {SWEEP_INPUTS}.")
+
+
+def _column_pair(items: Any) -> bool:
+    """Whether ``data()`` returned a training and a validation set as dicts of columns (tensors or arrays)."""
+    if isinstance(items, dict) and set(items) == {"train", "val"}:
+        pair = (items["train"], items["val"])
+    elif isinstance(items, (tuple, list)) and len(items) == 2:
+        pair = tuple(items)
+    else:
+        return False
+    return all(inputs.is_columns(d) and len(d) > 0 and not any(isinstance(v, Mapping) for v in d.values())
+               for d in pair)

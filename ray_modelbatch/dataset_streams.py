@@ -53,6 +53,14 @@ Why it is built this way:
   small tensor transforms mostly hold the GIL (see
   ``benchmarks/data_pipeline.py``).
 
+Examples may be dicts of keyword inputs with the labels among them, as a
+Hugging Face ``datasets.Dataset`` with ``.with_format("torch")`` gives them
+(``{"input_ids": ..., "attention_mask": ..., "labels": ...}``): without
+``fields``, a dict example with a ``"labels"`` key (the keyword transformers
+models take) and no ``"x"``/``"y"`` is the model's whole input; batches are
+then dicts of stacked columns and the target is None (see
+:mod:`ray_modelbatch.inputs`).
+
 ``__getitem__`` itself must be deterministic (randomness belongs in the
 transform). Validation data is not streamed: :func:`dataset_inputs` collates
 the whole validation set once into tensors on the device, so evaluation stays
@@ -70,6 +78,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data import default_collate
 
+from . import inputs
 from .data import PerSlotStreams, SlotSampler, SlotStreamsState, _as_index, resized
 from .host_streams import HostTensorStreams, _on_cpu, expand_skipped, staging, to_device
 
@@ -129,8 +138,14 @@ def check_map_dataset(obj: Any, what: str = "the dataset") -> None:
 
 
 def pick(sample: Any, fields: tuple[Any, Any] | None) -> tuple[Any, Any]:
-    """``(x, y)`` of one example: ``fields`` names them (default ``(0, 1)`` for tuples, ``("x", "y")`` for dicts)."""
+    """``(x, y)`` of one example: ``fields`` names them (default ``(0, 1)`` for tuples, ``("x", "y")`` for dicts).
+
+    A dict example with ``"labels"`` and without ``"x"``/``"y"`` (and no
+    ``fields``) is keyword inputs with its labels inside: ``(sample, None)``.
+    """
     if fields is None:
+        if isinstance(sample, Mapping) and "labels" in sample and not ("x" in sample or "y" in sample):
+            return dict(sample), None
         if isinstance(sample, Mapping):
             fields = ("x", "y")
         elif isinstance(sample, (tuple, list)):
@@ -143,15 +158,25 @@ def pick(sample: Any, fields: tuple[Any, Any] | None) -> tuple[Any, Any]:
     except (KeyError, IndexError, TypeError):
         have = list(sample.keys()) if isinstance(sample, Mapping) else f"{type(sample).__name__} of {len(sample)}"
         raise ValueError(f"a dataset example has no fields {fields!r} (it has {have}); pass fields=(x_key, y_key) "
-                         "naming its input and target.") from None
+                         "naming its input and target, or call its label column 'labels' to give the whole example "
+                         "to the model as keyword inputs (model(**batch)).") from None
 
 
-def stack(values: list[Any], what: str, device: torch.device) -> torch.Tensor:
+def stack(values: list[Any], what: str, device: torch.device) -> Any:
     """One host tensor ``[len(values), ...]`` of the examples' ``what`` (pinned when bound for CUDA).
 
     Tensors are stacked straight into the staging buffer; anything else goes
-    through ``default_collate`` (numbers, NumPy arrays).
+    through ``default_collate`` (numbers, NumPy arrays). Dict examples give a
+    dict of such tensors, one per column; examples without targets give None.
     """
+    if values and all(v is None for v in values):
+        return None
+    if values and all(isinstance(v, Mapping) for v in values):
+        keys = list(values[0])
+        if any(list(v) != keys and sorted(v) != sorted(keys) for v in values):
+            raise ValueError(f"examples' {what} have different columns ({keys} and others); every example needs the "
+                             "same keys to be batched.")
+        return {k: stack([v[k] for v in values], f"{what}[{k!r}]", device) for k in keys}
     if values and all(isinstance(v, torch.Tensor) for v in values):
         first = values[0]
         out = staging((len(values), *first.shape), first.dtype, device)
@@ -462,9 +487,8 @@ class DatasetStreams(SlotStreamsState):
                 p.restore(c)
             raise
         k, b = len(live), self.batch_size
-        xb = to_device(xb.view(k, b, *xb.shape[1:]), self._device)
-        yb = to_device(yb.view(k, b, *yb.shape[1:]), self._device)
-        return expand_skipped(xb, live, n), expand_skipped(yb, live, n)
+        spread = lambda t: expand_skipped(to_device(t.view(k, b, *t.shape[1:]), self._device), live, n)  # noqa: E731
+        return inputs.apply(spread, xb), inputs.apply(spread, yb)
 
     def _filler(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` rows of a fixed batch (the first ``B`` examples, transformed with fixed seeds): no slot runs."""
@@ -473,9 +497,10 @@ class DatasetStreams(SlotStreamsState):
             rows = (torch.arange(b) % self._n).tolist()
             seeds = list(range(b)) if self.loader.transform is not None else None
             xb, yb = self.loader.collate(*self.loader.load(rows, seeds), self._device)
-            self._template = (to_device(xb.unsqueeze(0), self._device), to_device(yb.unsqueeze(0), self._device))
+            one = lambda t: to_device(t.unsqueeze(0), self._device)  # noqa: E731
+            self._template = (inputs.apply(one, xb), inputs.apply(one, yb))
         zeros = torch.zeros(n, dtype=torch.long, device=self._device)
-        return self._template[0].index_select(0, zeros), self._template[1].index_select(0, zeros)
+        return tuple(inputs.apply(lambda t: t.index_select(0, zeros), v) for v in self._template)
 
     def capture_slot(self, i: int) -> Any:
         """Slot ``i``'s position (sampler and augmentation generator) for :meth:`restore_slot`: a run-ahead snapshot."""
@@ -538,7 +563,7 @@ def _materialize(dataset: Any, fields: tuple[Any, Any] | None, device: torch.dev
     loader = SampleLoader(dataset, fields=fields)
     xs, ys = loader.load(range(_dataset_rows(dataset)))
     x, y = loader.collate(xs, ys, torch.device("cpu"))
-    return x.to(device), y.to(device)
+    return tuple(inputs.apply(lambda t: t.to(device), v) for v in (x, y))
 
 
 def validation_tensors(val: Any, fields: tuple[Any, Any] | None, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -549,12 +574,15 @@ def validation_tensors(val: Any, fields: tuple[Any, Any] | None, device: torch.d
     """
     if isinstance(val, (tuple, list)) and len(val) == 2 and all(isinstance(v, torch.Tensor) for v in val):
         x_val, y_val = (v.to(device) for v in val)
+    elif inputs.is_columns(val) and not hasattr(val, "__getitems__"):  # a dict of columns, labels among them
+        x_val, y_val = inputs.tensors(val, "the validation set", device), None
     else:
         check_map_dataset(val, "the validation set")
         x_val, y_val = _materialize(val, fields, device)
-    if x_val.dim() == 0 or y_val.dim() == 0 or x_val.shape[0] != y_val.shape[0] or x_val.shape[0] == 0:
+    rows = {t.shape[0] if t.dim() else 0 for t in inputs.leaves(x_val) + inputs.leaves(y_val)}
+    if len(rows) != 1 or 0 in rows:
         raise ValueError(f"data(): the validation set must have one or more rows of x and y; got shapes "
-                         f"{tuple(x_val.shape)} and {tuple(y_val.shape)}.")
+                         f"{inputs.describe(x_val)} and {inputs.describe(y_val)}.")
     return x_val, y_val
 
 
@@ -573,8 +601,14 @@ def dataset_inputs(train: Any, val: Any, transform: Callable[..., Any] | None = 
     x_val, y_val = validation_tensors(val, fields, dev)
     loader = SampleLoader(train, transform, fields=fields)
     xs, ys = loader.load([0], [0] if transform is not None else None)
-    x0, _ = loader.collate(xs, ys, torch.device("cpu"))
-    if x0.shape[1:] != x_val.shape[1:]:
+    x0, y0 = loader.collate(xs, ys, torch.device("cpu"))
+    if inputs.is_columns(x0) or inputs.is_columns(x_val) or (y0 is None) != (y_val is None):
+        if not (inputs.is_columns(x0) and inputs.is_columns(x_val)) or sorted(x0) != sorted(x_val) \
+                or (y0 is None) != (y_val is None):
+            raise ValueError(f"data(): training examples give x {inputs.describe(x0)} and y {inputs.describe(y0)} "
+                             f"but the validation set {inputs.describe(x_val)} and {inputs.describe(y_val)}; give "
+                             "both in the same form (the same columns).")
+    elif x0.shape[1:] != x_val.shape[1:]:
         raise ValueError(f"data(): training examples{' (after transform)' if transform else ''} have x of shape "
                          f"{tuple(x0.shape[1:])} but validation rows {tuple(x_val.shape[1:])}; give both the same "
                          "features.")
@@ -593,6 +627,8 @@ def per_slot_streams(inputs: Any, batch_size: int, seeds: Sequence[int], device:
     apply there: batches are always assembled on the host, and workers belong
     to the factory's own ``DataLoader``).
     """
+    from .inputs import is_columns
+
     if isinstance(inputs, DatasetInputs) and inputs.iterable:
         from .iterable_streams import IterableStreams  # it imports this module
 
@@ -601,6 +637,9 @@ def per_slot_streams(inputs: Any, batch_size: int, seeds: Sequence[int], device:
         return DatasetStreams(inputs.train, batch_size, seeds, device=device, transform=inputs.transform,
                               num_workers=num_workers, fields=inputs.fields)
     x, y = inputs[0], inputs[1]
+    if host and (is_columns(x) or y is None):
+        raise ValueError("host_memory=True streams tensors (x_train, y_train); for dict batches return a map-style "
+                         "Dataset of dict examples instead, which is read on the host one step at a time.")
     if host:
         return HostTensorStreams(x, y, batch_size, seeds, device=device)
     return PerSlotStreams(x, y, batch_size, seeds, device=device)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from . import inputs
 from .amp import SlotGradScaler
 from .model_batch import ModelBatch, Slots
 from .optim.base import VectorOptimizer
@@ -70,7 +71,9 @@ class FusedEngine:
         step_fn: instead of ``loss_fn``, the whole training step for one model:
             ``step_fn(model, (x, y), config)`` returns the loss, or a dict whose
             ``"loss"`` is backpropagated and whose other entries are reported
-            (see :meth:`ModelBatch.run_step`).
+            (see :meth:`ModelBatch.run_step`). Batches without targets (``y`` is
+            None: a dict batch that holds its own ``labels``) reach it as ``x``
+            alone, so a Hugging Face step is ``model(**batch).loss``.
         eval_fn: ``eval_fn(model, (x, y), config) -> {name: value}`` for one
             model, run on validation batches instead of ``loss_fn``/metrics.
         configs: each slot's config, for ``step_fn``/``eval_fn``.
@@ -127,12 +130,16 @@ class FusedEngine:
     def _host_slots(self, slots: Slots) -> torch.Tensor:
         return self.mb._cpu_index(slots)
 
-    def train_step(self, x: Any, y: Any, *, slots: Slots = "active", per_slot: bool = False,
+    def train_step(self, x: Any, y: Any = None, *, slots: Slots = "active", per_slot: bool = False,
                    skip: torch.Tensor | None = None) -> StepResult:
         """One forward, backward and optimizer step over ``slots`` (default: the active ones).
 
         ``per_slot=True`` means ``x``/``y`` carry a leading slot dimension
         aligned with ``slots``; otherwise every slot sees the same batch.
+
+        ``x`` may be a dict of keyword inputs (``{"input_ids": ..., "attention_mask":
+        ..., "labels": ...}``): the model is called ``model(**x)`` and a step gets
+        the dict itself when ``y`` is None (see :mod:`ray_modelbatch.inputs`).
 
         ``skip`` (``[n]`` bool aligned with ``slots``) marks slots that run in
         the fused computation but must not move: their parameters, buffers,
@@ -261,9 +268,10 @@ class FusedEngine:
         return StepResult(host, losses, ~still, nonfinite, norms.sqrt(), extras)
 
     def _run_user(self, fn: StepFn, x: Any, y: Any, per_slot: bool, idx: torch.Tensor | None) -> Any:
-        """``fn(model, (x, y), config)`` for the slots ``idx`` (None: all), each with its own config values."""
+        """``fn(model, (x, y), config)`` (``fn(model, x, config)`` when ``y`` is None) for the slots ``idx``
+        (None: all), each with its own config values."""
         config, values = self.configs.for_rows(idx) if self.configs is not None else ({}, {})
-        return self.mb.run_step(fn, (x, y), config, values, per_slot=per_slot, slots=idx)
+        return self.mb.run_step(fn, inputs.step_batch(x, y), config, values, per_slot=per_slot, slots=idx)
 
     @torch.no_grad()
     def evaluate(
@@ -281,7 +289,8 @@ class FusedEngine:
 
         Args:
             x, y: the validation set, shared (``[N, ...]``) or per slot
-                (``[n, N, ...]`` with ``per_slot=True``).
+                (``[n, N, ...]`` with ``per_slot=True``); ``x`` may be a dict of
+                keyword inputs and ``y`` None (as in :meth:`train_step`).
             metrics: ``{name: fn(output, target)}`` for one model. A metric may
                 return a scalar (averaged over chunks by size) or one value per
                 example (averaged over the valid examples).
@@ -304,7 +313,7 @@ class FusedEngine:
             if mask is not None:
                 mask, _ = mb._prepare_x(mask, True, idx, "mask")
         axis = 1 if per_slot else 0
-        total = x.shape[axis]
+        total = inputs.num_rows(x, axis)
         step = batch_size or total
         sums: dict[str, torch.Tensor] = {}
         counts = torch.zeros(host.numel(), dtype=torch.float64, device=mb.device)
@@ -313,12 +322,12 @@ class FusedEngine:
         mb.eval()
         try:
             for start in range(0, total, step):
-                xb = x.narrow(axis, start, min(step, total - start))
-                yb = y.narrow(axis, start, min(step, total - start))
-                mb_ = None if mask is None else mask.narrow(1, start, xb.shape[axis]).to(torch.float64)
+                size = min(step, total - start)
+                xb, yb = (inputs.apply(lambda t: t.narrow(axis, start, size), v) for v in (x, y))
+                mb_ = None if mask is None else mask.narrow(1, start, size).to(torch.float64)
                 with self._autocast():
                     vals = self._eval_values(user, fns, xb, yb, per_slot, host, rows)
-                w = float(xb.shape[axis]) if mb_ is None else mb_.sum(1)
+                w = float(size) if mb_ is None else mb_.sum(1)
                 for name, val in vals.items():
                     val = val.double()
                     if name not in sums:
@@ -343,7 +352,7 @@ class FusedEngine:
         the loss and metrics of the outputs."""
         if user is None:
             out = self.mb(x, per_slot=per_slot, slots=host)
-            ydim = 0 if per_slot else None
+            ydim = 0 if per_slot and y is not None else None
             return {name: torch.vmap(fn, in_dims=(0, ydim))(out, y) for name, fn in fns.items()}
         if isinstance(user, Mapping):  # parts, no eval_step: each part's step on validation data
             out: dict[str, torch.Tensor] = {}

@@ -456,3 +456,44 @@ def gan_gap(model, batch, config):
 
     real, _ = batch
     return {"pixel_gap": (model["G"](torch.randn(real.shape[0], 8)).mean(0) - real.mean(0)).abs().mean()}
+
+
+# --------------------------------------------------------- Hugging Face models (issue 13, item 4)
+TEXT_VOCAB, TEXT_LEN = 24, 12  # [PAD]=0, [CLS]=1, [SEP]=2, positive words 3-12, negative words 13-22
+
+
+def text_columns():
+    """A toy sentiment task as a tokenizer would give it: two dicts of columns (``input_ids``,
+    ``attention_mask``, ``labels``), 512 training and 128 validation sentences of 4-11 tokens,
+    right-padded; the label says whether positive or negative words are in the majority."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    n = 900
+    ids = torch.randint(3, 23, (n, TEXT_LEN), generator=g)
+    ids[:, 0] = 1
+    mask = (torch.arange(TEXT_LEN) < torch.randint(4, TEXT_LEN, (n, 1), generator=g)).long()
+    ids = ids * mask
+    pos, neg = ((ids >= 3) & (ids < 13)).sum(1), ((ids >= 13) & (ids < 23)).sum(1)
+    keep = (pos != neg).nonzero().flatten()[:640]
+    cols = {"input_ids": ids[keep], "attention_mask": mask[keep], "labels": (pos > neg).long()[keep]}
+    return {k: v[:512] for k, v in cols.items()}, {k: v[512:] for k, v in cols.items()}
+
+
+def tiny_bert(config):
+    """A one-layer BERT classifier built from its config (never from a hub); dropout off."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=TEXT_VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=TEXT_LEN, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def hf_train_step(model, batch, config):
+    """The step as a Hugging Face user writes it: the batch is a dict, the model's own loss from labels=."""
+    return model(**batch).loss
+
+
+def hf_eval_step(model, batch, config):
+    out = model(**batch)
+    return {"loss": out.loss, "accuracy": (out.logits.argmax(-1) == batch["labels"]).float().mean()}

@@ -70,12 +70,17 @@ def batched_trainable(
             "transform": fn}``. The training set is then read per slot with its own seeded
             shuffle, and ``transform(sample, generator)`` (or a torchvision-style
             ``transform(x)``) augments each example reproducibly per trial; the validation
-            set is collated once. Called once per host, so load or build the data inside it
+            set is collated once. Batches may be dicts, as Hugging Face batches are: return
+            ``(train, val)`` as two dicts of columns (``{"input_ids": ..., "attention_mask": ...,
+            "labels": ...}``, one row per example), or dicts as ``x_train``/``x_val``, or a
+            ``Dataset`` of dict examples; the steps then get each batch as a dict (see
+            docs/porting.md). Called once per host, so load or build the data inside it
             (nothing is downloaded by us).
         loss: ``loss(output, target) -> scalar`` written for one model: the simple path.
         metrics: ``{name: fn(output, target)}``, reported as ``val_<name>`` with ``val_loss``.
         train_step: instead of ``loss``, the training step as written for one model:
-            ``train_step(model, (x, y), config)`` returns the loss, or a dict whose ``"loss"``
+            ``train_step(model, (x, y), config)`` (or ``train_step(model, batch, config)`` for dict
+            batches that hold their labels: ``model(**batch).loss``) returns the loss, or a dict whose ``"loss"``
             is backpropagated and whose other entries are reported under their own names.
             It may call the model several times, penalize its weights, draw noise. Float
             values it reads from ``config`` are per-trial tensors inside the fused step;
