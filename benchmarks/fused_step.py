@@ -1,13 +1,18 @@
 """Time of one training step: fused ModelBatch vs. a loop of plain models vs. dense matmul.
 
-What is measured, for S = 1, 8, 32, 128, 512 models of one architecture
-(tiny MLP 32-64-64-1 with MSE, MLP 784-256-256-10 with cross-entropy, small
-CNN on 1x28x28 with cross-entropy; batch 64, Adam (``--optimizer sgd``: SGD
-with momentum 0.9), one input batch shared by every model as in a hyperparameter
-sweep):
+What is measured, for S = 8, 32, 128 models of one architecture (``--slots``)
+of every family of issue 13 (tiny MLP 32-64-64-1 with MSE; MLP 784-256-256-10,
+small CNNs, LeNet-5 + BatchNorm, a small ResNet, an nn.TransformerEncoder
+classifier, an EmbeddingBag classifier, Embedding + mean, LSTM and GRU
+classifiers and, where ``transformers`` imports, a tiny BERT, all with
+cross-entropy; batch 64, Adam (``--optimizer sgd``: SGD with momentum 0.9), one
+input batch shared by every model as in a hyperparameter sweep):
 
 * fused: ``ModelBatch`` + ``ray_modelbatch.optim.Adam`` (one learning rate per
-  slot) + ``FusedEngine.train_step`` -- one step of all S models;
+  slot) + ``FusedEngine.train_step`` -- one step of all S models; column
+  'path' says whether its forward ran on the direct path (batched kernels, see
+  ``ray_modelbatch.fast_path``) or on ``torch.vmap``; with ``--compare-vmap``
+  the same stack forced onto vmap (``direct_path=False``) is timed too;
 * loop: S plain ``nn.Module``s, each with its own default ``torch.optim.Adam``
   (zero_grad, forward, loss, backward, step), run one after the other. Its
   per-model cost does not depend on S, so only min(S, 32) models are timed and
@@ -32,8 +37,8 @@ times slower than normal; a small matmul probe around every timing block
 discards blocks measured in such a phase (column 'speed').
 
 Runs without Ray. ``python benchmarks/fused_step.py [--quick] [--device cuda]
-[--models mlp_tiny,mlp_784,cnn] [--slots 1,8,32] [--cpu-gemm onednn]``; writes the markdown it
-prints to ``benchmarks/fused_step_latest.md``.
+[--models mlp_tiny,mlp_784,cnn] [--slots 1,8,32] [--cpu-gemm onednn] [--compare-vmap]``; writes the
+markdown it prints to ``benchmarks/fused_step_latest.md``.
 """
 
 from __future__ import annotations
@@ -105,6 +110,124 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
+class LeNetBN(nn.Module):
+    """LeNet-5 with BatchNorm after each convolution, on 1x28x28."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 conv-BN, a residual (1x1 conv-BN where the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.down(x))
+
+
+class SmallResNet(nn.Module):
+    """A small ResNet on 1x16x16: stem conv(8), a block at 8 channels, a strided block to 16, pool, fc10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 16, stride=2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.blocks(self.stem(x))).flatten(1))
+
+
+VOCAB, SEQ = 2000, 16
+
+
+class TransformerClassifier(nn.Module):
+    """Tokens -> embedding + learned positions -> nn.TransformerEncoder (2 layers, d 64, 4 heads) -> mean -> fc10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 64)
+        self.pos = nn.Parameter(torch.randn(SEQ, 64) * 0.02)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.emb(x) + self.pos).mean(1))
+
+
+class BagClassifier(nn.Module):
+    """nn.EmbeddingBag (mean of 16 tokens per example, 2-D input) -> fc10: fastText-style."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(VOCAB, 64, mode="mean")
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bag(x))
+
+
+class EmbeddingMean(nn.Module):
+    """nn.Embedding -> mean over the tokens -> fc64 -> fc10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 64)
+        self.head = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x).mean(1))
+
+
+class RNNClassifier(nn.Module):
+    """nn.LSTM or nn.GRU (32 -> 64, batch first) over 16 steps of 32 features -> last step -> fc10."""
+
+    def __init__(self, cell: type[nn.Module]) -> None:
+        super().__init__()
+        self.rnn = cell(32, 64, batch_first=True)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def tiny_bert() -> nn.Module:
+    """transformers' BertForSequenceClassification, 2 layers of hidden 64, 2 heads, vocab 2000 (eager attention)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=SEQ, num_labels=10,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    return BertForSequenceClassification(config)
+
+
+def transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means: no BERT row
+        return False
+    return True
+
+
 @dataclass
 class Spec:
     name: str
@@ -122,6 +245,14 @@ def _classify(shape: tuple[int, ...]) -> Callable[[torch.Generator], tuple[torch
     return lambda g: (torch.randn(BATCH, *shape, generator=g), torch.randint(0, 10, (BATCH,), generator=g))
 
 
+def _tokens(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+
+
+def _logits_loss(out: object, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.logits, y)  # a transformers SequenceClassifierOutput
+
+
 SPECS = {
     s.name: s
     for s in (
@@ -129,6 +260,22 @@ SPECS = {
         Spec("mlp_784", "MLP 784-256-256-10, CE", MLP784, F.cross_entropy, _classify((784,))),
         Spec("cnn", "CNN 1x28x28 c16-c32-fc10, CE", SmallCNN, F.cross_entropy, _classify((1, 28, 28))),
         Spec("cnn_digits", "CNN 8x8 c4-BN-c8-BN-fc10 (the sweep's), CE", DigitsCNN, F.cross_entropy, _classify((64,))),
+        # the families of issue 13
+        Spec("lenet_bn", "LeNet-5 + BatchNorm, 1x28x28, CE", LeNetBN, F.cross_entropy, _classify((1, 28, 28))),
+        Spec("resnet", "small ResNet 1x16x16 (stem 8, blocks 8 and 16/2), CE", SmallResNet, F.cross_entropy,
+             _classify((1, 16, 16))),
+        Spec("transformer", f"nn.TransformerEncoder 2x(d64 h4 ff128) on {SEQ} tokens, mean, CE",
+             TransformerClassifier, F.cross_entropy, _tokens),
+        Spec("embbag", f"nn.EmbeddingBag({VOCAB}, 64, mean) on {SEQ} tokens, fc10, CE", BagClassifier,
+             F.cross_entropy, _tokens),
+        Spec("emb_mean", f"nn.Embedding({VOCAB}, 64), mean of {SEQ} tokens, fc64-fc10, CE", EmbeddingMean,
+             F.cross_entropy, _tokens),
+        Spec("lstm", "nn.LSTM(32, 64) over 16 steps, last step, fc10, CE", lambda: RNNClassifier(nn.LSTM),
+             F.cross_entropy, _classify((16, 32))),
+        Spec("gru", "nn.GRU(32, 64) over 16 steps, last step, fc10, CE", lambda: RNNClassifier(nn.GRU),
+             F.cross_entropy, _classify((16, 32))),
+        *([Spec("bert", f"transformers BERT 2x(d64 h2 ff128) on {SEQ} tokens, CE", tiny_bert, _logits_loss, _tokens)]
+          if transformers_available() else []),
     )
 }
 
@@ -138,7 +285,9 @@ def step_flops(spec: Spec) -> tuple[int, int]:
     """(MACs per example, matmul/conv FLOPs of one training step of one model at batch BATCH).
 
     forward 2*B*MACs + weight grads 2*B*MACs + input grads 2*B*MACs for every
-    Linear/Conv except the first (its input, the data, needs no gradient).
+    Linear/Conv/attention/RNN except the first (its input, the data, needs no
+    gradient). Attention and RNN layers are counted with their matmuls only,
+    and embedding lookups not at all.
     """
     model = spec.make()
     macs: list[int] = []
@@ -146,10 +295,18 @@ def step_flops(spec: Spec) -> tuple[int, int]:
     def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
         if isinstance(mod, nn.Linear):
             macs.append(out.numel() * mod.in_features)
+        elif isinstance(mod, nn.MultiheadAttention):  # projections, q @ k^T and weights @ v (batch first)
+            b, t, e = inp[0].shape
+            macs.append(b * t * 4 * e * e + 2 * b * t * t * e)
+        elif isinstance(mod, nn.RNNBase):  # gates x (input + hidden) per step
+            gates = {"LSTM": 4, "GRU": 3}.get(mod.mode, 1) * mod.hidden_size
+            tokens = inp[0].shape[0] * inp[0].shape[1]
+            macs.append(tokens * gates * (mod.input_size + mod.hidden_size))
         else:
             macs.append(out.numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    kinds = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     with torch.no_grad():
         model(spec.batch(torch.Generator().manual_seed(0))[0])
     for h in handles:
@@ -294,7 +451,8 @@ OPTIMIZER_LABELS = {"adam": "Adam", "sgd": "SGD (momentum 0.9)"}
 
 
 def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: int, probe: Probe,
-               compile_update: bool = False, optimizer: str = "adam", cpu_gemm: str = "blas") -> dict:
+               compile_update: bool = False, optimizer: str = "adam", cpu_gemm: str = "blas",
+               compare_vmap: bool = False) -> dict:
     gen = torch.Generator().manual_seed(seed)
     eq_batches = [tuple(t.to(device) for t in spec.batch(gen)) for _ in range(EQ_STEPS)]
     x, y = (t.to(device) for t in spec.batch(gen))
@@ -323,7 +481,7 @@ def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: 
     for i in range(n_eq):
         for xb, yb in eq_batches:
             loop_step(loop_models[i], loop_opts[i], spec.loss_fn, xb, yb)
-            loop_step(refs[i], ref_opts[i], spec.loss_fn, xb.double(), yb.double() if yb.is_floating_point() else yb)
+            loop_step(refs[i], ref_opts[i], spec.loss_fn, as_double(xb), as_double(yb))
     max_rel = noise = 0.0
     with torch.no_grad():
         for i in range(n_eq):
@@ -342,10 +500,19 @@ def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: 
 
     for _ in range(3):
         loop_pass()
-    t, speed = time_contenders({"fused": lambda: engine.train_step(x, y), "loop": loop_pass}, device, min_time, probe)
+    engine.train_step(x, y)
+    path = "direct" if mb.uses_direct_path and not mb._slow_keys else "vmap"  # _slow_keys: direct refused at run time
+    contenders = {"fused": lambda: engine.train_step(x, y), "loop": loop_pass}
+    if compare_vmap:  # the same stack on vmap: what the direct path gains
+        vmb = ModelBatch(models, device=device, cpu_gemm=cpu_gemm, direct_path=False)
+        vengine = FusedEngine(vmb, make_fused(vmb, lrs, compile_update), spec.loss_fn)
+        for _ in range(3):
+            vengine.train_step(x, y)
+        contenders["vmap"] = lambda: vengine.train_step(x, y)
+    t, speed = time_contenders(contenders, device, min_time, probe)
     t_fused, t_loop = t["fused"], t["loop"]
 
-    del engine, opt, mb, models, loop_models, loop_opts
+    del engine, opt, mb, models, loop_models, loop_opts, contenders
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -358,7 +525,14 @@ def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: 
         "max_rel": max_rel,
         "noise": noise,
         "speed": speed,
+        "path": path,
+        "vmap_msps": s / t["vmap"] if "vmap" in t else None,
     }
+
+
+def as_double(t: torch.Tensor) -> torch.Tensor:
+    """The fp64 reference's copy of a batch tensor (indices stay integers)."""
+    return t.double() if t.is_floating_point() else t
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -418,9 +592,9 @@ def fmt(v: float, digits: int = 3) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="S = 1, 32, 128 and shorter timings")
+    ap.add_argument("--quick", action="store_true", help="S = 8, 32 and shorter timings")
     ap.add_argument("--models", default=",".join(SPECS), help=f"comma-separated subset of {','.join(SPECS)}")
-    ap.add_argument("--slots", default=None, help="comma-separated S values (default 1,8,32,128,512; --quick 1,32,128)")
+    ap.add_argument("--slots", default=None, help="comma-separated S values (default 8,32,128; --quick 8,32)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds each timing runs for (default 0.5; --quick 0.2)")
@@ -434,6 +608,8 @@ def main() -> None:
                     help="optimizer of both paths (default adam; sgd = SGD with momentum 0.9)")
     ap.add_argument("--cpu-gemm", choices=fast_path.GEMMS, default="blas",
                     help="ModelBatch(cpu_gemm=...): the fused path's CPU GEMM kernels (default blas, as nn.Linear)")
+    ap.add_argument("--compare-vmap", action="store_true",
+                    help="also time each stack on vmap (ModelBatch(direct_path=False)): what the direct path gains")
     ap.add_argument("--out", default=str(Path(__file__).with_name("fused_step_latest.md")), help="markdown file to write")
     args = ap.parse_args()
 
@@ -446,7 +622,7 @@ def main() -> None:
     unknown = [n for n in names if n not in SPECS]
     if unknown:
         sys.exit(f"unknown model(s) {unknown}; choose from {list(SPECS)}")
-    slots = [int(v) for v in (args.slots or ("1,32,128" if args.quick else "1,8,32,128,512")).split(",")]
+    slots = [int(v) for v in (args.slots or ("8,32" if args.quick else "8,32,128")).split(",")]
     min_time = args.min_time or (0.2 if args.quick else 0.5)
     dense_n = args.dense_n or (4096 if device.type == "cuda" else 2048)
 
@@ -480,11 +656,16 @@ def main() -> None:
     flop_info = {n: step_flops(SPECS[n]) for n in names}
     def measure(n: str, s: int, note: str = "") -> dict:
         t0 = time.perf_counter()
-        r = run_config(SPECS[n], s, device, min_time, args.seed, probe, args.compile_update, args.optimizer,
-                       args.cpu_gemm)
+        try:
+            r = run_config(SPECS[n], s, device, min_time, args.seed, probe, args.compile_update, args.optimizer,
+                           args.cpu_gemm, args.compare_vmap)
+        except Exception as exc:  # noqa: BLE001 - one family that cannot run must not stop the others
+            print(f"  {n:8s} S={s:<4d} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            return {"model": n, "s": s, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
         r.update(model=n, s=s, fused_flops=r["fused_msps"] * flop_info[n][1])
+        vm = "" if r["vmap_msps"] is None else f"  vmap {r['vmap_msps']:>8,.0f} (x{r['vmap_msps'] / r['loop_msps']:.2f})"
         print(
-            f"  {n:8s} S={s:<4d} fused {r['fused_msps']:>10,.0f} model-steps/s  loop {r['loop_msps']:>8,.0f}  "
+            f"  {n:8s} S={s:<4d} {r['path']:6s} fused {r['fused_msps']:>10,.0f} model-steps/s  loop {r['loop_msps']:>8,.0f}{vm}  "
             f"x{r['fused_msps'] / r['loop_msps']:.2f}  {r['fused_flops'] / 1e9:.1f} GFLOP/s  "
             f"diff {r['max_rel']:.1e} (floor {r['noise']:.1e})  speed {probe.frac(r['speed']):.0%}  "
             f"({time.perf_counter() - t0:.1f} s){note}",
@@ -494,10 +675,10 @@ def main() -> None:
 
     rows = [measure(n, s) for n in names for s in slots]
     for i, r in enumerate(rows):  # the best probe may have risen since: re-run configs timed while slow
-        if probe.frac(r["speed"]) < QUIET:
+        if "error" not in r and probe.frac(r["speed"]) < QUIET:
             waited = wait_quiet(probe, args.max_wait)
             again = measure(r["model"], r["s"], f"  [re-run after waiting {waited:.0f} s: machine was slow]")
-            if probe.frac(again["speed"]) > probe.frac(r["speed"]):
+            if "error" not in again and probe.frac(again["speed"]) > probe.frac(r["speed"]):
                 rows[i] = again
 
     wait_quiet(probe, args.max_wait)
@@ -514,6 +695,10 @@ def main() -> None:
         "- FLOPs = matmul/conv FLOPs one step needs: forward 2·B·MACs + weight grads 2·B·MACs + input grads 2·B·MACs "
         "of every layer except the first (its input needs no grad); bias, activations, pooling, loss and optimizer "
         "are not counted",
+        "- path = how the fused forward ran: 'direct' (batched kernels on the stacked parameters, "
+        "ray_modelbatch.fast_path) or 'vmap' (torch.vmap over functional_call)"
+        + ("; vmap/loop = the same stack forced onto vmap (ModelBatch(direct_path=False)), timed alongside"
+           if args.compare_vmap else ""),
         f"- loop = sequential Python loop over plain nn.Modules, each with its own torch.optim optimizer (same settings); timed "
         f"on min(S, {LOOP_CAP}) models (column 'loop n'), reported per model step",
         f"- max rel diff = max over the first min(S, {EQ_CAP}) slots and all parameter tensors of "
@@ -526,20 +711,27 @@ def main() -> None:
         "| --- | ---: | ---: |",
         *[f"| {SPECS[n].label} | {flop_info[n][0]:,} | {flop_info[n][1] / 1e6:,.2f} M |" for n in names],
         "",
-        "| model | S | fused ms/step | fused model-steps/s | loop n | loop model-steps/s | fused/loop | "
-        "fused GFLOP/s | % of dense | % of torch.mm | max rel diff | fp32 floor | speed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | S | path | fused ms/step | fused model-steps/s | loop n | loop model-steps/s | fused/loop | "
+        + ("vmap/loop | " if args.compare_vmap else "")
+        + "fused GFLOP/s | % of dense | % of torch.mm | max rel diff | fp32 floor | speed |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if args.compare_vmap else "")
+        + "---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        if "error" in r:
+            md.append(f"| {r['model']} | {r['s']} | failed: {r['error']} |")
+            continue
+        vm = f"{r['vmap_msps'] / r['loop_msps']:.2f}x | " if args.compare_vmap else ""
         md.append(
-            f"| {r['model']} | {r['s']} | {fmt(r['fused_step_s'] * 1e3)} | {fmt(r['fused_msps'])} | {r['n_loop']} | "
-            f"{fmt(r['loop_msps'])} | {r['fused_msps'] / r['loop_msps']:.2f}x | {r['fused_flops'] / 1e9:.2f} | "
-            f"{100 * r['fused_flops'] / dense:.1f}% | {100 * r['fused_flops'] / blas:.1f}% | {r['max_rel']:.1e} ({r['n_eq']} slots) | {r['noise']:.1e} | "
+            f"| {r['model']} | {r['s']} | {r['path']} | {fmt(r['fused_step_s'] * 1e3)} | {fmt(r['fused_msps'])} | "
+            f"{r['n_loop']} | {fmt(r['loop_msps'])} | {r['fused_msps'] / r['loop_msps']:.2f}x | {vm}"
+            f"{r['fused_flops'] / 1e9:.2f} | {100 * r['fused_flops'] / dense:.1f}% | {100 * r['fused_flops'] / blas:.1f}% | "
+            f"{r['max_rel']:.1e} ({r['n_eq']} slots) | {r['noise']:.1e} | "
             f"{probe.frac(r['speed']):.0%}{'' if probe.frac(r['speed']) >= QUIET else ' (noisy)'} |"
         )
 
     def find(model: str, s: int) -> dict | None:
-        return next((r for r in rows if r["model"] == model and r["s"] == s), None)
+        return next((r for r in rows if r["model"] == model and r["s"] == s and "error" not in r), None)
 
     md += ["", "Targets:"]
     r = find("mlp_tiny", 32)

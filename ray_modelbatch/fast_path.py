@@ -5,10 +5,11 @@ is ~90 batched ops), and on CPU it runs convolutions about as fast as a loop.
 For models built from the layers below, the whole forward is written on the
 stacked parameters directly:
 
-* every ``nn.Linear`` is one batched GEMM over the slots, ``[S, B, I] @ [S, I, O]``
-  (a batch shared by every slot is broadcast with stride 0, never copied),
-  read straight from the strided parameter views of the flat ``[S, P]``
-  buffer; its backward is two batched GEMMs;
+* every ``nn.Linear`` is one batched GEMM over the slots, ``[S, B*, I] @ [S, I, O]``
+  (a batch shared by every slot is broadcast with stride 0, never copied;
+  ``B*`` is every leading dimension, e.g. batch and sequence), read straight
+  from the strided parameter views of the flat ``[S, P]`` buffer; its backward
+  is two batched GEMMs;
 * every ``nn.Conv1d``/``nn.Conv2d`` is one convolution over all slots: the
   slots' channels side by side (``[B, S*C, H, W]``) and ``groups`` multiplied
   by S, as HFTA fuses them; on a batch shared by every slot the first
@@ -17,9 +18,22 @@ stacked parameters directly:
   whose running statistics are views of the stacked buffers, and pooling acts
   per channel as it is: a CNN stays in the channel-stacked layout from its
   first convolution to its flatten, with no copies between layers;
+* ``nn.LayerNorm``, ``nn.Embedding`` and ``nn.EmbeddingBag`` (sum, mean) are
+  one kernel over all slots each (see :mod:`.direct_kernels`);
+  ``nn.MultiheadAttention``, ``F.scaled_dot_product_attention`` and
+  ``nn.TransformerEncoder(Layer)`` run attention once on the slots folded into
+  the batch (see :mod:`.direct_attention`);
 * activations and dropout are elementwise, so they act per slot as they are
-  (dropout draws an independent mask per slot and element);
-* ``view``/``reshape`` with a leading ``-1`` and ``flatten(1)`` reshape each sample.
+  (dropout draws an independent mask per slot and element); so do ``+``,
+  ``*`` and the other binary ops between any two values (residual
+  connections), which broadcast as each model's own tensors do;
+* ``matmul``/``@``, ``softmax``, ``mean``/``sum``, ``cat``/``stack``,
+  ``transpose``/``permute``, ``view``/``reshape``/``flatten``, ``chunk``,
+  indexing and ``x.shape`` act on each slot's value with its dimensions
+  counted after the slot dimension: one call for all slots.
+
+The traced forward is a graph, not a chain: a step may read any earlier
+values, and the model may take more inputs than ``x`` (``offsets``, masks).
 
 On CPU, ``gemm="onednn"`` runs the large GEMMs (weights of at least
 :data:`DIRECT_WRITE_MIN` elements) one slot at a time through oneDNN instead of
@@ -40,61 +54,160 @@ gradient (as much memory traffic as an SGD update).
 shape it does not know returns ``None`` (or raises :class:`Unsupported` at
 run time), and :class:`~ray_modelbatch.ModelBatch` then uses ``vmap``. The
 math per slot is the model's own, so results match to float rounding.
-A plan of Linear and elementwise steps only is also *gather-exact*: running
-any two or more of the slots gives each the bits it gets in the whole stack
-(:attr:`FastPlan.gather_exact`); convolution and normalization kernels may
-pick another algorithm for another number of channels, so plans with them
-are not.
+A plan whose steps are all *gather-exact* (Linear, elementwise and binary
+ops, embedding lookups, and steps that only move data) is gather-exact as a
+whole: running any two or more of the slots gives each the bits it gets in
+the whole stack (:attr:`FastPlan.gather_exact`). Convolution and
+normalization kernels may pick another algorithm for another number of
+channels, and reductions, softmax and attention another blocking for another
+number of rows, so plans with them are not (see :data:`GATHER_EXACT_KINDS`).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any, Mapping
+import inspect
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.node import map_aggregate
+
+from . import direct_attention as attention
+from . import direct_kernels as kernels
+from .direct_kernels import CHAN, SHARED, SLOT, Act, Unsupported
+from .padded_embedding import PaddedEmbedding
+
+__all__ = ["FastPlan", "GradTarget", "Unsupported", "plan", "run", "onednn_available", "DIRECT_WRITE_MIN", "GEMMS"]
 
 ELEMENTWISE_MODULES = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus,
-                       nn.Identity, nn.Dropout)
-ELEMENTWISE_FUNCTIONS = {torch.relu, torch.tanh, torch.sigmoid, F.relu, F.gelu, F.silu, F.tanh, F.sigmoid}
+                       nn.Identity, nn.Dropout, nn.Mish, nn.Hardtanh, nn.ReLU6)
+ELEMENTWISE_FUNCTIONS = {torch.relu, torch.tanh, torch.sigmoid, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
+                         torch.abs, torch.neg, operator.neg, F.relu, F.gelu, F.silu, F.tanh, F.sigmoid, F.softplus,
+                         F.leaky_relu, F.elu, F.mish, F.dropout}
+ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "contiguous",
+                       "float", "clone"}
 CONV_MODULES = (nn.Conv1d, nn.Conv2d)
 NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
 # Per-channel ops: they act on a [B, S*C, ...] tensor exactly as on each slot's [B, C, ...].
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
-FLATTEN_FUNCTIONS = {torch.flatten}
-RESHAPE_METHODS = {"view", "reshape"}
-GATHER_EXACT_KINDS = {"linear", "module", "function"}
+EMBEDDING_MODULES = (nn.Embedding, PaddedEmbedding)  # the stack's template has PaddedEmbedding for padding_idx
+
+# call_function targets and call_method names -> step kind (see _Runner for each kind's layout rules)
+FUNCTION_KINDS: dict[Any, str] = {
+    **{f: "function" for f in ELEMENTWISE_FUNCTIONS},
+    **{f: "binary" for f in (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+                              torch.mul, torch.div)},
+    operator.pow: "power", torch.pow: "power",
+    operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul",
+    torch.cat: "cat", torch.concat: "cat", torch.stack: "cat",
+    torch.mean: "reduce", torch.sum: "reduce",
+    torch.softmax: "softmax", torch.log_softmax: "softmax", F.softmax: "softmax", F.log_softmax: "softmax",
+    torch.transpose: "transpose", torch.permute: "permute", torch.flatten: "flatten", torch.reshape: "view",
+    torch.unsqueeze: "unsqueeze", torch.squeeze: "squeeze", torch.chunk: "split", torch.split: "split",
+    F.scaled_dot_product_attention: "sdpa", operator.getitem: "getitem", getattr: "getattr",
+}
+METHOD_KINDS: dict[str, str] = {
+    **{m: "function" for m in ELEMENTWISE_METHODS},
+    **{m: "binary" for m in ("add", "sub", "mul", "div")}, "pow": "power",
+    "matmul": "matmul", "bmm": "matmul", "mean": "reduce", "sum": "reduce", "softmax": "softmax",
+    "log_softmax": "softmax", "transpose": "transpose", "permute": "permute", "flatten": "flatten",
+    "view": "view", "reshape": "view", "unflatten": "unflatten", "unsqueeze": "unsqueeze", "squeeze": "squeeze",
+    "chunk": "split", "split": "split", "size": "size", "dim": "size",
+}
+# Steps whose result for a slot does not depend on how many slots run (see FastPlan.gather_exact): pure
+# data movement, + - * / (correctly rounded in vector and scalar code alike; pow is not counted), the
+# activations ("module", "function": counted so since the direct path began), Linear's batched GEMM (one
+# GEMM per slot) and embedding lookups (a copy; the gradient adds each slot's rows in index order,
+# whatever the number of slots). Reductions, softmax, normalizations and attention may block their
+# loops differently for another number of rows.
+GATHER_EXACT_KINDS = {"linear", "module", "function", "binary", "param", "embedding", "getitem", "getattr",
+                      "size", "view", "flatten", "unflatten", "transpose", "permute", "unsqueeze", "squeeze",
+                      "cat", "split"}
 
 
-class Unsupported(Exception):
-    """This call cannot take the direct path (e.g. inputs that are not ``[B, features]``)."""
+@dataclass(frozen=True)
+class _Ref:
+    """A value of the traced forward, as a step's argument."""
+
+    name: str
 
 
 @dataclass(frozen=True)
 class _Step:
-    kind: str  # "linear" | "conv" | "norm" | "pool" | "module" | "function" | "flatten" | "reshape"
-    target: Any  # the module's name (linear, conv, norm, pool, module), the function, the reshape's
-    #              sizes, or the flatten's start_dim
-    src: str
+    kind: str  # see FUNCTION_KINDS, METHOD_KINDS and _module_kind
+    op: str  # the graph node's op: "call_module", "call_function", "call_method" or "get_attr"
+    target: Any  # the module's name (call_module), the function, or the method's name
+    args: tuple  # the call's arguments, earlier values as _Ref
+    kwargs: tuple[tuple[str, Any], ...]
     dst: str
+
+    @property
+    def flat(self) -> bool:
+        """Whether every argument is a value or a constant (no lists or tuples to look into)."""
+        return not any(isinstance(a, (tuple, list, dict, slice)) for a in (*self.args, *(v for _, v in self.kwargs)))
+
+
+@dataclass(frozen=True)
+class _Input:
+    name: str  # the value's name in the graph
+    arg: str  # the forward's parameter name
+    default: Any  # _REQUIRED when it has none
+    used: bool
+
+
+_REQUIRED = object()
 
 
 @dataclass(frozen=True)
 class FastPlan:
-    """The traced forward: steps over named values, from the input to the output."""
+    """The traced forward: steps over named values, from the inputs to the output."""
 
     steps: tuple[_Step, ...]
-    input: str
+    inputs: tuple[_Input, ...]
     output: str
+    aliases: tuple[tuple[str, str], ...] = ()  # (name, stacked name) of parameters shared by two modules
+    # plans traced with some inputs fixed to None (see variant) and the compiled steps; filled when needed
+    cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def gather_exact(self) -> bool:
         """Whether a run over any two or more slots rounds each slot as the whole stack does (see module doc)."""
         return all(s.kind in GATHER_EXACT_KINDS for s in self.steps)
+
+    def variant(self, template: nn.Module, none: frozenset[str]) -> FastPlan | None:
+        """This plan for calls that pass no tensor (None, or nothing) for the inputs ``none``.
+
+        The trace passed a tensor for every input, so branches such as ``if
+        mask is not None`` took the tensor's side; a call without it is traced
+        again with those inputs fixed to None (once, then cached; the template
+        must be in the mode this plan was made for).
+        """
+        if none not in self.cache:
+            self.cache[none] = plan(template, none)
+        return self.cache[none]
+
+    @property
+    def compiled(self) -> list[tuple[_Step, Callable[..., Any], bool]]:
+        """Each step with its kernel (a ``_Runner`` method) and whether its arguments are flat; made once."""
+        if "compiled" not in self.cache:
+            self.cache["compiled"] = [(s, getattr(_Runner, f"_k_{s.kind}"), s.flat) for s in self.steps]
+        return self.cache["compiled"]
+
+    def kinds(self) -> dict[str, str]:
+        """The step kind of every module the forward calls, by module name (what ``check_model`` reports)."""
+        return {s.target: s.kind for s in self.steps if s.op == "call_module"}
+
+
+class _Tracer(fx.Tracer):
+    """``fx.Tracer`` that keeps the stack's own module substitutes (:class:`PaddedEmbedding`) whole."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, PaddedEmbedding) or super().is_leaf_module(m, qualname)
 
 
 def _settings(module: nn.Module) -> list[tuple[str, dict]]:
@@ -103,25 +216,13 @@ def _settings(module: nn.Module) -> list[tuple[str, dict]]:
             for name, m in module.named_modules()]
 
 
-def plan(template: nn.Module) -> FastPlan | None:
-    """A direct plan for ``template``'s forward in its current train/eval mode, or None.
-
-    None when the forward has anything but Linear layers and elementwise ops,
-    or when tracing it changed the module (a counter, a cache: Python side
-    effects that a traced graph would silently drop). The trace runs on a copy,
-    so the template itself is never touched. Python branches on the mode
-    (``if self.training``) are fixed by the trace, so callers keep one plan
-    per mode.
-    """
-    modules = dict(template.named_modules())
-    for name, _ in template.named_buffers():
-        owner = modules[name.rpartition(".")[0]]
-        if not (isinstance(owner, NORM_MODULES) and _norm_ok(owner)):
-            return None  # buffers the direct path does not keep (only BatchNorm's running statistics)
+def _trace(template: nn.Module, none: frozenset[str]) -> fx.Graph | None:
+    """The forward's graph (inputs ``none`` fixed to None), traced on a copy; None if it cannot be traced
+    or tracing changed the module."""
     probe = copy.deepcopy(template)
     before = _settings(probe)
     try:
-        graph = fx.symbolic_trace(probe).graph
+        graph = _Tracer().trace(probe, concrete_args={name: None for name in none} or None)
     except Exception:  # noqa: BLE001 - control flow, custom tracing problems: not for the direct path
         return None
     try:
@@ -129,44 +230,115 @@ def plan(template: nn.Module) -> FastPlan | None:
             return None
     except Exception:  # noqa: BLE001 - attributes that cannot be compared (e.g. arrays): be safe
         return None
+    return graph
+
+
+def plan(template: nn.Module, none: frozenset[str] = frozenset()) -> FastPlan | None:
+    """A direct plan for ``template``'s forward in its current train/eval mode, or None.
+
+    None when the forward calls a module, function or method the direct path
+    does not know (or one it knows with settings it does not cover), or when
+    tracing it changed the module (a counter, a cache: Python side effects
+    that a traced graph would silently drop). The trace runs on a copy, so the
+    template itself is never touched. Python branches on the mode
+    (``if self.training``) are fixed by the trace, so callers keep one plan
+    per mode. ``none``: inputs fixed to None (see :meth:`FastPlan.variant`).
+    """
+    modules = dict(template.named_modules())
+    for name, _ in template.named_buffers():
+        owner = modules[name.rpartition(".")[0]]
+        if not (isinstance(owner, NORM_MODULES) and _norm_ok(owner)):
+            return None  # buffers the direct path does not keep (only BatchNorm's running statistics)
+    graph = _trace(template, none)
+    if graph is None:
+        return None
+    params = {n for n, _ in template.named_parameters()}
+    arg_names = _input_names(template)
     steps, inputs, output = [], [], None
     for node in graph.nodes:
         if node.op == "placeholder":
-            inputs.append(node.name)
+            default = node.args[0] if node.args else _REQUIRED
+            arg = arg_names[len(inputs)] if len(inputs) < len(arg_names) else node.target
+            inputs.append(_Input(node.name, arg, default, arg not in none and bool(node.users)))
+            continue
+        if node.op == "call_function" and node.target is _ASSERT_IS_NONE:  # holds: the variant is for None
             continue
         if node.op == "output":
             if not isinstance(node.args[0], fx.Node):
                 return None
             output = node.args[0].name
             continue
-        if not node.args or not isinstance(node.args[0], fx.Node):
+        step = _step(node, modules, params)
+        if step is None:
             return None
-        src, rest = node.args[0].name, node.args[1:]
-        if node.op == "call_module":
-            mod = modules[node.target]
-            if rest or node.kwargs:
-                return None
-            kind = _module_kind(mod)
-            if kind is None:
-                return None
-            steps.append(_Step(kind, mod.start_dim if kind == "flatten" else node.target, src, node.name))
-        elif node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS and not rest and not node.kwargs:
-            steps.append(_Step("function", node.target, src, node.name))
-        elif _is_flatten(node, rest):
-            steps.append(_Step("flatten", rest[0] if rest else node.kwargs.get("start_dim", 0), src, node.name))
-        elif (node.op == "call_method" and node.target in RESHAPE_METHODS and not node.kwargs and len(rest) > 1
-              and rest[0] == -1 and all(isinstance(d, int) and d > 0 for d in rest[1:])):
-            steps.append(_Step("reshape", tuple(rest[1:]), src, node.name))
-        else:
-            return None
-    if len(inputs) != 1 or output is None or not any(s.kind in ("linear", "conv") for s in steps):
+        steps.append(step)
+    if not inputs or output is None or not any(s.kind in _PARAM_KINDS for s in steps):
         return None
-    return FastPlan(tuple(steps), inputs[0], output)
+    return FastPlan(tuple(steps), tuple(inputs), output, _aliases(template))
+
+
+def _aliases(template: nn.Module) -> tuple[tuple[str, str], ...]:
+    """Tied parameters (an LM head sharing the embedding's weight): each further name of a parameter, with
+    the name the stack holds it under (its first)."""
+    first = {id(t): n for n, t in template.named_parameters()}
+    return tuple((n, first[id(t)]) for n, t in template.named_parameters(remove_duplicate=False) if first[id(t)] != n)
+
+
+_ASSERT_IS_NONE = getattr(fx._symbolic_trace, "_assert_is_none", None)
+
+
+def _input_names(template: nn.Module) -> list[str]:
+    """The forward's parameter names in order (fx renames the placeholders of inputs fixed to None)."""
+    return [n for n, p in inspect.signature(template.forward).parameters.items()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _step(node: fx.Node, modules: dict[str, nn.Module], params: set[str]) -> _Step | None:
+    """The step computing ``node``, or None if the direct path has no kernel for it."""
+    args = map_aggregate(node.args, lambda a: _Ref(a.name) if isinstance(a, fx.Node) else a)
+    kwargs = map_aggregate(dict(node.kwargs), lambda a: _Ref(a.name) if isinstance(a, fx.Node) else a)
+    if node.op == "get_attr":
+        return _Step("param", node.op, node.target, (), (), node.name) if node.target in params else None
+    if node.op == "call_module":
+        mod = modules[node.target]
+        kind = _module_kind(mod)
+        if kind is None:
+            return None
+        if kind in _MULTI_INPUT_KINDS:  # every argument by name, as the module's forward takes them
+            try:
+                bound = inspect.signature(mod.forward).bind(*args, **kwargs)
+            except TypeError:
+                return None
+            return _Step(kind, node.op, node.target, (), tuple(bound.arguments.items()), node.name)
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            return None
+        return _Step(kind, node.op, node.target, args, (), node.name)
+    if node.op == "call_function":
+        kind = FUNCTION_KINDS.get(node.target)
+    elif node.op == "call_method":
+        kind = METHOD_KINDS.get(node.target)
+    else:
+        kind = None
+    if kind is None or not _static_ok(kind, node):
+        return None
+    return _Step(kind, node.op, node.target, args, tuple(kwargs.items()), node.name)
+
+
+def _static_ok(kind: str, node: fx.Node) -> bool:
+    """What the graph shows already: a softmax without ``dim`` picks one by the rank it sees (deprecated)."""
+    if kind == "softmax":
+        return len(node.args) > 1 or node.kwargs.get("dim") is not None
+    return True
 
 
 def _norm_ok(mod: nn.Module) -> bool:
     # momentum=None (a cumulative average) would need each slot's own batch count as the factor.
     return mod.momentum is not None
+
+
+def _elementwise(fn: Any) -> bool:
+    """Whether ``fn`` (a function or a module) acts on each element alone."""
+    return fn in ELEMENTWISE_FUNCTIONS or type(fn) in ELEMENTWISE_MODULES
 
 
 def _module_kind(mod: nn.Module) -> str | None:
@@ -181,18 +353,28 @@ def _module_kind(mod: nn.Module) -> str | None:
     if type(mod) in ELEMENTWISE_MODULES:
         return "module"
     if type(mod) is nn.Flatten:
-        return "flatten" if mod.end_dim == -1 and (mod.start_dim == 1 or mod.start_dim < 0) else None
+        return "flatten"
+    if type(mod) in (nn.Softmax, nn.LogSoftmax):
+        return "softmax" if mod.dim is not None else None
+    if type(mod) is nn.LayerNorm:
+        return "layer_norm"
+    if type(mod) in EMBEDDING_MODULES:
+        return "embedding" if kernels.embedding_ok(mod) else None
+    if type(mod) is nn.EmbeddingBag:
+        return "embedding_bag" if kernels.embedding_ok(mod) else None
+    if type(mod) is nn.MultiheadAttention:
+        return "attention" if attention.mha_ok(mod) else None
+    if type(mod) is nn.TransformerEncoderLayer:
+        return "encoder_layer" if attention.encoder_layer_ok(mod, _elementwise) else None
+    if type(mod) is nn.TransformerEncoder:
+        return "encoder" if attention.encoder_ok(mod, _elementwise) else None
     return None
 
 
-def _is_flatten(node: fx.Node, rest: tuple) -> bool:
-    """``x.flatten(1)``, ``torch.flatten(x, 1)`` (or a negative start that means 1): every sample to one row."""
-    start = rest[0] if rest else node.kwargs.get("start_dim", 0)
-    end = rest[1] if len(rest) > 1 else node.kwargs.get("end_dim", -1)
-    extra = set(node.kwargs) - {"start_dim", "end_dim"}
-    call = (node.op == "call_method" and node.target == "flatten") or (
-        node.op == "call_function" and node.target in FLATTEN_FUNCTIONS)
-    return call and not extra and len(rest) <= 2 and isinstance(start, int) and (start == 1 or start < 0) and end == -1
+_MULTI_INPUT_KINDS = {"embedding_bag", "attention", "encoder_layer", "encoder"}
+_PARAM_KINDS = {"linear", "conv", "norm", "layer_norm", "embedding", "embedding_bag", "attention", "encoder_layer",
+                "encoder", "param"}
+
 
 
 # Weight matrices of at least this many elements get their gradient GEMM'd straight into their
@@ -308,24 +490,20 @@ class _SlotLinear(torch.autograd.Function):
         return gh, gw, gb, None, None
 
 
-# A value of the traced forward is in one of three layouts:
-#   "shared": [B, ...], the same for every slot (the input batch, before any parameter);
-#   "slot":   [n, B, ...], slot first (what Linear layers take and every output is);
-#   "chan":   [B, n*C, ...], the slots' channels side by side (what convolutions, BatchNorm and
-#             pooling take: one kernel call over all slots, no copies between those layers).
 def _to_slot(h: torch.Tensor, layout: str, n: int) -> torch.Tensor:
-    if layout == "slot":
+    """``[n, ...]``: a shared value broadcast (a view), a channel-stacked one as ``[n, B, C, ...]`` (a view)."""
+    if layout == SLOT:
         return h
-    if layout == "shared":
+    if layout == SHARED:
         return h.unsqueeze(0).expand(n, *h.shape)
     b, nc = h.shape[0], h.shape[1]
     return h.view(b, n, nc // n, *h.shape[2:]).transpose(0, 1)
 
 
 def _to_chan(h: torch.Tensor, layout: str, n: int) -> torch.Tensor:
-    if layout == "chan":
+    if layout == CHAN:
         return h
-    if layout == "shared":
+    if layout == SHARED:
         return h.unsqueeze(1).expand(h.shape[0], n, *h.shape[1:]).reshape(h.shape[0], n * h.shape[1], *h.shape[2:])
     return h.transpose(0, 1).reshape(h.shape[1], n * h.shape[2], *h.shape[3:])
 
@@ -335,7 +513,7 @@ def _conv(mod: nn.Module, h: torch.Tensor, layout: str, w: torch.Tensor, b: torc
     n = w.shape[0]
     fn = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
     groups = mod.groups
-    if not (layout == "shared" and groups == 1):  # a shared batch with groups=1 needs no grouping: S*O outputs
+    if not (layout == SHARED and groups == 1):  # a shared batch with groups=1 needs no grouping: S*O outputs
         h, groups = _to_chan(h, layout, n), groups * n
     weight = w.reshape(n * w.shape[1], *w.shape[2:])
     if h.dim() == 4:
@@ -372,12 +550,354 @@ def _norm(mod: nn.Module, name: str, h: torch.Tensor, params: Mapping[str, torch
     return out
 
 
-def run(p: FastPlan, template: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
+def _dim(d: Any, rank: int) -> int:
+    """Dimension ``d`` of a value of ``rank`` dims, made non-negative."""
+    if not isinstance(d, int) or not -rank <= d < rank:
+        raise Unsupported(f"dimension {d!r} of a {rank}-d value")
+    return d % rank
+
+
+def _arg(args: tuple, kwargs: dict, pos: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a call, given at position ``pos`` or by keyword (which is then taken out)."""
+    return args[pos] if len(args) > pos else kwargs.pop(name, default)
+
+
+def _acts(tree: Any) -> list[Act]:
+    found: list[Act] = []
+    map_aggregate(tree, lambda v: found.append(v) if isinstance(v, Act) else None)
+    return found
+
+
+def _method(name: str) -> Callable[..., Any]:
+    """``x.name(*args)`` as a function of ``x``."""
+    return lambda x, *args, **kwargs: getattr(x, name)(*args, **kwargs)
+
+
+class _Runner:
+    """One direct forward: the kernel of every step kind, over the stacked parameters.
+
+    Each ``_k_<kind>`` method computes a step from its resolved arguments
+    (earlier values as :class:`Act`, Python values as they are) and returns
+    its value: an :class:`Act`, a tuple of them (``chunk``, attention), or a
+    Python value (``x.shape`` and arithmetic on it, which is per sample and so
+    the same for every slot). :mod:`.direct_attention` calls :meth:`project`,
+    :meth:`linear` and :meth:`layer_norm` for the layers inside attention blocks.
+    """
+
+    def __init__(self, template: nn.Module, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
+                 grads: Mapping[str, GradTarget], gemm: str, autocast: bool):
+        self.template, self.params, self.buffers, self.grads = template, params, buffers, grads
+        self.gemm, self.autocast = gemm, autocast
+        self.n = next(iter(params.values())).shape[0]
+
+    # ------------------------------------------------------------------ layouts
+    def slot(self, a: Act) -> torch.Tensor:
+        return _to_slot(a.t, a.layout, self.n)
+
+    def broadcast(self, acts: list[Act], chan_ok: bool = True) -> tuple[list[torch.Tensor], str]:
+        """Operands of an elementwise op (or ``matmul``) lined up so that each slot's broadcast as alone.
+
+        All shared: as they are. Channel-stacked and shared values of one
+        per-sample shape (a residual in a CNN), for elementwise ops: channel-
+        stacked. Otherwise slot first, each slot's values padded with size-1
+        dims after the slot dimension to one rank (shared values, without the
+        slot dimension, line up from the right as they are).
+        """
+        layouts = {a.layout for a in acts}
+        if layouts == {SHARED}:
+            return [a.t for a in acts], SHARED
+        if (chan_ok and CHAN in layouts and layouts <= {CHAN, SHARED}
+                and len({a.sample_shape(self.n) for a in acts}) == 1):
+            return [_to_chan(a.t, a.layout, self.n) for a in acts], CHAN
+        rank = max(len(a.sample_shape(self.n)) for a in acts)
+        return [a.t if a.layout == SHARED else kernels.per_slot_view(self.slot(a), rank) for a in acts], SLOT
+
+    def fn(self, step: _Step) -> Callable[..., Any]:
+        """The function a function or method step calls (``x.name(...)`` as ``fn(x, ...)``)."""
+        return _method(step.target) if step.op == "call_method" else step.target
+
+    def along(self, fn: Callable[..., Any], x: Act, dims: Any, *args: Any, extra: int = 0, **kwargs: Any) -> Any:
+        """``fn(x, dims, *args, **kwargs)`` for every slot in one call: ``dims`` (a dimension of one slot's
+        value, or several; of rank + ``extra`` for a new one) counted after the slot dimension."""
+        rank = len(x.sample_shape(self.n)) + extra
+        many = isinstance(dims, (tuple, list))
+        moved = tuple(_dim(d, rank) + (x.layout != SHARED) for d in (dims if many else (dims,)))
+        t = self.slot(x) if x.layout == CHAN else x.t
+        out = fn(t, moved if many else moved[0], *args, **kwargs)
+        layout = SHARED if x.layout == SHARED else SLOT
+        return tuple(Act(o, layout) for o in out) if isinstance(out, (tuple, list)) else Act(out, layout)
+
+    # --------------------------------------------------------- parameterized layers
+    def project(self, h: Act, w: torch.Tensor, b: torch.Tensor | None, wname: str | None = None,
+                bname: str | None = None) -> torch.Tensor:
+        """``h @ w[s].T + b[s]`` for every slot: ``[n, ..., O]`` from ``h`` of ``[..., I]`` (``nn.Linear``).
+
+        Every leading dimension is a row of one GEMM per slot (a batch of
+        sequences is ``[n, B*T, I]``); a shared input is read by every slot's
+        GEMM through a stride-0 view, never copied. Gradients of the parameters
+        named ``wname``/``bname`` go to their :class:`GradTarget` if they have one.
+        """
+        n = self.n
+        x = self.slot(h) if h.layout == CHAN else h.t
+        slotted = h.layout != SHARED
+        if x.dim() - slotted < 1 or x.shape[-1] != w.shape[2]:
+            raise Unsupported("Linear input without in_features last")  # vmap's path explains errors
+        rows = x.dim() == 2 + slotted  # already [n, B, I] / [B, I]: no reshape on the way in or out
+        lead = None if rows else x.shape[1:-1] if slotted else x.shape[:-1]
+        if not rows:
+            x = x.reshape(n, -1, x.shape[-1]) if slotted else x.reshape(-1, x.shape[-1])
+        if self.autocast:  # plain ops, which autocast casts (the Function's backward would mix dtypes)
+            hs = x if slotted else x.unsqueeze(0).expand(n, *x.shape)
+            out = torch.bmm(hs, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), hs, w.transpose(1, 2))
+        else:
+            targets = (self.grads.get(wname) if wname else None,
+                       self.grads.get(bname) if bname and b is not None else None)
+            onednn = (self.gemm == "onednn" and w.device.type == "cpu" and w.dtype == torch.float32
+                      and x.dtype == torch.float32 and w[0].numel() >= DIRECT_WRITE_MIN)
+            out = _SlotLinear.apply(x, w, b, targets, onednn)
+        return out if rows else out.view(n, *lead, w.shape[1])
+
+    def linear(self, name: str, h: Act) -> Act:
+        """``nn.Linear`` ``name`` of every slot."""
+        wname, bname = f"{name}.weight", f"{name}.bias"
+        return Act(self.project(h, self.params[wname], self.params.get(bname), wname, bname), SLOT)
+
+    def layer_norm(self, name: str, h: Act) -> Act:
+        """``nn.LayerNorm`` ``name`` of every slot (see :func:`.direct_kernels.layer_norm`)."""
+        x = self.slot(h) if h.layout == CHAN else h.t
+        return kernels.layer_norm(self.template.get_submodule(name), x, h.layout == SHARED,
+                                  self.params.get(f"{name}.weight"), self.params.get(f"{name}.bias"))
+
+    def _k_linear(self, step: _Step, h: Act) -> Act:
+        return self.linear(step.target, h)
+
+    def _k_layer_norm(self, step: _Step, h: Act) -> Act:
+        return self.layer_norm(step.target, h)
+
+    def _k_conv(self, step: _Step, h: Act) -> Act:
+        mod = self.template.get_submodule(step.target)
+        rank = 3 if isinstance(mod, nn.Conv1d) else 4  # with the batch dimension
+        if len(h.sample_shape(self.n)) != rank:
+            raise Unsupported("convolution input of another rank")
+        return Act(_conv(mod, h.t, h.layout, self.params[f"{step.target}.weight"],
+                         self.params.get(f"{step.target}.bias")), CHAN)
+
+    def _k_norm(self, step: _Step, h: Act) -> Act:
+        mod = self.template.get_submodule(step.target)
+        return Act(_norm(mod, step.target, _to_chan(h.t, h.layout, self.n), self.params, self.buffers), CHAN)
+
+    def _k_pool(self, step: _Step, h: Act) -> Act:
+        mod = self.template.get_submodule(step.target)
+        if h.layout == SLOT:  # fold the slots into the batch: pooling is per sample and channel
+            out = mod(h.t.reshape(self.n * h.t.shape[1], *h.t.shape[2:]))
+            return Act(out.view(self.n, h.t.shape[1], *out.shape[1:]), SLOT)
+        return Act(mod(h.t), h.layout)
+
+    def _k_embedding(self, step: _Step, idx: Act) -> Act:
+        if idx.layout == CHAN:
+            raise Unsupported("embedding indices computed by a convolution")
+        mod = self.template.get_submodule(step.target)
+        return Act(kernels.embedding(mod, self.params[f"{step.target}.weight"], idx.t, idx.layout == SLOT), SLOT)
+
+    def _k_embedding_bag(self, step: _Step, input: Act, offsets: Act | None = None,  # noqa: A002 - torch's name
+                         per_sample_weights: Act | None = None) -> Act:
+        if any(a is not None and (not isinstance(a, Act) or a.layout == CHAN)
+               for a in (input, offsets, per_sample_weights)):
+            raise Unsupported("EmbeddingBag inputs that are not tensors")
+        mod = self.template.get_submodule(step.target)
+        out = kernels.embedding_bag(mod, self.params[f"{step.target}.weight"], input.t, input.layout == SLOT,
+                                    None if offsets is None else offsets.t,
+                                    None if per_sample_weights is None else per_sample_weights.t)
+        return Act(out, SLOT)
+
+    def _k_attention(self, step: _Step, query: Act, key: Act, value: Act, **kwargs: Any) -> tuple:
+        return attention.multihead_attention(self, step.target, self.template.get_submodule(step.target),
+                                             query, key, value, **kwargs)
+
+    def _k_encoder_layer(self, step: _Step, src: Act, **kwargs: Any) -> Act:
+        return attention.encoder_layer(self, step.target, self.template.get_submodule(step.target), src, **kwargs)
+
+    def _k_encoder(self, step: _Step, src: Act, **kwargs: Any) -> Act:
+        return attention.encoder(self, step.target, self.template.get_submodule(step.target), src, **kwargs)
+
+    def _k_param(self, step: _Step) -> Act:
+        return Act(self.params[step.target], SLOT)
+
+    # ----------------------------------------------------------- elementwise
+    def _k_module(self, step: _Step, h: Act) -> Act:
+        mod = self.template.get_submodule(step.target)
+        if isinstance(mod, nn.Dropout) and h.layout == SHARED and mod.training and mod.p > 0:
+            h = Act(self.slot(h), SLOT)  # one mask per slot, not one for all
+        return Act(mod(h.t), h.layout)
+
+    def _k_function(self, step: _Step, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(x, Act):  # e.g. -x.shape[1]
+            return self.fn(step)(x, *args, **kwargs)
+        if step.target is F.dropout and x.layout == SHARED:
+            x = Act(self.slot(x), SLOT)  # one mask per slot, not one for all
+        return Act(self.fn(step)(x.t, *args, **kwargs), x.layout)
+
+    def _k_binary(self, step: _Step, *args: Any, **kwargs: Any) -> Any:
+        acts = _acts((args, kwargs))
+        if not acts:  # arithmetic on sizes: the same for every slot
+            return self.fn(step)(*args, **kwargs)
+        ts, layout = self.broadcast(acts)
+        swap = dict(zip(map(id, acts), ts))
+        args, kwargs = map_aggregate((args, kwargs), lambda v: swap[id(v)] if isinstance(v, Act) else v)
+        return Act(self.fn(step)(*args, **kwargs), layout)
+
+    _k_power = _k_binary  # x ** y: the same broadcasting; not gather-exact (see GATHER_EXACT_KINDS)
+
+    def _k_matmul(self, step: _Step, a: Act, b: Act) -> Act:
+        if not (isinstance(a, Act) and isinstance(b, Act)):
+            raise Unsupported("matmul with a constant")
+        if min(len(a.sample_shape(self.n)), len(b.sample_shape(self.n))) < 2:
+            raise Unsupported("matmul of vectors")  # 1-d operands mean a dot or matrix-vector product
+        (x, y), layout = self.broadcast([a, b], chan_ok=False)
+        return Act(self.fn(step)(x, y) if layout == SHARED else torch.matmul(x, y), layout)
+
+    # ----------------------------------------------------- per-sample dimensions
+    def _k_reduce(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Act:
+        dim = _arg(args, kwargs, 0, "dim")
+        if dim is None:  # every dimension of each slot's value
+            dim = tuple(range(len(x.sample_shape(self.n))))
+        return self.along(self.fn(step), x, dim, *args[1:], **kwargs)
+
+    def _k_softmax(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Act:
+        if step.op == "call_module":  # nn.Softmax / nn.LogSoftmax
+            mod = self.template.get_submodule(step.target)
+            return self.along(F.softmax if isinstance(mod, nn.Softmax) else F.log_softmax, x, mod.dim)
+        dim, rest = _arg(args, kwargs, 0, "dim"), args[1:]
+        if step.target in (F.softmax, F.log_softmax):  # (input, dim, _stacklevel, dtype)
+            kwargs.pop("_stacklevel", None)
+            kwargs, rest = ({**kwargs, "dtype": rest[1]} if len(rest) > 1 else kwargs), ()
+        return self.along(self.fn(step), x, dim, *rest, **kwargs)
+
+    def _k_transpose(self, step: _Step, x: Act, d0: Any, d1: Any) -> Act:
+        second = _dim(d1, len(x.sample_shape(self.n))) + (x.layout != SHARED)
+        return self.along(lambda t, first: t.transpose(first, second), x, d0)
+
+    def _k_permute(self, step: _Step, x: Act, *dims: Any) -> Act:
+        dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        if len(dims) != len(x.sample_shape(self.n)):
+            raise Unsupported("a permute of another rank")
+        return self.along(lambda t, order: t.permute(*(range(t.dim() - len(order))), *order), x, dims)
+
+    def _k_unsqueeze(self, step: _Step, x: Act, dim: Any) -> Act:
+        return self.along(torch.unsqueeze, x, dim, extra=1)
+
+    def _k_squeeze(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Act:
+        dim = _arg(args, kwargs, 0, "dim")
+        if dim is None:  # every size-1 dimension of each slot's value, never the slot dimension
+            dim = tuple(i for i, s in enumerate(x.sample_shape(self.n)) if s == 1)
+        return self.along(torch.squeeze, x, dim)
+
+    def _k_flatten(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Act:
+        if step.op == "call_module":  # nn.Flatten
+            mod = self.template.get_submodule(step.target)
+            start, end = mod.start_dim, mod.end_dim
+        else:
+            start, end = _arg(args, kwargs, 0, "start_dim", 0), _arg(args, kwargs, 1, "end_dim", -1)
+        last = _dim(end, len(x.sample_shape(self.n))) + (x.layout != SHARED)
+        return self.along(lambda t, first: t.flatten(first, last), x, start)
+
+    def _k_unflatten(self, step: _Step, x: Act, dim: Any, sizes: Any) -> Act:
+        return self.along(torch.unflatten, x, dim, sizes)
+
+    def _k_split(self, step: _Step, x: Act, size: Any, *args: Any, **kwargs: Any) -> tuple:
+        dim = _arg(args, kwargs, 0, "dim", 0)
+        return self.along(lambda t, d: self.fn(step)(t, size, d), x, dim)
+
+    def _k_view(self, step: _Step, x: Act, *sizes: Any) -> Act:
+        """``view``/``reshape`` of each slot's value: one reshape of ``[n, ...]`` to ``[n, *sizes]``.
+
+        A reshape only regroups each slot's elements in order, so it is one
+        reshape of the stack (a copy where a slot's value is not contiguous, as
+        ``reshape`` of it alone would be).
+        """
+        sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
+        if x.layout == SHARED:
+            return Act(x.t.reshape(sizes), SHARED)
+        return Act(self.slot(x).reshape(self.n, *sizes), SLOT)
+
+    def _k_cat(self, step: _Step, values: Any, *args: Any, **kwargs: Any) -> Act:
+        dim = _arg(args, kwargs, 0, "dim", 0)
+        if not all(isinstance(v, Act) for v in values):
+            raise Unsupported("cat of constants")
+        rank = len(values[0].sample_shape(self.n)) + (step.target is torch.stack)
+        d = _dim(dim, rank)
+        if all(v.layout == SHARED for v in values):
+            return Act(step.target([v.t for v in values], d), SHARED)
+        return Act(step.target([self.slot(v) for v in values], d + 1), SLOT)
+
+    # ------------------------------------------------------------- attention
+    def _k_sdpa(self, step: _Step, query: Act, key: Act, value: Act, attn_mask: Act | None = None,
+                dropout_p: float = 0.0, is_causal: bool = False, **kwargs: Any) -> Act:
+        return attention.sdpa(self.n, query, key, value, attn_mask, dropout_p, is_causal, **kwargs)
+
+    # ---------------------------------------------------------- Python values
+    def _k_getitem(self, step: _Step, obj: Any, index: Any) -> Any:
+        if not isinstance(obj, Act):
+            return obj[index]  # a tuple of values (chunk, attention), a shape
+        index = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, (Act, torch.Tensor)) for i in index):
+            raise Unsupported("indexing with tensors")
+        if obj.layout == SHARED:
+            return Act(obj.t[index], SHARED)
+        return Act(self.slot(obj)[(slice(None), *index)], SLOT)
+
+    def _k_getattr(self, step: _Step, obj: Any, name: str) -> Any:
+        if not isinstance(obj, Act):
+            return getattr(obj, name)
+        if name == "shape":
+            return obj.sample_shape(self.n)
+        if name == "ndim":
+            return len(obj.sample_shape(self.n))
+        if name in ("dtype", "device", "is_cuda"):
+            return getattr(obj.t, name)
+        raise Unsupported(f"tensor attribute {name!r}")
+
+    def _k_size(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Any:
+        shape = x.sample_shape(self.n)
+        if step.target == "dim":
+            return len(shape)
+        d = _arg(args, kwargs, 0, "dim")
+        return shape if d is None else shape[d]
+
+
+def _call_inputs(p: FastPlan, x: Any, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Each input of the forward (by parameter name) as this call gives it: ``x`` and the extra positional
+    and keyword inputs (a dict ``x`` is keyword inputs); the forward's default where it gives none."""
+    if isinstance(x, Mapping):
+        positional, kwargs = list(args), {**x, **kwargs}
+    else:
+        positional = [x, *args]
+    if len(positional) > len(p.inputs) or set(kwargs) - {i.arg for i in p.inputs}:
+        raise Unsupported("inputs the traced forward does not take")
+    given = {}
+    for i, inp in enumerate(p.inputs):
+        given[inp.arg] = positional[i] if i < len(positional) else kwargs.get(inp.arg, inp.default)
+        if given[inp.arg] is _REQUIRED:
+            raise Unsupported(f"input {inp.arg!r} not given")
+    return given
+
+
+def _bind_inputs(p: FastPlan, given: Mapping[str, Any], per_slot: bool) -> dict[str, Any]:
+    """The inputs as values of ``p``'s graph: tensors per slot (``[n, ...]``) with ``per_slot``, else shared."""
+    return {inp.name: Act(given[inp.arg], SLOT if per_slot else SHARED) if isinstance(given[inp.arg], torch.Tensor)
+            else given[inp.arg] for inp in p.inputs}
+
+
+def run(p: FastPlan, template: nn.Module, params: Mapping[str, torch.Tensor], x: Any,
         per_slot: bool, grads: Mapping[str, GradTarget] | None = None, gemm: str = "blas",
-        buffers: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        buffers: Mapping[str, torch.Tensor] | None = None, args: tuple = (),
+        kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
     """The forward of every slot in ``params`` (``[n, ...]`` each) on ``x``: returns ``[n, B, ...]``.
 
-    ``x`` is ``[B, ...]`` shared by all slots, or ``[n, B, ...]`` with ``per_slot``.
+    ``x`` is ``[B, ...]`` shared by all slots, or ``[n, B, ...]`` with ``per_slot``
+    (a dict ``x`` is the forward's keyword inputs). ``args`` and ``kwargs`` are
+    the forward's further inputs (EmbeddingBag ``offsets``, attention masks);
+    with ``per_slot`` each tensor among them has the slot dimension too.
     Activation, dropout, pooling and normalization settings are taken from
     ``template`` (its current mode). ``buffers`` are the stacked BatchNorm
     statistics (``[n, C]``, contiguous), updated in place in training mode.
@@ -386,64 +906,33 @@ def run(p: FastPlan, template: nn.Module, params: Mapping[str, torch.Tensor], x:
     then get no gradient through autograd, so use it only for ``.backward()``.
     ``gemm`` picks the CPU fp32 kernels of large layers (see the module docstring).
     """
-    n = next(iter(params.values())).shape[0]
-    if not isinstance(x, torch.Tensor) or x.dim() < (2 if per_slot else 1):
-        raise Unsupported("inputs that are not one tensor with a batch dimension")
-    grads, buffers = grads or {}, buffers or {}
-    autocast = torch.is_autocast_enabled(x.device.type)
-    values: dict[str, tuple[torch.Tensor, str]] = {p.input: (x, "slot" if per_slot else "shared")}
-    for step in p.steps:
-        h, layout = values[step.src]
-        if step.kind == "linear":
-            h = _to_slot(h, layout, n) if layout == "chan" else h
-            slotted = layout != "shared"
-            wname, bname = f"{step.target}.weight", f"{step.target}.bias"
-            w, b = params[wname], params.get(bname)
-            if h.dim() != (3 if slotted else 2) or h.shape[-1] != w.shape[2]:
-                raise Unsupported("Linear input that is not [batch, in_features]")  # vmap's path explains errors
-            if autocast:  # plain ops, which autocast casts (the Function's backward would mix dtypes)
-                hs = h if slotted else h.unsqueeze(0).expand(n, *h.shape)
-                out = torch.bmm(hs, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), hs, w.transpose(1, 2))
-            else:
-                targets = (grads.get(wname), grads.get(bname) if b is not None else None)
-                onednn = (gemm == "onednn" and w.device.type == "cpu" and w.dtype == torch.float32
-                          and h.dtype == torch.float32 and w[0].numel() >= DIRECT_WRITE_MIN)
-                out = _SlotLinear.apply(h, w, b, targets, onednn)
-            values[step.dst] = (out, "slot")
-        elif step.kind == "conv":
-            mod = template.get_submodule(step.target)
-            rank = 3 if isinstance(mod, nn.Conv1d) else 4  # with the batch dimension
-            if h.dim() - (layout == "slot") != rank:
-                raise Unsupported("convolution input of another rank")
-            values[step.dst] = (_conv(mod, h, layout, params[f"{step.target}.weight"],
-                                      params.get(f"{step.target}.bias")), "chan")
-        elif step.kind == "norm":
-            mod = template.get_submodule(step.target)
-            values[step.dst] = (_norm(mod, step.target, _to_chan(h, layout, n), params, buffers), "chan")
-        elif step.kind == "pool":
-            mod = template.get_submodule(step.target)
-            if layout == "slot":  # fold the slots into the batch: pooling is per sample and channel
-                out = mod(h.reshape(n * h.shape[1], *h.shape[2:]))
-                values[step.dst] = (out.view(n, h.shape[1], *out.shape[1:]), "slot")
-            else:
-                values[step.dst] = (mod(h), layout)
-        elif step.kind == "flatten":
-            rank = h.dim() - (layout == "slot")  # of one sample batch: [B, ...]
-            if (step.target if step.target >= 0 else rank + step.target) != 1:
-                raise Unsupported("a flatten that does not keep exactly the batch dimension")
-            if layout == "shared":
-                values[step.dst] = (h.flatten(1), "shared")
-            else:
-                values[step.dst] = (_to_slot(h, layout, n).flatten(2), "slot")
-        elif step.kind == "reshape":
-            if layout == "shared":
-                values[step.dst] = (h.reshape(-1, *step.target), "shared")
-            else:
-                values[step.dst] = (_to_slot(h, layout, n).reshape(n, -1, *step.target), "slot")
+    first = x if isinstance(x, torch.Tensor) else next(iter(x.values()), None) if isinstance(x, Mapping) else None
+    if not isinstance(first, torch.Tensor) or (per_slot and first.dim() == 0):
+        raise Unsupported("inputs that are not tensors")
+    if len(p.inputs) == 1 and not args and not kwargs and isinstance(x, torch.Tensor):  # model(x): the usual call
+        given = {p.inputs[0].arg: x}
+    else:
+        given = _call_inputs(p, x, tuple(args), kwargs or {})
+        none = frozenset(i.arg for i in p.inputs if i.used and given[i.arg] is None)
+        if none:  # the trace had a tensor there: the plan traced without it
+            p = p.variant(template, none)
+            if p is None:
+                raise Unsupported(f"inputs {sorted(none)} left out, and the forward without them has no plan")
+    grads = grads or {}
+    if p.aliases:  # a tied parameter under each of its names
+        params = {**params, **{a: params[n] for a, n in p.aliases}}
+        grads = {**grads, **{a: grads[n] for a, n in p.aliases if n in grads}}
+    runner = _Runner(template, params, buffers or {}, grads, gemm, torch.is_autocast_enabled(first.device.type))
+    values = _bind_inputs(p, given, per_slot)
+    resolve = lambda a: values[a.name] if isinstance(a, _Ref) else a  # noqa: E731
+    for step, kernel, flat in p.compiled:
+        if flat:  # most steps: one dict lookup per argument, no tree walk
+            args = [values[a.name] if type(a) is _Ref else a for a in step.args]
+            kwargs = {k: values[v.name] if type(v) is _Ref else v for k, v in step.kwargs} if step.kwargs else {}
         else:
-            fn = template.get_submodule(step.target) if step.kind == "module" else step.target
-            if isinstance(fn, nn.Dropout) and layout == "shared" and fn.training and fn.p > 0:
-                h, layout = h.unsqueeze(0).expand(n, *h.shape), "slot"  # one mask per slot, not one for all
-            values[step.dst] = (fn(h), layout)
-    out, layout = values[p.output]
-    return _to_slot(out, layout, n)
+            args, kwargs = map_aggregate(step.args, resolve), map_aggregate(dict(step.kwargs), resolve)
+        values[step.dst] = kernel(runner, step, *args, **kwargs)
+    out = values[p.output]
+    if not isinstance(out, Act):
+        raise Unsupported("a forward that does not return a tensor")
+    return runner.slot(out)

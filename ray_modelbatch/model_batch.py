@@ -27,10 +27,11 @@ from torch.func import functional_call, vmap
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
-from . import fast_path, slot_losses, step_config
+from . import fast_path, hf, inputs, slot_losses, step_config
 from .cpu_memory import keep_freed_memory
 from .errors import IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
+from .padded_embedding import dense_gradients, fix_padding_rows
 from .signature import check_compatible, first_mismatch, module_signature
 from .unrolled_rnn import unroll_rnns
 
@@ -100,6 +101,11 @@ class ModelBatch:
             where the math allows. ``"onednn"`` runs large fp32 layers on CPU
             through oneDNN: faster where the BLAS does not use AVX-512 (MKL on
             AMD CPUs), fp32-accurate but not bitwise ``nn.Linear``'s.
+
+    Hugging Face ``transformers`` models stack as they are: the stack's own copy
+    builds attention masks for every slot, uses eager attention and no caches
+    (see :mod:`ray_modelbatch.hf`); batches may be dicts of keyword inputs
+    (``mb({"input_ids": ..., "attention_mask": ...})``, see :mod:`ray_modelbatch.inputs`).
     """
 
     def __init__(self, models: Sequence[nn.Module], device: torch.device | str | None = None,
@@ -119,11 +125,18 @@ class ModelBatch:
         if self.device.type == "cpu":
             keep_freed_memory()
         template = unroll_rnns(_meta_copy(models[0]))  # LSTM/GRU kernels have no vmap rule: see unrolled_rnn
+        fix_padding_rows(template)  # vmap trains the padding_idx row of all slots but slot 0: see padded_embedding
+        dense_gradients(template)  # sparse gradients cannot be stacked: see padded_embedding
+        # transformers models: masks built for every slot, no caches, attention vmap can batch (see hf)
+        self._hf = hf.adapt(template)
         self._module_class = type(models[0])
         self._state_keys = self._state_key_map(template)
         self._param_names = [n for n, _ in template.named_parameters()]
         self._trainable = {n for n, p in template.named_parameters() if p.requires_grad}
         self._buffer_names = [n for n, _ in template.named_buffers()]
+        # Buffers outside the state_dict (persistent=False: a BERT's position_ids, rotary frequencies) are
+        # derived from the config, so a state_dict cannot set them: see load_slot and resize.
+        self._transient = [n for n in self._buffer_names if n not in set(self._state_keys.values())]
         self._template = template
         self.training = models[0].training
         self._applied_mode: bool | None = None  # the mode train() last set on every submodule
@@ -303,11 +316,14 @@ class ModelBatch:
         return cached
 
     # ----------------------------------------------------------------- forward
-    def _fn(self, with_loss: bool, x_dim: int | None, y_dim: int | None) -> Callable:
-        key = (with_loss, x_dim, y_dim)
+    def _fn(self, with_loss: bool | str, x_dim: int | None, y_dim: int | None, arg_dims: tuple | None) -> Callable:
+        key = (with_loss, x_dim, y_dim, arg_dims)
         fn = self._vmapped.get(key)
         if fn is None:
             template = self._template
+            # Extra positional and keyword inputs: shared (None), or per slot where they are tensors
+            # (see _prepare_args); a dict x is the model's keyword inputs (inputs.call_args).
+            a_dims, k_dims = (None, None) if arg_dims is None else (arg_dims[0], dict(arg_dims[1]))
 
             if with_loss == "step":  # a user's step: fn(model, batch, config) for one model (see run_step)
                 def one(params, buffers, batch, values, step, config):
@@ -318,15 +334,15 @@ class ModelBatch:
                 fn = vmap(one, in_dims=(0, 0, x_dim, 0, None, None), randomness="different")
             elif with_loss:
                 def one(params, buffers, x, y, loss_fn, args, kwargs):
-                    out = functional_call(template, (params, buffers), (x, *args), kwargs)
+                    out = functional_call(template, (params, buffers), *inputs.call_args(x, args, kwargs))
                     return loss_fn(out, y), out
 
-                fn = vmap(one, in_dims=(0, 0, x_dim, y_dim, None, None, None), randomness="different")
+                fn = vmap(one, in_dims=(0, 0, x_dim, y_dim, None, a_dims, k_dims), randomness="different")
             else:
                 def one(params, buffers, x, args, kwargs):
-                    return functional_call(template, (params, buffers), (x, *args), kwargs)
+                    return functional_call(template, (params, buffers), *inputs.call_args(x, args, kwargs))
 
-                fn = vmap(one, in_dims=(0, 0, x_dim, None, None), randomness="different")
+                fn = vmap(one, in_dims=(0, 0, x_dim, a_dims, k_dims), randomness="different")
             self._vmapped[key] = fn
         return fn
 
@@ -339,7 +355,7 @@ class ModelBatch:
             params = {k: v.index_select(0, idx) for k, v in self.params.items()}
             buffers = {k: v.index_select(0, idx) for k, v in self.buffers.items()}
         out = None
-        direct = key[0] != "step" and not call_args[-2] and not call_args[-1]
+        direct = key[0] != "step"  # fast_path.run takes extra and keyword inputs, or refuses them (vmap)
         if direct and key not in self._slow_keys and self._plan() is not None:
             # BatchNorm updates its statistics in place: a direct run that fails halfway must not
             # have touched them before vmap runs the step again, so it works on copies.
@@ -374,9 +390,10 @@ class ModelBatch:
         fn = self._fn(*key)
         invoke = lambda: fn(params, buffers, *call_args)  # noqa: E731
         try:
-            if key in self._checked:
-                return invoke()
-            out = run_first_call(self._template, invoke)
+            with hf.fused_masks() if self._hf else contextlib.nullcontext():
+                if key in self._checked:
+                    return invoke()
+                out = run_first_call(self._template, invoke)
             self._checked.add(key)
             return out
         except Exception as exc:  # vmap's own errors are unreadable for users
@@ -385,7 +402,9 @@ class ModelBatch:
             outside = None
             if key[0] == "step":
                 outside = f"the step function {getattr(call_args[2], '__name__', call_args[2])!r}"
-            raise explain_failure(self._template, exc, invoke, outside=outside) from exc
+            with hf.fused_masks() if self._hf else contextlib.nullcontext():
+                error = explain_failure(self._template, exc, invoke, outside=outside)
+            raise error from exc
 
     @property
     def uses_direct_path(self) -> bool:
@@ -427,52 +446,83 @@ class ModelBatch:
 
     def _run_direct(self, key: tuple, call_args: tuple, params: dict[str, torch.Tensor],
                     buffers: dict[str, torch.Tensor]) -> Any:
-        with_loss, x_dim, y_dim = key
+        with_loss, x_dim, y_dim, _ = key
         write = self._grads_into_buffer and params is self.params and torch.is_grad_enabled()
         out = fast_path.run(self._plan(), self._template, params, call_args[0], per_slot=x_dim is not None,
-                            grads=self._grad_targets if write else None, gemm=self.cpu_gemm, buffers=buffers)
+                            grads=self._grad_targets if write else None, gemm=self.cpu_gemm, buffers=buffers,
+                            args=call_args[-2], kwargs=call_args[-1])
         if not with_loss:
             return out
         y, loss_fn = call_args[1], call_args[2]
         losses = slot_losses.per_slot_loss(loss_fn, out, y, per_slot_targets=y_dim is not None)
         if losses is not None:
             return losses, out
-        vloss = self._vmapped.get(("direct_loss", y_dim))
+        vloss = self._vmapped.get(("direct_loss", y_dim, None, None))
         if vloss is None:  # built once per target layout, like the vmapped forwards in _fn
-            vloss = self._vmapped[("direct_loss", y_dim)] = vmap(
+            vloss = self._vmapped[("direct_loss", y_dim, None, None)] = vmap(
                 lambda o, t, fn: fn(o, t), in_dims=(0, y_dim, None), randomness="different")
         return vloss(out, y, loss_fn), out
 
     def _prepare_x(self, x: Any, per_slot: bool, idx: torch.Tensor | None, what: str = "x") -> tuple[Any, int | None]:
-        if not per_slot:
+        """``x`` with one row per selected slot, and its vmap dimension (None: shared by every slot).
+
+        ``x`` is a tensor, a dict of tensors (keyword inputs, each with a
+        leading slot dimension when ``per_slot``) or None (no targets).
+        """
+        if not per_slot or x is None:
             return x, None
         n = self.num_slots if idx is None else idx.numel()
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            raise ValueError(f"per-slot {what} must be a tensor with a leading slot dimension")
-        if x.shape[0] == n:
-            return x, 0
-        if idx is not None and x.shape[0] == self.num_slots:
-            return x.index_select(0, idx), 0
-        raise ValueError(
-            f"per-slot {what} has leading dimension {x.shape[0]}, but {n} slots are being run; "
-            f"give one row per slot ([{n}, batch, ...]) or pass per_slot=False to share one batch."
-        )
+        if not inputs.leaves(x) or any(not isinstance(t, torch.Tensor) or t.dim() == 0 for t in inputs.leaves(x)):
+            raise ValueError(f"per-slot {what} must be a tensor with a leading slot dimension (or a dict of them)")
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            if t.shape[0] == n:
+                return t
+            if idx is not None and t.shape[0] == self.num_slots:
+                return t.index_select(0, idx)
+            raise ValueError(
+                f"per-slot {what} has leading dimension {t.shape[0]}, but {n} slots are being run; "
+                f"give one row per slot ([{n}, batch, ...]) or pass per_slot=False to share one batch."
+            )
+
+        return inputs.apply(rows, x), 0
+
+    def _prepare_args(self, args: tuple, kwargs: dict, per_slot: bool,
+                      idx: torch.Tensor | None) -> tuple[tuple, dict, tuple | None]:
+        """Extra inputs of a forward and their vmap dims: with ``per_slot``, every tensor among them has a
+        leading slot dimension (an ``attention_mask``, EmbeddingBag ``offsets``); other values are shared."""
+        if not per_slot or not (args or kwargs):
+            return args, kwargs, None
+        is_t = lambda v: isinstance(v, torch.Tensor)  # noqa: E731
+        args = tuple(self._prepare_x(a, True, idx, "positional input")[0] if is_t(a) else a for a in args)
+        kwargs = {k: self._prepare_x(v, True, idx, f"input {k!r}")[0] if is_t(v) else v for k, v in kwargs.items()}
+        dims = (tuple(0 if is_t(a) else None for a in args),
+                tuple((k, 0 if is_t(v) else None) for k, v in kwargs.items()))
+        return args, kwargs, dims
 
     def __call__(self, x: Any, *args: Any, per_slot: bool = False, slots: Slots = None, **kwargs: Any) -> Any:
         """Run the forward of the selected slots; outputs have a leading slot dimension.
 
         Args:
             x: the input batch. Shared by every slot unless ``per_slot=True``, in
-                which case it is ``[S, B, ...]`` (or ``[len(slots), B, ...]``).
-            *args, **kwargs: passed to the model's forward unchanged (shared).
+                which case it is ``[S, B, ...]`` (or ``[len(slots), B, ...]``). A
+                dict is the model's keyword inputs: ``mb({"input_ids": ...,
+                "attention_mask": ...})`` calls ``model(**x)`` (a Hugging Face batch).
+            *args, **kwargs: more inputs of the model's forward (``attention_mask=``,
+                EmbeddingBag ``offsets``): shared, or with ``per_slot=True`` each
+                tensor among them has a leading slot dimension too.
             slots: ``None`` for every slot (output ``[S, ...]``); ``"active"``,
                 an index or a list of indices to run only those (output
                 ``[len(slots), ...]`` in that order). Running only the active
                 slots is what makes a step's cost follow their number.
+
+        An output object (a transformers ``ModelOutput``) comes back as one, each
+        of its tensors with a leading slot dimension.
         """
         idx = self.resolve_slots(slots)
         x, x_dim = self._prepare_x(x, per_slot, idx)
-        return self._run((False, x_dim, None), (x, args, kwargs), idx)
+        args, kwargs, dims = self._prepare_args(args, kwargs, per_slot, idx)
+        return self._run((False, x_dim, None, dims), (x, args, kwargs), idx)
 
     def forward_loss(
         self,
@@ -487,12 +537,15 @@ class ModelBatch:
         """Forward and per-slot loss in one vmapped call: returns ``(losses[n], outputs[n, ...])``.
 
         ``loss_fn(output, target)`` is written for a single model and must
-        return a scalar; it is vmapped over slots.
+        return a scalar; it is vmapped over slots. ``x`` and ``*args/**kwargs``
+        are as in :meth:`__call__`; ``y`` may be a dict or None (labels inside a
+        dict ``x``: ``loss_fn=lambda out, _: out.loss`` for a Hugging Face model).
         """
         idx = self.resolve_slots(slots)
         x, x_dim = self._prepare_x(x, per_slot, idx)
         y, y_dim = self._prepare_x(y, per_slot, idx, "targets")
-        return self._run((True, x_dim, y_dim), (x, y, loss_fn, args, kwargs), idx)
+        args, kwargs, dims = self._prepare_args(args, kwargs, per_slot, idx)
+        return self._run((True, x_dim, y_dim, dims), (x, y, loss_fn, args, kwargs), idx)
 
     def run_step(
         self,
@@ -531,7 +584,7 @@ class ModelBatch:
         for path, v in values.items():
             if v.shape != (n,):
                 raise ValueError(f"config values at {path} have shape {list(v.shape)}; expected one per slot ([{n}])")
-        return self._run(("step", dim, None), (batch, values, step, config), idx)
+        return self._run(("step", dim, None, None), (batch, values, step, config), idx)
 
     # ------------------------------------------------------------- slot state
     def attach(self, listener: Any) -> None:
@@ -581,6 +634,7 @@ class ModelBatch:
         the moments of the old weights do not apply to the new ones.
         """
         i = self._check_slot(i)
+        transient: dict[str, torch.Tensor] = {}
         if isinstance(source, nn.Module):
             problem = first_mismatch(self.signature, module_signature(source))
             if problem:
@@ -589,6 +643,9 @@ class ModelBatch:
                     "the same architecture as the batch; build it from the same config."
                 )
             state = source.state_dict()
+            if self._transient:
+                buffers = dict(source.named_buffers())
+                transient = {n: buffers[n] for n in self._transient if n in buffers}
         else:
             state = dict(source)
         missing = [k for k in self._state_keys if k not in state]
@@ -609,6 +666,8 @@ class ModelBatch:
                     )
             for key, canon in self._state_keys.items():
                 tensors[canon][i].copy_(state[key])
+            for name, value in transient.items():
+                self.buffers[name][i].copy_(value)
             for g in self._groups.values():
                 g.grad[i].zero_()
         self._notify("_on_reset", i)
@@ -665,6 +724,9 @@ class ModelBatch:
                 g.grad = torch.zeros_like(g.data)
             self._frozen = {k: remap(v, src_dev) for k, v in self._frozen.items()}
             self.buffers = {k: remap(v, src_dev) for k, v in self.buffers.items()}
+            if keep:  # new slots take the buffers no state_dict holds from a kept slot, not zeros
+                for k in self._transient:
+                    self.buffers[k][len(keep):] = self.buffers[k][0]
         self.active = remap(self.active, src)
         self._build_leaves()
         self._notify("_on_resize", keep, capacity)

@@ -1,10 +1,13 @@
 """``check_model``: before a sweep, see how a model fuses, what falls back, and what fusion gains.
 
 A model fuses in one of two ways (see :mod:`ray_modelbatch.fast_path`): the
-direct path (batched GEMMs, grouped convolutions) when every layer has such a
-kernel, else ``torch.vmap``. Under vmap, an op without a batching rule runs
-as a per-slot loop (a ``FusionWarning``), and some forwards cannot be fused at
-all (a ``FusionError``). Finding that out in the middle of a sweep costs a
+direct path (batched GEMMs, grouped convolutions, stacked norms, embedding
+lookups, attention on the slots folded into the batch) when every step of its
+forward has such a kernel, else ``torch.vmap``. The report names each layer's
+direct kernel (the step kind that computes it: a layer inside an
+``nn.TransformerEncoder`` is computed by the encoder's). Under vmap, an op
+without a batching rule runs as a per-slot loop (a ``FusionWarning``), and
+some forwards cannot be fused at all (a ``FusionError``). Finding that out in the middle of a sweep costs a
 sweep; one call here shows it on one example batch, with the measured time of
 a fused training step against a loop of the same models with ``torch.optim``.
 """
@@ -21,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import fast_path
 from .errors import FusionError, FusionWarning
 from .model_batch import ModelBatch
 
@@ -33,6 +37,9 @@ class ModelReport:
     slots: int
     path: str  # "direct", "vmap" or "cannot fuse"
     layers: list[tuple[str, str]] = field(default_factory=list)  # (module name, type) of the leaf modules
+    # (module name, how it runs) of the leaf modules: the direct path's step kind ("linear", "embedding",
+    # "encoder", ...; "unused" if the forward does not call it), or "vmap"
+    kinds: list[tuple[str, str]] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)  # ops vmap runs as a per-slot loop
     error: str | None = None
     fused_ms: float | None = None  # one fused training step of every slot
@@ -46,8 +53,10 @@ class ModelReport:
         lines = [f"{self.model}: {self.path} path, {self.slots} slots"]
         if self.error:
             lines.append(f"  cannot fuse: {self.error}")
+        how = dict(self.kinds)
         for name, kind in self.layers:
-            lines.append(f"  {name or '<root>':<32} {kind:<24} {self.path}")
+            step = how.get(name, "vmap")
+            lines.append(f"  {name or '<root>':<32} {kind:<24} {self.path if step == 'vmap' else 'direct: ' + step}")
         for f in self.fallbacks:
             lines.append(f"  per-slot loop: {f}")
         if self.speedup is not None:
@@ -68,6 +77,20 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
 
 def _default_loss(out: Any, _: Any) -> torch.Tensor:
     return out.float().pow(2).mean()
+
+
+def _layer_kinds(plan: fast_path.FastPlan | None, names: list[str]) -> list[tuple[str, str]]:
+    """How each leaf module runs: the kind of the direct step that calls it or the module holding it."""
+    if plan is None:
+        return [(n, "vmap") for n in names]
+    steps = plan.kinds()
+
+    def kind(name: str) -> str:
+        while name not in steps and name:
+            name = name.rpartition(".")[0]
+        return steps.get(name, "unused")
+
+    return [(n, kind(n)) for n in names]
 
 
 def check_model(model: nn.Module | Callable[[], nn.Module], example_input: Any, *, slots: int = 8,
@@ -92,6 +115,7 @@ def check_model(model: nn.Module | Callable[[], nn.Module], example_input: Any, 
     except Exception as exc:  # noqa: BLE001 - reported, not raised: this is a check
         return ModelReport(name, slots, "cannot fuse", leaves, error=f"{type(exc).__name__}: {exc}")
     report = ModelReport(name, slots, "direct" if mb.uses_direct_path else "vmap", leaves)
+    plan = mb._plan()  # the template's: LSTMs unrolled, embeddings with padding as the stack runs them
     from . import optim
     from .engine import FusedEngine
 
@@ -107,6 +131,9 @@ def check_model(model: nn.Module | Callable[[], nn.Module], example_input: Any, 
             return report
     report.fallbacks = sorted({str(w.message).split(", which has no vmap batching rule")[0] for w in caught
                                if issubclass(w.category, FusionWarning)})
+    if mb._slow_keys:  # the plan exists, but the direct path refused these inputs at run time
+        report.path, plan = "vmap", None
+    report.kinds = _layer_kinds(plan, [n for n, _ in leaves])
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
 
     def loop() -> None:

@@ -129,13 +129,14 @@ def test_layers_without_a_direct_kernel_fall_back_to_vmap():
 
 
 def test_flatten_with_a_negative_start_dim():
-    """``nn.Flatten(-3)`` on [B, C, H, W] keeps only the batch dimension: direct; ``Flatten(-2)`` does not: vmap."""
+    """``nn.Flatten(-3)`` on [B, C, H, W] keeps only the batch dimension; ``Flatten(-2)`` keeps [B, C] and the
+    Linear after it acts on each channel's row: both run directly (no fallback) and match the model alone."""
     torch.manual_seed(3)
-    for start, direct in ((-3, True), (-2, False)):
+    for start in (-3, -2):
         tail = nn.Linear(2 * 16, 2) if start == -3 else nn.Linear(16, 2)
         model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(start), tail)
         mb = rmb.ModelBatch([copy.deepcopy(model) for _ in range(3)])
         x = torch.randn(5, 1, 8, 8)
         out = mb(x)
-        assert mb._slow_keys == (set() if direct else {(False, None, None)})
+        assert mb.uses_direct_path and not mb._slow_keys
         torch.testing.assert_close(out[1], model(x), rtol=1e-5, atol=1e-6)

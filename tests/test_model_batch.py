@@ -291,12 +291,13 @@ def test_all_slots_take_the_path_without_gathers():
 # ------------------------------------------------------------------------------ direct path
 def test_direct_path_matches_vmap_for_linear_models():
     """Linear + elementwise models skip vmap; outputs and gradients equal the vmap path's, for shared
-    and per-slot inputs, all slots or a subset; layers without a direct kernel (LayerNorm) and 3-D
-    inputs to a Linear use vmap. (Convolutions and BatchNorm: tests/test_direct_conv.py.)"""
+    and per-slot inputs, all slots or a subset, and 3-D inputs to a Linear; layers without a direct kernel
+    (GroupNorm) use vmap. (Convolutions and BatchNorm: tests/test_direct_conv.py; LayerNorm, embeddings,
+    attention: tests/test_direct_layers.py.)"""
     models = make_models(6)
     direct, vmapped = rmb.ModelBatch(clones(models)), rmb.ModelBatch(clones(models), direct_path=False)
     assert direct.uses_direct_path and not vmapped.uses_direct_path
-    assert not rmb.ModelBatch([nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Linear(8, 3))] * 2).uses_direct_path
+    assert not rmb.ModelBatch([nn.Sequential(nn.Linear(5, 8), nn.GroupNorm(2, 8), nn.Linear(8, 3))] * 2).uses_direct_path
     x, xs, y = torch.randn(16, 5), torch.randn(6, 16, 5), torch.randn(16, 3)
     for slots in (None, [4, 1]):
         torch.testing.assert_close(direct(x, slots=slots), vmapped(x, slots=slots))
@@ -309,7 +310,7 @@ def test_direct_path_matches_vmap_for_linear_models():
             mb.sync_grads()
         for name in direct.params:
             torch.testing.assert_close(direct.params[name].grad, vmapped.params[name].grad, rtol=1e-5, atol=1e-7)
-    seq = torch.randn(16, 4, 5)  # [B, T, features]: not a direct-path shape, falls back to vmap
+    seq = torch.randn(16, 4, 5)  # [B, T, features]: every leading dimension is a row of the slot's GEMM
     torch.testing.assert_close(direct(seq), vmapped(seq))
 
 
