@@ -96,7 +96,7 @@ class FirstResult(tune.Callback):
 def warmup_cosine_factor(t: int, total: float, warmup: float, min_ratio: float) -> float:
     """``schedules.warmup_cosine``'s factor at step ``t``, in plain Python (for LambdaLR)."""
     if t < warmup:
-        return (t + 1.0) / max(warmup, 1.0)
+        return t / max(warmup, 1.0)
     progress = min(max((t - warmup) / max(total - warmup, 1.0), 0.0), 1.0)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -290,7 +290,7 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
         )
         hosts: list[dict] = []
         with MemorySampler(ignore=earlier) as mem:
-            t0 = time.monotonic()
+            t0, t0_wall = time.monotonic(), time.time()
             try:
                 results = tuner.fit()
                 wall = time.monotonic() - t0
@@ -328,6 +328,9 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
         "hosts": hosts,
         "first_result_s": first.first,
         "first_start_s": first.first_start,
+        # each host's milestones (init, ready, first_attach, first_result) in seconds after fit() began
+        "host_milestones": [{k: (v - t0_wall if v is not None else None) for k, v in h.get("milestones", {}).items()}
+                            for h in hosts],
     }
 
 
@@ -538,10 +541,12 @@ def main() -> None:
             f"{'met' if ratio >= target else 'not met'}; best val_loss {mb['best_val_loss']:.4f} vs "
             f"{reuse['best_val_loss']:.4f}",
         ]
-        for h_ in mb["hosts"]:
-            lines.append(f"- host: busy {h_['busy_fraction']:.0%}, {h_['stepped_fraction']:.0%} of held slots stepped "
-                         f"per fused step, step paths {h_['step_paths']}, {h_['threads']} threads, "
-                         f"run-ahead {h_['run_ahead']}")
+    for h_, m_ in zip((mb or {}).get("hosts", []), (mb or {}).get("host_milestones", [])):
+        lines.append(f"- host: busy {h_['busy_fraction']:.0%}, {h_['stepped_fraction']:.0%} of held slots stepped "
+                     f"per fused step, step paths {h_['step_paths']}, {h_['threads']} threads, "
+                     f"run-ahead {h_['run_ahead']}")
+        lines.append("- host timeline, s after fit(): " + ", ".join(
+            f"{k.replace('_', ' ')} {v:.1f}" for k, v in m_.items() if v is not None))
     if mb is not None and reuse is not None and reuse["first_start_s"] is not None:
         # Before its first trial starts, a Tune run has trained nothing: whatever a trainable does,
         # its wall time includes that start. So standard+reuse's own start bounds any ratio against it.

@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, hf, inputs
 from .amp import SlotGradScaler
 from .data import SharedStream, resolve_steps_per_report
 from .dataset_streams import DatasetInputs, per_slot_streams
@@ -54,9 +54,14 @@ from .signature import module_signature
 from .slot_results import IterationMeter, iteration_result
 from .slot_state import SlotSnapshots, collect_tensors
 from .step_config import RecordingConfig, SlotConfigs, static_part, tensor_paths, value_dtype
-from .trial_settings import build_optimizer, optimizer_id, resolve_batch_size, resolve_optimizer
+from .trial_settings import build_optimizer, fits_param_groups, optimizer_id, resolve_batch_size, resolve_optimizer
 
 MIN_CAPACITY = 4  # a new group's first size: a 1-slot stack would round differently from a larger one
+# Fused steps in a row with more free rows than one growth would add before a stack that steps whole drops
+# them (SlotGroup.compact_if_sparse). A sweep refills a freed slot within a few steps (Tune hands the proxy
+# to the next trial), which must not resize the stack twice; a stack that stays sparse (the tail of an
+# ASHA sweep, where a few long trials remain) is compacted after this many steps.
+COMPACT_AFTER_STEPS = 20
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +88,8 @@ def stack_key(model: nn.Module) -> str:
     tree and each module's plain settings.
     """
     structure = [(name, type(m).__qualname__, _simple_attrs(m)) for name, m in model.named_modules()]
-    text = repr((type(model).__module__, module_signature(model), structure))
+    # A transformers model's forward also reads its config at run time (problem_type, use_cache...).
+    text = repr((type(model).__module__, module_signature(model), structure, hf.config_key(model)))
     return f"{type(model).__name__}-{zlib.crc32(text.encode()):08x}"
 
 
@@ -126,6 +132,7 @@ class StepStats:
     gathered: int = 0  # a gather of the stepping slots
     stepped: int = 0  # slot-steps that advanced a slot
     computed: int = 0  # slot-steps computed (masked rows included)
+    compacted: int = 0  # times the stack dropped its free rows (see SlotGroup.compact_if_sparse)
 
 
 class SlotGroup:
@@ -197,7 +204,7 @@ class SlotGroup:
         else:
             self.streams = SharedStream(self.x, self.y, self.batch_size, seed=0)
         self.per_slot_data = bool(self.streams.per_slot)
-        num = self.x.shape[0] if self.x is not None else self.streams.num_examples
+        num = inputs.num_rows(self.x) if self.x is not None else self.streams.num_examples
         self.steps_per_report = resolve_steps_per_report(settings.steps_per_report, num, self.batch_size)
         self.owner: dict[int, str] = {}
         self.iteration: list[int] = [0]  # iterations each slot completed since it was loaded
@@ -206,6 +213,7 @@ class SlotGroup:
         self.stats = StepStats()
         self._direct: bool | None = None  # see _exact_gathers
         self.max_chunk: int | None = None
+        self._sparse_steps = 0  # see compact_if_sparse
         self._grow(min(self.limit, MIN_CAPACITY))
 
     # ------------------------------------------------------------ components
@@ -241,7 +249,7 @@ class SlotGroup:
         g.meter = IterationMeter(mb.num_slots, mb.device)
         g.snapshots = SlotSnapshots(1, mb.num_slots)
         g.stats = StepStats()
-        g._direct, g.max_chunk = None, None
+        g._direct, g.max_chunk, g._sparse_steps = None, None, 0
         return g
 
     @classmethod
@@ -289,25 +297,28 @@ class SlotGroup:
             return self._validate_steps(config)
         was = self.mb.training
         self.mb.eval()
+        x2, y2 = (inputs.apply(lambda t: t[:2], v) for v in (self.x_val, self.y_val))
         try:
             with torch.no_grad():
                 try:
-                    out = self.mb(self.x_val[:2])
+                    out = self.mb(x2)
                 except InputShapeError as exc:
                     raise InputShapeError(
-                        f"{exc} The batches come from data(): x_val[:2] has shape {tuple(self.x_val[:2].shape)}; "
+                        f"{exc} The batches come from data(): x_val[:2] has shape {inputs.describe(x2)}; "
                         "make the config's model take inputs of that shape, or reshape the data in data()."
                     ) from None
                 try:
-                    self.mb.forward_loss(self.x_val[:2], self.y_val[:2], self.settings.loss)
+                    self.mb.forward_loss(x2, y2, self.settings.loss)
                 except (InputShapeError, FusionError) as exc:
+                    if not isinstance(out, torch.Tensor) or not isinstance(y2, torch.Tensor):
+                        raise  # an output object or dict labels: the loss's own message says more than ours
                     cause = exc.__cause__ or exc
                     raise InputShapeError(
                         f"the loss {getattr(self.settings.loss, '__name__', self.settings.loss)!r} failed on the "
                         f"model's output: {type(cause).__name__}: {cause}. One model's output has shape "
                         f"{tuple(out.shape[1:])}; the labels of data() (y_val[:2]) have shape "
-                        f"{tuple(self.y_val[:2].shape)} and dtype {self.y_val.dtype}. "
-                        f"{label_fix(tuple(out.shape[2:]), self.y_val[:2])}"
+                        f"{tuple(y2.shape)} and dtype {y2.dtype}. "
+                        f"{label_fix(tuple(out.shape[2:]), y2)}"
                     ) from exc
         finally:
             self.mb.train(was)
@@ -315,7 +326,7 @@ class SlotGroup:
     def _validate_steps(self, config: Mapping[str, Any]) -> None:
         """Run the user's steps once on two validation rows: they must fuse, and the config paths they
         read decide which values are per-slot tensors and which must be equal within the stack."""
-        batch = (self.x_val[:2], self.y_val[:2])
+        batch = inputs.step_batch(*(inputs.apply(lambda t: t[:2], v) for v in (self.x_val, self.y_val)))
         dtype = value_dtype(next(iter(self.mb.groups), torch.float32))
         steps = self.train_fn.items() if isinstance(self.train_fn, Mapping) else [("", self.train_fn)]
         fns = [(f"train_step{f'[{p!r}]' if p else ''}", f) for p, f in steps if f is not None]
@@ -347,11 +358,13 @@ class SlotGroup:
 
     def accepts(self, config: Mapping[str, Any]) -> bool:
         """Whether a trial with this config (and a model of the group's signature) may join the group:
-        same optimizer family, same batch size, same values of what the steps read that is not per-slot."""
+        same optimizer family, same batch size, same values of what the steps read that is not per-slot,
+        same parameter-group membership (``param_groups`` in its hparams)."""
         floats = self.configs.float_paths if self.configs else ()
         return (optimizer_id(resolve_optimizer(self.settings.optimizer, config)) == optimizer_id(self.optimizer)
                 and resolve_batch_size(self.settings.batch_size, config) == self.batch_size
-                and static_part(self.reads, config, floats) == self.static)
+                and static_part(self.reads, config, floats) == self.static
+                and fits_param_groups(self.opt, self.settings.hparams(config)))
 
     # ------------------------------------------------------------- occupancy
     @property
@@ -376,6 +389,47 @@ class SlotGroup:
         if self.configs is not None:
             self.configs.resize(keep, new)
         self.iteration = self.iteration + [0] * (new - old)
+
+    def compact_if_sparse(self) -> dict[int, int]:
+        """Drop the free rows of a stack that steps whole while it stays sparse; returns ``{old: new}`` slots.
+
+        A model whose gathers are not exact (convolutions, BatchNorm, vmap) runs
+        its whole stack on every step, free rows included, so a stack that held
+        16 trials and now holds 3 computes 16. Measured on the CNN sweep of
+        ``benchmarks/tune_sweep.py``: 15,336 slot-steps computed for 8,067 that
+        advanced a slot. After :data:`COMPACT_AFTER_STEPS` fused steps in a row
+        with more free rows than one growth adds, the held slots move to the
+        first rows (in order) and the others are dropped: every per-slot
+        component (weights, optimizer, scaler, streams, sums, configs,
+        snapshots) is resized with the same ``keep``, one copy of the stack's
+        state. The caller must renumber its slots with the returned mapping.
+        Like a growth, this changes the stack's row count, which (for such
+        models only) may change how the kernels round: a slot's results stay
+        its own to float rounding. Stacks with exact gathers never need it:
+        they step only the rows that step.
+        """
+        free = self.capacity - self.used
+        if self._exact_gathers() or free <= max(MIN_CAPACITY, self.capacity // 4):
+            self._sparse_steps = 0
+            return {}
+        self._sparse_steps += 1
+        if self._sparse_steps < COMPACT_AFTER_STEPS:
+            return {}
+        self._sparse_steps = 0
+        keep = sorted(self.owner)
+        capacity = max(len(keep), MIN_CAPACITY)
+        keep += [i for i in range(self.capacity) if i not in self.owner][: capacity - len(keep)]
+        self.mb.resize(capacity, keep)  # the optimizer and the scaler follow through ModelBatch.attach
+        if self.per_slot_data:
+            self.streams.resize(capacity, keep)
+        self.meter.resize(keep, capacity)
+        self.snapshots.resize(keep, capacity)
+        if self.configs is not None:
+            self.configs.resize(keep, capacity)
+        self.iteration = [self.iteration[k] for k in keep]
+        self.owner = {new: self.owner[old] for new, old in enumerate(keep) if old in self.owner}
+        self.stats.compacted += 1
+        return {old: new for new, old in enumerate(keep) if new in self.owner}
 
     def _free_slot(self) -> int:
         for i in range(self.capacity):
@@ -490,7 +544,8 @@ class SlotGroup:
         while start < len(slots):
             size = len(slots) - start if self.max_chunk is None else min(self.max_chunk, len(slots) - start)
             end = start + size
-            chunk = (xb[start:end], yb[start:end]) if self.per_slot_data else (xb, yb)
+            chunk = tuple(inputs.apply(lambda t: t[start:end], v) for v in (xb, yb)) if self.per_slot_data \
+                else (xb, yb)
             try:
                 parts.append(self._step(slots[start:end], *chunk, None if mask is None else mask[start:end]))
                 start = end

@@ -262,3 +262,47 @@ def test_tune_results_and_checkpoints_are_those_without_run_ahead(trainables, tm
     if name == "hyperband":
         assert any(row["iterations_since_restore"] < row["training_iteration"]
                    for rows, _ in ahead.values() for row in rows), "no trial was paused and resumed"
+
+
+def test_a_sparse_stack_that_steps_whole_drops_its_free_rows_and_its_slots_train_on():
+    """A vmapped stack (masked whole-stack steps) that keeps 3 of 8 slots compacts to 4 rows after
+    COMPACT_AFTER_STEPS steps; the kept slots move in order and train on as in the uncompacted stack
+    (to float rounding: the row count changed), and their run-ahead boundaries move with them."""
+    from ray_modelbatch.slot_group import COMPACT_AFTER_STEPS
+
+    kept = [1, 4, 6]
+    plain, sparse = _group(8, bn=True), _group(8, bn=True)
+    for g in (plain, sparse):
+        for s in set(range(8)) - set(kept):
+            g.remove(s)
+    where = {s: s for s in kept}  # the sparse group's current row of each kept slot
+    want: dict[int, list[dict]] = {s: [] for s in kept}
+    got: dict[int, list[dict]] = {s: [] for s in kept}
+    for step in range(COMPACT_AFTER_STEPS + 2 * K):
+        for s, r in plain.finish(plain.step(kept)).items():
+            want[s].append(r)
+        moved = sparse.compact_if_sparse()
+        if moved:
+            assert step == COMPACT_AFTER_STEPS - 1 and moved == {1: 0, 4: 1, 6: 2}, (step, moved)
+            where = {s: moved[row] for s, row in where.items()}
+        back = {row: s for s, row in where.items()}
+        for row, r in sparse.finish(sparse.step(sorted(where.values()))).items():
+            got[back[row]].append(r)
+    assert sparse.capacity == 4 and sparse.used == 3 and sparse.stats.compacted == 1
+    assert plain.capacity == 8 and plain.stats.compacted == 0
+    for s in kept:
+        assert len(got[s]) == len(want[s]) > COMPACT_AFTER_STEPS // K
+        for a, b in zip(got[s], want[s]):
+            assert a["slot_steps"] == b["slot_steps"]
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5, abs=1e-6)
+        mine, ref = _state(sparse.export(where[s])), _state(plain.export(s))
+        for k, v in ref["model"].items():
+            torch.testing.assert_close(mine["model"][k], v, rtol=1e-4, atol=1e-5)
+    # the boundary captured before the compaction moved with its slot: bit for bit the uncompacted one
+    early = (COMPACT_AFTER_STEPS - 1) // K
+    assert sparse.iteration[where[4]] - early < sparse.snapshots.depth
+    for s in kept:
+        _assert_same_state(_state(sparse.export(where[s], early)), _state(plain.export(s, early)), s)
+    sparse.rollback(where[4], early)
+    _assert_same_state(_state(sparse.export(where[4])), _state(plain.export(4, early)))

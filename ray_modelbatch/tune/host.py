@@ -81,6 +81,11 @@ class _Stats:
     held_slot_steps: int = 0  # sum over fused steps of the slots the stepped stack held
     first_result_s: float | None = None  # seconds from the first attach to the first result
     first_attach: float | None = None
+    # Wall-clock (time.time()) milestones of this host, for a sweep's time-to-first-result breakdown.
+    init_at: float = field(default_factory=time.time)  # the host process runs its constructor
+    ready_at: float | None = None  # torch imported, data() loaded: ready for trials
+    first_attach_at: float | None = None
+    first_result_at: float | None = None
     window_start: float = field(default_factory=time.monotonic)
     window_busy: float = 0.0
     window_wait: float = 0.0
@@ -105,6 +110,7 @@ class SlotHost:
     def __init__(self, spec_bytes: bytes, name: str, capacity: int | str, lease_check_s: float = 2.0,
                  stats_every_s: float = 5.0, profile_config: dict | None = None, max_slots: int = 256,
                  run_ahead: int = 2, threads: int | None = None):
+        init_at = time.time()
         from ray import cloudpickle  # Ray's own copy: the package needs no separate cloudpickle
 
         from ..data import sweep_inputs
@@ -148,7 +154,7 @@ class SlotHost:
         self._stop = False
         self._lease_check_s = lease_check_s
         self._stats_every_s = stats_every_s
-        self._stats = _Stats()
+        self._stats = _Stats(init_at=init_at, ready_at=time.time())
         self._events: collections.deque = collections.deque(maxlen=256)  # recent attach/detach, for stats()
         self._writer = None
         self._log_dir: str | None = None
@@ -259,7 +265,7 @@ class SlotHost:
         with self._lock:
             s = self._stats
             wall = time.monotonic() - s.started
-            paths = {"full": 0, "masked": 0, "gathered": 0, "stepped": 0, "computed": 0}
+            paths = {"full": 0, "masked": 0, "gathered": 0, "stepped": 0, "computed": 0, "compacted": 0}
             for g in self.groups.values():
                 for k in paths:
                     paths[k] += getattr(g.stats, k)
@@ -288,6 +294,8 @@ class SlotHost:
                 "stepped_fraction": s.slot_steps / s.held_slot_steps if s.held_slot_steps else 0.0,
                 "step_paths": paths,
                 "first_result_s": s.first_result_s,
+                "milestones": {"init": s.init_at, "ready": s.ready_at, "first_attach": s.first_attach_at,
+                               "first_result": s.first_result_at},
                 "busy_s": s.busy_s,
                 "wait_s": s.wait_s,
                 "wall_s": wall,
@@ -360,7 +368,7 @@ class SlotHost:
             self.reserved.pop(key, None)
             self.trials[key] = _Attachment(trial_id, group, slot, lease)
             if self._stats.first_attach is None:
-                self._stats.first_attach = time.monotonic()
+                self._stats.first_attach, self._stats.first_attach_at = time.monotonic(), time.time()
             self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot, "stack": skey})
         return {"host": self.name, "stack": skey, "slot": slot, "device": str(self.device), "node_id": self.node_id}
 
@@ -475,6 +483,14 @@ class SlotHost:
 
     def _step_group(self, group: Any, items: list[_Attachment]) -> None:
         """One fused step of ``group`` over ``items``' slots; results of finished iterations go out."""
+        moved = group.compact_if_sparse()  # a sparse stack that steps whole drops its free rows
+        if moved:
+            with self._lock:
+                for t in self.trials.values():
+                    if t.group is group:
+                        t.slot = moved[t.slot]
+                self._events.append({"t": time.time(), "event": "compact", "stack": group.key,
+                                     "capacity": group.capacity, "moved": moved})
         by_slot = {t.slot: t for t in items}
         t0 = time.monotonic()
         try:
@@ -502,7 +518,7 @@ class SlotHost:
             s.window_stepped += len(items)
             s.window_held += group.used
             if results and s.first_result_s is None and s.first_attach is not None:
-                s.first_result_s = time.monotonic() - s.first_attach
+                s.first_result_s, s.first_result_at = time.monotonic() - s.first_attach, time.time()
 
     def _deliver(self, t: _Attachment, result: dict) -> None:
         with self._lock:
@@ -561,11 +577,14 @@ def _load_data(spec: Any, device: Any, sweep_inputs: Callable) -> Any:
     host memory (streamed to the device one step's batches at a time) and only validation moves."""
     if not getattr(spec, "host_memory", False):
         return sweep_inputs(spec.data(), device)
+    from ..inputs import apply  # tensors, or dicts of columns (keyword inputs)
+
     data = sweep_inputs(spec.data(), "cpu")
+    move = lambda t: t.to(device)  # noqa: E731
     if isinstance(data, tuple) and len(data) == 4 and not hasattr(data, "_fields"):
         x, y, x_val, y_val = data
-        return x, y, x_val.to(device), y_val.to(device)
-    return data._replace(x_val=data.x_val.to(device), y_val=data.y_val.to(device))
+        return x, y, apply(move, x_val), apply(move, y_val)
+    return data._replace(x_val=apply(move, data.x_val), y_val=apply(move, data.y_val))
 
 
 def _from_config(factory: Callable[[dict], Any], what: str, config: dict) -> Any:
