@@ -93,9 +93,10 @@ class ModelBatch:
         models: modules of the same class with identical parameter and buffer
             names, shapes and dtypes. Their current values become slots 0..S-1.
         device: where the stacked tensors live; defaults to the first model's device.
-        direct_path: run models made only of ``nn.Linear`` and elementwise ops with
-            direct batched kernels instead of ``torch.vmap`` (see :mod:`ray_modelbatch.fast_path`);
-            other models always use vmap. False forces vmap, e.g. to compare.
+        direct_path: run models whose every layer has a direct batched kernel (Linear,
+            convolutions, BatchNorm, LayerNorm, embeddings, attention, Transformer encoder
+            layers, residual and elementwise ops: see :mod:`ray_modelbatch.fast_path`)
+            without ``torch.vmap``; other models use vmap. False forces vmap, e.g. to compare.
         cpu_gemm: ``"blas"`` (default) runs the direct path's GEMMs with the
             kernels ``nn.Linear`` uses, so a slot matches a solo run bit for bit
             where the math allows. ``"onednn"`` runs large fp32 layers on CPU
