@@ -17,14 +17,13 @@ medians of repeats::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import ray_modelbatch as rmb
+from batch_size_stacks import timed  # the median-of-repeats timer the benchmarks share
 
 
 def mlp() -> nn.Module:
@@ -41,17 +40,6 @@ def build(name: str, slots: int, groups: bool, compile: bool = False) -> tuple[r
         kw["param_groups"] = [{"params": lambda n, p: p.ndim < 2, "weight_decay": 0.0,
                                "lr_scale": torch.linspace(0.1, 1.0, slots)}]
     return mb, getattr(rmb.optim, name)(mb, **kw)
-
-
-def timed(fn, repeats: int, inner: int) -> float:
-    fn()  # warm-up (allocates lazily made state)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - t) / inner)
-    return statistics.median(times)
 
 
 def main() -> None:

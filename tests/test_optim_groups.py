@@ -103,18 +103,9 @@ def test_declared_lr_coefficients_are_the_ones_that_move_with_lr():
 def test_kernel_count_does_not_grow_with_slots_and_cache_tiles_change_nothing(monkeypatch):
     """Groups add a fixed number of kernels per step whatever S; on CPU, tiles that straddle groups (column
     tiles of 7, row tiles of 150 elements) give bitwise the update of one tile."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from test_optim import CountOps
 
     from ray_modelbatch.optim import base
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += 1
-            return func(*args, **(kwargs or {}))
 
     counts = []
     for s in (2, 64):
