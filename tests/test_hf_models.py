@@ -320,7 +320,7 @@ def test_a_tiny_bert_sweep_through_tune_with_dict_batches(ray_session, tmp_path)
                           data=text_columns, train_step=hf_train_step, eval_step=hf_eval_step, batch_size=32,
                           steps_per_report=20, slots_per_host=4, idle_timeout_s=3.0)
     try:
-        grid, _ = fit(T, {"lr": tune.grid_search([3e-3, 1e-2])}, tmp_path, metric="accuracy", mode="max",
+        grid, _ = fit(T, {"lr": tune.grid_search([3e-3, 1e-2]), "seed": 0}, tmp_path, metric="accuracy", mode="max",
                       run_kw={"stop": {"training_iteration": 3},
                               "checkpoint_config": tune.CheckpointConfig(checkpoint_at_end=True)})
     finally:
