@@ -31,6 +31,14 @@ a gather on the direct path never has fewer than two rows; evaluation follows
 the same rule. A slot's results are then bit-identical whichever other slots
 happen to step with it (for a vmapped model: at the same stack size), which
 is what lets a host run slots ahead.
+
+Evaluation is only a forward, which often rounds a gather as the whole stack
+even where training does not (each output channel of a grouped convolution
+is its own group's; BatchNorm in eval mode is elementwise). Each stack
+measures this once per size on its own validation set (see
+:meth:`SlotGroup._eval_gathers_exact`) and, where it holds, evaluates only the
+slots that finished an iteration: a CNN stack of 16 slots whose slots finish
+one at a time would otherwise evaluate all 16 for each of them.
 """
 
 from __future__ import annotations
@@ -133,6 +141,8 @@ class StepStats:
     stepped: int = 0  # slot-steps that advanced a slot
     computed: int = 0  # slot-steps computed (masked rows included)
     compacted: int = 0  # times the stack dropped its free rows (see SlotGroup.compact_if_sparse)
+    evaluated: int = 0  # slot evaluations asked for (one per finished iteration)
+    eval_rows: int = 0  # slot evaluations computed (whole-stack evaluations count every row)
 
 
 class SlotGroup:
@@ -212,6 +222,7 @@ class SlotGroup:
         self.snapshots = SlotSnapshots(int(run_ahead) + 1, 1)
         self.stats = StepStats()
         self._direct: bool | None = None  # see _exact_gathers
+        self._eval_exact: dict[int, bool] = {}  # by capacity, see _eval_gathers_exact
         self.max_chunk: int | None = None
         self._sparse_steps = 0  # see compact_if_sparse
         self._grow(min(self.limit, MIN_CAPACITY))
@@ -249,7 +260,7 @@ class SlotGroup:
         g.meter = IterationMeter(mb.num_slots, mb.device)
         g.snapshots = SlotSnapshots(1, mb.num_slots)
         g.stats = StepStats()
-        g._direct, g.max_chunk, g._sparse_steps = None, None, 0
+        g._direct, g.max_chunk, g._sparse_steps, g._eval_exact = None, None, 0, {}
         return g
 
     @classmethod
@@ -589,16 +600,46 @@ class SlotGroup:
     def evaluate(self, slots: list[int]) -> dict[str, list[float]]:
         """Validation metrics of ``slots`` (``val_`` not yet prefixed), one list entry per slot."""
         slots = list(slots)
-        if not self._exact_gathers():  # as in step(): the whole stack, then this call's rows
-            res = self.engine.evaluate(self.x_val, self.y_val, self.settings.metrics, slots=None,
-                                       batch_size=self.settings.eval_batch_size)
-            return {k: [v[s] for s in slots] for k, v in ((k, v.tolist()) for k, v in res.items())}
+        self.stats.evaluated += len(slots)
+        if not self._exact_gathers() and not self._eval_gathers_exact():
+            res = self._evaluate_rows(None)  # as in step(): the whole stack, then this call's rows
+            self.stats.eval_rows += self.capacity
+            return {k: [v[s] for s in slots] for k, v in res.items()}
         run = list(slots)
         if len(run) == 1 and self.capacity > 1:  # never a one-row gather
             run.append(next(i for i in range(self.capacity) if i != run[0]))
-        res = self.engine.evaluate(self.x_val, self.y_val, self.settings.metrics, slots=run,
+        self.stats.eval_rows += len(run)
+        return {k: v[: len(slots)] for k, v in self._evaluate_rows(run).items()}
+
+    def _evaluate_rows(self, rows: list[int] | None) -> dict[str, list[float]]:
+        """The metrics of ``rows`` (None: every row of the stack), in that order."""
+        res = self.engine.evaluate(self.x_val, self.y_val, self.settings.metrics, slots=rows,
                                    batch_size=self.settings.eval_batch_size)
-        return {k: v.tolist()[: len(slots)] for k, v in res.items()}
+        return {k: v.tolist() for k, v in res.items()}
+
+    def _eval_gathers_exact(self) -> bool:
+        """Whether evaluating a gather gives each slot the bits the whole stack gives it, measured.
+
+        Measured once per stack size, on the stack's own validation set and
+        live weights: the whole stack, then a gather of its first and last
+        rows and one of three rows from the middle. Every metric of every
+        gathered row must equal its whole-stack value bit for bit (NaN counts
+        as equal to NaN); otherwise the stack evaluates whole, as before. A
+        stack of fewer than four rows is not measured (it evaluates whole).
+        """
+        cap = self.capacity
+        if cap < 4 or self.x_val is None:
+            return False
+        if cap not in self._eval_exact:
+            whole = self._evaluate_rows(None)
+            exact = True
+            for rows in ([0, cap - 1], [cap // 2 - 1, cap // 2, cap // 2 + 1]):
+                part = self._evaluate_rows(rows)
+                exact = exact and part.keys() == whole.keys() and all(
+                    _same_bits(part[k][j], whole[k][r]) for k in whole for j, r in enumerate(rows))
+            self._eval_exact[cap] = exact
+            logger.debug("stack %s (%d rows) evaluates %s", self.key, cap, "gathers" if exact else "whole")
+        return self._eval_exact[cap]
 
     def finish(self, slots: Sequence[int]) -> dict[int, dict[str, Any]]:
         """End the current iteration of ``slots``: evaluate them, build their results, snapshot them."""
@@ -699,6 +740,11 @@ class SlotGroup:
         if self.per_slot_data and state.get("stream") is not None:
             self.streams.load_slot_state(slot, state["stream"])
         self._begin(slot)
+
+
+def _same_bits(a: float, b: float) -> bool:
+    """Whether two metric values are the same number (NaN equals NaN: a diverged slot is no counterexample)."""
+    return a == b or (a != a and b != b)
 
 
 def _concat(parts: list[StepResult]) -> StepResult:

@@ -129,6 +129,60 @@ def test_a_slot_trains_the_same_whichever_slots_step_beside_it(bn):
     assert [r["slot_steps"] for r in got[0]] == [K, 2 * K, 3 * K, 4 * K]
 
 
+class _ConvNet(nn.Module):
+    """Conv1d-BatchNorm-ReLU-Linear on the 12 features as a 1-channel signal: its training steps do not gather
+    exactly (a grouped convolution's weight gradient), so its stack trains whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv1d(1, 4, 3, padding=1), nn.BatchNorm1d(4), nn.Linear(48, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x.unsqueeze(1)))).flatten(1))
+
+
+def _conv_group(n: int) -> SlotGroup:
+    torch.manual_seed(0)
+    models = [_ConvNet() for _ in range(n)]
+    g = SlotGroup(_spec(), stack_key(models[0]), models[0], _data(), n, "cpu", run_ahead=2)
+    for i, m in enumerate(models):
+        g.add(f"t{i}", m, seed=10 + i, hparams={"lr": 1e-3 * (i + 1)})
+    return g
+
+
+def test_a_stack_that_trains_whole_evaluates_only_its_finished_slots_where_that_is_measured_exact():
+    """A CNN stack steps whole, but its evaluation forward gathers exactly (measured once per stack size), so a
+    finished slot is evaluated with one other row instead of the whole stack, with the very same results."""
+    n, iters = 8, 3
+    together = _conv_group(n)
+    assert not together.mb.train(True).gather_exact
+    want = _train(together, [list(range(n))] * (iters * K))
+    mixed = _conv_group(n)
+    got = _train(mixed, _random_schedule(n, iters, seed=2))
+    assert mixed.stats.masked and not mixed.stats.gathered  # training: the whole stack, masked
+    assert mixed._eval_exact == {n: True}
+    assert mixed.stats.evaluated == n * iters
+    assert mixed.stats.eval_rows < n * mixed.stats.evaluated / 2, mixed.stats  # far from one stack per slot
+    for s in range(n):
+        assert got[s] == want[s], s  # bit for bit: floats compared with ==
+
+
+def test_a_stack_whose_gathered_evaluation_rounds_differently_evaluates_whole(monkeypatch):
+    """Where the measurement finds a gather's metrics differ from the whole stack's in any bit, every
+    evaluation runs the whole stack, as training does."""
+    g = _conv_group(8)
+    real = SlotGroup._evaluate_rows
+
+    def off_by_a_bit(self, rows):
+        res = real(self, rows)
+        return res if rows is None else {k: [v * (1 + 2**-20) for v in vals] for k, vals in res.items()}
+
+    monkeypatch.setattr(SlotGroup, "_evaluate_rows", off_by_a_bit)
+    _train(g, [[0, 3]] * K)
+    assert g._eval_exact == {8: False}
+    assert g.stats.evaluated == 2 and g.stats.eval_rows == 8
+
+
 def test_export_of_an_older_boundary_is_the_state_at_that_boundary_and_leaves_the_slot_alone():
     ref, g = _group(4), _group(4)
     at: dict[int, bytes] = {}

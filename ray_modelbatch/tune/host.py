@@ -265,7 +265,8 @@ class SlotHost:
         with self._lock:
             s = self._stats
             wall = time.monotonic() - s.started
-            paths = {"full": 0, "masked": 0, "gathered": 0, "stepped": 0, "computed": 0, "compacted": 0}
+            paths = {"full": 0, "masked": 0, "gathered": 0, "stepped": 0, "computed": 0, "compacted": 0,
+                     "evaluated": 0, "eval_rows": 0}
             for g in self.groups.values():
                 for k in paths:
                     paths[k] += getattr(g.stats, k)
