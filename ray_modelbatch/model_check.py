@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import fast_path
+from . import fast_path, inputs
 from .errors import FusionError, FusionWarning
 from .model_batch import ModelBatch
 
@@ -76,6 +76,14 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def _default_loss(out: Any, _: Any) -> torch.Tensor:
+    """The model's own loss where its output carries one (a Hugging Face model given ``labels``), else the
+    mean square of its (first) output: any differentiable number times every parameter will do for timing."""
+    own = getattr(out, "loss", None)
+    if isinstance(own, torch.Tensor):
+        return own
+    if not isinstance(out, torch.Tensor):  # a tuple, or an output object without a loss: its first tensor
+        values = out.values() if hasattr(out, "values") else out
+        out = next(v for v in values if isinstance(v, torch.Tensor))
     return out.float().pow(2).mean()
 
 
@@ -100,7 +108,9 @@ def check_model(model: nn.Module | Callable[[], nn.Module], example_input: Any, 
 
     Args:
         model: a module (copied per slot) or a factory of modules.
-        example_input: one batch as one model takes it.
+        example_input: one batch as one model takes it: a tensor (``model(x)``) or a dict of keyword
+            tensors (``model(**x)``, e.g. ``input_ids``, ``attention_mask`` and ``labels`` of a
+            Hugging Face model, whose own loss is then the default).
         loss: ``loss(output, target)`` for the timed step (default: mean square of the output).
         target: the target ``loss`` gets (default: None).
         repeats: timed repetitions (the median is reported).
@@ -123,7 +133,7 @@ def check_model(model: nn.Module | Callable[[], nn.Module], example_input: Any, 
         warnings.simplefilter("always")
         try:
             with torch.no_grad():
-                mb(example_input)
+                mb(example_input)  # a dict is the keyword inputs, as in a step
             engine = FusedEngine(mb, optim.Adam(mb, lr=1e-3), loss)
             report.fused_ms = _median_ms(lambda: engine.train_step(example_input, target), repeats)
         except FusionError as exc:
@@ -139,7 +149,7 @@ def check_model(model: nn.Module | Callable[[], nn.Module], example_input: Any, 
     def loop() -> None:
         for m, o in zip(models, opts):
             o.zero_grad()
-            loss(m(example_input), target).backward()
+            loss(inputs.call(m, example_input), target).backward()
             o.step()
 
     report.loop_ms = _median_ms(loop, repeats)

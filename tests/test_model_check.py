@@ -43,3 +43,19 @@ def test_an_lstm_runs_on_vmap():
 
     report = rmb.check_model(Seq, torch.randn(4, 6, 3), slots=2, repeats=1)
     assert report.path == "vmap" and report.error is None and report.speedup is not None
+
+
+def test_a_hugging_face_model_is_checked_on_a_dict_batch_with_its_own_loss():
+    """A dict example input is the model's keyword inputs, for the stack and for the loop; with ``labels`` among
+    them, the model's own loss is the timed step's."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=12, num_labels=2)
+    batch = {"input_ids": torch.randint(1, 30, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long),
+             "labels": torch.randint(0, 2, (8,))}
+    report = rmb.check_model(lambda: transformers.BertForSequenceClassification(cfg), batch, slots=2, repeats=1)
+    assert report.error is None and report.path in ("direct", "vmap"), report
+    assert report.fused_ms > 0 and report.loop_ms > 0
+    assert ("classifier", "Linear") in report.layers
