@@ -513,7 +513,7 @@ def resolve_steps_per_report(value: int | str, num_examples: int | None, batch_s
 SWEEP_INPUTS = ("four tensors (x_train, y_train, x_val, y_val), two dicts of columns (train, val) such as "
                 "{'input_ids': ..., 'attention_mask': ..., 'labels': ...}, two map-style Datasets (train, val), "
                 "or a dict "
-                "{'train': Dataset or factory(seed, epoch) -> iterable of (x, y) batches, 'val': Dataset or "
+                "{'train': Dataset or factory(seed, epoch) -> iterable of (x, y) or dict batches, 'val': Dataset or "
                 "(x_val, y_val), 'transform': fn (optional, Datasets only), 'fields': (x_key, y_key) (optional)}")
 
 
@@ -531,8 +531,8 @@ def sweep_inputs(items: Any, device: torch.device | str = "cpu") -> Any:
       :class:`~ray_modelbatch.dataset_streams.DatasetStreams`) and whose
       validation set is collated once into tensors on ``device``.
     * ``{"train": factory, "val": ...}`` where ``factory(seed, epoch)``
-      returns an iterable of ``(x, y)`` batches (a pipeline that is not
-      random-access): a ``DatasetInputs`` with ``iterable=True``, streamed per
+      returns an iterable of ``(x, y)`` batches, or of dict batches with a
+      ``"labels"`` column (a pipeline that is not random-access): a ``DatasetInputs`` with ``iterable=True``, streamed per
       slot by :class:`~ray_modelbatch.iterable_streams.IterableStreams`.
 
     :func:`~ray_modelbatch.dataset_streams.per_slot_streams` builds the

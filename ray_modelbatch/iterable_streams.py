@@ -46,6 +46,22 @@ Why it is built this way:
   (pinned for CUDA) and copied to the stack's device once per step
   (:func:`~ray_modelbatch.host_streams.to_device`).
 
+Batches may be dicts of keyword inputs with the labels among them, as a
+``DataLoader`` over a tokenized Hugging Face dataset yields them
+(``{"input_ids": ..., "attention_mask": ..., "labels": ...}``): without
+``fields``, a dict batch with a ``"labels"`` key (the keyword transformers
+models take) and no ``"x"``/``"y"`` is the model's whole input, so ``x`` is
+that dict and there is no separate target (``y`` is None), exactly as
+:mod:`~ray_modelbatch.dataset_streams` treats dict examples. Every column is
+a tensor with the examples on dim 0 and all columns must have the same number
+of rows; a step's ``x`` is then a dict of ``[k, B, ...]`` columns (see
+:mod:`ray_modelbatch.inputs`). The slots' batches are stacked column by
+column, so each column needs one shape in every batch: pad tokenized text to
+a fixed length (``padding="max_length"``), not to each batch's longest row.
+With ``fields=(x_key, y_key)`` a dict batch is split into input and target
+as before. A position is the same three ints in either form, so checkpoints
+and replay do not depend on it.
+
 Parallelism is the factory's: each slot holds its own open iterator, so a
 ``DataLoader`` with ``num_workers=w`` runs ``w`` worker processes per slot,
 restarted every epoch (``persistent_workers`` cannot help, as every epoch is a
@@ -62,6 +78,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from . import inputs
 from .data import SlotStreamsState, resized
 from .dataset_streams import DatasetInputs, validation_tensors
 from .host_streams import expand_skipped, staging, to_device
@@ -70,7 +87,9 @@ __all__ = ["IterableStreams", "is_iterable_factory", "iterable_inputs"]
 
 MAX_SKIPPED_IN_A_ROW = 1000  # wrong-sized batches in a row before an (endless?) iterable is called broken
 
-FACTORY = "factory(seed, epoch) -> iterable of (x, y) batches"
+FACTORY = "factory(seed, epoch) -> iterable of (x, y) batches (or dict batches with a 'labels' column)"
+BATCH_FORMS = ("(x, y), a longer tuple, a dict with 'x' and 'y', or a dict of keyword tensors with a 'labels' "
+               "column (input_ids, attention_mask, labels)")
 
 
 def is_iterable_factory(obj: Any) -> bool:
@@ -84,37 +103,84 @@ def _check_iterable(obj: Any, seed: int, epoch: int) -> Any:
     """``obj`` if it can be iterated for batches; one clear line otherwise."""
     if isinstance(obj, (torch.Tensor, str, bytes, Mapping)) or not isinstance(obj, Iterable):
         raise TypeError(f"the training factory returned a {type(obj).__name__} for (seed={seed}, epoch={epoch}), "
-                        f"not an iterable of (x, y) batches; it must be {FACTORY} (a generator, a DataLoader, "
+                        f"not an iterable of batches; it must be {FACTORY} (a generator, a DataLoader, "
                         "a list of batches).")
     return obj
 
 
-def _xy(item: Any, fields: tuple[Any, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)`` of one batch as host tensors; ``fields`` names them in a dict or a longer tuple."""
+def _keyword_batch(item: Any, fields: tuple[Any, Any] | None) -> bool:
+    """Whether ``item`` is keyword inputs with its labels inside (the rule of ``dataset_streams.pick``).
+
+    Only without ``fields``: naming fields always means the old split into
+    input and target, so a dict that happens to have ``"labels"`` keeps working.
+    """
+    return fields is None and isinstance(item, Mapping) and "labels" in item and not ("x" in item or "y" in item)
+
+
+def _host_tensor(v: Any, name: str) -> torch.Tensor:
+    """One field or column as a host tensor with the examples on dim 0; one clear line otherwise."""
+    if not isinstance(v, torch.Tensor):
+        try:
+            v = torch.as_tensor(v)
+        except Exception as exc:  # noqa: BLE001 - whatever torch rejects: name it in one line
+            raise TypeError(f"a batch's {name} from the training factory is a {type(v).__name__} that "
+                            f"torch.as_tensor cannot take ({exc}); batches must be tensors.") from None
+    if v.dim() == 0:
+        raise ValueError(f"a batch's {name} from the training factory is a scalar; batches need the examples "
+                         "on dim 0.")
+    return v if v.device.type == "cpu" else v.cpu()
+
+
+def _host_input(v: Any, name: str) -> Any:
+    """A batch's ``x`` (a tensor, or a dict of columns as a plain dict) or ``y`` as host tensors."""
+    if inputs.is_columns(v):
+        if not v:
+            raise ValueError(f"a batch's {name} from the training factory is an empty dict; give at least one "
+                             "column (e.g. 'input_ids').")
+        return {k: _host_tensor(c, f"{name}[{k!r}]") for k, c in v.items()}
+    return _host_tensor(v, name)
+
+
+def _rows(x: Any, what: str = "x") -> int:
+    """Rows of a batch's ``x``: every column of a dict must have as many as the first (named if not)."""
+    if not inputs.is_columns(x):
+        return int(x.shape[0])
+    (first, n), *others = ((k, int(v.shape[0])) for k, v in x.items())
+    bad = next(((k, m) for k, m in others if m != n), None)
+    if bad is not None:
+        raise ValueError(f"a dict batch from the training factory has {bad[1]} rows in its column {bad[0]!r} but "
+                         f"{n} in {first!r} ({what} = {inputs.describe(x)}); every column needs one row per "
+                         "example (pad or truncate all columns together).")
+    return n
+
+
+def _xy(item: Any, fields: tuple[Any, Any] | None) -> tuple[Any, torch.Tensor | None]:
+    """``(x, y)`` of one batch as host tensors; ``fields`` names them in a dict or a longer tuple.
+
+    A dict batch with ``"labels"`` and no ``"x"``/``"y"`` (no ``fields``) is
+    ``(dict of columns, None)``; ``x`` may also be a dict of columns under
+    ``fields``. The columns' row counts are checked here, for every batch, so a
+    malformed batch is named even when its size would have it skipped.
+    """
+    if _keyword_batch(item, fields):
+        x = _host_input(item, "x")
+        _rows(x)
+        return x, None
     if fields is None:
         fields = ("x", "y") if isinstance(item, Mapping) else (0, 1)
     if not isinstance(item, (Mapping, tuple, list)):
         raise TypeError(f"a batch from the training factory is a {type(item).__name__}; each batch must be "
-                        "(x, y), a longer tuple or a dict (pass fields=(x_key, y_key) to name its input and target).")
+                        f"{BATCH_FORMS} (pass fields=(x_key, y_key) to name its input and target).")
     try:
-        pair = item[fields[0]], item[fields[1]]
+        x, y = item[fields[0]], item[fields[1]]
     except (KeyError, IndexError, TypeError):
         have = list(item.keys()) if isinstance(item, Mapping) else f"{type(item).__name__} of {len(item)}"
         raise ValueError(f"a batch from the training factory has no fields {fields!r} (it has {have}); give "
-                         "(x, y) batches or pass fields=(x_key, y_key).") from None
-    out = []
-    for name, v in zip(("x", "y"), pair):
-        if not isinstance(v, torch.Tensor):
-            try:
-                v = torch.as_tensor(v)
-            except Exception as exc:  # noqa: BLE001 - whatever torch rejects: name it in one line
-                raise TypeError(f"a batch's {name} from the training factory is a {type(v).__name__} that "
-                                f"torch.as_tensor cannot take ({exc}); batches must be tensors.") from None
-        if v.dim() == 0:
-            raise ValueError(f"a batch's {name} from the training factory is a scalar; batches need the examples "
-                             "on dim 0.")
-        out.append(v if v.device.type == "cpu" else v.cpu())
-    return out[0], out[1]
+                         "(x, y) batches, pass fields=(x_key, y_key), or call a dict batch's label column 'labels' "
+                         "to give the whole dict to the model as keyword inputs (model(**batch)).") from None
+    x = _host_input(x, "x")
+    _rows(x)
+    return x, _host_tensor(y, "y")
 
 
 @dataclass
@@ -155,11 +221,13 @@ class IterableStreams(SlotStreamsState):
 
     Args:
         factory: ``factory(seed, epoch) -> iterable of (x, y) batches`` of ``batch_size`` rows, the same
-            batches for the same arguments.
+            batches for the same arguments; or of dict batches of keyword tensors with a ``"labels"`` column
+            (then ``x`` is the dict and ``y`` None).
         batch_size: rows per slot per step; batches of another size are skipped.
         seeds: one seed per slot (the trial's); its length is the number of slots.
         device: where batches go (the stack's device); default the CPU.
-        fields: keys/positions of ``x`` and ``y`` in a batch (default ``(0, 1)`` or ``("x", "y")``).
+        fields: keys/positions of ``x`` and ``y`` in a batch (default ``(0, 1)``, ``("x", "y")``, or the whole
+            dict as ``x`` when it has ``"labels"``).
     """
 
     per_slot = True
@@ -176,7 +244,7 @@ class IterableStreams(SlotStreamsState):
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self.slots: list[SlotPosition | None] = [SlotPosition(s) for s in seeds]
         self.skipped = 0  # batches of another size than batch_size, skipped so far
-        self._template: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._template: tuple[Any, Any] | None = None  # one slot's stacked batch, for steps where none runs
         self._epoch_steps: int | None | bool = False  # False: not measured yet; None: the iterables have no length
 
     @property
@@ -255,20 +323,21 @@ class IterableStreams(SlotStreamsState):
                             "steps_per_report as an int, or return a sized iterable (a DataLoader over a Dataset).")
         return steps
 
-    def _pull(self, cursor: Cursor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _pull(self, cursor: Cursor) -> tuple[Any, torch.Tensor | None] | None:
         """The cursor's next full batch, or None at the end of its epoch; wrong-sized batches are skipped."""
         in_a_row = 0
         for item in cursor.iterator:
             x, y = _xy(item, self.fields)
-            if x.shape[0] != self.batch_size:
+            n = _rows(x)
+            if n != self.batch_size:
                 self.skipped += 1
                 in_a_row += 1
                 if in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                    raise ValueError(f"the training factory gave {in_a_row} batches in a row of {x.shape[0]} rows, "
+                    raise ValueError(f"the training factory gave {in_a_row} batches in a row of {n} rows, "
                                      f"none of batch_size {self.batch_size}; make its batches batch_size rows.")
                 continue
-            if y.shape[0] != x.shape[0]:
-                raise ValueError(f"a batch from the training factory has {x.shape[0]} rows of x but {y.shape[0]} "
+            if y is not None and y.shape[0] != n:
+                raise ValueError(f"a batch from the training factory has {n} rows of x but {y.shape[0]} "
                                  "of y; give one target per example.")
             cursor.taken += 1
             return x, y
@@ -286,7 +355,7 @@ class IterableStreams(SlotStreamsState):
                                  "augmentation from them).")
         return cursor
 
-    def _draw(self, s: SlotPosition) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, s: SlotPosition) -> tuple[Any, torch.Tensor | None]:
         """Slot ``s``'s next full batch, starting its next epoch when the current one is exhausted."""
         if not s.cursor_here():
             s.cursor = self._open(*s.position())
@@ -309,10 +378,11 @@ class IterableStreams(SlotStreamsState):
         return s
 
     def next_batch(self, slots: Sequence[int] | torch.Tensor,
-                   skip: Sequence[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   skip: Sequence[bool] | None = None) -> tuple[Any, Any]:
         """Batches of the named slots, ``(xb [n, B, ...], yb [n, B, ...])`` on the device, aligned with ``slots``.
 
-        Only the live slots advance; skipped slots (``skip[j]``) stay where
+        For dict batches ``xb`` is a dict of ``[n, B, ...]`` columns and ``yb``
+        is None. Only the live slots advance; skipped slots (``skip[j]``) stay where
         they are and get the first live slot's rows. If the factory or a
         batch raises, every slot is put back where it was before the call.
         """
@@ -334,21 +404,45 @@ class IterableStreams(SlotStreamsState):
             raise
         xb, yb = (self._stack([b[k] for b in batches], name) for k, name in ((0, "x"), (1, "y")))
         if self._template is None:
-            self._template = (xb[:1].clone(), yb[:1].clone())
-        return expand_skipped(xb, live, n), expand_skipped(yb, live, n)
+            self._template = tuple(inputs.apply(lambda t: t[:1].clone(), v) for v in (xb, yb))
+        spread = lambda t: expand_skipped(t, live, n)  # noqa: E731
+        return inputs.apply(spread, xb), inputs.apply(spread, yb)
 
-    def _stack(self, batches: list[torch.Tensor], what: str) -> torch.Tensor:
-        """The slots' ``[B, ...]`` batches as one ``[k, B, ...]`` tensor on the device (one host-to-device copy)."""
+    def _stack(self, batches: list[Any], what: str) -> Any:
+        """The slots' batches of ``what`` stacked on the device: a tensor, a dict of columns, or None.
+
+        Every slot must give the same form (a step is one computation), so a
+        mix of dict and tensor batches, or of columns, is named in one line.
+        """
+        forms = {"None" if b is None else "dict" if inputs.is_columns(b) else "tensor" for b in batches}
+        if len(forms) > 1:
+            raise ValueError(f"the slots' batches of {what} differ in form ({' and '.join(sorted(forms))}); the "
+                             "factory must give every batch in one form, (x, y) or a dict with 'labels'.")
+        first = batches[0]
+        if first is None:
+            return None
+        if inputs.is_columns(first):
+            bad = next((b for b in batches if set(b) != set(first)), None)
+            if bad is not None:
+                raise ValueError(f"the slots' dict batches have different columns ({sorted(first)} and "
+                                 f"{sorted(bad)}); the factory must give every batch the same columns.")
+            return {k: self._stack_tensors([b[k] for b in batches], f"{what}[{k!r}]") for k in first}
+        return self._stack_tensors(batches, what)
+
+    def _stack_tensors(self, batches: list[torch.Tensor], what: str) -> torch.Tensor:
+        """The slots' ``[B, ...]`` tensors as one ``[k, B, ...]`` tensor on the device (one host-to-device copy)."""
         first = batches[0]
         bad = next((b for b in batches if b.shape != first.shape or b.dtype != first.dtype), None)
         if bad is not None:
+            pad = " (pad tokenized columns to one length: padding='max_length')" if "[" in what else ""
             raise ValueError(f"the slots' batches of {what} differ: {tuple(first.shape)} {first.dtype} and "
-                             f"{tuple(bad.shape)} {bad.dtype}; the factory must give every batch one shape and dtype.")
+                             f"{tuple(bad.shape)} {bad.dtype}; the factory must give every batch one shape and "
+                             f"dtype{pad}.")
         out = staging((len(batches), *first.shape), first.dtype, self._device)
         torch.stack(batches, out=out)
         return to_device(out, self._device)
 
-    def _filler(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _filler(self, n: int) -> tuple[Any, Any]:
         """``n`` copies of a fixed batch (the first one drawn, else one from a fresh iterable): no slot runs."""
         if self._template is None:
             first = next((s for s in self.slots if s is not None), None)
@@ -358,7 +452,7 @@ class IterableStreams(SlotStreamsState):
                                  "batches must have the stack's batch_size rows.")
             self._template = (self._stack([got[0]], "x"), self._stack([got[1]], "y"))
         zeros = torch.zeros(n, dtype=torch.long, device=self._device)
-        return self._template[0].index_select(0, zeros), self._template[1].index_select(0, zeros)
+        return tuple(inputs.apply(lambda t: t.index_select(0, zeros), v) for v in self._template)
 
     # ------------------------------------------------------------ per-slot protocol
     def capture_slot(self, i: int) -> tuple[int, int, int] | None:
@@ -416,7 +510,7 @@ def iterable_inputs(factory: Any, val: Any, fields: tuple[Any, Any] | None = Non
     """Check ``{"train": factory, "val": ...}`` and materialize the validation set on ``device``.
 
     ``factory(0, 0)`` is called and its first batch read once, to check that
-    it is an iterable of ``(x, y)`` batches whose ``x`` matches the
+    it is an iterable of ``(x, y)`` (or dict) batches whose ``x`` matches the
     validation rows (a ``DataLoader`` with workers starts them for that).
     """
     dev = torch.device(device)
@@ -434,13 +528,29 @@ def iterable_inputs(factory: Any, val: Any, fields: tuple[Any, Any] | None = Non
         first = next(iterator, None)
         if first is None:
             raise ValueError("data()['train'](0, 0) gave no batch; the factory's iterables must give (x, y) "
-                             "batches of the stack's batch_size.")
-        x0, _ = _xy(first, None if fields is None else tuple(fields))
+                             "or dict batches of the stack's batch_size.")
+        x0, y0 = _xy(first, None if fields is None else tuple(fields))
     finally:
         close = getattr(iterator, "close", None)  # a generator: run its cleanup now, not at garbage collection
         if callable(close):
             close()
-    if x0.shape[1:] != x_val.shape[1:]:
+    _check_against_validation(x0, y0, x_val, y_val)
+    return DatasetInputs(factory, x_val, y_val, None, None if fields is None else tuple(fields), iterable=True)
+
+
+def _check_against_validation(x0: Any, y0: Any, x_val: Any, y_val: Any) -> None:
+    """One clear line unless training batches and validation rows have one form (tensor or the same columns).
+
+    Evaluation runs the same model call on the validation rows, so a dict
+    training batch needs dict validation rows with the same keys (and no
+    separate target), and a tensor ``x`` the same features per row.
+    """
+    if inputs.is_columns(x0) or inputs.is_columns(x_val) or (y0 is None) != (y_val is None):
+        if not (inputs.is_columns(x0) and inputs.is_columns(x_val)) or set(x0) != set(x_val) \
+                or (y0 is None) != (y_val is None):
+            raise ValueError(f"data(): training batches give x {inputs.describe(x0)} and y {inputs.describe(y0)} "
+                             f"but the validation set {inputs.describe(x_val)} and {inputs.describe(y_val)}; give "
+                             "both in the same form (the same columns).")
+    elif x0.shape[1:] != x_val.shape[1:]:
         raise ValueError(f"data(): training batches have x rows of shape {tuple(x0.shape[1:])} but validation rows "
                          f"{tuple(x_val.shape[1:])}; give both the same features.")
-    return DatasetInputs(factory, x_val, y_val, None, None if fields is None else tuple(fields), iterable=True)
