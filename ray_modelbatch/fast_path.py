@@ -10,10 +10,11 @@ stacked parameters directly:
   ``B*`` is every leading dimension, e.g. batch and sequence), read straight
   from the strided parameter views of the flat ``[S, P]`` buffer; its backward
   is two batched GEMMs;
-* every ``nn.Conv1d``/``nn.Conv2d`` is one convolution over all slots: the
-  slots' channels side by side (``[B, S*C, H, W]``) and ``groups`` multiplied
-  by S, as HFTA fuses them; on a batch shared by every slot the first
-  convolution needs no groups at all (``S*O`` output channels of one input);
+* every ``nn.Conv1d``/``nn.Conv2d`` and ``nn.ConvTranspose1d``/``nn.ConvTranspose2d``
+  is one convolution over all slots: the slots' channels side by side
+  (``[B, S*C, H, W]``) and ``groups`` multiplied by S, as HFTA fuses them; on a
+  batch shared by every slot the first convolution needs no groups at all
+  (``S*O`` output channels of one input);
 * ``nn.BatchNorm1d/2d`` is one ``F.batch_norm`` over the ``S*C`` channels,
   whose running statistics are views of the stacked buffers, and pooling acts
   per channel as it is: a CNN stays in the channel-stacked layout from its
@@ -23,6 +24,10 @@ stacked parameters directly:
   ``nn.MultiheadAttention``, ``F.scaled_dot_product_attention`` and
   ``nn.TransformerEncoder(Layer)`` run attention once on the slots folded into
   the batch (see :mod:`.direct_attention`);
+* ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (the stack's ``UnrolledRNN``) run each
+  layer and direction as one batched GEMM and the gate math per time step
+  (a GRU after one batched GEMM for the input projection of the whole
+  sequence), with a hand-written backward through time (see :mod:`.direct_rnn`);
 * activations and dropout are elementwise, so they act per slot as they are
   (dropout draws an independent mask per slot and element); so do ``+``,
   ``*`` and the other binary ops between any two values (residual
@@ -59,8 +64,9 @@ ops, embedding lookups, and steps that only move data) is gather-exact as a
 whole: running any two or more of the slots gives each the bits it gets in
 the whole stack (:attr:`FastPlan.gather_exact`). Convolution and
 normalization kernels may pick another algorithm for another number of
-channels, and reductions, softmax and attention another blocking for another
-number of rows, so plans with them are not (see :data:`GATHER_EXACT_KINDS`).
+channels, and reductions, softmax, attention and recurrent layers another
+blocking for another number of rows, so plans with them are not (see
+:data:`GATHER_EXACT_KINDS`).
 """
 
 from __future__ import annotations
@@ -78,8 +84,10 @@ from torch.fx.node import map_aggregate
 
 from . import direct_attention as attention
 from . import direct_kernels as kernels
+from . import direct_rnn as recurrent
 from .direct_kernels import CHAN, SHARED, SLOT, Act, Unsupported
 from .padded_embedding import PaddedEmbedding
+from .unrolled_rnn import UnrolledRNN
 
 __all__ = ["FastPlan", "GradTarget", "Unsupported", "plan", "run", "onednn_available", "DIRECT_WRITE_MIN", "GEMMS"]
 
@@ -90,12 +98,13 @@ ELEMENTWISE_FUNCTIONS = {torch.relu, torch.tanh, torch.sigmoid, torch.exp, torch
                          F.leaky_relu, F.elu, F.mish, F.dropout}
 ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "contiguous",
                        "float", "clone"}
-CONV_MODULES = (nn.Conv1d, nn.Conv2d)
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
 # Per-channel ops: they act on a [B, S*C, ...] tensor exactly as on each slot's [B, C, ...].
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 EMBEDDING_MODULES = (nn.Embedding, PaddedEmbedding)  # the stack's template has PaddedEmbedding for padding_idx
+RNN_MODULES = (UnrolledRNN, nn.LSTM, nn.GRU, nn.RNN)  # the stack's template has UnrolledRNN for the others
 
 # call_function targets and call_method names -> step kind (see _Runner for each kind's layout rules)
 FUNCTION_KINDS: dict[Any, str] = {
@@ -204,10 +213,11 @@ class FastPlan:
 
 
 class _Tracer(fx.Tracer):
-    """``fx.Tracer`` that keeps the stack's own module substitutes (:class:`PaddedEmbedding`) whole."""
+    """``fx.Tracer`` that keeps the stack's own module substitutes (:class:`PaddedEmbedding`,
+    :class:`UnrolledRNN`) whole."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, PaddedEmbedding) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (PaddedEmbedding, UnrolledRNN)) or super().is_leaf_module(m, qualname)
 
 
 def _settings(module: nn.Module) -> list[tuple[str, dict]]:
@@ -368,12 +378,14 @@ def _module_kind(mod: nn.Module) -> str | None:
         return "encoder_layer" if attention.encoder_layer_ok(mod, _elementwise) else None
     if type(mod) is nn.TransformerEncoder:
         return "encoder" if attention.encoder_ok(mod, _elementwise) else None
+    if type(mod) in RNN_MODULES:
+        return "rnn" if recurrent.rnn_ok(mod) else None
     return None
 
 
-_MULTI_INPUT_KINDS = {"embedding_bag", "attention", "encoder_layer", "encoder"}
+_MULTI_INPUT_KINDS = {"embedding_bag", "attention", "encoder_layer", "encoder", "rnn"}
 _PARAM_KINDS = {"linear", "conv", "norm", "layer_norm", "embedding", "embedding_bag", "attention", "encoder_layer",
-                "encoder", "param"}
+                "encoder", "rnn", "param"}
 
 
 
@@ -511,17 +523,26 @@ def _to_chan(h: torch.Tensor, layout: str, n: int) -> torch.Tensor:
 def _conv(mod: nn.Module, h: torch.Tensor, layout: str, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """All slots' convolution as one call: output in the "chan" layout."""
     n = w.shape[0]
-    fn = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
+    transposed = isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d))
     groups = mod.groups
     if not (layout == SHARED and groups == 1):  # a shared batch with groups=1 needs no grouping: S*O outputs
         h, groups = _to_chan(h, layout, n), groups * n
-    weight = w.reshape(n * w.shape[1], *w.shape[2:])
+    if transposed and groups == 1:
+        # A transposed convolution's weight is [C_in, O/groups, k...]: the slots' outputs of one shared
+        # input side by side are [C_in, S*O, k...], slot-major along the output channels.
+        weight = w.transpose(0, 1).reshape(w.shape[1], n * w.shape[2], *w.shape[3:])
+    else:  # [S*O, C/groups, k...] (or, transposed, [S*C_in, O/groups, k...]): slot s is group block s
+        weight = w.reshape(n * w.shape[1], *w.shape[2:])
     if h.dim() == 4:
         # Channels-last: oneDNN's grouped convolution and the pooling after it run 2-20x faster
         # on it (measured on a 2-core EPYC: grouped conv fwd+bwd 6.4 vs 14.9 ms, max-pool 0.08 vs
         # 1.8 ms at 32 slots of a 4-8 channel layer); BatchNorm and ReLU keep the format.
         h, weight = h.contiguous(memory_format=torch.channels_last), weight.contiguous(memory_format=torch.channels_last)
     bias = None if b is None else b.reshape(-1)
+    if transposed:
+        fn = F.conv_transpose1d if isinstance(mod, nn.ConvTranspose1d) else F.conv_transpose2d
+        return fn(h, weight, bias, mod.stride, mod.padding, mod.output_padding, groups, mod.dilation)
+    fn = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
     return fn(h, weight, bias, mod.stride, mod.padding, mod.dilation, groups)
 
 
@@ -676,7 +697,7 @@ class _Runner:
 
     def _k_conv(self, step: _Step, h: Act) -> Act:
         mod = self.template.get_submodule(step.target)
-        rank = 3 if isinstance(mod, nn.Conv1d) else 4  # with the batch dimension
+        rank = 3 if isinstance(mod, (nn.Conv1d, nn.ConvTranspose1d)) else 4  # with the batch dimension
         if len(h.sample_shape(self.n)) != rank:
             raise Unsupported("convolution input of another rank")
         return Act(_conv(mod, h.t, h.layout, self.params[f"{step.target}.weight"],
@@ -719,6 +740,9 @@ class _Runner:
 
     def _k_encoder(self, step: _Step, src: Act, **kwargs: Any) -> Act:
         return attention.encoder(self, step.target, self.template.get_submodule(step.target), src, **kwargs)
+
+    def _k_rnn(self, step: _Step, input: Any, hx: Any = None) -> tuple:  # noqa: A002 - torch's name
+        return recurrent.rnn(self, step.target, self.template.get_submodule(step.target), input, hx)
 
     def _k_param(self, step: _Step) -> Act:
         return Act(self.params[step.target], SLOT)

@@ -15,7 +15,9 @@ It holds the very parameters of the module it replaces, under the same
 names, so a stack's flat parameters, checkpoints and ``state_dict`` are those
 of the user's ``nn.LSTM``. :func:`unroll_rnns` swaps them into the stack's
 template (a meta-device copy of the model); the user's own model keeps its
-``nn.LSTM``, and a slot trains exactly as it does, to float rounding.
+``nn.LSTM``, and a slot trains exactly as it does, to float rounding. On the
+direct path (no vmap) the stack does not run this forward: the tracer keeps
+the module whole and :mod:`.direct_rnn` computes it for all slots at once.
 
 Not covered (an error names it): ``proj_size`` and ``PackedSequence`` inputs.
 """

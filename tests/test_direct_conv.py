@@ -117,6 +117,59 @@ def test_conv1d_pool_flatten_batchnorm1d_match_vmap():
         torch.testing.assert_close(direct.buffers[name], vmapped.buffers[name])
 
 
+class UpDown2d(nn.Module):
+    """A small decoder shape: a strided convolution down, a transposed convolution (output_padding) back up."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1)
+        self.head = nn.Linear(2 * 64, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up(torch.relu(self.down(x.view(-1, 1, 8, 8))))).flatten(1))
+
+
+def up1d() -> nn.Module:
+    """ConvTranspose1d first (on the shared batch), then a grouped one with dilation, BatchNorm1d between (no bias
+    before it: see SmallCNN)."""
+    return nn.Sequential(nn.ConvTranspose1d(4, 6, 3, stride=2, bias=False), nn.BatchNorm1d(6), nn.ReLU(),
+                         nn.ConvTranspose1d(6, 4, 2, groups=2, dilation=2), nn.Flatten(), nn.Linear(4 * 19, 3))
+
+
+@pytest.mark.parametrize("per_slot", [False, True], ids=["shared", "per_slot"])
+@pytest.mark.parametrize("make", [UpDown2d, up1d], ids=["conv_transpose2d", "conv_transpose1d"])
+def test_transposed_convolutions_train_like_solo_modules(make, per_slot):
+    torch.manual_seed(4)
+    models = [make() for _ in range(3)]
+    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    assert mb.uses_direct_path and not mb._slow_keys
+    loss = nn.functional.cross_entropy if make is UpDown2d else nn.functional.mse_loss
+    eng = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=1e-2), loss)
+    solo = [copy.deepcopy(m) for m in models]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in solo]
+    shape = (64,) if make is UpDown2d else (4, 8)
+    xs = torch.randn(3, 12, *shape)
+    ys = torch.randint(0, 10, (3, 12)) if make is UpDown2d else torch.randn(3, 12, 3)
+    for _ in range(4):
+        if per_slot:
+            eng.train_step(xs, ys, per_slot=True)
+        else:
+            eng.train_step(xs[0], ys[0])
+        for i, (m, o) in enumerate(zip(solo, opts)):
+            o.zero_grad()
+            j = i if per_slot else 0
+            loss(m(xs[j]), ys[j]).backward()
+            o.step()
+    assert not mb._slow_keys  # it stayed on the direct path
+    state_close(mb, solo)
+    mb.eval()
+    with torch.no_grad():
+        out = mb(xs[0])
+        for i, m in enumerate(solo):
+            torch.testing.assert_close(out[i], m.eval()(xs[0]), rtol=1e-4, atol=1e-5)
+
+
 def test_layers_without_a_direct_kernel_fall_back_to_vmap():
     reflect = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(128, 2))
     mb = rmb.ModelBatch([copy.deepcopy(reflect) for _ in range(2)])

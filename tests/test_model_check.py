@@ -31,7 +31,7 @@ def test_a_model_that_cannot_fuse_is_reported_not_raised():
     assert "cannot fuse" in str(report)
 
 
-def test_an_lstm_runs_on_vmap():
+def test_an_lstm_runs_on_the_direct_path():
     class Seq(nn.Module):
         def __init__(self):
             super().__init__()
@@ -42,7 +42,8 @@ def test_an_lstm_runs_on_vmap():
             return self.head(self.rnn(x)[0][:, -1])
 
     report = rmb.check_model(Seq, torch.randn(4, 6, 3), slots=2, repeats=1)
-    assert report.path == "vmap" and report.error is None and report.speedup is not None
+    assert report.path == "direct" and report.error is None and report.speedup is not None
+    assert ("rnn", "rnn") in report.kinds and "direct: rnn" in str(report)
 
 
 def test_a_hugging_face_model_is_checked_on_a_dict_batch_with_its_own_loss():
