@@ -266,7 +266,7 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
     ray.init(num_cpus=args.num_cpus or os.cpu_count() or 2, include_dashboard=False, logging_level="WARNING")
     try:
         if kind == "ray_modelbatch":
-            trainable = sweep.make_trainable(args.slots)
+            trainable = sweep.make_trainable(args.slots, host_threads=args.host_threads)
             reuse = True
         else:
             StandardTrainable.cpus = args.baseline_cpus
@@ -413,6 +413,8 @@ def main() -> None:
     p.add_argument("--runs", default="ray_modelbatch,standard,standard+reuse",
                    help="comma-separated runs, in order (ray_modelbatch and standard are needed for the target)")
     p.add_argument("--seed", type=int, default=0, help="seed of the config draw")
+    p.add_argument("--host-threads", type=int, default=None,
+                   help="torch threads of the slot host (default: batched_trainable's, every CPU of the node)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of each local Ray (default: os.cpu_count())")
     p.add_argument("--storage", default=None, help="Tune storage_path (default: a temporary directory)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "tune_sweep_latest.md"))

@@ -113,7 +113,8 @@ def asha(max_t: int, grace_period: int, reduction_factor: int) -> ASHAScheduler:
                          reduction_factor=reduction_factor)
 
 
-def make_trainable(slots: int) -> Any:
+def make_trainable(slots: int, **options: Any) -> Any:
+    """The sweep's trainable; ``options`` go to ``batched_trainable`` (the benchmark sets ``host_threads``)."""
     return batched_trainable(
         model=make_model,
         optimizer=ray_modelbatch.optim.AdamW,
@@ -125,6 +126,7 @@ def make_trainable(slots: int) -> Any:
         steps_per_report=STEPS_PER_REPORT,
         slots_per_host=slots,
         num_hosts=1,
+        **options,
     )
 
 

@@ -111,6 +111,7 @@ class SlotHost:
                  stats_every_s: float = 5.0, profile_config: dict | None = None, max_slots: int = 256,
                  run_ahead: int = 2, threads: int | None = None):
         init_at = time.time()
+        _passive_openmp()  # before the spec (the user's functions) imports torch
         from ray import cloudpickle  # Ray's own copy: the package needs no separate cloudpickle
 
         from ..data import sweep_inputs
@@ -621,6 +622,27 @@ def _pick_device(requested: str | None) -> Any:
         logger.warning("Ray gave this host GPU %s but torch sees no CUDA device; training on the CPU",
                        ray.get_gpu_ids())
     return torch.device("cpu")
+
+
+def _passive_openmp() -> None:
+    """Let the host's torch threads sleep between parallel regions instead of spinning (``OMP_WAIT_POLICY``).
+
+    A host shares its node's cores with Tune's driver and the trials' proxy
+    processes. torch's OpenMP threads by default spin at the end of every
+    parallel region, and a region cannot end until each of its threads has
+    run: when another process holds one of the cores, every small op of a
+    fused step can wait a scheduler time slice. Measured on 2 cores (a fused
+    step of 8 slots of the digits CNN, 16 channels, 2 threads, with one busy
+    process beside it): median 32.7 ms and single steps up to 196 ms with the
+    default policy, 28.0 ms (at most 30.6) with PASSIVE, 27.3 ms with one
+    thread; alone on the node PASSIVE costs 5% (17.3 against 16.5 ms).
+    OpenMP reads the setting when torch is first imported, so it is set here,
+    first in the host's process; a user's own ``OMP_WAIT_POLICY`` is kept.
+    """
+    import sys
+
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _use_cpus(device: Any, threads: int | None, node_id: str) -> int:
