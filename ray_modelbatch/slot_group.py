@@ -621,19 +621,24 @@ class SlotGroup:
         """Whether evaluating a gather gives each slot the bits the whole stack gives it, measured.
 
         Measured once per stack size, on the stack's own validation set and
-        live weights: the whole stack, then a gather of its first and last
-        rows and one of three rows from the middle. Every metric of every
-        gathered row must equal its whole-stack value bit for bit (NaN counts
-        as equal to NaN); otherwise the stack evaluates whole, as before. A
-        stack of fewer than four rows is not measured (it evaluates whole).
+        the live weights of held slots (a free row's weights say nothing: a
+        row of zeros gives zeros whichever kernel runs): the whole stack,
+        then a gather of the first and last held rows and one of three held
+        rows from the middle. Every metric of every gathered row must equal
+        its whole-stack value bit for bit (NaN counts as equal to NaN);
+        otherwise the stack evaluates whole, as before. Until a stack of at
+        least four rows holds three slots, it evaluates whole, unmeasured.
         """
-        cap = self.capacity
+        cap, held = self.capacity, sorted(self.owner)
         if cap < 4 or self.x_val is None:
             return False
         if cap not in self._eval_exact:
+            if len(held) < 3:
+                return False  # measured later, on real weights
+            mid = len(held) // 2
             whole = self._evaluate_rows(None)
             exact = True
-            for rows in ([0, cap - 1], [cap // 2 - 1, cap // 2, cap // 2 + 1]):
+            for rows in ([held[0], held[-1]], held[max(mid - 1, 0): mid + 2]):
                 part = self._evaluate_rows(rows)
                 exact = exact and part.keys() == whole.keys() and all(
                     _same_bits(part[k][j], whole[k][r]) for k in whole for j, r in enumerate(rows))

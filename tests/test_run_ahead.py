@@ -183,6 +183,19 @@ def test_a_stack_whose_gathered_evaluation_rounds_differently_evaluates_whole(mo
     assert g.stats.evaluated == 2 and g.stats.eval_rows == 8
 
 
+def test_the_evaluation_gather_is_measured_on_held_slots_only():
+    """Free rows say nothing about a kernel (a row of zeros gives zeros whichever kernel runs): a stack that holds
+    two slots evaluates whole, unmeasured, and measures once it holds three."""
+    g = _conv_group(8)
+    for s in range(2, 8):
+        g.remove(s)
+    _train(g, [[0, 1]] * K)
+    assert g._eval_exact == {} and g.stats.evaluated == 2 and g.stats.eval_rows == 8  # one whole evaluation
+    g.add("t8", _ConvNet(), seed=99, hparams={"lr": 1e-3})
+    _train(g, [[0, 1, 2]] * K)
+    assert g._eval_exact == {8: True}
+
+
 def test_export_of_an_older_boundary_is_the_state_at_that_boundary_and_leaves_the_slot_alone():
     ref, g = _group(4), _group(4)
     at: dict[int, bytes] = {}
