@@ -14,6 +14,7 @@ Two levels:
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -323,6 +324,8 @@ def test_tune_results_and_checkpoints_are_those_without_run_ahead(trainables, tm
     ahead, stats = _run(trainables, tmp_path, 2, SCHEDULERS[name](), stop, lrs)
     _compare(base, ahead)
     assert stats["run_ahead"] == 2
+    # the host's OpenMP threads sleep between ops (tune/host.py _passive_openmp), unless the user chose
+    assert stats["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     if name == "pbt":  # the recipients really took a donor's state and a new lr
         exploited = [row for rows, _ in ahead.values() for row in rows if row["config"]["lr"] == 0.001]
         assert exploited and all(r["slot_steps"] == h.K * r["training_iteration"] for r in exploited)

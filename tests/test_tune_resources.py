@@ -67,3 +67,22 @@ def test_with_parameters_names_where_objects_go(ray_cpus, tmp_path):
     grid = _fit(tune.with_parameters(T, table=list(range(10))), tmp_path, trials=1)
     (err,) = errors(grid)
     assert "batched_trainable(data=...)" in str(err) and "['table']" in str(err)
+
+
+@pytest.mark.parametrize("given, torch_first, want", [(None, False, "PASSIVE"), ("ACTIVE", False, "ACTIVE"),
+                                                      (None, True, None)])
+def test_the_host_sets_a_passive_openmp_policy_only_before_torch_loads(given, torch_first, want):
+    """OpenMP reads OMP_WAIT_POLICY when torch loads: the host sets PASSIVE first thing, keeps a user's choice,
+    and changes nothing once torch is loaded (it would only mislead)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import os\n" + ("import torch\n" if torch_first else "")
+            + "from ray_modelbatch.tune.host import _passive_openmp\n_passive_openmp()\n"
+            "print(repr(os.environ.get('OMP_WAIT_POLICY')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == repr(want)

@@ -277,6 +277,7 @@ class SlotHost:
                 "node_id": self.node_id,
                 "pid": os.getpid(),
                 "threads": self.threads,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # see _passive_openmp
                 "run_ahead": self.run_ahead,
                 "in_placement_group": self.in_placement_group,
                 "capacity": self.capacity,
