@@ -193,3 +193,92 @@ def test_flatten_with_a_negative_start_dim():
         out = mb(x)
         assert mb.uses_direct_path and not mb._slow_keys
         torch.testing.assert_close(out[1], model(x), rtol=1e-5, atol=1e-6)
+
+
+class ReluPoolCNN(nn.Module):
+    """One input channel (an image model's first layer); conv-ReLU-max-pool twice, the ReLU written as a module
+    and as ``relu2`` (a function or a method)."""
+
+    def __init__(self, relu2: str = "torch") -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+        self.act, self.pool = nn.ReLU(), nn.MaxPool2d(2)
+        self.pool2, self.head = nn.MaxPool2d(2), nn.Linear(6 * 2 * 2, 5)
+        self.relu2 = relu2
+
+    def forward(self, x):
+        h = self.pool(self.act(self.c1(x)))
+        h = self.c2(h)
+        h = {"torch": torch.relu, "F": nn.functional.relu, "method": torch.Tensor.relu}[self.relu2](h) if (
+            self.relu2 != "method") else h.relu()
+        return self.head(self.pool2(h).flatten(1))
+
+
+def test_max_pool_of_relu_is_relu_of_max_pool_in_values_and_gradients():
+    """The direct path pools before the ReLU; that is exact, ties at zero and all-negative windows included."""
+    x = torch.randn(4, 3, 8, 8)
+    x[0, 0, :4, :4] = -torch.rand(4, 4)  # windows without a positive value
+    x[1, 1, :4] = 0.0  # windows of zeros: ties
+    x[2, 2, :, :2] = -0.0
+    grads = []
+    for swapped in (False, True):
+        t = x.clone().requires_grad_()
+        p = nn.functional.relu(nn.functional.max_pool2d(t, 2)) if swapped else nn.functional.max_pool2d(
+            nn.functional.relu(t), 2)
+        p.backward(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+        grads.append((p.detach(), t.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("relu2", ["torch", "F", "method"])
+def test_relu_then_max_pool_runs_pooled_first_and_trains_like_solo_modules(relu2):
+    torch.manual_seed(2)
+    models = [ReluPoolCNN(relu2) for _ in range(3)]
+    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    kinds = [s.kind for s in mb._plan().steps if s.kind in ("pool", "module", "function")]
+    assert kinds == ["pool", "module", "pool", "function"], kinds  # both ReLU-pool pairs swapped
+    eng = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=1e-2), nn.functional.cross_entropy)
+    solo = [copy.deepcopy(m) for m in models]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in solo]
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,))
+    for _ in range(5):
+        eng.train_step(x, y)
+        for m, o in zip(solo, opts):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    state_close(mb, solo)
+
+
+def test_a_relu_read_elsewhere_is_not_moved():
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.pool, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.Linear(2 * 16 + 2, 3)
+
+        def forward(self, x):
+            r = torch.relu(self.c(x))
+            return self.head(torch.cat([self.pool(r).flatten(1), r.mean((2, 3))], 1))
+
+    mb = rmb.ModelBatch([Branch() for _ in range(2)])
+    kinds = [s.kind for s in mb._plan().steps]
+    assert kinds.index("function") < kinds.index("pool")
+
+
+def test_one_channel_stacks_stay_channels_last_forward_and_backward():
+    """A one-channel input counts as contiguous in both memory formats; the stack must still run
+    channels-last (oneDNN's grouped convolution and pooling are 2-20x slower on NCHW), and the
+    gradient coming back through the flatten must arrive channels-last, not NCHW."""
+    mb = rmb.ModelBatch([nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(),
+                                       nn.Linear(4 * 4 * 4, 3)) for _ in range(4)])
+    seen = []
+
+    def watch(module, inputs, output):
+        seen.append(("in", inputs[0].is_contiguous(memory_format=torch.channels_last)))
+        # A Node's pre-hook sees the gradient the pooling's backward gets, after every tensor hook.
+        output.grad_fn.register_prehook(
+            lambda grads: seen.append(("grad", grads[0].is_contiguous(memory_format=torch.channels_last))))
+
+    mb._template.get_submodule("1").register_forward_hook(watch)
+    mb(torch.randn(8, 1, 8, 8)).sum().backward()
+    assert seen == [("in", True), ("grad", True)], seen
