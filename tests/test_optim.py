@@ -66,6 +66,69 @@ def test_adam_family_matches_torch_with_distinct_per_slot_hparams(cls):
     assert max_rel_diff(mb, refs) < 1e-5
 
 
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_large_slots_update_through_torchs_single_pass_kernel_and_match_torch(cls, monkeypatch):
+    """Slots of at least SINGLE_PASS_MIN_ELEMENTS parameters update on CPU through torch's fused Adam
+    kernel, one call per slot with its own values (amsgrad, decay, clipping, a schedule): still torch.optim."""
+    from ray_modelbatch.optim import base
+
+    calls = []
+    real = base.VectorOptimizer._apply_single_pass
+    monkeypatch.setattr(base.VectorOptimizer, "_apply_single_pass",
+                        lambda self, p, *a: (calls.append(p.shape), real(self, p, *a))[1])
+    betas = [(0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.6)]
+    eps, wd, ams = [1e-8, 1e-6, 1e-7, 1e-8], [0.0, 0.1, 0.01, 0.2], [False, True, False, True]
+    clip = [0.5, 1.0, math.inf, 0.1]
+    mb, refs, _ = run_pair(
+        lambda mb: getattr(rmb.optim, cls)(mb, lr=LR, betas=betas, eps=eps, weight_decay=wd, amsgrad=ams,
+                                           max_grad_norm=clip, schedule=schedules.warmup_cosine(STEPS, 5)),
+        lambda p, i: getattr(torch.optim, cls)(p, lr=LR[i], betas=betas[i], eps=eps[i], weight_decay=wd[i],
+                                               amsgrad=ams[i]),
+        make_sched=lambda o, i: torch.optim.lr_scheduler.LambdaLR(o, _cosine_lambda(5, STEPS, 0.0)),
+        clip=clip, d_in=120, hidden=160,
+    )
+    assert calls and all(shape[1] >= base.SINGLE_PASS_MIN_ELEMENTS for shape in calls)
+    assert max_rel_diff(mb, refs) < 1e-5
+
+
+def test_single_pass_kernel_skips_and_steps_subsets_like_the_tiled_update(monkeypatch):
+    """A NaN slot is skipped (its weights, state and step count untouched; its gradient zeroed), and a step
+    of some slots leaves the others alone, exactly as the tiled update does it."""
+    from ray_modelbatch.optim import base
+
+    def run(min_elements):
+        monkeypatch.setattr(base, "SINGLE_PASS_MIN_ELEMENTS", min_elements)
+        torch.manual_seed(0)
+        mb = rmb.ModelBatch(make_models(S, d_in=120, hidden=160))
+        opt = rmb.optim.AdamW(mb, lr=LR, amsgrad=[True, False, False, True], max_grad_norm=[0.05, 0.02, 1e3, 0.1])
+        g = torch.Generator().manual_seed(1)
+        for step in range(5):
+            mb.zero_grad()
+            loss, _ = mb.forward_loss(torch.randn(16, 120, generator=g), torch.randn(16, 3, generator=g),
+                                      nn.functional.mse_loss)
+            loss.sum().backward()
+            if step == 2:
+                mb.params["0.weight"].grad[1, 0, 0] = float("nan")
+            opt.step(slots=[0, 1, 3] if step == 3 else "active")
+            if step == 2:  # the skipped slot's gradient is zeroed, the others' are clipped in place
+                grads = {k: v.grad.clone() for k, v in mb.params.items()}
+        return {k: v.detach().clone() for k, v in mb.params.items()}, opt.state_dict(), opt.steps.tolist(), grads
+
+    threshold = base.SINGLE_PASS_MIN_ELEMENTS
+    calls = []
+    real = base.VectorOptimizer._apply_single_pass
+    monkeypatch.setattr(base.VectorOptimizer, "_apply_single_pass",
+                        lambda self, p, *a: (calls.append(p.shape), real(self, p, *a))[1])
+    tiled = run(1 << 40)
+    assert not calls
+    single = run(threshold)
+    assert calls
+    assert tiled[2] == single[2] == [5.0, 4.0, 4.0, 5.0]  # slot 1 skipped once (NaN), slot 2 left out once
+    for k in tiled[0]:
+        torch.testing.assert_close(single[0][k], tiled[0][k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(single[3][k], tiled[3][k], rtol=1e-3, atol=1e-7)
+
+
 @pytest.mark.parametrize("cls", ["SGD", "Adam"])
 def test_onednn_gemms_match_torch(cls):
     """``cpu_gemm="onednn"`` runs layers of at least DIRECT_WRITE_MIN weights through oneDNN, one

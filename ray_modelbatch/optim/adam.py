@@ -79,6 +79,22 @@ class Adam(BetasMixin, VectorOptimizer):
                 c["wd"] = hp["weight_decay"]
         return c
 
+    def _single_pass(self, hp, steps, ok, lr):
+        kernel = getattr(torch, "_fused_adamw_" if self.decoupled else "_fused_adam_", None)
+        if kernel is None:
+            return None
+        rows = zip(ok.tolist(), lr.tolist(), hp["beta1"].tolist(), hp["beta2"].tolist(), hp["eps"].tolist(),
+                   hp["weight_decay"].tolist(), hp["amsgrad"].tolist(), (steps + 1.0).tolist())
+        return [dict(kernel=kernel, lr=lr_, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, amsgrad=ams > 0, step=t)
+                if good else None for good, lr_, b1, b2, eps, wd, ams, t in rows]
+
+    def _single_pass_update(self, p, g, state, slot, kwargs):
+        kw = dict(kwargs)
+        kernel, step, ams = kw.pop("kernel"), kw.pop("step"), kw["amsgrad"]
+        kernel([p[slot]], [g[slot]], [state["exp_avg"][slot]], [state["exp_avg_sq"][slot]],
+               [state["max_exp_avg_sq"][slot]] if ams else [], [torch.tensor(step, dtype=torch.float32)],
+               maximize=False, **kw)
+
     def _update(self, p, g, state, c):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         g = apply_weight_decay(p, g, c)
