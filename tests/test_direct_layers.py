@@ -464,3 +464,22 @@ def test_check_model_reports_the_kind_of_each_layer():
     assert kinds["emb"] == "embedding" and kinds["head"] == "linear"
     assert kinds["encoder.layers.0.self_attn.out_proj"] == "encoder" and kinds["encoder.layers.1.linear2"] == "encoder"
     assert "encoder" in str(report)
+
+
+class CausalEncoder(nn.Module):
+    """A causal TransformerEncoderLayer (a ``src_mask`` input with ``is_causal=True``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x, causal):
+        return self.head(self.layer(self.emb(x), src_mask=causal, is_causal=True).mean(1))
+
+
+@pytest.mark.parametrize("tokens", [6, 40])
+def test_causal_attention_on_short_and_long_sequences(tokens):
+    x, y = torch.randint(0, 20, (5, tokens)), torch.randint(0, 4, (5,))
+    trains_like_solo(CausalEncoder, x, y, args=(nn.Transformer.generate_square_subsequent_mask(tokens),))
