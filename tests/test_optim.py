@@ -66,16 +66,24 @@ def test_adam_family_matches_torch_with_distinct_per_slot_hparams(cls):
     assert max_rel_diff(mb, refs) < 1e-5
 
 
-@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
-def test_large_slots_update_through_torchs_single_pass_kernel_and_match_torch(cls, monkeypatch):
-    """Slots of at least SINGLE_PASS_MIN_ELEMENTS parameters update on CPU through torch's fused Adam
-    kernel, one call per slot with its own values (amsgrad, decay, clipping, a schedule): still torch.optim."""
+def single_pass_calls(monkeypatch) -> list:
+    """The ``[n, P]`` buffers each optimizer step hands to torch's single-pass kernel, recorded from now on."""
     from ray_modelbatch.optim import base
 
     calls = []
     real = base.VectorOptimizer._apply_single_pass
     monkeypatch.setattr(base.VectorOptimizer, "_apply_single_pass",
                         lambda self, p, *a: (calls.append(p.shape), real(self, p, *a))[1])
+    return calls
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_large_slots_update_through_torchs_single_pass_kernel_and_match_torch(cls, monkeypatch):
+    """Slots of at least SINGLE_PASS_MIN_ELEMENTS parameters update on CPU through torch's fused Adam
+    kernel, one call per slot with its own values (amsgrad, decay, clipping, a schedule): still torch.optim."""
+    from ray_modelbatch.optim import base
+
+    calls = single_pass_calls(monkeypatch)
     betas = [(0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.6)]
     eps, wd, ams = [1e-8, 1e-6, 1e-7, 1e-8], [0.0, 0.1, 0.01, 0.2], [False, True, False, True]
     clip = [0.5, 1.0, math.inf, 0.1]
@@ -115,10 +123,7 @@ def test_single_pass_kernel_skips_and_steps_subsets_like_the_tiled_update(monkey
         return {k: v.detach().clone() for k, v in mb.params.items()}, opt.state_dict(), opt.steps.tolist(), grads
 
     threshold = base.SINGLE_PASS_MIN_ELEMENTS
-    calls = []
-    real = base.VectorOptimizer._apply_single_pass
-    monkeypatch.setattr(base.VectorOptimizer, "_apply_single_pass",
-                        lambda self, p, *a: (calls.append(p.shape), real(self, p, *a))[1])
+    calls = single_pass_calls(monkeypatch)
     tiled = run(1 << 40)
     assert not calls
     single = run(threshold)
