@@ -77,25 +77,43 @@ def single_pass_calls(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+SINGLE_PASS_CASES = {
+    "Adam": dict(betas=[(0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.6)], eps=[1e-8, 1e-6, 1e-7, 1e-8],
+                 weight_decay=[0.0, 0.1, 0.01, 0.2], amsgrad=[False, True, False, True]),
+    "AdamW": dict(betas=[(0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.6)], weight_decay=[0.0, 0.1, 0.01, 0.2],
+                  amsgrad=[True, False, False, True]),
+    "SGD": dict(momentum=[0.9, 0.5, 0.99, 0.9], dampening=[0.0, 0.1, 0.0, 0.0], nesterov=[True, False, False, True],
+                weight_decay=[0.0, 1e-2, 0.0, 1e-3]),
+}
+
+
+@pytest.mark.parametrize("cls", list(SINGLE_PASS_CASES))
 def test_large_slots_update_through_torchs_single_pass_kernel_and_match_torch(cls, monkeypatch):
-    """Slots of at least SINGLE_PASS_MIN_ELEMENTS parameters update on CPU through torch's fused Adam
-    kernel, one call per slot with its own values (amsgrad, decay, clipping, a schedule): still torch.optim."""
+    """Slots of at least SINGLE_PASS_MIN_ELEMENTS parameters update on CPU through torch's fused kernel, one
+    call per slot with its own values (amsgrad, decay, momentum, clipping, a schedule): still torch.optim."""
     from ray_modelbatch.optim import base
 
     calls = single_pass_calls(monkeypatch)
-    betas = [(0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.6)]
-    eps, wd, ams = [1e-8, 1e-6, 1e-7, 1e-8], [0.0, 0.1, 0.01, 0.2], [False, True, False, True]
-    clip = [0.5, 1.0, math.inf, 0.1]
+    kw, clip = SINGLE_PASS_CASES[cls], [0.5, 1.0, math.inf, 0.1]
     mb, refs, _ = run_pair(
-        lambda mb: getattr(rmb.optim, cls)(mb, lr=LR, betas=betas, eps=eps, weight_decay=wd, amsgrad=ams,
-                                           max_grad_norm=clip, schedule=schedules.warmup_cosine(STEPS, 5)),
-        lambda p, i: getattr(torch.optim, cls)(p, lr=LR[i], betas=betas[i], eps=eps[i], weight_decay=wd[i],
-                                               amsgrad=ams[i]),
+        lambda mb: getattr(rmb.optim, cls)(mb, lr=LR, max_grad_norm=clip, schedule=schedules.warmup_cosine(STEPS, 5),
+                                           **kw),
+        lambda p, i: getattr(torch.optim, cls)(p, lr=LR[i], **{k: v[i] for k, v in kw.items()}),
         make_sched=lambda o, i: torch.optim.lr_scheduler.LambdaLR(o, _cosine_lambda(5, STEPS, 0.0)),
         clip=clip, d_in=120, hidden=160,
     )
     assert calls and all(shape[1] >= base.SINGLE_PASS_MIN_ELEMENTS for shape in calls)
+    assert max_rel_diff(mb, refs) < 1e-5
+
+
+def test_sgd_with_and_without_momentum_in_one_stack_keeps_the_tiled_update(monkeypatch):
+    """torch's SGD kernel keeps no buffer for a zero momentum, ours does once any slot has momentum: such a
+    stack keeps the tiled update (and still matches torch.optim.SGD)."""
+    calls = single_pass_calls(monkeypatch)
+    mom = [0.9, 0.0, 0.5, 0.0]
+    mb, refs, _ = run_pair(lambda mb: rmb.optim.SGD(mb, lr=LR, momentum=mom),
+                           lambda p, i: torch.optim.SGD(p, lr=LR[i], momentum=mom[i]), d_in=120, hidden=160)
+    assert not calls
     assert max_rel_diff(mb, refs) < 1e-5
 
 

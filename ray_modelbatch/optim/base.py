@@ -5,8 +5,8 @@ Every hyperparameter is a ``[S]`` tensor, so slots can differ in anything
 update is still a fixed handful of elementwise kernels over each flat
 ``[S, P]`` buffer with per-slot coefficients broadcast as ``[S, 1]`` columns.
 The kernel count of a step does not depend on S. One exception, on CPU: where
-each slot has at least ``SINGLE_PASS_MIN_ELEMENTS`` parameters, Adam and AdamW
-call torch's own single-pass kernel once per slot (:meth:`VectorOptimizer._apply_single_pass`),
+each slot has at least ``SINGLE_PASS_MIN_ELEMENTS`` parameters, Adam, AdamW and
+SGD call torch's own single-pass kernel once per slot (:meth:`VectorOptimizer._apply_single_pass`),
 since there one pass per slot beats ten cached passes over the stack.
 
 Slots that must not move in a step (inactive, non-finite gradients, an fp16

@@ -68,6 +68,24 @@ class SGD(VectorOptimizer):
                 c["nesterov"] = hp["nesterov"] * mom
         return c
 
+    def _single_pass(self, hp, steps, ok, lr):
+        # torch's kernel keeps no buffer for a zero momentum; ours does once any slot has momentum, so the
+        # single pass is for stacks whose slots all have momentum, or none has.
+        kernel = getattr(torch, "_fused_sgd_", None)
+        mom = hp["momentum"].tolist()
+        if kernel is None or len({m > 0 for m in mom}) > 1:
+            return None
+        rows = zip(ok.tolist(), lr.tolist(), mom, hp["dampening"].tolist(), hp["weight_decay"].tolist(),
+                   hp["nesterov"].tolist(), steps.tolist())
+        return [dict(kernel=kernel, lr=lr_, momentum=m, dampening=d, weight_decay=wd, nesterov=nest > 0,
+                     is_first_step=t == 0) if good else None for good, lr_, m, d, wd, nest, t in rows]
+
+    def _single_pass_update(self, p, g, state, slot, kwargs):
+        kw = dict(kwargs)
+        kernel = kw.pop("kernel")
+        kernel([p[slot]], [g[slot]], [state["momentum_buffer"][slot]] if kw["momentum"] > 0 else [],
+               maximize=False, **kw)
+
     def _update(self, p, g, state, c):
         g = apply_weight_decay(p, g, c)
         if "keep" in c:
