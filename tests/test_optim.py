@@ -446,3 +446,25 @@ def test_betas_as_two_per_slot_tensors():
         pytest.approx((float(a), float(b))) for a, b in zip(b1, b2)]
     with pytest.raises(rmb.errors.HyperparameterError, match="two tensors of 4 values"):
         rmb.optim.Adam(mb, betas=(torch.ones(3) * 0.9, torch.ones(3) * 0.99))
+
+
+@pytest.mark.parametrize("d_in", [5, 120])  # the tiled update, torch's single-pass kernel
+@pytest.mark.parametrize("cls,kw", [("Adam", dict(weight_decay=0.01)), ("SGD", dict(momentum=0.9))])
+def test_float64_stacks_train_like_torch(cls, kw, d_in):
+    """A float64 stack (its gradient norms were asked for in fp32 and failed) matches torch.optim in fp64."""
+    torch.manual_seed(0)
+    models = [m.double() for m in make_models(S, d_in=d_in, hidden=160)]
+    refs = clones(models)
+    mb = rmb.ModelBatch(models)
+    clip = [0.5, 1e9, 0.1, 1.0]
+    eng = rmb.FusedEngine(mb, getattr(rmb.optim, cls)(mb, lr=LR, max_grad_norm=clip, **kw), nn.functional.mse_loss)
+    ropts = [getattr(torch.optim, cls)(r.parameters(), lr=LR[i], **kw) for i, r in enumerate(refs)]
+    for _ in range(10):
+        x, y = torch.randn(16, d_in, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+        eng.train_step(x, y)
+        for r, o, c in zip(refs, ropts, clip):
+            o.zero_grad()
+            nn.functional.mse_loss(r(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(r.parameters(), c)
+            o.step()
+    assert max_rel_diff(mb, refs) < 1e-12

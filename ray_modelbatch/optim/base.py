@@ -576,7 +576,10 @@ class VectorOptimizer:
         # One fp32 norm pass per group gives both the clipping norm and the
         # finiteness test: a row's norm is NaN/inf iff it holds a NaN/inf (or
         # overflows fp32, which no trainable model survives either).
-        norms = [torch.linalg.vector_norm(g, dim=1, dtype=torch.float32) for g in gs]
+        # (at least fp32: fp16/bf16 gradients are summed in fp32, fp64 ones in fp64)
+        norms = [torch.linalg.vector_norm(g, dim=1, dtype=torch.promote_types(g.dtype, torch.float32)) for g in gs]
+        if len({n.dtype for n in norms}) > 1:
+            norms = [n.double() for n in norms]
         norm = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum(0).sqrt()
         finite = torch.isfinite(norm)
         ok = finite if self.skip_nonfinite else torch.ones_like(finite)
