@@ -111,10 +111,15 @@ def test_sgd_with_and_without_momentum_in_one_stack_keeps_the_tiled_update(monke
     stack keeps the tiled update (and still matches torch.optim.SGD)."""
     calls = single_pass_calls(monkeypatch)
     mom = [0.9, 0.0, 0.5, 0.0]
-    mb, refs, _ = run_pair(lambda mb: rmb.optim.SGD(mb, lr=LR, momentum=mom),
+    mb, refs, opt = run_pair(lambda mb: rmb.optim.SGD(mb, lr=LR, momentum=mom),
                            lambda p, i: torch.optim.SGD(p, lr=LR[i], momentum=mom[i]), d_in=120, hidden=160)
     assert not calls
     assert max_rel_diff(mb, refs) < 1e-5
+    mb.zero_grad()  # a step of only the zero-momentum slots still keeps the tiled update (their buffers)
+    losses, _ = mb.forward_loss(torch.randn(16, 120), torch.randn(16, 3), nn.functional.mse_loss)
+    losses.sum().backward()
+    opt.step(slots=[1, 3])
+    assert not calls
 
 
 def test_single_pass_kernel_skips_and_steps_subsets_like_the_tiled_update(monkeypatch):

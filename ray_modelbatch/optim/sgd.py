@@ -70,11 +70,12 @@ class SGD(VectorOptimizer):
 
     def _single_pass(self, hp, steps, ok, lr):
         # torch's kernel keeps no buffer for a zero momentum; ours does once any slot has momentum, so the
-        # single pass is for stacks whose slots all have momentum, or none has.
+        # single pass is for stacks whose slots all have momentum, or none has (all slots, not only the
+        # rows stepping now: their buffers must stay what the tiled update would leave).
         kernel = getattr(torch, "_fused_sgd_", None)
-        mom = hp["momentum"].tolist()
-        if kernel is None or len({m > 0 for m in mom}) > 1:
+        if kernel is None or len(set((self._hp["momentum"] > 0).tolist())) > 1:
             return None
+        mom = hp["momentum"].tolist()
         rows = zip(ok.tolist(), lr.tolist(), mom, hp["dampening"].tolist(), hp["weight_decay"].tolist(),
                    hp["nesterov"].tolist(), steps.tolist())
         return [dict(kernel=kernel, lr=lr_, momentum=m, dampening=d, weight_decay=wd, nesterov=nest > 0,
