@@ -103,6 +103,7 @@ NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
 # Per-channel ops: they act on a [B, S*C, ...] tensor exactly as on each slot's [B, C, ...].
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)  # see _pool_before_relu
 EMBEDDING_MODULES = (nn.Embedding, PaddedEmbedding)  # the stack's template has PaddedEmbedding for padding_idx
 RNN_MODULES = (UnrolledRNN, nn.LSTM, nn.GRU, nn.RNN)  # the stack's template has UnrolledRNN for the others
 
@@ -285,9 +286,6 @@ def plan(template: nn.Module, none: frozenset[str] = frozenset()) -> FastPlan | 
     if not inputs or output is None or not any(s.kind in _PARAM_KINDS for s in steps):
         return None
     return FastPlan(tuple(_pool_before_relu(steps, output, modules)), tuple(inputs), output, _aliases(template))
-
-
-MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 
 
 def _is_relu(step: _Step, modules: dict[str, nn.Module]) -> bool:
