@@ -282,3 +282,35 @@ def test_one_channel_stacks_stay_channels_last_forward_and_backward():
     mb._template.get_submodule("1").register_forward_hook(watch)
     mb(torch.randn(8, 1, 8, 8)).sum().backward()
     assert seen == [("in", True), ("grad", True)], seen
+
+
+def test_a_global_average_pool_hands_back_a_channels_last_gradient():
+    """A pool to one value per channel runs as a mean, whose backward broadcasts an NCHW gradient; the
+    ReLU before it would then run its backward on mixed memory formats (7x slower). The gradient must
+    reach the ReLU channels-last, and the slots must still train like the modules alone."""
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    torch.manual_seed(0)
+    solo = [make() for _ in range(3)]
+    mb = rmb.ModelBatch(solo)
+    seen = []
+
+    def watch(module, inputs, output):
+        output.grad_fn.register_prehook(
+            lambda grads: seen.append(grads[0].is_contiguous(memory_format=torch.channels_last)))
+
+    mb._template.get_submodule("2").register_forward_hook(watch)
+    opt = rmb.optim.SGD(mb, lr=0.1, momentum=0.9)
+    engine = rmb.FusedEngine(mb, opt, nn.functional.cross_entropy)
+    refs = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in solo]
+    for step in range(3):
+        x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+        engine.train_step(x, y)
+        for m, o in zip(solo, refs):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    assert seen == [True] * 3, seen
+    state_close(mb, solo)
