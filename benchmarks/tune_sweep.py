@@ -72,6 +72,7 @@ from ray_modelbatch.data import SlotSampler  # noqa: E402
 
 TARGET_SPEEDUP = 5.0  # vs one process per trial
 TARGET_VS_REUSE = {"mlp": 4.0, "cnn": 1.5}  # vs standard Tune with reuse_actors=True (issue 10)
+TARGET_GPU = 10.0  # on a GPU, vs standard Tune with a fraction of the GPU per trial (issue 10)
 
 
 class FirstResult(tune.Callback):
@@ -105,19 +106,21 @@ class StandardTrainable(tune.Trainable):
     """One trial, one process, one plain model: what a Ray Tune user writes without ray_modelbatch."""
 
     cpus = 0.5  # set from --baseline-cpus
+    gpus = 0.0  # set from --baseline-gpus: a fraction of a GPU per trial, as Tune users share one
+    device = "cpu"  # set from --device
 
     @classmethod
     def default_resource_request(cls, config: dict) -> PlacementGroupFactory:
-        return PlacementGroupFactory([{"CPU": cls.cpus}])
+        return PlacementGroupFactory([{"CPU": cls.cpus, **({"GPU": cls.gpus} if cls.gpus else {})}])
 
     def setup(self, config: dict) -> None:
         torch.set_num_threads(1)  # as the slot host (1 CPU): tiny ops, more threads only cost
-        self.x, self.y, self.xv, self.yv = sweep.load_digits_split()
+        self.x, self.y, self.xv, self.yv = (t.to(self.device) for t in sweep.load_digits_split())
         self._build(config)
 
     def _build(self, config: dict) -> None:
         torch.manual_seed(int(config["seed"]))  # as SlotHost._attach: seed, then build the model
-        self.model = sweep.make_model(config)
+        self.model = sweep.make_model(config).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config["lr"], weight_decay=config["wd"])
         total, warmup = float(config["total_steps"]), float(config["warmup_steps"])
         self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -263,13 +266,15 @@ class MemorySampler:
 # --------------------------------------------------------------------- one run
 def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage: str) -> dict:
     earlier = set(ray_processes())
-    ray.init(num_cpus=args.num_cpus or os.cpu_count() or 2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=args.num_cpus or os.cpu_count() or 2, num_gpus=args.gpus, include_dashboard=False,
+             logging_level="WARNING")
     try:
         if kind == "ray_modelbatch":
-            trainable = sweep.make_trainable(args.slots, host_threads=args.host_threads)
+            trainable = sweep.make_trainable(args.slots, host_threads=args.host_threads, device=args.device)
             reuse = True
         else:
-            StandardTrainable.cpus = args.baseline_cpus
+            StandardTrainable.cpus, StandardTrainable.gpus = args.baseline_cpus, args.baseline_gpus
+            StandardTrainable.device = args.device
             trainable = StandardTrainable
             reuse = kind == "standard+reuse"
         first = FirstResult()
@@ -384,6 +389,18 @@ def grace_agreement(a: dict, b: dict, grace: int) -> tuple[float, int, int]:
     return worst, same_acc, n
 
 
+def standard_at_once(args: argparse.Namespace) -> int:
+    """How many standard trials Ray can run at once on the declared CPUs and GPUs."""
+    cpus = args.num_cpus or os.cpu_count() or 2
+    n = int(cpus / args.baseline_cpus + 1e-9)
+    return min(n, int(args.gpus / args.baseline_gpus + 1e-9)) if args.baseline_gpus else n
+
+
+def gpu_model() -> str:
+    n = torch.cuda.device_count()
+    return f"{n}x {torch.cuda.get_device_name(0)}" if n else "no CUDA device"
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -408,8 +425,18 @@ def main() -> None:
                    help="the digits MLP, or a small CNN with BatchNorm on the 8x8 digit images")
     p.add_argument("--steps-per-report", type=int, default=sweep.STEPS_PER_REPORT,
                    help="steps per Tune iteration (default: one epoch of the training rows)")
-    p.add_argument("--baseline-cpus", type=float, default=0.5,
-                   help="CPUs of each standard trial (0.5 on 2 CPUs: 4 trials at once)")
+    p.add_argument("--baseline-cpus", type=float, default=None,
+                   help="CPUs of each standard trial (default 0.5 on CPU: 4 trials at once on 2 CPUs; with "
+                        "--device cuda, the node's CPUs but one shared by --slots trials)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where both runs train: the slot host's device and each standard trial's")
+    p.add_argument("--gpus", type=float, default=None,
+                   help="GPUs each local Ray declares (default: torch.cuda.device_count() with --device cuda, "
+                        "else 0). With --device cpu and --gpus 1 the GPU resources are declared but unused: "
+                        "a dry run of the GPU setup on a machine without one")
+    p.add_argument("--baseline-gpus", type=float, default=None,
+                   help="GPU fraction of each standard trial (default: --gpus / --slots, so as many standard "
+                        "trials share the GPUs at once as ray_modelbatch has slots)")
     p.add_argument("--runs", default="ray_modelbatch,standard,standard+reuse",
                    help="comma-separated runs, in order (ray_modelbatch and standard are needed for the target)")
     p.add_argument("--seed", type=int, default=0, help="seed of the config draw")
@@ -422,6 +449,16 @@ def main() -> None:
     args.trials = args.trials or (16 if args.quick else 64)
     args.slots = args.slots or (8 if args.quick else 16)
     args.max_t = args.max_t or (6 if args.quick else 20)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here; run without it, or with --device cpu "
+                         "--gpus 1 for a dry run of the GPU setup")
+    if args.gpus is None:
+        args.gpus = float(torch.cuda.device_count()) if args.device == "cuda" else 0.0
+    if args.baseline_gpus is None:
+        args.baseline_gpus = args.gpus / args.slots if args.gpus else 0.0
+    if args.baseline_cpus is None:
+        cpus = args.num_cpus or os.cpu_count() or 2
+        args.baseline_cpus = 0.5 if not args.gpus else max(0.05, round((cpus - 1) / args.slots, 2))
 
     sweep.STEPS_PER_REPORT = args.steps_per_report  # read by make_trainable and search_space at call time
     t_start = time.monotonic()
@@ -451,7 +488,10 @@ def main() -> None:
         f"- command: `{cmd}`",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores (shared with other jobs: timings are noisy; "
         f"load average {os.getloadavg()[0]:.1f} at the end); Ray local cluster with "
-        f"{args.num_cpus or os.cpu_count()} CPUs, fresh per run",
+        f"{args.num_cpus or os.cpu_count()} CPUs" + (f" and {args.gpus:g} GPUs" if args.gpus else "") + ", fresh per run",
+        f"- device: {gpu_model() if args.device == 'cuda' else 'cpu'}"
+        + (" (GPUs declared to Ray but unused: a dry run of the GPU setup)" if args.gpus and args.device == "cpu"
+           else ""),
         f"- torch {torch.__version__}, ray {ray.__version__}, Python {platform.python_version()}",
         f"- sweep: {args.trials} trials (configs drawn up front, seed {args.seed}; same order and per-trial `seed` "
         f"in every run), " + (f"digits MLP 64-{{{','.join(map(str, sweep.HIDDEN))}}}-10" if args.arch == "mlp" else
@@ -459,9 +499,12 @@ def main() -> None:
         + ", AdamW + warmup-cosine, "
         f"batch {sweep.BATCH_SIZE}, {sweep.STEPS_PER_REPORT} steps per iteration, ASHA max_t {args.max_t}, "
         f"grace {args.grace}, reduction {args.reduction}, at most {args.slots} live trials",
-        f"- ray_modelbatch: 1 slot host (reserves 1 CPU, computes with every CPU of the node; {args.slots} slots, run-ahead 2), proxy trials 0.01 CPU each, reuse_actors=True",
-        f"- standard: class Trainable, {{'cpu': {args.baseline_cpus}}} per trial "
-        f"(up to {int((args.num_cpus or os.cpu_count() or 2) / args.baseline_cpus)} trials at once), "
+        (f"- ray_modelbatch: 1 slot host per GPU ({args.device}; {args.slots} slots, run-ahead 2)" if args.gpus else
+         f"- ray_modelbatch: 1 slot host (reserves 1 CPU, computes with every CPU of the node; {args.slots} slots, "
+         "run-ahead 2)") + ", proxy trials 0.01 CPU each, reuse_actors=True",
+        f"- standard: class Trainable on {args.device}, {{'cpu': {args.baseline_cpus:g}"
+        + (f", 'gpu': {args.baseline_gpus:g}" if args.baseline_gpus else "") + "} per trial "
+        f"(up to {standard_at_once(args)} trials at once), "
         "torch.optim.AdamW + LambdaLR, 1 torch thread; `standard` = reuse_actors=False (one process per trial), "
         "`standard+reuse` = reuse_actors=True",
         "- wall = `Tuner.fit()`; trial processes = distinct `pid`s in the trials' results; USS from "
@@ -535,7 +578,7 @@ def main() -> None:
             f"- overall: {'MET' if fast and same_metric and not mb['errors'] else 'NOT MET'}",
         ]
     reuse = runs.get("standard+reuse")
-    if mb is not None and reuse is not None:
+    if mb is not None and reuse is not None and not args.gpus:  # the CPU targets; GPU ones below
         ratio = reuse["wall_s"] / mb["wall_s"]
         target = TARGET_VS_REUSE[args.arch]
         lines += [
@@ -543,6 +586,13 @@ def main() -> None:
             f"{'met' if ratio >= target else 'not met'}; best val_loss {mb['best_val_loss']:.4f} vs "
             f"{reuse['best_val_loss']:.4f}",
         ]
+    if mb is not None and args.gpus:
+        for kind in ("standard", "standard+reuse"):
+            if kind in runs:
+                ratio = runs[kind]["wall_s"] / mb["wall_s"]
+                lines.append(f"Target (issue 10, GPU): >= {TARGET_GPU:g}x lower wall time than `{kind}` with "
+                             f"{args.baseline_gpus:g} GPU per trial: {ratio:.2f}x -> "
+                             f"{'met' if ratio >= TARGET_GPU else 'not met'}")
     for h_, m_ in zip((mb or {}).get("hosts", []), (mb or {}).get("host_milestones", [])):
         lines.append(f"- host: busy {h_['busy_fraction']:.0%}, {h_['stepped_fraction']:.0%} of held slots stepped "
                      f"per fused step, step paths {h_['step_paths']}, {h_['threads']} threads, "
