@@ -7,7 +7,7 @@
 #    torch.optim, at S = 8, 32 and 128 slots. Needs torch only (transformers for the BERT row).
 # 2. benchmarks/tune_sweep.py --device cuda: the ASHA sweep trained by ray_modelbatch (one slot host on the
 #    GPU) and by standard Tune trials that each hold a fraction of the GPU, one process per trial and with
-#    reuse_actors. Needs ray[tune]: where Ray is missing, wheels from benchmarks/gpu_wheels.sh in ./.whl are
+#    reuse_actors. Needs ray[tune]: where Ray is missing, wheels from benchmarks/gpu_wheels.sh under ./.whl are
 #    installed into a temporary folder first; without them the sweep is skipped, with a note.
 #
 # Knobs (environment): FUSED_SLOTS (8,32,128), FUSED_MODELS (all), FUSED_MIN_TIME (0.2 s per timing),
@@ -31,13 +31,14 @@ models=${FUSED_MODELS:+--models $FUSED_MODELS}
 $py benchmarks/fused_step.py --device cuda --slots "${FUSED_SLOTS:-8,32,128}" $models \
     --min-time "${FUSED_MIN_TIME:-0.2}" --max-wait 5 --out "$out/fused_step_gpu.md" 2>&1 | tee "$out/fused_step_gpu.log"
 
-if ! $py -c "import ray.tune" 2>/dev/null && ls .whl/*.whl .whl/parts/* >/dev/null 2>&1; then
+if ! $py -c "import ray.tune" 2>/dev/null && [ -n "$(find .whl -type f -name '*.whl*' 2>/dev/null)" ]; then
     site=$(mktemp -d)
-    for first in .whl/parts/*.part-aa; do
-        cat "${first%-aa}"-* > "$site/$(basename "${first%.part-aa}")"
+    for first in $(find .whl -type f -name '*.part-aa'); do  # a wheel split by gpu_wheels.sh, its pieces in any folder
+        name=$(basename "${first%.part-aa}")
+        find .whl -type f -name "$name.part-*" -printf '%f %p\n' | sort | cut -d' ' -f2 | xargs cat > "$site/$name"
     done
     $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site/lib" \
-        .whl/*.whl "$site"/*.whl && export PYTHONPATH="$PYTHONPATH:$site/lib" PATH="$site/lib/bin:$PATH"
+        $(find .whl -type f -name '*.whl') "$site"/*.whl && export PYTHONPATH="$PYTHONPATH:$site/lib" PATH="$site/lib/bin:$PATH"
 fi
 if $py -c "import ray.tune" 2>/dev/null; then
     $py benchmarks/tune_sweep.py --device cuda --trials "${SWEEP_TRIALS:-128}" --slots "${SWEEP_SLOTS:-32}" \
