@@ -65,8 +65,10 @@ weight gradients, input gradients of every layer but the first); elementwise
 work, the loss and the optimizer are not counted. Each configuration also
 trains the fused path and the loop for 3 steps from the same weights on the
 same batches and reports the largest relative parameter difference (next to
-the fp32 loop's own difference from an fp64 copy, the noise floor), so a fast
-but wrong fused step cannot go unnoticed. Shared CPUs have phases several
+the fp32 loop's own difference from an fp64 copy, the noise floor), and
+compares the gradients before any step with an fp64 copy of each model (next
+to the fp32 model's own), marking CHECK where the fused ones are much further
+off, so a fast but wrong fused step cannot go unnoticed. Shared CPUs have phases several
 times slower than normal; a small matmul probe around every timing block
 discards blocks measured in such a phase (column 'speed').
 
@@ -579,6 +581,7 @@ def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: 
     ref_opts = [make_ref(m.parameters(), lrs[i]) for i, m in enumerate(refs)]
     ref_init = [{n: p.detach().clone() for n, p in r.named_parameters()} for r in refs]
 
+    grad_err, loop_grad_err = gradient_check(spec, models, eq_batches[0], n_eq, device, cpu_gemm)
     mb = ModelBatch(models, device=device, cpu_gemm=cpu_gemm)
     opt = make_fused(mb, lrs, compile_update)
     engine = FusedEngine(mb, opt, spec.loss_fn)
@@ -638,10 +641,52 @@ def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: 
         "max_rel": max_rel,
         "noise": noise,
         "no_grad": sorted(no_grad),
+        "grad_err": grad_err,
+        "loop_grad_err": loop_grad_err,
         "speed": speed,
         "path": path,
         "vmap_msps": s / t["vmap"] if "vmap" in t else None,
     }
+
+
+GRAD_CHECK_RATIO = 10.0  # a fused gradient this many times further from fp64 than the model's own is flagged
+
+
+def gradient_check(spec: Spec, models: list[nn.Module], batch: tuple, n: int, device: torch.device,
+                   cpu_gemm: str) -> tuple[float, float]:
+    """How far the fused gradients at the initial weights are from an fp64 copy of each model, and how far
+    the fp32 model's own are: max over the first ``n`` slots and every parameter of
+    ``max|g - g_fp64| / max|g_fp64|`` (parameters whose fp64 gradient is below 1e-12 left out).
+
+    Unlike the parameters after a few steps, this has no optimizer in it: Adam turns rounding noise in a
+    tiny gradient into lr-sized steps, so a parameter difference can be large for fused steps that are as
+    exact as the model alone, or hide a gradient that is not. A fused step's gradients should be about as
+    close to fp64 as the model's own; a fused BatchNorm that summed in lower precision read 5e-2 against
+    2e-6 here. Runs on copies (a stack of its own), so BatchNorm statistics of the timed runs are untouched.
+    """
+    x, y = batch
+    check = ModelBatch([copy.deepcopy(m) for m in models], device=device, cpu_gemm=cpu_gemm)
+    check.train()
+    losses, _ = check.forward_loss(x, y, spec.loss_fn)
+    names = list(check.params)
+    fused = dict(zip(names, torch.autograd.grad(losses.sum(), [check.params[k] for k in names],
+                                                allow_unused=True)))
+    worst = own = 0.0
+    for i in range(n):
+        exact, alone = copy.deepcopy(models[i]).double(), copy.deepcopy(models[i])
+        spec.loss_fn(exact(as_double(x)), as_double(y)).backward()
+        spec.loss_fn(alone(x), y).backward()
+        mine = dict(alone.named_parameters())
+        for name, p in exact.named_parameters():
+            if p.grad is None or fused.get(name) is None:
+                continue
+            scale = float(p.grad.abs().max())
+            if scale < 1e-12:
+                continue
+            worst = max(worst, float((fused[name][i].double() - p.grad).abs().max()) / scale)
+            own = max(own, float((mine[name].grad.double() - p.grad).abs().max()) / scale)
+    del check
+    return worst, own
 
 
 # A parameter whose fp64 copy moved less than this many lrs in EQ_STEPS steps has a zero gradient in exact
@@ -655,6 +700,11 @@ NO_GRAD_MOVE = 1e-6
 def as_double(t: torch.Tensor) -> torch.Tensor:
     """The fp64 reference's copy of a batch tensor (indices stay integers)."""
     return t.double() if t.is_floating_point() else t
+
+
+def grad_flagged(r: dict) -> bool:
+    """Whether a config's fused gradients are much further from fp64 than the model's own (see gradient_check)."""
+    return r["grad_err"] > GRAD_CHECK_RATIO * max(r["loop_grad_err"], 1e-6)
 
 
 def no_grad_by_model(rows: list[dict]) -> dict[str, set[str]]:
@@ -843,7 +893,8 @@ def main() -> None:
             f"  {n:8s} S={s:<4d} {r['path']:6s} fused {r['fused_msps']:>10,.0f} model-steps/s  loop {r['loop_msps']:>8,.0f}{vm}  "
             f"x{r['fused_msps'] / r['loop_msps']:.2f}  {r['fused_flops'] / 1e9:.1f} GFLOP/s  "
             f"[limits so far: roofline {100 * roof0 * r['fused_msps']:.0f}%, bound x{1 / (roof0 * r['loop_msps']):.1f}]  "
-            f"diff {r['max_rel']:.1e} (floor {r['noise']:.1e})  speed {probe.frac(r['speed']):.0%}  "
+            f"diff {r['max_rel']:.1e} (floor {r['noise']:.1e})  grad vs fp64 {r['grad_err']:.1e} "
+            f"(alone {r['loop_grad_err']:.1e}{', CHECK' if grad_flagged(r) else ''})  speed {probe.frac(r['speed']):.0%}  "
             f"({time.perf_counter() - t0:.1f} s){note}",
             file=sys.stderr, flush=True,
         )
@@ -906,6 +957,12 @@ def main() -> None:
         f"both columns. Parameters whose gradient is zero in exact arithmetic (the fp64 copy moved them by less "
         f"than {NO_GRAD_MOVE:g}·lr) are left out of both, since fp32 Adam moves them by noise alone"
         + "".join(f"; left out for {m}: {', '.join(sorted(names))}" for m, names in no_grad_by_model(rows).items()),
+        f"- gradient vs fp64 = before any step, max over the first min(S, {EQ_CAP}) slots and all parameters of "
+        "max|g - g_fp64| / max|g_fp64| for the fused stack, and (in brackets) for each model alone in fp32: no "
+        f"optimizer in it, so it is the check of the fused computation itself; CHECK marks a fused gradient more "
+        f"than {GRAD_CHECK_RATIO:g}x further from fp64 than the model's own"
+        + (f" (flagged: {', '.join(sorted({r['model'] + ' S=' + str(r['s']) for r in rows if 'error' not in r and grad_flagged(r)}))})"
+           if any("error" not in r and grad_flagged(r) for r in rows) else " (none flagged in this run)"),
         "",
         "| model | MACs/example | FLOPs per model-step | params updated | optimizer bytes per model-step | "
         "roofline µs per model-step (GEMM + optimizer) |",
@@ -916,9 +973,10 @@ def main() -> None:
         "",
         "| model | S | path | fused ms/step | fused model-steps/s | loop n | loop model-steps/s | fused/loop | "
         + ("vmap/loop | " if args.compare_vmap else "")
-        + "fused GFLOP/s | % of dense | % of torch.mm | fused % of roofline | bound | max rel diff | fp32 floor | speed |",
+        + "fused GFLOP/s | % of dense | % of torch.mm | fused % of roofline | bound | max rel diff | fp32 floor | "
+        "gradient vs fp64: fused (alone) | speed |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if args.compare_vmap else "")
-        + "---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        + "---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in rows:
         if "error" in r:
@@ -930,6 +988,7 @@ def main() -> None:
             f"{r['n_loop']} | {fmt(r['loop_msps'])} | {r['fused_msps'] / r['loop_msps']:.2f}x | {vm}"
             f"{r['fused_flops'] / 1e9:.2f} | {100 * r['fused_flops'] / dense:.1f}% | {100 * r['fused_flops'] / blas:.1f}% | "
             f"{100 * r['roof_frac']:.1f}% | {r['bound']:.2f}x | {r['max_rel']:.1e} ({r['n_eq']} slots) | {r['noise']:.1e} | "
+            f"{r['grad_err']:.1e} ({r['loop_grad_err']:.1e}){' CHECK' if grad_flagged(r) else ''} | "
             f"{probe.frac(r['speed']):.0%}{'' if probe.frac(r['speed']) >= QUIET else ' (noisy)'} |"
         )
 
