@@ -680,11 +680,10 @@ def gradient_check(spec: Spec, models: list[nn.Module], batch: tuple, n: int, de
         for name, p in exact.named_parameters():
             if p.grad is None or fused.get(name) is None:
                 continue
-            scale = float(p.grad.abs().max())
-            if scale < 1e-12:
+            if float(p.grad.abs().max()) < 1e-12:
                 continue
-            worst = max(worst, float((fused[name][i].double() - p.grad).abs().max()) / scale)
-            own = max(own, float((mine[name].grad.double() - p.grad).abs().max()) / scale)
+            worst = max(worst, rel_diff(fused[name][i], p.grad))
+            own = max(own, rel_diff(mine[name].grad, p.grad))
     del check
     return worst, own
 
