@@ -631,10 +631,12 @@ def _norm(mod: nn.Module, name: str, h: torch.Tensor, params: Mapping[str, torch
     use_batch = mod.training or rm is None
     w, b = None if w is None else w.reshape(-1), None if b is None else b.reshape(-1)
     rm, rv = None if rm is None else rm.view(-1), None if rv is None else rv.view(-1)
-    if (use_batch and h.device.type == "cpu" and h.dtype == torch.float32 and h.dim() == 4 and h.size(1) > 1
-            and h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
-            and _partial_sums(h.numel() // h.size(1)) > 1):  # one piece: torch's own kernel sums as accurately
-        out = _channels_last_batch_norm(h, w, b, rm, rv, mod.momentum, mod.eps)
+    pieces = (_partial_sums(h.numel() // h.size(1))
+              if (use_batch and h.device.type == "cpu" and h.dtype == torch.float32 and h.dim() == 4
+                  and h.size(1) > 1 and h.is_contiguous(memory_format=torch.channels_last)
+                  and not h.is_contiguous()) else 1)
+    if pieces > 1:  # one piece: torch's own kernel sums as accurately
+        out = _channels_last_batch_norm(h, w, b, rm, rv, mod.momentum, mod.eps, pieces)
     else:
         out = F.batch_norm(h, rm, rv, w, b, use_batch, mod.momentum, mod.eps)
     if mod.training and tracked is not None:
@@ -657,8 +659,9 @@ def _partial_sums(count: int) -> int:
 
 def _channels_last_batch_norm(h: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
                               rm: torch.Tensor | None, rv: torch.Tensor | None, momentum: float,
-                              eps: float) -> torch.Tensor:
-    """Training-mode BatchNorm of a channels-last ``[B, C, H, W]`` CPU tensor, its sums taken in pieces.
+                              eps: float, k: int) -> torch.Tensor:
+    """Training-mode BatchNorm of a channels-last ``[B, C, H, W]`` CPU tensor, its sums taken in ``k`` pieces
+    per channel (:func:`_partial_sums`).
 
     Torch's CPU kernels for channels-last input add each channel's ``B*H*W``
     values up in one running fp32 sum per channel, where its NCHW kernels sum in
@@ -682,7 +685,6 @@ def _channels_last_batch_norm(h: torch.Tensor, w: torch.Tensor | None, b: torch.
     """
     c = h.size(1)
     count = h.numel() // c
-    k = _partial_sums(count)
     flat = h.permute(0, 2, 3, 1).reshape(count // k, k * c)  # a view of the channels-last memory
     with torch.no_grad():
         pieces_mean, pieces_var = torch.batch_norm_update_stats(flat, None, None, 0.0)
@@ -694,7 +696,7 @@ def _channels_last_batch_norm(h: torch.Tensor, w: torch.Tensor | None, b: torch.
             rm.lerp_(mean, momentum)
         if rv is not None:
             rv.lerp_(var * (count / max(count - 1, 1)), momentum)
-    return _BatchNormGivenStats.apply(h, w, b, mean, var, eps)
+    return _BatchNormGivenStats.apply(h, w, b, mean, var, eps, k)
 
 
 class _BatchNormGivenStats(torch.autograd.Function):
@@ -703,9 +705,9 @@ class _BatchNormGivenStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, mean: torch.Tensor,
-                var: torch.Tensor, eps: float) -> torch.Tensor:
+                var: torch.Tensor, eps: float, k: int) -> torch.Tensor:
         ctx.save_for_backward(h, w, b, mean, var)
-        ctx.eps = eps
+        ctx.eps, ctx.pieces = eps, k
         # h * scale + shift, as torch's kernel normalizes (its eval mode, given statistics, was 2x slower on
         # channels-last input); out= keeps the channels-last layout, which a broadcast first operand would not
         scale = (var + eps).rsqrt()
@@ -724,10 +726,9 @@ class _BatchNormGivenStats(torch.autograd.Function):
                 out = F.batch_norm(h, None, None, w, b, True, 0.0, ctx.eps)
                 wanted = [t for t, n in zip((h, w, b), need) if n]
                 grads = iter(torch.autograd.grad(out, wanted, go, create_graph=True))
-                return (*(next(grads) if n else None for n in need[:3]), None, None, None)
-        c = h.size(1)
+                return (*(next(grads) if n else None for n in need[:3]), None, None, None, None)
+        c, k = h.size(1), ctx.pieces
         count = h.numel() // c
-        k = _partial_sums(count)
         go = go.contiguous(memory_format=torch.channels_last)
         invstd = (var + ctx.eps).rsqrt()
         # per piece: sum(go * (h - mean) * invstd) and sum(go), as "weight" and "bias" gradients
@@ -745,7 +746,7 @@ class _BatchNormGivenStats(torch.autograd.Function):
             gh.addcmul_(go, scale.view(view))
         gw = dot if w is not None and need[1] else None
         gb = sum_go if b is not None and need[2] else None
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None
 
 
 def _dim(d: Any, rank: int) -> int:
