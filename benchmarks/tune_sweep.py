@@ -20,6 +20,11 @@ steps per iteration, batch size and validation set. The runs:
   trainable with ``reuse_actors=True`` (``reset_config`` rebuilds model, optimizer
   and stream), the strongest standard setup: a finished trial's process takes
   the next trial, so a few processes run all trials.
+* ``tune_alone``: Tune's own cost of this sweep. Torch-free trials that train
+  nothing replay the ``ray_modelbatch`` run's validation curves (so ASHA
+  decides about the same), with ray_modelbatch's Tune settings (``--slots``
+  concurrent trials of 0.01 CPU, ``reuse_actors=True``): what the sweep takes
+  when training is free, against which ray_modelbatch's extra time is read.
 
 Each run gets a fresh local Ray (``num_cpus = os.cpu_count()``); the wall time
 is ``Tuner.fit()`` (the ray_modelbatch run's includes starting its host).
@@ -72,6 +77,7 @@ from ray_modelbatch.data import SlotSampler  # noqa: E402
 
 TARGET_SPEEDUP = 5.0  # vs one process per trial
 TARGET_VS_REUSE = {"mlp": 4.0, "cnn": 1.5}  # vs standard Tune with reuse_actors=True (issue 10)
+RUNS = ("ray_modelbatch", "standard", "standard+reuse", "tune_alone")
 TARGET_GPU = 10.0  # on a GPU, vs standard Tune with a fraction of the GPU per trial (issue 10)
 
 
@@ -166,6 +172,49 @@ class StandardTrainable(tune.Trainable):
         self.sched.load_state_dict(s["sched"])
         self.sampler.load_state_dict(s["sampler"])
         self.steps = s["steps"]
+
+
+class NoOpTrainable(tune.Trainable):
+    """Tune alone: a torch-free trial that trains nothing and reports a stored curve at once.
+
+    ``curves`` maps a trial's ``seed`` to the val_loss/val_acc it reported per
+    iteration in the ``ray_modelbatch`` run (set before this run starts), so
+    ASHA makes about the same decisions; a trial without a stored curve gets a
+    made-up decreasing one. A run of it is what this sweep costs with 0.01-CPU
+    trials, ``reuse_actors=True`` and ``--slots`` concurrent trial processes
+    when training costs nothing. It is not a strict lower bound: trials that
+    return at once let the first processes to start run every trial while the
+    others are still starting (measured on 2 cores: 38.5 s, longer than the
+    ray_modelbatch run's 33.6 s).
+    """
+
+    curves: dict = {}
+
+    @classmethod
+    def default_resource_request(cls, config: dict) -> PlacementGroupFactory:
+        return PlacementGroupFactory([{"CPU": 0.01}])
+
+    def setup(self, config: dict) -> None:
+        self.curve = self.curves.get(int(config["seed"]), [])
+        self.seed = int(config["seed"])
+
+    def reset_config(self, new_config: dict) -> bool:
+        self.setup(new_config)
+        return True
+
+    def step(self) -> dict:
+        i = self.iteration  # 0-based iterations done before this one
+        if i < len(self.curve):
+            loss, acc = self.curve[i]
+        else:
+            loss, acc = 1.0 / (i + 1) + (self.seed % 1000) / 1e4, 0.9
+        return {"val_loss": loss, "val_acc": acc}
+
+    def save_checkpoint(self, checkpoint_dir: str) -> str:
+        return checkpoint_dir
+
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        pass
 
 
 # -------------------------------------------------------------- memory sampling
@@ -272,6 +321,8 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
         if kind == "ray_modelbatch":
             trainable = sweep.make_trainable(args.slots, host_threads=args.host_threads, device=args.device)
             reuse = True
+        elif kind == "tune_alone":
+            trainable, reuse = NoOpTrainable, True
         else:
             StandardTrainable.cpus, StandardTrainable.gpus = args.baseline_cpus, args.baseline_gpus
             StandardTrainable.device = args.device
@@ -438,7 +489,8 @@ def main() -> None:
                    help="GPU fraction of each standard trial (default: --gpus / --slots, so as many standard "
                         "trials share the GPUs at once as ray_modelbatch has slots)")
     p.add_argument("--runs", default="ray_modelbatch,standard,standard+reuse",
-                   help="comma-separated runs, in order (ray_modelbatch and standard are needed for the target)")
+                   help="comma-separated runs, in order (ray_modelbatch and standard are needed for the target; "
+                        "tune_alone: the sweep with trials that train nothing, Tune's own cost)")
     p.add_argument("--seed", type=int, default=0, help="seed of the config draw")
     p.add_argument("--host-threads", type=int, default=None,
                    help="torch threads of the slot host (default: batched_trainable's, every CPU of the node)")
@@ -466,9 +518,9 @@ def main() -> None:
     for c in configs:
         c["arch"] = args.arch
     kinds = args.runs.split(",")
-    unknown = set(kinds) - {"ray_modelbatch", "standard", "standard+reuse"}
+    unknown = set(kinds) - set(RUNS)
     if unknown:
-        raise SystemExit(f"unknown runs {sorted(unknown)}; choose from ray_modelbatch, standard, standard+reuse")
+        raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
     runs = {}
     start_bound = None
     if "ray_modelbatch" in kinds:
@@ -478,6 +530,9 @@ def main() -> None:
         storage = os.path.abspath(args.storage) if args.storage else tmp
         for kind in kinds:
             print(f"running {kind} ...", flush=True)
+            if kind == "tune_alone" and "ray_modelbatch" in runs:  # replay its curves: ASHA decides alike
+                NoOpTrainable.curves = {row["seed"]: list(zip(row["df"]["val_loss"], row["df"]["val_acc"]))
+                                        for row in runs["ray_modelbatch"]["rows"]}
             runs[kind] = run_sweep(kind, args, configs, storage)
             print(f"  {kind}: {runs[kind]['wall_s']:.1f}s", flush=True)
 
@@ -536,7 +591,7 @@ def main() -> None:
     trial_no = {int(c["seed"]): f"{i:05d}" for i, c in enumerate(configs)}
     mb = runs.get("ray_modelbatch")
     for kind, r in runs.items():
-        if mb is None or r is mb:
+        if mb is None or r is mb or kind == "tune_alone":  # it replays ray_modelbatch's curves
             continue
         worst, same, n = grace_agreement(mb, r, args.grace)
         lines.append(f"- same training, `{kind}` vs `ray_modelbatch`: at iteration {args.grace} (every trial), max "
@@ -608,6 +663,20 @@ def main() -> None:
                      f"be {bound:.2f}x faster. ray_modelbatch: first trial started at "
                      f"{mb['first_start_s']:.1f} s, host busy "
                      f"{sum(h['busy_fraction'] * h['wall_s'] for h in mb['hosts']):.1f} s")
+    alone = runs.get("tune_alone")
+    if alone is not None:
+        line = (f"- Tune alone: this sweep with {args.slots} concurrent torch-free trials that train nothing "
+                f"(0.01 CPU each, reuse_actors=True, replaying ray_modelbatch's val_loss so ASHA decides alike) took "
+                f"{alone['wall_s']:.1f} s ({alone['iterations']} iterations, first trial started at "
+                f"{alone['first_start_s'] or float('nan'):.1f} s, {alone['processes']} trial processes reported): "
+                "Tune's own time for the sweep when training is free")
+        if reuse is not None and not args.gpus:
+            target = TARGET_VS_REUSE[args.arch]
+            line += (f"; the {target:g}x target needs <= {reuse['wall_s'] / target:.1f} s; `standard+reuse` / "
+                     f"`tune_alone` = {reuse['wall_s'] / alone['wall_s']:.2f}x")
+        if mb is not None:
+            line += f"; ray_modelbatch / `tune_alone` = {mb['wall_s'] / alone['wall_s']:.2f}x"
+        lines.append(line)
     if start_bound is not None:
         lines.append(f"- bound: starting {args.slots} trial-proxy processes (import `ray.tune`, no torch) on this node takes "
                      f"{start_bound:.1f} s by itself (measured before the runs, fresh Ray); a ray_modelbatch run with "
