@@ -65,7 +65,7 @@ def child(threads: int, rounds: int, arch: str) -> None:
                     metrics={"acc": ray_modelbatch.metrics.accuracy}, batch_size=64, steps_per_report=22)
     data = sweep.load_digits_split()  # scikit-learn, as the host's data() call
     groups = []
-    for hidden in (32, 128):  # 4 and 16 channels
+    for hidden in (32, 128):  # the sweep's two stacks (the CNN's: 4 and 16 channels)
         cfgs = [{"arch": arch, "hidden": hidden, "lr": 1e-3 * (i + 1), "wd": 1e-4, "warmup_steps": 5,
                  "total_steps": 440, "seed": 100 + i} for i in range(8)]
         first = sweep.make_model(cfgs[0])
@@ -101,7 +101,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=40, help="timed rounds (one fused step of each stack)")
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per case (the median is shown)")
-    ap.add_argument("--busy", type=int, default=0, help="processes spinning on a core beside each case")
+    ap.add_argument("--busy", type=int, nargs="?", const=1, default=0,
+                    help="processes spinning on a core beside each case (--busy alone: 1)")
     ap.add_argument("--arch", choices=("cnn", "mlp"), default="cnn", help="the sweep's CNN stacks or its MLP stacks")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
