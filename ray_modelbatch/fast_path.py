@@ -897,7 +897,8 @@ class _Runner:
             return Act(out.view(self.n, h.t.shape[1], *out.shape[1:]), SLOT)
         # A pool to one value per channel runs as a mean, whose backward broadcasts the gradient as an
         # NCHW tensor: the ReLU's backward before it then mixes formats (6.0 against 0.8 ms per call
-        # at 32 slots of a small ResNet's last block, measured); the hook keeps it channels-last.
+        # at 32 slots of a small ResNet's last block, measured); the hook keeps it channels-last. It is
+        # set on every pool's input: where the gradient comes back channels-last (max pooling) it is a no-op.
         _keep_channels_last_grad(h)
         return Act(mod(h.t), h.layout)
 
