@@ -77,7 +77,7 @@ from ray_modelbatch.data import SlotSampler  # noqa: E402
 
 TARGET_SPEEDUP = 5.0  # vs one process per trial
 TARGET_VS_REUSE = {"mlp": 4.0, "cnn": 1.5}  # vs standard Tune with reuse_actors=True (issue 10)
-RUNS = ("ray_modelbatch", "standard", "standard+reuse", "tune_alone")
+RUNS = ("ray_modelbatch", "standard", "standard+reuse", "tune_alone", "ray_modelbatch_classic")
 TARGET_GPU = 10.0  # on a GPU, vs standard Tune with a fraction of the GPU per trial (issue 10)
 
 
@@ -318,7 +318,11 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
     ray.init(num_cpus=args.num_cpus or os.cpu_count() or 2, num_gpus=args.gpus, include_dashboard=False,
              logging_level="WARNING")
     try:
-        if kind == "ray_modelbatch":
+        batched = kind.startswith("ray_modelbatch")
+        # ray_modelbatch_classic: each trial's process runs the classic Trainable proxy (imports ray.tune),
+        # not the light actor (ray_compat.run_trials_as_light_actors): the A/B of that choice, in one run
+        os.environ["RAY_MODELBATCH_LIGHT_TRIALS"] = "0" if kind == "ray_modelbatch_classic" else "1"
+        if batched:
             trainable = sweep.make_trainable(args.slots, host_threads=args.host_threads, device=args.device)
             reuse = True
         elif kind == "tune_alone":
@@ -350,10 +354,10 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
             try:
                 results = tuner.fit()
                 wall = time.monotonic() - t0
-                if kind == "ray_modelbatch":
+                if batched:
                     hosts = trainable.host_stats()
             finally:
-                if kind == "ray_modelbatch":
+                if batched:
                     trainable.shutdown_hosts()
     finally:
         ray.shutdown()
@@ -391,10 +395,10 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
 
 
 class _ProxyLike:
-    """A process that imports what a trial proxy imports (``ray.tune``, ``ray_modelbatch.tune.proxy``), nothing more."""
+    """A process that imports what a batched trial's process imports (``ray_modelbatch.tune.trial_actor``), nothing more."""
 
     def __init__(self) -> None:
-        import ray_modelbatch.tune.proxy  # noqa: F401 - the import is the cost being measured
+        import ray_modelbatch.tune.trial_actor  # noqa: F401 - the import is the cost being measured
 
     def ready(self) -> bool:
         return True
@@ -403,7 +407,7 @@ class _ProxyLike:
 def proxy_start_bound(n: int, num_cpus: int) -> float:
     """Seconds for a fresh local Ray to start ``n`` trial-proxy processes at once: the least time any run with
     ``n`` concurrent Tune trials spends before its last first-wave trial can start (Ray starts at most one
-    worker per CPU at a time, and each process imports ``ray.tune``)."""
+    worker per CPU at a time; each process imports what a light trial actor imports)."""
     ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
     try:
         cls = ray.remote(num_cpus=0.01)(_ProxyLike)
@@ -678,7 +682,7 @@ def main() -> None:
             line += f"; ray_modelbatch / `tune_alone` = {mb['wall_s'] / alone['wall_s']:.2f}x"
         lines.append(line)
     if start_bound is not None:
-        lines.append(f"- bound: starting {args.slots} trial-proxy processes (import `ray.tune`, no torch) on this node takes "
+        lines.append(f"- bound: starting {args.slots} trial processes (importing what a light trial actor imports: no `ray.tune`, no torch) on this node takes "
                      f"{start_bound:.1f} s by itself (measured before the runs, fresh Ray); a ray_modelbatch run with "
                      f"{args.slots} slots cannot finish sooner")
     lines += ["", f"Run time: {time.monotonic() - t_start:.0f} s"]

@@ -1,49 +1,38 @@
-"""The per-trial proxy: a thin Tune ``Trainable`` that forwards to the trial's slot on a host.
+"""The trainable a user hands to Tune: a ``Trainable`` whose trials train on a shared slot host.
 
 Every stacked model is a real Tune trial: Tune's schedulers, searchers,
-checkpointing and loggers see ordinary trials. The proxy holds no model and
-imports no torch (see the README's "Memory per trial" for the measured figure); the
-host does all the work. ``step()`` asks the host for K more fused steps and
-returns when this trial's K steps and evaluation are done; the host keeps
-stepping the other trials meanwhile.
+checkpointing and loggers see ordinary trials. What runs in each trial's
+process is :class:`~ray_modelbatch.tune.slot_client.SlotClient`: no model, no
+torch. Where ``ray_compat.run_trials_as_light_actors`` is installed (Ray 2.60),
+Tune's driver runs the trial as a :class:`~ray_modelbatch.tune.trial_actor.SlotTrialActor`,
+which does not import ``ray.tune`` either; this class is then what the driver
+sees (resources, the prestart of the hosts), and the fallback that runs in the
+trial process under any other Ray, for subclasses, and outside Tune.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import signal
-import sys
-import time
-import uuid
 from typing import Any
 
 import ray
 from ray.tune import Trainable
 from ray.tune.execution.placement_groups import PlacementGroupFactory
 
-from ..errors import SlotHostLostError, SlotHostStartError
 from .ray_compat import experiment_dir, patch_tune_driver, quiet_setup_time_notice, skip_taken_checkpoint_dirs
 from .registry import get_registry
+from .slot_client import SlotClient
 
 logger = logging.getLogger(__name__)
 
 # Tune's controller runs in the driver, which imports this module to build the trainable: from here on
-# it neither deletes a checkpoint a PBT recipient has yet to load (num_to_keep) nor stops a recipient
-# with a decision left over from before its exploit (see ray_compat).
+# it runs batched trials as light actors, neither deletes a checkpoint a PBT recipient has yet to load
+# (num_to_keep) nor stops a recipient with a decision left over from before its exploit (see ray_compat).
 patch_tune_driver()
 
-CHECKPOINT_FILE = "slot_state.pt"  # ray_modelbatch.checkpoint.STATE_FILE (not imported: it imports torch)
-CONFIG_FILE = "trial_config.json"  # ray_modelbatch.checkpoint.CONFIG_FILE
 
-
-class SlotTrialProxy(Trainable):
+class SlotTrialProxy(SlotClient, Trainable):
     """Base class of the trainables returned by :func:`ray_modelbatch.tune.batched_trainable`."""
-
-    _spec_bytes: bytes = b""
-    _experiment: str = ""
-    _options: dict = {}
 
     _prestarted: str = ""  # the experiment whose hosts this driver process already asked for
 
@@ -75,170 +64,13 @@ class SlotTrialProxy(Trainable):
         except Exception as exc:  # noqa: BLE001 - only a head start: the first trial's setup() tries again
             logger.debug("could not prestart the slot hosts: %s", exc)
 
-    # ------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------ Trainable's hooks
     def setup(self, config: dict, **params: Any) -> None:
-        if params:
-            raise TypeError(
-                f"tune.with_parameters(...) passed {sorted(params)} to the trial, but a batched trial's model trains "
-                "on a shared slot host, not in the trial's process. Give large objects to the host instead: return "
-                "them from batched_trainable(data=...) (called once per host), or close over them in model=/hparams=."
-            )
-        _quiet_sigterm()
         quiet_setup_time_notice()
-        self._host = None
-        self._attached: str | None = None
-        self._attach(config)
-
-    def _attach(self, config: dict) -> None:
-        skip_taken_checkpoint_dirs(self)
-        registry = get_registry(self._spec_bytes, self._experiment, self._options)
-        token = f"{self.trial_id}:{uuid.uuid4().hex[:8]}"  # this attachment; see SlotHost.attach
-        self._lease = _own_handle()  # the host frees the slot when this process dies without cleanup()
-        waited, warned, actor_errors = time.monotonic(), False, 0
-        while True:
-            try:
-                got = ray.get(registry.assign.remote(token, config))
-                if got is not None:
-                    self._host_name, self._host = got
-                    self._slot = ray.get(self._host.attach.remote(
-                        self.trial_id, config, [self._lease], self._experiment_dir(), token))
-                    break
-            except ray.exceptions.RayTaskError as exc:
-                cause = getattr(exc, "cause", None)
-                if isinstance(cause, SlotHostStartError):  # SweepSetupError too: the driver then stops the sweep
-                    raise type(cause)(str(cause)) from None  # one line, not the registry's traceback
-                raise
-            except ray.exceptions.RayActorError:
-                # The registry stopped itself (idle timeout) just as this trial came, or the host
-                # died between reservation and attachment: ask a new registry.
-                actor_errors += 1
-                if actor_errors > 5:
-                    raise
-                time.sleep(0.5)
-                registry = get_registry(self._spec_bytes, self._experiment, self._options)
-                continue
-            elapsed = time.monotonic() - waited
-            if elapsed > self._options.get("oversubscribe_warn_s", 5.0) and (
-                    not warned or elapsed > self._options.get("host_start_timeout_s", 120.0)):
-                reason = ray.get(registry.waiting_reason.remote())
-                if reason and warned:  # resources, not full hosts: waiting longer would wait forever
-                    raise SlotHostStartError(f"trial {self.trial_id} got no slot in {elapsed:.0f}s: {reason}")
-                if reason:
-                    logger.warning("trial %s is waiting for a slot host: %s", self.trial_id, reason)
-                    warned = True
-                    continue
-            if not warned and elapsed > self._options.get("oversubscribe_warn_s", 5.0):
-                capacity = ray.get(registry.capacity.remote())
-                logger.warning(
-                    "trial %s is waiting for a free slot. Either Tune started more trials than the %d slots "
-                    "of this experiment: set TuneConfig(max_concurrent_trials=<trainable>.max_concurrent()) "
-                    "or wrap the searcher with ray_modelbatch.tune.FreeSlotLimiter. Or no node has a GPU (or "
-                    "host_cpus CPUs) free to start a slot host on: free one, or add nodes.",
-                    self.trial_id, capacity,
-                )
-                warned = True
-            time.sleep(0.2)
-        self._token = token
-        self._attached = self.trial_id
+        SlotClient.setup(self, config, **params)
 
     def _experiment_dir(self) -> str | None:
-        """Where the host writes its TensorBoard figures (see ``ray_compat.experiment_dir``)."""
         return experiment_dir(self)
 
-    def _detach(self) -> None:
-        if self._host is not None and self._attached is not None:
-            try:
-                ray.get(self._host.detach.remote(self._token))
-            except ray.exceptions.RayActorError:
-                pass  # the host is gone, and the slot with it
-        self._attached = None
-
-    def _on_host(self, method: str, *args: Any) -> Any:
-        """Call the slot host; a dead host becomes an error Tune can recover the trial from."""
-        try:
-            return ray.get(getattr(self._host, method).remote(*args))
-        except ray.exceptions.RayActorError as exc:
-            self._attached = None
-            raise SlotHostLostError(
-                f"slot host {self._host_name} of trial {self.trial_id} died during {method}() "
-                f"({type(exc).__name__}). With tune.FailureConfig(max_failures>=1), Tune restarts the trial "
-                "from its last checkpoint on a new host; tune.CheckpointConfig(checkpoint_frequency=N) "
-                "bounds the iterations lost."
-            ) from exc
-
-    def step(self) -> dict[str, Any]:
-        return self._on_host("train", self._token)
-
-    def save_checkpoint(self, checkpoint_dir: str) -> str:
-        """The host's bytes for this slot, at the last iteration Tune took, as ``slot_state.pt``.
-
-        With PBT the directory may outlive this trial's use of it: a recipient loads it later, and
-        ``ray_compat.keep_restore_sources`` keeps Tune's retention from deleting it before then.
-        """
-        blob = self._on_host("save", self._token)
-        with open(os.path.join(checkpoint_dir, CHECKPOINT_FILE), "wb") as f:
-            f.write(blob)
-        with open(os.path.join(checkpoint_dir, CONFIG_FILE), "w") as f:  # for trainable.load_model
-            json.dump(self.config, f, default=repr)
-        return checkpoint_dir
-
-    def load_checkpoint(self, checkpoint: Any) -> None:
-        """Send the checkpoint's bytes to this trial's slot, with this trial's own (maybe new) config."""
-        path = checkpoint if isinstance(checkpoint, str) else checkpoint.path
-        try:
-            with open(os.path.join(path, CHECKPOINT_FILE), "rb") as f:
-                blob = f.read()
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"trial {self.trial_id} cannot restore: {os.path.join(path, CHECKPOINT_FILE)} does not exist "
-                "(deleted, or not a checkpoint of a ray_modelbatch trainable)"
-            ) from None
-        self._on_host("restore", self._token, blob, self.config)
-
-    def reset_config(self, new_config: dict) -> bool:
-        """Reused actor (``reuse_actors=True``): free the old trial's slot, attach the new trial."""
-        self._detach()
-        self._attach(new_config)
-        return True
-
-    def cleanup(self) -> None:
-        self._detach()
-
-
-def _quiet_sigterm() -> None:
-    """End this trial process at SIGTERM without a traceback on the user's screen.
-
-    Ray ends a trial's process with SIGTERM, and its handler raises SystemExit
-    in whatever Python code runs next. When that is a finalizer (an actor
-    handle's or a weak set's ``__del__``, at the end of every sweep), Python
-    prints "Exception ignored in ..." and a traceback, which Ray forwards to
-    the driver although the sweep succeeded. The proxy holds no state worth
-    a graceful shutdown (the host owns every slot), so it flushes its output
-    and exits at once. Only in a Ray worker's main thread; once per process.
-    """
-    if getattr(_quiet_sigterm, "done", False):
-        return
-    try:
-        if ray.get_runtime_context().get_actor_id() is None:
-            return  # not a trial process (a test running the proxy in the driver)
-
-        def exit_now(signum: int, frame: Any) -> None:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except Exception:  # noqa: BLE001 - a closed stream: nothing left to flush
-                    pass
-            os._exit(1)  # Ray's own handler exits with 1 too
-
-        signal.signal(signal.SIGTERM, exit_now)
-        _quiet_sigterm.done = True
-    except ValueError:  # not the main thread: keep Ray's handler
-        pass
-
-
-def _own_handle() -> Any:
-    """This proxy's actor handle (its lease), or None when it does not run as a Ray actor."""
-    try:
-        return ray.get_runtime_context().current_actor
-    except RuntimeError:
-        return None
+    def _skip_taken_checkpoints(self) -> None:
+        skip_taken_checkpoint_dirs(self)

@@ -52,17 +52,29 @@ def skip_taken_checkpoint_dirs(trainable: Any) -> None:
     storage = getattr(trainable, "_storage", None)
     if storage is None or getattr(storage, "trial_dir_name", None) is None:
         return
-    try:
-        import pyarrow.fs
+    fs = storage.storage_filesystem
+    taken = taken_checkpoint_index(None if _is_local(fs) else fs, storage.trial_fs_path)
+    if taken is not None and storage.current_checkpoint_index < taken:
+        storage.current_checkpoint_index = taken  # the next save takes taken + 1
 
-        infos = storage.storage_filesystem.get_file_info(
-            pyarrow.fs.FileSelector(storage.trial_fs_path, allow_not_found=True)
-        )
+
+def taken_checkpoint_index(fs: Any, trial_fs_path: str) -> int | None:
+    """The highest ``N`` of the ``checkpoint_N`` directories in a trial's directory, or None.
+
+    ``fs`` is a pyarrow filesystem, or None for the local disk (read without
+    importing pyarrow). Best effort: an unreadable directory reads as None.
+    """
+    try:
+        if fs is None:
+            names = os.listdir(trial_fs_path) if os.path.isdir(trial_fs_path) else []
+        else:
+            import pyarrow.fs
+
+            names = [i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(trial_fs_path, allow_not_found=True))]
     except Exception:  # noqa: BLE001 - best effort; Tune's own index is the fallback
-        return
-    taken = [int(m.group(1)) for i in infos if (m := re.fullmatch(r"checkpoint_(\d+)", i.base_name))]
-    if taken and storage.current_checkpoint_index < max(taken):
-        storage.current_checkpoint_index = max(taken)  # the next save takes max + 1
+        return None
+    taken = [int(m.group(1)) for n in names if (m := re.fullmatch(r"checkpoint_(\d+)", n))]
+    return max(taken) if taken else None
 
 
 _kept_installed = False
@@ -301,6 +313,200 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else text
 
 
+_light_installed = False
+
+
+def run_trials_as_light_actors() -> None:
+    """Run each batched trial in a :class:`~ray_modelbatch.tune.trial_actor.SlotTrialActor`, which never imports ``ray.tune``.
+
+    Why: starting the trial processes is most of a small node's sweep (see the
+    ``trial_actor`` docstring: 0.80 instead of 1.67 CPU-s per process). Ray
+    Tune 2.60 (``tune/execution/tune_controller.py``) makes a trial's actor from
+    ``_ActorClassCache.get(trainable_cls)`` with ``_get_trainable_kwargs(trial)``
+    and calls it through ``TuneController._schedule_trial_task``. For a class
+    made by ``batched_trainable`` (not a subclass: its overrides would be lost),
+    the wrappers here substitute the light actor class and hand it plain data:
+
+    * the actor's kwargs and ``reset``'s: the config without Tune's magic keys,
+      ``trial`` (id, name, log files) and ``storage`` (:func:`light_storage`)
+      instead of ``_TrialInfo`` and ``StorageContext``;
+    * ``restore``'s checkpoint: ``{"path", "filesystem", "metrics"}`` instead
+      of a ``_TrainingResult``;
+    * ``save`` returns a :class:`SavedCheckpoint`, which unpickles in the driver
+      as the ``_TrainingResult`` that ``Trainable.save`` returns (also where PBT
+      ``ray.get``s the future itself).
+
+    Everything else of Tune (scheduling, results, checkpoint bookkeeping,
+    callbacks) is unchanged. Under another Ray the wrappers are not installed
+    and the trial runs the classic ``Trainable`` proxy. Check on upgrade: the
+    light-actor tests of ``tests/test_tune_trial_actor.py`` and the rest of the
+    Tune tests, which run through it.
+    """
+    global _light_installed
+    if _light_installed:
+        return
+    try:
+        from ray.tune.execution import tune_controller
+        from ray.tune.execution.class_cache import _ActorClassCache
+        from ray.tune.result import STDERR_FILE, STDOUT_FILE, TRIAL_INFO
+
+        controller_cls = tune_controller.TuneController
+        cache_get, get_kwargs = _ActorClassCache.get, tune_controller._get_trainable_kwargs
+        schedule_task = controller_cls._schedule_trial_task
+    except (ImportError, AttributeError) as exc:
+        logger.debug("not running batched trials as light actors (Ray %s): %s", TESTED_RAY, exc)
+        return
+    magic = (TRIAL_INFO, STDOUT_FILE, STDERR_FILE)
+
+    def light_class_get(self: Any, trainable_cls: Any) -> Any:
+        if not is_light(trainable_cls):
+            return cache_get(self, trainable_cls)
+        if trainable_cls not in self._cache:
+            self._cache[trainable_cls] = cache_get(self, light_actor_class(trainable_cls))
+        return self._cache[trainable_cls]
+
+    def light_kwargs(trial: Any) -> dict:
+        kwargs = get_kwargs(trial=trial)
+        if not is_light(trial.get_trainable_cls()):
+            return kwargs
+        return {"config": {k: v for k, v in kwargs["config"].items() if k not in magic},
+                "trial": light_trial(trial), "storage": light_storage(trial.storage)}
+
+    def light_task(self: Any, trial: Any, method_name: str, args: tuple | None = None,
+                   kwargs: dict | None = None, **rest: Any) -> Any:
+        if method_name in ("restore", "reset") and is_light(trial.get_trainable_cls()):
+            if method_name == "restore":
+                args = (light_checkpoint(args[0]),)
+            else:
+                args = ({k: v for k, v in args[0].items() if k not in magic},)
+                kwargs = {"trial": light_trial(trial), "storage": light_storage(trial.storage)}
+        return schedule_task(self, trial, method_name, args, kwargs, **rest)
+
+    _ActorClassCache.get = light_class_get
+    tune_controller._get_trainable_kwargs = light_kwargs
+    controller_cls._schedule_trial_task = light_task
+    _light_installed = True
+
+
+def is_light(trainable_cls: Any) -> bool:
+    """Whether Tune runs this trainable's trials as light actors: a class ``batched_trainable`` made itself.
+
+    ``RAY_MODELBATCH_LIGHT_TRIALS=0`` in the driver's environment runs them as
+    the classic ``Trainable`` instead (read at each trial start).
+    """
+    return (isinstance(trainable_cls, type) and bool(vars(trainable_cls).get("_spec_bytes"))
+            and os.environ.get("RAY_MODELBATCH_LIGHT_TRIALS", "1") != "0")
+
+
+def light_actor_class(trainable_cls: type) -> type:
+    """The light actor class of a batched trainable: the same name (Ray names the process after it) and spec."""
+    from .trial_actor import SlotTrialActor
+
+    attrs = {k: vars(trainable_cls)[k] for k in ("_spec_bytes", "_experiment", "_options")}
+    return type(trainable_cls.__name__, (SlotTrialActor,), attrs)
+
+
+def light_trial(trial: Any) -> dict:
+    """What the light actor needs of Tune's ``Trial``: its ID, name and log files."""
+    stdout_file, stderr_file = trial.log_to_file
+    return {"trial_id": trial.trial_id, "trial_name": str(trial),
+            "stdout_file": stdout_file, "stderr_file": stderr_file}
+
+
+def light_storage(storage: Any) -> dict:
+    """A ``StorageContext`` as plain data; ``filesystem`` None means the local disk (no pyarrow in the trial)."""
+    fs = storage.storage_filesystem
+    return {
+        "filesystem": None if _is_local(fs) else fs,
+        "trial_fs_path": storage.trial_fs_path,
+        "experiment_fs_path": storage.experiment_fs_path,
+        "validation_file": f"{storage.experiment_fs_path}/.validate_storage_marker",  # _VALIDATE_STORAGE_MARKER_FILENAME
+        "checkpoint_index": storage.current_checkpoint_index,
+        "working_dir": storage.trial_working_directory,
+    }
+
+
+def light_checkpoint(checkpoint: Any) -> dict:
+    """``restore``'s argument (a ``_TrainingResult``, a ``Checkpoint`` or a path) as plain data."""
+    metrics = getattr(checkpoint, "metrics", None) or {}
+    checkpoint = getattr(checkpoint, "checkpoint", checkpoint)
+    if isinstance(checkpoint, str):
+        return {"path": checkpoint, "filesystem": None, "metrics": metrics}
+    fs = checkpoint.filesystem
+    keep = ("training_iteration", "time_total_s", "timesteps_total", "episodes_total")
+    return {"path": checkpoint.path, "filesystem": None if _is_local(fs) else fs,
+            "metrics": {k: metrics[k] for k in keep if k in metrics}}
+
+
+class SavedCheckpoint:
+    """A light actor's saved checkpoint; unpickles as Ray Train's ``_TrainingResult`` (Ray 2.60).
+
+    Built in the trial process, which has no ``ray.train``; the driver, which
+    has, rebuilds the real object on arrival (:func:`training_result`).
+    """
+
+    def __init__(self, path: str, filesystem: Any, metrics: dict) -> None:
+        self.path, self.filesystem, self.metrics = path, filesystem, metrics
+
+    def __reduce__(self) -> tuple:
+        return training_result, (self.path, self.filesystem, self.metrics)
+
+
+def training_result(path: str, filesystem: Any, metrics: dict) -> Any:
+    """``_TrainingResult(Checkpoint(path, filesystem), metrics)``; a None filesystem is the local disk."""
+    import pyarrow.fs
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint  # Trainable's: not ray.train.Checkpoint, a class of its own in Ray 2.60
+
+    fs = pyarrow.fs.LocalFileSystem() if filesystem is None else filesystem
+    return _TrainingResult(checkpoint=Checkpoint(path=path, filesystem=fs), metrics=metrics)
+
+
+def checkpoint_dir_name(index: int) -> str:
+    """Ray 2.60 ``StorageContext._make_checkpoint_dir_name``."""
+    return f"checkpoint_{index:06d}"
+
+
+def storage_not_shared_message(experiment_path: str) -> str:
+    """Ray 2.60 ``StorageContext._check_validation_file``'s advice, for a trial on a node without the storage."""
+    return (
+        f"Unable to set up cluster storage: {experiment_path} is not visible from this node. Check that all "
+        "nodes in the cluster have read/write access to the configured storage path. `RunConfig(storage_path)` "
+        "should be set to a cloud storage URI or a shared filesystem path accessible by all nodes in your "
+        "cluster ('s3://bucket' or '/mnt/nfs'). A local path on the head node is not accessible by worker nodes."
+    )
+
+
+def checkpoint_gone_message(path: str, fs_type: str) -> str:
+    """Ray 2.60 ``Trainable.restore``'s message (``keep_restore_sources`` is about this failure)."""
+    return (f"Could not recover from checkpoint as it does not exist on storage anymore. "
+            f"Got storage fs type `{fs_type}` and path: {path}")
+
+
+def upload_dir(local_dir: str, fs: Any, fs_path: str) -> None:
+    """Copy a local directory to ``(fs, fs_path)``, as Ray 2.60's ``persist_current_checkpoint`` does."""
+    import pyarrow.fs
+
+    fs.create_dir(fs_path)
+    kwargs = {"use_threads": False} if type(fs).__name__ == "S3FileSystem" else {}  # apache/arrow#32372
+    pyarrow.fs.copy_files(local_dir, fs_path, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                          destination_filesystem=fs, chunk_size=64 * 1024 * 1024, **kwargs)
+
+
+def download_dir(fs: Any, fs_path: str, local_dir: str) -> None:
+    """Copy ``(fs, fs_path)`` to a local directory; a missing one raises Tune's restore error."""
+    import pyarrow.fs
+
+    if fs.get_file_info(fs_path).type == pyarrow.fs.FileType.NotFound:
+        raise ValueError(checkpoint_gone_message(fs_path, fs.type_name))
+    pyarrow.fs.copy_files(fs_path, local_dir, source_filesystem=fs,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+
+
+def _is_local(fs: Any) -> bool:
+    return getattr(fs, "type_name", None) == "local"
+
+
 def patch_tune_driver() -> None:
     """Install the workarounds that must run where Tune's controller runs (the driver).
 
@@ -313,6 +519,7 @@ def patch_tune_driver() -> None:
     """
     if in_worker_process():
         return
+    run_trials_as_light_actors()
     keep_restore_sources()
     drop_stale_stop_on_pause()
     stop_sweep_on_setup_error()

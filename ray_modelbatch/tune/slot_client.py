@@ -1,0 +1,217 @@
+"""The trial's side of a slot: attach to a slot host, ask it for iterations, move the slot's bytes.
+
+Every stacked model is a real Tune trial, and each trial runs in its own
+process, but the model lives on a shared slot host: this class is what that
+process does. It holds no model and imports neither torch nor ``ray.tune``
+(the Tune protocol around it is :class:`~ray_modelbatch.tune.trial_actor.SlotTrialActor`,
+or the classic ``Trainable`` :class:`~ray_modelbatch.tune.proxy.SlotTrialProxy`).
+``step()`` asks the host for the trial's next iteration and returns when it is
+done; the host keeps stepping the other trials meanwhile.
+
+The methods are named after ``Trainable``'s hooks (``setup``, ``step``,
+``save_checkpoint``, ``load_checkpoint``, ``reset_config``, ``cleanup``), so
+that both protocols call the same code. A subclass provides ``trial_id``,
+``config``, ``_experiment_dir()`` and ``_skip_taken_checkpoints()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from typing import Any
+
+import ray
+
+from ..errors import SlotHostLostError, SlotHostStartError
+from .registry import get_registry
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "slot_state.pt"  # ray_modelbatch.checkpoint.STATE_FILE (not imported: it imports torch)
+CONFIG_FILE = "trial_config.json"  # ray_modelbatch.checkpoint.CONFIG_FILE
+
+
+class SlotClient:
+    """One trial's hold on a slot of a slot host (see the module docstring)."""
+
+    _spec_bytes: bytes = b""
+    _experiment: str = ""
+    _options: dict = {}
+
+    trial_id: str
+    config: dict
+
+    def _experiment_dir(self) -> str | None:
+        """Where the host writes this trial's TensorBoard figures."""
+        raise NotImplementedError
+
+    def _skip_taken_checkpoints(self) -> None:
+        """Make this trial's next checkpoint directory one that does not exist yet (see ``ray_compat``)."""
+        raise NotImplementedError
+
+    def setup(self, config: dict, **params: Any) -> None:
+        if params:
+            raise TypeError(
+                f"tune.with_parameters(...) passed {sorted(params)} to the trial, but a batched trial's model trains "
+                "on a shared slot host, not in the trial's process. Give large objects to the host instead: return "
+                "them from batched_trainable(data=...) (called once per host), or close over them in model=/hparams=."
+            )
+        quiet_sigterm()
+        self._host = None
+        self._attached: str | None = None
+        self._attach(config)
+
+    def _attach(self, config: dict) -> None:
+        self._skip_taken_checkpoints()
+        registry = get_registry(self._spec_bytes, self._experiment, self._options)
+        token = f"{self.trial_id}:{uuid.uuid4().hex[:8]}"  # this attachment; see SlotHost.attach
+        self._lease = own_handle()  # the host frees the slot when this process dies without cleanup()
+        waited, warned, actor_errors = time.monotonic(), False, 0
+        while True:
+            try:
+                got = ray.get(registry.assign.remote(token, config))
+                if got is not None:
+                    self._host_name, self._host = got
+                    self._slot = ray.get(self._host.attach.remote(
+                        self.trial_id, config, [self._lease], self._experiment_dir(), token))
+                    break
+            except ray.exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, SlotHostStartError):  # SweepSetupError too: the driver then stops the sweep
+                    raise type(cause)(str(cause)) from None  # one line, not the registry's traceback
+                raise
+            except ray.exceptions.RayActorError:
+                # The registry stopped itself (idle timeout) just as this trial came, or the host
+                # died between reservation and attachment: ask a new registry.
+                actor_errors += 1
+                if actor_errors > 5:
+                    raise
+                time.sleep(0.5)
+                registry = get_registry(self._spec_bytes, self._experiment, self._options)
+                continue
+            elapsed = time.monotonic() - waited
+            if elapsed > self._options.get("oversubscribe_warn_s", 5.0) and (
+                    not warned or elapsed > self._options.get("host_start_timeout_s", 120.0)):
+                reason = ray.get(registry.waiting_reason.remote())
+                if reason and warned:  # resources, not full hosts: waiting longer would wait forever
+                    raise SlotHostStartError(f"trial {self.trial_id} got no slot in {elapsed:.0f}s: {reason}")
+                if reason:
+                    logger.warning("trial %s is waiting for a slot host: %s", self.trial_id, reason)
+                    warned = True
+                    continue
+            if not warned and elapsed > self._options.get("oversubscribe_warn_s", 5.0):
+                capacity = ray.get(registry.capacity.remote())
+                logger.warning(
+                    "trial %s is waiting for a free slot. Either Tune started more trials than the %d slots "
+                    "of this experiment: set TuneConfig(max_concurrent_trials=<trainable>.max_concurrent()) "
+                    "or wrap the searcher with ray_modelbatch.tune.FreeSlotLimiter. Or no node has a GPU (or "
+                    "host_cpus CPUs) free to start a slot host on: free one, or add nodes.",
+                    self.trial_id, capacity,
+                )
+                warned = True
+            time.sleep(0.2)
+        self._token = token
+        self._attached = self.trial_id
+
+    def _detach(self) -> None:
+        if self._host is not None and self._attached is not None:
+            try:
+                ray.get(self._host.detach.remote(self._token))
+            except ray.exceptions.RayActorError:
+                pass  # the host is gone, and the slot with it
+        self._attached = None
+
+    def _on_host(self, method: str, *args: Any) -> Any:
+        """Call the slot host; a dead host becomes an error Tune can recover the trial from."""
+        try:
+            return ray.get(getattr(self._host, method).remote(*args))
+        except ray.exceptions.RayActorError as exc:
+            self._attached = None
+            raise SlotHostLostError(
+                f"slot host {self._host_name} of trial {self.trial_id} died during {method}() "
+                f"({type(exc).__name__}). With tune.FailureConfig(max_failures>=1), Tune restarts the trial "
+                "from its last checkpoint on a new host; tune.CheckpointConfig(checkpoint_frequency=N) "
+                "bounds the iterations lost."
+            ) from exc
+
+    def step(self) -> dict[str, Any]:
+        return self._on_host("train", self._token)
+
+    def save_checkpoint(self, checkpoint_dir: str) -> str:
+        """The host's bytes for this slot, at the last iteration Tune took, as ``slot_state.pt``.
+
+        With PBT the directory may outlive this trial's use of it: a recipient loads it later, and
+        ``ray_compat.keep_restore_sources`` keeps Tune's retention from deleting it before then.
+        """
+        blob = self._on_host("save", self._token)
+        with open(os.path.join(checkpoint_dir, CHECKPOINT_FILE), "wb") as f:
+            f.write(blob)
+        with open(os.path.join(checkpoint_dir, CONFIG_FILE), "w") as f:  # for trainable.load_model
+            json.dump(self.config, f, default=repr)
+        return checkpoint_dir
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        """Send the checkpoint's bytes to this trial's slot, with this trial's own (maybe new) config."""
+        path = checkpoint if isinstance(checkpoint, str) else checkpoint.path
+        try:
+            with open(os.path.join(path, CHECKPOINT_FILE), "rb") as f:
+                blob = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"trial {self.trial_id} cannot restore: {os.path.join(path, CHECKPOINT_FILE)} does not exist "
+                "(deleted, or not a checkpoint of a ray_modelbatch trainable)"
+            ) from None
+        self._on_host("restore", self._token, blob, self.config)
+
+    def reset_config(self, new_config: dict) -> bool:
+        """Reused actor (``reuse_actors=True``): free the old trial's slot, attach the new trial."""
+        self._detach()
+        self._attach(new_config)
+        return True
+
+    def cleanup(self) -> None:
+        self._detach()
+
+
+def quiet_sigterm() -> None:
+    """End this trial process at SIGTERM without a traceback on the user's screen.
+
+    Ray ends a trial's process with SIGTERM, and its handler raises SystemExit
+    in whatever Python code runs next. When that is a finalizer (an actor
+    handle's or a weak set's ``__del__``, at the end of every sweep), Python
+    prints "Exception ignored in ..." and a traceback, which Ray forwards to
+    the driver although the sweep succeeded. The proxy holds no state worth
+    a graceful shutdown (the host owns every slot), so it flushes its output
+    and exits at once. Only in a Ray worker's main thread; once per process.
+    """
+    if getattr(quiet_sigterm, "done", False):
+        return
+    try:
+        if ray.get_runtime_context().get_actor_id() is None:
+            return  # not a trial process (a test running the proxy in the driver)
+
+        def exit_now(signum: int, frame: Any) -> None:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001 - a closed stream: nothing left to flush
+                    pass
+            os._exit(1)  # Ray's own handler exits with 1 too
+
+        signal.signal(signal.SIGTERM, exit_now)
+        quiet_sigterm.done = True
+    except ValueError:  # not the main thread: keep Ray's handler
+        pass
+
+
+def own_handle() -> Any:
+    """This proxy's actor handle (its lease), or None when it does not run as a Ray actor."""
+    try:
+        return ray.get_runtime_context().current_actor
+    except RuntimeError:
+        return None
