@@ -267,7 +267,7 @@ def main() -> None:
     p.add_argument("--storage", default="./runs", help="RunConfig storage_path")
     p.add_argument("--name", default="asha_sweep")
     p.add_argument("--no-reuse-actors", action="store_true",
-                   help="start a new proxy process for every trial instead of reusing stopped trials' processes")
+                   help="start a new trial process for every trial instead of reusing stopped trials' processes")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: os.cpu_count())")
     args = p.parse_args()
 
@@ -288,7 +288,7 @@ def main() -> None:
                 # the slot cap goes to the generator itself.
                 search_alg=BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=T.max_concurrent()),
                 scheduler=asha(args.max_t, args.grace, args.reduction),
-                # A stopped trial's proxy process is handed to the next trial (reset_config moves it to the
+                # A stopped trial's process is handed to the next trial (reset_config moves it to the
                 # freed slot) instead of Tune starting a new process per trial: the refill takes milliseconds.
                 # (ASHA only stops trials. With pauses, as in PBT, see pbt_sweep.py; the slot-integrity
                 # check below would show a slot reset under a running trial.)
