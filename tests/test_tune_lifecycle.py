@@ -429,6 +429,12 @@ def test_proxy_and_unpickled_trainable_do_not_import_torch(tmp_path):
     out = _run("import ray_modelbatch.tune.registry, ray_modelbatch.tune.host, sys\n"
                "assert 'ray.tune' not in sys.modules and 'torch' not in sys.modules, 'ray.tune or torch imported'")
     assert out.returncode == 0, out.stderr
+    # A trial's process (the light actor) imports neither, nor Ray Train, pandas or pyarrow.
+    out = _run("import ray_modelbatch.tune.trial_actor, sys\n"
+               "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pandas', 'pyarrow')\n"
+               "             or m.startswith(('ray.tune', 'ray.train', 'ray.data')))\n"
+               "assert not bad, bad[:5]")
+    assert out.returncode == 0, out.stderr
 
     from ray import cloudpickle
 

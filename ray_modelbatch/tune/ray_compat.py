@@ -314,6 +314,7 @@ def _last_line(text: str) -> str:
 
 
 _light_installed = False
+_light_choice: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainable class -> runs light actors
 
 
 def run_trials_as_light_actors() -> None:
@@ -361,9 +362,10 @@ def run_trials_as_light_actors() -> None:
     def light_class_get(self: Any, trainable_cls: Any) -> Any:
         if not is_light(trainable_cls):
             return cache_get(self, trainable_cls)
-        if trainable_cls not in self._cache:
-            self._cache[trainable_cls] = cache_get(self, light_actor_class(trainable_cls))
-        return self._cache[trainable_cls]
+        key = ("ray_modelbatch light actor", trainable_cls)
+        if key not in self._cache:
+            self._cache[key] = cache_get(self, light_actor_class(trainable_cls))
+        return self._cache[key]
 
     def light_kwargs(trial: Any) -> dict:
         kwargs = get_kwargs(trial=trial)
@@ -392,10 +394,14 @@ def is_light(trainable_cls: Any) -> bool:
     """Whether Tune runs this trainable's trials as light actors: a class ``batched_trainable`` made itself.
 
     ``RAY_MODELBATCH_LIGHT_TRIALS=0`` in the driver's environment runs them as
-    the classic ``Trainable`` instead (read at each trial start).
+    the classic ``Trainable`` instead. Decided once per class, so that every
+    trial of a sweep (and every actor Tune reuses among them) gets the same kind.
     """
-    return (isinstance(trainable_cls, type) and bool(vars(trainable_cls).get("_spec_bytes"))
-            and os.environ.get("RAY_MODELBATCH_LIGHT_TRIALS", "1") != "0")
+    if not isinstance(trainable_cls, type) or not vars(trainable_cls).get("_spec_bytes"):
+        return False
+    if trainable_cls not in _light_choice:
+        _light_choice[trainable_cls] = os.environ.get("RAY_MODELBATCH_LIGHT_TRIALS", "1") != "0"
+    return _light_choice[trainable_cls]
 
 
 def light_actor_class(trainable_cls: type) -> type:
