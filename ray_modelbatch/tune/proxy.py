@@ -1,13 +1,16 @@
 """The trainable a user hands to Tune: a ``Trainable`` whose trials train on a shared slot host.
 
 Every stacked model is a real Tune trial: Tune's schedulers, searchers,
-checkpointing and loggers see ordinary trials. What runs in each trial's
-process is :class:`~ray_modelbatch.tune.slot_client.SlotClient`: no model, no
-torch. Where ``ray_compat.run_trials_as_light_actors`` is installed (Ray 2.60),
-Tune's driver runs the trial as a :class:`~ray_modelbatch.tune.trial_actor.SlotTrialActor`,
-which does not import ``ray.tune`` either; this class is then what the driver
-sees (resources, the prestart of the hosts), and the fallback that runs in the
-trial process under any other Ray, for subclasses, and outside Tune.
+checkpointing and loggers see ordinary trials. A trial's process holds no
+model and imports no torch; its side of the slot is
+:class:`~ray_modelbatch.tune.slot_client.SlotClient`. Where
+``ray_compat.run_trials_as_light_actors`` is installed (Ray 2.60), the driver
+runs each trial as a :class:`~ray_modelbatch.tune.trial_actor.SlotTrialActor`,
+which does not import ``ray.tune`` either, and this class is only what the
+driver sees (resources, the prestart of the hosts). It is the trial's process
+itself (the classic path, which imports ``ray.tune``) under any other Ray, for
+subclasses of the trainable, outside Tune, and with
+``RAY_MODELBATCH_LIGHT_TRIALS=0``.
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def taken_checkpoint_index(fs: Any, trial_fs_path: str) -> int | None:
         else:
             import pyarrow.fs
 
-            names = [i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(trial_fs_path, allow_not_found=True))]
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_fs_path, allow_not_found=True))
+            names = [i.base_name for i in infos]
     except Exception:  # noqa: BLE001 - best effort; Tune's own index is the fallback
         return None
     taken = [int(m.group(1)) for n in names if (m := re.fullmatch(r"checkpoint_(\d+)", n))]
@@ -318,7 +319,7 @@ _light_choice: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # traina
 
 
 def run_trials_as_light_actors() -> None:
-    """Run each batched trial in a :class:`~ray_modelbatch.tune.trial_actor.SlotTrialActor`, which never imports ``ray.tune``.
+    """Run each batched trial as a :class:`~ray_modelbatch.tune.trial_actor.SlotTrialActor` (no ``ray.tune`` in it).
 
     Why: starting the trial processes is most of a small node's sweep (see the
     ``trial_actor`` docstring: 0.80 instead of 1.67 CPU-s per process). Ray
@@ -426,7 +427,8 @@ def light_storage(storage: Any) -> dict:
         "filesystem": None if _is_local(fs) else fs,
         "trial_fs_path": storage.trial_fs_path,
         "experiment_fs_path": storage.experiment_fs_path,
-        "validation_file": f"{storage.experiment_fs_path}/.validate_storage_marker",  # _VALIDATE_STORAGE_MARKER_FILENAME
+        # Ray's StorageContext._check_validation_file looks for _VALIDATE_STORAGE_MARKER_FILENAME there
+        "validation_file": f"{storage.experiment_fs_path}/.validate_storage_marker",
         "checkpoint_index": storage.current_checkpoint_index,
         "working_dir": storage.trial_working_directory,
     }

@@ -27,7 +27,6 @@ staged in a temporary directory and copied with ``pyarrow.fs``.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import platform
 import shutil
@@ -42,8 +41,7 @@ import ray
 from . import ray_compat
 from .slot_client import SlotClient
 
-logger = logging.getLogger(__name__)
-
+# ray.tune.result.DEBUG_METRICS (Ray 2.60): what Tune asks of a trial before its first result
 _DEBUG_METRICS = ("trial_id", "experiment_id", "date", "timestamp", "pid", "hostname", "node_ip", "config")
 
 
@@ -146,7 +144,10 @@ class SlotTrialActor(SlotClient):
         return self._local_ip, os.getpid()
 
     def save(self, checkpoint_dir: str | None = None) -> Any:
-        """Write the slot's checkpoint to the trial's next ``checkpoint_<index>``; the driver gets a ``_TrainingResult``."""
+        """Write the slot's checkpoint into the trial's next ``checkpoint_<index>``.
+
+        The driver receives Ray Train's ``_TrainingResult`` (see ``ray_compat.SavedCheckpoint``).
+        """
         metrics = dict(self._last_result or {})
         if not self._storage:  # an actor made outside Tune: like Trainable, a local directory
             path = checkpoint_dir or tempfile.mkdtemp(prefix="checkpoint_")
