@@ -532,8 +532,11 @@ class VectorOptimizer:
         ps = [rows(g.data) for g in groups.values()]
         gs = [rows(g.grad) for g in groups.values()]
         sts = [{k: rows(v) for k, v in self.state[dt].items()} for dt in groups]
-        hpm = rows(self._hp_mat)
-        hp = {k: hpm[:, j] for j, k in enumerate(self._hp_names)}
+        if idx is None:
+            hp = self.hp  # the matrix's column views, made once in _push (38 selects a step on a tiny stack)
+        else:
+            hpm = self._hp_mat.index_select(0, idx)
+            hp = {k: hpm[:, j] for j, k in enumerate(self._hp_names)}
         scalars = {k: rows(self.scalars[k]) for k in self._step_scalars}
         steps = rows(self.steps)
         if skip is not None:
