@@ -659,7 +659,9 @@ def main() -> None:
                              f"{args.baseline_gpus:g} GPU per trial: {ratio:.2f}x -> "
                              f"{'met' if ratio >= TARGET_GPU else 'not met'}")
     for h_, m_ in zip((mb or {}).get("hosts", []), (mb or {}).get("host_milestones", [])):
-        lines.append(f"- host: busy {h_['busy_fraction']:.0%}, {h_['stepped_fraction']:.0%} of held slots stepped "
+        idle = h_["wait_s"] / h_["wall_s"] if h_["wall_s"] else 0.0
+        lines.append(f"- host: busy {h_['busy_fraction']:.0%} (stepping and evaluating), waiting for work {idle:.0%}, "
+                     f"the rest serving attach/detach/save/restore; {h_['stepped_fraction']:.0%} of held slots stepped "
                      f"per fused step, step paths {h_['step_paths']}, {h_['threads']} threads, "
                      f"run-ahead {h_['run_ahead']}")
         lines.append("- host timeline, s after fit(): " + ", ".join(
