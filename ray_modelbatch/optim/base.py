@@ -606,6 +606,10 @@ class VectorOptimizer:
         table_names = list(tables)
         table = torch.stack([tables[k] for k in table_names]) if tables else None  # [Kg, n, G + 1]
         skipped = ~ok.unsqueeze(1)
+        # On CPU, whether any slot is skipped is known for free: without one (and without clipping) zeroing
+        # and scaling the gradients would rewrite them unchanged (x * 1.0 == x), so the eager update skips both.
+        # (Not in the compiled pass, fused=True: there the masking is a select inside the fused loop.)
+        mask = fused or not ps or ps[0].device.type != "cpu" or bool(skipped.any())
         single_pass = [not fused and table is None and p.device.type == "cpu" and p.dtype in SINGLE_PASS_DTYPES
                        and p.shape[1] >= SINGLE_PASS_MIN_ELEMENTS for p in ps]
         single = self._single_pass(hp, steps, ok, lr) if any(single_pass) else None
@@ -628,11 +632,12 @@ class VectorOptimizer:
                     picked = at.pick(by_group[:, r], c_, gather=p.device.type != "cpu")
                     c.update(zip(table_names, picked.unbind(0)))
                 c.update(flags)
-                self._apply(p[r, c_], g[r, c_], {k: v[r, c_] for k, v in st.items()}, c, skipped[r], cols[-1, r])
+                self._apply(p[r, c_], g[r, c_], {k: v[r, c_] for k, v in st.items()}, c, skipped[r], cols[-1, r],
+                            mask=mask)
         return norm, okf, new_scalars
 
     def _apply(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], c: dict[str, Any],
-               skipped: torch.Tensor, scale: torch.Tensor, fused: bool = False) -> None:
+               skipped: torch.Tensor, scale: torch.Tensor, fused: bool = False, mask: bool = True) -> None:
         """Zero skipped slots' gradients, scale (clip) them, then :meth:`_update`.
 
         Eagerly the gradient buffer is scaled in place (no temporary); in a
@@ -642,8 +647,10 @@ class VectorOptimizer:
         if fused:
             g = torch.where(skipped, 0.0, g) * scale
         else:
-            g.masked_fill_(skipped, 0.0)  # 0 * inf would be NaN
-            g.mul_(scale)
+            if mask:  # False: no slot is skipped (on CPU, where that is known without a sync)
+                g.masked_fill_(skipped, 0.0)  # 0 * inf would be NaN
+            if mask or self._clipping:  # otherwise scale is 1 for every slot
+                g.mul_(scale)
         self._update(p, g, state, c)
 
     def _single_pass(self, hp: Mapping[str, torch.Tensor], steps: torch.Tensor, ok: torch.Tensor,
