@@ -368,12 +368,17 @@ def run_trials_as_light_actors() -> None:
             self._cache[key] = cache_get(self, light_actor_class(trainable_cls))
         return self._cache[key]
 
+    def plain(trial: Any, config: dict) -> tuple[dict, dict]:
+        """The config without Tune's magic keys, and the trial's identity and storage as plain data."""
+        clean = {k: v for k, v in config.items() if k not in magic}
+        return clean, {"trial": light_trial(trial), "storage": light_storage(trial.storage)}
+
     def light_kwargs(trial: Any) -> dict:
         kwargs = get_kwargs(trial=trial)
         if not is_light(trial.get_trainable_cls()):
             return kwargs
-        return {"config": {k: v for k, v in kwargs["config"].items() if k not in magic},
-                "trial": light_trial(trial), "storage": light_storage(trial.storage)}
+        config, rest = plain(trial, kwargs["config"])
+        return {"config": config, **rest}
 
     def light_task(self: Any, trial: Any, method_name: str, args: tuple | None = None,
                    kwargs: dict | None = None, **rest: Any) -> Any:
@@ -381,8 +386,8 @@ def run_trials_as_light_actors() -> None:
             if method_name == "restore":
                 args = (light_checkpoint(args[0]),)
             else:
-                args = ({k: v for k, v in args[0].items() if k not in magic},)
-                kwargs = {"trial": light_trial(trial), "storage": light_storage(trial.storage)}
+                config, kwargs = plain(trial, args[0])
+                args = (config,)
         return schedule_task(self, trial, method_name, args, kwargs, **rest)
 
     _ActorClassCache.get = light_class_get

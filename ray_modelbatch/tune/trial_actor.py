@@ -67,7 +67,6 @@ class SlotTrialActor(SlotClient):
         self._timesteps_since_restore = 0
         self._iterations_since_restore = 0
         self._last_result: dict | None = None
-        self._restored = False
         self._local_ip = ray.util.get_node_ip_address()
         self._open_log_files(trial.get("stdout_file"), trial.get("stderr_file"))
 
@@ -192,7 +191,6 @@ class SlotTrialActor(SlotClient):
                 self.load_checkpoint(staged)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
-        self._restored = True
 
     def reset(self, new_config: dict, trial: dict | None = None, storage: dict | None = None) -> bool:
         """A reused actor takes a new trial (``reuse_actors=True``), as ``Trainable.reset`` does."""
