@@ -6,9 +6,12 @@ configs are drawn once up front and given to every run in the same order,
 each with its own ``seed``; all runs use the same ASHA settings, ``max_t``,
 steps per iteration, batch size and validation set. The runs:
 
-* ``ray_modelbatch``: ``batched_trainable`` -- every trial is a torch-free proxy
-  process; one slot host (1 CPU) trains the trials as fused stacks.
-  ``reuse_actors=True``, as in the example.
+* ``ray_modelbatch``: ``batched_trainable`` -- every trial's actor is a
+  torch-free object in the driver's one trial server; one slot host (1 CPU)
+  trains the trials as fused stacks. ``reuse_actors=True``, as in the example.
+  ``ray_modelbatch_process`` and ``ray_modelbatch_classic`` run the same with
+  one light process, or one classic ``Trainable`` process, per trial
+  (``RAY_MODELBATCH_TRIALS``), for the A/B in one invocation.
 * ``standard``: a plain class ``tune.Trainable`` that trains the same model with
   ``torch.optim.AdamW`` and ``LambdaLR`` (same factor as
   ``ray_modelbatch.optim.schedules.warmup_cosine``), seeded with
@@ -77,7 +80,7 @@ from ray_modelbatch.data import SlotSampler  # noqa: E402
 
 TARGET_SPEEDUP = 5.0  # vs one process per trial
 TARGET_VS_REUSE = {"mlp": 4.0, "cnn": 1.5}  # vs standard Tune with reuse_actors=True (issue 10)
-RUNS = ("ray_modelbatch", "standard", "standard+reuse", "tune_alone", "ray_modelbatch_classic")
+RUNS = ("ray_modelbatch", "standard", "standard+reuse", "tune_alone", "ray_modelbatch_process", "ray_modelbatch_classic")
 TARGET_GPU = 10.0  # on a GPU, vs standard Tune with a fraction of the GPU per trial (issue 10)
 
 
@@ -325,9 +328,11 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
              logging_level="WARNING")
     try:
         batched = kind.startswith("ray_modelbatch")
-        # ray_modelbatch_classic: each trial's process runs the classic Trainable proxy (imports ray.tune),
-        # not the light actor (ray_compat.run_trials_as_light_actors): the A/B of that choice, in one run
-        os.environ["RAY_MODELBATCH_LIGHT_TRIALS"] = "0" if kind == "ray_modelbatch_classic" else "1"
+        # Where the trials' actors run (ray_compat.trial_mode), for the A/B of that choice in one invocation:
+        # ray_modelbatch = objects in one shared trial server (the default); ray_modelbatch_process = one light
+        # actor process per trial; ray_modelbatch_classic = one classic Trainable process per trial
+        os.environ["RAY_MODELBATCH_TRIALS"] = {"ray_modelbatch_process": "process",
+                                              "ray_modelbatch_classic": "classic"}.get(kind, "shared")
         if batched:
             trainable = sweep.make_trainable(args.slots, host_threads=args.host_threads, device=args.device)
             reuse = True
@@ -533,7 +538,7 @@ def main() -> None:
         raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
     runs = {}
     start_bound = None
-    if "ray_modelbatch" in kinds:
+    if {"ray_modelbatch_process", "ray_modelbatch_classic"} & set(kinds):
         start_bound = proxy_start_bound(args.slots, args.num_cpus or os.cpu_count() or 2)
         print(f"  {args.slots} proxy-like processes started in {start_bound:.1f}s", flush=True)
     with tempfile.TemporaryDirectory(prefix="tune_sweep_") as tmp:
@@ -691,8 +696,9 @@ def main() -> None:
         lines.append(line)
     if start_bound is not None:
         lines.append(f"- bound: starting {args.slots} trial processes (importing what a light trial actor imports: no `ray.tune`, no torch) on this node takes "
-                     f"{start_bound:.1f} s by itself (measured before the runs, fresh Ray); a ray_modelbatch run with "
-                     f"{args.slots} slots cannot finish sooner")
+                     f"{start_bound:.1f} s by itself (measured before the runs, fresh Ray); a run with one process per "
+                     f"trial (`ray_modelbatch_process`, `ray_modelbatch_classic`) and {args.slots} slots cannot finish "
+                     "sooner; `ray_modelbatch` starts one trial server instead")
     lines += ["", f"Run time: {time.monotonic() - t_start:.0f} s"]
     text = "\n".join(lines) + "\n"
     print()

@@ -78,13 +78,16 @@ class MaskWatch(tune.Callback):
 # ------------------------------------------------------------------------------- slot lifecycle
 
 
-def test_slot_freed_at_once_when_trial_stops_finishes_errors_or_dies(trainables, tmp_path):
+def test_slot_freed_at_once_when_trial_stops_finishes_errors_or_dies(trainables, tmp_path, monkeypatch):
     """ASHA stops some trials, some finish, one errors inside its step, one's process is killed.
 
     The first three free their slot through ``cleanup()`` right when Tune ends them (the lease check
     runs every second, but the detach reason tells the two apart); the killed one is freed by the
-    host's lease check. Later trials take the freed slots over.
+    host's lease check. Later trials take the freed slots over. Each trial has a process of its own here
+    (``RAY_MODELBATCH_TRIALS=process``), so that one can die alone; the shared trial server's death is
+    ``test_tune_trial_actor.py``'s.
     """
+    monkeypatch.setenv("RAY_MODELBATCH_TRIALS", "process")
     T = trainables(slots_per_host=3, lease_check_s=1.0)
     lrs = [0.05, 0.03, 0.02, 0.04, 1e-5, 2e-5, 0.011]
     # lr 0.04: its model raises on its 5th forward call, i.e. inside its first step (before ASHA could stop it)
@@ -132,7 +135,8 @@ def test_slot_freed_at_once_when_trial_stops_finishes_errors_or_dies(trainables,
     assert max(sum(1 for _, ev in u if ev == "attach") for u in slot_users.values()) >= 2
 
 
-def test_reuse_actors_reset_config_hands_the_slot_to_the_next_trial(trainables, tmp_path):
+def test_reuse_actors_reset_config_hands_the_slot_to_the_next_trial(trainables, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_MODELBATCH_TRIALS", "process")  # a process per actor: its pid names the actor
     T = trainables(slots_per_host=2)
     masks = MaskWatch(T)
     grid, log = h.fit(T, {"lr": tune.grid_search([0.05, 0.03, 0.02, 0.01, 0.005])}, tmp_path,
@@ -429,8 +433,9 @@ def test_proxy_and_unpickled_trainable_do_not_import_torch(tmp_path):
     out = _run("import ray_modelbatch.tune.registry, ray_modelbatch.tune.host, sys\n"
                "assert 'ray.tune' not in sys.modules and 'torch' not in sys.modules, 'ray.tune or torch imported'")
     assert out.returncode == 0, out.stderr
-    # A trial's process (the light actor) imports neither, nor Ray Train, pandas or pyarrow.
-    out = _run("import ray_modelbatch.tune.trial_actor, sys\n"
+    # A trial's process (the light actor, or the shared trial server) imports neither, nor Ray Train, pandas
+    # or pyarrow.
+    out = _run("import ray_modelbatch.tune.trial_actor, ray_modelbatch.tune.trial_server, sys\n"
                "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pandas', 'pyarrow')\n"
                "             or m.startswith(('ray.tune', 'ray.train', 'ray.data')))\n"
                "assert not bad, bad[:5]")

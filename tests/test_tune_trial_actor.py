@@ -1,16 +1,19 @@
-"""The light trial actor (``trial_actor.SlotTrialActor``) against the classic ``Trainable`` proxy.
+"""Where a batched trial's actor runs: the shared trial server, a light process, or the classic ``Trainable``.
 
-Tune's driver runs a batched trial as a plain Ray actor that never imports
-``ray.tune`` (``ray_compat.run_trials_as_light_actors``). These tests check that
-it is the light actor that runs, that Tune sees the same results, keys and
-checkpoints as from the classic proxy, and that checkpoints also travel through
-a filesystem that is not the local disk.
+Tune's driver runs a batched trial's actor without ``ray.tune`` in it
+(``ray_compat.run_trials_as_light_actors``): by default as an object in the
+driver's one trial server (``trial_server``), else (``RAY_MODELBATCH_TRIALS=process``)
+as a light actor process of its own. These tests check which one runs, that Tune
+sees the same results, keys and checkpoints from each as from the classic proxy,
+that checkpoints also travel through a filesystem that is not the local disk,
+and that trials survive the death of the shared server.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import signal
 
 import pyarrow.fs
 import pytest
@@ -47,38 +50,86 @@ def _sweep(T, tmp_path, name, **run_kw):
     grid, log = h.fit(T, {"lr": tune.grid_search([0.05, 0.02]), "seed": tune.grid_search([3])}, tmp_path,
                       name=name, run_kw={"stop": {"training_iteration": 3}, "callbacks": [maps],
                                          "checkpoint_config": tune.CheckpointConfig(checkpoint_frequency=1),
-                                         **run_kw})
+                                         "log_to_file": "trial.log", **run_kw})
     assert h.errors(grid) == []
     return grid, log, maps
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/<pid>/maps (Linux)")
-def test_light_trials_skip_ray_tune_and_match_the_classic_proxy(trainables, tmp_path, monkeypatch):
-    light, light_log, light_maps = _sweep(trainables(slots_per_host=2), tmp_path, "light", log_to_file="trial.log")
-    monkeypatch.setenv("RAY_MODELBATCH_LIGHT_TRIALS", "0")
-    classic, classic_log, classic_maps = _sweep(trainables(slots_per_host=2), tmp_path, "classic")
+def _log_files(name):
+    return glob.glob(os.path.join(ray._private.worker._global_node.get_session_dir_path(),
+                                  "artifacts", "*", name, "working_dirs", "*", "trial.log"))
 
-    assert light_maps.seen and not any(light_maps.seen.values()), light_maps.seen  # no ray.tune in a light trial
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/<pid>/maps (Linux)")
+def test_shared_and_light_trials_skip_ray_tune_and_match_the_classic_proxy(trainables, tmp_path, monkeypatch):
+    runs = {}
+    for mode in ("shared", "process", "classic"):
+        monkeypatch.setenv("RAY_MODELBATCH_TRIALS", mode)
+        T = trainables(slots_per_host=2)
+        runs[mode] = (*_sweep(T, tmp_path, mode), T.host_stats()[0]["pid"])
+
+    shared_maps, process_maps, classic_maps = (runs[m][2] for m in ("shared", "process", "classic"))
+    # shared: both trials report the one trial server's process, neither the driver's nor the host's
+    assert len(shared_maps.seen) == 1 and not any(shared_maps.seen.values()), shared_maps.seen
+    assert set(shared_maps.seen) & {os.getpid(), runs["shared"][3]} == set()
+    assert len(process_maps.seen) == 2 and not any(process_maps.seen.values()), process_maps.seen
     assert classic_maps.seen and all(classic_maps.seen.values()), classic_maps.seen  # the check can fail
+    # after fit() the server's process ends (its trials were stopped, or killed by Tune's cleanup)
+    assert h.wait_until(lambda: not [a for a in h.alive_actors() if a["ActorClassName"] == "TrialServer"],
+                        timeout=20), h.alive_actors()
 
     by_lr = lambda grid: {r.config["lr"]: r for r in grid}  # noqa: E731
-    light_by, classic_by = by_lr(light), by_lr(classic)
-    for lr in (0.05, 0.02):
-        a, b = light_log.rows(light_by[lr]), classic_log.rows(classic_by[lr])
-        assert [sorted(r) for r in a] == [sorted(r) for r in b]  # the same keys as Trainable fills in
-        assert [{k: v for k, v in r.items() if k not in VOLATILE} for r in a] == \
-               [{k: v for k, v in r.items() if k not in VOLATILE} for r in b]
-        ca, cb = light_by[lr].checkpoint, classic_by[lr].checkpoint
-        assert os.path.basename(ca.path) == os.path.basename(cb.path) == "checkpoint_000002"
-        assert type(ca) is type(cb) and type(ca.filesystem) is type(cb.filesystem)
-        sa, sb = h.load_slot_state(ca.path), h.load_slot_state(cb.path)
-        for k, v in sa["model"].items():
-            assert torch.equal(v, sb["model"][k]), k
-        assert sa["optimizer"]["steps"] == sb["optimizer"]["steps"] == 3 * K
-    # RunConfig(log_to_file=...): a file per trial in its working directory, as Trainable writes it
-    logs = glob.glob(os.path.join(ray._private.worker._global_node.get_session_dir_path(),
-                                  "artifacts", "*", "light", "working_dirs", "*", "trial.log"))
-    assert len(logs) == 2, logs
+    classic, classic_log = runs["classic"][:2]
+    for mode in ("shared", "process"):
+        grid, log = runs[mode][:2]
+        for lr in (0.05, 0.02):
+            a, b = log.rows(by_lr(grid)[lr]), classic_log.rows(by_lr(classic)[lr])
+            assert [sorted(r) for r in a] == [sorted(r) for r in b]  # the same keys as Trainable fills in
+            assert [{k: v for k, v in r.items() if k not in VOLATILE} for r in a] == \
+                   [{k: v for k, v in r.items() if k not in VOLATILE} for r in b]
+            ca, cb = by_lr(grid)[lr].checkpoint, by_lr(classic)[lr].checkpoint
+            assert os.path.basename(ca.path) == os.path.basename(cb.path) == "checkpoint_000002"
+            assert type(ca) is type(cb) and type(ca.filesystem) is type(cb.filesystem)
+            sa, sb = h.load_slot_state(ca.path), h.load_slot_state(cb.path)
+            for k, v in sa["model"].items():
+                assert torch.equal(v, sb["model"][k]), k
+            assert sa["optimizer"]["steps"] == sb["optimizer"]["steps"] == 3 * K
+        # RunConfig(log_to_file=...): a file per trial in its working directory, as Trainable writes it
+        assert len(_log_files(mode)) == 2, (mode, _log_files(mode))
+
+
+class KillServerAt(tune.Callback):
+    """SIGKILLs the shared trial server (the process every result names) at the first result of iteration ``at``."""
+
+    def __init__(self, at):
+        self.at, self.killed = at, None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.killed is None and result["training_iteration"] == self.at:
+            self.killed = result["pid"]
+            os.kill(self.killed, signal.SIGKILL)
+
+
+def test_trials_survive_the_shared_trial_server_dying(trainables, tmp_path):
+    """The server's death fails every trial it held, as their processes' deaths would: the host frees their
+    slots by the lease, Tune restarts each from its checkpoint (``FailureConfig``) on a new server, and every
+    trial still trains exactly its steps."""
+    T = trainables(slots_per_host=3, lease_check_s=0.5)
+    kill = KillServerAt(at=2)
+    grid, log = h.fit(T, {"lr": tune.grid_search([0.05, 0.03, 0.02])}, tmp_path,
+                      run_kw={"stop": {"training_iteration": 4}, "callbacks": [kill],
+                              "checkpoint_config": tune.CheckpointConfig(checkpoint_frequency=1),
+                              "failure_config": tune.FailureConfig(max_failures=1)})
+    assert kill.killed is not None
+    assert h.errors(grid) == [] and len(grid) == 3
+    for r in grid:
+        rows = log.rows(r)
+        assert r.metrics["training_iteration"] == 4 and r.metrics["slot_steps"] == 4 * K
+        assert any(x["pid"] != kill.killed for x in rows)  # it went on in a new server
+    new_pids = {x["pid"] for r in grid for x in log.rows(r)} - {kill.killed}
+    assert len(new_pids) == 1, new_pids  # one new server for all restarted trials
+    assert h.wait_until(lambda: sum(s["attached"] + s["reserved"] for s in T.host_stats()) == 0, timeout=15)
+    assert sum(s["freed_by_lease"] for s in T.host_stats()) >= 1  # the dead server's trials' slots
 
 
 def test_light_trial_checkpoints_through_another_filesystem(trainables, tmp_path):
@@ -128,3 +179,52 @@ def _iteration_3(T, tmp_path):
                       run_kw={"stop": {"training_iteration": 3}})
     return log.rows(grid[0])[-1]
 
+
+
+def test_shared_trial_handles_keep_order_fail_alone_and_end_by_kill(trainables):
+    """Handles made as Tune's actor manager makes them: a trial's calls run in order; a trial whose
+    constructor failed raises that error on every call while another trial trains on; ``ray.kill``'s
+    route (``handle.kill()``) frees the slot at once; ``ray.kill`` of real actors still goes to Ray."""
+    from ray.air.execution._internal.actor_manager import RayActorManager
+
+    from ray_modelbatch.tune.shared_trials import SharedTrialClass, forget_trial_server
+
+    T = trainables(slots_per_host=2)
+    cls = SharedTrialClass.of(T).options(num_cpus=0.01, scheduling_strategy=None)  # what Tune passes is ignored
+    try:
+        good = cls.remote(config={"lr": 0.05, "seed": 3}, trial={"trial_id": "good"})
+        bad = cls.remote(config={"seed": 4}, trial={"trial_id": "bad"})  # hparams() reads config["lr"]
+        assert ray.get(good.__ray_ready__.remote()) is True
+        with pytest.raises(ray.exceptions.RayTaskError, match="has no key 'lr'"):
+            ray.get(bad.__ray_ready__.remote())
+        with pytest.raises(ray.exceptions.RayTaskError, match="has no key 'lr'"):
+            ray.get(bad.train.remote())
+        # four calls submitted at once run in their order: iterations 1, 2, 3 and then the metrics of 3
+        refs = [good.train.remote() for _ in range(3)] + [good.get_auto_filled_metrics.remote(debug_metrics_only=True)]
+        results = ray.get(refs)
+        assert [r["training_iteration"] for r in results[:3]] == [1, 2, 3]
+        assert [r["slot_steps"] for r in results[:3]] == [K, 2 * K, 3 * K]
+        assert results[3]["trial_id"] == "good" and "time_total_s" not in results[3]
+        assert T.host_stats()[0]["attached"] == 1
+
+        # Tune's actor manager kills a trial it gave up waiting on: the shared handle ends in the server
+        class Manager:  # the attributes RayActorManager._try_kill_actor uses
+            def __init__(self, handle):
+                self._live_actors_to_ray_actors_resources = {"tracked": (handle, None)}
+                self._live_actors_to_kill = {"tracked"}
+                self.stopped = []
+
+            def _cleanup_actor_futures(self, tracked):
+                self.stopped.append(("futures", tracked))
+
+            def _actor_stop_resolved(self, tracked):
+                self.stopped.append(("stopped", tracked))
+
+        manager = Manager(good)
+        assert RayActorManager._try_kill_actor(manager) is True
+        assert manager.stopped == [("futures", "tracked"), ("stopped", "tracked")]
+        assert h.wait_until(lambda: T.host_stats()[0]["attached"] == 0, timeout=10)
+        with pytest.raises(ray.exceptions.RayTaskError, match="has ended"):
+            ray.get(good.train.remote())
+    finally:
+        forget_trial_server()

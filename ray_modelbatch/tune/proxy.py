@@ -5,12 +5,13 @@ checkpointing and loggers see ordinary trials. A trial's process holds no
 model and imports no torch; its side of the slot is
 :class:`~ray_modelbatch.tune.slot_client.SlotClient`. Where
 ``ray_compat.run_trials_as_light_actors`` is installed (Ray 2.60), the driver
-runs each trial as a :class:`~ray_modelbatch.tune.trial_actor.SlotTrialActor`,
-which does not import ``ray.tune`` either, and this class is only what the
-driver sees (resources, the prestart of the hosts). It is the trial's process
-itself (the classic path, which imports ``ray.tune``) under any other Ray, for
-subclasses of the trainable, outside Tune, and with
-``RAY_MODELBATCH_LIGHT_TRIALS=0``.
+runs each trial as a :class:`~ray_modelbatch.tune.trial_actor.SlotTrialActor`
+(by default an object in the driver's one trial server, see
+:mod:`~ray_modelbatch.tune.trial_server`), which does not import ``ray.tune``
+either, and this class is only what the driver sees (resources, the prestart
+of the hosts and the trial server). It is the trial's process itself (the
+classic path, which imports ``ray.tune``) under any other Ray, for subclasses
+of the trainable, outside Tune, and with ``RAY_MODELBATCH_TRIALS=classic``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import ray
 from ray.tune import Trainable
 from ray.tune.execution.placement_groups import PlacementGroupFactory
 
-from .ray_compat import experiment_dir, patch_tune_driver, quiet_setup_time_notice, skip_taken_checkpoint_dirs
+from .ray_compat import (experiment_dir, patch_tune_driver, quiet_setup_time_notice, skip_taken_checkpoint_dirs,
+                         trial_mode)
 from .registry import get_registry
+from .shared_trials import trial_server
 from .slot_client import SlotClient
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,8 @@ class SlotTrialProxy(SlotClient, Trainable):
         try:
             registry = get_registry(cls._spec_bytes, cls._experiment, cls._options)
             registry.start_hosts.remote(cls._options.get("profile_config") or config, quiet=True)  # not awaited
+            if trial_mode(cls) == "shared":
+                trial_server()  # its process starts beside the host's, before Tune makes the first trial
         except Exception as exc:  # noqa: BLE001 - only a head start: the first trial's setup() tries again
             logger.debug("could not prestart the slot hosts: %s", exc)
 

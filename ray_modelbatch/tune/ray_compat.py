@@ -315,7 +315,7 @@ def _last_line(text: str) -> str:
 
 
 _light_installed = False
-_light_choice: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainable class -> runs light actors
+_light_choice: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainable class -> trial_mode()
 
 
 def run_trials_as_light_actors() -> None:
@@ -327,7 +327,9 @@ def run_trials_as_light_actors() -> None:
     ``_ActorClassCache.get(trainable_cls)`` with ``_get_trainable_kwargs(trial)``
     and calls it through ``TuneController._schedule_trial_task``. For a class
     made by ``batched_trainable`` (not a subclass: its overrides would be lost),
-    the wrappers here substitute the light actor class and hand it plain data:
+    the wrappers here substitute the light actor class (by default a
+    :class:`~ray_modelbatch.tune.shared_trials.SharedTrialClass`, whose trials
+    are objects in one trial server; see :func:`trial_mode`) and hand it plain data:
 
     * the actor's kwargs and ``reset``'s: the config without Tune's magic keys,
       ``trial`` (id, name, log files) and ``storage`` (:func:`light_storage`)
@@ -365,7 +367,12 @@ def run_trials_as_light_actors() -> None:
             return cache_get(self, trainable_cls)
         key = ("ray_modelbatch light actor", trainable_cls)
         if key not in self._cache:
-            self._cache[key] = cache_get(self, light_actor_class(trainable_cls))
+            if trial_mode(trainable_cls) == "shared":
+                from .shared_trials import SharedTrialClass
+
+                self._cache[key] = SharedTrialClass.of(trainable_cls)
+            else:
+                self._cache[key] = cache_get(self, light_actor_class(trainable_cls))
         return self._cache[key]
 
     def plain(trial: Any, config: dict) -> tuple[dict, dict]:
@@ -393,21 +400,87 @@ def run_trials_as_light_actors() -> None:
     _ActorClassCache.get = light_class_get
     tune_controller._get_trainable_kwargs = light_kwargs
     controller_cls._schedule_trial_task = light_task
+    _route_kills_of_shared_trials()
     _light_installed = True
 
 
-def is_light(trainable_cls: Any) -> bool:
-    """Whether Tune runs this trainable's trials as light actors: a class ``batched_trainable`` made itself.
+def _route_kills_of_shared_trials() -> None:
+    """``ray.kill`` of a shared trial's handle ends that trial in the trial server, not a process.
 
-    ``RAY_MODELBATCH_LIGHT_TRIALS=0`` in the driver's environment runs them as
-    the classic ``Trainable`` instead. Decided once per class, so that every
-    trial of a sweep (and every actor Tune reuses among them) gets the same kind.
+    Ray 2.60 (``air/execution/_internal/actor_manager.py``): ``RayActorManager``
+    calls ``ray.kill(handle)`` in ``_try_kill_actor`` (a trial stopped with
+    ``kill=True``) and in ``cleanup`` (every live actor at the end of ``fit()``);
+    ``ray.kill`` accepts only real actor handles. The wrappers end the shared
+    trials first (:meth:`SharedTrialHandle.kill`) and leave real actors to Ray;
+    ``cleanup`` also drops the driver's handle of the trial server, whose
+    process then ends with the sweep's last trial handle.
+    Check on upgrade: ``tests/test_tune_trial_actor.py`` (shared trials).
+    """
+    from ray.air.execution._internal.actor_manager import RayActorManager
+
+    from .shared_trials import forget_trial_server, is_shared_handle
+
+    try_kill, cleanup = RayActorManager._try_kill_actor, RayActorManager.cleanup
+
+    def try_kill_actor(self: Any) -> bool:
+        live = self._live_actors_to_ray_actors_resources
+        shared = next((t for t in self._live_actors_to_kill if is_shared_handle(live[t][0])), None)
+        if shared is None:
+            return try_kill(self)
+        self._live_actors_to_kill.discard(shared)
+        live[shared][0].kill()
+        self._cleanup_actor_futures(shared)
+        self._actor_stop_resolved(shared)
+        return True
+
+    def cleanup_all(self: Any) -> None:
+        live = self._live_actors_to_ray_actors_resources
+        for tracked in [t for t, (handle, _) in live.items() if is_shared_handle(handle)]:
+            handle, acquired = live.pop(tracked)
+            handle.kill()
+            self._resource_manager.free_resources(acquired_resource=acquired)
+        self._live_resource_cache = None
+        forget_trial_server()  # the server ends with the sweep's last trial handle
+        return cleanup(self)
+
+    RayActorManager._try_kill_actor = try_kill_actor
+    RayActorManager.cleanup = cleanup_all
+
+
+TRIAL_MODES = ("shared", "process", "classic")
+
+
+def trial_mode(trainable_cls: Any) -> str:
+    """Where a trainable's trial actors run: ``shared``, ``process`` or ``classic`` (see below).
+
+    * ``shared`` (the default for a class ``batched_trainable`` made itself):
+      every trial's actor is an object in the driver's one trial server
+      (:mod:`~ray_modelbatch.tune.trial_server`); no process per trial.
+    * ``process``: one light actor process per trial (:mod:`~ray_modelbatch.tune.trial_actor`).
+    * ``classic``: one ``Trainable`` process per trial (``SlotTrialProxy``); also
+      every subclass of a batched trainable, whose overrides only a
+      ``Trainable`` runs.
+
+    Chosen with ``RAY_MODELBATCH_TRIALS`` in the driver's environment
+    (``RAY_MODELBATCH_LIGHT_TRIALS=0``, the older switch, means ``classic``).
+    Decided once per class, so that every trial of a sweep (and every actor Tune
+    reuses among them) gets the same kind.
     """
     if not isinstance(trainable_cls, type) or not vars(trainable_cls).get("_spec_bytes"):
-        return False
+        return "classic"
     if trainable_cls not in _light_choice:
-        _light_choice[trainable_cls] = os.environ.get("RAY_MODELBATCH_LIGHT_TRIALS", "1") != "0"
+        mode = os.environ.get("RAY_MODELBATCH_TRIALS", "").strip().lower() or (
+            "classic" if os.environ.get("RAY_MODELBATCH_LIGHT_TRIALS", "1") == "0" else "shared")
+        if mode not in TRIAL_MODES:
+            raise ValueError(f"RAY_MODELBATCH_TRIALS={mode!r} is not one of {', '.join(TRIAL_MODES)}; "
+                             "unset it for the default (shared)")
+        _light_choice[trainable_cls] = mode
     return _light_choice[trainable_cls]
+
+
+def is_light(trainable_cls: Any) -> bool:
+    """Whether Tune runs this trainable's trials without ``ray.tune`` in them (``shared`` or ``process``)."""
+    return trial_mode(trainable_cls) != "classic"
 
 
 def light_actor_class(trainable_cls: type) -> type:
@@ -536,6 +609,38 @@ def patch_tune_driver() -> None:
     keep_restore_sources()
     drop_stale_stop_on_pause()
     stop_sweep_on_setup_error()
+
+
+def actor_is_dead(handle: Any) -> bool:
+    """Whether Ray's control store says the actor is dead (False when it cannot tell).
+
+    Ray 2.60: ``ray._private.state.actors(actor_id=...)["State"]`` (about 0.5 ms);
+    there is no public call (``ray.get_actor`` still returns a dead named actor,
+    and a probe task needs a wait). The driver asks before it gives a new trial
+    to its trial server.
+    """
+    try:
+        from ray._private import state as ray_state
+
+        return ray_state.actors(actor_id=handle._actor_id.hex()).get("State") == "DEAD"
+    except Exception:  # noqa: BLE001 - a private API: absent or changed means "not known to be dead"
+        return False
+
+
+def quiet_blocking_get_warning() -> None:
+    """Drop Ray's "Using blocking ray.get inside async actor" warning in the trial server.
+
+    Ray 2.60 (``_private/worker.py``, ``blocking_get_inside_async_warned``) warns
+    at the first ``ray.get`` anywhere in an async actor's process, also from a
+    thread of its own executor, where blocking is the point: the trial server
+    runs each trial's calls on such threads and never blocks its event loop.
+    """
+    try:
+        from ray._private import worker
+
+        worker.blocking_get_inside_async_warned = True
+    except (ImportError, AttributeError):
+        pass
 
 
 def in_worker_process() -> bool:

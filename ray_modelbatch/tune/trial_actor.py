@@ -1,4 +1,8 @@
-"""A batched trial's process without ``ray.tune``: Tune's trainable protocol, spoken by a plain Ray actor.
+"""A batched trial's actor without ``ray.tune``: Tune's trainable protocol, spoken by a plain Ray actor.
+
+By default each trial's ``SlotTrialActor`` is an object in the driver's one
+trial server (:mod:`~ray_modelbatch.tune.trial_server`); with
+``RAY_MODELBATCH_TRIALS=process`` it is a Ray actor process of its own.
 
 Why: a sweep of S slots runs S trial processes at once, and on a small node
 starting them is most of the sweep's cost. Measured on a 2-core node (16 actors

@@ -1,0 +1,154 @@
+"""The driver's side of shared trials: an actor class and handles that Tune drives like real actors.
+
+Tune's controller (Ray 2.60) makes a trial's actor with
+``actor_cls.options(**resources).remote(**kwargs)``, calls its methods with
+``handle.<method>.remote(...)`` (``__ray_ready__`` first, ``__ray_terminate__``
+or ``stop`` last) and ends it with ``ray.kill``. :class:`SharedTrialClass` and
+:class:`SharedTrialHandle` answer the same calls, but every trial's actor is an
+object in the driver's one :class:`~ray_modelbatch.tune.trial_server.TrialServer`
+process: each call becomes ``server.call(key, seq, method, ...)``, whose future
+Tune waits on as usual. Why, and the guarantees kept: see ``trial_server``.
+
+Tune still reserves each trial's resources (its placement group of 0.01 CPU by
+default), so its scheduling and concurrency limits are unchanged; only the
+process is shared. ``ray.kill`` of a shared handle is routed by
+``ray_compat.run_trials_as_light_actors``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from typing import Any
+
+import ray
+from ray.actor import ActorClass
+
+from . import ray_compat
+
+_server_lock = threading.Lock()
+_server: list = []  # [handle, Ray session]: the driver holds the creating handle (Ray ends the actor without it)
+
+
+def trial_server() -> Any:
+    """This driver's trial server, started on first use outside any placement group, again if it died.
+
+    When the server's process dies, its trials fail as their own processes
+    would have, and Tune restarts them per ``FailureConfig``: by then Ray knows
+    the server is dead, so the restarted trials get a new one.
+    """
+    from .trial_server import TrialServer
+
+    context = ray.get_runtime_context()
+    session = (context.get_node_id(), context.get_job_id())  # a new ray.init() in this driver: a new server
+    with _server_lock:
+        if _server and _server[1] == session and not ray_compat.actor_is_dead(_server[0]):
+            return _server[0]
+        handle = (
+            ray.remote(TrialServer)
+            .options(
+                num_cpus=0,
+                max_restarts=0,
+                max_concurrency=100_000,  # an async actor: calls wait on asyncio, not on threads of their own
+                scheduling_strategy="DEFAULT",
+            )
+            .remote()
+        )
+        _server[:] = [handle, session]
+        return handle
+
+
+def forget_trial_server() -> None:
+    """Drop the driver's own handle of its trial server (at the end of ``fit()``).
+
+    The server's process ends when the last handle to it goes: Tune drops its
+    trials' handles as it stops them, so nothing of a sweep outlives ``fit()``
+    except the slot hosts' idle timeout. A later ``fit()`` starts a new server.
+    """
+    with _server_lock:
+        _server.clear()
+
+
+class SharedTrialClass(ActorClass):
+    """Stands in for a batched trainable's actor class; ``remote()`` makes a trial in the shared server.
+
+    A subclass of Ray's ``ActorClass`` only so that Tune's actor manager takes
+    it as one (it would otherwise wrap it with ``ray.remote``); made with
+    :meth:`of`, never through ``ActorClass``'s constructor.
+    """
+
+    _payload: dict
+
+    @classmethod
+    def of(cls, trainable_cls: type) -> SharedTrialClass:
+        self = object.__new__(cls)
+        self._payload = {
+            "name": f"{trainable_cls.__name__}-{uuid.uuid4().hex[:8]}",
+            "class_name": trainable_cls.__name__,
+            **{k: vars(trainable_cls)[k] for k in ("_spec_bytes", "_experiment", "_options")},
+        }
+        self._payload_ref = None
+        return self
+
+    def options(self, **_resources: Any) -> SharedTrialClass:
+        """Tune's resources for the trial: its placement group holds them; the shared process needs none."""
+        return self
+
+    def remote(self, *args: Any, **kwargs: Any) -> SharedTrialHandle:
+        if self._payload_ref is None:
+            self._payload_ref = ray.put(self._payload)  # the spec travels once, not with every trial
+        return SharedTrialHandle(trial_server(), self._payload_ref, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"SharedTrialClass({self._payload['class_name']})"
+
+
+class SharedTrialHandle:
+    """One trial's actor handle: ``handle.<method>.remote(...)`` runs the method of its object in the server."""
+
+    def __init__(self, server: Any, payload_ref: Any, args: tuple, kwargs: dict) -> None:
+        self._server = server
+        self._key = uuid.uuid4().hex
+        self._seq = itertools.count()
+        self._ended = False
+        self._submit("__init__", args, kwargs, payload_ref)  # its errors surface at __ray_ready__, as Ray's do
+
+    def _submit(self, method: str, args: tuple, kwargs: dict, payload: Any = None) -> Any:
+        if method in ("stop", "__ray_terminate__"):
+            self._ended = True
+        return self._server.call.remote(self._key, next(self._seq), method, args, kwargs, payload)
+
+    def __getattr__(self, name: str) -> _SharedMethod:
+        if name.startswith("_") and name not in ("__ray_ready__", "__ray_terminate__"):
+            raise AttributeError(name)
+        return _SharedMethod(self, name)
+
+    def kill(self) -> None:
+        """``ray.kill`` of this trial's actor: end it in the server now (its slot is freed at once)."""
+        self._ended = True
+        self._server.kill.remote(self._key)
+
+    def __del__(self) -> None:
+        # Ray ends an actor whose last handle is dropped; a trial that Tune dropped without stop() (its
+        # constructor failed) is forgotten by the server the same way.
+        if not self._ended:
+            try:
+                self.kill()
+            except Exception:  # noqa: BLE001 - Ray already shut down: the server is gone with it
+                pass
+
+    def __repr__(self) -> str:
+        return f"SharedTrialHandle({self._key[:8]})"
+
+
+class _SharedMethod:
+    def __init__(self, handle: SharedTrialHandle, name: str) -> None:
+        self._handle, self._name = handle, name
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self._handle._submit(self._name, args, kwargs)
+
+
+def is_shared_handle(handle: Any) -> bool:
+    return isinstance(handle, SharedTrialHandle)
