@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from . import inputs
+from . import inputs, slot_losses
 from .amp import SlotGradScaler
 from .model_batch import ModelBatch, Slots
 from .optim.base import VectorOptimizer
@@ -353,7 +353,7 @@ class FusedEngine:
         if user is None:
             out = self.mb(x, per_slot=per_slot, slots=host)
             ydim = 0 if per_slot and y is not None else None
-            return {name: torch.vmap(fn, in_dims=(0, ydim))(out, y) for name, fn in fns.items()}
+            return _metric_values(fns, out, y, ydim)
         if isinstance(user, Mapping):  # parts, no eval_step: each part's step on validation data
             out: dict[str, torch.Tensor] = {}
             for part, fn in user.items():
@@ -372,3 +372,23 @@ class FusedEngine:
             raise TypeError(f"eval_step returned values that are not one number (or one per example) per model: "
                             f"{bad}; return scalars such as (pred == y).float().mean().")
         return dict(res)
+
+
+def _metric_values(fns: Mapping[str, MetricFn], out: Any, y: Any, ydim: int | None) -> dict[str, torch.Tensor]:
+    """``{name: fn(out[i], y_i)}`` for every slot ``i``: the common losses in one batched call each
+    (:func:`~ray_modelbatch.slot_losses.per_slot_loss`), every other metric in one shared ``torch.vmap``.
+
+    A vmap call costs about 2 ms of Python on CPU whatever the sizes: one per
+    metric was 10% of the digits MLP sweep's host time, for two tiny metrics.
+    """
+    values: dict[str, torch.Tensor] = {}
+    rest: dict[str, MetricFn] = {}
+    for name, fn in fns.items():
+        batched = slot_losses.per_slot_loss(fn, out, y, per_slot_targets=ydim is not None)
+        if batched is None:
+            rest[name] = fn
+        else:
+            values[name] = batched
+    if rest:
+        values.update(torch.vmap(lambda o, t: {name: fn(o, t) for name, fn in rest.items()}, in_dims=(0, ydim))(out, y))
+    return {name: values[name] for name in fns}

@@ -54,3 +54,27 @@ def test_forward_loss_gives_each_slot_its_own_loss_and_gradient(loss_fn):
         ref.backward()
         torch.testing.assert_close(losses[i], ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(mb.params["0.weight"].grad[i], m[0].weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_batches_the_loss_and_vmaps_every_other_metric_once(monkeypatch):
+    """engine.evaluate: the loss through per_slot_loss, the user's metrics in one shared vmap; values equal
+    each model's own."""
+    from ray_modelbatch import engine as engine_mod
+
+    calls = []
+    real_vmap = torch.vmap
+    monkeypatch.setattr(engine_mod.torch, "vmap", lambda *a, **k: calls.append(1) or real_vmap(*a, **k))
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)) for _ in range(3)]
+    mb = rmb.ModelBatch(clones(models))
+    eng = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=1e-3), F.cross_entropy)
+    x, y = torch.randn(20, 6), torch.randint(0, 4, (20,))
+    fns = {"acc": lambda o, t: (o.argmax(-1) == t).float().mean(), "top": lambda o, t: o.max(-1).values.mean()}
+    got = eng.evaluate(x, y, fns, slots=[0, 2])
+    assert len(calls) == 1  # one vmap for both metrics; none for the loss
+    for k, j in enumerate([0, 2]):
+        with torch.no_grad():
+            out = models[j](x)
+        torch.testing.assert_close(got["loss"][k], F.cross_entropy(out, y))
+        torch.testing.assert_close(got["acc"][k], fns["acc"](out, y))
+        torch.testing.assert_close(got["top"][k], fns["top"](out, y))
