@@ -324,8 +324,9 @@ def test_searchers_never_oversubscribe_the_slots(trainables, tmp_path, searcher)
     assert watch.max_held <= 2
     assert len({e["trial"] for e in stats["events"] if e["event"] == "attach"}) == 4
     if searcher == "unlimited":
-        # Tune started more trials than slots: the host refused reservations and trials waited.
-        assert live.max_live > 2 and stats["refused"] >= 4, (live.max_live, stats["refused"])
+        # Tune started more trials than slots: the host refused the two extra trials' reservations (each at
+        # least once; how often they asked again while waiting depends on timing) and they waited.
+        assert live.max_live > 2 and stats["refused"] >= 2, (live.max_live, stats["refused"])
     else:
         assert live.max_live <= 2
         assert stats["refused"] <= REFUSALS_TOLERATED
