@@ -281,6 +281,7 @@ class SlotHost:
                 "pid": os.getpid(),
                 "threads": self.threads,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # see _passive_openmp
+                "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),  # see cpu_memory.allocator_env
                 "run_ahead": self.run_ahead,
                 "in_placement_group": self.in_placement_group,
                 "capacity": self.capacity,

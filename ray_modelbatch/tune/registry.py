@@ -27,6 +27,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ..cpu_memory import allocator_env
 from ..errors import SlotHostStartError, SweepSetupError
 from .host import SlotHost
 from .ray_compat import available_resources_per_node
@@ -227,6 +228,9 @@ class HostRegistry:
             if place.node_id is None
             else NodeAffinitySchedulingStrategy(place.node_id, soft=False),
         }
+        env = allocator_env()  # the engine thread's big tensors stay in the process (see cpu_memory)
+        if env:
+            opts["runtime_env"] = {"env_vars": env}  # merged with the job's runtime_env by Ray
         handle = ray.remote(SlotHost).options(**opts).remote(
             self.spec_bytes, name, slots, lease_check_s=self.options.get("lease_check_s", 2.0),
             stats_every_s=self.options.get("stats_every_s", 5.0),
