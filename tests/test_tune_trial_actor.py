@@ -228,3 +228,24 @@ def test_shared_trial_handles_keep_order_fail_alone_and_end_by_kill(trainables):
             ray.get(good.train.remote())
     finally:
         forget_trial_server()
+
+
+def test_trial_mode_follows_the_environment_once_per_class(monkeypatch, caplog):
+    def fresh():
+        return type("T", (), {"_spec_bytes": b"spec"})
+
+    assert ray_compat.trial_mode(fresh()) == "shared"  # the default
+    monkeypatch.setenv("RAY_MODELBATCH_TRIALS", "process")
+    T = fresh()
+    assert ray_compat.trial_mode(T) == "process"
+    monkeypatch.setenv("RAY_MODELBATCH_TRIALS", "classic")
+    assert ray_compat.trial_mode(T) == "process"  # decided once: every trial of a sweep gets the same kind
+    assert ray_compat.trial_mode(fresh()) == "classic" and not ray_compat.is_light(fresh())
+    assert ray_compat.trial_mode(type("Sub", (T,), {})) == "classic"  # a subclass's overrides need a Trainable
+    monkeypatch.delenv("RAY_MODELBATCH_TRIALS")
+    monkeypatch.setenv("RAY_MODELBATCH_LIGHT_TRIALS", "0")  # the older switch
+    assert ray_compat.trial_mode(fresh()) == "classic"
+    monkeypatch.setenv("RAY_MODELBATCH_TRIALS", "bogus")
+    with caplog.at_level("WARNING"):
+        assert ray_compat.trial_mode(fresh()) == "shared"
+    assert "RAY_MODELBATCH_TRIALS='bogus' is not one of shared, process, classic" in caplog.text

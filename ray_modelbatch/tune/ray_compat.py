@@ -472,8 +472,9 @@ def trial_mode(trainable_cls: Any) -> str:
         mode = os.environ.get("RAY_MODELBATCH_TRIALS", "").strip().lower() or (
             "classic" if os.environ.get("RAY_MODELBATCH_LIGHT_TRIALS", "1") == "0" else "shared")
         if mode not in TRIAL_MODES:
-            raise ValueError(f"RAY_MODELBATCH_TRIALS={mode!r} is not one of {', '.join(TRIAL_MODES)}; "
-                             "unset it for the default (shared)")
+            logger.warning("RAY_MODELBATCH_TRIALS=%r is not one of %s; running shared trials (the default). "
+                           "Fix: set one of those, or unset it.", mode, ", ".join(TRIAL_MODES))
+            mode = "shared"
         _light_choice[trainable_cls] = mode
     return _light_choice[trainable_cls]
 
