@@ -65,11 +65,11 @@ from .step_config import RecordingConfig, SlotConfigs, static_part, tensor_paths
 from .trial_settings import build_optimizer, fits_param_groups, optimizer_id, resolve_batch_size, resolve_optimizer
 
 MIN_CAPACITY = 4  # a new group's first size: a 1-slot stack would round differently from a larger one
-# Fused steps in a row with more free rows than one growth would add before a stack that steps whole drops
-# them (SlotGroup.compact_if_sparse). A sweep refills a freed slot within a few steps (Tune hands the proxy
-# to the next trial), which must not resize the stack twice; a stack that stays sparse (the tail of an
-# ASHA sweep, where a few long trials remain) is compacted after this many steps.
-COMPACT_AFTER_STEPS = 20
+# Fused steps in a row with a free row before a stack that steps whole drops its free rows
+# (SlotGroup.compact_if_sparse). A resize is one copy of the stack's state (2 ms for the CNN sweep's
+# 16-channel stack of 9 rows, whose fused step takes 12-18 ms), so a free row costs about a resize every
+# fused step; a few steps leave Tune the time to hand a freed slot to its next trial.
+COMPACT_AFTER_STEPS = 4
 
 logger = logging.getLogger(__name__)
 
@@ -101,17 +101,21 @@ def stack_key(model: nn.Module) -> str:
     return f"{type(model).__name__}-{zlib.crc32(text.encode()):08x}"
 
 
-def grown_capacity(old: int) -> int:
-    """The next size of a full group: a quarter more (at least MIN_CAPACITY more), not double.
+def grown_capacity(old: int, whole: bool) -> int:
+    """The next size of a full group: one row more for a stack that steps ``whole``, else a quarter more.
 
     A model whose gathers are not exact steps its whole stack, held or not
-    (see the module docstring), so every free row costs a full slot-step.
-    Doubling left the CNN sweep's stacks about half empty (17,076 slot-steps
-    computed for 7,714 that advanced a slot); growing by a quarter keeps the
-    waste under a fifth of the stack, for a few more resizes (each one copy of
-    the stack's state).
+    (see the module docstring), so every free row costs a full slot-step,
+    while a resize costs one copy of the stack's state. Measured on the CNN
+    sweep of ``benchmarks/tune_sweep.py``: doubling computed 17,076 slot-steps
+    for 7,714 that advanced a slot; growing by a quarter (at least 4 rows) and
+    compacting after 20 sparse steps still computed 1.35-1.40 slot-steps for
+    each that advanced one. Such a stack now grows one row at a time (and
+    drops free rows after :data:`COMPACT_AFTER_STEPS`). A stack with exact
+    gathers computes only the rows that step, so it grows by a quarter (at
+    least MIN_CAPACITY rows) and resizes rarely.
     """
-    return old + max(MIN_CAPACITY, old // 4)
+    return old + 1 if whole else old + max(MIN_CAPACITY, old // 4)
 
 
 def label_fix(output_shape: tuple, labels: torch.Tensor) -> str:
@@ -409,7 +413,7 @@ class SlotGroup:
         16 trials and now holds 3 computes 16. Measured on the CNN sweep of
         ``benchmarks/tune_sweep.py``: 15,336 slot-steps computed for 8,067 that
         advanced a slot. After :data:`COMPACT_AFTER_STEPS` fused steps in a row
-        with more free rows than one growth adds, the held slots move to the
+        with a free row (above :data:`MIN_CAPACITY` rows), the held slots move to the
         first rows (in order) and the others are dropped: every per-slot
         component (weights, optimizer, scaler, streams, sums, configs,
         snapshots) is resized with the same ``keep``, one copy of the stack's
@@ -420,7 +424,7 @@ class SlotGroup:
         they step only the rows that step.
         """
         free = self.capacity - self.used
-        if self._exact_gathers() or free <= max(MIN_CAPACITY, self.capacity // 4):
+        if self._exact_gathers() or free == 0 or self.capacity <= MIN_CAPACITY:
             self._sparse_steps = 0
             return {}
         self._sparse_steps += 1
@@ -449,7 +453,7 @@ class SlotGroup:
         if self.capacity >= self.limit:
             raise RuntimeError(f"stack {self.key} is full ({self.capacity} slots)")
         old = self.capacity
-        self._grow(min(self.limit, grown_capacity(old)))
+        self._grow(min(self.limit, grown_capacity(old, whole=not self._exact_gathers())))
         return old
 
     def add(self, owner: str, model: nn.Module, seed: int, hparams: Mapping[str, Any],
