@@ -267,7 +267,7 @@ def main() -> None:
     p.add_argument("--storage", default="./runs", help="RunConfig storage_path")
     p.add_argument("--name", default="asha_sweep")
     p.add_argument("--no-reuse-actors", action="store_true",
-                   help="start a new trial process for every trial instead of reusing stopped trials' processes")
+                   help="start a new trial actor for every trial instead of reusing stopped trials' actors")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: os.cpu_count())")
     args = p.parse_args()
 

@@ -95,10 +95,10 @@ def main() -> None:
                 # An explicit generator ignores TuneConfig(max_concurrent_trials=...) in Ray 2.60.
                 search_alg=BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=T.max_concurrent()),
                 scheduler=pbt,
-                # A pause (an exploit, or PBT letting paused trials catch up) keeps the trial's process:
+                # A pause (an exploit, or PBT letting paused trials catch up) keeps the trial's actor:
                 # Tune hands it to the resumed trial (reset_config, then restore from the checkpoint)
                 # instead of starting a new one. Each attachment has its own slot, so a paused trial's
-                # cached trial process never resets the slot of the trial that runs meanwhile.
+                # cached trial actor never resets the slot of the trial that runs meanwhile.
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
