@@ -249,3 +249,34 @@ def test_trial_mode_follows_the_environment_once_per_class(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert ray_compat.trial_mode(fresh()) == "shared"
     assert "RAY_MODELBATCH_TRIALS='bogus' is not one of shared, process, classic" in caplog.text
+
+
+def test_a_shared_trial_trains_like_its_model_alone_under_its_seed(trainables, tmp_path):
+    """The host seeds a trial's model as ``torch.manual_seed(config["seed"])`` then ``model(config)`` would
+    (on a CPU host through the CPU generator alone, see ``host._seed_model_init``) and feeds it the slot stream
+    ``SlotSampler(train rows, batch_size, seed)``: its checkpoint after one iteration equals that model trained
+    alone with ``torch.optim.Adam`` on the same batches."""
+    import torch.nn.functional as F
+
+    from ray_modelbatch.data import SlotSampler
+
+    T = trainables(slots_per_host=2)
+    config = {"lr": 0.02, "seed": 7}
+    grid, _ = h.fit(T, {"lr": tune.grid_search([config["lr"]]), "seed": tune.grid_search([config["seed"]])},
+                    tmp_path, run_kw={"stop": {"training_iteration": 1},
+                                      "checkpoint_config": tune.CheckpointConfig(checkpoint_frequency=1)})
+    assert h.errors(grid) == []
+    fused = h.load_slot_state(grid[0].checkpoint.path)["model"]
+
+    x, y, _, _ = h.digits()
+    torch.manual_seed(config["seed"])
+    model = h.make_model(config)
+    opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    stream = SlotSampler(torch.arange(x.shape[0]), 32, config["seed"])
+    for _ in range(K):
+        rows = next(stream)
+        opt.zero_grad()
+        F.cross_entropy(model(x[rows]), y[rows]).backward()
+        opt.step()
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(fused[name], p, rtol=1e-5, atol=1e-6)
