@@ -378,3 +378,21 @@ def test_a_sparse_stack_that_steps_whole_drops_its_free_rows_and_its_slots_train
         _assert_same_state(_state(sparse.export(where[s], early)), _state(plain.export(s, early)), s)
     sparse.rollback(where[4], early)
     _assert_same_state(_state(sparse.export(where[4])), _state(plain.export(4, early)))
+
+
+def test_a_full_stack_that_steps_whole_grows_one_row_and_an_exact_one_a_quarter():
+    """Every free row of a stack that steps whole (BatchNorm here) is computed on every fused step, so it grows
+    one row at a time; a stack with exact gathers (Linear and ReLU) computes only the rows that step and grows by
+    a quarter, at least MIN_CAPACITY rows."""
+    from ray_modelbatch.slot_group import MIN_CAPACITY
+
+    for bn, sizes in ((True, [4, 4, 4, 4, 5, 6, 7, 8, 9]), (False, [4, 4, 4, 4, 8, 8, 8, 8, 8 + MIN_CAPACITY])):
+        torch.manual_seed(0)
+        models = [_model(bn) for _ in range(9)]
+        g = SlotGroup(_spec(), stack_key(models[0]), models[0], _data(), 16, "cpu")
+        seen = []
+        for i, m in enumerate(models):
+            g.add(f"t{i}", m, seed=10 + i, hparams={"lr": 1e-3})
+            seen.append(g.capacity)
+        assert seen == sizes, (bn, seen)
+        g.step(sorted(g.owner))  # and it trains on at that size
