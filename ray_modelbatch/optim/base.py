@@ -647,11 +647,9 @@ class VectorOptimizer:
         if fused:
             g = torch.where(skipped, 0.0, g) * scale
         else:
-            if not mask:  # no slot is skipped (on CPU, where that is known without a sync)
-                pass
-            elif g.device.type == "cpu":  # zero only the skipped rows (a broadcast masked_fill_ reads them all)
+            if mask and g.device.type == "cpu":  # zero only the skipped rows (a broadcast masked_fill_ reads all)
                 g.index_fill_(0, skipped.view(-1).nonzero().view(-1), 0.0)
-            else:
+            elif mask:  # (mask is False only on CPU, where no skipped slot is known without a sync)
                 g.masked_fill_(skipped, 0.0)  # 0 * inf would be NaN
             if self._clipping:  # otherwise scale is 1 for kept slots and 0 for the zeroed ones: nothing to do
                 g.mul_(scale)

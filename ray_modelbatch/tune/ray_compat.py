@@ -486,10 +486,10 @@ def is_light(trainable_cls: Any) -> bool:
 
 def light_actor_class(trainable_cls: type) -> type:
     """The light actor class of a batched trainable: the same name (Ray names the process after it) and spec."""
+    from .slot_client import spec_attrs
     from .trial_actor import SlotTrialActor
 
-    attrs = {k: vars(trainable_cls)[k] for k in ("_spec_bytes", "_experiment", "_options")}
-    return type(trainable_cls.__name__, (SlotTrialActor,), attrs)
+    return type(trainable_cls.__name__, (SlotTrialActor,), spec_attrs(trainable_cls))
 
 
 def light_trial(trial: Any) -> dict:

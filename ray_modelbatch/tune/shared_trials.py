@@ -26,6 +26,7 @@ import ray
 from ray.actor import ActorClass
 
 from . import ray_compat
+from .slot_client import spec_attrs
 
 _server_lock = threading.Lock()
 _server: list = []  # [handle, Ray session]: the driver holds the creating handle (Ray ends the actor without it)
@@ -83,11 +84,8 @@ class SharedTrialClass(ActorClass):
     @classmethod
     def of(cls, trainable_cls: type) -> SharedTrialClass:
         self = object.__new__(cls)
-        self._payload = {
-            "name": f"{trainable_cls.__name__}-{uuid.uuid4().hex[:8]}",
-            "class_name": trainable_cls.__name__,
-            **{k: vars(trainable_cls)[k] for k in ("_spec_bytes", "_experiment", "_options")},
-        }
+        self._payload = {"name": f"{trainable_cls.__name__}-{uuid.uuid4().hex[:8]}",
+                         "class_name": trainable_cls.__name__, "attrs": spec_attrs(trainable_cls)}
         self._payload_ref = None
         return self
 

@@ -36,6 +36,12 @@ CHECKPOINT_FILE = "slot_state.pt"  # ray_modelbatch.checkpoint.STATE_FILE (not i
 CONFIG_FILE = "trial_config.json"  # ray_modelbatch.checkpoint.CONFIG_FILE
 
 
+def spec_attrs(trainable_cls: type) -> dict:
+    """What makes a batched trainable's trials: its own ``_spec_bytes``, ``_experiment`` and ``_options``, to give
+    the class that runs them (a light actor class, or a shared trial's in the trial server)."""
+    return {k: vars(trainable_cls)[k] for k in ("_spec_bytes", "_experiment", "_options")}
+
+
 class SlotClient:
     """One trial's hold on a slot of a slot host (see the module docstring)."""
 

@@ -212,18 +212,22 @@ class SlotTrialActor(SlotClient):
     # ------------------------------------------------------------ RunConfig(log_to_file=...)
     def _open_log_files(self, stdout_file: str | None, stderr_file: str | None) -> None:
         """Copy this process's output to the trial's log files, as ``Trainable`` does (relative to its working dir)."""
-        base = self._storage["working_dir"] if self._storage else os.getcwd()
         for name, stream, redirect in ((stdout_file, sys.stdout, contextlib.redirect_stdout),
                                        (stderr_file, sys.stderr, contextlib.redirect_stderr)):
             if not name:
                 continue
-            path = os.path.expanduser(os.path.join(base, name))
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            fp = open(path, "a+")
+            fp = open(self._log_path(name), "a+")
             tee = _Tee(stream, fp)
             context = redirect(tee)
             context.__enter__()
             self._log_files.append((context, tee, fp))
+
+    def _log_path(self, name: str) -> str:
+        """Where log file ``name`` goes (relative to the trial's working directory, as ``Trainable`` puts it)."""
+        base = self._storage["working_dir"] if self._storage else os.getcwd()
+        path = os.path.expanduser(os.path.join(base, name))
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        return path
 
     def _flush_log_files(self) -> None:
         for _, tee, _ in self._log_files:

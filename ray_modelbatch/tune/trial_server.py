@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -51,12 +50,9 @@ class SharedTrial(SlotTrialActor):
         A batched trial runs no user code in its actor (the slot host does), so
         there is no output of the trial's own to copy into them.
         """
-        base = self._storage["working_dir"] if self._storage else os.getcwd()
         for name in (stdout_file, stderr_file):
             if name:
-                path = os.path.expanduser(os.path.join(base, name))
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                open(path, "a").close()
+                open(self._log_path(name), "a").close()
 
 
 class TrialGoneError(RuntimeError):
@@ -146,8 +142,7 @@ class TrialServer:
             raise TypeError("a trial's first call must carry its class (the driver sends it with __init__)")
         name = payload["name"]
         if name not in self._classes:
-            attrs = {k: payload[k] for k in ("_spec_bytes", "_experiment", "_options")}
-            self._classes[name] = type(payload["class_name"], (SharedTrial,), attrs)
+            self._classes[name] = type(payload["class_name"], (SharedTrial,), payload["attrs"])
         return self._classes[name]
 
 
