@@ -508,7 +508,7 @@ def main() -> None:
                         "tune_alone: the sweep with trials that train nothing, Tune's own cost)")
     p.add_argument("--seed", type=int, default=0, help="seed of the config draw")
     p.add_argument("--host-threads", type=int, default=None,
-                   help="torch threads of the slot host (default: batched_trainable's, every CPU of the node)")
+                   help="torch threads of the slot host (default: batched_trainable's, every CPU of the node but one)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of each local Ray (default: os.cpu_count())")
     p.add_argument("--storage", default=None, help="Tune storage_path (default: a temporary directory)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "tune_sweep_latest.md"))
@@ -570,7 +570,7 @@ def main() -> None:
         f"batch {sweep.BATCH_SIZE}, {sweep.STEPS_PER_REPORT} steps per iteration, ASHA max_t {args.max_t}, "
         f"grace {args.grace}, reduction {args.reduction}, at most {args.slots} live trials",
         (f"- ray_modelbatch: 1 slot host per GPU ({args.device}; {args.slots} slots, run-ahead 2)" if args.gpus else
-         f"- ray_modelbatch: 1 slot host (reserves 1 CPU, computes with every CPU of the node; {args.slots} slots, "
+         f"- ray_modelbatch: 1 slot host (reserves 1 CPU, computes with every CPU of the node but one; {args.slots} slots, "
          "run-ahead 2)") + ", proxy trials 0.01 CPU each, reuse_actors=True",
         f"- standard: class Trainable on {args.device}, {{'cpu': {args.baseline_cpus:g}"
         + (f", 'gpu': {args.baseline_gpus:g}" if args.baseline_gpus else "") + "} per trial "

@@ -326,6 +326,8 @@ def test_tune_results_and_checkpoints_are_those_without_run_ahead(trainables, tm
     assert stats["run_ahead"] == 2
     # the host's OpenMP threads sleep between ops (tune/host.py _passive_openmp), unless the user chose
     assert stats["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    # a CPU host leaves one core of its node to Tune's driver (tune/host.py default_threads): 1 of the 2 here
+    assert stats["threads"] == 1
     # every thread of the host allocates from glibc's main arena (cpu_memory.allocator_env)
     assert stats["malloc_arena_max"] == os.environ.get("MALLOC_ARENA_MAX", "1")
     if name == "pbt":  # the recipients really took a donor's state and a new lr

@@ -673,11 +673,12 @@ def _passive_openmp() -> None:
 
 
 def _use_cpus(device: Any, threads: int | None, node_id: str) -> int:
-    """Give a CPU host's torch the cores trials do not use, not the 1 thread Ray's reservation implies.
+    """Give a CPU host's torch the cores nothing else on its node needs, not the 1 thread Ray's reservation implies.
 
-    Ray sets ``OMP_NUM_THREADS`` to an actor's ``num_cpus``. The proxies of a
-    host's trials reserve 0.01 CPU each and sleep while the host computes, so
-    by default the host uses every CPU of its node. On a GPU host nothing changes.
+    Ray sets ``OMP_NUM_THREADS`` to an actor's ``num_cpus``. The host's trials
+    reserve 0.01 CPU each and wait while it computes, so by default it takes
+    every CPU of its node but one (:func:`default_threads`). On a GPU host
+    nothing changes.
     """
     import torch
 
@@ -685,10 +686,31 @@ def _use_cpus(device: Any, threads: int | None, node_id: str) -> int:
         return torch.get_num_threads()
     if threads is None:
         cpus = next((n.get("Resources", {}).get("CPU") for n in ray.nodes() if n.get("NodeID") == node_id), None)
-        threads = int(cpus or os.cpu_count() or 1)
+        threads = default_threads(int(cpus or os.cpu_count() or 1))
     threads = max(1, min(int(threads), os.cpu_count() or int(threads)))
     torch.set_num_threads(threads)
     return threads
+
+
+def default_threads(node_cpus: int) -> int:
+    """Torch threads of a CPU host on a node of ``node_cpus`` CPUs: all but one, at least one.
+
+    The core left over runs what a sweep needs beside the fused steps: Tune's
+    driver (about half a core in the 64-trial digits sweep), the trial server,
+    Ray's raylet. A parallel region of the host ends only when each of its
+    threads has run, so a thread that shares a core with them holds up every
+    op of every fused step; with ``OMP_WAIT_POLICY=PASSIVE`` (which the host
+    sets, see :func:`_passive_openmp`) each region also wakes its sleeping
+    threads first. Measured on a 2-core node (``benchmarks/openmp_wait.py``,
+    the sweep's two stacks of 8 slots, ms per fused step, median of 3 fresh
+    processes): MLP 1.6 with one thread against 4.7 with two PASSIVE threads on
+    an idle node, 1.5 against 1.6 beside one busy process; CNN 12.1 against
+    14.3 idle, 11.9 against 14.6 beside a busy process. Two spinning threads
+    (libgomp's default) win on an idle node (CNN 8.3) and lose 2.5-3.5x beside
+    one busy process, which a sweep's node always has. ``host_threads=`` sets
+    the count.
+    """
+    return max(1, int(node_cpus) - 1)
 
 
 def _rss_mb() -> float:

@@ -121,9 +121,9 @@ def batched_trainable(
             ``nn.Linear``'s results); default ``"blas"``.
         num_hosts: fixed number of hosts; default one per GPU, or one per node without GPUs.
         host_cpus: CPUs each host reserves from Ray.
-        host_threads: torch threads of a CPU host; default every CPU of its node, since the
-            proxies of its trials sleep while it computes (Ray would otherwise cap it at
-            ``host_cpus`` threads).
+        host_threads: torch threads of a CPU host; default every CPU of its node but one
+            (at least one), since its trials wait while it computes and the last core runs
+            Tune's driver (Ray would otherwise cap it at ``host_cpus`` threads).
         run_ahead: iterations a slot may train past the last result its trial took, so the
             host keeps every slot busy while Tune turns results around. Saves, pauses, stops
             and restores still see exactly the state Tune knows; each slot keeps
