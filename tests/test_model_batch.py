@@ -288,6 +288,19 @@ def test_all_slots_take_the_path_without_gathers():
     assert "index_select.default" in ops.names  # the subset path gathers, as it should
 
 
+def test_slot_indices_are_checked_and_every_slot_in_order_means_no_index():
+    mb = rmb.ModelBatch(make_models(4))
+    assert mb.resolve_slots([0, 1, 2, 3]) is None and mb.resolve_slots(torch.arange(4)) is None
+    assert mb.resolve_slots([1, 0, 2, 3]).tolist() == [1, 0, 2, 3]  # every slot, not in order: an index
+    assert mb.resolve_slots(torch.tensor([[2], [0]])).tolist() == [2, 0]
+    assert mb.resolve_slots(3).tolist() == [3]
+    for bad in ([0, 4], [-1], torch.tensor([5, 1])):
+        with pytest.raises(IndexError, match="out of range for a batch of 4 slots"):
+            mb.resolve_slots(bad)
+    with pytest.raises(IndexError):
+        mb.set_active([7], False)
+
+
 # ------------------------------------------------------------------------------ direct path
 def test_direct_path_matches_vmap_for_linear_models():
     """Linear + elementwise models skip vmap; outputs and gradients equal the vmap path's, for shared
