@@ -221,6 +221,16 @@ class NoOpTrainable(tune.Trainable):
 
 
 # -------------------------------------------------------------- memory sampling
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far, from ``/proc/<pid>/stat``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def uss_bytes(pid: int) -> int | None:
     """Unique set size of a process: psutil if installed, else the Private_* lines of smaps_rollup."""
     try:
@@ -290,6 +300,8 @@ class MemorySampler:
         self.every_s = every_s
         self.ignore = ignore  # pids of an earlier run, still exiting
         self.per_pid: dict[int, tuple[str, int]] = {}  # pid -> (name, max USS)
+        # pid -> (name, CPU-s at its last sample): where a run's CPU went (a process's last < 2 s are missed)
+        self.cpu: dict[int, tuple[str, float]] = {}
         self.peak_workers = 0  # max over samples of the summed USS of all worker processes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -310,9 +322,19 @@ class MemorySampler:
                 if uss is None:
                     continue
                 self.per_pid[pid] = (name, max(uss, self.per_pid.get(pid, (name, 0))[1]))
+                cpu = cpu_seconds(pid)
+                if cpu is not None:
+                    self.cpu[pid] = (name, cpu)
                 total += uss
             self.peak_workers = max(self.peak_workers, total)
             self._stop.wait(self.every_s)
+
+    def cpu_by_name(self) -> dict[str, float]:
+        """CPU-s of the run's Ray worker processes, summed per process title."""
+        out: dict[str, float] = {}
+        for name, cpu in self.cpu.values():
+            out[name] = out.get(name, 0.0) + cpu
+        return out
 
     def median_mb(self, pids: set[int] | None = None, name: str | None = None) -> float:
         """Median over the given processes (by pid, or by title) of each one's peak USS, in MB."""
@@ -361,10 +383,11 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
         )
         hosts: list[dict] = []
         with MemorySampler(ignore=earlier) as mem:
-            t0, t0_wall = time.monotonic(), time.time()
+            t0, t0_wall, cpu0 = time.monotonic(), time.time(), time.process_time()
             try:
                 results = tuner.fit()
                 wall = time.monotonic() - t0
+                driver_cpu = time.process_time() - cpu0  # Tune's controller (and this script's sampler thread)
                 if batched:
                     hosts = trainable.host_stats()
             finally:
@@ -396,6 +419,7 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
         "host_mb": mem.median_mb(name="SlotHost"),
         "workers_mb": mem.peak_workers / 2**20,
         "seen": {n: sum(1 for m, _ in mem.per_pid.values() if m == n) for n, _ in mem.per_pid.values()},
+        "cpu": {"driver": driver_cpu, **mem.cpu_by_name()},
         "hosts": hosts,
         "first_result_s": first.first,
         "first_start_s": first.first_start,
@@ -603,6 +627,10 @@ def main() -> None:
     for kind, r in runs.items():
         seen = ", ".join(f"{n} x{c}" for n, c in sorted(r["seen"].items()))
         lines.append(f"- `{kind}`: worker processes seen by the memory sampler: {seen or 'none'}")
+        cpu = ", ".join(f"{n} {c:.1f}" for n, c in sorted(r["cpu"].items(), key=lambda kv: -kv[1]) if c >= 0.05)
+        lines.append(f"- `{kind}`: CPU-s of the node's {args.num_cpus or os.cpu_count()} cores x {r['wall_s']:.1f} s: "
+                     f"{cpu} (driver: this process during `fit()`, Tune's controller; the workers: summed per title, "
+                     "each from its start, sampled every 2 s)")
     trial_no = {int(c["seed"]): f"{i:05d}" for i, c in enumerate(configs)}
     mb = runs.get("ray_modelbatch")
     for kind, r in runs.items():
