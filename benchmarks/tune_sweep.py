@@ -288,7 +288,7 @@ def ray_processes(root: int | None = None) -> dict[int, str]:
 
 
 class MemorySampler:
-    """Samples the USS of this driver's Ray worker processes in a thread while a run goes.
+    """Samples the USS and the CPU time of this driver's Ray worker processes in a thread while a run goes.
 
     Every 2 s: reading ``smaps_rollup`` costs about 2.3 ms of CPU per process, in
     the driver beside Tune's controller, so a sample of a ray_modelbatch run (18
