@@ -59,7 +59,10 @@ small models and gets close to the machine's roofline for larger ones. The
 targets checked at the end: the 784 MLP at S=128 runs at >= 75% of its
 roofline; every family at S=32 runs >= 2x the loop, and where it does not,
 the table says whether the bound itself is below 2x (out of reach on this
-machine) or the fused step's overhead is the reason.
+machine), whether the kernel bound is (the step's GEMM, convolution and
+attention kernels as torch runs them here, replayed alone by
+``kernel_time.py``: out of reach without faster kernels than torch's), or
+the fused step's own work between the kernels is the reason.
 The FLOPs counted are the matmul/conv FLOPs a step really needs (forward,
 weight gradients, input gradients of every layer but the first); elementwise
 work, the loss and the optimizer are not counted. Each configuration also
@@ -101,6 +104,9 @@ from torch import nn
 from ray_modelbatch import FusedEngine, ModelBatch
 from ray_modelbatch import fast_path
 from ray_modelbatch import optim as mb_optim
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_time import heavy_seconds  # noqa: E402 - a sibling module: the kernels' own time
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from digits_cnn import DigitsCNN  # noqa: E402 - the Tune sweep's CNN, torch only
@@ -627,6 +633,10 @@ def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: 
         contenders["vmap"] = lambda: vengine.train_step(x, y)
     t, speed = time_contenders(contenders, device, min_time, probe)
     t_fused, t_loop = t["fused"], t["loop"]
+    # The kernels' own time (kernel_time.py): the fused step's GEMMs/convolutions/attention, replayed one by
+    # one, and one model's loop step's.
+    fused_heavy, fused_kernels = heavy_seconds(lambda: engine.train_step(x, y))
+    loop_heavy, _ = heavy_seconds(lambda: loop_step(loop_models[0], loop_opts[0], spec.loss_fn, x, y))
 
     del engine, opt, mb, models, loop_models, loop_opts, contenders
     gc.collect()
@@ -646,6 +656,10 @@ def run_config(spec: Spec, s: int, device: torch.device, min_time: float, seed: 
         "speed": speed,
         "path": path,
         "vmap_msps": s / t["vmap"] if "vmap" in t else None,
+        "fused_heavy_s": fused_heavy,
+        "fused_kernels": fused_kernels,
+        "loop_heavy_share": loop_heavy * n_loop / t_loop,
+        "kernel_bound": s * t_loop / n_loop / fused_heavy if fused_heavy > 0 else float("inf"),
     }
 
 
@@ -778,11 +792,14 @@ SPEEDUP_TARGET, SPEEDUP_S = 2.0, 32  # every family at S=32: fused/loop, or a me
 def speedup_target(label: str, s: int, r: dict | None, roof: Roofline | None, target: float) -> str:
     """One target line: fused/loop >= ``target`` at S=``s``, and if not, why not, in measured terms.
 
-    The reason is the bound (loop time / roofline time per model-step): below
-    the target, no fused implementation could reach it on this machine (the
-    loop is already within ``target`` x of the GEMMs at the dense limit plus
-    the optimizer at copy bandwidth); at or above it, the gap is the fused
-    step's own overhead, given as its fraction of the roofline.
+    Two bounds say why. The roofline bound (loop time / roofline time per
+    model-step): below the target, no fused implementation could reach it on
+    this machine. The kernel bound (loop time / the fused step's own GEMM,
+    convolution and attention kernels, see ``kernel_time.py``): below the
+    target, no fused step that calls the kernels torch runs here at these
+    shapes could reach it, however little its other work cost; reaching it
+    would take faster kernels than torch's. At or above both, the gap is the
+    fused step's own work between the kernels.
     """
     head = f"- {label}, S={s}, fused/loop >= {target:g}x"
     if r is None or roof is None:
@@ -791,13 +808,22 @@ def speedup_target(label: str, s: int, r: dict | None, roof: Roofline | None, ta
     line = f"{head}: {ratio:.2f}x -> {'MET' if ratio >= target else 'NOT MET'}"
     times = (f"loop {fmt(1e6 / r['loop_msps'])} µs per model-step vs. roofline {fmt(roof.total_s * 1e6)} µs = GEMMs "
              f"{fmt(roof.gemm_s * 1e6)} µs + optimizer {fmt(roof.opt_s * 1e6)} µs")
+    kernels = (f"the fused step's kernels alone take {fmt(r['fused_heavy_s'] * 1e3)} ms of its "
+               f"{fmt(r['fused_step_s'] * 1e3)} ms ({', '.join(f'{k} {fmt(v * 1e3)}' for k, v in sorted(r['fused_kernels'].items(), key=lambda kv: -kv[1])[:4])}), "
+               f"the loop's {100 * r['loop_heavy_share']:.0f}% of its time")
     if ratio >= target:
-        return f"{line} (bound {r['bound']:.2f}x; fused at {100 * r['roof_frac']:.1f}% of roofline)"
+        return (f"{line} (bound {r['bound']:.2f}x, kernel bound {r['kernel_bound']:.2f}x; fused at "
+                f"{100 * r['roof_frac']:.1f}% of roofline)")
     if r["bound"] < target:
         return f"{line}; out of reach on this machine: bound {r['bound']:.2f}x < {target:g}x ({times})"
-    return (f"{line}; within reach: bound {r['bound']:.2f}x >= {target:g}x ({times}); the fused step runs at "
-            f"{100 * r['roof_frac']:.1f}% of its roofline, the rest is its own overhead beyond the GEMMs and the "
-            f"optimizer's minimum traffic (elementwise work, activations, dispatch)")
+    if r["kernel_bound"] < target:
+        return (f"{line}; out of reach with torch's kernels on this machine: kernel bound {r['kernel_bound']:.2f}x "
+                f"< {target:g}x ({kernels}); the roofline bound is {r['bound']:.2f}x, so faster kernels than "
+                f"torch's for these shapes would be needed")
+    return (f"{line}; within reach: bound {r['bound']:.2f}x, kernel bound {r['kernel_bound']:.2f}x >= {target:g}x "
+            f"({kernels}); the gap is the fused step's own work between the kernels (elementwise, layout copies, "
+            f"the optimizer, dispatch): {fmt((r['fused_step_s'] - r['fused_heavy_s']) * 1e3)} ms, against at most "
+            f"{fmt(max(r['fused_step_s'] * ratio / target - r['fused_heavy_s'], 0.0) * 1e3)} ms for {target:g}x")
 
 
 def main() -> None:
@@ -891,7 +917,8 @@ def main() -> None:
         print(
             f"  {n:8s} S={s:<4d} {r['path']:6s} fused {r['fused_msps']:>10,.0f} model-steps/s  loop {r['loop_msps']:>8,.0f}{vm}  "
             f"x{r['fused_msps'] / r['loop_msps']:.2f}  {r['fused_flops'] / 1e9:.1f} GFLOP/s  "
-            f"[limits so far: roofline {100 * roof0 * r['fused_msps']:.0f}%, bound x{1 / (roof0 * r['loop_msps']):.1f}]  "
+            f"[limits so far: roofline {100 * roof0 * r['fused_msps']:.0f}%, bound x{1 / (roof0 * r['loop_msps']):.1f}; "
+            f"kernels {100 * r['fused_heavy_s'] / r['fused_step_s']:.0f}% of the step, kernel bound x{r['kernel_bound']:.2f}]  "
             f"diff {r['max_rel']:.1e} (floor {r['noise']:.1e})  grad vs fp64 {r['grad_err']:.1e} "
             f"(alone {r['loop_grad_err']:.1e}{', CHECK' if grad_flagged(r) else ''})  speed {probe.frac(r['speed']):.0%}  "
             f"({time.perf_counter() - t0:.1f} s){note}",
@@ -940,6 +967,12 @@ def main() -> None:
         "large square matmul's rate. 'fused % of roofline' = roofline time of the S models / fused step time; "
         "'bound' = loop time per model-step / roofline time per model-step, the largest fused/loop any fused "
         "implementation could reach on this machine",
+        "- kernels = the step's GEMM, convolution, attention and recurrent-layer aten calls (benchmarks/kernel_time.py): "
+        "recorded in one step, then each replayed on its own on fresh tensors of the same layout, fastest of 3 passes "
+        "of 5 runs, summed. 'kernels % of fused step' = that sum / fused step time; 'kernels % of loop' = the same for one "
+        "model's loop step / loop time per model-step; 'kernel bound' = loop time of the S models / the fused step's "
+        "kernel sum: the largest fused/loop a fused step calling these kernels at these shapes could reach, "
+        "however little its other work cost (the replay is optimistic: warm caches, no work between kernels)",
         "- FLOPs = matmul/conv FLOPs one step needs: forward 2·B·MACs + weight grads 2·B·MACs + input grads 2·B·MACs "
         "of every layer except the first (its input needs no grad); bias, activations, pooling, loss and optimizer "
         "are not counted",
@@ -972,10 +1005,10 @@ def main() -> None:
         "",
         "| model | S | path | fused ms/step | fused model-steps/s | loop n | loop model-steps/s | fused/loop | "
         + ("vmap/loop | " if args.compare_vmap else "")
-        + "fused GFLOP/s | % of dense | % of torch.mm | fused % of roofline | bound | max rel diff | fp32 floor | "
-        "gradient vs fp64: fused (alone) | speed |",
+        + "fused GFLOP/s | % of dense | % of torch.mm | fused % of roofline | bound | kernels % of fused step | "
+        "kernels % of loop | kernel bound | max rel diff | fp32 floor | gradient vs fp64: fused (alone) | speed |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if args.compare_vmap else "")
-        + "---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        + "---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in rows:
         if "error" in r:
@@ -986,7 +1019,8 @@ def main() -> None:
             f"| {r['model']} | {r['s']} | {r['path']} | {fmt(r['fused_step_s'] * 1e3)} | {fmt(r['fused_msps'])} | "
             f"{r['n_loop']} | {fmt(r['loop_msps'])} | {r['fused_msps'] / r['loop_msps']:.2f}x | {vm}"
             f"{r['fused_flops'] / 1e9:.2f} | {100 * r['fused_flops'] / dense:.1f}% | {100 * r['fused_flops'] / blas:.1f}% | "
-            f"{100 * r['roof_frac']:.1f}% | {r['bound']:.2f}x | {r['max_rel']:.1e} ({r['n_eq']} slots) | {r['noise']:.1e} | "
+            f"{100 * r['roof_frac']:.1f}% | {r['bound']:.2f}x | {100 * r['fused_heavy_s'] / r['fused_step_s']:.0f}% | "
+            f"{100 * r['loop_heavy_share']:.0f}% | {r['kernel_bound']:.2f}x | {r['max_rel']:.1e} ({r['n_eq']} slots) | {r['noise']:.1e} | "
             f"{r['grad_err']:.1e} ({r['loop_grad_err']:.1e}){' CHECK' if grad_flagged(r) else ''} | "
             f"{probe.frac(r['speed']):.0%}{'' if probe.frac(r['speed']) >= QUIET else ' (noisy)'} |"
         )
@@ -1007,7 +1041,11 @@ def main() -> None:
             f"{'MET' if r['roof_frac'] >= ROOF_TARGET else 'NOT MET'} (fused {fmt(r['fused_step_s'] * 1e3)} ms/step, "
             f"roofline {fmt(rf.total_s * n_slots * 1e3)} ms = GEMMs {fmt(rf.gemm_s * n_slots * 1e3)} ms + optimizer "
             f"{fmt(rf.opt_s * n_slots * 1e3)} ms; {100 * r['fused_flops'] / dense:.1f}% of dense, "
-            f"{100 * r['fused_flops'] / blas:.1f}% of torch.mm)"
+            f"{100 * r['fused_flops'] / blas:.1f}% of torch.mm; its kernels alone take "
+            f"{fmt(r['fused_heavy_s'] * 1e3)} ms, so a step calling them reaches at most "
+            f"{100 * rf.total_s * n_slots / r['fused_heavy_s']:.1f}% of the roofline"
+            + (f": out of reach with torch's kernels on this machine)" if rf.total_s * n_slots / r['fused_heavy_s'] < ROOF_TARGET
+               else ")")
         )
     for n in names:
         md.append(speedup_target(SPECS[n].label, SPEEDUP_S, find(n, SPEEDUP_S), roofs[n], SPEEDUP_TARGET))
