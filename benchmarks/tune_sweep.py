@@ -692,9 +692,15 @@ def main() -> None:
                              f"{args.baseline_gpus:g} GPU per trial: {ratio:.2f}x -> "
                              f"{'met' if ratio >= TARGET_GPU else 'not met'}")
     for h_, m_ in zip((mb or {}).get("hosts", []), (mb or {}).get("host_milestones", [])):
-        idle = h_["wait_s"] / h_["wall_s"] if h_["wall_s"] else 0.0
-        lines.append(f"- host: busy {h_['busy_fraction']:.0%} (stepping and evaluating), waiting for work {idle:.0%}, "
-                     f"the rest serving attach/detach/save/restore; {h_['stepped_fraction']:.0%} of held slots stepped "
+        frac = {k: h_.get(k, 0.0) / h_["wall_s"] if h_["wall_s"] else 0.0
+                for k in ("wait_s", "command_s", "housekeeping_s")}
+        rest = 1.0 - h_["busy_fraction"] - sum(frac.values())
+        on_cpu = h_.get("busy_cpu_s", 0.0) / h_["busy_s"] if h_.get("busy_s") else 0.0
+        lines.append(f"- host: busy {h_['busy_fraction']:.0%} (stepping and evaluating; its thread on a core "
+                     f"{on_cpu:.0%} of that time, preempted {h_.get('busy_preempted', 0):,} times), waiting for work "
+                     f"{frac['wait_s']:.0%}, serving attach/detach/save/restore {frac['command_s']:.0%}, lease checks "
+                     f"and TensorBoard {frac['housekeeping_s']:.0%}, the loop itself {rest:.0%}; "
+                     f"{h_['stepped_fraction']:.0%} of held slots stepped "
                      f"per fused step, step paths {h_['step_paths']}, {h_['threads']} threads, "
                      f"run-ahead {h_['run_ahead']}")
         lines.append("- host timeline, s after fit(): " + ", ".join(

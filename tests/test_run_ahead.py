@@ -330,6 +330,11 @@ def test_tune_results_and_checkpoints_are_those_without_run_ahead(trainables, tm
     assert stats["threads"] == 1
     # every thread of the host allocates from glibc's main arena (cpu_memory.allocator_env)
     assert stats["malloc_arena_max"] == os.environ.get("MALLOC_ARENA_MAX", "1")
+    # where the engine thread's time went: disjoint parts of the host's time, and the thread's CPU within busy
+    parts = [stats[k] for k in ("busy_s", "wait_s", "command_s", "housekeeping_s")]
+    assert all(p >= 0 for p in parts) and sum(parts) <= stats["wall_s"] + 0.05, stats
+    assert stats["busy_s"] > 0 and stats["command_s"] > 0  # it stepped, and served the trials' attaches
+    assert 0 < stats["busy_cpu_s"] <= stats["busy_s"] + 0.01 and stats["busy_preempted"] >= 0
     if name == "pbt":  # the recipients really took a donor's state and a new lr
         exploited = [row for rows, _ in ahead.values() for row in rows if row["config"]["lr"] == 0.001]
         assert exploited and all(r["slot_steps"] == h.K * r["training_iteration"] for r in exploited)

@@ -47,6 +47,11 @@ from typing import Any, Callable
 
 import ray
 
+try:
+    import resource
+except ImportError:  # not a Unix
+    resource = None  # type: ignore[assignment]
+
 logger = logging.getLogger(__name__)
 
 
@@ -74,8 +79,12 @@ class _Attachment:
 @dataclass
 class _Stats:
     started: float = field(default_factory=time.monotonic)
-    busy_s: float = 0.0
-    wait_s: float = 0.0
+    busy_s: float = 0.0  # fused steps, evaluation, snapshots, results (and compacting a sparse stack)
+    wait_s: float = 0.0  # nothing to do: every held slot is run_ahead results ahead, or none is held
+    busy_cpu_s: float = 0.0  # the engine thread's CPU time during busy_s: the rest it waited for a core or the GIL
+    busy_preempted: int = 0  # times the OS took the engine thread's core during busy_s (Linux; else 0)
+    command_s: float = 0.0  # serving attach, detach, save and restore between fused steps
+    housekeeping_s: float = 0.0  # lease checks and TensorBoard figures
     fused_steps: int = 0
     slot_steps: int = 0
     held_slot_steps: int = 0  # sum over fused steps of the slots the stepped stack held
@@ -305,6 +314,10 @@ class SlotHost:
                                "first_result": s.first_result_at},
                 "busy_s": s.busy_s,
                 "wait_s": s.wait_s,
+                "busy_cpu_s": s.busy_cpu_s,
+                "busy_preempted": s.busy_preempted,
+                "command_s": s.command_s,
+                "housekeeping_s": s.housekeeping_s,
                 "wall_s": wall,
                 "busy_fraction": s.busy_s / wall if wall > 0 else 0.0,
                 "max_held": s.max_held,
@@ -471,6 +484,7 @@ class SlotHost:
                     return
                 commands = list(self._commands)
                 self._commands.clear()
+            t0 = time.monotonic()
             for fn, fut in commands:  # served between fused steps, never behind a barrier
                 try:
                     fut.set_result(fn())
@@ -480,16 +494,22 @@ class SlotHost:
             if now - last_check >= self._lease_check_s:
                 self._check_leases()
                 last_check = now
+            t1 = time.monotonic()
             with self._lock:
                 work = self._runnable()
             for group, items in work.items():
                 self._step_group(group, items)
+            t2 = time.monotonic()
             if now - last_stats >= self._stats_every_s:
                 self._log_stats()
                 last_stats = now
+            with self._lock:
+                self._stats.command_s += now - t0
+                self._stats.housekeeping_s += (t1 - now) + (time.monotonic() - t2)
 
     def _step_group(self, group: Any, items: list[_Attachment]) -> None:
         """One fused step of ``group`` over ``items``' slots; results of finished iterations go out."""
+        t0, c0, p0 = time.monotonic(), time.thread_time(), _preemptions()
         moved = group.compact_if_sparse()  # a sparse stack that steps whole drops its free rows
         if moved:
             with self._lock:
@@ -499,7 +519,6 @@ class SlotHost:
                 self._events.append({"t": time.time(), "event": "compact", "stack": group.key,
                                      "capacity": group.capacity, "moved": moved})
         by_slot = {t.slot: t for t in items}
-        t0 = time.monotonic()
         try:
             done = group.step(list(by_slot))
             results = group.finish(done)
@@ -513,10 +532,12 @@ class SlotHost:
             result.update({"nonfinite_steps_total": t.nonfinite_total, "slot": slot, "stack": group.key,
                            "host": self.name, "host_node": self.node_id})
             self._deliver(t, result)
-        dt = time.monotonic() - t0
+        dt, cpu = time.monotonic() - t0, time.thread_time() - c0
         with self._lock:
             s = self._stats
             s.busy_s += dt
+            s.busy_cpu_s += cpu
+            s.busy_preempted += _preemptions() - p0
             s.window_busy += dt
             s.fused_steps += 1
             s.window_steps += 1
@@ -711,6 +732,13 @@ def default_threads(node_cpus: int) -> int:
     the count.
     """
     return max(1, int(node_cpus) - 1)
+
+
+def _preemptions() -> int:
+    """Involuntary context switches of the calling thread so far (Linux), else 0: on a small node, how often
+    other processes took the engine thread's core."""
+    who = getattr(resource, "RUSAGE_THREAD", None) if resource is not None else None
+    return 0 if who is None else resource.getrusage(who).ru_nivcsw
 
 
 def _rss_mb() -> float:
