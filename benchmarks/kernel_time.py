@@ -85,7 +85,10 @@ class TensorSpec:
 
 def _spec(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
-        return TensorSpec(tuple(v.shape), tuple(v.stride()), v.storage_offset(), v.dtype, v.device)
+        # Only the offset's alignment (64 bytes) matters to a kernel: slot s's view of a stacked buffer would
+        # otherwise make a fresh tensor of the whole buffer up to it, per slot (at 128 slots, tens of GB).
+        offset = v.storage_offset() % max(1, 64 // v.element_size())
+        return TensorSpec(tuple(v.shape), tuple(v.stride()), offset, v.dtype, v.device)
     return v
 
 

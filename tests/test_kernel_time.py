@@ -71,3 +71,14 @@ def test_a_call_that_cannot_be_replayed_counts_as_free(capsys):
     by_name = kernel_time.replay_time(calls, reps=2, passes=2)
     assert by_name["addmm"] == 0.0 and by_name["mm"] > 0
     assert "addmm not replayed" in capsys.readouterr().err
+
+
+def test_views_of_a_large_buffer_are_made_small_and_timed_once():
+    """Each slot's view of a stacked buffer is made without the buffer in front of it, keeping only its
+    alignment: per-slot calls on 128 slots' views would otherwise each allocate up to the whole buffer."""
+    buf = torch.randn(64, 1024)  # rows 64-byte aligned alike: one alignment class
+    h = torch.randn(4, 8)
+    calls = kernel_time.record_heavy(lambda: [torch.mm(h, buf[s, :64].view(8, 8)) for s in range(64)])
+    made = kernel_time._make(calls[-1].args[1])
+    assert made.untyped_storage().nbytes() <= (64 + 16) * 4  # not 64,576 floats
+    assert len({repr(c.args) for c in calls}) == 1  # one layout: timed once, counted 64 times

@@ -159,8 +159,9 @@ def test_single_pass_kernel_skips_and_steps_subsets_like_the_tiled_update(monkey
 
 @pytest.mark.parametrize("cls", ["SGD", "Adam"])
 def test_onednn_gemms_match_torch(cls):
-    """``cpu_gemm="onednn"`` runs layers of at least DIRECT_WRITE_MIN weights through oneDNN, one
-    slot at a time (the 120x160 layer here, not the 160x3 one); the slots still train like torch."""
+    """``cpu_gemm="onednn"`` runs layers of at least DIRECT_WRITE_MIN weights through oneDNN (the 120x160
+    layer here, not the 160x3 one); its input is the batch every slot shares, so its forward is one GEMM
+    against all slots' weights and so is its weight gradient. The slots still train like torch."""
     assert fast_path.onednn_available()  # torch's CPU wheels ship it: a build without it should fail here
     kw = dict(momentum=0.9) if cls == "SGD" else dict(betas=(0.8, 0.99))
     calls = []
@@ -177,7 +178,8 @@ def test_onednn_gemms_match_torch(cls):
             lambda p, i: getattr(torch.optim, cls)(p, lr=LR[i], **kw),
             d_in=120, hidden=160, cpu_gemm="onednn",
         )
-    assert len(calls) == STEPS * S * 2  # forward and weight gradient of the first layer, per slot and step
+    # per step: the forward [B, 120] against [S*160, 120], and the weight gradient [S*160, B] against [120, B]
+    assert len(calls) == STEPS * 2 and set(calls) == {torch.Size([16, 120]), torch.Size([S * 160, 16])}
     assert max_rel_diff(mb, refs) < 1e-5
 
 
