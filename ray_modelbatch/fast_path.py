@@ -67,7 +67,8 @@ math per slot is the model's own, so results match to float rounding.
 A plan whose steps are all *gather-exact* (Linear, elementwise and binary
 ops, embedding lookups, and steps that only move data) is gather-exact as a
 whole: running any two or more of the slots gives each the bits it gets in
-the whole stack (:attr:`FastPlan.gather_exact`). Convolution and
+the whole stack (:attr:`FastPlan.gather_exact`; a stack with ``gemm="onednn"``
+is not, see :attr:`ModelBatch.gather_exact`). Convolution and
 normalization kernels may pick another algorithm for another number of
 channels, and reductions, softmax, attention and recurrent layers another
 blocking for another number of rows, so plans with them are not (see

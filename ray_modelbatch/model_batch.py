@@ -416,9 +416,14 @@ class ModelBatch:
     @property
     def gather_exact(self) -> bool:
         """Whether a forward over any two or more slots gives each slot the bits the whole stack gives it,
-        in the current mode (a direct plan of Linear and elementwise layers; see ``fast_path``)."""
+        in the current mode (a direct plan of Linear and elementwise layers; see ``fast_path``).
+
+        Not with ``cpu_gemm="onednn"``: a layer whose input the slots share is one oneDNN GEMM over all
+        slots' weights, and nothing promises that oneDNN picks the same kernel for another number of them
+        (on a 2-core AMD EPYC it did, for every count from 1 to 32, but a gather must be exact everywhere).
+        """
         plan = self._plan()
-        return plan is not None and plan.gather_exact
+        return plan is not None and plan.gather_exact and self.cpu_gemm != "onednn"
 
     def _plan(self) -> fast_path.FastPlan | None:
         if not self._direct_path:

@@ -181,6 +181,9 @@ def test_onednn_gemms_match_torch(cls):
     # per step: the forward [B, 120] against [S*160, 120], and the weight gradient [S*160, B] against [120, B]
     assert len(calls) == STEPS * 2 and set(calls) == {torch.Size([16, 120]), torch.Size([S * 160, 16])}
     assert max_rel_diff(mb, refs) < 1e-5
+    # one GEMM over all slots: a gather of some of them is not promised to round alike (ModelBatch.gather_exact)
+    assert mb.uses_direct_path and not mb.gather_exact
+    assert rmb.ModelBatch(list(refs)).gather_exact
 
 
 def _cosine_lambda(warmup, total, ratio):
