@@ -49,9 +49,10 @@ gradients. Where the BLAS does not use the CPU's widest vector units (MKL on
 AMD CPUs runs its AVX2 code, oneDNN its AVX-512 code) that is up to 2x faster
 per GEMM (the 784-256-256-10 MLP's first layer at 32 slots on a 2-core EPYC:
 forward 2.6 against 5.2 ms, weight gradient 2.2 against 5.4 ms; the step
-12-17% faster with the copies of the weights and gradients it takes). The results are fp32-accurate but not bitwise
-those of ``nn.Linear``, so Adam, which turns rounding in near-zero gradients
-into steps of size lr, drifts apart from a solo run sooner; hence opt-in.
+12-17% faster with the copies of the weights and gradients it takes). The
+results are fp32-accurate but not bitwise those of ``nn.Linear``, so Adam,
+which turns rounding in near-zero gradients into steps of size lr, drifts
+apart from a solo run sooner; hence opt-in.
 
 With ``grads=`` (the engine's training step, see
 :meth:`ModelBatch.gradients_into_buffer`) the backward GEMMs write each weight
