@@ -29,30 +29,25 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ray_modelbatch.cpu_memory import keep_freed_memory
+from ray_modelbatch.fast_path import _onednn_linear, _shared_input_weight_grad
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conv_forms import _median_ms  # noqa: E402 - a sibling benchmark's timing
 
 # (rows, in, out) per slot: the 784 MLP's layers (batch 64) and the transformer's projections (64 x 16 tokens)
 SHAPES = [(64, 784, 256), (64, 256, 256), (1024, 64, 192), (1024, 128, 64)]
 
 
 def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def onednn_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
+    """Median seconds of ``reps`` calls (conv_forms' timing, in seconds)."""
+    return _median_ms(fn, reps) / 1e3
 
 
 def per_slot_forms(s: int, rows: int, d_in: int, d_out: int, reps: int) -> dict[str, float]:
@@ -81,12 +76,11 @@ def shared_first_layer(s: int, rows: int, d_in: int, d_out: int, reps: int) -> d
     x, g = torch.randn(rows, d_in), torch.randn(s, rows, d_out)
     xs = x.unsqueeze(0).expand(s, rows, d_in)
     fwd = timed(lambda: torch.baddbmm(b.unsqueeze(1), xs, w.transpose(1, 2)), reps)
-    fwd_dnn = timed(lambda: onednn_linear(x, w.reshape(s * d_out, d_in), b.reshape(-1)), reps)
+    fwd_dnn = timed(lambda: _onednn_linear(x, w.reshape(s * d_out, d_in), b.reshape(-1)), reps)
     dw = timed(lambda: torch.bmm(g.transpose(1, 2), xs, out=gw), reps)
 
-    def dw_dnn() -> None:
-        block = onednn_linear(g.transpose(0, 1).reshape(rows, s * d_out).t(), x.t())  # [S*out, in]
-        gw.copy_(block.view(s, d_out, d_in))
+    def dw_dnn() -> None:  # as ModelBatch(cpu_gemm="onednn") does it: one GEMM, then into the strided buffer
+        gw.copy_(_shared_input_weight_grad(g, x))
 
     return {"fwd_ms": 1e3 * fwd, "fwd_dnn_ms": 1e3 * fwd_dnn, "dw_ms": 1e3 * dw, "dw_dnn_ms": 1e3 * timed(dw_dnn, reps)}
 
