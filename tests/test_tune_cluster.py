@@ -100,6 +100,10 @@ def test_auto_capacity_profiles_each_host_and_caps_trials(two_gpu_nodes, tmp_pat
         assert T.max_concurrent() == 4  # starts both hosts, each profiled to the cap of 2
         stats = T.host_stats()
         assert len(stats) == 2 and all(s["capacity"] == 2 for s in stats)
+        # The two hosts started side by side: each constructor (torch, data(), the profile) began before
+        # either had finished; one after the other, the second would begin only once the first was ready.
+        starts = [s["milestones"] for s in stats]
+        assert max(m["init"] for m in starts) < min(m["ready"] for m in starts), starts
         for s in stats:
             fit = s["capacity_fit"]
             assert "per slot" in fit and "slots" in fit, fit

@@ -25,7 +25,7 @@ from ray.tune.execution.placement_groups import PlacementGroupFactory
 
 from .ray_compat import (experiment_dir, patch_tune_driver, quiet_setup_time_notice, skip_taken_checkpoint_dirs,
                          trial_mode)
-from .registry import get_registry
+from .registry import get_registry, launch_where_free, registry_exists
 from .shared_trials import trial_server
 from .slot_client import SlotClient
 
@@ -65,8 +65,13 @@ class SlotTrialProxy(SlotClient, Trainable):
             return  # inside a trial: its setup() attaches anyway
         cls._prestarted = cls._experiment
         try:
-            registry = get_registry(cls._spec_bytes, cls._experiment, cls._options)
-            registry.start_hosts.remote(cls._options.get("profile_config") or config, quiet=True)  # not awaited
+            config = cls._options.get("profile_config") or config
+            # The driver creates the hosts itself when the registry does not exist yet: their processes then
+            # start now, not once the registry's own actor has started (0.15-0.5 s on a 2-core node).
+            starting = [] if registry_exists(cls._experiment) else launch_where_free(
+                cls._spec_bytes, cls._experiment, cls._options, config, taken=set(), first=0, any_running=False)[0]
+            registry = get_registry(cls._spec_bytes, cls._experiment, cls._options, starting)
+            registry.start_hosts.remote(config, quiet=True)  # not awaited
             if trial_mode(cls) == "shared":
                 trial_server()  # its process starts beside the host's, before Tune makes the first trial
         except Exception as exc:  # noqa: BLE001 - only a head start: the first trial's setup() tries again

@@ -4,8 +4,10 @@ The registry is a named, detached actor created by the first proxy with
 ``scheduling_strategy="DEFAULT"``, so it is never trapped in a trial's
 placement group and outlives the trial that happened to create it. Hosts are
 planned one per GPU of every alive node (one per node on CPU-only clusters)
-and created on demand, pinned to their node, when a trial needs a slot and
-that node has the GPU free. A trial goes to the host with the most free
+and created, pinned to their node, on every place whose node has the GPU (or
+CPUs) free: by the driver before the first trial (handed to the new registry),
+and by the registry when a trial needs a slot. Hosts start side by side, and
+the registry waits for all of them at once. A trial goes to the host with the most free
 slots, so trials spread over GPUs before any host fills up. Hosts that die
 (a crash, a lost node) are dropped, and their GPU is planned again.
 
@@ -47,6 +49,14 @@ def registry_name(experiment: str) -> str:
     return f"ray_modelbatch:{experiment}:registry"
 
 
+def registry_exists(experiment: str) -> bool:
+    try:
+        ray.get_actor(registry_name(experiment), namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class HostPlace:
     """One place a host may live: a GPU of a node (``gpu=True``), or a CPU-only node."""
@@ -74,16 +84,104 @@ def plan_hosts(num_hosts: int | None = None) -> list[HostPlace]:
     return plan or [HostPlace(n["NodeID"], 0, False) for n in nodes]
 
 
+@dataclass
+class _Starting:
+    """A host whose actor exists but whose constructor has not answered ``ping()`` yet."""
+
+    place: HostPlace
+    name: str
+    handle: Any
+    ready: Any  # the ping's ObjectRef
+
+
+def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config: dict | None,
+                      taken: set[HostPlace], first: int, any_running: bool) -> tuple[list[_Starting], str | None]:
+    """Create (without waiting) a host on every planned place not in ``taken`` whose node has room now.
+
+    Returns the hosts started, named ``host<first>``, ``host<first + 1>``, ...,
+    and why no place had room (None when one had). Used by the registry and by
+    the driver's prestart (:mod:`~ray_modelbatch.tune.proxy`). With no host
+    running anywhere (``any_running`` False) and every CPU-only node's CPUs held,
+    one host starts without a CPU reservation rather than never.
+    """
+    avail = available_resources_per_node()  # None: unknown, try every place
+    cpus = float(options.get("host_cpus", 1))
+    blocked: list[tuple[HostPlace, dict]] = []
+    places: list[tuple[HostPlace, float | None]] = []
+    for place in plan_hosts(options.get("num_hosts")):
+        if place in taken:
+            continue
+        if place.node_id is not None and avail is not None:
+            res = avail.get(place.node_id, {})
+            if res.get("CPU", 0.0) < cpus or (place.gpu and res.get("GPU", 0.0) < 1):
+                blocked.append((place, res))
+                continue  # taken (e.g. by another experiment's idle host): try again at a later trial
+        places.append((place, None))
+    reason = _blocked(blocked, cpus) if blocked and not places else None
+    cpu_only = [p for p, res in blocked if not p.gpu]
+    if not places and not any_running and cpu_only and cpus > 0:
+        logger.warning("%s Starting the slot host without a CPU reservation instead.", reason)
+        places.append((cpu_only[0], 0))
+    launched = [launch_host(spec_bytes, experiment, options, place, first + i, config, num_cpus)
+                for i, (place, num_cpus) in enumerate(places)]
+    return launched, None if launched else reason
+
+
+def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPlace, index: int,
+                config: dict | None, num_cpus: float | None = None) -> _Starting:
+    """Create host ``index`` of the experiment on ``place`` and ask for its ``ping()``; its constructor runs
+    meanwhile."""
+    name = f"ray_modelbatch:{experiment}:host{index}"
+    slots = options["slots_per_host"]
+    opts: dict[str, Any] = {
+        "name": name,
+        # every waiting step holds a thread
+        "max_concurrency": 2 * (options["max_slots_per_host"] if slots == "auto" else slots) + 16,
+        "num_cpus": options.get("host_cpus", 1) if num_cpus is None else num_cpus,
+        "num_gpus": 1 if place.gpu else 0,
+        "max_restarts": 0,
+        "scheduling_strategy": "DEFAULT"
+        if place.node_id is None
+        else NodeAffinitySchedulingStrategy(place.node_id, soft=False),
+    }
+    env = allocator_env()  # the engine thread's big tensors stay in the process (see cpu_memory)
+    if env:
+        opts["runtime_env"] = {"env_vars": env}  # merged with the job's runtime_env by Ray
+    handle = ray.remote(SlotHost).options(**opts).remote(
+        spec_bytes, name, slots, lease_check_s=options.get("lease_check_s", 2.0),
+        stats_every_s=options.get("stats_every_s", 5.0),
+        profile_config=options.get("profile_config") or config,
+        max_slots=options["max_slots_per_host"],
+        run_ahead=options.get("run_ahead", 2), threads=options.get("host_threads"),
+    )
+    return _Starting(place, name, handle, handle.ping.remote())
+
+
+def _blocked(blocked: list[tuple[HostPlace, dict]], cpus: float) -> str:
+    """One line: why no slot host fits on the cluster now, and which setting to change."""
+    gpu = any(p.gpu for p, _ in blocked)
+    need = f"{cpus:g} CPU" + (" and 1 GPU" if gpu else "")
+    free = ", ".join(f"{p.label}: {res.get('CPU', 0.0):g} CPU" + (f" {res.get('GPU', 0.0):g} GPU" if p.gpu else "")
+                     for p, res in blocked[:4])
+    return (f"no node has {need} free for a slot host (free now: {free}); trials or other actors hold the rest. "
+            "A batched trial's process does no training and needs only {'CPU': 0.01}: drop tune.with_resources "
+            "around the trainable (or use batched_trainable(trial_resources=...)), lower "
+            "batched_trainable(host_cpus=...), or free the GPUs other actors hold.")
+
+
 class HostRegistry:
     """Assigns trials to hosts with free slots, creating hosts lazily where the cluster has room."""
 
-    def __init__(self, spec_bytes: bytes, experiment: str, options: dict):
+    def __init__(self, spec_bytes: bytes, experiment: str, options: dict, starting: list[_Starting] | None = None):
         self.spec_bytes = spec_bytes
         self.experiment = experiment
         self.options = options
         self.hosts: dict[HostPlace, tuple[str, Any]] = {}
         self.slots: dict[HostPlace, int] = {}  # each host's capacity (it may profile its own device)
-        self._created = 0  # host names are never reused: a dead host's name may still be registered
+        # Hosts the driver created before this registry existed (see proxy._prestart_hosts): registered
+        # by the first start_hosts() or assign().
+        self._starting = list(starting or [])
+        self._created = len(self._starting)  # host names are never reused: a dead host's name may still be registered
         self.last_busy = time.monotonic()
         self._assigned = False  # before the first trial, hosts started early wait for fit() (see _idle_watch)
         # Why a host could not start (data() failed, not one slot fits): every later trial gets the same
@@ -110,12 +208,19 @@ class HostRegistry:
             self.last_busy = time.monotonic()
             self._free_by_host()
             try:
+                self._settle_starting()
                 while self._create_where_free(config) is not None:
                     pass
             except SlotHostStartError:
                 if not quiet:
                     raise
             return self.capacity()
+
+    def _settle_starting(self) -> None:
+        """Register (or drop) the hosts the driver created before this registry."""
+        if self._starting:
+            starting, self._starting = self._starting, []
+            self._await_hosts(starting)
 
     def in_placement_group(self) -> bool:
         """False by design: a registry inside a trial's placement group would die with that trial."""
@@ -135,6 +240,7 @@ class HostRegistry:
         with self._lock:
             self.last_busy = time.monotonic()
             self._assigned = True
+            self._settle_starting()
             if self.start_error is not None:
                 raise SweepSetupError(self.start_error)
             free = self._free_by_host()
@@ -166,7 +272,12 @@ class HostRegistry:
         return free
 
     def _create_where_free(self, config: dict | None) -> HostPlace | None:
-        """Start a host on the first planned place without one whose node has the resources free now.
+        """Start a host on every planned place without one whose node has the resources free now.
+
+        The hosts start side by side: each is created at once and the registry
+        then waits for all of them, so a node with eight GPUs is ready in one
+        host's start (the torch import, ``data()``, a profile) rather than
+        eight in a row. Returns one place that got a running host, or None.
 
         When no host runs yet and every CPU-only node's CPUs are held (by trials
         that asked for more than the proxy needs, e.g. ``tune.with_resources``),
@@ -174,92 +285,65 @@ class HostRegistry:
         sleep while the host computes. A GPU place needs its GPU free; while none
         is, :meth:`waiting_reason` says why, for the trial's error.
         """
-        avail = available_resources_per_node()  # None: unknown, try every place
-        cpus = float(self.options.get("host_cpus", 1))
-        blocked: list[tuple[HostPlace, dict]] = []
-        for place in plan_hosts(self.options.get("num_hosts")):
-            if place in self.hosts:
-                continue
-            if place.node_id is not None and avail is not None:
-                res = avail.get(place.node_id, {})
-                if res.get("CPU", 0.0) < cpus or (place.gpu and res.get("GPU", 0.0) < 1):
-                    blocked.append((place, res))
-                    continue  # taken (e.g. by another experiment's idle host): try again at a later trial
-            if self._create(place, config):
-                self.blocked_reason = None
-                return place
-        self.blocked_reason = self._blocked(blocked, cpus) if blocked else None
-        cpu_only = [p for p, res in blocked if not p.gpu]
-        if not self.hosts and cpu_only and cpus > 0:
-            logger.warning("%s Starting the slot host without a CPU reservation instead.", self.blocked_reason)
-            if self._create(cpu_only[0], config, num_cpus=0):
-                self.blocked_reason = None
-                return cpu_only[0]
-        return None
+        started = self._await_hosts(self._launch_where_free(config))
+        return started[0] if started else None
 
-    def _blocked(self, blocked: list[tuple[HostPlace, dict]], cpus: float) -> str:
-        """One line: why no slot host fits on the cluster now, and which setting to change."""
-        gpu = any(p.gpu for p, _ in blocked)
-        need = f"{cpus:g} CPU" + (" and 1 GPU" if gpu else "")
-        free = ", ".join(f"{p.label}: {res.get('CPU', 0.0):g} CPU" + (f" {res.get('GPU', 0.0):g} GPU" if p.gpu else "")
-                         for p, res in blocked[:4])
-        return (f"no node has {need} free for a slot host (free now: {free}); trials or other actors hold the rest. "
-                "A batched trial's process does no training and needs only {'CPU': 0.01}: drop tune.with_resources "
-                "around the trainable (or use batched_trainable(trial_resources=...)), lower "
-                "batched_trainable(host_cpus=...), or free the GPUs other actors hold.")
+    def _launch_where_free(self, config: dict | None) -> list[_Starting]:
+        """Create (without waiting for) a host on every free planned place; see :meth:`_create_where_free`."""
+        launched, self.blocked_reason = launch_where_free(self.spec_bytes, self.experiment, self.options, config,
+                                                          taken=set(self.hosts), first=self._created,
+                                                          any_running=bool(self.hosts))
+        self._created += len(launched)
+        return launched
 
     def waiting_reason(self) -> str | None:
         """Why a trial cannot get a slot now, if the cause is resources rather than full hosts."""
         with self._lock:
             return self.blocked_reason if not self.hosts else None
 
-    def _create(self, place: HostPlace, config: dict | None, num_cpus: float | None = None) -> bool:
-        name = f"ray_modelbatch:{self.experiment}:host{self._created}"
-        self._created += 1
-        slots = self.options["slots_per_host"]
-        opts: dict[str, Any] = {
-            "name": name,
-            # every waiting step holds a thread
-            "max_concurrency": 2 * (self.options["max_slots_per_host"] if slots == "auto" else slots) + 16,
-            "num_cpus": self.options.get("host_cpus", 1) if num_cpus is None else num_cpus,
-            "num_gpus": 1 if place.gpu else 0,
-            "max_restarts": 0,
-            "scheduling_strategy": "DEFAULT"
-            if place.node_id is None
-            else NodeAffinitySchedulingStrategy(place.node_id, soft=False),
-        }
-        env = allocator_env()  # the engine thread's big tensors stay in the process (see cpu_memory)
-        if env:
-            opts["runtime_env"] = {"env_vars": env}  # merged with the job's runtime_env by Ray
-        handle = ray.remote(SlotHost).options(**opts).remote(
-            self.spec_bytes, name, slots, lease_check_s=self.options.get("lease_check_s", 2.0),
-            stats_every_s=self.options.get("stats_every_s", 5.0),
-            profile_config=self.options.get("profile_config") or config,
-            max_slots=self.options["max_slots_per_host"],
-            run_ahead=self.options.get("run_ahead", 2), threads=self.options.get("host_threads"),
-        )
+    def _await_hosts(self, starting: list[_Starting]) -> list[HostPlace]:
+        """Wait for hosts created by :meth:`_launch`, all at once; register those that started.
+
+        A host that does not answer within ``host_start_timeout_s`` is killed
+        and its place tried again later. A host that died while starting, or
+        whose start failed (``data()`` raised, not one slot fits), is reported
+        after the others are settled: the trial that asked gets a plain error.
+        """
         timeout = float(self.options.get("host_start_timeout_s", 120.0))
-        try:
-            info = ray.get(handle.ping.remote(), timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            ray.kill(handle, no_restart=True)
-            logger.warning("slot host %s on %s did not start within %.0fs; trying again later",
-                           name, place.label, timeout)
-            return False
-        except ray.exceptions.RayActorError as exc:
-            # The host died while starting: a plain error for the trial that asked, not an actor
-            # error its proxy would retry.
-            raise SlotHostStartError(f"slot host {name} on {place.label} could not start: {exc}") from None
-        if info.get("error"):
-            ray.kill(handle, no_restart=True)
-            self.start_error = f"slot host could not start: {info['error']}"
-            logger.error("%s", self.start_error)
-            raise SweepSetupError(self.start_error)
-        self.hosts[place] = (name, handle)
-        self.slots[place] = int(info["capacity"])
-        logger.info("created slot host %s on %s (%d slots, %s)%s", name, place.label, info["capacity"],
-                    info["device"], f": {info['capacity_fit']}" if info.get("capacity_fit") else "")
-        return True
+        deadline = time.monotonic() + timeout
+        pending = {s.ready: s for s in starting}
+        started: list[HostPlace] = []
+        failure: Exception | None = None
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                for s in pending.values():
+                    ray.kill(s.handle, no_restart=True)
+                    logger.warning("slot host %s on %s did not start within %.0fs; trying again later",
+                                   s.name, s.place.label, timeout)
+                break
+            s = pending.pop(done[0])
+            try:
+                info = ray.get(s.ready)
+            except ray.exceptions.RayActorError as exc:
+                # The host died while starting: a plain error for the trial that asked, not an actor
+                # error its proxy would retry.
+                failure = failure or SlotHostStartError(f"slot host {s.name} on {s.place.label} could not start: {exc}")
+                continue
+            if info.get("error"):
+                ray.kill(s.handle, no_restart=True)
+                self.start_error = f"slot host could not start: {info['error']}"
+                logger.error("%s", self.start_error)
+                failure = failure or SweepSetupError(self.start_error)
+                continue
+            self.hosts[s.place] = (s.name, s.handle)
+            self.slots[s.place] = int(info["capacity"])
+            started.append(s.place)
+            logger.info("created slot host %s on %s (%d slots, %s)%s", s.name, s.place.label, info["capacity"],
+                        info["device"], f": {info['capacity_fit']}" if info.get("capacity_fit") else "")
+        if failure is not None:
+            raise failure
+        return started
 
     def stats(self) -> list[dict]:
         return ray.get([h.stats.remote() for _, h in self.hosts.values()])
@@ -295,8 +379,12 @@ class HostRegistry:
                     return
 
 
-def get_registry(spec_bytes: bytes, experiment: str, options: dict) -> Any:
-    """The experiment's registry, created on first use outside any placement group."""
+def get_registry(spec_bytes: bytes, experiment: str, options: dict, starting: list[_Starting] | None = None) -> Any:
+    """The experiment's registry, created on first use outside any placement group.
+
+    ``starting``: hosts the caller already created (:func:`launch_where_free`)
+    for a registry that does not exist yet; an existing registry ignores them.
+    """
     return (
         ray.remote(HostRegistry)
         .options(
@@ -308,5 +396,5 @@ def get_registry(spec_bytes: bytes, experiment: str, options: dict) -> Any:
             scheduling_strategy="DEFAULT",
             max_concurrency=1,
         )
-        .remote(spec_bytes, experiment, options)
+        .remote(spec_bytes, experiment, options, starting)
     )
