@@ -125,8 +125,7 @@ def make_trainable(slots: int, **options: Any) -> Any:
         batch_size=BATCH_SIZE,
         steps_per_report=STEPS_PER_REPORT,
         slots_per_host=slots,
-        num_hosts=1,
-        **options,
+        **{"num_hosts": 1, **options},
     )
 
 

@@ -112,10 +112,13 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
         if place in taken:
             continue
         if place.node_id is not None and avail is not None:
-            res = avail.get(place.node_id, {})
+            res = avail.setdefault(place.node_id, {})
             if res.get("CPU", 0.0) < cpus or (place.gpu and res.get("GPU", 0.0) < 1):
-                blocked.append((place, res))
+                blocked.append((place, dict(res)))
                 continue  # taken (e.g. by another experiment's idle host): try again at a later trial
+            # what the hosts launched here take from their node: several start at once
+            res["CPU"] = res.get("CPU", 0.0) - cpus
+            res["GPU"] = res.get("GPU", 0.0) - (1 if place.gpu else 0)
         places.append((place, None))
     reason = _blocked(blocked, cpus) if blocked and not places else None
     cpu_only = [p for p, res in blocked if not p.gpu]
