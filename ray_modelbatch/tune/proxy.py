@@ -64,18 +64,23 @@ class SlotTrialProxy(SlotClient, Trainable):
         if ray.get_runtime_context().get_actor_id() is not None:
             return  # inside a trial: its setup() attaches anyway
         cls._prestarted = cls._experiment
+        starting, registry = [], None
         try:
             config = cls._options.get("profile_config") or config
             # The driver creates the hosts itself when the registry does not exist yet: their processes then
             # start now, not once the registry's own actor has started (0.15-0.5 s on a 2-core node).
-            starting = [] if registry_exists(cls._experiment) else launch_where_free(
-                cls._spec_bytes, cls._experiment, cls._options, config, taken=set(), first=0, any_running=False)[0]
+            if not registry_exists(cls._experiment):
+                starting = launch_where_free(cls._spec_bytes, cls._experiment, cls._options, config, taken=set(),
+                                             first=0, any_running=False)[0]
             registry = get_registry(cls._spec_bytes, cls._experiment, cls._options, starting)
             registry.start_hosts.remote(config, quiet=True)  # not awaited
             if trial_mode(cls) == "shared":
                 trial_server()  # its process starts beside the host's, before Tune makes the first trial
         except Exception as exc:  # noqa: BLE001 - only a head start: the first trial's setup() tries again
             logger.debug("could not prestart the slot hosts: %s", exc)
+            if registry is None:  # nobody holds the hosts made here, and the registry will reuse their names
+                for s in starting:
+                    ray.kill(s.handle, no_restart=True)
 
     # ------------------------------------------------------------ Trainable's hooks
     def setup(self, config: dict, **params: Any) -> None:
