@@ -18,7 +18,7 @@ def launches(monkeypatch):
 
     def fake_launch(spec_bytes, experiment, options, place, index, config, num_cpus=None):
         made.append((place, index, num_cpus))
-        return reg._Starting(place, f"host{index}", None, None)
+        return reg.StartingHost(place, f"host{index}", None, None)
 
     monkeypatch.setattr(reg, "launch_host", fake_launch)
     return made

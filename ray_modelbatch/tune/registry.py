@@ -7,8 +7,8 @@ planned one per GPU of every alive node (one per node on CPU-only clusters)
 and created, pinned to their node, on every place whose node has the GPU (or
 CPUs) free: by the driver before the first trial (handed to the new registry),
 and by the registry when a trial needs a slot. Hosts start side by side, and
-the registry waits for all of them at once. A trial goes to the host with the most free
-slots, so trials spread over GPUs before any host fills up. Hosts that die
+the registry waits for all of them at once. A trial goes to the host with the
+most free slots, so trials spread over GPUs before any host fills up. Hosts that die
 (a crash, a lost node) are dropped, and their GPU is planned again.
 
 When no trial has held a slot for ``idle_timeout_s``, the registry stops its
@@ -85,7 +85,7 @@ def plan_hosts(num_hosts: int | None = None) -> list[HostPlace]:
 
 
 @dataclass
-class _Starting:
+class StartingHost:
     """A host whose actor exists but whose constructor has not answered ``ping()`` yet."""
 
     place: HostPlace
@@ -95,7 +95,7 @@ class _Starting:
 
 
 def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config: dict | None,
-                      taken: set[HostPlace], first: int, any_running: bool) -> tuple[list[_Starting], str | None]:
+                      taken: set[HostPlace], first: int, any_running: bool) -> tuple[list[StartingHost], str | None]:
     """Create (without waiting) a host on every planned place not in ``taken`` whose node has room now.
 
     Returns the hosts started, named ``host<first>``, ``host<first + 1>``, ...,
@@ -131,7 +131,7 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
 
 
 def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPlace, index: int,
-                config: dict | None, num_cpus: float | None = None) -> _Starting:
+                config: dict | None, num_cpus: float | None = None) -> StartingHost:
     """Create host ``index`` of the experiment on ``place`` and ask for its ``ping()``; its constructor runs
     meanwhile."""
     name = f"ray_modelbatch:{experiment}:host{index}"
@@ -157,7 +157,7 @@ def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPl
         max_slots=options["max_slots_per_host"],
         run_ahead=options.get("run_ahead", 2), threads=options.get("host_threads"),
     )
-    return _Starting(place, name, handle, handle.ping.remote())
+    return StartingHost(place, name, handle, handle.ping.remote())
 
 
 def _blocked(blocked: list[tuple[HostPlace, dict]], cpus: float) -> str:
@@ -175,7 +175,7 @@ def _blocked(blocked: list[tuple[HostPlace, dict]], cpus: float) -> str:
 class HostRegistry:
     """Assigns trials to hosts with free slots, creating hosts lazily where the cluster has room."""
 
-    def __init__(self, spec_bytes: bytes, experiment: str, options: dict, starting: list[_Starting] | None = None):
+    def __init__(self, spec_bytes: bytes, experiment: str, options: dict, starting: list[StartingHost] | None = None):
         self.spec_bytes = spec_bytes
         self.experiment = experiment
         self.options = options
@@ -184,7 +184,8 @@ class HostRegistry:
         # Hosts the driver created before this registry existed (see proxy._prestart_hosts): registered
         # by the first start_hosts() or assign().
         self._starting = list(starting or [])
-        self._created = len(self._starting)  # host names are never reused: a dead host's name may still be registered
+        # host names are never reused: a dead host's name may still be registered
+        self._created = len(self._starting)
         self.last_busy = time.monotonic()
         self._assigned = False  # before the first trial, hosts started early wait for fit() (see _idle_watch)
         # Why a host could not start (data() failed, not one slot fits): every later trial gets the same
@@ -291,7 +292,7 @@ class HostRegistry:
         started = self._await_hosts(self._launch_where_free(config))
         return started[0] if started else None
 
-    def _launch_where_free(self, config: dict | None) -> list[_Starting]:
+    def _launch_where_free(self, config: dict | None) -> list[StartingHost]:
         """Create (without waiting for) a host on every free planned place; see :meth:`_create_where_free`."""
         launched, self.blocked_reason = launch_where_free(self.spec_bytes, self.experiment, self.options, config,
                                                           taken=set(self.hosts), first=self._created,
@@ -304,8 +305,8 @@ class HostRegistry:
         with self._lock:
             return self.blocked_reason if not self.hosts else None
 
-    def _await_hosts(self, starting: list[_Starting]) -> list[HostPlace]:
-        """Wait for hosts created by :meth:`_launch`, all at once; register those that started.
+    def _await_hosts(self, starting: list[StartingHost]) -> list[HostPlace]:
+        """Wait for hosts created by :func:`launch_host`, all at once; register those that started.
 
         A host that does not answer within ``host_start_timeout_s`` is killed
         and its place tried again later. A host that died while starting, or
@@ -331,7 +332,8 @@ class HostRegistry:
             except ray.exceptions.RayActorError as exc:
                 # The host died while starting: a plain error for the trial that asked, not an actor
                 # error its proxy would retry.
-                failure = failure or SlotHostStartError(f"slot host {s.name} on {s.place.label} could not start: {exc}")
+                failure = failure or SlotHostStartError(
+                    f"slot host {s.name} on {s.place.label} could not start: {exc}")
                 continue
             if info.get("error"):
                 ray.kill(s.handle, no_restart=True)
@@ -382,7 +384,7 @@ class HostRegistry:
                     return
 
 
-def get_registry(spec_bytes: bytes, experiment: str, options: dict, starting: list[_Starting] | None = None) -> Any:
+def get_registry(spec_bytes: bytes, experiment: str, options: dict, starting: list[StartingHost] | None = None) -> Any:
     """The experiment's registry, created on first use outside any placement group.
 
     ``starting``: hosts the caller already created (:func:`launch_where_free`)
