@@ -39,11 +39,13 @@ def start_hosts(gpus: int, cpus: int) -> tuple[float, list[tuple[float, float]]]
         trainable = sweep.make_trainable("auto", num_hosts=None, profile_config=config, max_slots_per_host=4,
                                          idle_timeout_s=30.0)
         t0 = time.time()
-        capacity = trainable.max_concurrent()
-        wall = time.time() - t0
-        windows = sorted((h["milestones"]["init"] - t0, h["milestones"]["ready"] - t0) for h in trainable.host_stats())
-        assert capacity == 4 * gpus, capacity
-        trainable.shutdown_hosts()
+        try:
+            trainable.max_concurrent()
+            wall = time.time() - t0
+            windows = sorted((h["milestones"]["init"] - t0, h["milestones"]["ready"] - t0)
+                             for h in trainable.host_stats())
+        finally:
+            trainable.shutdown_hosts()
         return wall, windows
     finally:
         ray.shutdown()
@@ -57,8 +59,10 @@ def main() -> None:
     one, _ = start_hosts(1, args.cpus)
     many, windows = start_hosts(args.gpus, args.cpus)
     print(f"machine: {os.cpu_count()} CPUs; local Ray with {args.cpus} CPUs")
-    print(f"1 host: {one:.1f} s; {args.gpus} hosts: {many:.1f} s ({many / one:.2f}x one host; "
-          f"{args.gpus}x would be one after another)")
+    if len(windows) < args.gpus:  # each host reserves a CPU (host_cpus): the others wait for a later trial
+        print(f"only {len(windows)} of {args.gpus} hosts fit the local Ray's {args.cpus} CPUs: raise --cpus")
+    print(f"1 host: {one:.1f} s; {len(windows)} hosts: {many:.1f} s ({many / one:.2f}x one host; "
+          f"{len(windows)}x would be one after another)")
     for i, (init, ready) in enumerate(windows):
         print(f"  host {i}: constructor {init:.1f} s -> ready {ready:.1f} s")
 
