@@ -115,6 +115,7 @@ def asha(max_t: int, grace_period: int, reduction_factor: int) -> ASHAScheduler:
 
 def make_trainable(slots: int, **options: Any) -> Any:
     """The sweep's trainable; ``options`` go to ``batched_trainable`` (the benchmark sets ``host_threads``)."""
+    options = {"num_hosts": 1, **options}  # one host, unless a benchmark plans one per GPU
     return batched_trainable(
         model=make_model,
         optimizer=ray_modelbatch.optim.AdamW,
@@ -125,7 +126,7 @@ def make_trainable(slots: int, **options: Any) -> Any:
         batch_size=BATCH_SIZE,
         steps_per_report=STEPS_PER_REPORT,
         slots_per_host=slots,
-        **{"num_hosts": 1, **options},
+        **options,
     )
 
 

@@ -2,7 +2,8 @@
 
 Hosts start side by side (``registry.launch_where_free`` creates every one,
 then the caller waits for all), so the free CPUs and GPUs a node reports must
-be shared among the hosts launched in the same call.
+be shared among the hosts launched in the same call. The driver's prestart
+launches the hosts of a registry that does not exist yet and hands them over.
 """
 
 from __future__ import annotations
@@ -63,3 +64,63 @@ def test_a_cpu_node_without_free_cpus_still_gets_its_first_host_unreserved(monke
     launches.clear()  # with a host running elsewhere, no unreserved one is added
     started, reason = reg.launch_where_free(b"", "exp", OPTIONS, None, taken=set(), first=1, any_running=True)
     assert started == [] and launches == [] and "no node has 1 CPU free" in reason
+
+
+class _Context:
+    def get_actor_id(self):
+        return None  # the driver, not a trial
+
+
+@pytest.fixture
+def driver(monkeypatch, launches):
+    """The trainable class's prestart as the driver runs it, with Ray's calls recorded instead of made."""
+    from ray_modelbatch.tune import proxy
+
+    calls = {"registry": [], "killed": []}
+    monkeypatch.setattr(proxy.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(proxy.ray, "get_runtime_context", lambda: _Context())
+    monkeypatch.setattr(proxy.ray, "kill", lambda handle, no_restart=True: calls["killed"].append(handle))
+    monkeypatch.setattr(proxy, "trial_mode", lambda cls: "process")
+    _cluster(monkeypatch, {"a": {"CPU": 8.0, "GPU": 2.0}}, {"a": 2})
+    T = type("T", (proxy.SlotTrialProxy,), {"_experiment": "exp", "_spec_bytes": b"", "_options": dict(OPTIONS)})
+    return proxy, T, calls
+
+
+class _Registry:
+    class start_hosts:  # noqa: N801 - stands in for an actor method
+        @staticmethod
+        def remote(config, quiet=False):
+            return None
+
+
+def test_the_driver_starts_the_hosts_of_a_new_registry_and_hands_them_over(monkeypatch, driver, launches):
+    proxy, T, calls = driver
+    monkeypatch.setattr(proxy, "registry_exists", lambda experiment: False)
+    monkeypatch.setattr(proxy, "get_registry",
+                        lambda spec, exp, options, starting=None: calls["registry"].append(starting) or _Registry)
+    T._prestart_hosts({"lr": 0.1})
+    assert [(p.index, i) for p, i, _ in launches] == [(0, 0), (1, 1)]  # both GPUs' hosts, before the registry
+    assert [s.name for s in calls["registry"][0]] == ["host0", "host1"] and calls["killed"] == []
+
+
+def test_an_existing_registry_starts_its_own_hosts(monkeypatch, driver, launches):
+    proxy, T, calls = driver
+    monkeypatch.setattr(proxy, "registry_exists", lambda experiment: True)
+    monkeypatch.setattr(proxy, "get_registry",
+                        lambda spec, exp, options, starting=None: calls["registry"].append(starting) or _Registry)
+    T._prestart_hosts({"lr": 0.1})
+    assert launches == [] and calls["registry"] == [[]]
+
+
+def test_hosts_the_driver_made_are_killed_when_the_registry_cannot_be_made(monkeypatch, driver, launches):
+    proxy, T, calls = driver
+    monkeypatch.setattr(proxy, "registry_exists", lambda experiment: False)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("GCS unavailable")
+
+    monkeypatch.setattr(proxy, "get_registry", fail)
+    monkeypatch.setattr(reg, "launch_host",
+                        lambda *a, **k: reg.StartingHost(a[3], f"host{a[4]}", f"handle{a[4]}", None))
+    T._prestart_hosts({"lr": 0.1})  # only a head start: it logs and returns
+    assert calls["killed"] == ["handle0", "handle1"]
