@@ -280,3 +280,23 @@ def test_a_shared_trial_trains_like_its_model_alone_under_its_seed(trainables, t
         opt.step()
     for name, p in model.state_dict().items():
         torch.testing.assert_close(fused[name], p, rtol=1e-5, atol=1e-6)
+
+
+def test_a_shared_trial_whose_host_dies_fails_in_one_line_and_another_server_trial_is_unharmed(trainables):
+    """A shared trial's iterations are awaited on the server's event loop (``SlotTrialActor.train_async``): when
+    its host dies, the next one fails with ``SlotHostLostError``'s message (which Tune's ``FailureConfig``
+    recovers from), and a trial on another host of the same server keeps training."""
+    from ray_modelbatch.tune.shared_trials import SharedTrialClass, forget_trial_server
+
+    doomed_T, other_T = trainables(slots_per_host=1), trainables(slots_per_host=1)
+    try:
+        doomed = SharedTrialClass.of(doomed_T).remote(config={"lr": 0.05, "seed": 3}, trial={"trial_id": "doomed"})
+        other = SharedTrialClass.of(other_T).remote(config={"lr": 0.05, "seed": 4}, trial={"trial_id": "other"})
+        assert ray.get([doomed.train.remote(), other.train.remote()])[0]["training_iteration"] == 1
+        [stats] = doomed_T.host_stats()
+        os.kill(stats["pid"], signal.SIGKILL)
+        with pytest.raises(ray.exceptions.RayTaskError, match=r"slot host \S+ of trial doomed died during train\(\)"):
+            ray.get(doomed.train.remote())
+        assert ray.get(other.train.remote())["training_iteration"] == 2
+    finally:
+        forget_trial_server()

@@ -137,16 +137,30 @@ class SlotClient:
         try:
             return ray.get(getattr(self._host, method).remote(*args))
         except ray.exceptions.RayActorError as exc:
-            self._attached = None
-            raise SlotHostLostError(
-                f"slot host {self._host_name} of trial {self.trial_id} died during {method}() "
-                f"({type(exc).__name__}). With tune.FailureConfig(max_failures>=1), Tune restarts the trial "
-                "from its last checkpoint on a new host; tune.CheckpointConfig(checkpoint_frequency=N) "
-                "bounds the iterations lost."
-            ) from exc
+            raise self._host_lost(method, exc) from exc
+
+    async def _on_host_async(self, method: str, *args: Any) -> Any:
+        """:meth:`_on_host` for an asyncio caller: the answer is awaited on the caller's event loop."""
+        try:
+            return await getattr(self._host, method).remote(*args)
+        except ray.exceptions.RayActorError as exc:
+            raise self._host_lost(method, exc) from exc
+
+    def _host_lost(self, method: str, exc: BaseException) -> SlotHostLostError:
+        self._attached = None
+        return SlotHostLostError(
+            f"slot host {self._host_name} of trial {self.trial_id} died during {method}() "
+            f"({type(exc).__name__}). With tune.FailureConfig(max_failures>=1), Tune restarts the trial "
+            "from its last checkpoint on a new host; tune.CheckpointConfig(checkpoint_frequency=N) "
+            "bounds the iterations lost."
+        )
 
     def step(self) -> dict[str, Any]:
         return self._on_host("train", self._token)
+
+    async def step_async(self) -> dict[str, Any]:
+        """:meth:`step` for an asyncio caller (the trial server serves every trial's iterations on one loop)."""
+        return await self._on_host_async("train", self._token)
 
     def save_checkpoint(self, checkpoint_dir: str) -> str:
         """The host's bytes for this slot, at the last iteration Tune took, as ``slot_state.pt``.

@@ -98,7 +98,15 @@ class SlotTrialActor(SlotClient):
     def train(self) -> dict:
         """One iteration, with the keys ``Trainable.train`` fills in."""
         start = time.time()
-        result = dict(self.step())
+        return self._finish(dict(self.step()), start)
+
+    async def train_async(self) -> dict:
+        """:meth:`train` for an asyncio caller (the trial server): the host's answer is awaited, no thread waits."""
+        start = time.time()
+        return self._finish(dict(await self.step_async()), start)
+
+    def _finish(self, result: dict, start: float) -> dict:
+        """Count the iteration and fill in the keys ``Trainable.train`` adds to a step's result."""
         self._iteration += 1
         self._iterations_since_restore += 1
         took = result.get("time_this_iter_s")
