@@ -356,7 +356,8 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
         os.environ["RAY_MODELBATCH_TRIALS"] = {"ray_modelbatch_process": "process",
                                               "ray_modelbatch_classic": "classic"}.get(kind, "shared")
         if batched:
-            trainable = sweep.make_trainable(args.slots, host_threads=args.host_threads, device=args.device)
+            extra = {} if args.run_ahead is None else {"run_ahead": args.run_ahead}
+            trainable = sweep.make_trainable(args.slots, host_threads=args.host_threads, device=args.device, **extra)
             reuse = True
         elif kind == "tune_alone":
             trainable, reuse = NoOpTrainable, True
@@ -533,6 +534,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the config draw")
     p.add_argument("--host-threads", type=int, default=None,
                    help="torch threads of the slot host (default: batched_trainable's, every CPU of the node but one)")
+    p.add_argument("--run-ahead", type=int, default=None,
+                   help="iterations a slot may train past its trial's last result (default: batched_trainable's)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of each local Ray (default: os.cpu_count())")
     p.add_argument("--storage", default=None, help="Tune storage_path (default: a temporary directory)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "tune_sweep_latest.md"))
@@ -704,7 +707,8 @@ def main() -> None:
                      f"per fused step, step paths {h_['step_paths']}, {h_['threads']} threads, "
                      f"run-ahead {h_['run_ahead']}")
         lines.append("- host timeline, s after fit(): " + ", ".join(
-            f"{k.replace('_', ' ')} {v:.1f}" for k, v in m_.items() if v is not None))
+            f"{k.replace('_', ' ')} {v:.1f}" for k, v in m_.items() if v is not None)
+            + f"; data() ran in the {h_.get('data_source') or 'host'}")
     if mb is not None and reuse is not None and reuse["first_start_s"] is not None:
         # Before its first trial starts, a Tune run has trained nothing: whatever a trainable does,
         # its wall time includes that start. So standard+reuse's own start bounds any ratio against it.

@@ -76,8 +76,9 @@ def driver(monkeypatch, launches):
     """The trainable class's prestart as the driver runs it, with Ray's calls recorded instead of made."""
     from ray_modelbatch.tune import proxy
 
-    calls = {"registry": [], "killed": []}
+    calls = {"registry": [], "killed": [], "data": []}
     monkeypatch.setattr(proxy.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(proxy, "load_in_driver", lambda spec, registry: calls["data"].append(registry))
     monkeypatch.setattr(proxy.ray, "get_runtime_context", lambda: _Context())
     monkeypatch.setattr(proxy.ray, "kill", lambda handle, no_restart=True: calls["killed"].append(handle))
     monkeypatch.setattr(proxy, "trial_mode", lambda cls: "process")
@@ -96,20 +97,22 @@ class _Registry:
 def test_the_driver_starts_the_hosts_of_a_new_registry_and_hands_them_over(monkeypatch, driver, launches):
     proxy, T, calls = driver
     monkeypatch.setattr(proxy, "registry_exists", lambda experiment: False)
-    monkeypatch.setattr(proxy, "get_registry",
-                        lambda spec, exp, options, starting=None: calls["registry"].append(starting) or _Registry)
+    monkeypatch.setattr(proxy, "get_registry", lambda spec, exp, options, starting=None, data_pending=False:
+                        calls["registry"].append((starting, data_pending)) or _Registry)
     T._prestart_hosts({"lr": 0.1})
     assert [(p.index, i) for p, i, _ in launches] == [(0, 0), (1, 1)]  # both GPUs' hosts, before the registry
-    assert [s.name for s in calls["registry"][0]] == ["host0", "host1"] and calls["killed"] == []
+    [(starting, data_pending)] = calls["registry"]
+    assert [s.name for s in starting] == ["host0", "host1"] and calls["killed"] == []
+    assert data_pending and calls["data"] == [_Registry]  # the driver loads the data for them meanwhile
 
 
 def test_an_existing_registry_starts_its_own_hosts(monkeypatch, driver, launches):
     proxy, T, calls = driver
     monkeypatch.setattr(proxy, "registry_exists", lambda experiment: True)
-    monkeypatch.setattr(proxy, "get_registry",
-                        lambda spec, exp, options, starting=None: calls["registry"].append(starting) or _Registry)
+    monkeypatch.setattr(proxy, "get_registry", lambda spec, exp, options, starting=None, data_pending=False:
+                        calls["registry"].append((starting, data_pending)) or _Registry)
     T._prestart_hosts({"lr": 0.1})
-    assert launches == [] and calls["registry"] == [[]]
+    assert launches == [] and calls["registry"] == [([], False)] and calls["data"] == []
 
 
 def test_hosts_the_driver_made_are_killed_when_the_registry_cannot_be_made(monkeypatch, driver, launches):

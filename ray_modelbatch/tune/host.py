@@ -47,6 +47,8 @@ from typing import Any, Callable
 
 import ray
 
+from .shared_data import fetch
+
 try:
     import resource
 except ImportError:  # not a Unix
@@ -118,7 +120,7 @@ class SlotHost:
 
     def __init__(self, spec_bytes: bytes, name: str, capacity: int | str, lease_check_s: float = 2.0,
                  stats_every_s: float = 5.0, profile_config: dict | None = None, max_slots: int = 256,
-                 run_ahead: int = 2, threads: int | None = None):
+                 run_ahead: int = 2, threads: int | None = None, data_from: str | None = None):
         init_at = time.time()
         _passive_openmp()  # before the spec (the user's functions) imports torch
         from ray import cloudpickle  # Ray's own copy: the package needs no separate cloudpickle
@@ -146,7 +148,7 @@ class SlotHost:
         try:
             if self.spec is None:
                 raise RuntimeError("no spec")
-            self.data = _load_data(self.spec, self.device, sweep_inputs)
+            self.data = _load_data(self.spec, self.device, sweep_inputs, self._driver_data(data_from))
             if capacity == "auto":
                 fit = self._profile(profile_config or {}, max_slots)
                 self.capacity, self.capacity_fit = fit.slots, fit.describe()
@@ -173,6 +175,17 @@ class SlotHost:
         self._log_dir: str | None = None
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
         self._thread.start()
+
+    def _driver_data(self, registry: str | None) -> Any:
+        """The data the driver loaded for this experiment (:mod:`~ray_modelbatch.tune.shared_data`), or None."""
+        from .registry import NAMESPACE  # (the registry module imports this one)
+
+        self.data_source, started = "host", time.monotonic()
+        got = fetch(registry, NAMESPACE) if registry else None
+        if got is None:
+            return None
+        self.data_source = f"driver (its data() took {got[1]:.2f}s; {time.monotonic() - started:.2f}s here)"
+        return got[0]
 
     # ------------------------------------------------------------ public API
     def _profile(self, config: dict, max_slots: int) -> Any:
@@ -292,6 +305,7 @@ class SlotHost:
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # see _passive_openmp
                 "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),  # see cpu_memory.allocator_env
                 "run_ahead": self.run_ahead,
+                "data_source": getattr(self, "data_source", None),  # who ran data(): "host", or "driver (...)"
                 "in_placement_group": self.in_placement_group,
                 "capacity": self.capacity,
                 "capacity_fit": self.capacity_fit,
@@ -617,14 +631,16 @@ def _seed_model_init(seed: int, device: Any) -> None:
         torch.manual_seed(seed)
 
 
-def _load_data(spec: Any, device: Any, sweep_inputs: Callable) -> Any:
-    """``spec.data()``, checked, on the host's device; with ``host_memory`` the training tensors stay in
-    host memory (streamed to the device one step's batches at a time) and only validation moves."""
+def _load_data(spec: Any, device: Any, sweep_inputs: Callable, loaded: Any = None) -> Any:
+    """``spec.data()`` (or what the driver ``loaded`` with it), checked, on the host's device; with
+    ``host_memory`` the training tensors stay in host memory (streamed to the device one step's batches
+    at a time) and only validation moves."""
+    raw = spec.data() if loaded is None else loaded
     if not getattr(spec, "host_memory", False):
-        return sweep_inputs(spec.data(), device)
+        return sweep_inputs(raw, device)
     from ..inputs import apply  # tensors, or dicts of columns (keyword inputs)
 
-    data = sweep_inputs(spec.data(), "cpu")
+    data = sweep_inputs(raw, "cpu")
     move = lambda t: t.to(device)  # noqa: E731
     if isinstance(data, tuple) and len(data) == 4 and not hasattr(data, "_fields"):
         x, y, x_val, y_val = data

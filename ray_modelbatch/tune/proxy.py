@@ -26,6 +26,7 @@ from ray.tune.execution.placement_groups import PlacementGroupFactory
 from .ray_compat import (experiment_dir, patch_tune_driver, quiet_setup_time_notice, skip_taken_checkpoint_dirs,
                          trial_mode)
 from .registry import get_registry, launch_where_free, registry_exists
+from .shared_data import load_in_driver
 from .shared_trials import trial_server
 from .slot_client import SlotClient
 
@@ -69,10 +70,15 @@ class SlotTrialProxy(SlotClient, Trainable):
             config = cls._options.get("profile_config") or config
             # The driver creates the hosts itself when the registry does not exist yet: their processes then
             # start now, not once the registry's own actor has started (0.15-0.5 s on a 2-core node).
-            if not registry_exists(cls._experiment):
+            new = not registry_exists(cls._experiment)
+            if new:
                 starting = launch_where_free(cls._spec_bytes, cls._experiment, cls._options, config, taken=set(),
                                              first=0, any_running=False)[0]
-            registry = get_registry(cls._spec_bytes, cls._experiment, cls._options, starting)
+            # A new registry's hosts take the data this driver loads meanwhile (see shared_data).
+            load_data = new and cls._options.get("data_in_driver", True)
+            registry = get_registry(cls._spec_bytes, cls._experiment, cls._options, starting, data_pending=load_data)
+            if load_data:
+                load_in_driver(cls._spec_bytes, registry)
             registry.start_hosts.remote(config, quiet=True)  # not awaited
             if trial_mode(cls) == "shared":
                 trial_server()  # its process starts beside the host's, before Tune makes the first trial

@@ -33,6 +33,7 @@ from ..cpu_memory import allocator_env
 from ..errors import SlotHostStartError, SweepSetupError
 from .host import SlotHost
 from .ray_compat import available_resources_per_node
+from .shared_data import DataMailbox
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPl
         profile_config=options.get("profile_config") or config,
         max_slots=options["max_slots_per_host"],
         run_ahead=options.get("run_ahead", 2), threads=options.get("host_threads"),
+        data_from=registry_name(experiment) if options.get("data_in_driver", True) else None,
     )
     return StartingHost(place, name, handle, handle.ping.remote())
 
@@ -175,7 +177,8 @@ def _blocked(blocked: list[tuple[HostPlace, dict]], cpus: float) -> str:
 class HostRegistry:
     """Assigns trials to hosts with free slots, creating hosts lazily where the cluster has room."""
 
-    def __init__(self, spec_bytes: bytes, experiment: str, options: dict, starting: list[StartingHost] | None = None):
+    def __init__(self, spec_bytes: bytes, experiment: str, options: dict, starting: list[StartingHost] | None = None,
+                 data_pending: bool = False):
         self.spec_bytes = spec_bytes
         self.experiment = experiment
         self.options = options
@@ -193,7 +196,21 @@ class HostRegistry:
         self.start_error: str | None = None
         self.blocked_reason: str | None = None  # why no host could be placed, last time one was tried
         self._lock = threading.RLock()  # the idle watch holds it through its decision and shutdown()
+        self._data = DataMailbox(data_pending)  # the driver's data() for the hosts (see shared_data)
         threading.Thread(target=self._idle_watch, daemon=True).start()
+
+    @ray.method(concurrency_group="data")
+    def offer_data(self, box: list | None) -> None:
+        """The driver's ``data()`` result (``[ref, seconds]``), or None: every host loads its own."""
+        self._data.offer(box)
+
+    @ray.method(concurrency_group="data")
+    def shared_data(self) -> tuple[str, list | None]:
+        """For a starting host: ``("ready", [ref, seconds])``, ``("pending", None)`` or ``("none", None)``.
+
+        In its own concurrency group: the registry's one main thread may be waiting
+        for this very host's start (:meth:`_await_hosts`)."""
+        return self._data.get()
 
     def capacity(self) -> int:
         """Slots of the running hosts, plus the planned ones (as large as the largest running one)."""
@@ -384,14 +401,17 @@ class HostRegistry:
                     return
 
 
-def get_registry(spec_bytes: bytes, experiment: str, options: dict, starting: list[StartingHost] | None = None) -> Any:
+def get_registry(spec_bytes: bytes, experiment: str, options: dict, starting: list[StartingHost] | None = None,
+                 data_pending: bool = False) -> Any:
     """The experiment's registry, created on first use outside any placement group.
 
     ``starting``: hosts the caller already created (:func:`launch_where_free`)
-    for a registry that does not exist yet; an existing registry ignores them.
+    for a registry that does not exist yet; ``data_pending``: the caller will
+    offer the data (:func:`~ray_modelbatch.tune.shared_data.load_in_driver`).
+    An existing registry ignores both.
     """
     return (
-        ray.remote(HostRegistry)
+        ray.remote(concurrency_groups={"data": 1})(HostRegistry)  # offer_data/shared_data: see shared_data
         .options(
             name=registry_name(experiment),
             get_if_exists=True,
@@ -401,5 +421,5 @@ def get_registry(spec_bytes: bytes, experiment: str, options: dict, starting: li
             scheduling_strategy="DEFAULT",
             max_concurrency=1,
         )
-        .remote(spec_bytes, experiment, options, starting)
+        .remote(spec_bytes, experiment, options, starting, data_pending)
     )

@@ -65,7 +65,7 @@ class SlotClient:
             raise TypeError(
                 f"tune.with_parameters(...) passed {sorted(params)} to the trial, but a batched trial's model trains "
                 "on a shared slot host, not in the trial's process. Give large objects to the host instead: return "
-                "them from batched_trainable(data=...) (called once per host), or close over them in model=/hparams=."
+                "them from batched_trainable(data=...) (called once per sweep), or close over them in model=/hparams=."
             )
         quiet_sigterm()
         self._host = None

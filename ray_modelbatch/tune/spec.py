@@ -23,7 +23,7 @@ class SlotSpec:
             (``lr``, ``betas``, ``weight_decay``, ``schedule``, ``max_grad_norm``...).
         loss: ``loss(output, target) -> scalar`` for one model (None with ``train_step``).
         data: ``() -> (x_train, y_train, x_val, y_val)`` tensors (the ``x`` may be dicts of
-            keyword inputs), two dicts of columns, or datasets; loaded once per host.
+            keyword inputs), two dicts of columns, or datasets; loaded once per sweep (see tune.shared_data).
         metrics: ``{name: fn(output, target)}`` reported as ``val_<name>``.
         batch_size: training batch size, or ``config -> int`` (one per stack, since a
             fused step has one batch shape: trials of other sizes train in other stacks).

@@ -10,7 +10,8 @@ from ray import cloudpickle  # Ray's vendored copy, the pickler Ray itself ships
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from .proxy import SlotTrialProxy
-from .registry import NAMESPACE, get_registry, plan_hosts, registry_name
+from .registry import NAMESPACE, get_registry, plan_hosts, registry_exists, registry_name
+from .shared_data import load_in_driver
 from .spec import SlotSpec
 
 
@@ -27,6 +28,7 @@ def batched_trainable(
     stack_by: Sequence[str] = (),
     plateau_metric: str | None = None,
     host_memory: bool = False,
+    data_in_driver: bool = True,
     data_workers: int = 0,
     batch_size: int | Callable[[Mapping[str, Any]], int] = 64,
     steps_per_report: int | str = 10,
@@ -74,8 +76,9 @@ def batched_trainable(
             ``(train, val)`` as two dicts of columns (``{"input_ids": ..., "attention_mask": ...,
             "labels": ...}``, one row per example), or dicts as ``x_train``/``x_val``, or a
             ``Dataset`` of dict examples; the steps then get each batch as a dict (see
-            docs/porting.md). Called once per host, so load or build the data inside it
-            (nothing is downloaded by us).
+            docs/porting.md). Load or build the data inside it (nothing is downloaded by us).
+            It is called once in the driver while the hosts start, and every host takes its
+            result from Ray's object store (see ``data_in_driver``).
         loss: ``loss(output, target) -> scalar`` written for one model: the simple path.
         metrics: ``{name: fn(output, target)}``, reported as ``val_<name>`` with ``val_loss``.
         train_step: instead of ``loss``, the training step as written for one model:
@@ -97,6 +100,12 @@ def batched_trainable(
             trials of different sizes train in different stacks.
         steps_per_report: fused steps per ``Trainable.step()`` (one Tune iteration), or
             ``"epoch"``: one pass over the training set at the trial's batch size.
+        data_in_driver: call ``data()`` once in the driver, in a thread, while the slot hosts
+            start (they would otherwise each call it after their torch import, on the critical
+            path to the first result), and hand its result to every host. Only CPU tensors and
+            arrays in tuples, lists and dicts, up to 1 GiB, travel this way; anything else (or a
+            ``data()`` that fails in the driver) is loaded by each host itself, as with False:
+            use False when ``data()`` must run on the host's node (node-local files, a GPU).
         host_memory: keep training tensors in host memory and copy each step's batches to
             the device, for data larger than device memory.
         data_workers: threads that read and transform dataset examples (for I/O-bound
@@ -156,6 +165,7 @@ def batched_trainable(
         "host_cpus": host_cpus,
         "host_threads": host_threads,
         "run_ahead": int(run_ahead),
+        "data_in_driver": bool(data_in_driver),
         "trial_resources": trial_resources,
         "idle_timeout_s": float(idle_timeout_s),
         "stats_every_s": float(stats_every_s),
@@ -191,7 +201,10 @@ def _max_concurrent(cls: type[SlotTrialProxy]) -> int:
             "max_concurrent() with slots_per_host='auto' must profile a model before any trial runs: pass "
             "batched_trainable(profile_config=<the config of the largest model in the sweep>)."
         )
-    registry = get_registry(cls._spec_bytes, cls._experiment, cls._options)
+    load_data = cls._options.get("data_in_driver", True) and not registry_exists(cls._experiment)
+    registry = get_registry(cls._spec_bytes, cls._experiment, cls._options, data_pending=load_data)
+    if load_data:  # the hosts start meanwhile and take it (see shared_data)
+        load_in_driver(cls._spec_bytes, registry)
     return ray.get(registry.start_hosts.remote(cls._options["profile_config"]))
 
 
