@@ -65,6 +65,7 @@ def test_plain_nbytes_counts_cpu_tensors_and_arrays_in_containers_only():
     assert plain_nbytes(torch.utils.data.TensorDataset(x)) is None  # a dataset: each host loads its own
     assert plain_nbytes((x, lambda seed, epoch: iter(()))) is None  # a factory of iterables
     assert plain_nbytes(x.to_sparse()) is None
+    assert plain_nbytes(torch.zeros(100, 10)[:2]) == 4000  # a view travels with its whole storage
     mailbox = DataMailbox(pending=True)
     assert mailbox.get() == ("pending", None)
     mailbox.offer(None)

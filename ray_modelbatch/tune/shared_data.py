@@ -3,8 +3,8 @@
 Why: until the first slot host is ready no trial can train, and a host's start
 is one core's serial work: Ray's worker, ``import torch``, then the user's
 ``data()`` (for the digits sweep, scikit-learn's import and the load: 1.2-2.8 s
-on a 2-core node), while the node's other core sits idle. The driver has
-already imported torch (the user's script did) and is idle while Tune starts,
+on a 2-core node), while the node's other cores may sit idle. The driver has
+already imported torch (the user's script did) and mostly waits while Tune starts,
 so it runs ``data()`` in a thread as soon as it launches the hosts
 (``proxy._prestart_hosts``) and puts the result in Ray's object store; each
 host, once its torch import is done, takes it from the experiment's registry
@@ -63,7 +63,9 @@ def plain_nbytes(obj: Any) -> int | None:
         return None if any(s is None for s in sizes) else sum(sizes)
     kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
     if kind == "torch.Tensor" or kind.startswith("torch.nn.parameter"):
-        return int(obj.nelement() * obj.element_size()) if obj.device.type == "cpu" and not obj.is_sparse else None
+        if obj.device.type != "cpu" or obj.is_sparse:
+            return None
+        return int(obj.untyped_storage().nbytes())  # a view is sent with its whole storage
     if kind == "numpy.ndarray":
         return int(obj.nbytes)
     return None
