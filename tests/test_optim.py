@@ -1,6 +1,7 @@
 """Vectorized optimizers: each slot trains exactly like its model alone with torch.optim."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -445,6 +446,36 @@ def test_compiler_failure_warns_and_runs_the_step_eagerly():
     want, _ = run(False)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_compiled_step_under_a_dispatch_mode_runs_eagerly_and_stays_compiled():
+    """torch.compile cannot trace under a TorchDispatchMode (torch's FlopCounterMode, an op logger): a
+    compiled optimizer steps eagerly while one is active, with the eager result, and compiled again after."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def run(compiled, counted_steps=()):
+        torch.manual_seed(0)
+        mb = rmb.ModelBatch(make_models(S))
+        opt = rmb.optim.Adam(mb, lr=LR, compile=compiled)
+        eng = rmb.FusedEngine(mb, opt, nn.functional.mse_loss)
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            x, y = torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g)
+            if step in counted_steps:
+                with FlopCounterMode(display=False) as counter:
+                    eng.train_step(x, y)
+                assert counter.get_total_flops() > 0
+            else:
+                eng.train_step(x, y)
+        return {k: v.detach().clone() for k, v in mb.params.items()}, opt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "running the optimizer update eagerly" fallback
+        got, opt = run(True, counted_steps=(0, 2))
+    assert opt._compiled is not None, "a dispatch mode switched compile off for good"
+    want, _ = run(False)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
 
 
 def test_betas_as_two_per_slot_tensors():

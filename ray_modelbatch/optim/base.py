@@ -36,6 +36,12 @@ from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
 
 import torch
 
+try:  # torch's own tools (FlopCounterMode, op loggers) push these modes; torch.compile cannot trace under one
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - a torch without it: compile is tried, and its failure falls back
+    def _get_current_dispatch_mode() -> Any:
+        return None
+
 from ..errors import HyperparameterError
 from ..model_batch import ModelBatch, Slots
 from . import groups as pgroups
@@ -688,6 +694,10 @@ class VectorOptimizer:
 
     def _run_core(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         if self._compiled is None:
+            return self._core(*args, False)
+        if _get_current_dispatch_mode() is not None:
+            # A TorchDispatchMode (a FLOP counter, an op logger, kernel_time.py) is active: torch.compile
+            # refuses to trace under one, so this step runs eagerly and later ones compiled again.
             return self._core(*args, False)
         try:
             return self._compiled(*args, True)
