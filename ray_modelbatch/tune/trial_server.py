@@ -20,8 +20,10 @@ this server keeps a real actor's guarantees:
   them (a sequence number per trial; Ray does not order an async actor's tasks);
 * **isolation**: a trial whose constructor failed raises that error on every
   later call, as a dead actor would, and no other trial notices;
-* **concurrency**: different trials' calls run at once (a thread each, made
-  on demand), so one trial waiting for its next result never holds up another;
+* **concurrency**: different trials' calls run at once (``train`` awaits the
+  host's answer on the server's event loop; the other calls, which may block
+  on files or the registry, get a pool thread each, made on demand), so one
+  trial waiting for its next result never holds up another;
 * **end**: ``stop`` (Tune's graceful end), ``__ray_terminate__`` and ``kill``
   detach the trial from its slot and forget it.
 
