@@ -46,7 +46,10 @@ MAX_BYTES = 1 << 30
 
 POLL_S = 0.02
 WAIT_FOR_REGISTRY_S = 10.0  # the driver creates the registry right after launching the hosts
-WAIT_FOR_DATA_S = 60.0  # then the host loads it itself (a slow data() in the driver does not stall it forever)
+# A host waits for the driver's data() as it would for its own (which would take as long, and start no sooner):
+# its start is bounded by batched_trainable(host_start_timeout_s=...) either way. Only a driver that never
+# answers (a data() that hangs there alone) makes it load the data itself after this long.
+WAIT_FOR_DATA_S = 3600.0
 
 PENDING, READY, NONE = "pending", "ready", "none"
 
