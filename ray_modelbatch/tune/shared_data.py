@@ -10,9 +10,11 @@ so it runs ``data()`` in a thread as soon as it launches the hosts
 host, once its torch import is done, takes it from the experiment's registry
 instead of calling ``data()`` itself. With many hosts the data is loaded once,
 not once per host, and whatever ``data()`` imports stays out of every host's
-memory (``benchmarks/RESULTS.md``, session 14: four hosts ready in 10.6 s
-instead of 15.2 s on 2 cores, each host's memory 100 MB smaller; a single host
-on 2 cores gains little, as the driver's load takes those cores from it).
+memory (``benchmarks/RESULTS.md``, session 14, on 2 cores: one host started by
+``max_concurrent()`` ready in 4.1-4.3 s instead of 5.9-6.0 s, four in 10.5-11.2 s
+instead of 11.5-12.6 s, each host's memory 100 MB smaller; in a Tune sweep with
+one host the first result comes no sooner there, as Tune's and the trial
+server's start already fill both cores).
 
 Only plain data travels this way: tensors and NumPy arrays on the CPU inside
 tuples, lists and dicts (``data()``'s tensor forms), up to
