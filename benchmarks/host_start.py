@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=4, help="GPUs the local Ray declares: one host each")
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--data-in-host", action="store_true",
-                    help="also start the hosts with data_in_driver=False (each host calls data()), alternating")
+                    help="then start them again with data_in_driver=False (each host calls data() itself)")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} CPUs; local Ray with {args.cpus} CPUs")
     for data_in_driver in (True, False) if args.data_in_host else (True,):
