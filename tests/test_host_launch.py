@@ -82,6 +82,8 @@ def driver(monkeypatch, launches):
     monkeypatch.setattr(proxy.ray, "get_runtime_context", lambda: _Context())
     monkeypatch.setattr(proxy.ray, "kill", lambda handle, no_restart=True: calls["killed"].append(handle))
     monkeypatch.setattr(proxy, "trial_mode", lambda cls: "process")
+    monkeypatch.setattr(proxy, "get_registry", lambda spec, exp, options, starting=None, data_pending=False:
+                        calls["registry"].append((starting, data_pending)) or _Registry)
     _cluster(monkeypatch, {"a": {"CPU": 8.0, "GPU": 2.0}}, {"a": 2})
     T = type("T", (proxy.SlotTrialProxy,), {"_experiment": "exp", "_spec_bytes": b"", "_options": dict(OPTIONS)})
     return proxy, T, calls
@@ -97,8 +99,6 @@ class _Registry:
 def test_the_driver_starts_the_hosts_of_a_new_registry_and_hands_them_over(monkeypatch, driver, launches):
     proxy, T, calls = driver
     monkeypatch.setattr(proxy, "registry_exists", lambda experiment: False)
-    monkeypatch.setattr(proxy, "get_registry", lambda spec, exp, options, starting=None, data_pending=False:
-                        calls["registry"].append((starting, data_pending)) or _Registry)
     T._prestart_hosts({"lr": 0.1})
     assert [(p.index, i) for p, i, _ in launches] == [(0, 0), (1, 1)]  # both GPUs' hosts, before the registry
     [(starting, data_pending)] = calls["registry"]
@@ -109,8 +109,6 @@ def test_the_driver_starts_the_hosts_of_a_new_registry_and_hands_them_over(monke
 def test_an_existing_registry_starts_its_own_hosts(monkeypatch, driver, launches):
     proxy, T, calls = driver
     monkeypatch.setattr(proxy, "registry_exists", lambda experiment: True)
-    monkeypatch.setattr(proxy, "get_registry", lambda spec, exp, options, starting=None, data_pending=False:
-                        calls["registry"].append((starting, data_pending)) or _Registry)
     T._prestart_hosts({"lr": 0.1})
     assert launches == [] and calls["registry"] == [([], False)] and calls["data"] == []
 
