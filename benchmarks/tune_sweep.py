@@ -357,6 +357,8 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
                                               "ray_modelbatch_classic": "classic"}.get(kind, "shared")
         if batched:
             extra = {} if args.run_ahead is None else {"run_ahead": args.run_ahead}
+            if args.cpu_hosts_per_node is not None:
+                extra.update(cpu_hosts_per_node=args.cpu_hosts_per_node, num_hosts=None)
             trainable = sweep.make_trainable(args.slots, host_threads=args.host_threads, device=args.device, **extra)
             reuse = True
         elif kind == "tune_alone":
@@ -534,6 +536,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the config draw")
     p.add_argument("--host-threads", type=int, default=None,
                    help="torch threads of the slot host (default: batched_trainable's, every CPU of the node but one)")
+    p.add_argument("--cpu-hosts-per-node", type=int, default=None,
+                   help="batched_trainable(cpu_hosts_per_node=...) of ray_modelbatch's run (default: the library's)")
     p.add_argument("--run-ahead", type=int, default=None,
                    help="iterations a slot may train past its trial's last result (default: batched_trainable's)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of each local Ray (default: os.cpu_count())")

@@ -28,7 +28,7 @@ def launches(monkeypatch):
 def _cluster(monkeypatch, nodes: dict[str, dict[str, float]], gpus: dict[str, int]) -> None:
     plan = [reg.HostPlace(n, k, True) for n, g in gpus.items() for k in range(g)]
     plan += [reg.HostPlace(n, 0, False) for n, g in gpus.items() if g == 0]
-    monkeypatch.setattr(reg, "plan_hosts", lambda num_hosts=None: plan)
+    monkeypatch.setattr(reg, "plan_hosts", lambda num_hosts=None, cpu_hosts_per_node=1: plan)
     monkeypatch.setattr(reg, "available_resources_per_node", lambda: {n: dict(r) for n, r in nodes.items()})
 
 
@@ -125,3 +125,36 @@ def test_hosts_the_driver_made_are_killed_when_the_registry_cannot_be_made(monke
                         lambda *a, **k: reg.StartingHost(a[3], f"host{a[4]}", f"handle{a[4]}", None))
     T._prestart_hosts({"lr": 0.1})  # only a head start: it logs and returns
     assert calls["killed"] == ["handle0", "handle1"]
+
+
+def test_cpu_hosts_per_node_plans_that_many_hosts_on_each_cpu_node_and_none_more_on_gpus(monkeypatch):
+    nodes = [{"Alive": True, "NodeID": "a", "Resources": {"CPU": 2.0}},
+             {"Alive": True, "NodeID": "b", "Resources": {"CPU": 8.0}}]
+    monkeypatch.setattr(reg.ray, "nodes", lambda: nodes)
+    assert [(p.node_id, p.index, p.gpu) for p in reg.plan_hosts(None, 2)] == [
+        ("a", 0, False), ("a", 1, False), ("b", 0, False), ("b", 1, False)]
+    assert len(reg.planned_hosts({"cpu_hosts_per_node": 3})) == 6
+    nodes.append({"Alive": True, "NodeID": "g", "Resources": {"CPU": 8.0, "GPU": 2.0}})
+    assert [(p.node_id, p.index, p.gpu) for p in reg.plan_hosts(None, 2)] == [("g", 0, True), ("g", 1, True)]
+
+
+def test_hosts_sharing_a_cpu_node_split_its_reservation_and_cores(monkeypatch, launches):
+    # A 2-CPU node whose 16 trials hold 0.16 CPU: two hosts of 1 CPU would not fit, two halves do.
+    plan = [reg.HostPlace("a", 0, False), reg.HostPlace("a", 1, False)]
+    monkeypatch.setattr(reg, "plan_hosts", lambda num_hosts=None, cpu_hosts_per_node=1: plan)
+    monkeypatch.setattr(reg, "available_resources_per_node", lambda: {"a": {"CPU": 1.84}})
+    options = {**OPTIONS, "cpu_hosts_per_node": 2}
+    started, reason = reg.launch_where_free(b"", "exp", options, None, taken=set(), first=0, any_running=False)
+    assert [(p.index, n) for p, _, n in launches] == [(0, 0.5), (1, 0.5)] and reason is None
+    assert reg.cpu_host_share(options, plan[0]) == 2
+    assert reg.cpu_host_share(options, reg.HostPlace("g", 0, True)) == 1  # a GPU host keeps its whole reservation
+    from ray_modelbatch.tune.host import default_threads
+    assert [default_threads(2), default_threads(2, 2), default_threads(8, 2), default_threads(3, 4)] == [1, 1, 4, 1]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_cpu_hosts_per_node_must_be_a_whole_number(bad):
+    from tune_helpers import make_trainable
+
+    with pytest.raises(ValueError, match=r"cpu_hosts_per_node=.*whole number of at least 1"):
+        make_trainable(cpu_hosts_per_node=bad)

@@ -86,3 +86,23 @@ def test_the_host_sets_a_passive_openmp_policy_only_before_torch_loads(given, to
             "print(repr(os.environ.get('OMP_WAIT_POLICY')))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == repr(want)
+
+
+def test_two_hosts_share_a_cpu_node_and_its_trials(ray_cpus, tmp_path):
+    # cpu_hosts_per_node=2 on a 2-CPU node: both hosts start (half a CPU reserved each, one thread each)
+    # and the four trials spread over them.
+    T = make_trainable(slots_per_host=2, idle_timeout_s=3.0, cpu_hosts_per_node=2)
+    tuner = tune.Tuner(T, param_space={"lr": tune.grid_search([0.01, 0.02, 0.03, 0.04])},
+                       tune_config=tune.TuneConfig(metric="val_loss", mode="min", time_budget_s=120,
+                                                   max_concurrent_trials=T.max_concurrent()),
+                       run_config=run_config(tmp_path, stop={"training_iteration": 2}))
+    try:
+        grid = tuner.fit()
+        assert T.max_concurrent() == 4
+        stats = T.host_stats()
+    finally:
+        T.shutdown_hosts()
+    assert not errors(grid), errors(grid)
+    assert len(grid) == 4 and all(r.metrics["training_iteration"] == 2 for r in grid)
+    assert len({r.metrics["host"] for r in grid}) == 2  # the trials ran on both hosts
+    assert len(stats) == 2 and all(s["threads"] == 1 for s in stats)

@@ -72,8 +72,9 @@ class HostPlace:
         return f"{node}-gpu{self.index}" if self.gpu else f"{node}-cpu{self.index}"
 
 
-def plan_hosts(num_hosts: int | None = None) -> list[HostPlace]:
-    """Every host the cluster can hold now: one per GPU of each alive node, else one per alive node."""
+def plan_hosts(num_hosts: int | None = None, cpu_hosts_per_node: int = 1) -> list[HostPlace]:
+    """Every host the cluster can hold now: one per GPU of each alive node, else ``cpu_hosts_per_node`` per
+    alive node."""
     if num_hosts is not None:
         return [HostPlace(None, i, False) for i in range(int(num_hosts))]
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -82,7 +83,18 @@ def plan_hosts(num_hosts: int | None = None) -> list[HostPlace]:
         for n in nodes
         for k in range(int(n.get("Resources", {}).get("GPU", 0)))
     ]
-    return plan or [HostPlace(n["NodeID"], 0, False) for n in nodes]
+    return plan or [HostPlace(n["NodeID"], k, False) for n in nodes for k in range(int(cpu_hosts_per_node))]
+
+
+def planned_hosts(options: dict) -> list[HostPlace]:
+    """:func:`plan_hosts` for a trainable's options."""
+    return plan_hosts(options.get("num_hosts"), options.get("cpu_hosts_per_node", 1))
+
+
+def cpu_host_share(options: dict, place: HostPlace) -> int:
+    """How many hosts of the plan share ``place``'s CPU node: ``cpu_hosts_per_node`` for a CPU place, else 1.
+    Each of them reserves that share of ``host_cpus`` and computes with that share of the node's cores."""
+    return 1 if place.gpu or options.get("num_hosts") is not None else max(1, int(options.get("cpu_hosts_per_node", 1)))
 
 
 @dataclass
@@ -106,12 +118,12 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
     one host starts without a CPU reservation rather than never.
     """
     avail = available_resources_per_node()  # None: unknown, try every place
-    cpus = float(options.get("host_cpus", 1))
     blocked: list[tuple[HostPlace, dict]] = []
     places: list[tuple[HostPlace, float | None]] = []
-    for place in plan_hosts(options.get("num_hosts")):
+    for place in planned_hosts(options):
         if place in taken:
             continue
+        cpus = float(options.get("host_cpus", 1)) / cpu_host_share(options, place)
         if place.node_id is not None and avail is not None:
             res = avail.setdefault(place.node_id, {})
             if res.get("CPU", 0.0) < cpus or (place.gpu and res.get("GPU", 0.0) < 1):
@@ -120,8 +132,8 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
             # what the hosts launched here take from their node: several start at once
             res["CPU"] = res.get("CPU", 0.0) - cpus
             res["GPU"] = res.get("GPU", 0.0) - (1 if place.gpu else 0)
-        places.append((place, None))
-    reason = _blocked(blocked, cpus) if blocked and not places else None
+        places.append((place, cpus))
+    reason = _blocked(blocked, float(options.get("host_cpus", 1))) if blocked and not places else None
     cpu_only = [p for p, res in blocked if not p.gpu]
     if not places and not any_running and cpu_only and cpus > 0:
         logger.warning("%s Starting the slot host without a CPU reservation instead.", reason)
@@ -141,7 +153,7 @@ def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPl
         "name": name,
         # every waiting step holds a thread
         "max_concurrency": 2 * (options["max_slots_per_host"] if slots == "auto" else slots) + 16,
-        "num_cpus": options.get("host_cpus", 1) if num_cpus is None else num_cpus,
+        "num_cpus": options.get("host_cpus", 1) / cpu_host_share(options, place) if num_cpus is None else num_cpus,
         "num_gpus": 1 if place.gpu else 0,
         "max_restarts": 0,
         "scheduling_strategy": "DEFAULT"
@@ -157,6 +169,7 @@ def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPl
         profile_config=options.get("profile_config") or config,
         max_slots=options["max_slots_per_host"],
         run_ahead=options.get("run_ahead", 2), threads=options.get("host_threads"),
+        node_share=cpu_host_share(options, place),
         data_from=registry_name(experiment) if options.get("data_in_driver", True) else None,
     )
     return StartingHost(place, name, handle, handle.ping.remote())
@@ -214,7 +227,7 @@ class HostRegistry:
 
     def capacity(self) -> int:
         """Slots of the running hosts, plus the planned ones (as large as the largest running one)."""
-        planned = plan_hosts(self.options.get("num_hosts"))
+        planned = planned_hosts(self.options)
         per = self.options["slots_per_host"]
         per = max(self.slots.values(), default=0) if per == "auto" else int(per)
         return sum(self.slots.values()) + per * sum(1 for p in planned if p not in self.hosts)
