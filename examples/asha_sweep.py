@@ -115,7 +115,9 @@ def asha(max_t: int, grace_period: int, reduction_factor: int) -> ASHAScheduler:
 
 def make_trainable(slots: int, **options: Any) -> Any:
     """The sweep's trainable; ``options`` go to ``batched_trainable`` (the benchmark sets ``host_threads``)."""
-    options = {"num_hosts": 1, **options}  # one host, unless a benchmark plans one per GPU
+    # On a GPU, one host unless a benchmark plans one per GPU; on a CPU node the library's plan
+    # (cpu_hosts_per_node="auto": a second host once the first finds its steps kernel-bound).
+    options = {"num_hosts": 1 if options.get("device") == "cuda" else None, **options}
     return batched_trainable(
         model=make_model,
         optimizer=ray_modelbatch.optim.AdamW,

@@ -28,7 +28,7 @@ def launches(monkeypatch):
 def _cluster(monkeypatch, nodes: dict[str, dict[str, float]], gpus: dict[str, int]) -> None:
     plan = [reg.HostPlace(n, k, True) for n, g in gpus.items() for k in range(g)]
     plan += [reg.HostPlace(n, 0, False) for n, g in gpus.items() if g == 0]
-    monkeypatch.setattr(reg, "plan_hosts", lambda num_hosts=None, cpu_hosts_per_node=1: plan)
+    monkeypatch.setattr(reg, "plan_hosts", lambda *args: plan)
     monkeypatch.setattr(reg, "available_resources_per_node", lambda: {n: dict(r) for n, r in nodes.items()})
 
 
@@ -134,20 +134,25 @@ def test_cpu_hosts_per_node_plans_that_many_hosts_on_each_cpu_node_and_none_more
     assert [(p.node_id, p.index, p.gpu) for p in reg.plan_hosts(None, 2)] == [
         ("a", 0, False), ("a", 1, False), ("b", 0, False), ("b", 1, False)]
     assert len(reg.planned_hosts({"cpu_hosts_per_node": 3})) == 6
+    auto = {"cpu_hosts_per_node": "auto"}  # one per node; two on a node whose first host found kernel-bound steps
+    assert [(p.node_id, p.index, p.share) for p in reg.planned_hosts(auto)] == [("a", 0, 2), ("b", 0, 2)]
+    assert [(p.node_id, p.index) for p in reg.planned_hosts(auto, spread={"a"})] == [("a", 0), ("a", 1), ("b", 0)]
     nodes.append({"Alive": True, "NodeID": "g", "Resources": {"CPU": 8.0, "GPU": 2.0}})
     assert [(p.node_id, p.index, p.gpu) for p in reg.plan_hosts(None, 2)] == [("g", 0, True), ("g", 1, True)]
 
 
 def test_hosts_sharing_a_cpu_node_split_its_reservation_and_cores(monkeypatch, launches):
     # A 2-CPU node whose 16 trials hold 0.16 CPU: two hosts of 1 CPU would not fit, two halves do.
-    plan = [reg.HostPlace("a", 0, False), reg.HostPlace("a", 1, False)]
-    monkeypatch.setattr(reg, "plan_hosts", lambda num_hosts=None, cpu_hosts_per_node=1: plan)
+    plan = [reg.HostPlace("a", 0, False, 2), reg.HostPlace("a", 1, False, 2)]
+    monkeypatch.setattr(reg, "plan_hosts", lambda *args: plan)
     monkeypatch.setattr(reg, "available_resources_per_node", lambda: {"a": {"CPU": 1.84}})
     options = {**OPTIONS, "cpu_hosts_per_node": 2}
     started, reason = reg.launch_where_free(b"", "exp", options, None, taken=set(), first=0, any_running=False)
     assert [(p.index, n) for p, _, n in launches] == [(0, 0.5), (1, 0.5)] and reason is None
-    assert reg.cpu_host_share(options, plan[0]) == 2
+    assert reg.cpu_host_share(options, plan[0]) == 2 and reg.cpu_thread_share(options, plan[0]) == 2
     assert reg.cpu_host_share(options, reg.HostPlace("g", 0, True)) == 1  # a GPU host keeps its whole reservation
+    # "auto" reserves the share a second host will need, but computes with all but one core until one joins
+    assert reg.cpu_thread_share({**options, "cpu_hosts_per_node": "auto"}, plan[0]) == 1
     from ray_modelbatch.tune.host import default_threads
     assert [default_threads(2), default_threads(2, 2), default_threads(8, 2), default_threads(3, 4)] == [1, 1, 4, 1]
 
@@ -158,3 +163,24 @@ def test_cpu_hosts_per_node_must_be_a_whole_number(bad):
 
     with pytest.raises(ValueError, match=r"cpu_hosts_per_node=.*whole number of at least 1"):
         make_trainable(cpu_hosts_per_node=bad)
+
+
+def test_a_host_judges_its_steps_after_enough_of_them():
+    from ray_modelbatch.tune.cpu_spread import SAMPLE_STEPS, StepCostMeter
+
+    cnn, mlp = StepCostMeter(), StepCostMeter()
+    for _ in range(SAMPLE_STEPS - 1):
+        cnn.add(0.012)  # a CNN stack's fused step: 12 ms of CPU
+        mlp.add(0.0015)
+    assert cnn.verdict is None and mlp.verdict is None
+    cnn.add(0.001)  # one cheap step does not move the median
+    mlp.add(0.050)  # nor one slow one (an evaluation)
+    assert cnn.verdict is True and mlp.verdict is False
+    assert StepCostMeter(threshold_ms=0).verdict is None
+
+
+@pytest.mark.parametrize("good", ["auto", 1, 3])
+def test_cpu_hosts_per_node_takes_auto_or_a_count(good):
+    from tune_helpers import make_trainable
+
+    assert make_trainable(cpu_hosts_per_node=good)._options["cpu_hosts_per_node"] == good

@@ -15,7 +15,7 @@ import pytest
 import ray
 from ray import tune
 
-from tune_helpers import errors, make_trainable, run_config
+from tune_helpers import errors, make_trainable, run_config, slow_step
 
 
 @pytest.fixture
@@ -106,3 +106,40 @@ def test_two_hosts_share_a_cpu_node_and_its_trials(ray_cpus, tmp_path):
     assert len(grid) == 4 and all(r.metrics["training_iteration"] == 2 for r in grid)
     assert len({r.metrics["host"] for r in grid}) == 2  # the trials ran on both hosts
     assert len(stats) == 2 and all(s["threads"] == 1 for s in stats)
+
+
+def test_auto_gives_a_cpu_node_a_second_host_once_its_steps_are_kernel_bound(ray_cpus, tmp_path):
+    # cpu_hosts_per_node="auto" (the default), with every step counted as kernel-bound: after its first
+    # fused steps the node's host is joined by a second one, and the later trials go to it. Each fused
+    # step sleeps 10 ms, so that the sweep outlasts the second host's start.
+    T = make_trainable(slots_per_host=2, idle_timeout_s=3.0, loss=None, train_step=slow_step)
+    T._options["kernel_bound_step_ms"] = 0.0
+    tuner = tune.Tuner(T, param_space={"lr": tune.grid_search([0.001 * (k + 1) for k in range(16)])},
+                       tune_config=tune.TuneConfig(metric="val_loss", mode="min", time_budget_s=150,
+                                                   max_concurrent_trials=2),
+                       run_config=run_config(tmp_path, stop={"training_iteration": 6}))
+    try:
+        grid = tuner.fit()
+        stats = T.host_stats()
+    finally:
+        T.shutdown_hosts()
+    assert not errors(grid), errors(grid)
+    assert all(r.metrics["training_iteration"] == 6 for r in grid)
+    assert len({r.metrics["host"] for r in grid}) == 2, [r.metrics["host"] for r in grid]
+    assert stats[0]["kernel_bound"] is True and all(s["threads"] == 1 for s in stats)
+
+
+def test_auto_keeps_one_host_for_a_tiny_mlp(ray_cpus, tmp_path):
+    T = make_trainable(slots_per_host=2, idle_timeout_s=3.0)
+    tuner = tune.Tuner(T, param_space={"lr": tune.grid_search([0.01 * (k + 1) for k in range(6)])},
+                       tune_config=tune.TuneConfig(metric="val_loss", mode="min", time_budget_s=120,
+                                                   max_concurrent_trials=2),
+                       run_config=run_config(tmp_path, stop={"training_iteration": 3}))
+    try:
+        grid = tuner.fit()
+        stats = T.host_stats()
+    finally:
+        T.shutdown_hosts()
+    assert not errors(grid), errors(grid)
+    assert len(stats) == 1 and stats[0]["kernel_bound"] is False
+    assert len({r.metrics["host"] for r in grid}) == 1

@@ -98,6 +98,17 @@ def regularized_step(model, batch, config):
     return {"loss": F.cross_entropy(out, y) + config["l2"] * penalty, "penalty": penalty}
 
 
+def slow_step(model, batch, config):
+    """A training step that also sleeps 10 ms: long enough fused steps for a test of what happens meanwhile."""
+    import time
+
+    import torch.nn.functional as F
+
+    time.sleep(0.01)
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
 def accuracy_step(model, batch, config):
     """A user's eval step, reported under its own names."""
     import torch.nn.functional as F
@@ -156,7 +167,7 @@ def make_trainable(*, optimizer: str = "adam", slots_per_host: int = 4, steps_pe
         model=make_model,
         optimizer=opt,
         hparams=hparams,
-        loss=F.cross_entropy,
+        loss=kw.pop("loss", F.cross_entropy),
         data=kw.pop("data", digits),
         metrics={"acc": ray_modelbatch.metrics.accuracy},
         batch_size=kw.pop("batch_size", 32),

@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 import ray
 
+from .cpu_spread import StepCostMeter
 from .shared_data import fetch
 
 try:
@@ -121,7 +122,7 @@ class SlotHost:
     def __init__(self, spec_bytes: bytes, name: str, capacity: int | str, lease_check_s: float = 2.0,
                  stats_every_s: float = 5.0, profile_config: dict | None = None, max_slots: int = 256,
                  run_ahead: int = 2, threads: int | None = None, data_from: str | None = None,
-                 node_share: int = 1):
+                 node_share: int = 1, step_threshold_ms: float | None = None):
         init_at = time.time()
         _passive_openmp()  # before the spec (the user's functions) imports torch
         from ray import cloudpickle  # Ray's own copy: the package needs no separate cloudpickle
@@ -144,6 +145,9 @@ class SlotHost:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.in_placement_group = ray.util.get_current_placement_group() is not None
         self.threads = _use_cpus(self.device, threads, self.node_id, node_share)
+        self._fixed_threads = threads is not None or self.device.type != "cpu"  # set_threads leaves these
+        self._want_threads: int | None = None  # applied by the engine thread between fused steps
+        self.step_cost = StepCostMeter(step_threshold_ms)  # see cpu_spread
         self.run_ahead = int(run_ahead)
         self.capacity, self.capacity_fit = 0, None
         try:
@@ -209,6 +213,19 @@ class SlotHost:
         return {"name": self.name, "capacity": self.capacity, "capacity_fit": self.capacity_fit,
                 "device": str(self.device), "node_id": self.node_id, "threads": self.threads,
                 "pid": os.getpid(), "in_placement_group": self.in_placement_group, "error": self.start_error}
+
+    def kernel_bound(self) -> bool | None:
+        """Whether this host's fused steps are mostly kernel time (see :mod:`.cpu_spread`); None until measured."""
+        with self._lock:
+            return self.step_cost.verdict
+
+    def set_threads(self, threads: int) -> None:
+        """Compute with ``threads`` torch threads from the next fused step on (another host joined this node);
+        a count the user set with ``host_threads`` stays."""
+        with self._lock:
+            if not self._fixed_threads:
+                self._want_threads = max(1, int(threads))
+                self._lock.notify_all()
 
     def reserve(self, key: str) -> bool:
         """Hold a slot for attachment ``key`` if there is room; called by the registry, atomically."""
@@ -303,6 +320,8 @@ class SlotHost:
                 "node_id": self.node_id,
                 "pid": os.getpid(),
                 "threads": self.threads,
+                "kernel_bound": self.step_cost.verdict,  # see cpu_spread
+                "step_cpu_ms": self.step_cost.median_ms,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # see _passive_openmp
                 "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),  # see cpu_memory.allocator_env
                 "run_ahead": self.run_ahead,
@@ -512,6 +531,12 @@ class SlotHost:
             t1 = time.monotonic()
             with self._lock:
                 work = self._runnable()
+                threads, self._want_threads = self._want_threads, None
+            if threads is not None:  # torch's thread count is the calling thread's: set it here
+                import torch
+
+                torch.set_num_threads(threads)
+                self.threads = threads
             for group, items in work.items():
                 self._step_group(group, items)
             t2 = time.monotonic()
@@ -549,6 +574,7 @@ class SlotHost:
             self._deliver(t, result)
         dt, cpu = time.monotonic() - t0, time.thread_time() - c0
         with self._lock:
+            self.step_cost.add(cpu)
             s = self._stats
             s.busy_s += dt
             s.busy_cpu_s += cpu
@@ -724,16 +750,20 @@ def _use_cpus(device: Any, threads: int | None, node_id: str, share: int = 1) ->
     if device.type != "cpu":
         return torch.get_num_threads()
     if threads is None:
-        cpus = next((n.get("Resources", {}).get("CPU") for n in ray.nodes() if n.get("NodeID") == node_id), None)
-        threads = default_threads(int(cpus or os.cpu_count() or 1), share)
+        threads = default_threads(int(node_cpus(node_id) or os.cpu_count() or 1), share)
     threads = max(1, min(int(threads), os.cpu_count() or int(threads)))
     torch.set_num_threads(threads)
     return threads
 
 
-def default_threads(node_cpus: int, share: int = 1) -> int:
-    """Torch threads of a CPU host on a node of ``node_cpus`` CPUs: all but one, at least one; with ``share``
-    hosts on the node (``cpu_hosts_per_node``), each takes ``node_cpus // share`` (at least one).
+def node_cpus(node_id: str) -> float | None:
+    """The CPUs Ray counts on node ``node_id`` (None if it is not alive)."""
+    return next((n.get("Resources", {}).get("CPU") for n in ray.nodes() if n.get("NodeID") == node_id), None)
+
+
+def default_threads(cpus: int, share: int = 1) -> int:
+    """Torch threads of a CPU host on a node of ``cpus`` CPUs: all but one, at least one; with ``share``
+    hosts on the node (``cpu_hosts_per_node``), each takes ``cpus // share`` (at least one).
 
     The core left over runs what a sweep needs beside the fused steps: Tune's
     driver (about half a core in the 64-trial digits sweep), the trial server,
@@ -762,8 +792,8 @@ def default_threads(node_cpus: int, share: int = 1) -> int:
     two hosts against 8.3 s with one.
     """
     if share > 1:
-        return max(1, int(node_cpus) // int(share))
-    return max(1, int(node_cpus) - 1)
+        return max(1, int(cpus) // int(share))
+    return max(1, int(cpus) - 1)
 
 
 def _preemptions() -> int:

@@ -23,15 +23,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Collection
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..cpu_memory import allocator_env
 from ..errors import SlotHostStartError, SweepSetupError
-from .host import SlotHost
+from . import cpu_spread
+from .host import SlotHost, default_threads, node_cpus
 from .ray_compat import available_resources_per_node
 from .shared_data import DataMailbox
 
@@ -65,6 +66,7 @@ class HostPlace:
     node_id: str | None
     index: int
     gpu: bool
+    share: int = field(default=1, compare=False)  # hosts that may share this CPU node (see cpu_host_share)
 
     @property
     def label(self) -> str:
@@ -72,9 +74,10 @@ class HostPlace:
         return f"{node}-gpu{self.index}" if self.gpu else f"{node}-cpu{self.index}"
 
 
-def plan_hosts(num_hosts: int | None = None, cpu_hosts_per_node: int = 1) -> list[HostPlace]:
+def plan_hosts(num_hosts: int | None = None, cpu_hosts_per_node: int | str = 1,
+               spread: Collection[str] = ()) -> list[HostPlace]:
     """Every host the cluster can hold now: one per GPU of each alive node, else ``cpu_hosts_per_node`` per
-    alive node."""
+    alive node (``"auto"``: one, or :data:`~.cpu_spread.AUTO_CPU_HOSTS` on the nodes in ``spread``)."""
     if num_hosts is not None:
         return [HostPlace(None, i, False) for i in range(int(num_hosts))]
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -83,18 +86,33 @@ def plan_hosts(num_hosts: int | None = None, cpu_hosts_per_node: int = 1) -> lis
         for n in nodes
         for k in range(int(n.get("Resources", {}).get("GPU", 0)))
     ]
-    return plan or [HostPlace(n["NodeID"], k, False) for n in nodes for k in range(int(cpu_hosts_per_node))]
+    if plan:
+        return plan
+    for n in nodes:
+        cpus = float(n.get("Resources", {}).get("CPU", 1))
+        share = cpu_spread.reservation_share(cpu_hosts_per_node, cpus)
+        count = cpu_spread.hosts_on_cpu_node(cpu_hosts_per_node, cpus, n["NodeID"] in spread)
+        plan += [HostPlace(n["NodeID"], k, False, share) for k in range(count)]
+    return plan
 
 
-def planned_hosts(options: dict) -> list[HostPlace]:
+def planned_hosts(options: dict, spread: Collection[str] = ()) -> list[HostPlace]:
     """:func:`plan_hosts` for a trainable's options."""
-    return plan_hosts(options.get("num_hosts"), options.get("cpu_hosts_per_node", 1))
+    return plan_hosts(options.get("num_hosts"), options.get("cpu_hosts_per_node", 1), spread)
 
 
 def cpu_host_share(options: dict, place: HostPlace) -> int:
-    """How many hosts of the plan share ``place``'s CPU node: ``cpu_hosts_per_node`` for a CPU place, else 1.
-    Each of them reserves that share of ``host_cpus`` and computes with that share of the node's cores."""
-    return 1 if place.gpu or options.get("num_hosts") is not None else max(1, int(options.get("cpu_hosts_per_node", 1)))
+    """Into how many parts a host on ``place`` splits ``host_cpus``: the hosts its CPU node may run (1 for a
+    GPU or an unpinned place), so that a later one still fits beside the trials' own reservations."""
+    return 1 if place.gpu or options.get("num_hosts") is not None else max(1, int(place.share))
+
+
+def cpu_thread_share(options: dict, place: HostPlace) -> int:
+    """Into how many parts a host on ``place`` splits its node's cores from the start: ``cpu_hosts_per_node``
+    when it is a number; with ``"auto"`` a host starts with every core but one, and takes its share only
+    when a second host joins it (:meth:`HostRegistry._watch_spread`)."""
+    setting = options.get("cpu_hosts_per_node", 1)
+    return 1 if setting == "auto" else cpu_host_share(options, place)
 
 
 @dataclass
@@ -108,7 +126,8 @@ class StartingHost:
 
 
 def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config: dict | None,
-                      taken: set[HostPlace], first: int, any_running: bool) -> tuple[list[StartingHost], str | None]:
+                      taken: set[HostPlace], first: int, any_running: bool,
+                      spread: Collection[str] = ()) -> tuple[list[StartingHost], str | None]:
     """Create (without waiting) a host on every planned place not in ``taken`` whose node has room now.
 
     Returns the hosts started, named ``host<first>``, ``host<first + 1>``, ...,
@@ -120,7 +139,7 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
     avail = available_resources_per_node()  # None: unknown, try every place
     blocked: list[tuple[HostPlace, dict]] = []
     places: list[tuple[HostPlace, float | None]] = []
-    for place in planned_hosts(options):
+    for place in planned_hosts(options, spread):
         if place in taken:
             continue
         cpus = float(options.get("host_cpus", 1)) / cpu_host_share(options, place)
@@ -169,7 +188,8 @@ def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPl
         profile_config=options.get("profile_config") or config,
         max_slots=options["max_slots_per_host"],
         run_ahead=options.get("run_ahead", 2), threads=options.get("host_threads"),
-        node_share=cpu_host_share(options, place),
+        node_share=cpu_thread_share(options, place),
+        step_threshold_ms=options.get("kernel_bound_step_ms"),
         data_from=registry_name(experiment) if options.get("data_in_driver", True) else None,
     )
     return StartingHost(place, name, handle, handle.ping.remote())
@@ -210,6 +230,11 @@ class HostRegistry:
         self.blocked_reason: str | None = None  # why no host could be placed, last time one was tried
         self._lock = threading.RLock()  # the idle watch holds it through its decision and shutdown()
         self._data = DataMailbox(data_pending)  # the driver's data() for the hosts (see shared_data)
+        # cpu_hosts_per_node="auto" (see cpu_spread): CPU nodes whose first host found its steps
+        # kernel-bound, nodes judged either way, and hosts started there that have not answered yet.
+        self.spread: set[str] = set()
+        self._judged: set[str] = set()
+        self._joining: list[tuple[StartingHost, float]] = []
         threading.Thread(target=self._idle_watch, daemon=True).start()
 
     @ray.method(concurrency_group="data")
@@ -227,7 +252,7 @@ class HostRegistry:
 
     def capacity(self) -> int:
         """Slots of the running hosts, plus the planned ones (as large as the largest running one)."""
-        planned = planned_hosts(self.options)
+        planned = planned_hosts(self.options, self.spread)
         per = self.options["slots_per_host"]
         per = max(self.slots.values(), default=0) if per == "auto" else int(per)
         return sum(self.slots.values()) + per * sum(1 for p in planned if p not in self.hosts)
@@ -277,6 +302,7 @@ class HostRegistry:
             self._settle_starting()
             if self.start_error is not None:
                 raise SweepSetupError(self.start_error)
+            self._watch_spread(config)
             free = self._free_by_host()
             if all(free[p] < self.slots[p] for p in free):
                 created = self._create_where_free(config)  # every host has trials: spread to a free GPU
@@ -324,11 +350,58 @@ class HostRegistry:
 
     def _launch_where_free(self, config: dict | None) -> list[StartingHost]:
         """Create (without waiting for) a host on every free planned place; see :meth:`_create_where_free`."""
+        taken = set(self.hosts) | {s.place for s, _ in self._joining}
         launched, self.blocked_reason = launch_where_free(self.spec_bytes, self.experiment, self.options, config,
-                                                          taken=set(self.hosts), first=self._created,
-                                                          any_running=bool(self.hosts))
+                                                          taken=taken, first=self._created,
+                                                          any_running=bool(self.hosts), spread=self.spread)
         self._created += len(launched)
         return launched
+
+    def _watch_spread(self, config: dict | None) -> None:
+        """With ``cpu_hosts_per_node="auto"``: give a CPU node its second host once its first one found its
+        fused steps kernel-bound (see :mod:`.cpu_spread`), and register such hosts once they answer.
+
+        The new host starts without anyone waiting for it: trials keep attaching
+        to the running host meanwhile, and the first to come after it answered
+        goes to it (it has the most free slots). The node's running hosts take
+        their share of its cores from then on.
+        """
+        if self.options.get("cpu_hosts_per_node", 1) != "auto" or self.options.get("num_hosts") is not None:
+            return
+        self._settle_joining()
+        for place, (_, handle) in list(self.hosts.items()):
+            node = place.node_id
+            if place.gpu or node is None or node in self._judged:
+                continue
+            try:
+                verdict = ray.get(handle.kernel_bound.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue  # _free_by_host drops it
+            if verdict is None:
+                continue
+            self._judged.add(node)
+            if not verdict:
+                continue
+            self.spread.add(node)
+            threads = default_threads(int(node_cpus(node) or 1), cpu_spread.AUTO_CPU_HOSTS)
+            for p, (_, h) in self.hosts.items():
+                if p.node_id == node:
+                    h.set_threads.remote(threads)
+            started = time.monotonic()
+            self._joining += [(s, started) for s in self._launch_where_free(config)]
+            logger.info("slot host on %s steps kernel-bound stacks: starting %d more on its node",
+                        place.label, len(self._joining))
+
+    def _settle_joining(self) -> None:
+        """Register the joining hosts that answered; wait for none, but give up on one after its start timeout."""
+        if not self._joining:
+            return
+        timeout = float(self.options.get("host_start_timeout_s", 120.0))
+        ready, _ = ray.wait([s.ready for s, _ in self._joining], num_returns=len(self._joining), timeout=0)
+        done = [s for s, t in self._joining if s.ready in ready or time.monotonic() - t > timeout]
+        self._joining = [(s, t) for s, t in self._joining if s not in done]
+        if done:
+            self._await_hosts(done)
 
     def waiting_reason(self) -> str | None:
         """Why a trial cannot get a slot now, if the cause is resources rather than full hosts."""
@@ -392,7 +465,9 @@ class HostRegistry:
                 except Exception:  # noqa: BLE001 - a dead host is already what we want
                     pass
                 ray.kill(h, no_restart=True)
-            self.hosts, self.slots = {}, {}
+            for s, _ in self._joining:
+                ray.kill(s.handle, no_restart=True)
+            self.hosts, self.slots, self._joining = {}, {}, []
         ray.kill(ray.get_runtime_context().current_actor)
 
     def _idle_watch(self) -> None:

@@ -9,6 +9,7 @@ import ray
 from ray import cloudpickle  # Ray's vendored copy, the pickler Ray itself ships the trainable with
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
+from .cpu_spread import check_cpu_hosts_per_node
 from .proxy import SlotTrialProxy
 from .registry import NAMESPACE, get_registry, planned_hosts, registry_exists, registry_name
 from .shared_data import load_in_driver
@@ -42,7 +43,7 @@ def batched_trainable(
     device: str | None = None,
     cpu_gemm: str = "blas",
     num_hosts: int | None = None,
-    cpu_hosts_per_node: int = 1,
+    cpu_hosts_per_node: int | str = "auto",
     host_cpus: float = 1,
     host_threads: int | None = None,
     run_ahead: int = 2,
@@ -131,12 +132,13 @@ def batched_trainable(
             ``nn.Linear``'s results); default ``"blas"``.
         num_hosts: fixed number of hosts; default one per GPU, or ``cpu_hosts_per_node`` per
             node without GPUs.
-        cpu_hosts_per_node: hosts on each node without GPUs (default 1). Each steps its own
-            stacks in a process of its own with its share of the node's cores, and the trials
-            spread over them: for models whose fused step is mostly kernel time (CNNs,
+        cpu_hosts_per_node: hosts on each node without GPUs. Each steps its own stacks in a
+            process of its own with its share of the node's cores, and the trials spread over
+            them: that pays for models whose fused step is mostly kernel time (CNNs,
             transformers; on a 2-core node the digits CNN sweep took a median 26.1 s with 2
             against 33.2 s with 1), not for tiny MLPs, whose steps are mostly Python (8.3 s
-            with 1 against 9.8-10.2 s with 2). Set it to the node's cores for the former.
+            with 1 against 9.8-10.2 s with 2). ``"auto"`` (default): one, and a second one
+            once the first finds its fused steps kernel-bound (see ``tune.cpu_spread``).
         host_cpus: CPUs each host reserves from Ray (its share of them, where several share a node).
         host_threads: torch threads of a CPU host; default every CPU of its node but one
             (at least one), since its trials wait while it computes and the last core runs
@@ -170,7 +172,7 @@ def batched_trainable(
         "profile_config": dict(profile_config) if profile_config is not None else None,
         "max_slots_per_host": int(max_slots_per_host),
         "num_hosts": num_hosts,
-        "cpu_hosts_per_node": _positive_int(cpu_hosts_per_node, "cpu_hosts_per_node"),
+        "cpu_hosts_per_node": check_cpu_hosts_per_node(cpu_hosts_per_node),
         "host_cpus": host_cpus,
         "host_threads": host_threads,
         "run_ahead": int(run_ahead),
@@ -192,13 +194,6 @@ def batched_trainable(
         "load_state": classmethod(_load_state),
     }
     return type(name, (SlotTrialProxy,), attrs)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    """``value`` as an int of at least 1, or one line naming the argument and what it takes."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"batched_trainable({name}={value!r}): give a whole number of at least 1")
-    return value
 
 
 def _max_concurrent(cls: type[SlotTrialProxy]) -> int:
