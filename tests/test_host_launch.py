@@ -152,7 +152,8 @@ def test_hosts_sharing_a_cpu_node_split_its_reservation_and_cores(monkeypatch, l
     assert reg.cpu_host_share(options, plan[0]) == 2 and reg.cpu_thread_share(options, plan[0]) == 2
     assert reg.cpu_host_share(options, reg.HostPlace("g", 0, True)) == 1  # a GPU host keeps its whole reservation
     # "auto" reserves the share a second host will need, but computes with all but one core until one joins
-    assert reg.cpu_thread_share({**options, "cpu_hosts_per_node": "auto"}, plan[0]) == 1
+    auto = {**options, "cpu_hosts_per_node": "auto"}
+    assert reg.cpu_thread_share(auto, plan[0]) == 1 and reg.cpu_thread_share(auto, plan[1]) == 2
     from ray_modelbatch.tune.host import default_threads
     assert [default_threads(2), default_threads(2, 2), default_threads(8, 2), default_threads(3, 4)] == [1, 1, 4, 1]
 

@@ -88,24 +88,30 @@ def test_the_host_sets_a_passive_openmp_policy_only_before_torch_loads(given, to
     assert out.strip().splitlines()[-1] == repr(want)
 
 
-def test_two_hosts_share_a_cpu_node_and_its_trials(ray_cpus, tmp_path):
-    # cpu_hosts_per_node=2 on a 2-CPU node: both hosts start (half a CPU reserved each, one thread each)
-    # and the four trials spread over them.
-    T = make_trainable(slots_per_host=2, idle_timeout_s=3.0, cpu_hosts_per_node=2)
-    tuner = tune.Tuner(T, param_space={"lr": tune.grid_search([0.01, 0.02, 0.03, 0.04])},
-                       tune_config=tune.TuneConfig(metric="val_loss", mode="min", time_budget_s=120,
-                                                   max_concurrent_trials=T.max_concurrent()),
-                       run_config=run_config(tmp_path, stop={"training_iteration": 2}))
+def _sweep_on_hosts(T, tmp_path, trials: int, iterations: int, concurrent: int) -> tuple[list, list[dict], set]:
+    """``trials`` trials of ``T`` to ``iterations``, at most ``concurrent`` at once: the results, every host's
+    stats and the hosts the trials ran on. No trial may fail."""
+    tuner = tune.Tuner(T, param_space={"lr": tune.grid_search([0.001 * (k + 1) for k in range(trials)])},
+                       tune_config=tune.TuneConfig(metric="val_loss", mode="min", time_budget_s=150,
+                                                   max_concurrent_trials=concurrent),
+                       run_config=run_config(tmp_path, stop={"training_iteration": iterations}))
     try:
         grid = tuner.fit()
-        assert T.max_concurrent() == 4
         stats = T.host_stats()
     finally:
         T.shutdown_hosts()
     assert not errors(grid), errors(grid)
-    assert len(grid) == 4 and all(r.metrics["training_iteration"] == 2 for r in grid)
-    assert len({r.metrics["host"] for r in grid}) == 2  # the trials ran on both hosts
-    assert len(stats) == 2 and all(s["threads"] == 1 for s in stats)
+    assert len(grid) == trials and all(r.metrics["training_iteration"] == iterations for r in grid)
+    return list(grid), stats, {r.metrics["host"] for r in grid}
+
+
+def test_two_hosts_share_a_cpu_node_and_its_trials(ray_cpus, tmp_path):
+    # cpu_hosts_per_node=2 on a 2-CPU node: both hosts start (half a CPU reserved each, one thread each)
+    # and the four trials spread over them.
+    T = make_trainable(slots_per_host=2, idle_timeout_s=3.0, cpu_hosts_per_node=2)
+    assert T.max_concurrent() == 4
+    _, stats, hosts = _sweep_on_hosts(T, tmp_path, trials=4, iterations=2, concurrent=4)
+    assert len(hosts) == 2 and len(stats) == 2 and all(s["threads"] == 1 for s in stats)
 
 
 def test_auto_gives_a_cpu_node_a_second_host_once_its_steps_are_kernel_bound(ray_cpus, tmp_path):
@@ -114,32 +120,12 @@ def test_auto_gives_a_cpu_node_a_second_host_once_its_steps_are_kernel_bound(ray
     # step sleeps 10 ms, so that the sweep outlasts the second host's start.
     T = make_trainable(slots_per_host=2, idle_timeout_s=3.0, loss=None, train_step=slow_step)
     T._options["kernel_bound_step_ms"] = 0.0
-    tuner = tune.Tuner(T, param_space={"lr": tune.grid_search([0.001 * (k + 1) for k in range(16)])},
-                       tune_config=tune.TuneConfig(metric="val_loss", mode="min", time_budget_s=150,
-                                                   max_concurrent_trials=2),
-                       run_config=run_config(tmp_path, stop={"training_iteration": 6}))
-    try:
-        grid = tuner.fit()
-        stats = T.host_stats()
-    finally:
-        T.shutdown_hosts()
-    assert not errors(grid), errors(grid)
-    assert all(r.metrics["training_iteration"] == 6 for r in grid)
-    assert len({r.metrics["host"] for r in grid}) == 2, [r.metrics["host"] for r in grid]
+    _, stats, hosts = _sweep_on_hosts(T, tmp_path, trials=16, iterations=6, concurrent=2)
+    assert len(hosts) == 2, hosts
     assert stats[0]["kernel_bound"] is True and all(s["threads"] == 1 for s in stats)
 
 
 def test_auto_keeps_one_host_for_a_tiny_mlp(ray_cpus, tmp_path):
     T = make_trainable(slots_per_host=2, idle_timeout_s=3.0)
-    tuner = tune.Tuner(T, param_space={"lr": tune.grid_search([0.01 * (k + 1) for k in range(6)])},
-                       tune_config=tune.TuneConfig(metric="val_loss", mode="min", time_budget_s=120,
-                                                   max_concurrent_trials=2),
-                       run_config=run_config(tmp_path, stop={"training_iteration": 3}))
-    try:
-        grid = tuner.fit()
-        stats = T.host_stats()
-    finally:
-        T.shutdown_hosts()
-    assert not errors(grid), errors(grid)
-    assert len(stats) == 1 and stats[0]["kernel_bound"] is False
-    assert len({r.metrics["host"] for r in grid}) == 1
+    _, stats, hosts = _sweep_on_hosts(T, tmp_path, trials=6, iterations=3, concurrent=2)
+    assert len(hosts) == 1 and len(stats) == 1 and stats[0]["kernel_bound"] is False

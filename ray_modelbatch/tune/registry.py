@@ -109,10 +109,12 @@ def cpu_host_share(options: dict, place: HostPlace) -> int:
 
 def cpu_thread_share(options: dict, place: HostPlace) -> int:
     """Into how many parts a host on ``place`` splits its node's cores from the start: ``cpu_hosts_per_node``
-    when it is a number; with ``"auto"`` a host starts with every core but one, and takes its share only
-    when a second host joins it (:meth:`HostRegistry._watch_spread`)."""
-    setting = options.get("cpu_hosts_per_node", 1)
-    return 1 if setting == "auto" else cpu_host_share(options, place)
+    when it is a number. With ``"auto"`` a node's first host starts with every core but one and takes its
+    share when a second one joins it (:meth:`HostRegistry._watch_spread`); the joining one (index 1 and up,
+    planned only then) starts with its share."""
+    if options.get("cpu_hosts_per_node", 1) == "auto" and place.index == 0:
+        return 1
+    return cpu_host_share(options, place)
 
 
 @dataclass
@@ -154,7 +156,7 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
         places.append((place, cpus))
     reason = _blocked(blocked, float(options.get("host_cpus", 1))) if blocked and not places else None
     cpu_only = [p for p, res in blocked if not p.gpu]
-    if not places and not any_running and cpu_only and cpus > 0:
+    if not places and not any_running and cpu_only and float(options.get("host_cpus", 1)) > 0:
         logger.warning("%s Starting the slot host without a CPU reservation instead.", reason)
         places.append((cpu_only[0], 0))
     launched = [launch_host(spec_bytes, experiment, options, place, first + i, config, num_cpus)
@@ -393,15 +395,26 @@ class HostRegistry:
                         place.label, len(self._joining))
 
     def _settle_joining(self) -> None:
-        """Register the joining hosts that answered; wait for none, but give up on one after its start timeout."""
+        """Register the joining hosts that answered, waiting for none; drop one that is not up after its start
+        timeout. A joining host is an extra: its failure is logged, and fails no trial."""
         if not self._joining:
             return
         timeout = float(self.options.get("host_start_timeout_s", 120.0))
         ready, _ = ray.wait([s.ready for s, _ in self._joining], num_returns=len(self._joining), timeout=0)
-        done = [s for s, t in self._joining if s.ready in ready or time.monotonic() - t > timeout]
-        self._joining = [(s, t) for s, t in self._joining if s not in done]
-        if done:
-            self._await_hosts(done)
+        answered = [s for s, _ in self._joining if s.ready in ready]
+        late = [s for s, t in self._joining if s not in answered and time.monotonic() - t > timeout]
+        self._joining = [(s, t) for s, t in self._joining if s not in answered and s not in late]
+        for s in late:
+            ray.kill(s.handle, no_restart=True)
+            logger.warning("slot host %s on %s did not start within %.0fs; its node keeps its other host",
+                           s.name, s.place.label, timeout)
+        if answered:
+            error = self.start_error
+            try:
+                self._await_hosts(answered)
+            except (SlotHostStartError, SweepSetupError) as exc:
+                self.start_error = error  # the node's running host still serves every trial
+                logger.warning("a second slot host could not start (%s); its node keeps its other host", exc)
 
     def waiting_reason(self) -> str | None:
         """Why a trial cannot get a slot now, if the cause is resources rather than full hosts."""
