@@ -15,7 +15,7 @@ import pytest
 import ray
 from ray import tune
 
-from tune_helpers import errors, make_trainable, run_config, slow_step
+from tune_helpers import errors, make_trainable, run_config, slow_step, wait_until
 
 
 @pytest.fixture
@@ -129,3 +129,22 @@ def test_auto_keeps_one_host_for_a_tiny_mlp(ray_cpus, tmp_path):
     T = make_trainable(slots_per_host=2, idle_timeout_s=3.0)
     _, stats, hosts = _sweep_on_hosts(T, tmp_path, trials=6, iterations=3, concurrent=2)
     assert len(hosts) == 1 and len(stats) == 1 and stats[0]["kernel_bound"] is False
+
+
+def test_a_host_takes_the_thread_count_it_is_told_on_its_engine_thread_unless_the_user_set_one(ray_cpus):
+    # What a node's first host does when a second one joins it (cpu_hosts_per_node="auto"): the engine
+    # thread, which runs the fused steps, sets torch's thread count itself. A host_threads= count stays.
+    from ray_modelbatch.tune.host import SlotHost
+
+    T = make_trainable(slots_per_host=2)
+    told, fixed = SlotHost(T._spec_bytes, "told", 2), SlotHost(T._spec_bytes, "fixed", 2, threads=1)
+    try:
+        assert told.threads == 1  # a 2-CPU node: every CPU but one
+        told.set_threads(2)
+        fixed.set_threads(2)
+        assert wait_until(lambda: told.threads == 2, timeout=10)
+        time.sleep(0.5)
+        assert fixed.threads == 1
+    finally:
+        told.shutdown()
+        fixed.shutdown()

@@ -224,7 +224,7 @@ class SlotHost:
         a count the user set with ``host_threads`` stays."""
         with self._lock:
             if not self._fixed_threads:
-                self._want_threads = max(1, int(threads))
+                self._want_threads = max(1, min(int(threads), os.cpu_count() or int(threads)))
                 self._lock.notify_all()
 
     def reserve(self, key: str) -> bool:
@@ -508,7 +508,7 @@ class SlotHost:
         while True:
             with self._lock:
                 start_wait = time.monotonic()
-                while not self._stop and not self._commands and not self._runnable():
+                while not self._stop and not self._commands and self._want_threads is None and not self._runnable():
                     self._lock.wait(timeout=self._lease_check_s)
                     if time.monotonic() - last_check >= self._lease_check_s:
                         break
