@@ -263,16 +263,20 @@ class HostRegistry:
         """Start a host on every planned place that has room now; returns :meth:`capacity`.
 
         ``quiet``: a host that cannot start raises nothing here (nobody waits on a
-        prestart); the first trial to ask for a slot gets the error instead.
+        prestart); the first trial to ask for a slot gets the error instead. Once
+        a host's start failed for the sweep's own reason (``data()`` raised, not
+        one slot fits), no other host is started: every trial gets that error.
         """
         with self._lock:
             self.last_busy = time.monotonic()
             self._free_by_host()
             try:
                 self._settle_starting()
+                if self.start_error is not None:
+                    raise SweepSetupError(self.start_error)
                 while self._create_where_free(config) is not None:
                     pass
-            except SlotHostStartError:
+            except (SlotHostStartError, SweepSetupError):
                 if not quiet:
                     raise
             return self.capacity()
