@@ -15,8 +15,8 @@ alternating): the digits CNN sweep took a median 26.1 s with two hosts against
 ``batched_trainable(cpu_hosts_per_node="auto")`` (the default) therefore
 starts one host per CPU node and lets it measure its own steps: the median
 CPU time of its first :data:`SAMPLE_STEPS` fused steps. At
-:data:`KERNEL_BOUND_STEP_MS` or more (the CNN sweep's stacks: 4-19 ms; the MLP
-sweep's: 1-2 ms alone, about 3 ms beside a busy driver) the registry plans
+:data:`KERNEL_BOUND_STEP_MS` or more (measured in the sweeps on 2 cores: the CNN
+sweep's hosts 6-34 ms, the MLP sweep's 2.0-2.9 ms) the registry plans
 :data:`AUTO_CPU_HOSTS` hosts on that node, starts the next one without
 waiting for it, and later trials go to the host with the most free slots,
 i.e. the new one, until the two hold as many. Every host on such a node
