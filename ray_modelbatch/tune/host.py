@@ -224,7 +224,7 @@ class SlotHost:
         a count the user set with ``host_threads`` stays."""
         with self._lock:
             if not self._fixed_threads:
-                self._want_threads = max(1, min(int(threads), os.cpu_count() or int(threads)))
+                self._want_threads = _machine_threads(threads)
                 self._lock.notify_all()
 
     def reserve(self, key: str) -> bool:
@@ -751,9 +751,14 @@ def _use_cpus(device: Any, threads: int | None, node_id: str, share: int = 1) ->
         return torch.get_num_threads()
     if threads is None:
         threads = default_threads(int(node_cpus(node_id) or os.cpu_count() or 1), share)
-    threads = max(1, min(int(threads), os.cpu_count() or int(threads)))
+    threads = _machine_threads(threads)
     torch.set_num_threads(threads)
     return threads
+
+
+def _machine_threads(threads: int) -> int:
+    """``threads``, at least one and at most this machine's CPUs (a node may declare more than it has)."""
+    return max(1, min(int(threads), os.cpu_count() or int(threads)))
 
 
 def node_cpus(node_id: str) -> float | None:

@@ -134,9 +134,9 @@ def batched_trainable(
             node without GPUs.
         cpu_hosts_per_node: hosts on each node without GPUs. Each steps its own stacks in a
             process of its own with its share of the node's cores, and the trials spread over
-            them: that pays for models whose fused step is mostly kernel time (CNNs,
-            transformers; on a 2-core node the digits CNN sweep took a median 26.1 s with 2
-            against 33.2 s with 1), not for tiny MLPs, whose steps are mostly Python (8.3 s
+            them: that pays for models whose fused step is mostly kernel time (on a 2-core
+            node the digits CNN sweep took a median 26.1 s with 2 against 33.2 s with 1),
+            not for tiny MLPs, whose steps are mostly Python (8.3 s
             with 1 against 9.8-10.2 s with 2). ``"auto"`` (default): one, and a second one
             once the first finds its fused steps kernel-bound (see ``tune.cpu_spread``).
         host_cpus: CPUs each host reserves from Ray (its share of them, where several share a node).
