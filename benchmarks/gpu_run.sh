@@ -11,9 +11,14 @@
 #    installed into a temporary folder first; without them the sweep is skipped, with a note.
 #
 # Knobs (environment): FUSED_SLOTS (8,32,128), FUSED_MODELS (all), FUSED_MIN_TIME (0.2 s per timing),
-# SWEEP_TRIALS (128), SWEEP_SLOTS (32), SWEEP_MAX_T (20), SWEEP_ARCH (mlp), SWEEP_RUNS (all three).
-# Each part's markdown lands in OUT_DIR with the GPU's name (gpu.txt); record them in benchmarks/RESULTS.md.
+# FUSED_TIMEOUT (300 s), SWEEP_TRIALS (128), SWEEP_SLOTS (32), SWEEP_MAX_T (20), SWEEP_ARCH (mlp; a list such as
+# mlp,cnn runs one sweep each), SWEEP_RUNS (all three), SWEEP_TIMEOUT (300 s per sweep). A part that runs past
+# its timeout is stopped and the next one starts; the rows it printed stay in its log. nvidia-smi dmon samples
+# the GPU's utilization every second during the sweeps (dmon.txt; the sweep log prints the clock time at which
+# each run starts). Each part's markdown lands in OUT_DIR with the GPU's name (gpu.txt); record them in
+# benchmarks/RESULTS.md.
 set -uo pipefail
+SWEEP_ARCH=${SWEEP_ARCH:-mlp}
 out=${1:-${OUT:-benchmarks/gpu_out}}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -27,25 +32,28 @@ fi
   $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$out/gpu.txt"
 
+if ! $py -c "import ray.tune" 2>/dev/null && [ -n "$(find .whl -maxdepth 1 -name 'ray-*.whl' 2>/dev/null)" ]; then
+    site=$(mktemp -d)  # the wheels of benchmarks/gpu_wheels.sh, installed for this run only
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:$site" PATH="$site/bin:$PATH"
+fi
+
 models=${FUSED_MODELS:+--models $FUSED_MODELS}
-$py benchmarks/fused_step.py --device cuda --slots "${FUSED_SLOTS:-8,32,128}" $models \
+timeout -k 10 "${FUSED_TIMEOUT:-300}" $py benchmarks/fused_step.py --device cuda --slots "${FUSED_SLOTS:-8,32,128}" $models \
     --min-time "${FUSED_MIN_TIME:-0.2}" --max-wait 5 --out "$out/fused_step_gpu.md" 2>&1 | tee "$out/fused_step_gpu.log"
 
-if ! $py -c "import ray.tune" 2>/dev/null && [ -n "$(find .whl -type f -name '*.whl*' 2>/dev/null)" ]; then
-    site=$(mktemp -d)
-    for first in $(find .whl -type f -name '*.part-aa'); do  # a wheel split by gpu_wheels.sh, its pieces in any folder
-        name=$(basename "${first%.part-aa}")
-        find .whl -type f -name "$name.part-*" -printf '%f %p\n' | sort | cut -d' ' -f2 | xargs cat > "$site/$name"
+if ray_err=$($py -c "import ray.tune" 2>&1); then
+    nvidia-smi dmon -s u -d 1 -o T > "$out/dmon.txt" 2>&1 &
+    dmon=$!
+    for arch in ${SWEEP_ARCH//,/ }; do
+        timeout -k 10 "${SWEEP_TIMEOUT:-300}" $py benchmarks/tune_sweep.py --device cuda --trials "${SWEEP_TRIALS:-128}" \
+            --slots "${SWEEP_SLOTS:-32}" --max-t "${SWEEP_MAX_T:-20}" --arch "$arch" \
+            --runs "${SWEEP_RUNS:-ray_modelbatch,standard+reuse,standard}" \
+            --out "$out/tune_sweep_gpu_$arch.md" 2>&1 | tee -a "$out/tune_sweep_gpu.log"
+        ray stop --force >/dev/null 2>&1  # a sweep stopped at its timeout leaves its Ray processes behind
     done
-    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site/lib" \
-        $(find .whl -type f -name '*.whl') "$site"/*.whl && export PYTHONPATH="$PYTHONPATH:$site/lib" PATH="$site/lib/bin:$PATH"
-fi
-if $py -c "import ray.tune" 2>/dev/null; then
-    $py benchmarks/tune_sweep.py --device cuda --trials "${SWEEP_TRIALS:-128}" --slots "${SWEEP_SLOTS:-32}" \
-        --max-t "${SWEEP_MAX_T:-20}" --arch "${SWEEP_ARCH:-mlp}" \
-        --runs "${SWEEP_RUNS:-ray_modelbatch,standard,standard+reuse}" \
-        --out "$out/tune_sweep_gpu.md" 2>&1 | tee "$out/tune_sweep_gpu.log"
+    kill "$dmon" 2>/dev/null
 else
-    echo "ray[tune] cannot be imported and no wheels are in ./.whl (benchmarks/gpu_wheels.sh): the Tune sweep" \
-         "comparison is skipped" | tee "$out/tune_sweep_gpu.md"
+    echo "ray[tune] cannot be imported ($(echo "$ray_err" | tail -1)); wheels for it: benchmarks/gpu_wheels.sh," \
+         "into ./.whl. The Tune sweep comparison is skipped" | tee "$out/tune_sweep_gpu.md"
 fi

@@ -505,83 +505,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=None, help="trials (default 64; 16 with --quick)")
-    p.add_argument("--slots", type=int, default=None, help="slots of the host and max concurrent trials (default 16; 8 with --quick)")
-    p.add_argument("--max-t", type=int, default=None,
-                   help=f"ASHA max_t in iterations of {sweep.STEPS_PER_REPORT} steps (default 20; 6 with --quick)")
-    p.add_argument("--grace", type=int, default=2, help="ASHA grace period (iterations)")
-    p.add_argument("--reduction", type=int, default=3, help="ASHA reduction factor")
-    p.add_argument("--quick", action="store_true", help="a small sweep that checks the benchmark runs")
-    p.add_argument("--arch", choices=("mlp", "cnn"), default="mlp",
-                   help="the digits MLP, or a small CNN with BatchNorm on the 8x8 digit images")
-    p.add_argument("--steps-per-report", type=int, default=sweep.STEPS_PER_REPORT,
-                   help="steps per Tune iteration (default: one epoch of the training rows)")
-    p.add_argument("--baseline-cpus", type=float, default=None,
-                   help="CPUs of each standard trial (default 0.5 on CPU: 4 trials at once on 2 CPUs; with "
-                        "--device cuda, the node's CPUs but one shared by --slots trials)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="where both runs train: the slot host's device and each standard trial's")
-    p.add_argument("--gpus", type=float, default=None,
-                   help="GPUs each local Ray declares (default: torch.cuda.device_count() with --device cuda, "
-                        "else 0). With --device cpu and --gpus 1 the GPU resources are declared but unused: "
-                        "a dry run of the GPU setup on a machine without one")
-    p.add_argument("--baseline-gpus", type=float, default=None,
-                   help="GPU fraction of each standard trial (default: --gpus / --slots, so as many standard "
-                        "trials share the GPUs at once as ray_modelbatch has slots)")
-    p.add_argument("--runs", default="ray_modelbatch,standard,standard+reuse",
-                   help="comma-separated runs, in order (ray_modelbatch and standard are needed for the target; "
-                        "tune_alone: the sweep with trials that train nothing, Tune's own cost)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the config draw")
-    p.add_argument("--host-threads", type=int, default=None,
-                   help="torch threads of the slot host (default: batched_trainable's, every CPU of the node but one)")
-    p.add_argument("--cpu-hosts-per-node", type=int, default=None,
-                   help="batched_trainable(cpu_hosts_per_node=...) of ray_modelbatch's run (default: the library's)")
-    p.add_argument("--run-ahead", type=int, default=None,
-                   help="iterations a slot may train past its trial's last result (default: batched_trainable's)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of each local Ray (default: os.cpu_count())")
-    p.add_argument("--storage", default=None, help="Tune storage_path (default: a temporary directory)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "tune_sweep_latest.md"))
-    args = p.parse_args()
-    args.trials = args.trials or (16 if args.quick else 64)
-    args.slots = args.slots or (8 if args.quick else 16)
-    args.max_t = args.max_t or (6 if args.quick else 20)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device here; run without it, or with --device cpu "
-                         "--gpus 1 for a dry run of the GPU setup")
-    if args.gpus is None:
-        args.gpus = float(torch.cuda.device_count()) if args.device == "cuda" else 0.0
-    if args.baseline_gpus is None:
-        args.baseline_gpus = args.gpus / args.slots if args.gpus else 0.0
-    if args.baseline_cpus is None:
-        cpus = args.num_cpus or os.cpu_count() or 2
-        args.baseline_cpus = 0.5 if not args.gpus else max(0.05, round((cpus - 1) / args.slots, 2))
-
-    sweep.STEPS_PER_REPORT = args.steps_per_report  # read by make_trainable and search_space at call time
-    t_start = time.monotonic()
-    configs = sweep.sample_configs(sweep.search_space(args.max_t), args.trials, args.seed)
-    for c in configs:
-        c["arch"] = args.arch
-    kinds = args.runs.split(",")
-    unknown = set(kinds) - set(RUNS)
-    if unknown:
-        raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
-    runs = {}
-    start_bound = None
-    if {"ray_modelbatch_process", "ray_modelbatch_classic"} & set(kinds):
-        start_bound = proxy_start_bound(args.slots, args.num_cpus or os.cpu_count() or 2)
-        print(f"  {args.slots} proxy-like processes started in {start_bound:.1f}s", flush=True)
-    with tempfile.TemporaryDirectory(prefix="tune_sweep_") as tmp:
-        storage = os.path.abspath(args.storage) if args.storage else tmp
-        for kind in kinds:
-            print(f"running {kind} ...", flush=True)
-            if kind == "tune_alone" and "ray_modelbatch" in runs:  # replay its curves: ASHA decides alike
-                NoOpTrainable.curves = {row["seed"]: list(zip(row["df"]["val_loss"], row["df"]["val_acc"]))
-                                        for row in runs["ray_modelbatch"]["rows"]}
-            runs[kind] = run_sweep(kind, args, configs, storage)
-            print(f"  {kind}: {runs[kind]['wall_s']:.1f}s", flush=True)
-
+def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs: dict,
+           start_bound: float | None, t_start: float) -> str:
+    """The markdown of the runs done so far: written after each run, so a sweep stopped at a time limit
+    keeps what finished."""
     cmd = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     lines = [
         "# Ray Tune ASHA sweep: ray_modelbatch vs. standard trials",
@@ -743,7 +670,89 @@ def main() -> None:
                      f"trial (`ray_modelbatch_process`, `ray_modelbatch_classic`) and {args.slots} slots cannot finish "
                      "sooner; `ray_modelbatch` starts one trial server instead")
     lines += ["", f"Run time: {time.monotonic() - t_start:.0f} s"]
-    text = "\n".join(lines) + "\n"
+    if len(runs) < len(kinds):
+        lines.append(f"- incomplete: {len(runs)} of {len(kinds)} runs done ({', '.join(runs)})")
+    return "\n".join(lines) + "\n"
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=None, help="trials (default 64; 16 with --quick)")
+    p.add_argument("--slots", type=int, default=None, help="slots of the host and max concurrent trials (default 16; 8 with --quick)")
+    p.add_argument("--max-t", type=int, default=None,
+                   help=f"ASHA max_t in iterations of {sweep.STEPS_PER_REPORT} steps (default 20; 6 with --quick)")
+    p.add_argument("--grace", type=int, default=2, help="ASHA grace period (iterations)")
+    p.add_argument("--reduction", type=int, default=3, help="ASHA reduction factor")
+    p.add_argument("--quick", action="store_true", help="a small sweep that checks the benchmark runs")
+    p.add_argument("--arch", choices=("mlp", "cnn"), default="mlp",
+                   help="the digits MLP, or a small CNN with BatchNorm on the 8x8 digit images")
+    p.add_argument("--steps-per-report", type=int, default=sweep.STEPS_PER_REPORT,
+                   help="steps per Tune iteration (default: one epoch of the training rows)")
+    p.add_argument("--baseline-cpus", type=float, default=None,
+                   help="CPUs of each standard trial (default 0.5 on CPU: 4 trials at once on 2 CPUs; with "
+                        "--device cuda, the node's CPUs but one shared by --slots trials)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where both runs train: the slot host's device and each standard trial's")
+    p.add_argument("--gpus", type=float, default=None,
+                   help="GPUs each local Ray declares (default: torch.cuda.device_count() with --device cuda, "
+                        "else 0). With --device cpu and --gpus 1 the GPU resources are declared but unused: "
+                        "a dry run of the GPU setup on a machine without one")
+    p.add_argument("--baseline-gpus", type=float, default=None,
+                   help="GPU fraction of each standard trial (default: --gpus / --slots, so as many standard "
+                        "trials share the GPUs at once as ray_modelbatch has slots)")
+    p.add_argument("--runs", default="ray_modelbatch,standard,standard+reuse",
+                   help="comma-separated runs, in order (ray_modelbatch and standard are needed for the target; "
+                        "tune_alone: the sweep with trials that train nothing, Tune's own cost)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the config draw")
+    p.add_argument("--host-threads", type=int, default=None,
+                   help="torch threads of the slot host (default: batched_trainable's, every CPU of the node but one)")
+    p.add_argument("--cpu-hosts-per-node", type=int, default=None,
+                   help="batched_trainable(cpu_hosts_per_node=...) of ray_modelbatch's run (default: the library's)")
+    p.add_argument("--run-ahead", type=int, default=None,
+                   help="iterations a slot may train past its trial's last result (default: batched_trainable's)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of each local Ray (default: os.cpu_count())")
+    p.add_argument("--storage", default=None, help="Tune storage_path (default: a temporary directory)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "tune_sweep_latest.md"))
+    args = p.parse_args()
+    args.trials = args.trials or (16 if args.quick else 64)
+    args.slots = args.slots or (8 if args.quick else 16)
+    args.max_t = args.max_t or (6 if args.quick else 20)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here; run without it, or with --device cpu "
+                         "--gpus 1 for a dry run of the GPU setup")
+    if args.gpus is None:
+        args.gpus = float(torch.cuda.device_count()) if args.device == "cuda" else 0.0
+    if args.baseline_gpus is None:
+        args.baseline_gpus = args.gpus / args.slots if args.gpus else 0.0
+    if args.baseline_cpus is None:
+        cpus = args.num_cpus or os.cpu_count() or 2
+        args.baseline_cpus = 0.5 if not args.gpus else max(0.05, round((cpus - 1) / args.slots, 2))
+
+    sweep.STEPS_PER_REPORT = args.steps_per_report  # read by make_trainable and search_space at call time
+    t_start = time.monotonic()
+    configs = sweep.sample_configs(sweep.search_space(args.max_t), args.trials, args.seed)
+    for c in configs:
+        c["arch"] = args.arch
+    kinds = args.runs.split(",")
+    unknown = set(kinds) - set(RUNS)
+    if unknown:
+        raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
+    runs = {}
+    start_bound = None
+    if {"ray_modelbatch_process", "ray_modelbatch_classic"} & set(kinds):
+        start_bound = proxy_start_bound(args.slots, args.num_cpus or os.cpu_count() or 2)
+        print(f"  {args.slots} proxy-like processes started in {start_bound:.1f}s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="tune_sweep_") as tmp:
+        storage = os.path.abspath(args.storage) if args.storage else tmp
+        for kind in kinds:
+            print(f"running {kind} ... ({time.strftime('%H:%M:%S')})", flush=True)  # matches nvidia-smi dmon -o T
+            if kind == "tune_alone" and "ray_modelbatch" in runs:  # replay its curves: ASHA decides alike
+                NoOpTrainable.curves = {row["seed"]: list(zip(row["df"]["val_loss"], row["df"]["val_acc"]))
+                                        for row in runs["ray_modelbatch"]["rows"]}
+            runs[kind] = run_sweep(kind, args, configs, storage)
+            print(f"  {kind}: {runs[kind]['wall_s']:.1f}s", flush=True)
+            Path(args.out).write_text(report(args, configs, kinds, runs, start_bound, t_start))
+
+    text = report(args, configs, kinds, runs, start_bound, t_start)
     print()
     print(text)
     Path(args.out).write_text(text)

@@ -181,8 +181,9 @@ def embedding_bag(mod: nn.EmbeddingBag, w: torch.Tensor, idx: torch.Tensor, per_
         total = rows.sum(-2)
         if mod.mode == "sum":
             return total
-        count = keep.sum(-1) if keep is not None else torch.full((), idx.shape[-1], dtype=total.dtype)
-        return total / count.clamp(min=1).unsqueeze(-1)
+        if keep is None:  # every bag holds all L rows (a Python number: no tensor on another device)
+            return total / max(idx.shape[-1], 1)
+        return total / keep.sum(-1).clamp(min=1).unsqueeze(-1)
     if idx.dim() - per_slot != 1 or offsets is None:
         raise Unsupported("EmbeddingBag input that is neither [B, L] nor flat with offsets")
     bags = offsets.shape[-1] - int(mod.include_last_offset)

@@ -89,6 +89,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
+from . import conv_precision
 from . import direct_attention as attention
 from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
@@ -632,9 +633,12 @@ def _conv(mod: nn.Module, h: torch.Tensor, layout: str, w: torch.Tensor, b: torc
     bias = None if b is None else b.reshape(-1)
     if transposed:
         fn = F.conv_transpose1d if isinstance(mod, nn.ConvTranspose1d) else F.conv_transpose2d
-        return fn(h, weight, bias, mod.stride, mod.padding, mod.output_padding, groups, mod.dilation)
-    fn = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
-    return fn(h, weight, bias, mod.stride, mod.padding, mod.dilation, groups)
+        call = lambda: fn(h, weight, bias, mod.stride, mod.padding, mod.output_padding, groups, mod.dilation)  # noqa: E731
+    else:
+        fn = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
+        call = lambda: fn(h, weight, bias, mod.stride, mod.padding, mod.dilation, groups)  # noqa: E731
+    # cuDNN runs the grouped convolution in TF32 where it runs each model's own in fp32 (see conv_precision)
+    return conv_precision.full_precision(call) if conv_precision.needs_full_precision(h) else call()
 
 
 def _norm(mod: nn.Module, name: str, h: torch.Tensor, params: Mapping[str, torch.Tensor],

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from . import fast_path, hf, inputs, slot_losses, step_config
 from .cpu_memory import keep_freed_memory
-from .errors import IncompatibleModelsError, is_out_of_memory
+from .errors import FusionWarning, IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
 from .padded_embedding import dense_gradients, fix_padding_rows
 from .signature import check_compatible, first_mismatch, module_signature
@@ -369,6 +369,11 @@ class ModelBatch:
                 if is_out_of_memory(exc):
                     raise
                 self._slow_keys.add(key)
+                if not isinstance(exc, fast_path.Unsupported):  # a layout the plan does not take is expected
+                    warnings.warn(FusionWarning(
+                        f"the direct fused path failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                        f"this call runs through torch.vmap instead, slower. Please report it with the model."),
+                        stacklevel=3)
                 out = None
                 if idx is not None:  # the direct run may have updated these copies
                     buffers = {k: v.index_select(0, idx) for k, v in self.buffers.items()}

@@ -8,6 +8,7 @@ outputs in eval mode, to float rounding.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -366,3 +367,97 @@ def test_batchnorm_on_the_direct_path_has_second_derivatives():
         penalties.append(torch.autograd.grad(penalty, list(mb.params.values())))
     for a, b in zip(*penalties):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _conv_flag():
+    from ray_modelbatch.conv_precision import _cudnn_conv_flag
+    owner, name, _ = _cudnn_conv_flag()
+    return getattr(owner, name)
+
+
+def test_full_precision_turns_cudnn_tf32_off_in_forward_and_backward_and_restores_it():
+    from ray_modelbatch import conv_precision
+    _, _, full = conv_precision._cudnn_conv_flag()
+    before = _conv_flag()
+    seen = []
+
+    class Record(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", _conv_flag()))
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("backward", _conv_flag()))
+            return g * 2
+
+    x = torch.ones(3, requires_grad=True)
+    out = conv_precision.full_precision(lambda: Record.apply(x))
+    assert _conv_flag() == before  # only while the convolution runs
+    out.sum().backward()
+    assert seen == [("forward", full), ("backward", full)]
+    assert _conv_flag() == before and conv_precision._depth == 0
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
+
+
+def test_only_fp32_cuda_convolutions_need_it_and_tf32_matmuls_opt_out(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray_modelbatch.conv_precision import needs_full_precision
+    cuda = SimpleNamespace(is_cuda=True, dtype=torch.float32)
+    assert not needs_full_precision(torch.ones(1))
+    assert not needs_full_precision(SimpleNamespace(is_cuda=True, dtype=torch.bfloat16))
+    assert needs_full_precision(cuda)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert not needs_full_precision(cuda)
+
+
+def test_the_direct_path_runs_every_convolution_in_full_precision_where_needed(monkeypatch):
+    """As on CUDA (needs_full_precision forced): each convolution goes through full_precision, the
+    slots still train like each module alone, and the user's flag is back after the steps."""
+    from ray_modelbatch import conv_precision
+    calls = []
+    real = conv_precision.full_precision
+    monkeypatch.setattr(conv_precision, "needs_full_precision", lambda t: True)
+    monkeypatch.setattr(conv_precision, "full_precision", lambda call: calls.append(1) or real(call))
+    before = _conv_flag()
+    torch.manual_seed(0)
+    models = [SmallCNN() for _ in range(3)]
+    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    assert mb.uses_direct_path
+    opt = rmb.optim.Adam(mb, lr=1e-2)
+    engine = rmb.FusedEngine(mb, opt, nn.functional.cross_entropy)
+    solo_opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in models]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(16, 64, generator=g), torch.randint(0, 10, (16,), generator=g)
+        engine.train_step(x, y)
+        for m, o in zip(models, solo_opts):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    assert len(calls) == 3 * 2  # two convolutions per step
+    assert _conv_flag() == before and conv_precision._depth == 0
+    state_close(mb, models)
+
+
+def test_a_direct_path_that_fails_unexpectedly_says_so_and_vmap_runs_the_call(monkeypatch):
+    from ray_modelbatch import fast_path
+    from ray_modelbatch.errors import FusionWarning
+    torch.manual_seed(0)
+    models = [SmallCNN() for _ in range(2)]
+    x = torch.randn(4, 64)
+    want = rmb.ModelBatch([copy.deepcopy(m) for m in models], direct_path=False)(x)
+
+    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    monkeypatch.setattr(mb, "_run_direct", lambda *a: (_ for _ in ()).throw(RuntimeError("boom on cuda")))
+    with pytest.warns(FusionWarning, match=r"direct fused path failed \(RuntimeError: boom on cuda\)"):
+        got = mb(x)
+    torch.testing.assert_close(got, want)
+
+    quiet = rmb.ModelBatch([copy.deepcopy(m) for m in models])  # a layout the plan does not take: expected
+    monkeypatch.setattr(quiet, "_run_direct", lambda *a: (_ for _ in ()).throw(fast_path.Unsupported("layout")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusionWarning)
+        torch.testing.assert_close(quiet(x), want)
