@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_run.sh [OUT_DIR]          # default: $OUT, else benchmarks/gpu_out
 #
+# 0. benchmarks/gpu_probe.py: the fused step's device syncs and a CUDA graph of it, under a minute (into gpu.txt).
 # 1. benchmarks/fused_step.py --device cuda: every model family fused against a loop of plain modules with
 #    torch.optim, at S = 8, 32 and 128 slots. Needs torch only (transformers for the BERT row).
 # 2. benchmarks/tune_sweep.py --device cuda: the ASHA sweep trained by ray_modelbatch (one slot host on the
@@ -10,8 +11,8 @@
 #    reuse_actors. Needs ray[tune]: where Ray is missing, wheels from benchmarks/gpu_wheels.sh under ./.whl are
 #    installed into a temporary folder first; without them the sweep is skipped, with a note.
 #
-# Knobs (environment): FUSED_SLOTS (8,32,128), FUSED_MODELS (all), FUSED_MIN_TIME (0.2 s per timing),
-# FUSED_TIMEOUT (300 s), SWEEP_TRIALS (128), SWEEP_SLOTS (32), SWEEP_MAX_T (20), SWEEP_ARCH (mlp; a list such as
+# Knobs (environment): PROBE_TIMEOUT (90 s), FUSED_SLOTS (8,32,128), FUSED_MODELS (all), FUSED_MIN_TIME (0.2 s
+# per timing), FUSED_TIMEOUT (300 s), SWEEP_TRIALS (128), SWEEP_SLOTS (32), SWEEP_MAX_T (20), SWEEP_ARCH (mlp; a list such as
 # mlp,cnn runs one sweep each), SWEEP_RUNS (all three), SWEEP_TIMEOUT (300 s per sweep). A part that runs past
 # its timeout is stopped and the next one starts; the rows it printed stay in its log. nvidia-smi dmon samples
 # the GPU's utilization every second during the sweeps (dmon.txt; the sweep log prints the clock time at which
@@ -31,6 +32,8 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$out/gpu.txt"
+# Device syncs per fused step and a CUDA graph of it (benchmarks/gpu_probe.py; under a minute): into gpu.txt too.
+timeout -k 10 "${PROBE_TIMEOUT:-90}" $py benchmarks/gpu_probe.py 2>&1 | tee -a "$out/gpu.txt"
 
 if ! $py -c "import ray.tune" 2>/dev/null && [ -n "$(find .whl -maxdepth 1 -name 'ray-*.whl' 2>/dev/null)" ]; then
     site=$(mktemp -d)  # the wheels of benchmarks/gpu_wheels.sh, installed for this run only

@@ -1,4 +1,5 @@
-"""benchmarks/strip_ray_wheel.py: the Ray wheel carried to a GPU machine loses only what a sweep never loads."""
+"""The GPU run's tools, on a machine without one: the stripped Ray wheel (benchmarks/strip_ray_wheel.py) loses
+only what a sweep never loads, and benchmarks/gpu_probe.py runs (its GPU parts need a GPU)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import gpu_probe  # noqa: E402
 from strip_ray_wheel import strip  # noqa: E402
 
 
@@ -30,3 +32,11 @@ def test_strip_drops_the_jar_and_dashboard_client_keeps_the_rest_with_their_mode
         assert z.read("ray-0.dist-info/RECORD").decode().splitlines() == [
             "ray/__init__.py,sha256=x,1", "ray/core/raylet,sha256=x,1", "ray/dashboard/agent.py,sha256=x,1",
             "ray-0.dist-info/RECORD,,"]
+
+
+def test_gpu_probe_times_the_eager_step_and_says_what_needs_a_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(gpu_probe.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["gpu_probe.py", "--slots", "2", "--hidden", "8", "--steps", "2"])
+    gpu_probe.main()
+    out = capsys.readouterr().out
+    assert "2 MLPs 64-8-10" in out and "- eager fused step:" in out and "need a GPU" in out
