@@ -176,7 +176,8 @@ class HostTensorStreams:
 def _on_cpu(state: Any) -> Any:
     """A stream state with its tensors (generator states) on the CPU, where generators need them.
 
-    A checkpoint loaded with ``map_location=<cuda device>`` puts them on the GPU.
+    A checkpoint loaded with ``map_location=<cuda device>`` puts them on the GPU (``SlotGroup.load`` loads
+    on the CPU; a user's own ``load_state_dict`` may not).
     """
     if isinstance(state, torch.Tensor):
         return state.cpu()

@@ -739,7 +739,9 @@ class SlotGroup:
         plain tensors and types (:mod:`ray_modelbatch.checkpoint`); whether they
         fit is decided by the model's tensors, not by where its class was defined.
         """
-        state = checkpoint.from_bytes(blob, self.mb.device)
+        # On the CPU: each component copies into its own tensors wherever they live, and the data streams'
+        # generator states must stay on the CPU (a CPU generator refuses a CUDA state).
+        state = checkpoint.from_bytes(blob, "cpu")
         checkpoint.check_fits(state, [s.describe() for s in self.mb.signature])
         self.mb.load_slot(slot, state["model"])
         self.opt.load_slot_state(slot, state["optimizer"], hparams=False)

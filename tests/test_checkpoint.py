@@ -77,6 +77,30 @@ def test_checkpoint_restores_into_the_same_architecture_from_another_module():
         assert torch.equal(v, other.mb.slot_state(target)[k]), k
 
 
+def test_a_slot_loads_its_checkpoint_on_the_cpu_whatever_the_stacks_device(monkeypatch):
+    """Each component copies the state into its own tensors, wherever they live; loaded onto a GPU stack's
+    device, the data stream's generator state would be a CUDA tensor, which a CPU generator refuses."""
+    group, slot = _trained_group(_class_in("__main__"))
+    blob = group.export(slot)
+    target = group.add("u", _class_in("__main__")(), seed=2, hparams={"lr": 0.01})
+    seen, real = [], checkpoint.from_bytes
+    monkeypatch.setattr(checkpoint, "from_bytes", lambda b, device="cpu": seen.append(str(device)) or real(b))
+
+    class OnGPU:  # the stack as a GPU host's group sees it: its device is cuda (its tensors stay here)
+        device = torch.device("cuda", 0)
+
+        def __init__(self, mb):
+            self._mb = mb
+
+        def __getattr__(self, name):
+            return getattr(self._mb, name)
+
+    monkeypatch.setattr(group, "mb", OnGPU(group.mb))
+    group.load(target, blob, {"lr": 0.01})
+    assert seen == ["cpu"]
+    assert group.streams.slot_state(target)["generator_state"].device.type == "cpu"
+
+
 def test_another_architecture_is_refused_naming_the_tensor():
     group, slot = _trained_group(_class_in("__main__", width=16))
     wide, _ = _trained_group(_class_in("__main__", width=32))
