@@ -4,10 +4,11 @@ Why: PyTorch lets cuDNN use TF32 for fp32 convolutions by default. For a
 model's own small convolutions cuDNN mostly picks full-precision kernels; for
 the fused step's grouped convolution over all slots it picks TF32 ones. On an
 H200 (torch 2.11, ``benchmarks/RESULTS.md``, session 16) that put the fused
-gradients 30-200x further from fp64 than each model's own (small CNN 5.8e-2
-against 1.8e-3, LeNet + BatchNorm 1.2e-1 against 5.6e-4), so a slot no
-longer trained as its model alone. With TF32 off they matched (1.8e-3 and
-1.8e-3; 3.1e-6 and 2.1e-6), at about half the speed for the small CNN at 32
+gradients 30 to over 1000 times further from fp64 than each model's own
+(small CNN 5.8e-2 against 1.8e-3, LeNet + BatchNorm 1.2e-1 against 5.6e-4,
+the digits CNN 1.2e-3 against 8.5e-7), so a slot no longer trained as its
+model alone. With TF32 off they matched (1.8e-3 and 1.8e-3; 3.1e-6 and
+2.1e-6; 8.9e-7 and 8.4e-7), at about half the speed for the small CNN at 32
 slots (8.3x a loop against 16.0x).
 
 So a fused convolution on CUDA runs with cuDNN's TF32 off, unless the user
