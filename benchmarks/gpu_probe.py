@@ -91,7 +91,8 @@ def graph_probe(slots: int, hidden: int, device: torch.device, x: torch.Tensor, 
         with torch.cuda.graph(graph):
             engine.train_step(x, y)
     except Exception as exc:  # noqa: BLE001 - the reason is the finding
-        print(f"- CUDA graph: the fused step cannot be captured: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        first = (str(exc).splitlines() or [""])[0][:300]
+        print(f"- CUDA graph: the fused step cannot be captured: {type(exc).__name__}: {first}")
         return
     replay_ms = ms_per_step(graph.replay, device, steps)
     print(f"- CUDA graph replay: {replay_ms:.3f} ms per step against {eager_ms:.3f} ms eager "
@@ -108,8 +109,8 @@ def graph_probe(slots: int, hidden: int, device: torch.device, x: torch.Tensor, 
         ref.train_step(x, y)
     sync(device)
     diff = max(float((mb.params[k] - ref_mb.params[k]).detach().abs().max()) for k in mb.params)
-    print(f"- after 5 replayed and 5 eager steps from the same state: max |parameter difference| {diff:.2e} "
-          f"({'the graph trains as the eager step does' if diff == 0 else 'NOT the same: the graph misses per-step state'})")
+    verdict = "the graph trains as the eager step does" if diff == 0 else "NOT the same: the graph misses per-step state"
+    print(f"- after 5 replayed and 5 eager steps from the same state: max |parameter difference| {diff:.2e} ({verdict})")
 
 
 def main() -> None:

@@ -631,12 +631,14 @@ def _conv(mod: nn.Module, h: torch.Tensor, layout: str, w: torch.Tensor, b: torc
         # 1.8 ms at 32 slots of a 4-8 channel layer); BatchNorm and ReLU keep the format.
         h, weight = _channels_last(h), _channels_last(weight)
     bias = None if b is None else b.reshape(-1)
-    if transposed:
-        fn = F.conv_transpose1d if isinstance(mod, nn.ConvTranspose1d) else F.conv_transpose2d
-        call = lambda: fn(h, weight, bias, mod.stride, mod.padding, mod.output_padding, groups, mod.dilation)  # noqa: E731
-    else:
+
+    def call() -> torch.Tensor:
+        if transposed:
+            fn = F.conv_transpose1d if isinstance(mod, nn.ConvTranspose1d) else F.conv_transpose2d
+            return fn(h, weight, bias, mod.stride, mod.padding, mod.output_padding, groups, mod.dilation)
         fn = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
-        call = lambda: fn(h, weight, bias, mod.stride, mod.padding, mod.dilation, groups)  # noqa: E731
+        return fn(h, weight, bias, mod.stride, mod.padding, mod.dilation, groups)
+
     # cuDNN runs the grouped convolution in TF32 where it runs each model's own in fp32 (see conv_precision)
     return conv_precision.full_precision(call) if conv_precision.needs_full_precision(h) else call()
 

@@ -370,10 +370,10 @@ class ModelBatch:
                     raise
                 self._slow_keys.add(key)
                 if not isinstance(exc, fast_path.Unsupported):  # a layout the plan does not take is expected
+                    first = (str(exc).splitlines() or [""])[0][:200]
                     warnings.warn(FusionWarning(
-                        f"the direct fused path failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                        f"this call runs through torch.vmap instead, slower. Please report it with the model."),
-                        stacklevel=3)
+                        f"the direct fused path failed ({type(exc).__name__}: {first}); this call runs through "
+                        "torch.vmap instead, slower. Please report it with the model."), stacklevel=3)
                 out = None
                 if idx is not None:  # the direct run may have updated these copies
                     buffers = {k: v.index_select(0, idx) for k, v in self.buffers.items()}

@@ -456,6 +456,11 @@ def test_a_direct_path_that_fails_unexpectedly_says_so_and_vmap_runs_the_call(mo
         got = mb(x)
     torch.testing.assert_close(got, want)
 
+    blank = rmb.ModelBatch([copy.deepcopy(m) for m in models])  # an error without a message
+    monkeypatch.setattr(blank, "_run_direct", lambda *a: (_ for _ in ()).throw(RuntimeError()))
+    with pytest.warns(FusionWarning, match=r"direct fused path failed \(RuntimeError: \)"):
+        torch.testing.assert_close(blank(x), want)
+
     quiet = rmb.ModelBatch([copy.deepcopy(m) for m in models])  # a layout the plan does not take: expected
     monkeypatch.setattr(quiet, "_run_direct", lambda *a: (_ for _ in ()).throw(fast_path.Unsupported("layout")))
     with warnings.catch_warnings():
