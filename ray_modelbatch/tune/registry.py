@@ -139,12 +139,13 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
     one host starts without a CPU reservation rather than never.
     """
     avail = available_resources_per_node()  # None: unknown, try every place
+    host_cpus = float(options.get("host_cpus", 1))
     blocked: list[tuple[HostPlace, dict]] = []
-    places: list[tuple[HostPlace, float | None]] = []
+    places: list[tuple[HostPlace, float]] = []
     for place in planned_hosts(options, spread):
         if place in taken:
             continue
-        cpus = float(options.get("host_cpus", 1)) / cpu_host_share(options, place)
+        cpus = host_cpus / cpu_host_share(options, place)
         if place.node_id is not None and avail is not None:
             res = avail.setdefault(place.node_id, {})
             if res.get("CPU", 0.0) < cpus or (place.gpu and res.get("GPU", 0.0) < 1):
@@ -154,9 +155,9 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
             res["CPU"] = res.get("CPU", 0.0) - cpus
             res["GPU"] = res.get("GPU", 0.0) - (1 if place.gpu else 0)
         places.append((place, cpus))
-    reason = _blocked(blocked, float(options.get("host_cpus", 1))) if blocked and not places else None
+    reason = _blocked(blocked, host_cpus) if blocked and not places else None
     cpu_only = [p for p, res in blocked if not p.gpu]
-    if not places and not any_running and cpu_only and float(options.get("host_cpus", 1)) > 0:
+    if not places and not any_running and cpu_only and host_cpus > 0:
         logger.warning("%s Starting the slot host without a CPU reservation instead.", reason)
         places.append((cpu_only[0], 0))
     launched = [launch_host(spec_bytes, experiment, options, place, first + i, config, num_cpus)
@@ -165,16 +166,16 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
 
 
 def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPlace, index: int,
-                config: dict | None, num_cpus: float | None = None) -> StartingHost:
-    """Create host ``index`` of the experiment on ``place`` and ask for its ``ping()``; its constructor runs
-    meanwhile."""
+                config: dict | None, num_cpus: float) -> StartingHost:
+    """Create host ``index`` of the experiment on ``place``, reserving ``num_cpus``, and ask for its ``ping()``;
+    its constructor runs meanwhile."""
     name = f"ray_modelbatch:{experiment}:host{index}"
     slots = options["slots_per_host"]
     opts: dict[str, Any] = {
         "name": name,
         # every waiting step holds a thread
         "max_concurrency": 2 * (options["max_slots_per_host"] if slots == "auto" else slots) + 16,
-        "num_cpus": options.get("host_cpus", 1) / cpu_host_share(options, place) if num_cpus is None else num_cpus,
+        "num_cpus": num_cpus,
         "num_gpus": 1 if place.gpu else 0,
         "max_restarts": 0,
         "scheduling_strategy": "DEFAULT"
@@ -394,9 +395,10 @@ class HostRegistry:
                 if p.node_id == node:
                     h.set_threads.remote(threads)
             started = time.monotonic()
-            self._joining += [(s, started) for s in self._launch_where_free(config)]
+            joining = self._launch_where_free(config)
+            self._joining += [(s, started) for s in joining]
             logger.info("slot host on %s steps kernel-bound stacks: starting %d more on its node",
-                        place.label, len(self._joining))
+                        place.label, len(joining))
 
     def _settle_joining(self) -> None:
         """Register the joining hosts that answered, waiting for none; drop one that is not up after its start
