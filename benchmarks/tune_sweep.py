@@ -23,11 +23,15 @@ steps per iteration, batch size and validation set. The runs:
   trainable with ``reuse_actors=True`` (``reset_config`` rebuilds model, optimizer
   and stream), the strongest standard setup: a finished trial's process takes
   the next trial, so a few processes run all trials.
-* ``tune_alone``: Tune's own cost of this sweep. Torch-free trials that train
-  nothing replay the ``ray_modelbatch`` run's validation curves (so ASHA
-  decides about the same), with ray_modelbatch's Tune settings (``--slots``
-  concurrent trials of 0.01 CPU, ``reuse_actors=True``): what the sweep takes
-  when training is free, against which ray_modelbatch's extra time is read.
+* ``tune_alone``: Tune's own floor for this sweep. Torch-free trials that
+  train nothing replay the ``ray_modelbatch`` run's validation curves (so ASHA
+  decides about the same), one at a time in one reused trial process (0.01
+  CPU, ``reuse_actors=True``): the same trials and results through Tune's
+  controller when training is free and no trial waits for a process. Any way
+  of running these trials as Tune trials takes at least this long (with 16
+  concurrent processes instead, 16 process starts share the cores and it took
+  35-50 s here), so ``standard+reuse`` / ``tune_alone`` bounds the ratio any
+  trainable can reach against ``standard+reuse``.
 
 Each run gets a fresh local Ray (``num_cpus = os.cpu_count()``); the wall time
 is ``Tuner.fit()`` (the ray_modelbatch run's includes starting its host).
@@ -183,12 +187,9 @@ class NoOpTrainable(tune.Trainable):
     ``curves`` maps a trial's ``seed`` to the val_loss/val_acc it reported per
     iteration in the ``ray_modelbatch`` run (set before this run starts), so
     ASHA makes about the same decisions; a trial without a stored curve gets a
-    made-up decreasing one. A run of it is what this sweep costs with 0.01-CPU
-    trials, ``reuse_actors=True`` and ``--slots`` concurrent trial processes
-    when training costs nothing. It is not a strict lower bound: trials that
-    return at once let the first processes to start run every trial while the
-    others are still starting (measured on 2 cores: 38.5 s, longer than the
-    ray_modelbatch run's 33.6 s).
+    made-up decreasing one. Run one trial at a time with ``reuse_actors=True``
+    (see ``run_sweep``), it is what Tune itself takes for this sweep's trials
+    and results: one trial process to start, then only the controller's work.
     """
 
     curves: dict = {}
@@ -377,7 +378,7 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
                 mode="min",
                 num_samples=len(configs),
                 search_alg=BasicVariantGenerator(points_to_evaluate=[dict(c) for c in configs],
-                                                 max_concurrent=args.slots),
+                                                 max_concurrent=1 if kind == "tune_alone" else args.slots),
                 scheduler=sweep.asha(args.max_t, args.grace, args.reduction),
                 reuse_actors=reuse,
             ),
@@ -652,15 +653,17 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
                      f"{sum(h['busy_fraction'] * h['wall_s'] for h in mb['hosts']):.1f} s")
     alone = runs.get("tune_alone")
     if alone is not None:
-        line = (f"- Tune alone: this sweep with {args.slots} concurrent torch-free trials that train nothing "
-                f"(0.01 CPU each, reuse_actors=True, replaying ray_modelbatch's val_loss so ASHA decides alike) took "
-                f"{alone['wall_s']:.1f} s ({alone['iterations']} iterations, first trial started at "
-                f"{alone['first_start_s'] or float('nan'):.1f} s, {alone['processes']} trial processes reported): "
-                "Tune's own time for the sweep when training is free")
+        line = (f"- Tune's floor: this sweep's trials, torch-free and training nothing, one at a time in one reused "
+                f"trial process (replaying ray_modelbatch's val_loss so ASHA decides alike) took "
+                f"{alone['wall_s']:.1f} s ({alone['iterations']} iterations, first result at "
+                f"{alone['first_result_s'] or float('nan'):.1f} s): Tune's own time for these trials and results, a "
+                "floor for any trainable that runs them as Tune trials")
         if reuse is not None and not args.gpus:
             target = TARGET_VS_REUSE[args.arch]
-            line += (f"; the {target:g}x target needs <= {reuse['wall_s'] / target:.1f} s; `standard+reuse` / "
-                     f"`tune_alone` = {reuse['wall_s'] / alone['wall_s']:.2f}x")
+            bound = reuse["wall_s"] / alone["wall_s"]
+            line += (f"; so no trainable gets more than `standard+reuse` / `tune_alone` = {bound:.2f}x below "
+                     f"`standard+reuse` (the {target:g}x target needs <= {reuse['wall_s'] / target:.1f} s: "
+                     f"{'within' if bound >= target else 'out of'} reach in this run)")
         if mb is not None:
             line += f"; ray_modelbatch / `tune_alone` = {mb['wall_s'] / alone['wall_s']:.2f}x"
         lines.append(line)
@@ -701,7 +704,7 @@ def main() -> None:
                         "trials share the GPUs at once as ray_modelbatch has slots)")
     p.add_argument("--runs", default="ray_modelbatch,standard,standard+reuse",
                    help="comma-separated runs, in order (ray_modelbatch and standard are needed for the target; "
-                        "tune_alone: the sweep with trials that train nothing, Tune's own cost)")
+                        "tune_alone: the sweep's trials training nothing, one at a time: Tune's own floor)")
     p.add_argument("--seed", type=int, default=0, help="seed of the config draw")
     p.add_argument("--host-threads", type=int, default=None,
                    help="torch threads of the slot host (default: batched_trainable's, every CPU of the node but one)")

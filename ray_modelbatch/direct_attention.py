@@ -140,20 +140,36 @@ def multihead_attention(runner: Any, name: str, mod: nn.MultiheadAttention, quer
         kt = k.reshape(-1, src, hd).transpose(-2, -1)
         w = torch.bmm(qs, kt) if mask is None else torch.baddbmm(mask, qs, kt)
         w = F.softmax(w, dim=-1)
-        if dropout_p > 0.0:
-            w = F.dropout(w, p=dropout_p)
+        if dropout_p > 0.0:  # each slot's [B*heads, T, S] weights, as its module drops them
+            w = runner.dropout(Act(w.view(n, -1, tgt, src), SLOT), dropout_p).t.view(n * batch * heads, tgt, src)
         out = torch.bmm(w, v.reshape(-1, src, hd)).view(n * batch, heads, tgt, hd)
         w = w.view(n, batch, heads, tgt, src)
         weights = Act(w.mean(dim=2) if average_attn_weights else w, SLOT)
     else:
         if mask is not None:
             mask = mask.unsqueeze(0) if mask.size(0) == 1 and mask.dim() == 3 else mask.view(n * batch, heads, -1, src)
-        out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal)
-    out = out.transpose(1, 2).reshape(n, batch, tgt, mod.embed_dim)
-    return runner.linear(f"{name}.out_proj", Act(out, SLOT)), weights
+        out = _folded_sdpa(runner, n, q, k, v, mask, dropout_p, is_causal)
+    # [n*B, heads, T, hd] -> [n, T, B, E]: time-major, as the module computes its output projection, and returned
+    # as the [n, B, T, E] view of it that the module returns. A dropout on it draws its mask in memory order
+    # (empty_like keeps these strides), so the next dropout draws each slot's mask as its model's own does.
+    out = out.view(n, batch, heads, tgt, hd).permute(0, 3, 1, 2, 4).reshape(n, tgt, batch, mod.embed_dim)
+    return Act(runner.linear(f"{name}.out_proj", Act(out, SLOT)).t.transpose(1, 2), SLOT), weights
 
 
-def sdpa(n: int, q: Act, k: Act, v: Act, attn_mask: Act | None = None, dropout_p: float = 0.0,
+def _folded_sdpa(runner: Any, n: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 dropout_p: float, is_causal: bool, **kwargs: Any) -> torch.Tensor:
+    """SDPA on the slots folded into the batch (``[n*B, ...]``); with dropout one call per slot, each with
+    the slot's generator (SDPA takes none), so each slot draws its model's own attention dropout."""
+    if dropout_p == 0.0 or runner.random is None:
+        return F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, **kwargs)
+    per_slot = mask is not None and mask.dim() == q.dim() and mask.shape[0] == q.shape[0]
+    split = lambda t: t.view(n, -1, *t.shape[1:])  # noqa: E731 - [n*B, ...] -> [n, B, ...]
+    fn = lambda q_, k_, v_, m_: F.scaled_dot_product_attention(q_, k_, v_, m_, dropout_p, is_causal, **kwargs)  # noqa: E731
+    masks = split(mask) if per_slot else [mask] * n
+    return runner.per_slot_random(fn, split(q), split(k), split(v), masks).flatten(0, 1)
+
+
+def sdpa(runner: Any, q: Act, k: Act, v: Act, attn_mask: Act | None = None, dropout_p: float = 0.0,
          is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Act:
     """``F.scaled_dot_product_attention`` of every slot as one call on the slots folded into the batch.
 
@@ -163,6 +179,7 @@ def sdpa(n: int, q: Act, k: Act, v: Act, attn_mask: Act | None = None, dropout_p
     is. Inputs shared by every slot need one call on the batch itself, unless
     dropout must draw a mask per slot.
     """
+    n = runner.n
     acts = (q, k, v) if attn_mask is None else (q, k, v, attn_mask)
     if dropout_p == 0.0 and all(a.layout == SHARED for a in acts):
         return Act(F.scaled_dot_product_attention(q.t, k.t, v.t, None if attn_mask is None else attn_mask.t,
@@ -170,8 +187,8 @@ def sdpa(n: int, q: Act, k: Act, v: Act, attn_mask: Act | None = None, dropout_p
     if len(q.sample_shape(n)) < 3:
         raise Unsupported("scaled_dot_product_attention on inputs without a batch dimension")
     mask = None if attn_mask is None else _fold_sdpa_mask(attn_mask, n, len(q.sample_shape(n)))
-    out = F.scaled_dot_product_attention(_fold(q, n), _fold(k, n), _fold(v, n), mask, dropout_p, is_causal,
-                                         scale=scale, enable_gqa=enable_gqa)
+    out = _folded_sdpa(runner, n, _fold(q, n), _fold(k, n), _fold(v, n), mask, dropout_p, is_causal, scale=scale,
+                       enable_gqa=enable_gqa)
     return Act(out.view(n, -1, *out.shape[1:]), SLOT)
 
 
@@ -203,12 +220,15 @@ def encoder_layer(runner: Any, name: str, mod: nn.TransformerEncoderLayer, src: 
     def sa_block(x: Act) -> Act:
         out, _ = multihead_attention(runner, f"{name}.self_attn", mod.self_attn, x, x, x, key_padding_mask=kpm,
                                      need_weights=False, attn_mask=src_mask, is_causal=is_causal)
-        return Act(mod.dropout1(out.t), SLOT)
+        return drop(mod.dropout1, out)
 
     def ff_block(x: Act) -> Act:
         h = runner.linear(f"{name}.linear1", x)
-        h = Act(mod.dropout(mod.activation(h.t)), SLOT)
-        return Act(mod.dropout2(runner.linear(f"{name}.linear2", h).t), SLOT)
+        h = drop(mod.dropout, Act(mod.activation(h.t), SLOT))
+        return drop(mod.dropout2, runner.linear(f"{name}.linear2", h))
+
+    def drop(module: nn.Dropout, h: Act) -> Act:  # each slot's mask from its own generator
+        return runner.dropout(h, module.p, module.training)
 
     def add(a: Act, b: Act) -> Act:  # a residual: a shared input broadcasts against the slots' [n, B, T, E]
         return Act(a.t + b.t, SLOT)

@@ -153,8 +153,8 @@ def _layers(runner: Any, name: str, mod: nn.Module, x: Act, h0: torch.Tensor | N
             if c_last is not None:
                 c_n.append(c_last)
         y = outs[0] if dirs == 1 else torch.cat(outs, -1)
-        if mod.dropout and mod.training and layer < mod.num_layers - 1:
-            y = F.dropout(y, float(mod.dropout), True)
+        if mod.dropout and mod.training and layer < mod.num_layers - 1:  # each slot's mask from its generator
+            y = runner.dropout(Act(y, SLOT), float(mod.dropout)).t
         x = Act(y, SLOT)
     return y, torch.stack(h_n, 1), (torch.stack(c_n, 1) if c_n else None)
 

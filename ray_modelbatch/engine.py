@@ -143,8 +143,9 @@ class FusedEngine:
 
         ``skip`` (``[n]`` bool aligned with ``slots``) marks slots that run in
         the fused computation but must not move: their parameters, buffers,
-        optimizer state and step counts stay exactly as they were, and their
-        rows of the result say ``updated=False`` (``nonfinite`` stays False).
+        optimizer state, step counts and dropout generators (:mod:`.slot_random`)
+        stay exactly as they were, and their rows of the result say
+        ``updated=False`` (``nonfinite`` stays False).
         Stepping a whole stack with a mask keeps every slot's arithmetic the
         same whichever slots are masked, which a gather of a subset does not
         always do, and saves the gather where most slots step.
@@ -183,6 +184,7 @@ class FusedEngine:
             with torch.no_grad():
                 for k, old in saved.items():
                     mb.buffers[k].copy_(old)
+            mb.random.revert()  # a retry draws the same dropout masks
             raise
         self.partial_step = True  # until this step returns
         held = bad_loss if skip is None else bad_loss | skip
@@ -205,6 +207,8 @@ class FusedEngine:
                 for k, old in saved.items():
                     cur = mb.buffers[k]
                     cur.copy_(torch.where(skipped.view(-1, *[1] * (cur.dim() - 1)), old, cur))
+        if skip is not None and mb.random.drew:  # masked rows did not step: their generators do not move
+            mb.random.revert(host[skip.cpu()].tolist())
         self.partial_step = False
         updated = ~still
         return StepResult(host, losses.detach(), updated, nonfinite, grad_norm, extras)

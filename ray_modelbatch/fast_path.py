@@ -28,8 +28,10 @@ stacked parameters directly:
   layer and direction as one batched GEMM and the gate math per time step
   (a GRU after one batched GEMM for the input projection of the whole
   sequence), with a hand-written backward through time (see :mod:`.direct_rnn`);
-* activations and dropout are elementwise, so they act per slot as they are
-  (dropout draws an independent mask per slot and element); so do ``+``,
+* activations are elementwise, so they act per slot as they are; dropout
+  draws each slot's mask from that slot's own generator, in the order and
+  shape its model draws it (:mod:`.slot_random`, :meth:`_Runner.dropout`,
+  attention dropout per slot in :mod:`.direct_attention`); so do ``+``,
   ``*`` and the other binary ops between any two values (residual
   connections), which broadcast as each model's own tensors do;
 * ``matmul``/``@``, ``softmax``, ``mean``/``sum``, ``cat``/``stack``,
@@ -814,9 +816,10 @@ class _Runner:
     """
 
     def __init__(self, template: nn.Module, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
-                 grads: Mapping[str, GradTarget], gemm: str, autocast: bool):
+                 grads: Mapping[str, GradTarget], gemm: str, autocast: bool, random: Any = None):
         self.template, self.params, self.buffers, self.grads = template, params, buffers, grads
         self.gemm, self.autocast = gemm, autocast
+        self.random = random  # the rows' own generators (slot_random.Draws); None: torch's global one
         self.n = next(iter(params.values())).shape[0]
 
     # ------------------------------------------------------------------ layouts
@@ -827,6 +830,34 @@ class _Runner:
         # the small gradient at this point channels-last instead costs one copy of it.
         _keep_channels_last_grad(a)
         return _to_slot(a.t, a.layout, self.n)
+
+    def dropout(self, h: Act, p: float, training: bool = True) -> Act:
+        """``F.dropout(h, p, training)`` of every slot, each slot's mask from its own generator.
+
+        A shared value becomes per slot (one mask each); a channel-stacked one
+        keeps its layout, its masks drawn in each slot's own ``[B, C, ...]``
+        order. Without per-slot generators (a direct run outside a ModelBatch)
+        the masks come from torch's global generator.
+        """
+        p = float(p)
+        if not training or p == 0.0:
+            return h
+        if h.layout == SHARED:
+            h = Act(self.slot(h), SLOT)  # one mask per slot, not one for all
+        if self.random is None:
+            return Act(F.dropout(h.t, p, True), h.layout)
+        if p == 1.0:  # F.dropout draws nothing
+            return Act(h.t * torch.zeros((), dtype=h.t.dtype, device=h.t.device), h.layout)
+        noise = self.random.noise(_to_slot(h.t, h.layout, self.n), p, contiguous=h.layout == CHAN)
+        return Act(h.t * (_to_chan(noise, SLOT, self.n) if h.layout == CHAN else noise), h.layout)
+
+    def per_slot_random(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+        """``fn`` on each slot's slice of the slot-first ``tensors`` with the global generator at that slot's
+        state, stacked: random ops that take no generator (SDPA's dropout) draw what each model's own call
+        draws. Without per-slot generators: one call on all of them."""
+        if self.random is None:
+            return fn(*tensors)
+        return torch.stack(self.random.each(fn, *tensors))
 
     def broadcast(self, acts: list[Act], chan_ok: bool = True) -> tuple[list[torch.Tensor], str]:
         """Operands of an elementwise op (or ``matmul``) lined up so that each slot's broadcast as alone.
@@ -968,15 +999,16 @@ class _Runner:
     # ----------------------------------------------------------- elementwise
     def _k_module(self, step: _Step, h: Act) -> Act:
         mod = self.template.get_submodule(step.target)
-        if isinstance(mod, nn.Dropout) and h.layout == SHARED and mod.training and mod.p > 0:
-            h = Act(self.slot(h), SLOT)  # one mask per slot, not one for all
+        if isinstance(mod, nn.Dropout):
+            return self.dropout(h, mod.p, mod.training)
         return Act(mod(h.t), h.layout)
 
     def _k_function(self, step: _Step, x: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(x, Act):  # e.g. -x.shape[1]
             return self.fn(step)(x, *args, **kwargs)
-        if step.target is F.dropout and x.layout == SHARED:
-            x = Act(self.slot(x), SLOT)  # one mask per slot, not one for all
+        if step.target is F.dropout:  # F.dropout(input, p=0.5, training=True, inplace=False)
+            bound = dict(zip(("p", "training", "inplace"), args), **kwargs)
+            return self.dropout(x, bound.get("p", 0.5), bound.get("training", True))
         return Act(self.fn(step)(x.t, *args, **kwargs), x.layout)
 
     def _k_binary(self, step: _Step, *args: Any, **kwargs: Any) -> Any:
@@ -1075,7 +1107,7 @@ class _Runner:
     # ------------------------------------------------------------- attention
     def _k_sdpa(self, step: _Step, query: Act, key: Act, value: Act, attn_mask: Act | None = None,
                 dropout_p: float = 0.0, is_causal: bool = False, **kwargs: Any) -> Act:
-        return attention.sdpa(self.n, query, key, value, attn_mask, dropout_p, is_causal, **kwargs)
+        return attention.sdpa(self, query, key, value, attn_mask, dropout_p, is_causal, **kwargs)
 
     # ---------------------------------------------------------- Python values
     def _k_getitem(self, step: _Step, obj: Any, index: Any) -> Any:
@@ -1133,7 +1165,7 @@ def _bind_inputs(p: FastPlan, given: Mapping[str, Any], per_slot: bool) -> dict[
 def run(p: FastPlan, template: nn.Module, params: Mapping[str, torch.Tensor], x: Any,
         per_slot: bool, grads: Mapping[str, GradTarget] | None = None, gemm: str = "blas",
         buffers: Mapping[str, torch.Tensor] | None = None, args: tuple = (),
-        kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
+        kwargs: Mapping[str, Any] | None = None, random: Any = None) -> torch.Tensor:
     """The forward of every slot in ``params`` (``[n, ...]`` each) on ``x``: returns ``[n, B, ...]``.
 
     ``x`` is ``[B, ...]`` shared by all slots, or ``[n, B, ...]`` with ``per_slot``
@@ -1147,6 +1179,8 @@ def run(p: FastPlan, template: nn.Module, params: Mapping[str, torch.Tensor], x:
     written into during backward (see :class:`GradTarget`); those parameters
     then get no gradient through autograd, so use it only for ``.backward()``.
     ``gemm`` picks the CPU fp32 kernels of large layers (see the module docstring).
+    ``random`` (a :class:`~ray_modelbatch.slot_random.Draws`) gives each slot's
+    dropout its own generator; None draws from torch's global one.
     """
     first = x if isinstance(x, torch.Tensor) else next(iter(x.values()), None) if isinstance(x, Mapping) else None
     if not isinstance(first, torch.Tensor) or (per_slot and first.dim() == 0):
@@ -1164,7 +1198,8 @@ def run(p: FastPlan, template: nn.Module, params: Mapping[str, torch.Tensor], x:
     if p.aliases:  # a tied parameter under each of its names
         params = {**params, **{a: params[n] for a, n in p.aliases}}
         grads = {**grads, **{a: grads[n] for a, n in p.aliases if n in grads}}
-    runner = _Runner(template, params, buffers or {}, grads, gemm, torch.is_autocast_enabled(first.device.type))
+    runner = _Runner(template, params, buffers or {}, grads, gemm, torch.is_autocast_enabled(first.device.type),
+                     random)
     values = _bind_inputs(p, given, per_slot)
     resolve = lambda a: values[a.name] if isinstance(a, _Ref) else a  # noqa: E731
     for step, kernel, flat in p.compiled:

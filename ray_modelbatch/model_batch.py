@@ -33,6 +33,7 @@ from .errors import FusionWarning, IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
 from .padded_embedding import dense_gradients, fix_padding_rows
 from .signature import check_compatible, first_mismatch, module_signature
+from .slot_random import Draws, SlotRandom, VmapDropout, vmap_body
 from .unrolled_rnn import unroll_rnns
 
 Slots = Union[None, str, int, Sequence[int], torch.Tensor]
@@ -102,6 +103,12 @@ class ModelBatch:
             where the math allows. ``"onednn"`` runs large fp32 layers on CPU
             through oneDNN: faster where the BLAS does not use AVX-512 (MKL on
             AMD CPUs), fp32-accurate but not bitwise ``nn.Linear``'s.
+        per_slot_random: each slot's dropout masks come from its own generator
+            (``mb.random``, see :mod:`ray_modelbatch.slot_random`): a slot trains
+            the same whatever runs beside it, and on the CPU draws the masks its
+            model draws alone. False draws every slot's masks at once from torch's
+            global generator: one draw per dropout instead of one per slot (fewer
+            kernel launches on a GPU), but a slot's masks then depend on the stack.
 
     Hugging Face ``transformers`` models stack as they are: the stack's own copy
     builds attention masks for every slot, uses eager attention and no caches
@@ -110,7 +117,7 @@ class ModelBatch:
     """
 
     def __init__(self, models: Sequence[nn.Module], device: torch.device | str | None = None,
-                 direct_path: bool = True, cpu_gemm: str = "blas"):
+                 direct_path: bool = True, cpu_gemm: str = "blas", per_slot_random: bool = True):
         if cpu_gemm not in fast_path.GEMMS:
             raise ValueError(f"cpu_gemm={cpu_gemm!r}: expected one of {fast_path.GEMMS}")
         if cpu_gemm == "onednn" and not fast_path.onednn_available():
@@ -169,6 +176,11 @@ class ModelBatch:
             for n in self._buffer_names
         }
         self.active = torch.ones(s, dtype=torch.bool)
+        # Each slot's own generator for its forward's dropout: see slot_random. Seeded per row here;
+        # set a slot's state with mb.random.set_state(i, slot_random.global_state(device)) after building
+        # its model under its seed, and it draws the masks that model draws alone.
+        self.random = SlotRandom(s, self.device)
+        self.per_slot_random = bool(per_slot_random)
         self._build_leaves()
         with torch.no_grad():
             for i, m in enumerate(models):
@@ -330,19 +342,21 @@ class ModelBatch:
             if with_loss == "step":  # a user's step: fn(model, batch, config) for one model (see run_step)
                 def one(params, buffers, batch, values, step, config):
                     # functional_call's own swap (tied weights stay tied), around the user's function
-                    with _reparametrize_module(template, {**params, **buffers}, tie_weights=True):
+                    with vmap_body(), _reparametrize_module(template, {**params, **buffers}, tie_weights=True):
                         return step(template, batch, step_config.with_values(config, values))
 
                 fn = vmap(one, in_dims=(0, 0, x_dim, 0, None, None), randomness="different")
             elif with_loss:
                 def one(params, buffers, x, y, loss_fn, args, kwargs):
-                    out = functional_call(template, (params, buffers), *inputs.call_args(x, args, kwargs))
+                    with vmap_body():
+                        out = functional_call(template, (params, buffers), *inputs.call_args(x, args, kwargs))
                     return loss_fn(out, y), out
 
                 fn = vmap(one, in_dims=(0, 0, x_dim, y_dim, None, a_dims, k_dims), randomness="different")
             else:
                 def one(params, buffers, x, args, kwargs):
-                    return functional_call(template, (params, buffers), *inputs.call_args(x, args, kwargs))
+                    with vmap_body():
+                        return functional_call(template, (params, buffers), *inputs.call_args(x, args, kwargs))
 
                 fn = vmap(one, in_dims=(0, 0, x_dim, a_dims, k_dims), randomness="different")
             self._vmapped[key] = fn
@@ -357,13 +371,15 @@ class ModelBatch:
             params = {k: v.index_select(0, idx) for k, v in self.params.items()}
             buffers = {k: v.index_select(0, idx) for k, v in self.buffers.items()}
         out = None
+        # Every forward opens one, so the engine's revert() is about this one.
+        draws = self.random.draws(idx) if self.per_slot_random else None
         direct = key[0] != "step"  # fast_path.run takes extra and keyword inputs, or refuses them (vmap)
         if direct and key not in self._slow_keys and self._plan() is not None:
             # BatchNorm updates its statistics in place: a direct run that fails halfway must not
             # have touched them before vmap runs the step again, so it works on copies.
             work = {k: v.clone() for k, v in buffers.items()} if buffers is self.buffers and self.training else buffers
             try:
-                out = self._run_direct(key, call_args, params, work)
+                out = self._run_direct(key, call_args, params, work, draws)
                 buffers = work
             except Exception as exc:  # noqa: BLE001 - vmap's path below runs it again, and explains errors
                 if is_out_of_memory(exc):
@@ -380,7 +396,10 @@ class ModelBatch:
                 elif protect and buffers is not self.buffers:
                     buffers = {k: v.clone() for k, v in self.buffers.items()}
         if out is None:
-            out = self._run_vmap(key, call_args, params, buffers)
+            with VmapDropout(draws) if self.training and draws is not None else contextlib.nullcontext():
+                out = self._run_vmap(key, call_args, params, buffers)
+            if draws is not None:
+                draws.commit()
         if self.training and self.buffers:
             with torch.no_grad():
                 if idx is not None:
@@ -457,23 +476,30 @@ class ModelBatch:
             self._grads_into_buffer = previous
 
     def _run_direct(self, key: tuple, call_args: tuple, params: dict[str, torch.Tensor],
-                    buffers: dict[str, torch.Tensor]) -> Any:
+                    buffers: dict[str, torch.Tensor], draws: Draws | None) -> Any:
         with_loss, x_dim, y_dim, _ = key
         write = self._grads_into_buffer and params is self.params and torch.is_grad_enabled()
         out = fast_path.run(self._plan(), self._template, params, call_args[0], per_slot=x_dim is not None,
                             grads=self._grad_targets if write else None, gemm=self.cpu_gemm, buffers=buffers,
-                            args=call_args[-2], kwargs=call_args[-1])
+                            args=call_args[-2], kwargs=call_args[-1], random=draws)
         if not with_loss:
+            if draws is not None:
+                draws.commit()
             return out
         y, loss_fn = call_args[1], call_args[2]
         losses = slot_losses.per_slot_loss(loss_fn, out, y, per_slot_targets=y_dim is not None)
         if losses is not None:
+            if draws is not None:
+                draws.commit()
             return losses, out
         vloss = self._vmapped.get(("direct_loss", y_dim, None, None))
         if vloss is None:  # built once per target layout, like the vmapped forwards in _fn
             vloss = self._vmapped[("direct_loss", y_dim, None, None)] = vmap(
                 lambda o, t, fn: fn(o, t), in_dims=(0, y_dim, None), randomness="different")
-        return vloss(out, y, loss_fn), out
+        losses = vloss(out, y, loss_fn)
+        if draws is not None:
+            draws.commit()
+        return losses, out
 
     def _prepare_x(self, x: Any, per_slot: bool, idx: torch.Tensor | None, what: str = "x") -> tuple[Any, int | None]:
         """``x`` with one row per selected slot, and its vmap dimension (None: shared by every slot).
@@ -620,12 +646,14 @@ class ModelBatch:
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         """Every per-slot tensor of the batch (dim 0 is the slot): see :mod:`ray_modelbatch.slot_state`.
 
-        Weights (the flat groups, frozen parameters) and buffers; gradients
-        are not state, since every step starts by overwriting them.
+        Weights (the flat groups, frozen parameters), buffers and each slot's
+        generator state (:mod:`.slot_random`); gradients are not state, since
+        every step starts by overwriting them.
         """
         out = {f"params.{dt}": g.data for dt, g in self._groups.items()}
         out.update({f"frozen.{k}": v for k, v in self._frozen.items()})
         out.update({f"buffers.{k}": v for k, v in self.buffers.items()})
+        out.update(self.random.slot_tensors())
         return out
 
     def slot_state(self, i: int) -> dict[str, torch.Tensor]:
@@ -697,6 +725,7 @@ class ModelBatch:
                 g.grad[dst].zero_()
             for t in (*self._frozen.values(), *self.buffers.values()):
                 t[dst] = t[src]
+        self.random.copy(src, dst)
         self._notify("_on_copy", src, dst)
 
     def resize(self, capacity: int, keep: Sequence[int] | None = None) -> None:
@@ -740,5 +769,6 @@ class ModelBatch:
                 for k in self._transient:
                     self.buffers[k][len(keep):] = self.buffers[k][0]
         self.active = remap(self.active, src)
+        self.random.resize(keep, capacity)
         self._build_leaves()
         self._notify("_on_resize", keep, capacity)

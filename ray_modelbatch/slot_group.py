@@ -457,13 +457,21 @@ class SlotGroup:
         return old
 
     def add(self, owner: str, model: nn.Module, seed: int, hparams: Mapping[str, Any],
-            config: Mapping[str, Any] | None = None) -> int:
+            config: Mapping[str, Any] | None = None, random_state: torch.Tensor | None = None) -> int:
         """Give ``owner`` a free slot holding ``model`` with its hyperparameters; return the slot.
 
         ``config`` is what the user's steps see for this slot (its trial's config).
+        ``random_state`` is where the slot's dropout generator starts: the global
+        generator's state right after ``model`` was built under ``seed``
+        (:func:`~ray_modelbatch.slot_random.global_state`), so the slot draws the masks
+        the model alone draws; default ``torch.manual_seed(seed)``'s state.
         """
         slot = self._free_slot()
         self.mb.reset_slot(slot, model)  # the optimizer and scaler reset the slot's state with it
+        if random_state is not None:
+            self.mb.random.set_state(slot, random_state)
+        else:
+            self.mb.random.seed(slot, seed)
         self.opt.set_hparams(slot, **hparams)
         if self.configs is not None:
             self.configs.set(slot, config or {})
@@ -730,6 +738,7 @@ class SlotGroup:
                 for dt, g in self.mb.groups.items()},
             "scaler": None if self.scaler is None else self.scaler.slot_state(slot),
             "stream": self.streams.slot_state(slot) if self.per_slot_data else None,
+            "random": self.mb.random.state(slot),
         })
 
     def load(self, slot: int, blob: bytes, hparams: Mapping[str, Any]) -> None:
@@ -750,6 +759,9 @@ class SlotGroup:
             self.scaler.load_slot_state(slot, state["scaler"])
         if self.per_slot_data and state.get("stream") is not None:
             self.streams.load_slot_state(slot, state["stream"])
+        random = state.get("random")  # absent from checkpoints of older versions; another device's does not fit
+        if random is not None and random.numel() == self.mb.random.states.shape[1]:
+            self.mb.random.set_state(slot, random)
         self._begin(slot)
 
 

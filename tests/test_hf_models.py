@@ -30,9 +30,9 @@ TOL = 1e-5
 
 
 def bert(**kw) -> nn.Module:
+    kw = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **kw}
     cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=16, num_labels=3,
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+                                  intermediate_size=32, max_position_embeddings=16, num_labels=3, **kw)
     return transformers.BertForSequenceClassification(cfg)
 
 
@@ -71,18 +71,20 @@ def _fused_against_solo(make) -> tuple[ModelBatch, list[nn.Module], list, list]:
     engine = FusedEngine(mb, optim.AdamW(mb, lr=LRS, weight_decay=0.01), step_fn=hf_step)
     batches = _batches(kind)
     fused = [engine.train_step(b, per_slot=True).losses for b in batches]
-    alone = []
-    for i, model in enumerate(solo):
-        opt = torch.optim.AdamW(model.parameters(), lr=LRS[i], weight_decay=0.01)
-        losses = []
-        for b in batches:
-            opt.zero_grad()
-            loss = model(**{k: v[i] for k, v in b.items()}).loss
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-        alone.append(losses)
-    return mb, solo, fused, alone
+    return mb, solo, fused, [_train_alone(model, i, batches) for i, model in enumerate(solo)]
+
+
+def _train_alone(model: nn.Module, i: int, batches: list[dict]) -> list[float]:
+    """Model ``i`` trained by itself on its rows of ``batches`` with ``torch.optim.AdamW``; its losses."""
+    opt = torch.optim.AdamW(model.parameters(), lr=LRS[i], weight_decay=0.01)
+    losses = []
+    for b in batches:
+        opt.zero_grad()
+        loss = model(**{k: v[i] for k, v in b.items()}).loss
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def _assert_close(mb: ModelBatch, solo: list[nn.Module], make, fused: list, alone: list) -> None:
@@ -335,3 +337,36 @@ def test_a_tiny_bert_sweep_through_tune_with_dict_batches(ray_session, tmp_path)
     with torch.no_grad():
         acc = float(hf_eval_step(model, val, {})["accuracy"])
     assert acc == pytest.approx(best.metrics["accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_with_dropout_on_each_slot_draws_its_model_s_own_masks(kind):
+    """Dropout on (0.1 everywhere): each slot's generator starts where its model's construction left the global
+    one, so the fused slot draws the masks its model draws alone (its own SDPA or eager attention included)."""
+    from ray_modelbatch.slot_random import global_state
+
+    p = 0.1
+    make = (lambda: bert(hidden_dropout_prob=p, attention_probs_dropout_prob=p)) if kind == "bert" else \
+        (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=p, embd_pdrop=p,
+            attn_pdrop=p, bos_token_id=0, eos_token_id=0)))
+    models, states = [], []
+    for i in range(S):
+        torch.manual_seed(10 + i)
+        models.append(make())
+        states.append(global_state("cpu"))
+    solo = [copy.deepcopy(m) for m in models]
+    mb = ModelBatch(models)
+    for i, st in enumerate(states):
+        mb.random.set_state(i, st)
+    engine = FusedEngine(mb, optim.AdamW(mb, lr=LRS, weight_decay=0.01), step_fn=hf_step)
+    batches = _batches(kind)
+    fused = [engine.train_step(b, per_slot=True).losses for b in batches]
+    alone = []
+    saved = torch.get_rng_state()
+    for i, model in enumerate(solo):
+        torch.set_rng_state(states[i])  # its dropout draws from where its construction left the generator
+        alone.append(_train_alone(model, i, batches))
+        assert torch.equal(mb.random.state(i), torch.get_rng_state()), i  # as many numbers drawn
+    torch.set_rng_state(saved)
+    _assert_close(mb, solo, make, fused, alone)

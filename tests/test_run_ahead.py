@@ -50,14 +50,15 @@ def _data(seed=0):
     return x, y, x[:40], y[:40]
 
 
-def _model(bn: bool) -> nn.Module:
+def _model(bn: bool, dropout: float = 0.0) -> nn.Module:
     mid = [nn.BatchNorm1d(24)] if bn else []
-    return nn.Sequential(nn.Linear(12, 24), *mid, nn.ReLU(), nn.Linear(24, 4))
+    drop = [nn.Dropout(dropout)] if dropout else []
+    return nn.Sequential(nn.Linear(12, 24), *mid, nn.ReLU(), *drop, nn.Linear(24, 4))
 
 
-def _group(n: int, bn: bool = False, run_ahead: int = 2) -> SlotGroup:
+def _group(n: int, bn: bool = False, run_ahead: int = 2, dropout: float = 0.0) -> SlotGroup:
     torch.manual_seed(0)
-    models = [_model(bn) for _ in range(n)]
+    models = [_model(bn, dropout) for _ in range(n)]
     g = SlotGroup(_spec(), stack_key(models[0]), models[0], _data(), n, "cpu", run_ahead=run_ahead)
     for i, m in enumerate(models):
         g.add(f"t{i}", m, seed=10 + i, hparams={"lr": 1e-3 * (i + 1), "weight_decay": 0.01 * i})
@@ -101,6 +102,7 @@ def _assert_same_state(a: dict, b: dict, where="") -> None:
     for dt, st in a["optimizer"]["state"].items():
         for k, v in st.items():
             assert torch.equal(v, b["optimizer"]["state"][dt][k]), (where, dt, k)
+    assert torch.equal(a["random"], b["random"]), where  # the dropout generator's state
     sa, sb = a["stream"], b["stream"]
     assert (sa is None) == (sb is None)
     if sa is not None:
@@ -111,12 +113,13 @@ def _assert_same_state(a: dict, b: dict, where="") -> None:
 # --------------------------------------------------------------------------------- the group alone
 
 
-@pytest.mark.parametrize("bn", [False, True], ids=["mlp_direct_path", "batchnorm_vmap"])
-def test_a_slot_trains_the_same_whichever_slots_step_beside_it(bn):
+@pytest.mark.parametrize("bn,dropout", [(False, 0.0), (True, 0.0), (False, 0.3)],
+                         ids=["mlp_direct_path", "batchnorm_vmap", "mlp_dropout"])
+def test_a_slot_trains_the_same_whichever_slots_step_beside_it(bn, dropout):
     n, iters = 6, 4
-    together = _group(n, bn)
+    together = _group(n, bn, dropout=dropout)
     want = _train(together, [list(range(n))] * (iters * K))
-    mixed = _group(n, bn)
+    mixed = _group(n, bn, dropout=dropout)
     got = _train(mixed, _random_schedule(n, iters, seed=1))
     paths = mixed.stats
     if bn:  # on vmap a gather may round differently: always the whole stack, masked
@@ -214,8 +217,21 @@ def test_export_of_an_older_boundary_is_the_state_at_that_boundary_and_leaves_th
     assert _train(g, [list(range(4))] * (K - 1)) == _train(ref, [list(range(4))] * (K - 1))
 
 
-def test_rollback_replays_the_same_iterations():
-    g = _group(3)
+def test_a_slot_loaded_from_its_export_trains_on_as_if_it_had_never_left():
+    """A pause and resume, or a move to another host: the loaded slot draws the dropout masks (and batches) the
+    original goes on to draw, because its generator's state travels in the checkpoint."""
+    g = _group(3, dropout=0.3)
+    _train(g, [[0, 1, 2]] * K)
+    blob = g.export(0)
+    want = _train(g, [[0, 1, 2]] * K)[0]
+    other = _group(3, dropout=0.3)  # slot 2 here has other weights, state and generator until the load
+    other.load(2, blob, {"lr": 1e-3, "weight_decay": 0.0})
+    assert _train(other, [[0, 1, 2]] * K)[2] == want
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["mlp", "mlp_dropout"])
+def test_rollback_replays_the_same_iterations(dropout):
+    g = _group(3, dropout=dropout)
     first = _train(g, [[0, 1, 2]] * (2 * K))
     _train(g, [[0, 1, 2]] * (K + 1))  # slot 1 runs ahead one more iteration and a step
     g.rollback(1, 1)
@@ -239,9 +255,10 @@ def test_scaler_keeps_the_scale_of_masked_slots():
 LRS = [0.05, 0.02, 0.01, 0.003]
 
 
-def _run(trainables, tmp_path, run_ahead, scheduler, stop, lrs=LRS, **kw):
+def _run(trainables, tmp_path, run_ahead, scheduler, stop, lrs=LRS, dropout=0.0, **kw):
     T = trainables(slots_per_host=len(lrs), run_ahead=run_ahead)
-    space = {"lr": tune.grid_search(lrs), "seed": tune.sample_from(lambda c: int(c["lr"] * 10_000))}
+    space = {"lr": tune.grid_search(lrs), "seed": tune.sample_from(lambda c: int(c["lr"] * 10_000)),
+             "dropout": dropout}
     grid, log = h.fit(T, space, tmp_path / f"ahead{run_ahead}", scheduler=scheduler,
                       run_kw={"stop": {"training_iteration": stop},
                               "checkpoint_config": tune.CheckpointConfig(num_to_keep=None, checkpoint_frequency=1)},
@@ -320,8 +337,11 @@ def test_tune_results_and_checkpoints_are_those_without_run_ahead(trainables, tm
     # HyperBand (max_t 4, eta 2) pauses the first arrivals of its second bracket of 3 at its rung:
     # 6 trials, all live at once.
     lrs = {"hyperband": [0.05, 0.02, 0.01, 0.03, 0.015, 1e-5], "pbt": [0.05, 1e-5]}.get(name, LRS)
-    base, _ = _run(trainables, tmp_path, 0, SCHEDULERS[name](), stop, lrs)
-    ahead, stats = _run(trainables, tmp_path, 2, SCHEDULERS[name](), stop, lrs)
+    # With dropout where trials pause and resume (HyperBand) or take a donor's state (PBT): each slot's dropout
+    # generator travels with its checkpoint and rolls back with it (see slot_random).
+    dropout = 0.2 if name in ("hyperband", "pbt") else 0.0
+    base, _ = _run(trainables, tmp_path, 0, SCHEDULERS[name](), stop, lrs, dropout)
+    ahead, stats = _run(trainables, tmp_path, 2, SCHEDULERS[name](), stop, lrs, dropout)
     _compare(base, ahead)
     assert stats["run_ahead"] == 2
     # the host's OpenMP threads sleep between ops (tune/host.py _passive_openmp), unless the user chose

@@ -43,7 +43,8 @@ def digits_train_only():
 
 def make_model(cfg):
     """64-32-10 MLP; ``cfg["hidden"]`` (or ``cfg["arch"]["hidden"]``), ``cfg["d_in"]`` and ``cfg["d_out"]``
-    change the shape, ``cfg["unfusable"]`` calls ``.item()`` in forward."""
+    change the shape, ``cfg["dropout"]`` adds dropout after the hidden layer, ``cfg["unfusable"]`` calls
+    ``.item()`` in forward."""
     import torch
     from torch import nn
 
@@ -81,7 +82,8 @@ def make_model(cfg):
                 return super().forward(x)
 
         return FailingMLP(cfg["fail_after"])
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    drop = [nn.Dropout(float(cfg["dropout"]))] if cfg.get("dropout") else []  # masks from the slot's generator
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), *drop, nn.Linear(hidden, d_out))
 
 
 def hparams(cfg):

@@ -386,6 +386,7 @@ class SlotHost:
         import torch
 
         from ..slot_group import SlotGroup, stack_key
+        from ..slot_random import global_state
         from ..step_config import RecordingConfig
         from ..trial_settings import _is_fixed as _is_fixed_optimizer
 
@@ -400,6 +401,7 @@ class SlotHost:
             seed = trial_seed(trial_id, config, self.spec.seed_key)
             _seed_model_init(seed, self.device)
             model = _from_config(self.spec.model, "model", config)
+            random_state = global_state(self.device)  # where the model alone would draw its dropout from
             hparams = _from_config(self.spec.hparams, "hparams", seen)
             opt = self.spec.optimizer
             for setting in (*(opt.values() if isinstance(opt, dict) else [opt]), self.spec.batch_size):
@@ -412,7 +414,7 @@ class SlotHost:
                                   run_ahead=self.run_ahead, config=config)
                 self.groups[name] = group
                 logger.info("host %s: new stack %s for trial %s", self.name, name, trial_id)
-            slot = group.add(trial_id, model, seed, hparams, config=config)
+            slot = group.add(trial_id, model, seed, hparams, config=config, random_state=random_state)
             self._warn_unread(config, reads | group.reads)
         except BaseException:
             with self._lock:

@@ -1,0 +1,305 @@
+"""Dropout in a fused stack: each slot draws its own model's masks, whatever runs beside it.
+
+A slot's generator starts where the global generator was after its model was
+built under its seed, so on the CPU a fused slot trains like the model alone
+with dropout on, bit for bit in its masks: the parameters after a few Adam
+steps agree to float rounding (they would differ by the learning rate if one
+mask differed). And a slot's masks do not depend on its neighbours, on masked
+or failed steps, or on a save and load.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ray_modelbatch as rmb
+from ray_modelbatch import optim
+from ray_modelbatch.slot_random import SlotRandom, global_state
+
+S, STEPS, LR = 3, 4, 0.05
+
+
+class DropMLP(nn.Module):
+    """nn.Dropout on a hidden layer and F.dropout in forward (on the shared input too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(10, 32), nn.Dropout(0.3), nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = F.dropout(x, 0.2, self.training)
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+class DropCNN(nn.Module):
+    """Dropout on channel-stacked convolution activations (``nn.Dropout2d``: on vmap, the direct path takes
+    ``nn.Dropout`` only)."""
+
+    def __init__(self, drop: type[nn.Module] = nn.Dropout):
+        super().__init__()
+        self.conv, self.drop, self.fc = nn.Conv2d(1, 4, 3, padding=1), drop(0.25), nn.Linear(4 * 36, 4)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.relu(self.conv(x.view(-1, 1, 6, 6)))).flatten(1))
+
+
+class DropTransformer(nn.Module):
+    """TransformerEncoder layers with dropout: attention dropout (SDPA) and the layers' own dropouts."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(2, 8)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True), 2,
+                                         enable_nested_tensor=False)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(self.enc(self.inp(x.view(-1, 5, 2))).mean(1))
+
+
+class DropAttentionWeights(nn.Module):
+    """nn.MultiheadAttention returning its weights: dropout on the attention weights themselves."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(2, 8), nn.MultiheadAttention(8, 2, dropout=0.3, batch_first=True), \
+            nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.inp(x.view(-1, 5, 2))
+        a, w = self.attn(h, h, h, need_weights=True)
+        return self.out(a.mean(1)) + w.sum()
+
+
+class DropSDPA(nn.Module):
+    """F.scaled_dot_product_attention with dropout_p, called by the model itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(2, 24), nn.Linear(8, 4)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x.view(-1, 5, 2)).chunk(3, -1)
+        h = F.scaled_dot_product_attention(q, k, v, dropout_p=0.25 if self.training else 0.0)
+        return self.out(h.mean(1))
+
+
+class DropLSTM(nn.Module):
+    """A two-layer LSTM with dropout between its layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.out = nn.LSTM(2, 8, num_layers=2, dropout=0.3, batch_first=True), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y, _ = self.rnn(x.view(-1, 5, 2))
+        return self.out(y[:, -1])
+
+
+MODELS = {"mlp": DropMLP, "cnn": DropCNN, "transformer": DropTransformer, "attention_weights": DropAttentionWeights,
+          "sdpa": DropSDPA, "lstm": DropLSTM}
+
+
+def _batches(n: int, features: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(16, features, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+
+
+def _seeded(make, s: int) -> tuple[nn.Module, torch.Tensor]:
+    """The model a script builds after ``torch.manual_seed(100 + s)``, and where its dropout draws from then."""
+    torch.manual_seed(100 + s)
+    model = make()
+    return model, global_state("cpu")
+
+
+def _features(name: str) -> int:
+    return 36 if name == "cnn" else 10
+
+
+def _alone(model: nn.Module, state: torch.Tensor, batches) -> tuple[nn.Module, torch.Tensor]:
+    """The model trained by itself with torch.optim.SGD, its dropout drawing from the global generator.
+
+    SGD, not Adam: Adam turns the rounding noise of gradients that are zero in exact arithmetic (an attention
+    key's bias) into learning-rate-sized steps, which would hide what is compared here: the masks."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    saved = torch.get_rng_state()
+    torch.set_rng_state(state)
+    try:
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        end = torch.get_rng_state()
+    finally:
+        torch.set_rng_state(saved)
+    return model, end
+
+
+def _fused(models, states, **kw):
+    mb = rmb.ModelBatch(models)
+    for s, st in enumerate(states):
+        mb.random.set_state(s, st)
+    return mb, rmb.FusedEngine(mb, optim.SGD(mb, lr=LR, momentum=0.9), F.cross_entropy)
+
+
+def _max_rel(mb: rmb.ModelBatch, s: int, ref: nn.Module) -> float:
+    worst = 0.0
+    for k, v in ref.state_dict().items():
+        got = mb.slot_state(s)[k]
+        worst = max(worst, float((got - v).abs().max() / (v.abs().max() + 1e-12)))
+    return worst
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_fused_slot_with_dropout_trains_like_its_model_alone(name):
+    make = MODELS[name]
+    pairs = [_seeded(make, s) for s in range(S)]
+    batches = _batches(STEPS, _features(name))
+    refs = [_alone(m, st, batches) for m, st in pairs]
+    mb, engine = _fused([m for m, _ in pairs], [st for _, st in pairs])
+    assert mb.uses_direct_path
+    for x, y in batches:
+        engine.train_step(x, y)
+    for s, (ref, end) in enumerate(refs):
+        # A mask drawn differently moves weights by ~LR x gradient (relative 1e-3 or more: see the next test).
+        assert _max_rel(mb, s, ref) < 2e-5, (name, s)
+        assert torch.equal(mb.random.state(s), end), (name, s)  # and it drew as many numbers
+
+
+def test_without_the_seeded_states_the_masks_differ():
+    """The check above can fail: slots seeded otherwise draw other masks, and their weights move apart."""
+    pairs = [_seeded(DropMLP, s) for s in range(S)]
+    batches = _batches(STEPS, 10)
+    refs = [_alone(m, st, batches)[0] for m, st in pairs]
+    mb, engine = _fused([m for m, _ in pairs], [torch.Generator().manual_seed(1 + s).get_state() for s in range(S)])
+    for x, y in batches:
+        engine.train_step(x, y)
+    assert all(_max_rel(mb, s, refs[s]) > 1e-3 for s in range(S))
+
+
+def _slot0_after(neighbours: int, steps) -> dict[str, torch.Tensor]:
+    pairs = [_seeded(DropMLP, s) for s in range(neighbours + 1)]
+    mb, engine = _fused([m for m, _ in pairs], [st for _, st in pairs])
+    for x, y, kw in steps(neighbours):
+        engine.train_step(x, y, **kw)
+    return mb.slot_state(0)
+
+
+def test_a_slots_masks_do_not_depend_on_its_neighbours_or_on_masked_steps():
+    batches = _batches(STEPS, 10)
+    alone = _slot0_after(0, lambda n: [(x, y, {}) for x, y in batches])
+    beside_three = _slot0_after(3, lambda n: [(x, y, {}) for x, y in batches])
+    gathered = _slot0_after(3, lambda n: [(x, y, {"slots": [0, 2]}) for x, y in batches])
+    # Slot 0 steps every time; slot 1 is masked every other step (it computes but must not move).
+    masked = _slot0_after(3, lambda n: [(x, y, {"skip": torch.tensor([False, i % 2 == 0, False, False])})
+                                        for i, (x, y) in enumerate(batches)])
+    for other in (beside_three, gathered, masked):
+        for k, v in alone.items():
+            assert torch.equal(v, other[k]), k
+
+
+def test_a_masked_slot_keeps_its_generator_and_a_stepped_one_moves_on():
+    pairs = [_seeded(DropMLP, s) for s in range(S)]
+    mb, engine = _fused([m for m, _ in pairs], [st for _, st in pairs])
+    before = [mb.random.state(s) for s in range(S)]
+    x, y = _batches(1, 10)[0]
+    engine.train_step(x, y, skip=torch.tensor([False, True, False]))
+    assert torch.equal(mb.random.state(1), before[1])
+    assert not torch.equal(mb.random.state(0), before[0]) and not torch.equal(mb.random.state(2), before[2])
+
+
+def test_a_step_that_fails_after_its_forward_leaves_every_generator_as_it_was():
+    """A fused step retried after running out of memory draws the same masks again."""
+    pairs = [_seeded(DropMLP, s) for s in range(S)]
+    mb, engine = _fused([m for m, _ in pairs], [st for _, st in pairs])
+    before = [mb.random.state(s) for s in range(S)]
+    calls = {"n": 0}
+
+    def flaky(out, y):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return F.cross_entropy(out, y)
+
+    engine.loss_fn = flaky
+    x, y = _batches(1, 10)[0]
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.train_step(x, y)
+    assert all(torch.equal(mb.random.state(s), before[s]) for s in range(S))
+    engine.train_step(x, y)
+    ref, engine_ref = _fused([m for m, _ in pairs], [st for _, st in pairs])
+    engine_ref.train_step(x, y)
+    for k, v in ref.slot_state(1).items():
+        assert torch.equal(v, mb.slot_state(1)[k]), k
+
+
+def test_generators_follow_copy_and_resize_and_new_rows_get_seeds_of_their_own():
+    r = SlotRandom(3, "cpu")
+    r.seed(0, 5)
+    r.copy(0, 2)
+    assert torch.equal(r.state(2), r.state(0))
+    r.resize([2, 1], 5)
+    assert torch.equal(r.state(0), torch.Generator().manual_seed(5).get_state())
+    states = [r.state(i) for i in range(5)]
+    assert len({bytes(s.numpy()) for s in states}) == 5  # the new rows 2..4 draw streams of their own
+
+
+def test_a_state_of_another_device_gets_one_clear_line():
+    r = SlotRandom(2, "cpu")
+    with pytest.raises(ValueError, match="does not fit this stack's cpu generators"):
+        r.set_state(0, torch.zeros(16, dtype=torch.uint8))
+
+
+def test_eval_draws_nothing():
+    pairs = [_seeded(DropMLP, s) for s in range(S)]
+    mb, _ = _fused([m for m, _ in pairs], [st for _, st in pairs])
+    before = [mb.random.state(s) for s in range(S)]
+    mb.eval()
+    mb(torch.randn(4, 10))
+    assert all(torch.equal(mb.random.state(s), before[s]) for s in range(S))
+    assert not mb.random.drew
+    with torch.no_grad():
+        assert math.isfinite(float(mb(torch.randn(4, 10)).sum()))
+
+
+@pytest.mark.parametrize("name", ["mlp_on_vmap", "dropout2d"])
+def test_on_vmap_a_slot_with_dropout_trains_like_its_model_alone(name):
+    make, features = (DropMLP, 10) if name == "mlp_on_vmap" else (lambda: DropCNN(nn.Dropout2d), 36)
+    pairs = [_seeded(make, s) for s in range(S)]
+    batches = _batches(STEPS, features)
+    refs = [_alone(m, st, batches) for m, st in pairs]
+    mb = rmb.ModelBatch([m for m, _ in pairs], direct_path=name != "mlp_on_vmap")
+    for s, (_, st) in enumerate(pairs):
+        mb.random.set_state(s, st)
+    engine = rmb.FusedEngine(mb, optim.SGD(mb, lr=LR, momentum=0.9), F.cross_entropy)
+    assert not mb.uses_direct_path
+    for x, y in batches:
+        engine.train_step(x, y)
+    for s, (ref, end) in enumerate(refs):
+        assert _max_rel(mb, s, ref) < 2e-5, (name, s)
+        assert torch.equal(mb.random.state(s), end), (name, s)
+
+
+def test_per_slot_random_off_draws_every_slot_s_masks_at_once_from_the_global_generator():
+    pairs = [_seeded(DropMLP, s) for s in range(S)]
+    mb = rmb.ModelBatch([m for m, _ in pairs], per_slot_random=False)
+    before = [mb.random.state(s) for s in range(S)]
+    engine = rmb.FusedEngine(mb, optim.SGD(mb, lr=LR), F.cross_entropy)
+    x, y = _batches(1, 10)[0]
+    torch.manual_seed(3)
+    engine.train_step(x, y)
+    g_after = torch.get_rng_state()
+    assert all(torch.equal(mb.random.state(s), before[s]) for s in range(S))  # untouched
+    torch.manual_seed(3)
+    assert not torch.equal(torch.get_rng_state(), g_after)  # the global generator drew the masks
+    same = rmb.ModelBatch([copy.deepcopy(pairs[0][0]) for _ in range(S)], per_slot_random=False)
+    out = same(x)
+    assert not torch.equal(out[0], out[1])  # identical weights: still a mask of its own per slot
