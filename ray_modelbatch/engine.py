@@ -162,6 +162,7 @@ class FusedEngine:
             return self._train_parts(x, y, per_slot, idx, host, skip)
         opt.zero_grad()
         self.partial_step = False
+        mb.random.begin()  # the step's draws, undone for masked rows and failed steps (slot_random)
         # Forward updates buffers (BatchNorm statistics) in place; a slot whose
         # step is skipped must get those back, or a NaN batch poisons it; and a
         # step that raises before the update (e.g. out of memory) must leave
@@ -233,6 +234,7 @@ class FusedEngine:
         extras: dict[str, torch.Tensor] = {}
         rows = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))  # noqa: E731
         self.partial_step = False
+        mb.random.begin()  # every part's draws: undone for masked rows and a step that can be retried
         try:
             for part, fn in self.step_fn.items():
                 opt = opts[part]
@@ -256,7 +258,10 @@ class FusedEngine:
                 with torch.no_grad():
                     for k, old in saved.items():
                         mb.buffers[k].copy_(old)
+                mb.random.revert()
             raise
+        if skip is not None and mb.random.drew:
+            mb.random.revert(host[skip.cpu()].tolist())
         if skip is not None:
             nonfinite = nonfinite & ~skip
         still = nonfinite if skip is None else nonfinite | skip

@@ -33,7 +33,7 @@ from .errors import FusionWarning, IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
 from .padded_embedding import dense_gradients, fix_padding_rows
 from .signature import check_compatible, first_mismatch, module_signature
-from .slot_random import Draws, SlotRandom, VmapDropout, vmap_body
+from .slot_random import Draws, SlotRandom, VmapRandom, vmap_body
 from .unrolled_rnn import unroll_rnns
 
 Slots = Union[None, str, int, Sequence[int], torch.Tensor]
@@ -396,9 +396,9 @@ class ModelBatch:
                 elif protect and buffers is not self.buffers:
                     buffers = {k: v.clone() for k, v in self.buffers.items()}
         if out is None:
-            with VmapDropout(draws) if self.training and draws is not None else contextlib.nullcontext():
+            with VmapRandom(draws) if draws is not None else contextlib.nullcontext():
                 out = self._run_vmap(key, call_args, params, buffers)
-            if draws is not None:
+            if draws is not None and self.training:  # an evaluation's draws do not move the slots' streams
                 draws.commit()
         if self.training and self.buffers:
             with torch.no_grad():

@@ -21,18 +21,22 @@ part of the slot's state, like its weights:
   on a slot's activations, attention dropout: see :mod:`.fast_path`);
 * a forward opens :meth:`draws` for the rows it runs; the new states are
   written back only when that forward succeeded, and the engine puts back
-  the rows of slots that computed but must not move (:meth:`revert`), so a
-  masked slot, or a step retried after running out of memory, draws the same
-  masks again.
+  the rows of slots that computed but must not move (:meth:`begin`,
+  :meth:`revert`), so a masked slot, or a step retried after running out of
+  memory, draws the same masks again.
 
 Models on ``torch.vmap`` (those the direct path does not cover, Hugging Face
-models, a user's ``train_step``) get the same per-slot masks through
-:class:`VmapDropout`: while it is active, ``F.dropout`` (so ``nn.Dropout``)
-and ``F.dropout1d/2d/3d`` inside ModelBatch's vmapped function draw each
-slot's mask from its generator, contiguous in the slot's logical shape, as a
-model alone draws it for a contiguous tensor. Other random functions there
-(``torch.rand`` in a user's step) still draw from the global generator under
-vmap's ``randomness="different"``.
+models, a user's ``train_step``) get the same through :class:`VmapRandom`:
+while it is active, ``F.dropout`` (so ``nn.Dropout``) and
+``F.dropout1d/2d/3d`` inside ModelBatch's vmapped function draw each slot's
+mask from its generator, contiguous in the slot's logical shape, as a model
+alone draws it for a contiguous tensor, and ``torch.randn/rand/randint/
+randperm/randn_like/rand_like`` (a GAN's noise in a user's step) draw each
+slot's values from it. Other random functions there (``torch.normal`` of
+tensors, ``Tensor.uniform_``) still draw from the global generator under
+vmap's ``randomness="different"``. An evaluation draws from each slot's
+generator without moving it (an evaluation may run rows that are not being
+evaluated, and must not change what the slot draws next in training).
 
 On CUDA the per-slot generator is a CUDA generator and a mask is drawn with
 ``bernoulli_``, where ``F.dropout`` on CUDA uses a fused kernel that draws
@@ -82,7 +86,7 @@ class SlotRandom:
         self.device = torch.device(device)
         self._scratch = torch.Generator(device=self.device)
         self.states = torch.zeros(num_slots, self._scratch.get_state().numel(), dtype=torch.uint8)
-        self._before: dict[int, torch.Tensor] = {}  # row -> state before the last committed forward
+        self._before: dict[int, torch.Tensor] = {}  # row -> state at begin(), for the rows drawn from since
         for i in range(num_slots):
             self.seed(i)
 
@@ -132,16 +136,16 @@ class SlotRandom:
     def draws(self, rows: Sequence[int] | torch.Tensor | None = None) -> "Draws":
         """The generators of one forward over ``rows`` (row ``j`` of the forward is slot ``rows[j]``; None:
         every slot in order; a tensor is read only if the forward draws, so a forward without random ops
-        never copies a device index to the host).
-
-        Opening it forgets what :meth:`revert` could undo of the previous forward: a forward that fails
-        before its :meth:`Draws.commit` leaves every state as it was, and must not undo its predecessor's.
-        """
-        self._before = {}
+        never copies a device index to the host)."""
         return Draws(self, rows)
 
+    def begin(self) -> None:
+        """Start a step: :meth:`revert` undoes the draws of the forwards from here on (a step of a model in
+        parts runs several), and none before."""
+        self._before = {}
+
     def revert(self, rows: Sequence[int] | None = None) -> None:
-        """Put ``rows`` (None: all) back to their state before the last forward, which drew for them."""
+        """Put ``rows`` (None: all) back to their state at :meth:`begin` (only rows drawn from since move)."""
         for r in (list(self._before) if rows is None else rows):
             before = self._before.pop(int(r), None)
             if before is not None:
@@ -149,12 +153,13 @@ class SlotRandom:
 
     @property
     def drew(self) -> bool:
-        """Whether the last forward drew random numbers for any slot (what :meth:`revert` can undo)."""
+        """Whether a forward since :meth:`begin` drew random numbers for any slot (what :meth:`revert` undoes)."""
         return bool(self._before)
 
     def _commit(self, rows: dict[int, torch.Generator]) -> None:
         for r, g in rows.items():
-            self._before[r] = self.states[r].clone()
+            if r not in self._before:
+                self._before[r] = self.states[r].clone()
             self.states[r] = g.get_state()
 
 
@@ -230,7 +235,8 @@ class Draws:
                             .bernoulli_(keep, generator=self.generator(j)) for j in range(len(self.rows))]).div_(keep)
 
     def commit(self) -> None:
-        """The forward succeeded: its rows' generators are the slots' new states (see :meth:`SlotRandom.revert`)."""
+        """The forward succeeded: its rows' generators are the slots' new states (see :meth:`SlotRandom.revert`).
+        Not called for an evaluation: what it drew does not move the slots' streams."""
         if self._gens:
             self.owner._commit(self._gens)
 
@@ -253,13 +259,24 @@ def vmap_body() -> Iterator[None]:
         stack.pop()
 
 
-class VmapDropout(TorchFunctionMode):
-    """While active, dropout inside a ModelBatch's vmapped function draws each row's mask from ``draws``.
+# Sampling functions a step calls (a GAN's noise, an augmentation): they take a generator; the *_like ones
+# are called for the slot's logical shape. Other random functions (torch.normal of tensors, Tensor.uniform_)
+# keep vmap's randomness="different", from the global generator.
+_SAMPLERS = {torch.randn, torch.rand, torch.randint, torch.randperm}
+_LIKE = {torch.randn_like: torch.randn, torch.rand_like: torch.rand}
+_RANDOM = frozenset({F.dropout, *_FEATURE_DIMS, *_SAMPLERS, *_LIKE})
+
+
+class VmapRandom(TorchFunctionMode):
+    """While active, dropout and sampling inside a ModelBatch's vmapped function draw each row from ``draws``.
 
     ``F.dropout(x, p)`` of the slot's logical ``x`` becomes ``x * mask``, the
     masks of all rows drawn outside vmap's transform (one ``[n, *x.shape]``
-    tensor) and joined to it as a batched value. Calls that are not at the
-    ModelBatch's own vmap level (a user's nested vmap), or a torch without
+    tensor) and joined to it as a batched value; ``F.dropout1d/2d/3d`` draw one
+    mask element per sample and channel. ``torch.randn/rand/randint/randperm``
+    and ``torch.randn_like/rand_like`` are called once per row with the row's
+    generator. Calls that are not at the ModelBatch's own vmap level (a user's
+    nested vmap), that bring their own ``generator``, or a torch without
     functorch's internals, draw as before, from the global generator.
     """
 
@@ -268,14 +285,33 @@ class VmapDropout(TorchFunctionMode):
         self.draws = draws
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func not in _RANDOM:  # nearly every call: as cheap as a mode can be
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
-        if (func is not F.dropout and func not in _FEATURE_DIMS) or _add_batch_dim is None:
-            return func(*args, **kwargs)
         levels = getattr(_VMAP, "levels", None)
-        x = args[0] if args else kwargs.get("input")
-        if not levels or levels[-1] is None or not isinstance(x, torch.Tensor):
+        if (_add_batch_dim is None or not levels or levels[-1] is None or kwargs.get("generator") is not None
+                or "out" in kwargs):
             return func(*args, **kwargs)
         level = levels[-1]
+        if func is F.dropout or func in _FEATURE_DIMS:
+            return self._dropout(func, level, args, kwargs)
+        if maybe_current_level() != level:
+            return func(*args, **kwargs)  # inside a user's own vmap: its randomness, not ours
+        if func in _LIKE:
+            x = args[0] if args else kwargs.pop("input")
+            sample, args = _LIKE[func], (tuple(x.shape), *args[1:])
+            kwargs = {"dtype": x.dtype, "device": x.device, **{k: v for k, v in kwargs.items()
+                                                                if k not in ("memory_format", "input")}}
+        else:
+            sample = func
+        with _DisableFuncTorch():
+            rows = [sample(*args, **kwargs, generator=self.draws.generator(j)) for j in range(len(self.draws.rows))]
+        return _add_batch_dim(torch.stack(rows), 0, level)
+
+    def _dropout(self, func: Any, level: int, args: tuple, kwargs: dict) -> Any:
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor):
+            return func(*args, **kwargs)
         bound = dict(zip(("p", "training", "inplace"), args[1:]), **{k: v for k, v in kwargs.items() if k != "input"})
         p, training = float(bound.get("p", 0.5)), bool(bound.get("training", True))
         if maybe_get_level(x) not in (-1, level) or (func in _FEATURE_DIMS and x.dim() != _FEATURE_DIMS[func]):

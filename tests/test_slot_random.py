@@ -21,6 +21,7 @@ from torch import nn
 
 import ray_modelbatch as rmb
 from ray_modelbatch import optim
+from ray_modelbatch.model_parts import OptimizerSet
 from ray_modelbatch.slot_random import SlotRandom, global_state
 
 S, STEPS, LR = 3, 4, 0.05
@@ -303,3 +304,65 @@ def test_per_slot_random_off_draws_every_slot_s_masks_at_once_from_the_global_ge
     same = rmb.ModelBatch([copy.deepcopy(pairs[0][0]) for _ in range(S)], per_slot_random=False)
     out = same(x)
     assert not torch.equal(out[0], out[1])  # identical weights: still a mask of its own per slot
+
+
+def noisy_step(model, batch, config):
+    """A user's step that draws: input noise (randn_like), an extra random input (randn), a random mask (rand)."""
+    x, y = batch
+    x = x + 0.1 * torch.randn_like(x) + 0.05 * torch.randn(x.shape[0], 1)
+    keep = (torch.rand(x.shape[0], 1) > 0.2).float()
+    return F.cross_entropy(model(x * keep), y)
+
+
+def test_a_user_step_that_draws_noise_draws_its_model_s_own_numbers():
+    pairs = [_seeded(DropMLP, s) for s in range(S)]
+    batches = _batches(STEPS, 10)
+    refs = []
+    for m, st in pairs:  # each model alone: the same step, torch's global generator
+        m = copy.deepcopy(m)
+        opt = torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9)
+        torch.set_rng_state(st)
+        for x, y in batches:
+            opt.zero_grad()
+            noisy_step(m, (x, y), {}).backward()
+            opt.step()
+        refs.append((m, torch.get_rng_state()))
+    mb = rmb.ModelBatch([m for m, _ in pairs])
+    for s, (_, st) in enumerate(pairs):
+        mb.random.set_state(s, st)
+    engine = rmb.FusedEngine(mb, optim.SGD(mb, lr=LR, momentum=0.9), step_fn=noisy_step)
+    for x, y in batches:
+        engine.train_step(x, y)
+    for s, (ref, end) in enumerate(refs):
+        assert _max_rel(mb, s, ref) < 2e-5, s
+        assert torch.equal(mb.random.state(s), end), s
+
+
+def test_a_model_in_parts_draws_per_slot_and_a_masked_slot_keeps_its_generator():
+    """A GAN-like model trained in parts: both parts draw noise; a masked slot's generator does not move."""
+    torch.manual_seed(0)
+    models = [nn.ModuleDict({"a": nn.Linear(10, 4), "b": nn.Linear(10, 4)}) for _ in range(S)]
+    mb = rmb.ModelBatch(models)
+    parts = {"a": lambda m, batch, c: F.cross_entropy(m["a"](batch[0] + torch.randn_like(batch[0])), batch[1]),
+             "b": lambda m, batch, c: F.cross_entropy(m["b"](batch[0] * torch.rand(1)), batch[1])}
+    opt = OptimizerSet(mb, {"a": lambda v: optim.SGD(v, lr=LR), "b": lambda v: optim.SGD(v, lr=LR)})
+    engine = rmb.FusedEngine(mb, opt, step_fn=parts)
+    before = [mb.random.state(s) for s in range(S)]
+    x, y = _batches(1, 10)[0]
+    engine.train_step(x, y, skip=torch.tensor([False, True, False]))
+    assert torch.equal(mb.random.state(1), before[1])
+    assert not torch.equal(mb.random.state(0), before[0])
+
+
+def test_an_evaluation_that_draws_leaves_every_generator_where_it_was():
+    pairs = [_seeded(DropMLP, s) for s in range(S)]
+    mb = rmb.ModelBatch([m for m, _ in pairs])
+    engine = rmb.FusedEngine(mb, optim.SGD(mb, lr=LR), step_fn=noisy_step, eval_fn=lambda m, b, c: {
+        "noisy": noisy_step(m, b, c)})
+    before = [mb.random.state(s) for s in range(S)]
+    x, y = _batches(1, 10)[0]
+    first = engine.evaluate(x, y)["noisy"]
+    again = engine.evaluate(x, y, slots=[2, 0])["noisy"]  # another set of rows: each slot's value is its own
+    assert all(torch.equal(mb.random.state(s), before[s]) for s in range(S))
+    assert torch.equal(again, first[[2, 0]])
+    assert len(set(first.tolist())) == S
