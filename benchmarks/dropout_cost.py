@@ -16,6 +16,7 @@ the loop (``nn.Module`` + ``torch.optim.Adam``, dropout on) gives fused/loop.
 
     python benchmarks/dropout_cost.py                   # S = 8, 32
     python benchmarks/dropout_cost.py --slots 32 --models mlp,transformer
+    python benchmarks/dropout_cost.py --device cuda --slots 32,128   # on a GPU (benchmarks/gpu_run.sh runs it)
 
 Prints a markdown table and writes it to ``benchmarks/dropout_cost_latest.md``.
 """
@@ -86,12 +87,12 @@ if fs.transformers_available():
                         lambda: _dropout_on(fs.tiny_bert()), fs._logits_loss, fs._tokens)
 
 
-def measure(name: str, s: int, min_time: float, probe: fs.Probe) -> dict:
+def measure(name: str, s: int, min_time: float, probe: fs.Probe, device: torch.device) -> dict:
     label, make, loss_fn, batch = FAMILIES[name]
     gen = torch.Generator().manual_seed(0)
-    x, y = batch(gen)
+    x, y = (t.to(device) for t in batch(gen))
     torch.manual_seed(0)
-    models = [make() for _ in range(s)]
+    models = [make().to(device) for _ in range(s)]
     lrs = [1e-3] * s
     engines = {}
     for kind, per_slot in (("per_slot", True), ("global", False)):
@@ -110,7 +111,7 @@ def measure(name: str, s: int, min_time: float, probe: fs.Probe) -> dict:
         for _ in range(2):
             f()
     direct = engines["per_slot"].mb.uses_direct_path
-    t, _ = fs.time_contenders(fns, torch.device("cpu"), min_time, probe)
+    t, _ = fs.time_contenders(fns, device, min_time, probe)
     per_model_loop = t["loop"] / len(loop_models)
     return {"name": name, "label": label, "slots": s, "path": "direct" if direct else "vmap",
             "per_slot_ms": t["per_slot"] * 1e3, "global_ms": t["global"] * 1e3,
@@ -125,6 +126,7 @@ def main() -> None:
     p.add_argument("--models", default=",".join(FAMILIES))
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed blocks per contender")
     p.add_argument("--runs", type=int, default=1, help="repeat the whole table; medians are reported")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU a per-slot mask is a kernel launch per slot)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "dropout_cost_latest.md"))
     args = p.parse_args()
     names = [n for n in args.models.split(",") if n]
@@ -132,19 +134,20 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown models {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
     slots = [int(v) for v in args.slots.split(",")]
-    probe = fs.Probe(torch.device("cpu"))
+    device = torch.device(args.device)
+    probe = fs.Probe(device)
     probe()
     t0 = time.time()
     runs: dict[tuple[str, int], list[dict]] = {}
     for r in range(args.runs):
         for name in names:
             for s in slots:
-                row = measure(name, s, args.min_time, probe)
+                row = measure(name, s, args.min_time, probe, device)
                 runs.setdefault((name, s), []).append(row)
                 print(f"run {r + 1}: {name} S={s}: per-slot {row['per_slot_ms']:.2f} ms, global "
                       f"{row['global_ms']:.2f} ms ({row['cost']:.2f}x)", flush=True)
     md = ["# Per-slot dropout generators: the cost (`benchmarks/dropout_cost.py`)", "",
-          f"- command: `{fs.command()}`", fs.machine(torch.device("cpu")),
+          f"- command: `{fs.command()}`", fs.machine(device),
           f"- dropout {P}; batch {fs.BATCH}, Adam; medians of {args.runs} run(s), each the fastest quiet block of "
           "alternating blocks; loop: nn.Module + torch.optim.Adam with dropout on, per model-step", "",
           "| family | path | S | per-slot masks ms/step | one shared draw ms/step | cost | fused/loop per-slot | "

@@ -6,13 +6,14 @@
 # 0. benchmarks/gpu_probe.py: the fused step's device syncs and a CUDA graph of it, under a minute (into gpu.txt).
 # 1. benchmarks/fused_step.py --device cuda: every model family fused against a loop of plain modules with
 #    torch.optim, at S = 8, 32 and 128 slots. Needs torch only (transformers for the BERT row).
+# 1b. benchmarks/dropout_cost.py --device cuda: per-slot dropout masks against one shared draw.
 # 2. benchmarks/tune_sweep.py --device cuda: the ASHA sweep trained by ray_modelbatch (one slot host on the
 #    GPU) and by standard Tune trials that each hold a fraction of the GPU, one process per trial and with
 #    reuse_actors. Needs ray[tune]: where Ray is missing, wheels from benchmarks/gpu_wheels.sh under ./.whl are
 #    installed into a temporary folder first; without them the sweep is skipped, with a note.
 #
 # Knobs (environment): PROBE_TIMEOUT (90 s), FUSED_SLOTS (8,32,128), FUSED_MODELS (all), FUSED_MIN_TIME (0.2 s
-# per timing), FUSED_TIMEOUT (300 s), SWEEP_TRIALS (128), SWEEP_SLOTS (32), SWEEP_MAX_T (20), SWEEP_ARCH (mlp; a list such as
+# per timing), FUSED_TIMEOUT (300 s), DROPOUT_SLOTS (32,128), DROPOUT_TIMEOUT (120 s), SWEEP_TRIALS (128), SWEEP_SLOTS (32), SWEEP_MAX_T (20), SWEEP_ARCH (mlp; a list such as
 # mlp,cnn runs one sweep each), SWEEP_RUNS (all three), SWEEP_TIMEOUT (300 s per sweep). A part that runs past
 # its timeout is stopped and the next one starts; the rows it printed stay in its log. nvidia-smi dmon samples
 # the GPU's utilization every second during the sweeps (dmon.txt; the sweep log prints the clock time at which
@@ -44,6 +45,10 @@ fi
 models=${FUSED_MODELS:+--models $FUSED_MODELS}
 timeout -k 10 "${FUSED_TIMEOUT:-300}" $py benchmarks/fused_step.py --device cuda --slots "${FUSED_SLOTS:-8,32,128}" $models \
     --min-time "${FUSED_MIN_TIME:-0.2}" --max-wait 5 --out "$out/fused_step_gpu.md" 2>&1 | tee "$out/fused_step_gpu.log"
+
+# What each slot's own dropout generator costs on a GPU (a kernel launch per slot and dropout call).
+timeout -k 10 "${DROPOUT_TIMEOUT:-120}" $py benchmarks/dropout_cost.py --device cuda --slots "${DROPOUT_SLOTS:-32,128}" \
+    --min-time 0.1 --out "$out/dropout_cost_gpu.md" 2>&1 | tee "$out/dropout_cost_gpu.log"
 
 if ray_err=$($py -c "import ray.tune" 2>&1); then
     nvidia-smi dmon -s u -d 1 -o T > "$out/dmon.txt" 2>&1 &
