@@ -371,7 +371,7 @@ class ModelBatch:
             params = {k: v.index_select(0, idx) for k, v in self.params.items()}
             buffers = {k: v.index_select(0, idx) for k, v in self.buffers.items()}
         out = None
-        # Every forward opens one, so the engine's revert() is about this one.
+        # The rows' own generators for this forward's dropout and sampling (slot_random); None: the global one.
         draws = self.random.draws(idx) if self.per_slot_random else None
         direct = key[0] != "step"  # fast_path.run takes extra and keyword inputs, or refuses them (vmap)
         if direct and key not in self._slow_keys and self._plan() is not None:
@@ -391,6 +391,8 @@ class ModelBatch:
                         f"the direct fused path failed ({type(exc).__name__}: {first}); this call runs through "
                         "torch.vmap instead, slower. Please report it with the model."), stacklevel=3)
                 out = None
+                if draws is not None:  # vmap draws from the slots' states again, not from where this run stopped
+                    draws = self.random.draws(idx)
                 if idx is not None:  # the direct run may have updated these copies
                     buffers = {k: v.index_select(0, idx) for k, v in self.buffers.items()}
                 elif protect and buffers is not self.buffers:
@@ -398,8 +400,8 @@ class ModelBatch:
         if out is None:
             with VmapRandom(draws) if draws is not None else contextlib.nullcontext():
                 out = self._run_vmap(key, call_args, params, buffers)
-            if draws is not None and self.training:  # an evaluation's draws do not move the slots' streams
-                draws.commit()
+        if draws is not None and self.training:  # an evaluation's draws do not move the slots' streams
+            draws.commit()
         if self.training and self.buffers:
             with torch.no_grad():
                 if idx is not None:
@@ -483,23 +485,16 @@ class ModelBatch:
                             grads=self._grad_targets if write else None, gemm=self.cpu_gemm, buffers=buffers,
                             args=call_args[-2], kwargs=call_args[-1], random=draws)
         if not with_loss:
-            if draws is not None:
-                draws.commit()
             return out
         y, loss_fn = call_args[1], call_args[2]
         losses = slot_losses.per_slot_loss(loss_fn, out, y, per_slot_targets=y_dim is not None)
         if losses is not None:
-            if draws is not None:
-                draws.commit()
             return losses, out
         vloss = self._vmapped.get(("direct_loss", y_dim, None, None))
         if vloss is None:  # built once per target layout, like the vmapped forwards in _fn
             vloss = self._vmapped[("direct_loss", y_dim, None, None)] = vmap(
                 lambda o, t, fn: fn(o, t), in_dims=(0, y_dim, None), randomness="different")
-        losses = vloss(out, y, loss_fn)
-        if draws is not None:
-            draws.commit()
-        return losses, out
+        return vloss(out, y, loss_fn), out
 
     def _prepare_x(self, x: Any, per_slot: bool, idx: torch.Tensor | None, what: str = "x") -> tuple[Any, int | None]:
         """``x`` with one row per selected slot, and its vmap dimension (None: shared by every slot).

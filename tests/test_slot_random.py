@@ -366,3 +366,32 @@ def test_an_evaluation_that_draws_leaves_every_generator_where_it_was():
     assert all(torch.equal(mb.random.state(s), before[s]) for s in range(S))
     assert torch.equal(again, first[[2, 0]])
     assert len(set(first.tolist())) == S
+
+
+def test_a_direct_run_that_fails_after_drawing_leaves_vmap_the_slots_own_states(monkeypatch):
+    """When the direct path fails halfway (after a dropout) and vmap runs the forward again, vmap draws from the
+    slots' states, not from where the failed run left its generators."""
+    from ray_modelbatch import fast_path
+    from ray_modelbatch.errors import FusionWarning
+
+    pairs = [_seeded(DropMLP, s) for s in range(S)]
+    x, y = _batches(1, 10)[0]
+    ref = rmb.ModelBatch([copy.deepcopy(m) for m, _ in pairs], direct_path=False)
+    for s, (_, st) in enumerate(pairs):
+        ref.random.set_state(s, st)
+    want = ref(x)
+    mb = rmb.ModelBatch([m for m, _ in pairs])
+    for s, (_, st) in enumerate(pairs):
+        mb.random.set_state(s, st)
+    real = fast_path._Runner._k_linear
+
+    def second_linear_fails(self, step, *args, **kwargs):
+        if step.target == "fc2":
+            raise RuntimeError("a kernel that fails at run time")
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(fast_path._Runner, "_k_linear", second_linear_fails)
+    with pytest.warns(FusionWarning, match="direct fused path failed"):
+        got = mb(x)
+    assert torch.equal(got, want)
+    assert all(torch.equal(mb.random.state(s), ref.random.state(s)) for s in range(S))
