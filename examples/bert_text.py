@@ -101,9 +101,11 @@ def load_reviews() -> tuple[dict, dict]:
 def make_model(config: dict) -> torch.nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
+    # BERT's own dropout (0.1) stays on: each slot draws its masks from its own generator, seeded as the model
+    # alone would be (ray_modelbatch.slot_random), so a trial trains the same whatever shares its stack.
     return BertForSequenceClassification(BertConfig(
         vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=MAX_LEN, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+        max_position_embeddings=MAX_LEN, num_labels=2))
 
 
 def train_step(model, batch, config):
