@@ -36,8 +36,8 @@ OPTIONS = {"host_cpus": 1, "slots_per_host": 4, "max_slots_per_host": 4}
 
 
 def test_hosts_launched_together_share_their_nodes_cpus(monkeypatch, launches):
-    # 4 GPUs but 2 free CPUs: two hosts of 1 CPU fit; the others wait for a later call.
-    _cluster(monkeypatch, {"a": {"CPU": 2.0, "GPU": 4.0}}, {"a": 4})
+    # 4 GPUs but 2.5 free CPUs: two hosts of 1 CPU fit (and leave the trials room); the others wait.
+    _cluster(monkeypatch, {"a": {"CPU": 2.5, "GPU": 4.0}}, {"a": 4})
     started, reason = reg.launch_where_free(b"", "exp", OPTIONS, None, taken=set(), first=3, any_running=False)
     assert [(p.index, i) for p, i, _ in launches] == [(0, 3), (1, 4)]  # named on from `first`
     assert len(started) == 2 and reason is None
@@ -64,6 +64,35 @@ def test_a_cpu_node_without_free_cpus_still_gets_its_first_host_unreserved(monke
     launches.clear()  # with a host running elsewhere, no unreserved one is added
     started, reason = reg.launch_where_free(b"", "exp", OPTIONS, None, taken=set(), first=1, any_running=True)
     assert started == [] and launches == [] and "no node has 1 CPU free" in reason
+
+
+def test_hosts_never_take_the_cpus_the_trials_need_and_say_so_once(monkeypatch, launches, caplog):
+    """num_hosts=2 with host_cpus=1 on a 2-CPU cluster: two hosts would reserve every CPU and leave each trial
+    (0.01 CPU) PENDING forever. The second is not started, with one warning line naming host_cpus."""
+    monkeypatch.setattr(reg, "available_resources_per_node", lambda: {"a": {"CPU": 2.0}})
+    options = {**OPTIONS, "num_hosts": 2}
+    with caplog.at_level("WARNING", logger=reg.logger.name):
+        started, reason = reg.launch_where_free(b"", "exp-starved", options, None, taken=set(), first=0,
+                                                any_running=False)
+        assert [(p.index, n) for p, _, n in launches] == [(0, 1.0)] and reason is None
+        launches.clear()  # asked again (a later trial), the first host holding its CPU: none, no second warning
+        monkeypatch.setattr(reg, "available_resources_per_node", lambda: {"a": {"CPU": 1.0}})
+        reg.launch_where_free(b"", "exp-starved", options, None, taken={reg.HostPlace(None, 0, False)}, first=1,
+                              any_running=True)
+    assert launches == []
+    lines = [r.getMessage() for r in caplog.records if "not started" in r.getMessage()]
+    assert len(lines) == 1 and "host_cpus=1" in lines[0] and "0.01 CPU each" in lines[0], lines
+    # With room for the trials beside them, both start.
+    launches.clear()
+    monkeypatch.setattr(reg, "available_resources_per_node", lambda: {"a": {"CPU": 2.5}})
+    reg.launch_where_free(b"", "exp-room", options, None, taken=set(), first=0, any_running=False)
+    assert [p.index for p, _, _ in launches] == [0, 1]
+
+
+def test_the_only_host_that_would_take_the_trials_cpus_starts_unreserved(monkeypatch, launches):
+    monkeypatch.setattr(reg, "available_resources_per_node", lambda: {"a": {"CPU": 1.0}})
+    reg.launch_where_free(b"", "exp-one", {**OPTIONS, "num_hosts": 1}, None, taken=set(), first=0, any_running=False)
+    assert [(p.index, n) for p, _, n in launches] == [(0, 0.0)]
 
 
 class _Context:

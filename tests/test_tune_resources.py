@@ -52,6 +52,18 @@ def test_trials_holding_every_cpu_still_get_a_host(ray_cpus, tmp_path):
     assert time.monotonic() - start < 100
 
 
+def test_hosts_that_would_take_every_cpu_leave_the_trials_room(ray_cpus, tmp_path):
+    # num_hosts=2 with host_cpus=1 on 2 CPUs: both hosts would hold both CPUs and every trial (0.01 CPU) would
+    # stay PENDING, the sweep hanging without a word. One host starts (the other is named in a warning).
+    T = make_trainable(slots_per_host=2, idle_timeout_s=3.0, num_hosts=2)
+    start = time.monotonic()
+    grid = _fit(T, tmp_path, trials=2)
+    assert not errors(grid), errors(grid)
+    assert all(r.metrics["training_iteration"] == 2 for r in grid)
+    assert len(T.host_stats()) == 1
+    assert time.monotonic() - start < 60
+
+
 def test_a_host_that_cannot_get_its_gpu_fails_the_trial_naming_the_fix(ray_with_gpu, tmp_path):
     T = make_trainable(slots_per_host=2, idle_timeout_s=3.0, host_start_timeout_s=8.0)
     start = time.monotonic()

@@ -73,7 +73,7 @@ class SlotTrialProxy(SlotClient, Trainable):
             new = not registry_exists(cls._experiment)
             if new:
                 starting = launch_where_free(cls._spec_bytes, cls._experiment, cls._options, config, taken=set(),
-                                             first=0, any_running=False)[0]
+                                             first=0, any_running=False, warn=False)[0]  # the registry warns
             # A new registry's hosts take the data this driver loads meanwhile (see shared_data).
             load_data = new and cls._options.get("data_in_driver", True)
             registry = get_registry(cls._spec_bytes, cls._experiment, cls._options, starting, data_pending=load_data)

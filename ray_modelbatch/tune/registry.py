@@ -129,7 +129,7 @@ class StartingHost:
 
 def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config: dict | None,
                       taken: set[HostPlace], first: int, any_running: bool,
-                      spread: Collection[str] = ()) -> tuple[list[StartingHost], str | None]:
+                      spread: Collection[str] = (), warn: bool = True) -> tuple[list[StartingHost], str | None]:
     """Create (without waiting) a host on every planned place not in ``taken`` whose node has room now.
 
     Returns the hosts started, named ``host<first>``, ``host<first + 1>``, ...,
@@ -137,24 +137,43 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
     the driver's prestart (:mod:`~ray_modelbatch.tune.proxy`). With no host
     running anywhere (``any_running`` False) and every CPU-only node's CPUs held,
     one host starts without a CPU reservation rather than never.
+
+    Hosts never take the last CPUs the trials need: a trial's process needs its
+    ``trial_resources`` (0.01 CPU) to start at all, and hosts that reserved every
+    CPU of the cluster would leave every trial PENDING, the sweep hanging without
+    a word (``num_hosts=2`` on a 2-CPU machine did). A host that would leave no
+    trial room is not started, with one warning line naming the setting to
+    change (``warn``: the registry's call says it; the driver's prestart, which
+    the registry follows, keeps quiet); the only host starts unreserved instead.
     """
     avail = available_resources_per_node()  # None: unknown, try every place
     host_cpus = float(options.get("host_cpus", 1))
+    trial_cpus = float((options.get("trial_resources") or {"CPU": 0.01}).get("CPU", 0.0))
+    free_total = None if avail is None else sum(max(0.0, r.get("CPU", 0.0)) for r in avail.values())
     blocked: list[tuple[HostPlace, dict]] = []
+    starved: list[HostPlace] = []
     places: list[tuple[HostPlace, float]] = []
     for place in planned_hosts(options, spread):
         if place in taken:
             continue
         cpus = host_cpus / cpu_host_share(options, place)
-        if place.node_id is not None and avail is not None:
-            res = avail.setdefault(place.node_id, {})
-            if res.get("CPU", 0.0) < cpus or (place.gpu and res.get("GPU", 0.0) < 1):
-                blocked.append((place, dict(res)))
-                continue  # taken (e.g. by another experiment's idle host): try again at a later trial
-            # what the hosts launched here take from their node: several start at once
+        res = avail.setdefault(place.node_id, {}) if place.node_id is not None and avail is not None else None
+        if res is not None and (res.get("CPU", 0.0) < cpus or (place.gpu and res.get("GPU", 0.0) < 1)):
+            blocked.append((place, dict(res)))
+            continue  # taken (e.g. by another experiment's idle host): try again at a later trial
+        if free_total is not None and trial_cpus > 0 and free_total - cpus < trial_cpus:
+            if places or any_running:
+                starved.append(place)  # it would leave the trials no CPU: see the docstring
+                continue
+            cpus = 0.0  # the only host: unreserved, as on a node without free CPUs (below)
+        if res is not None:  # what the hosts launched here take from their node: several start at once
             res["CPU"] = res.get("CPU", 0.0) - cpus
             res["GPU"] = res.get("GPU", 0.0) - (1 if place.gpu else 0)
+        if free_total is not None:
+            free_total -= cpus
         places.append((place, cpus))
+    if starved and warn:
+        _warn_starved(experiment, len(starved), host_cpus, trial_cpus)
     reason = _blocked(blocked, host_cpus) if blocked and not places else None
     cpu_only = [p for p, res in blocked if not p.gpu]
     if not places and not any_running and cpu_only and host_cpus > 0:
@@ -196,6 +215,21 @@ def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPl
         data_from=registry_name(experiment) if options.get("data_in_driver", True) else None,
     )
     return StartingHost(place, name, handle, handle.ping.remote())
+
+
+_STARVED_WARNED: set[str] = set()  # experiments this process has warned about (see launch_where_free)
+
+
+def _warn_starved(experiment: str, count: int, host_cpus: float, trial_cpus: float) -> None:
+    """Once per experiment and process: hosts that were not started because the trials need the CPUs."""
+    if experiment in _STARVED_WARNED:
+        return
+    _STARVED_WARNED.add(experiment)
+    logger.warning(
+        "%d more slot host(s) not started: with host_cpus=%g each they would leave the trials (%g CPU each) no "
+        "CPU of this Ray cluster, and no trial could start. The sweep runs on the hosts that fit; for more, "
+        "lower batched_trainable(host_cpus=...) (a host computes with its node's cores whatever it reserves: "
+        "host_threads) or add CPUs.", count, host_cpus, trial_cpus)
 
 
 def _blocked(blocked: list[tuple[HostPlace, dict]], cpus: float) -> str:
