@@ -227,7 +227,9 @@ def encoder_layer(runner: Any, name: str, mod: nn.TransformerEncoderLayer, src: 
         h = drop(mod.dropout, Act(mod.activation(h.t), SLOT))
         return drop(mod.dropout2, runner.linear(f"{name}.linear2", h))
 
-    def drop(module: nn.Dropout, h: Act) -> Act:  # each slot's mask from its own generator
+    def drop(module: nn.Module, h: Act) -> Act:  # each slot's mask from its own generator
+        if type(module) is not nn.Dropout:  # a replaced module keeps its own forward (and torch's generator)
+            return Act(module(h.t), SLOT)
         return runner.dropout(h, module.p, module.training)
 
     def add(a: Act, b: Act) -> Act:  # a residual: a shared input broadcasts against the slots' [n, B, T, E]
