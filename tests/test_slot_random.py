@@ -1,11 +1,12 @@
-"""Dropout in a fused stack: each slot draws its own model's masks, whatever runs beside it.
+"""Dropout and random draws in a fused stack: each slot draws its own model's numbers, whatever runs beside it.
 
 A slot's generator starts where the global generator was after its model was
 built under its seed, so on the CPU a fused slot trains like the model alone
-with dropout on, bit for bit in its masks: the parameters after a few Adam
-steps agree to float rounding (they would differ by the learning rate if one
-mask differed). And a slot's masks do not depend on its neighbours, on masked
-or failed steps, or on a save and load.
+with dropout on (direct path and vmap) or with noise drawn in a user's step,
+bit for bit in its masks: the parameters after a few SGD steps agree to float
+rounding (they move apart by more than 1e-3 if the masks differ). And a
+slot's draws do not depend on its neighbours, on masked or failed steps, or
+on evaluations.
 """
 
 from __future__ import annotations
