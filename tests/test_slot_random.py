@@ -145,7 +145,7 @@ def _alone(model: nn.Module, state: torch.Tensor, batches) -> tuple[nn.Module, t
     return model, end
 
 
-def _fused(models, states, **kw):
+def _fused(models: list[nn.Module], states: list[torch.Tensor]) -> tuple[rmb.ModelBatch, rmb.FusedEngine]:
     mb = rmb.ModelBatch(models)
     for s, st in enumerate(states):
         mb.random.set_state(s, st)
