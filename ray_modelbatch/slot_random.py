@@ -202,10 +202,9 @@ class Draws:
         logical order instead (a channel-stacked slice, whose model alone
         holds the tensor contiguous).
         """
-        keep = 1.0 - p
-        like = (lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.device)) if contiguous else torch.empty_like
-        return torch.stack([like(x[j]).bernoulli_(keep, generator=self.generator(j))
-                            for j in range(x.shape[0])]).div_(keep)
+        if contiguous:
+            return self.noise_of_shape(x.shape[1:], p, x.dtype)
+        return self._masks(lambda j: torch.empty_like(x[j]), x.shape[0], p)
 
     def each(self, fn: Callable[..., torch.Tensor], *slices: Sequence[Any]) -> list[torch.Tensor]:
         """``fn(*row_j_args)`` for every row ``j`` with the global generator of the device set to the row's.
@@ -230,9 +229,14 @@ class Draws:
     @torch.no_grad()
     def noise_of_shape(self, shape: Sequence[int], p: float, dtype: torch.dtype) -> torch.Tensor:
         """Scaled masks ``[n, *shape]``, row ``j`` drawn contiguous from row ``j``'s generator."""
+        return self._masks(lambda j: torch.empty(tuple(shape), dtype=dtype, device=self.owner.device),
+                           len(self.rows), p)
+
+    def _masks(self, empty: Callable[[int], torch.Tensor], n: int, p: float) -> torch.Tensor:
+        """``empty(j)`` of every row filled with ``bernoulli_(1 - p)`` from row ``j``'s generator, stacked and
+        divided by ``1 - p``: what ``F.dropout`` multiplies by on the CPU."""
         keep = 1.0 - p
-        return torch.stack([torch.empty(tuple(shape), dtype=dtype, device=self.owner.device)
-                            .bernoulli_(keep, generator=self.generator(j)) for j in range(len(self.rows))]).div_(keep)
+        return torch.stack([empty(j).bernoulli_(keep, generator=self.generator(j)) for j in range(n)]).div_(keep)
 
     def commit(self) -> None:
         """The forward succeeded: its rows' generators are the slots' new states (see :meth:`SlotRandom.revert`).
