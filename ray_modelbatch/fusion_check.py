@@ -43,6 +43,13 @@ _KNOWN = [
         "writes in place into a tensor that is shared across slots (e.g. a plain tensor attribute, not a registered buffer)",
         "register the tensor as a buffer (module.register_buffer) so each slot gets its own copy, or avoid the in-place op",
     ),
+    (
+        "different inplace randomness on an unbatched tensor",
+        "fills a tensor made inside it with random numbers in place (e.g. torch.zeros(n).normal_()), and one "
+        "such tensor cannot hold each slot's own draw",
+        "draw a new tensor instead, e.g. torch.randn(n) or torch.randn_like(x) (each slot draws its own numbers "
+        "from its generator), or fill a tensor made from the slot's values, e.g. torch.empty_like(x).normal_()",
+    ),
 ]
 
 

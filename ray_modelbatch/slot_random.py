@@ -27,16 +27,31 @@ part of the slot's state, like its weights:
 
 Models on ``torch.vmap`` (those the direct path does not cover, Hugging Face
 models, a user's ``train_step``) get the same through :class:`VmapRandom`:
-while it is active, ``F.dropout`` (so ``nn.Dropout``) and
-``F.dropout1d/2d/3d`` inside ModelBatch's vmapped function draw each slot's
-mask from its generator, contiguous in the slot's logical shape, as a model
-alone draws it for a contiguous tensor, and ``torch.randn/rand/randint/
-randperm/randn_like/rand_like`` (a GAN's noise in a user's step) draw each
-slot's values from it. Other random functions there (``torch.normal`` of
-tensors, ``Tensor.uniform_``) still draw from the global generator under
-vmap's ``randomness="different"``. An evaluation draws from each slot's
-generator without moving it (an evaluation may run rows that are not being
-evaluated, and must not change what the slot draws next in training).
+while it is active, every random function of torch's public API called inside
+ModelBatch's vmapped function draws each slot's values from the slot's
+generator, as the model alone draws them from the global one:
+
+* dropout (``F.dropout``, so ``nn.Dropout``; ``F.dropout1d/2d/3d``,
+  ``F.alpha_dropout``, ``F.feature_alpha_dropout``): each slot's mask,
+  contiguous in the slot's logical shape, as a model alone draws it for a
+  contiguous tensor;
+* sampling (``torch.randn/rand/randint/randperm`` and their ``*_like``
+  forms, ``torch.normal``, ``torch.bernoulli``, ``torch.multinomial``,
+  ``torch.poisson``, ``torch.binomial``, the gamma and Dirichlet kernels):
+  one call per slot with the slot's values of the tensor arguments (a
+  GAN's noise, a VAE's ``torch.distributions.Normal(mu, sigma).rsample()``);
+* in-place fills (``Tensor.normal_``, ``uniform_``, ``bernoulli_``,
+  ``exponential_``, ``random_``, ``geometric_``, ``log_normal_``,
+  ``cauchy_``) of a tensor that holds a value per slot
+  (``torch.empty_like(x).normal_()``), and of the fresh tensors
+  ``torch.distributions`` fills and returns. A tensor made inside the step
+  (``torch.empty(n).normal_()``) cannot hold a value per slot: vmap refuses
+  that fill, and the error says what to write instead.
+
+``F.rrelu`` in training draws from torch's global generator (one warning).
+An evaluation draws from each slot's generator without moving it (an
+evaluation may run rows that are not being evaluated, and must not change
+what the slot draws next in training).
 
 On CUDA the per-slot generator is a CUDA generator and a mask is drawn with
 ``bernoulli_``, where ``F.dropout`` on CUDA uses a fused kernel that draws
@@ -47,6 +62,8 @@ not the bits of the model alone.
 from __future__ import annotations
 
 import contextlib
+import math
+import sys
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
@@ -54,9 +71,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+
 try:  # functorch's internals: how a value made outside vmap's transform joins it, one row per slot
     from torch._C import _DisableFuncTorch
-    from torch._C._functorch import _add_batch_dim, maybe_current_level, maybe_get_level
+    from torch._C._functorch import _add_batch_dim, _unwrap_batched, maybe_current_level, maybe_get_level
 except ImportError:  # pragma: no cover - a torch without them: vmap'd dropout draws from the global generator
     _add_batch_dim = None
 
@@ -227,16 +245,18 @@ class Draws:
         return out
 
     @torch.no_grad()
-    def noise_of_shape(self, shape: Sequence[int], p: float, dtype: torch.dtype) -> torch.Tensor:
-        """Scaled masks ``[n, *shape]``, row ``j`` drawn contiguous from row ``j``'s generator."""
+    def noise_of_shape(self, shape: Sequence[int], p: float, dtype: torch.dtype, scaled: bool = True) -> torch.Tensor:
+        """Masks ``[n, *shape]``, row ``j`` drawn contiguous from row ``j``'s generator; divided by ``1 - p``
+        unless ``scaled`` is False (the 0/1 masks alpha dropout transforms)."""
         return self._masks(lambda j: torch.empty(tuple(shape), dtype=dtype, device=self.owner.device),
-                           len(self.rows), p)
+                           len(self.rows), p, scaled)
 
-    def _masks(self, empty: Callable[[int], torch.Tensor], n: int, p: float) -> torch.Tensor:
+    def _masks(self, empty: Callable[[int], torch.Tensor], n: int, p: float, scaled: bool = True) -> torch.Tensor:
         """``empty(j)`` of every row filled with ``bernoulli_(1 - p)`` from row ``j``'s generator, stacked and
         divided by ``1 - p``: what ``F.dropout`` multiplies by on the CPU."""
         keep = 1.0 - p
-        return torch.stack([empty(j).bernoulli_(keep, generator=self.generator(j)) for j in range(n)]).div_(keep)
+        masks = torch.stack([empty(j).bernoulli_(keep, generator=self.generator(j)) for j in range(n)])
+        return masks.div_(keep) if scaled else masks
 
     def commit(self) -> None:
         """The forward succeeded: its rows' generators are the slots' new states (see :meth:`SlotRandom.revert`).
@@ -263,24 +283,77 @@ def vmap_body() -> Iterator[None]:
         stack.pop()
 
 
-# Sampling functions a step calls (a GAN's noise, an augmentation): they take a generator; the *_like ones
-# are called for the slot's logical shape. Other random functions (torch.normal of tensors, Tensor.uniform_)
-# keep vmap's randomness="different", from the global generator.
-_SAMPLERS = {torch.randn, torch.rand, torch.randint, torch.randperm}
-_LIKE = {torch.randn_like: torch.randn, torch.rand_like: torch.rand}
-_RANDOM = frozenset({F.dropout, *_FEATURE_DIMS, *_SAMPLERS, *_LIKE})
+# Random functions whose every tensor argument is the slot's value (or one value for all slots): called once
+# per row with that row's values and generator (no tensor arguments: the same call per row). The *_like ones
+# are called for the slot's logical shape, contiguous, as a model alone draws for a contiguous tensor.
+_SAMPLERS = {torch.randn, torch.rand, torch.randint, torch.randperm, torch.normal, torch.bernoulli,
+             torch.Tensor.bernoulli, torch.multinomial, torch.Tensor.multinomial, torch.poisson, torch.binomial,
+             torch._standard_gamma, torch._sample_dirichlet}
+_LIKE = {torch.randn_like: torch.randn, torch.rand_like: torch.rand, torch.randint_like: torch.randint}
+# In-place fills: each row's values drawn into a fresh tensor of the slot's shape, then copied into the rows.
+_FILLS = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.bernoulli_, torch.Tensor.exponential_,
+          torch.Tensor.random_, torch.Tensor.geometric_, torch.Tensor.log_normal_, torch.Tensor.cauchy_}
+_ALPHA_DROPOUTS = {F.alpha_dropout: False, F.feature_alpha_dropout: True}  # -> feature-wise (as F.dropout2d)
+_SELU_ALPHA = 1.7580993408473766  # ATen's alpha dropout constant (Dropout.cpp)
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
+    return kwargs[name] if name in kwargs else (args[i] if len(args) > i else default)
+
+
+# Functions that draw inside without taking a generator: Python functions whose inner calls this mode never
+# sees (a mode is off while it handles a call), and kernels with no generator argument. When they draw
+# (the predicate), they run once per row with the device's global generator set to the row's, as the model
+# alone runs them: the same bits, one call per slot.
+_GLOBAL_DRAWERS: dict[Any, Callable[[tuple, dict], bool]] = {
+    F.rrelu: lambda a, k: bool(_arg(a, k, 3, "training", False)),
+    torch.rrelu: lambda a, k: bool(_arg(a, k, 3, "training", False)),
+    F.gumbel_softmax: lambda a, k: True,
+    F.multi_head_attention_forward: lambda a, k: bool(_arg(a, k, 13, "training", True))
+    and float(_arg(a, k, 10, "dropout_p", 0.0)) > 0,
+    F.scaled_dot_product_attention: lambda a, k: float(_arg(a, k, 4, "dropout_p", 0.0)) > 0,
+}
+_RANDOM = frozenset({F.dropout, *_FEATURE_DIMS, *_SAMPLERS, *_LIKE, *_FILLS, *_ALPHA_DROPOUTS, *_GLOBAL_DRAWERS})
+
+
+class _Rows:
+    """A tensor argument batched at ModelBatch's level, unwrapped: ``value[j]`` is row ``j``'s."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+
+def _from_distributions(frame: Any) -> bool:
+    """Whether the caller is ``torch.distributions``, which fills fresh tensors and uses only the returned one."""
+    return frame is not None and str(frame.f_globals.get("__name__", "")).startswith("torch.distributions")
+
+
+def _join(rows: list[Any], level: int) -> Any:
+    """Per-row results as one value batched at ``level`` (tuples element by element; None stays None)."""
+    first = rows[0]
+    if isinstance(first, torch.Tensor):
+        return _add_batch_dim(torch.stack(rows), 0, level)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join([r[i] for r in rows], level) for i in range(len(first)))
+    return first
 
 
 class VmapRandom(TorchFunctionMode):
-    """While active, dropout and sampling inside a ModelBatch's vmapped function draw each row from ``draws``.
+    """While active, random calls inside a ModelBatch's vmapped function draw each row from ``draws``.
 
     ``F.dropout(x, p)`` of the slot's logical ``x`` becomes ``x * mask``, the
     masks of all rows drawn outside vmap's transform (one ``[n, *x.shape]``
-    tensor) and joined to it as a batched value; ``F.dropout1d/2d/3d`` draw one
-    mask element per sample and channel. ``torch.randn/rand/randint/randperm``
-    and ``torch.randn_like/rand_like`` are called once per row with the row's
-    generator. Calls that are not at the ModelBatch's own vmap level (a user's
-    nested vmap), that bring their own ``generator``, or a torch without
+    tensor) and joined to it as a batched value; ``F.dropout1d/2d/3d`` and
+    ``F.feature_alpha_dropout`` draw one mask element per sample and channel.
+    Samplers are called once per row with the row's values and generator,
+    in-place fills of a per-slot tensor fill each row from its generator, and
+    functions that draw without a generator argument (``F.gumbel_softmax``,
+    ``F.rrelu``, attention with dropout) run once per row with the global
+    generator set to the row's (see the module docstring for the list). Calls
+    that are not at the ModelBatch's own vmap level (a user's nested vmap),
+    that bring their own ``generator`` or ``out``, or a torch without
     functorch's internals, draw as before, from the global generator.
     """
 
@@ -299,18 +372,63 @@ class VmapRandom(TorchFunctionMode):
         level = levels[-1]
         if func is F.dropout or func in _FEATURE_DIMS:
             return self._dropout(func, level, args, kwargs)
+        if func in _ALPHA_DROPOUTS:
+            return self._alpha_dropout(func, level, args, kwargs)
         if maybe_current_level() != level:
             return func(*args, **kwargs)  # inside a user's own vmap: its randomness, not ours
+        if func in _GLOBAL_DRAWERS:
+            if not _GLOBAL_DRAWERS[func](args, kwargs):
+                return func(*args, **kwargs)
+            return _join(self._each_row(func, level, args, kwargs, via_global=True), level)
+        if func in _FILLS:
+            return self._fill(func, level, args, kwargs, sys._getframe(1))
         if func in _LIKE:
             x = args[0] if args else kwargs.pop("input")
-            sample, args = _LIKE[func], (tuple(x.shape), *args[1:])
+            rest = args[1:]  # randint_like's [low,] high
+            func, args = _LIKE[func], (*rest, tuple(x.shape))
             kwargs = {"dtype": x.dtype, "device": x.device, **{k: v for k, v in kwargs.items()
                                                                 if k not in ("memory_format", "input")}}
-        else:
-            sample = func
+        return _join(self._each_row(func, level, args, kwargs), level)
+
+    def _each_row(self, func: Any, level: int, args: tuple, kwargs: dict, via_global: bool = False) -> list[Any]:
+        """``func`` once per row, outside vmap's transform, with each argument batched at ``level`` replaced by
+        the row's value, drawing from the row's generator (passed as ``generator=``, or ``via_global``: set
+        as the device's global generator for the call)."""
+        def rows_of(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and maybe_get_level(v) == level:
+                value, bdim = _unwrap_batched(v, level)
+                return _Rows(value.movedim(bdim, 0))
+            return v
+
+        args = tuple(rows_of(v) for v in args)
+        kwargs = {k: rows_of(v) for k, v in kwargs.items()}
+        pick = lambda v, j: v.value[j] if isinstance(v, _Rows) else v  # noqa: E731
+
+        def call(j: int, **extra: Any) -> Any:
+            return func(*(pick(v, j) for v in args), **{k: pick(v, j) for k, v in kwargs.items()}, **extra)
+
+        rows = range(len(self.draws.rows))
         with _DisableFuncTorch():
-            rows = [sample(*args, **kwargs, generator=self.draws.generator(j)) for j in range(len(self.draws.rows))]
-        return _add_batch_dim(torch.stack(rows), 0, level)
+            if via_global:
+                return self.draws.each(call, rows)
+            return [call(j, generator=self.draws.generator(j)) for j in rows]
+
+    def _fill(self, func: Any, level: int, args: tuple, kwargs: dict, caller: Any) -> Any:
+        target = args[0] if args else kwargs.pop("self")
+        per_slot = maybe_get_level(target) == level
+        if not per_slot and not _from_distributions(caller):
+            # A tensor made inside the step holds one value for every slot: vmap refuses to fill it with
+            # different values, in an error fusion_check explains (draw with torch.randn(...) instead).
+            return func(target, *args[1:], **kwargs)
+        shape, dtype, device = tuple(target.shape), target.dtype, target.device
+
+        def fill(*rest: Any, **kw: Any) -> torch.Tensor:  # a fresh tensor of the slot's shape, as alone
+            return func(torch.empty(shape, dtype=dtype, device=device), *rest, **kw)
+
+        batched = _join(self._each_row(fill, level, args[1:], kwargs), level)
+        if per_slot:
+            return target.copy_(batched)
+        return batched  # torch.distributions uses the returned tensor only
 
     def _dropout(self, func: Any, level: int, args: tuple, kwargs: dict) -> Any:
         x = args[0] if args else kwargs.get("input")
@@ -328,3 +446,25 @@ class VmapRandom(TorchFunctionMode):
         with _DisableFuncTorch():
             noise = self.draws.noise_of_shape(shape, p, x.dtype)
         return x * _add_batch_dim(noise, 0, level)
+
+    def _alpha_dropout(self, func: Any, level: int, args: tuple, kwargs: dict) -> Any:
+        """``F.alpha_dropout`` / ``F.feature_alpha_dropout`` with each row's mask: ATen's arithmetic
+        (``Dropout.cpp``) on a mask drawn as the model alone draws it."""
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor):
+            return func(*args, **kwargs)
+        bound = dict(zip(("p", "training", "inplace"), args[1:]), **{k: v for k, v in kwargs.items() if k != "input"})
+        p, training = float(bound.get("p", 0.5)), bool(bound.get("training", False))
+        if maybe_get_level(x) not in (-1, level) or (_ALPHA_DROPOUTS[func] and x.dim() < 2):
+            return func(*args, **kwargs)
+        if not training or p == 0.0 or x.numel() == 0:
+            return x
+        if p == 1.0:
+            return x * torch.zeros((), dtype=x.dtype, device=x.device)
+        shape = (*x.shape[:2], *[1] * (x.dim() - 2)) if _ALPHA_DROPOUTS[func] else tuple(x.shape)
+        with _DisableFuncTorch():
+            noise = self.draws.noise_of_shape(shape, p, x.dtype, scaled=False)
+            a = 1.0 / math.sqrt((_SELU_ALPHA * _SELU_ALPHA * p + 1) * (1 - p))
+            b = noise.add(-1).mul_(_SELU_ALPHA * a).add_(_SELU_ALPHA * a * p)
+            noise.mul_(a)
+        return x * _add_batch_dim(noise, 0, level) + _add_batch_dim(b, 0, level)

@@ -39,8 +39,9 @@ def _spec(**kw) -> SlotSpec:
     kw.setdefault("batch_size", 16)
     kw.setdefault("steps_per_report", K)
     kw.setdefault("metrics", {"acc": lambda o, y: (o.argmax(-1) == y).float().mean()})
+    kw.setdefault("loss", None if kw.get("train_step") else F.cross_entropy)
     return SlotSpec(model=lambda c: None, optimizer=lambda mb: optim.AdamW(mb, lr=1e-2), hparams=lambda c: {},
-                    loss=F.cross_entropy, data=lambda: None, **kw)
+                    data=lambda: None, **kw)
 
 
 def _data(seed=0):
@@ -56,10 +57,19 @@ def _model(bn: bool, dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(nn.Linear(12, 24), *mid, nn.ReLU(), *drop, nn.Linear(24, 4))
 
 
-def _group(n: int, bn: bool = False, run_ahead: int = 2, dropout: float = 0.0) -> SlotGroup:
+def _sampling_step(model, batch, config):
+    """A user's step that samples (a VAE-like reparameterized draw through torch.distributions, and a fill)."""
+    x, y = batch
+    h = model(x)
+    z = torch.distributions.Normal(h, 0.1 + 0.1 * torch.sigmoid(h)).rsample()
+    return F.cross_entropy(z + 0.01 * torch.empty_like(h).uniform_(), y)
+
+
+def _group(n: int, bn: bool = False, run_ahead: int = 2, dropout: float = 0.0, sampling: bool = False) -> SlotGroup:
     torch.manual_seed(0)
     models = [_model(bn, dropout) for _ in range(n)]
-    g = SlotGroup(_spec(), stack_key(models[0]), models[0], _data(), n, "cpu", run_ahead=run_ahead)
+    spec = _spec(train_step=_sampling_step) if sampling else _spec()
+    g = SlotGroup(spec, stack_key(models[0]), models[0], _data(), n, "cpu", run_ahead=run_ahead)
     for i, m in enumerate(models):
         g.add(f"t{i}", m, seed=10 + i, hparams={"lr": 1e-3 * (i + 1), "weight_decay": 0.01 * i})
     return g
@@ -113,16 +123,17 @@ def _assert_same_state(a: dict, b: dict, where="") -> None:
 # --------------------------------------------------------------------------------- the group alone
 
 
-@pytest.mark.parametrize("bn,dropout", [(False, 0.0), (True, 0.0), (False, 0.3)],
-                         ids=["mlp_direct_path", "batchnorm_vmap", "mlp_dropout"])
-def test_a_slot_trains_the_same_whichever_slots_step_beside_it(bn, dropout):
+@pytest.mark.parametrize("bn,dropout,sampling", [(False, 0.0, False), (True, 0.0, False), (False, 0.3, False),
+                                                  (False, 0.0, True)],
+                         ids=["mlp_direct_path", "batchnorm_vmap", "mlp_dropout", "sampling_step"])
+def test_a_slot_trains_the_same_whichever_slots_step_beside_it(bn, dropout, sampling):
     n, iters = 6, 4
-    together = _group(n, bn, dropout=dropout)
+    together = _group(n, bn, dropout=dropout, sampling=sampling)
     want = _train(together, [list(range(n))] * (iters * K))
-    mixed = _group(n, bn, dropout=dropout)
+    mixed = _group(n, bn, dropout=dropout, sampling=sampling)
     got = _train(mixed, _random_schedule(n, iters, seed=1))
     paths = mixed.stats
-    if bn:  # on vmap a gather may round differently: always the whole stack, masked
+    if bn or sampling:  # on vmap a gather may round differently: always the whole stack, masked
         assert paths.masked and not paths.gathered, paths
     else:
         assert paths.masked and paths.gathered, paths  # both paths, and one-slot steps, were taken
@@ -229,9 +240,10 @@ def test_a_slot_loaded_from_its_export_trains_on_as_if_it_had_never_left():
     assert _train(other, [[0, 1, 2]] * K)[2] == want
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["mlp", "mlp_dropout"])
-def test_rollback_replays_the_same_iterations(dropout):
-    g = _group(3, dropout=dropout)
+@pytest.mark.parametrize("dropout,sampling", [(0.0, False), (0.3, False), (0.0, True)],
+                         ids=["mlp", "mlp_dropout", "sampling_step"])
+def test_rollback_replays_the_same_iterations(dropout, sampling):
+    g = _group(3, dropout=dropout, sampling=sampling)
     first = _train(g, [[0, 1, 2]] * (2 * K))
     _train(g, [[0, 1, 2]] * (K + 1))  # slot 1 runs ahead one more iteration and a step
     g.rollback(1, 1)

@@ -396,3 +396,145 @@ def test_a_direct_run_that_fails_after_drawing_leaves_vmap_the_slots_own_states(
         got = mb(x)
     assert torch.equal(got, want)
     assert all(torch.equal(mb.random.state(s), ref.random.state(s)) for s in range(S))
+
+
+# ------------------------------------------------------------------ every random function of a user's step
+class Encoder(nn.Module):
+    """An encoder whose 8 outputs a step splits into a 4-wide code and 4 more values, and a decoder of the code."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(10, 8), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.enc(x)
+
+
+def _vae(m, batch, config):  # a VAE's reparameterized sample: torch.distributions fills a fresh tensor
+    h = m(batch[0])
+    z = torch.distributions.Normal(h[:, :4], (0.5 * h[:, 4:]).exp()).rsample()
+    return F.cross_entropy(m.dec(z), batch[1])
+
+
+def _normal_of_tensors(m, batch, config):
+    h = m(batch[0])[:, :4]
+    return F.cross_entropy(m.dec(h + torch.normal(torch.zeros_like(h), 0.1 + h.detach().abs())), batch[1])
+
+
+def _fills(m, batch, config):  # in-place fills of tensors that hold a value per slot
+    h = m(batch[0])[:, :4]
+    e, u = torch.empty_like(h).normal_(), torch.empty_like(h).uniform_(-1, 1)
+    keep, ex = torch.empty_like(h).bernoulli_(0.7), torch.empty_like(h).exponential_()
+    c, r = torch.empty_like(h).cauchy_().clamp(-3, 3), torch.empty_like(h).random_(0, 3)
+    g, ln = torch.empty_like(h).geometric_(0.5), torch.empty_like(h).log_normal_(0.0, 0.1)
+    return F.cross_entropy(m.dec(h * keep + 0.1 * e + 0.1 * u + 0.01 * (ex + c + r + g + ln)), batch[1])
+
+
+def _discrete(m, batch, config):
+    h = m(batch[0])
+    keep = torch.bernoulli(torch.sigmoid(h[:, :4].detach()))
+    pick = torch.multinomial(torch.softmax(h.detach(), -1), 2).float()
+    counts = torch.poisson(h.detach().abs()) + torch.binomial(torch.full_like(h, 5.0), torch.sigmoid(h.detach()))
+    cat = torch.distributions.Categorical(logits=h.detach()).sample().float()
+    extra = 0.01 * (pick.sum() + counts.sum() + cat.sum() + torch.randint_like(h, 1, 3).sum())
+    return F.cross_entropy(m.dec(h[:, :4] * keep), batch[1]) + extra
+
+
+def _gamma_laplace(m, batch, config):
+    h = m(batch[0])
+    w = torch._sample_dirichlet(h[:, :4].detach().abs() + 0.5)  # (Dirichlet's own autograd.Function has no vmap rule)
+    g = torch.distributions.Gamma(h[:, 4:].detach().abs() + 1.0, 1.0).sample()
+    lap = torch.distributions.Laplace(h[:, 4:], 1.0).rsample()
+    return F.cross_entropy(m.dec(h[:, :4] * w + 0.01 * (g + lap)), batch[1])
+
+
+def _selu_dropouts(m, batch, config):
+    h = F.alpha_dropout(torch.selu(m(batch[0])), 0.2, True)
+    h = F.feature_alpha_dropout(h.view(-1, 8, 1, 1), 0.3, True).view(-1, 8)
+    return F.cross_entropy(m.dec(h[:, :4]), batch[1])
+
+
+def _no_generator_argument(m, batch, config):  # they draw from the global generator: run per slot with its own
+    h = m(batch[0])
+    a = F.gumbel_softmax(h[:, :4], tau=0.5) + F.rrelu(h[:, 4:], training=True)
+    q = h.view(2, 8, 8)[:, :, :4]
+    att = F.scaled_dot_product_attention(q, q, q, dropout_p=0.3).reshape(16, 4)
+    return F.cross_entropy(m.dec(a + att), batch[1])
+
+
+RANDOM_STEPS = {"vae": _vae, "normal_of_tensors": _normal_of_tensors, "fills": _fills, "discrete": _discrete,
+                "gamma_laplace": _gamma_laplace, "selu_dropouts": _selu_dropouts,
+                "no_generator_argument": _no_generator_argument}
+
+
+def _step_alone(make, step, s: int, batches) -> tuple[nn.Module, torch.Tensor, nn.Module, torch.Tensor]:
+    model, state = _seeded(make, s)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9)
+    saved = torch.get_rng_state()
+    torch.set_rng_state(state)
+    try:
+        for x, y in batches:
+            opt.zero_grad()
+            step(ref, (x, y), {}).backward()
+            opt.step()
+        end = torch.get_rng_state()
+    finally:
+        torch.set_rng_state(saved)
+    return model, state, ref, end
+
+
+@pytest.mark.parametrize("name", list(RANDOM_STEPS))
+def test_every_random_function_in_a_step_draws_the_slot_s_own_numbers(name):
+    """Each sampler, fill, distribution and generator-less random function: a fused slot trains as its model
+    alone does with torch's global generator, and ends where that generator ended."""
+    step, batches = RANDOM_STEPS[name], _batches(STEPS, 10)
+    runs = [_step_alone(Encoder, step, s, batches) for s in range(S)]
+    mb = rmb.ModelBatch([r[0] for r in runs])
+    for s, r in enumerate(runs):
+        mb.random.set_state(s, r[1])
+    engine = rmb.FusedEngine(mb, optim.SGD(mb, lr=LR, momentum=0.9), step_fn=step)
+    for x, y in batches:
+        engine.train_step(x, y)
+    for s, (_, _, ref, end) in enumerate(runs):
+        assert _max_rel(mb, s, ref) < 2e-5, s
+        assert torch.equal(mb.random.state(s), end), s
+
+
+class RandomLayers(nn.Module):
+    """Layers that draw inside a model on vmap: AlphaDropout, RReLU, MultiheadAttention's dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.drop, self.act = nn.Linear(10, 8), nn.AlphaDropout(0.2), nn.RReLU()
+        self.att, self.out = nn.MultiheadAttention(8, 2, dropout=0.3), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.act(self.drop(self.fc(x))).view(4, -1, 8)
+        return self.out(self.att(h, h, h)[0].reshape(-1, 8))
+
+
+def test_a_model_whose_layers_draw_trains_like_its_model_alone():
+    batches = _batches(STEPS, 10)
+    pairs = [_seeded(RandomLayers, s) for s in range(S)]
+    refs = [_alone(m, st, batches) for m, st in pairs]
+    mb, engine = _fused([m for m, _ in pairs], [st for _, st in pairs])
+    for x, y in batches:
+        engine.train_step(x, y)
+    for s, (ref, end) in enumerate(refs):
+        assert _max_rel(mb, s, ref) < 2e-5, s
+        assert torch.equal(mb.random.state(s), end), s
+
+
+def test_a_random_fill_of_a_tensor_made_in_the_step_gets_one_clear_line():
+    def fills_its_own(m, batch, config):
+        noise = torch.zeros(4)
+        noise.normal_()  # one tensor for all slots: it cannot hold each slot's own draw
+        return F.cross_entropy(m.dec(m(batch[0])[:, :4] + noise), batch[1])
+
+    mb = rmb.ModelBatch([Encoder() for _ in range(S)])
+    engine = rmb.FusedEngine(mb, optim.SGD(mb, lr=LR), step_fn=fills_its_own)
+    before = [mb.random.state(s) for s in range(S)]
+    with pytest.raises(rmb.FusionError, match=r"fills_its_own.*fills a tensor made inside it.*torch\.randn_like"):
+        engine.train_step(*_batches(1, 10)[0])
+    assert all(torch.equal(mb.random.state(s), before[s]) for s in range(S))
