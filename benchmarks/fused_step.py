@@ -153,6 +153,22 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
+class GroupNormCNN(nn.Module):
+    """The 28x28 CNN written as many scripts write it: GroupNorm after each convolution, ``F.max_pool2d`` in
+    forward (before the direct path took GroupNorm and the functional pools, it ran on vmap)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.gn1 = nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.conv2, self.gn2 = nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(8, 32)
+        self.fc = nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.gn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.gn2(self.conv2(x))), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
 class LeNetBN(nn.Module):
     """LeNet-5 with BatchNorm after each convolution, on 1x28x28."""
 
@@ -302,6 +318,8 @@ SPECS = {
         Spec("mlp_tiny", "MLP 32-64-64-1, MSE", TinyMLP, F.mse_loss, _regression),
         Spec("mlp_784", "MLP 784-256-256-10, CE", MLP784, F.cross_entropy, _classify((784,))),
         Spec("cnn", "CNN 1x28x28 c16-c32-fc10, CE", SmallCNN, F.cross_entropy, _classify((1, 28, 28))),
+        Spec("cnn_gn", "CNN 1x28x28 c16-GN-c32-GN, F.max_pool2d, fc10, CE", GroupNormCNN, F.cross_entropy,
+             _classify((1, 28, 28))),
         Spec("cnn_digits", "CNN 8x8 c4-BN-c8-BN-fc10 (the sweep's), CE", DigitsCNN, F.cross_entropy, _classify((64,))),
         # the families of issue 13
         Spec("lenet_bn", "LeNet-5 + BatchNorm, 1x28x28, CE", LeNetBN, F.cross_entropy, _classify((1, 28, 28))),

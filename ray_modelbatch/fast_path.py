@@ -16,9 +16,12 @@ stacked parameters directly:
   batch shared by every slot the first convolution needs no groups at all
   (``S*O`` output channels of one input);
 * ``nn.BatchNorm1d/2d`` is one ``F.batch_norm`` over the ``S*C`` channels,
-  whose running statistics are views of the stacked buffers, and pooling acts
-  per channel as it is: a CNN stays in the channel-stacked layout from its
-  first convolution to its flatten, with no copies between layers;
+  whose running statistics are views of the stacked buffers; ``nn.GroupNorm``
+  with G groups is one ``F.group_norm`` of ``S*G`` groups (each slot's groups
+  are its own channels) and ``nn.InstanceNorm1d/2d`` one ``F.instance_norm``;
+  pooling (the modules and ``F.max_pool2d``-style functions) acts per channel
+  as it is: a CNN stays in the channel-stacked layout from its first
+  convolution to its flatten, with no copies between layers;
 * ``nn.LayerNorm``, ``nn.Embedding`` and ``nn.EmbeddingBag`` (sum, mean) are
   one kernel over all slots each (see :mod:`.direct_kernels`);
   ``nn.MultiheadAttention``, ``F.scaled_dot_product_attention`` and
@@ -29,8 +32,9 @@ stacked parameters directly:
   (a GRU after one batched GEMM for the input projection of the whole
   sequence), with a hand-written backward through time (see :mod:`.direct_rnn`);
 * activations are elementwise, so they act per slot as they are; dropout
-  draws each slot's mask from that slot's own generator, in the order and
-  shape its model draws it (:mod:`.slot_random`, :meth:`_Runner.dropout`,
+  (and the channel dropouts ``nn.Dropout1d/2d/3d``, one mask value per sample
+  and channel) draws each slot's mask from that slot's own generator, in the
+  order and shape its model draws it (:mod:`.slot_random`, :meth:`_Runner.dropout`,
   attention dropout per slot in :mod:`.direct_attention`); so do ``+``,
   ``*`` and the other binary ops between any two values (residual
   connections), which broadcast as each model's own tensors do;
@@ -110,10 +114,19 @@ ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt",
                        "float", "clone"}
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
+# Normalizations over each sample's own channels (no running statistics): one call over the S*C channels.
+GROUP_NORM_MODULES = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
+# Dropout of whole channels -> the rank of the input it takes (with the batch dimension), as F.dropout1d/2d/3d.
+FEATURE_DROPOUTS = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5, F.dropout1d: 3, F.dropout2d: 4, F.dropout3d: 5}
 # Per-channel ops: they act on a [B, S*C, ...] tensor exactly as on each slot's [B, C, ...].
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)  # see _pool_before_relu
+# The functional forms, -> (rank of their input with the batch dimension, the position of return_indices
+# among the arguments after the input; None: average pools, which have none).
+POOL_FUNCTIONS = {F.max_pool1d: (3, 5), F.max_pool2d: (4, 5), F.adaptive_max_pool1d: (3, 1),
+                  F.adaptive_max_pool2d: (4, 1), F.avg_pool1d: (3, None), F.avg_pool2d: (4, None),
+                  F.adaptive_avg_pool1d: (3, None), F.adaptive_avg_pool2d: (4, None)}
 EMBEDDING_MODULES = (nn.Embedding, PaddedEmbedding)  # the stack's template has PaddedEmbedding for padding_idx
 RNN_MODULES = (UnrolledRNN, nn.LSTM, nn.GRU, nn.RNN)  # the stack's template has UnrolledRNN for the others
 
@@ -130,6 +143,8 @@ FUNCTION_KINDS: dict[Any, str] = {
     torch.transpose: "transpose", torch.permute: "permute", torch.flatten: "flatten", torch.reshape: "view",
     torch.unsqueeze: "unsqueeze", torch.squeeze: "squeeze", torch.chunk: "split", torch.split: "split",
     F.scaled_dot_product_attention: "sdpa", operator.getitem: "getitem", getattr: "getattr",
+    F.dropout1d: "feature_dropout", F.dropout2d: "feature_dropout", F.dropout3d: "feature_dropout",
+    **{f: "pool_function" for f in POOL_FUNCTIONS},
 }
 METHOD_KINDS: dict[str, str] = {
     **{m: "function" for m in ELEMENTWISE_METHODS},
@@ -326,11 +341,13 @@ def _pool_before_relu(steps: list[_Step], output: str, modules: dict[str, nn.Mod
     out = list(steps)
     for i, relu in enumerate(out[:-1]):
         pool = out[i + 1]
-        if not (_is_relu(relu, modules) and pool.kind == "pool" and type(modules[pool.target]) in MAX_POOLS
-                and pool.args == (_Ref(relu.dst),) and uses.get(relu.dst) == 1
-                and isinstance(relu.args[0], _Ref) and uses.get(relu.args[0].name) == 1):
+        max_pool = ((pool.kind == "pool" and type(modules[pool.target]) in MAX_POOLS and len(pool.args) == 1)
+                    or (pool.kind == "pool_function" and POOL_FUNCTIONS[pool.target][1] is not None))
+        if not (_is_relu(relu, modules) and max_pool and pool.args[:1] == (_Ref(relu.dst),)
+                and not any(isinstance(a, _Ref) for a in (*pool.args[1:], *(v for _, v in pool.kwargs)))
+                and uses.get(relu.dst) == 1 and isinstance(relu.args[0], _Ref) and uses.get(relu.args[0].name) == 1):
             continue
-        out[i] = replace(pool, args=relu.args, dst=relu.dst)
+        out[i] = replace(pool, args=(relu.args[0], *pool.args[1:]), dst=relu.dst)
         out[i + 1] = replace(relu, args=(_Ref(relu.dst), *relu.args[1:]), dst=pool.dst)
     return out
 
@@ -406,6 +423,10 @@ def _module_kind(mod: nn.Module) -> str | None:
         return "conv" if mod.padding_mode == "zeros" else None
     if type(mod) in NORM_MODULES:
         return "norm" if _norm_ok(mod) else None
+    if type(mod) in GROUP_NORM_MODULES:  # an InstanceNorm with running statistics: vmap
+        return "group_norm" if not getattr(mod, "track_running_stats", False) else None
+    if type(mod) in FEATURE_DROPOUTS:
+        return "feature_dropout"
     if type(mod) in POOL_MODULES:
         return None if getattr(mod, "return_indices", False) else "pool"
     if type(mod) in ELEMENTWISE_MODULES:
@@ -432,7 +453,7 @@ def _module_kind(mod: nn.Module) -> str | None:
 
 
 _MULTI_INPUT_KINDS = {"embedding_bag", "attention", "encoder_layer", "encoder", "rnn"}
-_PARAM_KINDS = {"linear", "conv", "norm", "layer_norm", "embedding", "embedding_bag", "attention", "encoder_layer",
+_PARAM_KINDS = {"linear", "conv", "norm", "group_norm", "layer_norm", "embedding", "embedding_bag", "attention", "encoder_layer",
                 "encoder", "rnn", "param"}
 
 
@@ -851,6 +872,33 @@ class _Runner:
         noise = self.random.noise(_to_slot(h.t, h.layout, self.n), p, contiguous=h.layout == CHAN)
         return Act(h.t * (_to_chan(noise, SLOT, self.n) if h.layout == CHAN else noise), h.layout)
 
+    def feature_dropout(self, h: Act, p: float, training: bool, rank: int) -> Act:
+        """``F.dropout1d/2d/3d(h, p, training)`` of every slot: one mask element per sample and channel.
+
+        Each slot's ``[B, C, 1, ...]`` mask is drawn contiguous from its own
+        generator, as ``F.dropout2d`` draws it for the model alone; a
+        channel-stacked value keeps its layout (the masks side by side as
+        ``[B, S*C, 1, ...]``).
+        """
+        shape = h.sample_shape(self.n)
+        if len(shape) != rank:  # torch's own rules for other ranks (an unbatched input, a 3-d dropout2d)
+            raise Unsupported("channel dropout of an input of another rank")
+        p = float(p)
+        if not training or p == 0.0:
+            return h
+        if h.layout == SHARED:
+            h = Act(self.slot(h), SLOT)  # one mask per slot, not one for all
+        if p == 1.0:  # F.dropout2d draws nothing
+            return Act(h.t * torch.zeros((), dtype=h.t.dtype, device=h.t.device), h.layout)
+        noise_shape = (*shape[:2], *[1] * (rank - 2))
+        if self.random is None:
+            keep = 1.0 - p
+            noise = torch.empty((self.n, *noise_shape), dtype=h.t.dtype, device=h.t.device)
+            noise = noise.bernoulli_(keep).div_(keep)
+        else:
+            noise = self.random.noise_of_shape(noise_shape, p, h.t.dtype)
+        return Act(h.t * (_to_chan(noise, SLOT, self.n) if h.layout == CHAN else noise), h.layout)
+
     def per_slot_random(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
         """``fn`` on each slot's slice of the slot-first ``tensors`` with the global generator at that slot's
         state, stacked: random ops that take no generator (SDPA's dropout) draw what each model's own call
@@ -950,6 +998,48 @@ class _Runner:
     def _k_norm(self, step: _Step, h: Act) -> Act:
         mod = self.template.get_submodule(step.target)
         return Act(_norm(mod, step.target, _to_chan(h.t, h.layout, self.n), self.params, self.buffers), CHAN)
+
+    def _k_pool_function(self, step: _Step, h: Any, *args: Any, **kwargs: Any) -> Act:
+        """``F.max_pool2d`` and the other functional pools: per sample and channel, as the pool modules."""
+        rank, indices_at = POOL_FUNCTIONS[step.target]
+        if not isinstance(h, Act) or len(h.sample_shape(self.n)) != rank:
+            raise Unsupported("pooling of a constant, or of an input of another rank")
+        if indices_at is not None and (kwargs.get("return_indices") or
+                                       (len(args) > indices_at and args[indices_at])):
+            raise Unsupported("pooling that returns indices")
+        fn = step.target
+        if h.layout == SLOT:  # fold the slots into the batch
+            out = fn(h.t.reshape(self.n * h.t.shape[1], *h.t.shape[2:]), *args, **kwargs)
+            return Act(out.view(self.n, h.t.shape[1], *out.shape[1:]), SLOT)
+        _keep_channels_last_grad(h)  # as _k_pool
+        return Act(fn(h.t, *args, **kwargs), h.layout)
+
+    def _k_group_norm(self, step: _Step, h: Act) -> Act:
+        """``nn.GroupNorm`` (G groups) as one ``F.group_norm`` of S*G groups over the S*C stacked channels,
+        each slot's groups its own channels; ``nn.InstanceNorm1d/2d`` as one ``F.instance_norm`` over them."""
+        mod = self.template.get_submodule(step.target)
+        shape = h.sample_shape(self.n)
+        want = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4}.get(type(mod))
+        if (want is not None and len(shape) != want) or len(shape) < 2:
+            raise Unsupported("normalization of an input of another rank")  # e.g. unbatched: vmap
+        x = _to_chan(h.t, h.layout, self.n)
+        w, b = self.params.get(f"{step.target}.weight"), self.params.get(f"{step.target}.bias")
+        w, b = None if w is None else w.reshape(-1), None if b is None else b.reshape(-1)
+        if type(mod) is nn.GroupNorm:
+            return Act(F.group_norm(x, self.n * mod.num_groups, w, b, mod.eps), CHAN)
+        return Act(F.instance_norm(x, None, None, w, b, True, mod.momentum if mod.momentum is not None else 0.0,
+                                   mod.eps), CHAN)
+
+    def _k_feature_dropout(self, step: _Step, h: Any, *args: Any, **kwargs: Any) -> Any:
+        if step.op == "call_module":
+            mod = self.template.get_submodule(step.target)
+            p, training, rank = mod.p, mod.training, FEATURE_DROPOUTS[type(mod)]
+        else:  # F.dropout2d(input, p=0.5, training=True, inplace=False)
+            bound = dict(zip(("p", "training", "inplace"), args), **kwargs)
+            p, training, rank = bound.get("p", 0.5), bound.get("training", True), FEATURE_DROPOUTS[step.target]
+        if not isinstance(h, Act):
+            raise Unsupported("channel dropout of a constant")
+        return self.feature_dropout(h, p, training, rank)
 
     def _k_pool(self, step: _Step, h: Act) -> Act:
         mod = self.template.get_submodule(step.target)

@@ -466,3 +466,77 @@ def test_a_direct_path_that_fails_unexpectedly_says_so_and_vmap_runs_the_call(mo
     with warnings.catch_warnings():
         warnings.simplefilter("error", FusionWarning)
         torch.testing.assert_close(quiet(x), want)
+
+
+class NormCNN(nn.Module):
+    """GroupNorm, InstanceNorm2d (affine) and InstanceNorm1d, F.max_pool2d (stride, padding) after a ReLU,
+    F.avg_pool1d and F.adaptive_avg_pool1d, as scripts write them in forward. (No bias before an instance norm,
+    which cancels it: its gradient is zero but for rounding, which Adam turns into lr-sized steps.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.gn = nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(4, 8)
+        self.c2, self.inorm = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.InstanceNorm2d(8, affine=True)
+        self.c3, self.in1 = nn.Conv1d(8, 4, 3, padding=1, bias=False), nn.InstanceNorm1d(4)
+        self.head = nn.Linear(4 * 8, 5)
+
+    def forward(self, x):
+        h = nn.functional.max_pool2d(torch.relu(self.gn(self.c1(x))), 3, stride=2, padding=1)  # 8x8 -> 4x4
+        h = nn.functional.relu(self.inorm(self.c2(h)))
+        h = nn.functional.avg_pool1d(self.in1(self.c3(h.flatten(2))), 2)  # [B, 4, 16] -> [B, 4, 8]
+        return self.head(nn.functional.adaptive_avg_pool1d(h, 8).flatten(1))
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_group_and_instance_norm_and_functional_pools_run_directly_and_train_like_solo_modules(per_slot):
+    torch.manual_seed(4)
+    models = [NormCNN() for _ in range(3)]
+    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    assert mb.uses_direct_path
+    kinds = [s.kind for s in mb._plan().steps]
+    assert {"group_norm", "pool_function"} <= set(kinds)
+    assert kinds.index("pool_function") < kinds.index("function")  # F.max_pool2d(relu(.)) pools first
+    eng = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=1e-2), nn.functional.cross_entropy)
+    solo = [copy.deepcopy(m) for m in models]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in solo]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(3, 8, 1, 8, 8, generator=g) if per_slot else torch.randn(8, 1, 8, 8, generator=g)
+        y = torch.randint(0, 5, (3, 8) if per_slot else (8,), generator=g)
+        eng.train_step(x, y, per_slot=per_slot)
+        for i, (m, o) in enumerate(zip(solo, opts)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x[i] if per_slot else x), y[i] if per_slot else y).backward()
+            o.step()
+    assert not mb._slow_keys  # nothing fell back to vmap
+    state_close(mb, solo)
+    mb.eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        out = mb(x)
+    for i, m in enumerate(solo):
+        torch.testing.assert_close(out[i], m.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_norms_and_pools_the_direct_path_does_not_take_fall_back_to_vmap():
+    """InstanceNorm with running statistics, and a max pool that returns its indices: vmap, same results."""
+    tracked = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.InstanceNorm2d(2, track_running_stats=True),
+                            nn.Flatten(), nn.Linear(128, 2))
+    assert not rmb.ModelBatch([copy.deepcopy(tracked) for _ in range(2)]).uses_direct_path
+
+    class Indices(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Linear(32, 2)
+
+        def forward(self, x):
+            h, idx = nn.functional.max_pool2d(self.c(x), 2, return_indices=True)
+            return self.head(h.flatten(1)) + 0 * idx.sum()
+
+    model = Indices()
+    mb = rmb.ModelBatch([copy.deepcopy(model) for _ in range(2)])
+    x = torch.randn(5, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = mb(x)
+    torch.testing.assert_close(out[1], model(x), rtol=1e-5, atol=1e-6)

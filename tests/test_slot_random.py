@@ -41,8 +41,7 @@ class DropMLP(nn.Module):
 
 
 class DropCNN(nn.Module):
-    """Dropout on channel-stacked convolution activations (``nn.Dropout2d``: on vmap, the direct path takes
-    ``nn.Dropout`` only)."""
+    """Dropout on channel-stacked convolution activations (``nn.Dropout``, or ``nn.Dropout2d``)."""
 
     def __init__(self, drop: type[nn.Module] = nn.Dropout):
         super().__init__()
@@ -105,7 +104,20 @@ class DropLSTM(nn.Module):
         return self.out(y[:, -1])
 
 
-MODELS = {"mlp": DropMLP, "cnn": DropCNN, "transformer": DropTransformer, "attention_weights": DropAttentionWeights,
+class DropConv1d(nn.Module):
+    """``F.dropout1d`` on a Conv1d's channels (and ``nn.Dropout2d`` in DropCNN): one mask value per sample and
+    channel, on the direct path."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(1, 4, 3, padding=1), nn.Linear(4 * 36, 4)
+
+    def forward(self, x):
+        return self.fc(F.dropout1d(torch.relu(self.conv(x.unsqueeze(1))), 0.3, self.training).flatten(1))
+
+
+MODELS = {"mlp": DropMLP, "cnn": DropCNN, "cnn_dropout2d": lambda: DropCNN(nn.Dropout2d),
+          "conv1d_dropout1d": DropConv1d, "transformer": DropTransformer, "attention_weights": DropAttentionWeights,
           "sdpa": DropSDPA, "lstm": DropLSTM}
 
 
@@ -122,7 +134,7 @@ def _seeded(make, s: int) -> tuple[nn.Module, torch.Tensor]:
 
 
 def _features(name: str) -> int:
-    return 36 if name == "cnn" else 10
+    return 36 if name.startswith(("cnn", "conv1d")) else 10
 
 
 def _alone(model: nn.Module, state: torch.Tensor, batches) -> tuple[nn.Module, torch.Tensor]:
@@ -278,7 +290,7 @@ def test_on_vmap_a_slot_with_dropout_trains_like_its_model_alone(name):
     pairs = [_seeded(make, s) for s in range(S)]
     batches = _batches(STEPS, features)
     refs = [_alone(m, st, batches) for m, st in pairs]
-    mb = rmb.ModelBatch([m for m, _ in pairs], direct_path=name != "mlp_on_vmap")
+    mb = rmb.ModelBatch([m for m, _ in pairs], direct_path=False)
     for s, (_, st) in enumerate(pairs):
         mb.random.set_state(s, st)
     engine = rmb.FusedEngine(mb, optim.SGD(mb, lr=LR, momentum=0.9), F.cross_entropy)
