@@ -518,6 +518,22 @@ def test_group_and_instance_norm_and_functional_pools_run_directly_and_train_lik
         torch.testing.assert_close(out[i], m.eval()(x), rtol=1e-4, atol=1e-5)
 
 
+def test_group_norm_after_a_linear_layer_runs_directly_and_matches_vmap():
+    model = nn.Sequential(nn.Linear(5, 8), nn.GroupNorm(2, 8), nn.ReLU(), nn.Linear(8, 3))
+    direct = rmb.ModelBatch([copy.deepcopy(model) for _ in range(3)])
+    vmapped = rmb.ModelBatch([copy.deepcopy(model) for _ in range(3)], direct_path=False)
+    assert direct.uses_direct_path
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    for mb in (direct, vmapped):
+        mb.zero_grad()
+        loss, _ = mb.forward_loss(x, y, nn.functional.mse_loss)
+        loss.sum().backward()
+        mb.sync_grads()
+    torch.testing.assert_close(direct(x), vmapped(x))
+    for name in direct.params:
+        torch.testing.assert_close(direct.params[name].grad, vmapped.params[name].grad, rtol=1e-5, atol=1e-6)
+
+
 def test_norms_and_pools_the_direct_path_does_not_take_fall_back_to_vmap():
     """InstanceNorm with running statistics, and a max pool that returns its indices: vmap, same results."""
     tracked = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.InstanceNorm2d(2, track_running_stats=True),
