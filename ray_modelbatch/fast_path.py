@@ -31,7 +31,8 @@ stacked parameters directly:
   layer and direction as one batched GEMM and the gate math per time step
   (a GRU after one batched GEMM for the input projection of the whole
   sequence), with a hand-written backward through time (see :mod:`.direct_rnn`);
-* activations are elementwise, so they act per slot as they are; dropout
+* activations are elementwise, so they act per slot as they are
+  (``nn.PReLU`` with each slot's weight, per channel or one); dropout
   (and the channel dropouts ``nn.Dropout1d/2d/3d``, one mask value per sample
   and channel) draws each slot's mask from that slot's own generator, in the
   order and shape its model draws it (:mod:`.slot_random`, :meth:`_Runner.dropout`,
@@ -106,10 +107,13 @@ from .unrolled_rnn import UnrolledRNN
 __all__ = ["FastPlan", "GradTarget", "Unsupported", "plan", "run", "onednn_available", "DIRECT_WRITE_MIN", "GEMMS"]
 
 ELEMENTWISE_MODULES = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus,
-                       nn.Identity, nn.Dropout, nn.Mish, nn.Hardtanh, nn.ReLU6)
+                       nn.Identity, nn.Dropout, nn.Mish, nn.Hardtanh, nn.ReLU6, nn.SELU, nn.CELU, nn.Hardswish,
+                       nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink)
 ELEMENTWISE_FUNCTIONS = {torch.relu, torch.tanh, torch.sigmoid, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
                          torch.abs, torch.neg, operator.neg, F.relu, F.gelu, F.silu, F.tanh, F.sigmoid, F.softplus,
-                         F.leaky_relu, F.elu, F.mish, F.dropout}
+                         F.leaky_relu, F.elu, F.mish, F.dropout, F.selu, torch.selu, F.celu, F.hardswish,
+                         F.hardsigmoid, F.logsigmoid, F.softsign, F.relu6, F.hardtanh, F.tanhshrink, F.softshrink,
+                         F.hardshrink}
 ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "contiguous",
                        "float", "clone"}
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
@@ -427,6 +431,8 @@ def _module_kind(mod: nn.Module) -> str | None:
         return "group_norm" if not getattr(mod, "track_running_stats", False) else None
     if type(mod) in FEATURE_DROPOUTS:
         return "feature_dropout"
+    if type(mod) is nn.PReLU:
+        return "prelu"
     if type(mod) in POOL_MODULES:
         return None if getattr(mod, "return_indices", False) else "pool"
     if type(mod) in ELEMENTWISE_MODULES:
@@ -453,7 +459,7 @@ def _module_kind(mod: nn.Module) -> str | None:
 
 
 _MULTI_INPUT_KINDS = {"embedding_bag", "attention", "encoder_layer", "encoder", "rnn"}
-_PARAM_KINDS = {"linear", "conv", "norm", "group_norm", "layer_norm", "embedding", "embedding_bag", "attention", "encoder_layer",
+_PARAM_KINDS = {"linear", "conv", "norm", "group_norm", "prelu", "layer_norm", "embedding", "embedding_bag", "attention", "encoder_layer",
                 "encoder", "rnn", "param"}
 
 
@@ -1029,6 +1035,24 @@ class _Runner:
             return Act(F.group_norm(x, self.n * mod.num_groups, w, b, mod.eps), CHAN)
         return Act(F.instance_norm(x, None, None, w, b, True, mod.momentum if mod.momentum is not None else 0.0,
                                    mod.eps), CHAN)
+
+    def _k_prelu(self, step: _Step, h: Act) -> Act:
+        """``nn.PReLU`` of every slot: ``x > 0 ? x : w * x`` (torch's own kernel's formula) with each slot's
+        weight, one value or one per channel (dim 1 of the input, as ``F.prelu``)."""
+        w = self.params[f"{step.target}.weight"]  # [n, 1] or [n, C]
+        shape = h.sample_shape(self.n)
+        if w.shape[1] > 1 and (len(shape) < 2 or shape[1] != w.shape[1]):
+            raise Unsupported("PReLU weights that do not match the input's channels")
+        if h.layout == CHAN:
+            chans = shape[1]
+            wv = (w.expand(self.n, chans) if w.shape[1] == 1 else w).reshape(1, self.n * chans,
+                                                                            *[1] * (len(shape) - 2))
+            x = h.t
+        else:
+            x = self.slot(h) if h.layout == SHARED else h.t
+            wv = w.view(self.n, *([1] * len(shape))) if w.shape[1] == 1 else \
+                w.view(self.n, 1, w.shape[1], *[1] * (len(shape) - 2))
+        return Act(torch.where(x > 0, x, wv * x), CHAN if h.layout == CHAN else SLOT)
 
     def _k_feature_dropout(self, step: _Step, h: Any, *args: Any, **kwargs: Any) -> Any:
         if step.op == "call_module":

@@ -483,3 +483,36 @@ class CausalEncoder(nn.Module):
 def test_causal_attention_on_short_and_long_sequences(tokens):
     x, y = torch.randint(0, 20, (5, tokens)), torch.randint(0, 4, (5,))
     trains_like_solo(CausalEncoder, x, y, args=(nn.Transformer.generate_square_subsequent_mask(tokens),))
+
+
+# --------------------------------------------------------------------------- more activations, PReLU
+class Activations(nn.Module):
+    """Every elementwise activation the direct path takes beyond ReLU/GELU/SiLU, and PReLU (one weight, and one
+    per channel after a convolution and after a Linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.prelu_c = nn.Conv2d(1, 4, 3, padding=1), nn.PReLU(4)
+        self.fc1, self.prelu_1, self.prelu_f = nn.Linear(4 * 64, 16), nn.PReLU(), nn.PReLU(16)
+        self.acts = nn.ModuleList([nn.SELU(), nn.CELU(0.5), nn.Hardswish(), nn.Hardsigmoid(), nn.LogSigmoid(),
+                                   nn.Softsign(), nn.Tanhshrink(), nn.Softshrink(0.1), nn.Hardshrink(0.1)])
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.prelu_c(self.conv(x.view(-1, 1, 8, 8))).flatten(1)
+        h = self.prelu_f(self.prelu_1(self.fc1(h)))
+        for act in self.acts:
+            h = act(h) + 0.5 * h
+        h = F.selu(h) + F.celu(h) + F.hardswish(h) + F.hardsigmoid(h) + F.logsigmoid(h) + F.softsign(h)
+        h = h + F.relu6(h) + F.hardtanh(h) + F.tanhshrink(h) + F.softshrink(h) + F.hardshrink(h)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_more_activations_and_prelu(per_slot):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(S, 16, 64, generator=g) if per_slot else torch.randn(16, 64, generator=g)
+    y = torch.randint(0, 4, (S, 16) if per_slot else (16,), generator=g)
+    mb = trains_like_solo(Activations, x, y, per_slot=per_slot)
+    kinds = {s.kind for s in mb._plan().steps}
+    assert "prelu" in kinds
