@@ -57,6 +57,15 @@ class Act:
         return self.t.shape
 
 
+def rms_norm(mod: nn.RMSNorm, h: torch.Tensor, shared: bool, weight: torch.Tensor | None) -> Act:
+    """``nn.RMSNorm`` of every slot (``h`` as in :func:`layer_norm`): the normalization once over all slots,
+    then each slot's weight (``F.rms_norm`` with a weight rounds the same, measured bit-equal)."""
+    y = F.rms_norm(h, mod.normalized_shape, None, mod.eps)
+    if weight is None:
+        return Act(y, SHARED if shared else SLOT)
+    return Act(y * per_slot_view(weight, h.dim() - (not shared)), SLOT)
+
+
 def per_slot_view(t: torch.Tensor, rank: int) -> torch.Tensor:
     """``[n, *shape]`` viewed as ``[n, 1, ..., *shape]`` with ``rank`` dims after the slot: each slot's
     value lined up for broadcasting against others of rank ``rank``, as the model broadcasts it alone."""

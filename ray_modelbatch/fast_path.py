@@ -22,7 +22,7 @@ stacked parameters directly:
   pooling (the modules and ``F.max_pool2d``-style functions) acts per channel
   as it is: a CNN stays in the channel-stacked layout from its first
   convolution to its flatten, with no copies between layers;
-* ``nn.LayerNorm``, ``nn.Embedding`` and ``nn.EmbeddingBag`` (sum, mean) are
+* ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.Embedding`` and ``nn.EmbeddingBag`` (sum, mean) are
   one kernel over all slots each (see :mod:`.direct_kernels`);
   ``nn.MultiheadAttention``, ``F.scaled_dot_product_attention`` and
   ``nn.TransformerEncoder(Layer)`` run attention once on the slots folded into
@@ -443,6 +443,8 @@ def _module_kind(mod: nn.Module) -> str | None:
         return "softmax" if mod.dim is not None else None
     if type(mod) is nn.LayerNorm:
         return "layer_norm"
+    if type(mod) is nn.RMSNorm:
+        return "rms_norm"
     if type(mod) in EMBEDDING_MODULES:
         return "embedding" if kernels.embedding_ok(mod) else None
     if type(mod) is nn.EmbeddingBag:
@@ -459,8 +461,8 @@ def _module_kind(mod: nn.Module) -> str | None:
 
 
 _MULTI_INPUT_KINDS = {"embedding_bag", "attention", "encoder_layer", "encoder", "rnn"}
-_PARAM_KINDS = {"linear", "conv", "norm", "group_norm", "prelu", "layer_norm", "embedding", "embedding_bag", "attention", "encoder_layer",
-                "encoder", "rnn", "param"}
+_PARAM_KINDS = {"linear", "conv", "norm", "group_norm", "prelu", "layer_norm", "rms_norm", "embedding",
+                "embedding_bag", "attention", "encoder_layer", "encoder", "rnn", "param"}
 
 
 
@@ -992,6 +994,11 @@ class _Runner:
 
     def _k_layer_norm(self, step: _Step, h: Act) -> Act:
         return self.layer_norm(step.target, h)
+
+    def _k_rms_norm(self, step: _Step, h: Act) -> Act:
+        x = self.slot(h) if h.layout == CHAN else h.t
+        return kernels.rms_norm(self.template.get_submodule(step.target), x, h.layout == SHARED,
+                                self.params.get(f"{step.target}.weight"))
 
     def _k_conv(self, step: _Step, h: Act) -> Act:
         mod = self.template.get_submodule(step.target)

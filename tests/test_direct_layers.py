@@ -516,3 +516,26 @@ def test_more_activations_and_prelu(per_slot):
     mb = trains_like_solo(Activations, x, y, per_slot=per_slot)
     kinds = {s.kind for s in mb._plan().steps}
     assert "prelu" in kinds
+
+
+class RMSBlock(nn.Module):
+    """A pre-norm residual MLP block as small LLaMA-style models write it: RMSNorm (with and without a weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.norm, self.up, self.down = nn.Linear(12, 16), nn.RMSNorm(16), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.final, self.head = nn.RMSNorm(16, eps=1e-5, elementwise_affine=False), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.down(F.silu(self.up(self.norm(h))))
+        return self.head(self.final(h).mean(1))
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_rms_norm(per_slot):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(S, 8, 5, 12, generator=g) if per_slot else torch.randn(8, 5, 12, generator=g)
+    y = torch.randint(0, 4, (S, 8) if per_slot else (8,), generator=g)
+    mb = trains_like_solo(RMSBlock, x, y, per_slot=per_slot)
+    assert "rms_norm" in {s.kind for s in mb._plan().steps}

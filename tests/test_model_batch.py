@@ -305,12 +305,12 @@ def test_slot_indices_are_checked_and_every_slot_in_order_means_no_index():
 def test_direct_path_matches_vmap_for_linear_models():
     """Linear + elementwise models skip vmap; outputs and gradients equal the vmap path's, for shared
     and per-slot inputs, all slots or a subset, and 3-D inputs to a Linear; layers without a direct kernel
-    (RMSNorm) use vmap. (Convolutions and BatchNorm: tests/test_direct_conv.py; LayerNorm, embeddings,
+    (Softmin) use vmap. (Convolutions and BatchNorm: tests/test_direct_conv.py; LayerNorm, embeddings,
     attention: tests/test_direct_layers.py.)"""
     models = make_models(6)
     direct, vmapped = rmb.ModelBatch(clones(models)), rmb.ModelBatch(clones(models), direct_path=False)
     assert direct.uses_direct_path and not vmapped.uses_direct_path
-    assert not rmb.ModelBatch([nn.Sequential(nn.Linear(5, 8), nn.RMSNorm(8), nn.Linear(8, 3))] * 2).uses_direct_path
+    assert not rmb.ModelBatch([nn.Sequential(nn.Linear(5, 8), nn.Softmin(1), nn.Linear(8, 3))] * 2).uses_direct_path
     x, xs, y = torch.randn(16, 5), torch.randn(6, 16, 5), torch.randn(16, 3)
     for slots in (None, [4, 1]):
         torch.testing.assert_close(direct(x, slots=slots), vmapped(x, slots=slots))
