@@ -19,8 +19,9 @@ stacked parameters directly:
   whose running statistics are views of the stacked buffers; ``nn.GroupNorm``
   with G groups is one ``F.group_norm`` of ``S*G`` groups (each slot's groups
   are its own channels) and ``nn.InstanceNorm1d/2d`` one ``F.instance_norm``;
-  pooling (the modules and ``F.max_pool2d``-style functions) acts per channel
-  as it is: a CNN stays in the channel-stacked layout from its first
+  pooling (the modules and ``F.max_pool2d``-style functions), upsampling
+  (``nn.Upsample``, ``F.interpolate``) and the pixel shuffles act per channel
+  as they are: a CNN stays in the channel-stacked layout from its first
   convolution to its flatten, with no copies between layers;
 * ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.Embedding`` and ``nn.EmbeddingBag`` (sum, mean) are
   one kernel over all slots each (see :mod:`.direct_kernels`);
@@ -122,15 +123,18 @@ NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
 GROUP_NORM_MODULES = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
 # Dropout of whole channels -> the rank of the input it takes (with the batch dimension), as F.dropout1d/2d/3d.
 FEATURE_DROPOUTS = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5, F.dropout1d: 3, F.dropout2d: 4, F.dropout3d: 5}
-# Per-channel ops: they act on a [B, S*C, ...] tensor exactly as on each slot's [B, C, ...].
+# Per-channel ops: they act on a [B, S*C, ...] tensor exactly as on each slot's [B, C, ...]. (Pixel shuffles
+# move values between channels, but only within blocks of r*r consecutive ones, which never straddle slots.)
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample,
+                nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle, nn.PixelUnshuffle)
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)  # see _pool_before_relu
-# The functional forms, -> (rank of their input with the batch dimension, the position of return_indices
-# among the arguments after the input; None: average pools, which have none).
+# The functional forms, -> (rank of their input with the batch dimension, None: any from 3; the position of
+# return_indices among the arguments after the input, None: ops that have none).
 POOL_FUNCTIONS = {F.max_pool1d: (3, 5), F.max_pool2d: (4, 5), F.adaptive_max_pool1d: (3, 1),
                   F.adaptive_max_pool2d: (4, 1), F.avg_pool1d: (3, None), F.avg_pool2d: (4, None),
-                  F.adaptive_avg_pool1d: (3, None), F.adaptive_avg_pool2d: (4, None)}
+                  F.adaptive_avg_pool1d: (3, None), F.adaptive_avg_pool2d: (4, None), F.interpolate: (None, None),
+                  F.pixel_shuffle: (4, None), F.pixel_unshuffle: (4, None)}
 EMBEDDING_MODULES = (nn.Embedding, PaddedEmbedding)  # the stack's template has PaddedEmbedding for padding_idx
 RNN_MODULES = (UnrolledRNN, nn.LSTM, nn.GRU, nn.RNN)  # the stack's template has UnrolledRNN for the others
 
@@ -1013,9 +1017,10 @@ class _Runner:
         return Act(_norm(mod, step.target, _to_chan(h.t, h.layout, self.n), self.params, self.buffers), CHAN)
 
     def _k_pool_function(self, step: _Step, h: Any, *args: Any, **kwargs: Any) -> Act:
-        """``F.max_pool2d`` and the other functional pools: per sample and channel, as the pool modules."""
+        """``F.max_pool2d``, the other functional pools, ``F.interpolate`` and the pixel shuffles: per sample
+        and channel (block), as the modules."""
         rank, indices_at = POOL_FUNCTIONS[step.target]
-        if not isinstance(h, Act) or len(h.sample_shape(self.n)) != rank:
+        if not isinstance(h, Act) or len(h.sample_shape(self.n)) != (rank or max(3, len(h.sample_shape(self.n)))):
             raise Unsupported("pooling of a constant, or of an input of another rank")
         if indices_at is not None and (kwargs.get("return_indices") or
                                        (len(args) > indices_at and args[indices_at])):

@@ -556,3 +556,44 @@ def test_norms_and_pools_the_direct_path_does_not_take_fall_back_to_vmap():
         warnings.simplefilter("ignore")
         out = mb(x)
     torch.testing.assert_close(out[1], model(x), rtol=1e-5, atol=1e-6)
+
+
+class Upsampler(nn.Module):
+    """A convolutional decoder's layers: nn.Upsample (nearest), F.interpolate (bilinear), PixelShuffle and
+    PixelUnshuffle, between convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.up = nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.Upsample(scale_factor=2)
+        self.c2, self.shuffle = nn.Conv2d(4, 8, 3, padding=1), nn.PixelShuffle(2)  # 8 channels -> 2, 2x size
+        self.unshuffle, self.c3 = nn.PixelUnshuffle(2), nn.Conv2d(8, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 8 * 8, 5)
+
+    def forward(self, x):
+        h = self.up(torch.relu(self.c1(x)))  # 8x8 -> 4x4 -> 8x8
+        h = self.unshuffle(self.shuffle(torch.tanh(self.c2(h))))  # 8x8 -> 16x16 -> 8x8
+        h = nn.functional.interpolate(self.c3(h), scale_factor=0.5, mode="bilinear", align_corners=False)
+        h = nn.functional.interpolate(h, size=(8, 8), mode="nearest")
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_upsampling_and_pixel_shuffles_run_directly_and_train_like_solo_modules(per_slot):
+    torch.manual_seed(5)
+    models = [Upsampler() for _ in range(3)]
+    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    assert mb.uses_direct_path
+    eng = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=1e-2), nn.functional.cross_entropy)
+    solo = [copy.deepcopy(m) for m in models]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in solo]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        x = torch.randn(3, 6, 1, 8, 8, generator=g) if per_slot else torch.randn(6, 1, 8, 8, generator=g)
+        y = torch.randint(0, 5, (3, 6) if per_slot else (6,), generator=g)
+        eng.train_step(x, y, per_slot=per_slot)
+        for i, (m, o) in enumerate(zip(solo, opts)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x[i] if per_slot else x), y[i] if per_slot else y).backward()
+            o.step()
+    assert not mb._slow_keys
+    state_close(mb, solo)
