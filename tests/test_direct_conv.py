@@ -487,20 +487,18 @@ class NormCNN(nn.Module):
         return self.head(nn.functional.adaptive_avg_pool1d(h, 8).flatten(1))
 
 
-@pytest.mark.parametrize("per_slot", [False, True])
-def test_group_and_instance_norm_and_functional_pools_run_directly_and_train_like_solo_modules(per_slot):
-    torch.manual_seed(4)
-    models = [NormCNN() for _ in range(3)]
+def directly_trains_like_solo_modules(make, per_slot: bool, steps: int = 4, seed: int = 0) -> rmb.ModelBatch:
+    """Three slots of ``make()`` on 8x8 images (shared or per-slot batches), Adam against each module alone with
+    torch.optim.Adam: every call on the direct path, parameters, buffers and eval outputs equal to rounding."""
+    torch.manual_seed(seed)
+    models = [make() for _ in range(3)]
     mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
     assert mb.uses_direct_path
-    kinds = [s.kind for s in mb._plan().steps]
-    assert {"group_norm", "pool_function"} <= set(kinds)
-    assert kinds.index("pool_function") < kinds.index("function")  # F.max_pool2d(relu(.)) pools first
     eng = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=1e-2), nn.functional.cross_entropy)
     solo = [copy.deepcopy(m) for m in models]
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in solo]
-    g = torch.Generator().manual_seed(1)
-    for _ in range(5):
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
         x = torch.randn(3, 8, 1, 8, 8, generator=g) if per_slot else torch.randn(8, 1, 8, 8, generator=g)
         y = torch.randint(0, 5, (3, 8) if per_slot else (8,), generator=g)
         eng.train_step(x, y, per_slot=per_slot)
@@ -516,6 +514,15 @@ def test_group_and_instance_norm_and_functional_pools_run_directly_and_train_lik
         out = mb(x)
     for i, m in enumerate(solo):
         torch.testing.assert_close(out[i], m.eval()(x), rtol=1e-4, atol=1e-5)
+    return mb
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_group_and_instance_norm_and_functional_pools_run_directly_and_train_like_solo_modules(per_slot):
+    mb = directly_trains_like_solo_modules(NormCNN, per_slot, steps=5, seed=4)
+    kinds = [s.kind for s in mb._plan().steps]
+    assert {"group_norm", "pool_function"} <= set(kinds)
+    assert kinds.index("pool_function") < kinds.index("function")  # F.max_pool2d(relu(.)) pools first
 
 
 def test_group_norm_after_a_linear_layer_runs_directly_and_matches_vmap():
@@ -579,21 +586,4 @@ class Upsampler(nn.Module):
 
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_upsampling_and_pixel_shuffles_run_directly_and_train_like_solo_modules(per_slot):
-    torch.manual_seed(5)
-    models = [Upsampler() for _ in range(3)]
-    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
-    assert mb.uses_direct_path
-    eng = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=1e-2), nn.functional.cross_entropy)
-    solo = [copy.deepcopy(m) for m in models]
-    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in solo]
-    g = torch.Generator().manual_seed(2)
-    for _ in range(4):
-        x = torch.randn(3, 6, 1, 8, 8, generator=g) if per_slot else torch.randn(6, 1, 8, 8, generator=g)
-        y = torch.randint(0, 5, (3, 6) if per_slot else (6,), generator=g)
-        eng.train_step(x, y, per_slot=per_slot)
-        for i, (m, o) in enumerate(zip(solo, opts)):
-            o.zero_grad()
-            nn.functional.cross_entropy(m(x[i] if per_slot else x), y[i] if per_slot else y).backward()
-            o.step()
-    assert not mb._slow_keys
-    state_close(mb, solo)
+    directly_trains_like_solo_modules(Upsampler, per_slot, seed=5)

@@ -328,27 +328,7 @@ def noisy_step(model, batch, config):
 
 
 def test_a_user_step_that_draws_noise_draws_its_model_s_own_numbers():
-    pairs = [_seeded(DropMLP, s) for s in range(S)]
-    batches = _batches(STEPS, 10)
-    refs = []
-    for m, st in pairs:  # each model alone: the same step, torch's global generator
-        m = copy.deepcopy(m)
-        opt = torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9)
-        torch.set_rng_state(st)
-        for x, y in batches:
-            opt.zero_grad()
-            noisy_step(m, (x, y), {}).backward()
-            opt.step()
-        refs.append((m, torch.get_rng_state()))
-    mb = rmb.ModelBatch([m for m, _ in pairs])
-    for s, (_, st) in enumerate(pairs):
-        mb.random.set_state(s, st)
-    engine = rmb.FusedEngine(mb, optim.SGD(mb, lr=LR, momentum=0.9), step_fn=noisy_step)
-    for x, y in batches:
-        engine.train_step(x, y)
-    for s, (ref, end) in enumerate(refs):
-        assert _max_rel(mb, s, ref) < 2e-5, s
-        assert torch.equal(mb.random.state(s), end), s
+    _fused_step_trains_like_alone(DropMLP, noisy_step)
 
 
 def test_a_model_in_parts_draws_per_slot_and_a_masked_slot_keeps_its_generator():
@@ -496,12 +476,11 @@ def _step_alone(make, step, s: int, batches) -> tuple[nn.Module, torch.Tensor, n
     return model, state, ref, end
 
 
-@pytest.mark.parametrize("name", list(RANDOM_STEPS))
-def test_every_random_function_in_a_step_draws_the_slot_s_own_numbers(name):
-    """Each sampler, fill, distribution and generator-less random function: a fused slot trains as its model
-    alone does with torch's global generator, and ends where that generator ended."""
-    step, batches = RANDOM_STEPS[name], _batches(STEPS, 10)
-    runs = [_step_alone(Encoder, step, s, batches) for s in range(S)]
+def _fused_step_trains_like_alone(make, step) -> None:
+    """S slots of ``make()`` trained fused with ``step`` end as each model trained alone with it, drawing from
+    torch's global generator, does: parameters to float rounding, the generator where the model's ended."""
+    batches = _batches(STEPS, 10)
+    runs = [_step_alone(make, step, s, batches) for s in range(S)]
     mb = rmb.ModelBatch([r[0] for r in runs])
     for s, r in enumerate(runs):
         mb.random.set_state(s, r[1])
@@ -511,6 +490,12 @@ def test_every_random_function_in_a_step_draws_the_slot_s_own_numbers(name):
     for s, (_, _, ref, end) in enumerate(runs):
         assert _max_rel(mb, s, ref) < 2e-5, s
         assert torch.equal(mb.random.state(s), end), s
+
+
+@pytest.mark.parametrize("name", list(RANDOM_STEPS))
+def test_every_random_function_in_a_step_draws_the_slot_s_own_numbers(name):
+    """Each sampler, fill, distribution and generator-less random function."""
+    _fused_step_trains_like_alone(Encoder, RANDOM_STEPS[name])
 
 
 class RandomLayers(nn.Module):
