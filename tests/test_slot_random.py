@@ -137,8 +137,13 @@ def _features(name: str) -> int:
     return 36 if name.startswith(("cnn", "conv1d")) else 10
 
 
-def _alone(model: nn.Module, state: torch.Tensor, batches) -> tuple[nn.Module, torch.Tensor]:
-    """The model trained by itself with torch.optim.SGD, its dropout drawing from the global generator.
+def _cross_entropy_step(model, batch, config):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def _alone(model: nn.Module, state: torch.Tensor, batches, step=_cross_entropy_step) -> tuple[nn.Module, torch.Tensor]:
+    """The model trained by itself with torch.optim.SGD (``step`` gives the loss), drawing from the global
+    generator from ``state`` on; and where that generator ended.
 
     SGD, not Adam: Adam turns the rounding noise of gradients that are zero in exact arithmetic (an attention
     key's bias) into learning-rate-sized steps, which would hide what is compared here: the masks."""
@@ -149,7 +154,7 @@ def _alone(model: nn.Module, state: torch.Tensor, batches) -> tuple[nn.Module, t
     try:
         for x, y in batches:
             opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            step(model, (x, y), {}).backward()
             opt.step()
         end = torch.get_rng_state()
     finally:
@@ -460,20 +465,10 @@ RANDOM_STEPS = {"vae": _vae, "normal_of_tensors": _normal_of_tensors, "fills": _
 
 
 def _step_alone(make, step, s: int, batches) -> tuple[nn.Module, torch.Tensor, nn.Module, torch.Tensor]:
+    """Model ``s`` as built (and its generator state then), and the same trained alone with ``step``, and where
+    its generator ended."""
     model, state = _seeded(make, s)
-    ref = copy.deepcopy(model)
-    opt = torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9)
-    saved = torch.get_rng_state()
-    torch.set_rng_state(state)
-    try:
-        for x, y in batches:
-            opt.zero_grad()
-            step(ref, (x, y), {}).backward()
-            opt.step()
-        end = torch.get_rng_state()
-    finally:
-        torch.set_rng_state(saved)
-    return model, state, ref, end
+    return (model, state, *_alone(model, state, batches, step))
 
 
 def _fused_step_trains_like_alone(make, step) -> None:
