@@ -48,8 +48,11 @@ generator, as the model alone draws them from the global one:
   (``torch.empty(n).normal_()``) cannot hold a value per slot: vmap refuses
   that fill, and the error says what to write instead.
 
-``F.rrelu`` in training draws from torch's global generator (one warning).
-An evaluation draws from each slot's generator without moving it (an
+Functions that draw without taking a generator (``F.gumbel_softmax``,
+``F.rrelu`` in training, ``F.multi_head_attention_forward`` and
+``F.scaled_dot_product_attention`` with dropout, the fractional max pools)
+run once per slot with the global generator set to the slot's, and
+``torch.nn.init``'s fills of a per-slot tensor fill each slot's rows. An evaluation draws from each slot's generator without moving it (an
 evaluation may run rows that are not being evaluated, and must not change
 what the slot draws next in training).
 
@@ -70,7 +73,6 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-
 
 try:  # functorch's internals: how a value made outside vmap's transform joins it, one row per slot
     from torch._C import _DisableFuncTorch
@@ -312,8 +314,16 @@ _GLOBAL_DRAWERS: dict[Any, Callable[[tuple, dict], bool]] = {
     F.multi_head_attention_forward: lambda a, k: bool(_arg(a, k, 13, "training", True))
     and float(_arg(a, k, 10, "dropout_p", 0.0)) > 0,
     F.scaled_dot_product_attention: lambda a, k: float(_arg(a, k, 4, "dropout_p", 0.0)) > 0,
+    **{f: (lambda a, k: _arg(a, k, 5, "_random_samples", None) is None)
+       for f in (F.fractional_max_pool2d, F.fractional_max_pool3d,  # what their inner functions hand over
+                 F.fractional_max_pool2d_with_indices, F._fractional_max_pool2d,
+                 F.fractional_max_pool3d_with_indices, F._fractional_max_pool3d)},
 }
-_RANDOM = frozenset({F.dropout, *_FEATURE_DIMS, *_SAMPLERS, *_LIKE, *_FILLS, *_ALPHA_DROPOUTS, *_GLOBAL_DRAWERS})
+# torch.nn.init's fills that hand themselves to this mode (so it never sees the fill inside): run on each row's
+# view of the tensor with the row's generator; they return the tensor they filled.
+_INITS = {torch.nn.init.uniform_, torch.nn.init.normal_, torch.nn.init.kaiming_uniform_}
+_RANDOM = frozenset({F.dropout, *_FEATURE_DIMS, *_SAMPLERS, *_LIKE, *_FILLS, *_ALPHA_DROPOUTS, *_GLOBAL_DRAWERS,
+                     *_INITS})
 
 
 class _Rows:
@@ -369,6 +379,7 @@ class VmapRandom(TorchFunctionMode):
         if (_add_batch_dim is None or not levels or levels[-1] is None or kwargs.get("generator") is not None
                 or "out" in kwargs):
             return func(*args, **kwargs)
+        kwargs.pop("generator", None)  # generator=None, as torch.nn.init passes it: the slot's takes its place
         level = levels[-1]
         if func is F.dropout or func in _FEATURE_DIMS:
             return self._dropout(func, level, args, kwargs)
@@ -382,6 +393,12 @@ class VmapRandom(TorchFunctionMode):
             return _join(self._each_row(func, level, args, kwargs, via_global=True), level)
         if func in _FILLS:
             return self._fill(func, level, args, kwargs, sys._getframe(1))
+        if func in _INITS:
+            target = args[0] if args else kwargs["tensor"]
+            if maybe_get_level(target) != level:
+                return func(*args, **kwargs)  # a tensor made in the step: its fill fails with fusion_check's line
+            self._each_row(func, level, args, kwargs)  # in place, row by row
+            return target
         if func in _LIKE:
             x = args[0] if args else kwargs.pop("input")
             rest = args[1:]  # randint_like's [low,] high

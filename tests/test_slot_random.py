@@ -459,9 +459,26 @@ def _no_generator_argument(m, batch, config):  # they draw from the global gener
     return F.cross_entropy(m.dec(a + att), batch[1])
 
 
+def _inits(m, batch, config):  # torch.nn.init's fills (some hand themselves to the mode) and generator=None
+    h = m(batch[0])[:, :4]
+    n, u, k, xa = (torch.empty_like(h) for _ in range(4))
+    torch.nn.init.normal_(n, 0.0, 0.1)
+    torch.nn.init.uniform_(u, -0.1, 0.1)
+    torch.nn.init.kaiming_uniform_(k)
+    torch.nn.init.xavier_normal_(xa)
+    noise = torch.randn(h.shape, generator=None)
+    return F.cross_entropy(m.dec(h + n + u + 0.01 * (k + xa + noise)), batch[1])
+
+
+def _fractional_pool(m, batch, config):
+    h = m(batch[0])
+    pooled = F.fractional_max_pool2d(h.view(-1, 2, 2, 2), 2, output_size=(1, 1)).flatten(1)
+    return F.cross_entropy(m.dec(h[:, :4] + pooled.mean(1, keepdim=True)), batch[1])
+
+
 RANDOM_STEPS = {"vae": _vae, "normal_of_tensors": _normal_of_tensors, "fills": _fills, "discrete": _discrete,
                 "gamma_laplace": _gamma_laplace, "selu_dropouts": _selu_dropouts,
-                "no_generator_argument": _no_generator_argument}
+                "no_generator_argument": _no_generator_argument, "inits": _inits, "fractional_pool": _fractional_pool}
 
 
 def _step_alone(make, step, s: int, batches) -> tuple[nn.Module, torch.Tensor, nn.Module, torch.Tensor]:
