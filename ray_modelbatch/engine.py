@@ -9,6 +9,7 @@ slots that are not named do not advance at all.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -176,7 +177,7 @@ class FusedEngine:
                 else:
                     (losses, _), extras = mb.forward_loss(x, y, self.loss_fn, per_slot=per_slot, slots=idx), {}
             losses = losses.float()
-            bad_loss = ~torch.isfinite(losses)
+            bad_loss = ~(losses.abs() < math.inf)  # NaN compares False: three ops where isfinite takes six
             if skip is not None:
                 skip = skip.to(device=losses.device, dtype=torch.bool)
                 bad_loss = bad_loss & ~skip

@@ -556,7 +556,7 @@ class VectorOptimizer:
                     self.state[dt][k].index_copy_(0, idx, v)
 
         new_steps = steps + okf
-        nonfinite = ~torch.isfinite(norm)
+        nonfinite = ~(norm < math.inf)
         if idx is None:
             self.steps.copy_(new_steps)
             self.last_nonfinite.copy_(nonfinite)
@@ -590,7 +590,7 @@ class VectorOptimizer:
         if len({n.dtype for n in norms}) > 1:
             norms = [n.double() for n in norms]
         norm = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum(0).sqrt()
-        finite = torch.isfinite(norm)
+        finite = norm < math.inf  # a norm is not negative, and NaN compares False: one op (isfinite takes five)
         ok = finite if self.skip_nonfinite else torch.ones_like(finite)
         if skip is not None:
             ok = ok & ~skip
