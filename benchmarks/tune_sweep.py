@@ -638,7 +638,8 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
                      f"{h_['stepped_fraction']:.0%} of held slots stepped "
                      f"per fused step, step paths {h_['step_paths']}, {h_['threads']} threads, "
                      f"run-ahead {h_['run_ahead']}, fused step CPU median {h_.get('step_cpu_ms') or float('nan'):.1f} ms "
-                     f"(kernel-bound: {h_.get('kernel_bound')}; see tune.cpu_spread)")
+                     f"(kernel-bound: {h_.get('kernel_bound')}; see tune.cpu_spread); stacks' forward: "
+                     + ", ".join(f"{k} {v.get('forward')}" for k, v in h_.get("stacks", {}).items()))
         lines.append("- host timeline, s after fit(): " + ", ".join(
             f"{k.replace('_', ' ')} {v:.1f}" for k, v in m_.items() if v is not None)
             + f"; data() ran in the {h_.get('data_source') or 'host'}")

@@ -260,21 +260,33 @@ def _settings(module: nn.Module) -> list[tuple[str, dict]]:
             for name, m in module.named_modules()]
 
 
-def _trace(template: nn.Module, none: frozenset[str]) -> fx.Graph | None:
-    """The forward's graph (inputs ``none`` fixed to None), traced on a copy; None if it cannot be traced
-    or tracing changed the module."""
+def _trace(template: nn.Module, none: frozenset[str]) -> fx.Graph | str:
+    """The forward's graph (inputs ``none`` fixed to None), traced on a copy; or why it cannot be: the trace
+    failed, or tracing changed the module."""
     probe = copy.deepcopy(template)
     before = _settings(probe)
     try:
         graph = _Tracer().trace(probe, concrete_args={name: None for name in none} or None)
-    except Exception:  # noqa: BLE001 - control flow, custom tracing problems: not for the direct path
-        return None
+    except Exception as exc:  # noqa: BLE001 - control flow, custom tracing problems: not for the direct path
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        return f"its forward cannot be traced with torch.fx ({type(exc).__name__}: {first})"
     try:
         if _settings(probe) != before:
-            return None
+            return "tracing its forward changed the module (a counter or cache that a traced graph would drop)"
     except Exception:  # noqa: BLE001 - attributes that cannot be compared (e.g. arrays): be safe
-        return None
+        return "tracing its forward may have changed the module (attributes that cannot be compared)"
     return graph
+
+
+def _node_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}' ({type(modules[node.target]).__name__})"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    if node.op == "get_attr":
+        return f"attribute '{node.target}'"
+    fn = node.target
+    return f"function {getattr(fn, '__module__', '') or ''}.{getattr(fn, '__name__', fn)}".replace("torch._C._nn.", "F.")
 
 
 def plan(template: nn.Module, none: frozenset[str] = frozenset()) -> FastPlan | None:
@@ -287,15 +299,30 @@ def plan(template: nn.Module, none: frozenset[str] = frozenset()) -> FastPlan | 
     template itself is never touched. Python branches on the mode
     (``if self.training``) are fixed by the trace, so callers keep one plan
     per mode. ``none``: inputs fixed to None (see :meth:`FastPlan.variant`).
+    :func:`why_not` says why a model has no plan.
     """
+    got = _plan_or_reason(template, none)
+    return got if isinstance(got, FastPlan) else None
+
+
+def why_not(template: nn.Module, none: frozenset[str] = frozenset()) -> str | None:
+    """Why ``template`` has no direct plan in its current mode (the first thing in the way), or None if it has
+    one: e.g. "module 'act' (Softmin) has no direct kernel, or not with these settings"."""
+    got = _plan_or_reason(template, none)
+    return None if isinstance(got, FastPlan) else got
+
+
+def _plan_or_reason(template: nn.Module, none: frozenset[str]) -> FastPlan | str:
     modules = dict(template.named_modules())
     for name, _ in template.named_buffers():
-        owner = modules[name.rpartition(".")[0]]
-        if not (isinstance(owner, NORM_MODULES) and _norm_ok(owner)):
-            return None  # buffers the direct path does not keep (only BatchNorm's running statistics)
+        mod_name = name.rpartition(".")[0]
+        owner = modules[mod_name]
+        if not (isinstance(owner, NORM_MODULES) and _norm_ok(owner)):  # only BatchNorm's running statistics
+            return (f"buffer '{name}' of module '{mod_name}' ({type(owner).__name__}): the direct path keeps no "
+                    "buffers but BatchNorm's running statistics")
     graph = _trace(template, none)
-    if graph is None:
-        return None
+    if isinstance(graph, str):
+        return graph
     params = {n for n, _ in template.named_parameters()}
     arg_names = _input_names(template)
     steps, inputs, output = [], [], None
@@ -309,15 +336,17 @@ def plan(template: nn.Module, none: frozenset[str] = frozenset()) -> FastPlan | 
             continue
         if node.op == "output":
             if not isinstance(node.args[0], fx.Node):
-                return None
+                return "its forward returns more than one tensor (a tuple, list or dict)"
             output = node.args[0].name
             continue
         step = _step(node, modules, params)
         if step is None:
-            return None
+            return f"{_node_name(node, modules)} has no direct kernel, or not with these settings"
         steps.append(step)
-    if not inputs or output is None or not any(s.kind in _PARAM_KINDS for s in steps):
-        return None
+    if not inputs or output is None:
+        return "its forward takes no input or returns none"
+    if not any(s.kind in _PARAM_KINDS for s in steps):
+        return "no layer with parameters runs on the direct path"
     return FastPlan(tuple(_pool_before_relu(steps, output, modules)), tuple(inputs), output, _aliases(template))
 
 

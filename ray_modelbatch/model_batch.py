@@ -439,6 +439,14 @@ class ModelBatch:
         """Whether forwards in the current mode skip vmap (see :mod:`ray_modelbatch.fast_path` for the layers)."""
         return self._plan() is not None
 
+    def why_vmap(self) -> str | None:
+        """Why forwards in the current mode run on ``torch.vmap`` (on a CPU, about a loop's speed), or None
+        where they take the direct path: the first layer or call in the way, e.g. "module 'act' (Softmin) has
+        no direct kernel, or not with these settings" (:func:`ray_modelbatch.fast_path.why_not`)."""
+        if not self._direct_path:
+            return "the stack was built with direct_path=False"
+        return None if self._plan() is not None else fast_path.why_not(self._template)
+
     @property
     def gather_exact(self) -> bool:
         """Whether a forward over any two or more slots gives each slot the bits the whole stack gives it,

@@ -41,6 +41,7 @@ class ModelReport:
     # "encoder", ...; "unused" if the forward does not call it), or "vmap"
     kinds: list[tuple[str, str]] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)  # ops vmap runs as a per-slot loop
+    why_vmap: str | None = None  # what keeps the model off the direct path (fast_path.why_not), on the vmap path
     error: str | None = None
     fused_ms: float | None = None  # one fused training step of every slot
     loop_ms: float | None = None  # the same step, one model after the other with torch.optim.Adam
@@ -53,6 +54,8 @@ class ModelReport:
         lines = [f"{self.model}: {self.path} path, {self.slots} slots"]
         if self.error:
             lines.append(f"  cannot fuse: {self.error}")
+        if self.why_vmap and self.path == "vmap":
+            lines.append(f"  not on the direct path: {self.why_vmap}")
         how = dict(self.kinds)
         for name, kind in self.layers:
             step = how.get(name, "vmap")
@@ -143,6 +146,9 @@ def check_model(model: nn.Module | Callable[[], nn.Module], example_input: Any, 
                                if issubclass(w.category, FusionWarning)})
     if mb._slow_keys:  # the plan exists, but the direct path refused these inputs at run time
         report.path, plan = "vmap", None
+        report.why_vmap = "the direct path refused this input at run time (its shapes or layout)"
+    elif plan is None:
+        report.why_vmap = mb.why_vmap()
     report.kinds = _layer_kinds(plan, [n for n, _ in leaves])
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
 

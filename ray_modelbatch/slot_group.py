@@ -530,6 +530,16 @@ class SlotGroup:
         k = self.steps_per_report
         return [s for s in slots if self.meter.steps[s] >= k]
 
+    def forward_path(self) -> str:
+        """How this stack's training forward runs: ``"direct"``, or ``"vmap: "`` and why (on a CPU, vmap is
+        about a loop's speed; :meth:`ModelBatch.why_vmap` names the layer in the way)."""
+        if self.train_fn is not None:
+            return "vmap: the trainable's own train_step runs under torch.vmap"
+        was = self.mb.training
+        why = self.mb.train(True).why_vmap()
+        self.mb.train(was)
+        return "direct" if why is None else f"vmap: {why}"
+
     def _exact_gathers(self) -> bool:
         """Whether a gather of two or more slots rounds like the whole stack (``ModelBatch.gather_exact``)."""
         if self._direct is None and (self.train_fn is not None or self.eval_fn is not None):

@@ -457,3 +457,23 @@ def test_direct_path_input_gradient_and_double_backward(d_in, hidden, cpu_gemm):
         g.square().sum().backward()
         for name, p in m.named_parameters():
             torch.testing.assert_close(mb.params[name].grad[i], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_why_vmap_names_what_keeps_a_model_off_the_direct_path():
+    """The first layer or call without a direct kernel, a forward fx cannot trace, or the stack's own choice."""
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    assert rmb.ModelBatch([nn.Sequential(nn.Linear(5, 3), nn.ReLU())] * 2).why_vmap() is None
+    why = rmb.ModelBatch([nn.Sequential(nn.Linear(5, 8), nn.Softmin(1), nn.Linear(8, 3))] * 2).why_vmap()
+    assert why == "module '1' (Softmin) has no direct kernel, or not with these settings"
+    assert "cannot be traced with torch.fx" in rmb.ModelBatch([Branchy(), Branchy()]).why_vmap()
+    assert "direct_path=False" in rmb.ModelBatch([nn.Linear(5, 3)] * 2, direct_path=False).why_vmap()
+    report = rmb.check_model(lambda: nn.Sequential(nn.Linear(5, 8), nn.Softmin(1), nn.Linear(8, 3)),
+                             torch.randn(4, 5), slots=2, repeats=1)
+    assert "not on the direct path: module '1' (Softmin)" in str(report)

@@ -133,6 +133,8 @@ def test_a_slot_trains_the_same_whichever_slots_step_beside_it(bn, dropout, samp
     mixed = _group(n, bn, dropout=dropout, sampling=sampling)
     got = _train(mixed, _random_schedule(n, iters, seed=1))
     paths = mixed.stats
+    assert mixed.forward_path() == ("vmap: the trainable's own train_step runs under torch.vmap" if sampling
+                                    else "direct")
     if bn or sampling:  # on vmap a gather may round differently: always the whole stack, masked
         assert paths.masked and not paths.gathered, paths
     else:
@@ -356,6 +358,7 @@ def test_tune_results_and_checkpoints_are_those_without_run_ahead(trainables, tm
     ahead, stats = _run(trainables, tmp_path, 2, SCHEDULERS[name](), stop, lrs, dropout)
     _compare(base, ahead)
     assert stats["run_ahead"] == 2
+    assert [v["forward"] for v in stats["stacks"].values()] == ["direct"]  # the MLP (with dropout) runs directly
     # the host's OpenMP threads sleep between ops (tune/host.py _passive_openmp), unless the user chose
     assert stats["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     # a CPU host leaves one core of its node to Tune's driver (tune/host.py default_threads): 1 of the 2 here

@@ -166,6 +166,7 @@ class SlotHost:
         except Exception as exc:  # noqa: BLE001 - every start failure goes to the registry as one line
             self.start_error = self.start_error or f"{type(exc).__name__}: {exc}"
         self.groups: dict[str, Any] = {}
+        self._forward_paths: dict[str, str] = {}  # stack -> "direct" or "vmap: why" (SlotGroup.forward_path)
         self.trials: dict[str, _Attachment] = {}
         self._warned_keys: set[str] = set()
         self.reserved: dict[str, float] = {}  # key -> when reserved; see _check_leases
@@ -333,7 +334,7 @@ class SlotHost:
                 "reserved": len(self.reserved),
                 "stacks": {
                     k: {"capacity": g.capacity, "used": g.used, "active": int(g.mb.active_slots.numel()),
-                        "snapshot_mb": g.snapshots.nbytes() / 2**20}
+                        "snapshot_mb": g.snapshots.nbytes() / 2**20, "forward": self._forward_paths.get(k)}
                     for k, g in self.groups.items()
                 },
                 "trials": {t.trial_id: t.slot for t in self.trials.values()},
@@ -413,7 +414,9 @@ class SlotHost:
                 group = SlotGroup(self.spec, name, model, self.data, self.capacity, self.device,
                                   run_ahead=self.run_ahead, config=config)
                 self.groups[name] = group
-                logger.info("host %s: new stack %s for trial %s", self.name, name, trial_id)
+                self._forward_paths[name] = group.forward_path()
+                logger.info("host %s: new stack %s for trial %s, forward: %s", self.name, name, trial_id,
+                            self._forward_paths[name])
             slot = group.add(trial_id, model, seed, hparams, config=config, random_state=random_state)
             self._warn_unread(config, reads | group.reads)
         except BaseException:
