@@ -39,8 +39,11 @@ stacked parameters directly:
   order and shape its model draws it (:mod:`.slot_random`, :meth:`_Runner.dropout`,
   attention dropout per slot in :mod:`.direct_attention`); so do ``+``,
   ``*`` and the other binary ops between any two values (residual
-  connections), which broadcast as each model's own tensors do;
-* ``matmul``/``@``, ``softmax``, ``mean``/``sum``, ``cat``/``stack``,
+  connections), comparisons, ``clamp``, ``maximum``/``minimum`` and
+  ``where``, which broadcast as each model's own tensors do, and elementwise
+  functions (``sin``, ``erf``, ``square``, ``zeros_like``, ...);
+* ``matmul``/``@``, ``softmax``, ``mean``/``sum``, ``amax``/``amin``,
+  ``logsumexp``, ``cumsum``, ``cat``/``stack``,
   ``transpose``/``permute``, ``view``/``reshape``/``flatten``, ``chunk``,
   indexing and ``x.shape`` act on each slot's value with its dimensions
   counted after the slot dimension: one call for all slots.
@@ -114,9 +117,10 @@ ELEMENTWISE_FUNCTIONS = {torch.relu, torch.tanh, torch.sigmoid, torch.exp, torch
                          torch.abs, torch.neg, operator.neg, F.relu, F.gelu, F.silu, F.tanh, F.sigmoid, F.softplus,
                          F.leaky_relu, F.elu, F.mish, F.dropout, F.selu, torch.selu, F.celu, F.hardswish,
                          F.hardsigmoid, F.logsigmoid, F.softsign, F.relu6, F.hardtanh, F.tanhshrink, F.softshrink,
-                         F.hardshrink}
+                         F.hardshrink, torch.sin, torch.cos, torch.erf, torch.square, torch.log1p, torch.expm1,
+                         torch.reciprocal, torch.sign, torch.zeros_like, torch.ones_like, torch.full_like}
 ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "contiguous",
-                       "float", "clone"}
+                       "float", "clone", "sin", "cos", "erf", "square", "log1p", "expm1", "reciprocal", "sign"}
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
 # Normalizations over each sample's own channels (no running statistics): one call over the S*C channels.
@@ -142,11 +146,14 @@ RNN_MODULES = (UnrolledRNN, nn.LSTM, nn.GRU, nn.RNN)  # the stack's template has
 FUNCTION_KINDS: dict[Any, str] = {
     **{f: "function" for f in ELEMENTWISE_FUNCTIONS},
     **{f: "binary" for f in (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
-                              torch.mul, torch.div)},
+                              torch.mul, torch.div, torch.clamp, torch.clip, torch.maximum, torch.minimum,
+                              torch.where, operator.gt, operator.lt, operator.ge, operator.le, operator.eq,
+                              operator.ne, torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne)},
     operator.pow: "power", torch.pow: "power",
     operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul",
     torch.cat: "cat", torch.concat: "cat", torch.stack: "cat",
-    torch.mean: "reduce", torch.sum: "reduce",
+    torch.mean: "reduce", torch.sum: "reduce", torch.amax: "reduce", torch.amin: "reduce",
+    torch.logsumexp: "reduce", torch.cumsum: "reduce",
     torch.softmax: "softmax", torch.log_softmax: "softmax", F.softmax: "softmax", F.log_softmax: "softmax",
     torch.transpose: "transpose", torch.permute: "permute", torch.flatten: "flatten", torch.reshape: "view",
     torch.unsqueeze: "unsqueeze", torch.squeeze: "squeeze", torch.chunk: "split", torch.split: "split",
@@ -156,14 +163,17 @@ FUNCTION_KINDS: dict[Any, str] = {
 }
 METHOD_KINDS: dict[str, str] = {
     **{m: "function" for m in ELEMENTWISE_METHODS},
-    **{m: "binary" for m in ("add", "sub", "mul", "div")}, "pow": "power",
+    **{m: "binary" for m in ("add", "sub", "mul", "div", "clamp", "clip", "maximum", "minimum", "gt", "lt", "ge",
+                             "le", "eq", "ne")}, "pow": "power",
     "matmul": "matmul", "bmm": "matmul", "mean": "reduce", "sum": "reduce", "softmax": "softmax",
+    "amax": "reduce", "amin": "reduce", "logsumexp": "reduce", "cumsum": "reduce",
     "log_softmax": "softmax", "transpose": "transpose", "permute": "permute", "flatten": "flatten",
     "view": "view", "reshape": "view", "unflatten": "unflatten", "unsqueeze": "unsqueeze", "squeeze": "squeeze",
     "chunk": "split", "split": "split", "size": "size", "dim": "size",
 }
 # Steps whose result for a slot does not depend on how many slots run (see FastPlan.gather_exact): pure
-# data movement, + - * / (correctly rounded in vector and scalar code alike; pow is not counted), the
+# data movement, + - * /, comparisons and clamp/maximum/minimum/where (correctly rounded, or not rounding, in
+# vector and scalar code alike; pow is not counted), the
 # activations ("module", "function": counted so since the direct path began), Linear's batched GEMM (one
 # GEMM per slot) and embedding lookups (a copy; the gradient adds each slot's rows in index order,
 # whatever the number of slots). Reductions, softmax, normalizations and attention may block their
@@ -440,6 +450,10 @@ def _static_ok(kind: str, node: fx.Node) -> bool:
     """What the graph shows already: a softmax without ``dim`` picks one by the rank it sees (deprecated)."""
     if kind == "softmax":
         return len(node.args) > 1 or node.kwargs.get("dim") is not None
+    if node.target is torch.where:  # torch.where(cond) alone gives indices (a shape that depends on the data)
+        return len(node.args) + len(node.kwargs) == 3
+    if node.target in (torch.cumsum, "cumsum", torch.logsumexp, "logsumexp"):  # dim is required
+        return len(node.args) > 1 or "dim" in node.kwargs
     return True
 
 

@@ -539,3 +539,29 @@ def test_rms_norm(per_slot):
     y = torch.randint(0, 4, (S, 8) if per_slot else (8,), generator=g)
     mb = trains_like_solo(RMSBlock, x, y, per_slot=per_slot)
     assert "rms_norm" in {s.kind for s in mb._plan().steps}
+
+
+class Siren(nn.Module):
+    """Functions custom MLPs call in forward (a SIREN's sine, clamps, where, maximum/minimum, cumsum, logsumexp,
+    amax): all on the direct path."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.sin(30.0 * self.a(x))
+        h = torch.cos(self.b(h)) + h.square() * 0.1 + torch.erf(h).clamp(min=-0.5, max=0.8)
+        h = torch.where(h > 0, h, 0.2 * h) + torch.maximum(h, torch.zeros_like(h)) - torch.minimum(h, 0.5 * h)
+        h = h + 0.01 * torch.cumsum(h, dim=1) - 0.1 * torch.logsumexp(h, dim=1, keepdim=True)
+        h = h / (1.0 + h.abs().amax(dim=1, keepdim=True)) + torch.log1p(h.clip(0.0, 3.0)).sin()
+        return self.head(h)
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_elementwise_and_reducing_functions_of_custom_models(per_slot):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(S, 12, 6, generator=g) if per_slot else torch.randn(12, 6, generator=g)
+    y = torch.randint(0, 4, (S, 12) if per_slot else (12,), generator=g)
+    mb = trains_like_solo(Siren, x, y, per_slot=per_slot, lr=1e-3)
+    assert {"binary", "reduce", "function"} <= {s.kind for s in mb._plan().steps}
