@@ -42,8 +42,10 @@ stacked parameters directly:
   connections), comparisons, ``clamp``, ``maximum``/``minimum`` and
   ``where``, which broadcast as each model's own tensors do, and elementwise
   functions (``sin``, ``erf``, ``square``, ``zeros_like``, ...);
-* ``matmul``/``@``, ``softmax``, ``mean``/``sum``, ``amax``/``amin``,
-  ``logsumexp``, ``cumsum``, ``cat``/``stack``,
+* ``matmul``/``@``, ``einsum`` (the slot as one more index), ``softmax``,
+  ``mean``/``sum``, ``max``/``min`` (along a dimension, of a whole value, or
+  of two values), ``amax``/``amin``, ``logsumexp``, ``cumsum``,
+  ``masked_fill``, ``one_hot``, ``expand``, ``cat``/``stack``,
   ``transpose``/``permute``, ``view``/``reshape``/``flatten``, ``chunk``,
   indexing and ``x.shape`` act on each slot's value with its dimensions
   counted after the slot dimension: one call for all slots.
@@ -153,7 +155,8 @@ FUNCTION_KINDS: dict[Any, str] = {
     operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul",
     torch.cat: "cat", torch.concat: "cat", torch.stack: "cat",
     torch.mean: "reduce", torch.sum: "reduce", torch.amax: "reduce", torch.amin: "reduce",
-    torch.logsumexp: "reduce", torch.cumsum: "reduce",
+    torch.logsumexp: "reduce", torch.cumsum: "reduce", torch.max: "extremum", torch.min: "extremum",
+    torch.masked_fill: "binary", torch.einsum: "einsum", F.one_hot: "function",
     torch.softmax: "softmax", torch.log_softmax: "softmax", F.softmax: "softmax", F.log_softmax: "softmax",
     torch.transpose: "transpose", torch.permute: "permute", torch.flatten: "flatten", torch.reshape: "view",
     torch.unsqueeze: "unsqueeze", torch.squeeze: "squeeze", torch.chunk: "split", torch.split: "split",
@@ -164,7 +167,8 @@ FUNCTION_KINDS: dict[Any, str] = {
 METHOD_KINDS: dict[str, str] = {
     **{m: "function" for m in ELEMENTWISE_METHODS},
     **{m: "binary" for m in ("add", "sub", "mul", "div", "clamp", "clip", "maximum", "minimum", "gt", "lt", "ge",
-                             "le", "eq", "ne")}, "pow": "power",
+                             "le", "eq", "ne", "masked_fill")}, "pow": "power", "max": "extremum", "min": "extremum",
+    "expand": "expand",
     "matmul": "matmul", "bmm": "matmul", "mean": "reduce", "sum": "reduce", "softmax": "softmax",
     "amax": "reduce", "amin": "reduce", "logsumexp": "reduce", "cumsum": "reduce",
     "log_softmax": "softmax", "transpose": "transpose", "permute": "permute", "flatten": "flatten",
@@ -178,7 +182,7 @@ METHOD_KINDS: dict[str, str] = {
 # GEMM per slot) and embedding lookups (a copy; the gradient adds each slot's rows in index order,
 # whatever the number of slots). Reductions, softmax, normalizations and attention may block their
 # loops differently for another number of rows.
-GATHER_EXACT_KINDS = {"linear", "module", "function", "binary", "param", "embedding", "getitem", "getattr",
+GATHER_EXACT_KINDS = {"linear", "module", "function", "binary", "param", "embedding", "getitem", "getattr", "expand",
                       "size", "view", "flatten", "unflatten", "transpose", "permute", "unsqueeze", "squeeze",
                       "cat", "split"}
 
@@ -993,7 +997,11 @@ class _Runner:
         t = self.slot(x) if x.layout == CHAN else x.t
         out = fn(t, moved if many else moved[0], *args, **kwargs)
         layout = SHARED if x.layout == SHARED else SLOT
-        return tuple(Act(o, layout) for o in out) if isinstance(out, (tuple, list)) else Act(out, layout)
+        if isinstance(out, (tuple, list)):  # a named tuple (torch.max's values and indices) stays one
+            acts = [Act(o, layout) for o in out]
+            return type(out)(acts) if hasattr(out, "_fields") or type(out).__module__ == "torch.return_types" \
+                else tuple(acts)
+        return Act(out, layout)
 
     # --------------------------------------------------------- parameterized layers
     def project(self, h: Act, w: torch.Tensor, b: torch.Tensor | None, wname: str | None = None,
@@ -1205,6 +1213,49 @@ class _Runner:
         if dim is None:  # every dimension of each slot's value
             dim = tuple(range(len(x.sample_shape(self.n))))
         return self.along(self.fn(step), x, dim, *args[1:], **kwargs)
+
+    def _k_extremum(self, step: _Step, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """``torch.max``/``min`` (and the methods): of two values elementwise, along a dimension (values and
+        indices), or of each slot's whole value."""
+        if isinstance(args[0] if args else kwargs.get("other"), Act):
+            return self._k_binary(step, x, *args, **kwargs)
+        if not isinstance(x, Act):
+            raise Unsupported("max/min of a constant")
+        if not args and "dim" not in kwargs:  # one value per slot; ties share the gradient, as torch.max's do
+            reduce = torch.amax if step.target in (torch.max, "max") else torch.amin
+            return self.along(reduce, x, tuple(range(len(x.sample_shape(self.n)))))
+        dim = _arg(args, kwargs, 0, "dim")
+        return self.along(self.fn(step), x, dim, *args[1:], **kwargs)
+
+    def _k_expand(self, step: _Step, x: Act, *sizes: Any) -> Act:
+        """``x.expand(*sizes)`` of each slot's value: new leading dimensions go after the slot dimension."""
+        sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
+        if x.layout == SHARED:
+            return Act(x.t.expand(*sizes), SHARED)
+        t = self.slot(x)
+        new = len(sizes) - (t.dim() - 1)
+        if new < 0:
+            raise Unsupported("expand to fewer dimensions")
+        return Act(t.view(t.shape[0], *[1] * new, *t.shape[1:]).expand(self.n, *sizes), SLOT)
+
+    def _k_einsum(self, step: _Step, equation: Any, *operands: Any) -> Act:
+        """``torch.einsum`` with the slot dimension as one more index of every per-slot operand and of the
+        output (an index letter the equation does not use)."""
+        ops = operands[0] if len(operands) == 1 and isinstance(operands[0], (list, tuple)) else operands
+        if not isinstance(equation, str) or not ops or not all(isinstance(o, Act) for o in ops):
+            raise Unsupported("einsum of constants, or without an equation first")
+        if all(o.layout == SHARED for o in ops):
+            return Act(torch.einsum(equation, *[o.t for o in ops]), SHARED)
+        lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+        if not arrow:  # the implicit output orders its letters alphabetically: the slot letter would move
+            raise Unsupported("einsum without an explicit output (->)")
+        terms = lhs.split(",")
+        free = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation]
+        if len(terms) != len(ops) or not free:
+            raise Unsupported("einsum whose terms do not match its operands")
+        s = free[0]
+        eq = ",".join(term if o.layout == SHARED else s + term for term, o in zip(terms, ops)) + "->" + s + rhs
+        return Act(torch.einsum(eq, *[o.t if o.layout == SHARED else self.slot(o) for o in ops]), SLOT)
 
     def _k_softmax(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Act:
         if step.op == "call_module":  # nn.Softmax / nn.LogSoftmax

@@ -565,3 +565,32 @@ def test_elementwise_and_reducing_functions_of_custom_models(per_slot):
     y = torch.randint(0, 4, (S, 12) if per_slot else (12,), generator=g)
     mb = trains_like_solo(Siren, x, y, per_slot=per_slot, lr=1e-3)
     assert {"binary", "reduce", "function"} <= {s.kind for s in mb._plan().steps}
+
+
+class TextCNN(nn.Module):
+    """A text classifier as often written: embedding, Conv1d, max over time (``torch.max(..., dim=2)[0]`` and
+    ``.max(dim=1).values``), einsum attention pooling, masked_fill, one_hot features, the max of a whole value."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.conv = nn.Embedding(30, 8), nn.Conv1d(8, 6, 3, padding=1)
+        self.query, self.head = nn.Parameter(torch.randn(6)), nn.Linear(6 + 6 + 30 + 1, 4)
+
+    def forward(self, tokens):
+        e = self.emb(tokens)  # [B, T, 8]
+        h = torch.relu(self.conv(e.transpose(1, 2)))  # [B, 6, T]
+        pooled = torch.max(h, dim=2)[0]
+        scores = torch.einsum("bct,c->bt", h, self.query).masked_fill(tokens == 0, -1e4)
+        att = torch.einsum("bct,bt->bc", h, torch.softmax(scores, dim=1))
+        bag = F.one_hot(tokens, 30).float().max(dim=1).values  # which tokens occur
+        top = torch.max(torch.minimum(h, torch.max(h, h.mean(dim=2, keepdim=True)))).view(1, 1).expand(h.shape[0], 1)
+        return self.head(torch.cat([pooled, att, bag, top], dim=1))
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_max_over_time_einsum_masked_fill_and_one_hot(per_slot):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randint(0, 30, (S, 10, 7) if per_slot else (10, 7), generator=g)
+    y = torch.randint(0, 4, (S, 10) if per_slot else (10,), generator=g)
+    mb = trains_like_solo(TextCNN, x, y, per_slot=per_slot, lr=1e-3)
+    assert {"extremum", "einsum"} <= {s.kind for s in mb._plan().steps}
