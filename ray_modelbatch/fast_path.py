@@ -1071,7 +1071,8 @@ class _Runner:
         """``F.max_pool2d``, the other functional pools, ``F.interpolate`` and the pixel shuffles: per sample
         and channel (block), as the modules."""
         rank, indices_at = POOL_FUNCTIONS[step.target]
-        if not isinstance(h, Act) or len(h.sample_shape(self.n)) != (rank or max(3, len(h.sample_shape(self.n)))):
+        got = len(h.sample_shape(self.n)) if isinstance(h, Act) else 0
+        if (got != rank) if rank is not None else (got < 3):
             raise Unsupported("pooling of a constant, or of an input of another rank")
         if indices_at is not None and (kwargs.get("return_indices") or
                                        (len(args) > indices_at and args[indices_at])):

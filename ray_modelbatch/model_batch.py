@@ -440,9 +440,9 @@ class ModelBatch:
         return self._plan() is not None
 
     def why_vmap(self) -> str | None:
-        """Why forwards in the current mode run on ``torch.vmap`` (on a CPU, about a loop's speed), or None
-        where they take the direct path: the first layer or call in the way, e.g. "module 'act' (Softmin) has
-        no direct kernel, or not with these settings" (:func:`ray_modelbatch.fast_path.why_not`)."""
+        """Why forwards in the current mode run on ``torch.vmap`` (on a CPU often little faster than a loop of
+        the models), or None where they take the direct path: the first layer or call in the way, e.g.
+        "module 'act' (Softmin) has no direct kernel, or not with these settings" (:func:`.fast_path.why_not`)."""
         if not self._direct_path:
             return "the stack was built with direct_path=False"
         return None if self._plan() is not None else fast_path.why_not(self._template)

@@ -531,8 +531,8 @@ class SlotGroup:
         return [s for s in slots if self.meter.steps[s] >= k]
 
     def forward_path(self) -> str:
-        """How this stack's training forward runs: ``"direct"``, or ``"vmap: "`` and why (on a CPU, vmap is
-        about a loop's speed; :meth:`ModelBatch.why_vmap` names the layer in the way)."""
+        """How this stack's training forward runs: ``"direct"``, or ``"vmap: "`` and why (on a CPU vmap is
+        often little faster than a loop of the models; :meth:`ModelBatch.why_vmap` names the layer in the way)."""
         if self.train_fn is not None:
             return "vmap: the trainable's own train_step runs under torch.vmap"
         was = self.mb.training
