@@ -458,6 +458,9 @@ def _static_ok(kind: str, node: fx.Node) -> bool:
         return len(node.args) + len(node.kwargs) == 3
     if node.target in (torch.cumsum, "cumsum", torch.logsumexp, "logsumexp"):  # dim is required
         return len(node.args) > 1 or "dim" in node.kwargs
+    if node.target is F.one_hot:  # without num_classes it counts the largest index of all slots' values together
+        classes = node.args[1] if len(node.args) > 1 else node.kwargs.get("num_classes", -1)
+        return isinstance(classes, int) and classes > 0
     return True
 
 

@@ -474,6 +474,16 @@ def test_why_vmap_names_what_keeps_a_model_off_the_direct_path():
     assert why == "module '1' (Softmin) has no direct kernel, or not with these settings"
     assert "cannot be traced with torch.fx" in rmb.ModelBatch([Branchy(), Branchy()]).why_vmap()
     assert "direct_path=False" in rmb.ModelBatch([nn.Linear(5, 3)] * 2, direct_path=False).why_vmap()
+
+    class OneHot(nn.Module):  # one_hot without num_classes would count the largest index of all slots together
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(nn.functional.one_hot(x).float())
+
+    assert "function F.one_hot" in rmb.ModelBatch([OneHot(), OneHot()]).why_vmap()
     report = rmb.check_model(lambda: nn.Sequential(nn.Linear(5, 8), nn.Softmin(1), nn.Linear(8, 3)),
                              torch.randn(4, 5), slots=2, repeats=1)
     assert "not on the direct path: module '1' (Softmin)" in str(report)
