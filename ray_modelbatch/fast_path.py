@@ -10,15 +10,15 @@ stacked parameters directly:
   ``B*`` is every leading dimension, e.g. batch and sequence), read straight
   from the strided parameter views of the flat ``[S, P]`` buffer; its backward
   is two batched GEMMs;
-* every ``nn.Conv1d``/``nn.Conv2d`` and ``nn.ConvTranspose1d``/``nn.ConvTranspose2d``
+* every ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d``
   is one convolution over all slots: the slots' channels side by side
   (``[B, S*C, H, W]``) and ``groups`` multiplied by S, as HFTA fuses them; on a
   batch shared by every slot the first convolution needs no groups at all
   (``S*O`` output channels of one input);
-* ``nn.BatchNorm1d/2d`` is one ``F.batch_norm`` over the ``S*C`` channels,
+* ``nn.BatchNorm1d/2d/3d`` is one ``F.batch_norm`` over the ``S*C`` channels,
   whose running statistics are views of the stacked buffers; ``nn.GroupNorm``
   with G groups is one ``F.group_norm`` of ``S*G`` groups (each slot's groups
-  are its own channels) and ``nn.InstanceNorm1d/2d`` one ``F.instance_norm``;
+  are its own channels) and ``nn.InstanceNorm1d/2d/3d`` one ``F.instance_norm``;
   pooling (the modules and ``F.max_pool2d``-style functions), upsampling
   (``nn.Upsample``, ``F.interpolate``) and the pixel shuffles act per channel
   as they are: a CNN stays in the channel-stacked layout from its first
@@ -123,23 +123,32 @@ ELEMENTWISE_FUNCTIONS = {torch.relu, torch.tanh, torch.sigmoid, torch.exp, torch
                          torch.reciprocal, torch.sign, torch.zeros_like, torch.ones_like, torch.full_like}
 ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "contiguous",
                        "float", "clone", "sin", "cos", "erf", "square", "log1p", "expm1", "reciprocal", "sign"}
-CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
-NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV_FNS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d, nn.ConvTranspose1d: F.conv_transpose1d,
+             nn.ConvTranspose2d: F.conv_transpose2d, nn.ConvTranspose3d: F.conv_transpose3d}
+# The rank of each convolution's input, with the batch dimension.
+_CONV_RANKS = {nn.Conv1d: 3, nn.ConvTranspose1d: 3, nn.Conv2d: 4, nn.ConvTranspose2d: 4, nn.Conv3d: 5,
+               nn.ConvTranspose3d: 5}
+NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Normalizations over each sample's own channels (no running statistics): one call over the S*C channels.
-GROUP_NORM_MODULES = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
+GROUP_NORM_MODULES = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 # Dropout of whole channels -> the rank of the input it takes (with the batch dimension), as F.dropout1d/2d/3d.
 FEATURE_DROPOUTS = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5, F.dropout1d: 3, F.dropout2d: 4, F.dropout3d: 5}
 # Per-channel ops: they act on a [B, S*C, ...] tensor exactly as on each slot's [B, C, ...]. (Pixel shuffles
 # move values between channels, but only within blocks of r*r consecutive ones, which never straddle slots.)
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample,
+                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.MaxPool3d, nn.AvgPool3d,
+                nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.Upsample,
                 nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle, nn.PixelUnshuffle)
-MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)  # see _pool_before_relu
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+             nn.AdaptiveMaxPool3d)  # see _pool_before_relu
 # The functional forms, -> (rank of their input with the batch dimension, None: any from 3; the position of
 # return_indices among the arguments after the input, None: ops that have none).
 POOL_FUNCTIONS = {F.max_pool1d: (3, 5), F.max_pool2d: (4, 5), F.adaptive_max_pool1d: (3, 1),
                   F.adaptive_max_pool2d: (4, 1), F.avg_pool1d: (3, None), F.avg_pool2d: (4, None),
-                  F.adaptive_avg_pool1d: (3, None), F.adaptive_avg_pool2d: (4, None), F.interpolate: (None, None),
+                  F.adaptive_avg_pool1d: (3, None), F.adaptive_avg_pool2d: (4, None), F.max_pool3d: (5, 5),
+                  F.adaptive_max_pool3d: (5, 1), F.avg_pool3d: (5, None), F.adaptive_avg_pool3d: (5, None),
+                  F.interpolate: (None, None),
                   F.pixel_shuffle: (4, None), F.pixel_unshuffle: (4, None)}
 EMBEDDING_MODULES = (nn.Embedding, PaddedEmbedding)  # the stack's template has PaddedEmbedding for padding_idx
 RNN_MODULES = (UnrolledRNN, nn.LSTM, nn.GRU, nn.RNN)  # the stack's template has UnrolledRNN for the others
@@ -700,7 +709,7 @@ def _keep_channels_last_grad(a: Act) -> None:
 def _conv(mod: nn.Module, h: torch.Tensor, layout: str, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """All slots' convolution as one call: output in the "chan" layout."""
     n = w.shape[0]
-    transposed = isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d))
+    transposed = isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
     groups = mod.groups
     if not (layout == SHARED and groups == 1):  # a shared batch with groups=1 needs no grouping: S*O outputs
         h, groups = _to_chan(h, layout, n), groups * n
@@ -719,9 +728,9 @@ def _conv(mod: nn.Module, h: torch.Tensor, layout: str, w: torch.Tensor, b: torc
 
     def call() -> torch.Tensor:
         if transposed:
-            fn = F.conv_transpose1d if isinstance(mod, nn.ConvTranspose1d) else F.conv_transpose2d
+            fn = _CONV_FNS[type(mod)]
             return fn(h, weight, bias, mod.stride, mod.padding, mod.output_padding, groups, mod.dilation)
-        fn = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
+        fn = _CONV_FNS[type(mod)]
         return fn(h, weight, bias, mod.stride, mod.padding, mod.dilation, groups)
 
     # cuDNN runs the grouped convolution in TF32 where it runs each model's own in fp32 (see conv_precision)
@@ -1060,7 +1069,7 @@ class _Runner:
 
     def _k_conv(self, step: _Step, h: Act) -> Act:
         mod = self.template.get_submodule(step.target)
-        rank = 3 if isinstance(mod, (nn.Conv1d, nn.ConvTranspose1d)) else 4  # with the batch dimension
+        rank = _CONV_RANKS[type(mod)]
         if len(h.sample_shape(self.n)) != rank:
             raise Unsupported("convolution input of another rank")
         return Act(_conv(mod, h.t, h.layout, self.params[f"{step.target}.weight"],
@@ -1092,7 +1101,7 @@ class _Runner:
         each slot's groups its own channels; ``nn.InstanceNorm1d/2d`` as one ``F.instance_norm`` over them."""
         mod = self.template.get_submodule(step.target)
         shape = h.sample_shape(self.n)
-        want = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4}.get(type(mod))
+        want = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}.get(type(mod))
         if (want is not None and len(shape) != want) or len(shape) < 2:
             raise Unsupported("normalization of an input of another rank")  # e.g. unbatched: vmap
         x = _to_chan(h.t, h.layout, self.n)

@@ -594,3 +594,29 @@ def test_max_over_time_einsum_masked_fill_and_one_hot(per_slot):
     y = torch.randint(0, 4, (S, 10) if per_slot else (10,), generator=g)
     mb = trains_like_solo(TextCNN, x, y, per_slot=per_slot, lr=1e-3)
     assert {"extremum", "einsum"} <= {s.kind for s in mb._plan().steps}
+
+
+class Volumetric(nn.Module):
+    """A small 3-D CNN: Conv3d (grouped too), BatchNorm3d, InstanceNorm3d, MaxPool3d, F.avg_pool3d,
+    ConvTranspose3d, AdaptiveAvgPool3d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv3d(1, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4)
+        self.c2, self.inorm = nn.Conv3d(4, 6, 3, padding=1, groups=2, bias=False), nn.InstanceNorm3d(6, affine=True)
+        self.up, self.pool = nn.ConvTranspose3d(6, 2, 2, stride=2), nn.AdaptiveAvgPool3d(2)
+        self.head = nn.Linear(2 * 8, 4)
+
+    def forward(self, x):
+        h = nn.functional.max_pool3d(torch.relu(self.bn(self.c1(x))), 2)  # 4^3 -> 2^3
+        h = nn.functional.avg_pool3d(torch.relu(self.inorm(self.c2(h))), 2)  # -> 1^3
+        return self.head(self.pool(self.up(h)).flatten(1))  # -> 2^3 -> 2^3
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_three_dimensional_convolutions_norms_and_pools(per_slot):
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(S, 6, 1, 4, 4, 4, generator=g) if per_slot else torch.randn(6, 1, 4, 4, 4, generator=g)
+    y = torch.randint(0, 4, (S, 6) if per_slot else (6,), generator=g)
+    mb = trains_like_solo(Volumetric, x, y, per_slot=per_slot, lr=1e-3)
+    assert {"conv", "norm", "group_norm", "pool", "pool_function"} <= {s.kind for s in mb._plan().steps}
