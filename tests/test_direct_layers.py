@@ -485,6 +485,15 @@ def test_causal_attention_on_short_and_long_sequences(tokens):
     trains_like_solo(CausalEncoder, x, y, args=(nn.Transformer.generate_square_subsequent_mask(tokens),))
 
 
+def _examples(per_slot: bool, batch: int, shape: tuple, seed: int, vocab: int | None = None):
+    """A batch of ``batch`` examples of ``shape`` (token ids below ``vocab``, else normal values) and 4-class
+    labels: one for every slot, or one per slot (``[S, batch, ...]``)."""
+    g = torch.Generator().manual_seed(seed)
+    lead = (S, batch) if per_slot else (batch,)
+    x = torch.randint(0, vocab, (*lead, *shape), generator=g) if vocab else torch.randn(*lead, *shape, generator=g)
+    return x, torch.randint(0, 4, lead, generator=g)
+
+
 # --------------------------------------------------------------------------- more activations, PReLU
 class Activations(nn.Module):
     """Every elementwise activation the direct path takes beyond ReLU/GELU/SiLU, and PReLU (one weight, and one
@@ -510,9 +519,7 @@ class Activations(nn.Module):
 
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_more_activations_and_prelu(per_slot):
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(S, 16, 64, generator=g) if per_slot else torch.randn(16, 64, generator=g)
-    y = torch.randint(0, 4, (S, 16) if per_slot else (16,), generator=g)
+    x, y = _examples(per_slot, 16, (64,), seed=5)
     mb = trains_like_solo(Activations, x, y, per_slot=per_slot)
     kinds = {s.kind for s in mb._plan().steps}
     assert "prelu" in kinds
@@ -534,9 +541,7 @@ class RMSBlock(nn.Module):
 
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_rms_norm(per_slot):
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(S, 8, 5, 12, generator=g) if per_slot else torch.randn(8, 5, 12, generator=g)
-    y = torch.randint(0, 4, (S, 8) if per_slot else (8,), generator=g)
+    x, y = _examples(per_slot, 8, (5, 12), seed=6)
     mb = trains_like_solo(RMSBlock, x, y, per_slot=per_slot)
     assert "rms_norm" in {s.kind for s in mb._plan().steps}
 
@@ -560,9 +565,7 @@ class Siren(nn.Module):
 
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_elementwise_and_reducing_functions_of_custom_models(per_slot):
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(S, 12, 6, generator=g) if per_slot else torch.randn(12, 6, generator=g)
-    y = torch.randint(0, 4, (S, 12) if per_slot else (12,), generator=g)
+    x, y = _examples(per_slot, 12, (6,), seed=8)
     mb = trains_like_solo(Siren, x, y, per_slot=per_slot, lr=1e-3)
     assert {"binary", "reduce", "function"} <= {s.kind for s in mb._plan().steps}
 
@@ -589,9 +592,7 @@ class TextCNN(nn.Module):
 
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_max_over_time_einsum_masked_fill_and_one_hot(per_slot):
-    g = torch.Generator().manual_seed(9)
-    x = torch.randint(0, 30, (S, 10, 7) if per_slot else (10, 7), generator=g)
-    y = torch.randint(0, 4, (S, 10) if per_slot else (10,), generator=g)
+    x, y = _examples(per_slot, 10, (7,), seed=9, vocab=30)
     mb = trains_like_solo(TextCNN, x, y, per_slot=per_slot, lr=1e-3)
     assert {"extremum", "einsum"} <= {s.kind for s in mb._plan().steps}
 
@@ -615,8 +616,6 @@ class Volumetric(nn.Module):
 
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_three_dimensional_convolutions_norms_and_pools(per_slot):
-    g = torch.Generator().manual_seed(10)
-    x = torch.randn(S, 6, 1, 4, 4, 4, generator=g) if per_slot else torch.randn(6, 1, 4, 4, 4, generator=g)
-    y = torch.randint(0, 4, (S, 6) if per_slot else (6,), generator=g)
+    x, y = _examples(per_slot, 6, (1, 4, 4, 4), seed=10)
     mb = trains_like_solo(Volumetric, x, y, per_slot=per_slot, lr=1e-3)
     assert {"conv", "norm", "group_norm", "pool", "pool_function"} <= {s.kind for s in mb._plan().steps}
