@@ -359,7 +359,9 @@ def test_bad_configs_fail_or_isolate_only_their_own_trial(trainables, tmp_path):
         "in30": {"lr": 0.1, "d_in": 30},
         "out1": {"lr": 0.1, "d_out": 1},
     }
-    defaults = {"arch": {"hidden": 32}, "unfusable": False, "d_in": 64, "d_out": 10}
+    # A fixed seed: with lr 1e12 about 1 seed in 100 kills every ReLU at once and the loss stays finite (measured:
+    # 2 of 200 seeds); a seed from the trial ID made this test fail now and then. Seed 0 overflows.
+    defaults = {"arch": {"hidden": 32}, "unfusable": False, "d_in": 64, "d_out": 10, "seed": 0}
     space = {"case": tune.grid_search(list(cases))}
     for key in ("lr", *defaults):
         space[key] = tune.sample_from(lambda c, key=key: cases[c["case"]].get(key, defaults.get(key)))
