@@ -37,22 +37,11 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 import ray_modelbatch
+from asha_sweep import load_digits_split  # examples/asha_sweep.py: digits in [0, 1], a fixed 80/20 split
 from ray_modelbatch.tune import SweepProgress, batched_trainable
 
 LATENT = 8
-STEPS_PER_REPORT = 22  # one pass over the 1,437 training digits in batches of 64
-
-
-def load_digits_split() -> tuple[torch.Tensor, ...]:
-    """Digits as 64 pixel intensities in [0, 1] (labels ride along, unused); a fixed 80/20 split."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
-    val, train = perm[:360], perm[360:]
-    return x[train], y[train], x[val], y[val]
+STEPS_PER_REPORT = 22  # one pass over the 1,438 training digits in batches of 64 (their labels go unused)
 
 
 class VAE(nn.Module):
