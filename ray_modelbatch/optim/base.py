@@ -48,6 +48,7 @@ from . import groups as pgroups
 from . import plateau as plateau_rule
 from . import schedules
 from . import torch_compat
+from .coefficient_window import CoefficientWindow
 from .hparams import HParam, nonneg, per_slot
 
 _nonneg = nonneg  # the old private name, kept for imports of it
@@ -207,6 +208,9 @@ class VectorOptimizer:
         self._compiled: Callable | None = (_compile(types.MethodType(_core_of(type(self)), self))
                                            if compile else None)
         self.specs = {**self.HPARAMS, **COMMON}
+        # The per-slot arithmetic of the next steps, computed ahead (not for per-slot scalars that evolve with
+        # the state, such as NAdam's mu_product: those are computed every step).
+        self._window = None if self.SLOT_SCALARS else CoefficientWindow()
         s = mb.num_slots
         self._hp = {k: torch.full((s,), spec.default, dtype=torch.float64) for k, spec in self.specs.items()}
         self._layout = pgroups.NO_GROUPS
@@ -548,7 +552,7 @@ class VectorOptimizer:
         if skip is not None:
             skip = skip.to(device=mb.device, dtype=torch.bool)
         index = [self._group_index.get(dt) for dt in groups]
-        norm, okf, new_scalars = self._run_core(ps, gs, sts, hp, scalars, steps, skip, index)
+        norm, okf, new_scalars = self._run_core(ps, gs, sts, hp, scalars, steps, skip, index, idx)
         if idx is not None:
             for dt, g, p, st in zip(groups, groups.values(), ps, sts):
                 g.data.index_copy_(0, idx, p)
@@ -569,10 +573,12 @@ class VectorOptimizer:
             self.last_grad_norm.zero_().index_copy_(0, idx, norm)
             for k, v in new_scalars.items():
                 self.scalars[k].index_copy_(0, idx, v)
+        if self._window is not None:
+            self._window.stepped(self.steps)
 
     def _core(self, ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[dict[str, torch.Tensor]],
               hp: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor], steps: torch.Tensor,
-              skip: torch.Tensor | None, index: list[pgroups.ColumnGroups | None],
+              skip: torch.Tensor | None, index: list[pgroups.ColumnGroups | None], rows: torch.Tensor | None,
               fused: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Norms, per-slot coefficients and the in-place update of the given rows.
 
@@ -596,26 +602,31 @@ class VectorOptimizer:
             ok = ok & ~skip
         okf = ok.to(torch.float64)
         hp = {**hp, **scalars}
-        lr = self._lr(hp, steps)
-        c64 = self._coefficients(hp, steps, okf, lr)
-        new_scalars = c64.pop("scalars", {})
-        tables = self._group_tables(c64, hp, steps, okf, lr) if self._layout else {}
-        # Gradient scale per slot: 0 for skipped slots (after their NaNs are
-        # zeroed), the clipping factor where clipping is on, else 1.
-        scale = okf
-        if self._clipping:
-            clip = torch.clamp(hp["max_grad_norm"] / (norm.double() + 1e-6), max=1.0)
-            scale = torch.where(ok, clip, 0.0)
-        names = [k for k, v in c64.items() if isinstance(v, torch.Tensor)]
-        stacked = torch.stack([c64[k] for k in names] + [scale])
-        flags = {k: v for k, v in c64.items() if not isinstance(v, torch.Tensor)}
-        table_names = list(tables)
-        table = torch.stack([tables[k] for k in table_names]) if tables else None  # [Kg, n, G + 1]
         skipped = ~ok.unsqueeze(1)
         # On CPU, whether any slot is skipped is known for free: without one (and without clipping) zeroing
         # and scaling the gradients would rewrite them unchanged (x * 1.0 == x), so the eager update skips both.
         # (Not in the compiled pass, fused=True: there the masking is a select inside the fused loop.)
         mask = fused or not ps or ps[0].device.type != "cpu" or bool(skipped.any())
+        # Gradient scale per slot: 0 for skipped slots (after their NaNs are zeroed), the clipping factor where
+        # clipping is on, else 1.
+        scale = okf
+        if self._clipping:
+            clip = torch.clamp(hp["max_grad_norm"] / (norm.double() + 1e-6), max=1.0)
+            scale = torch.where(ok, clip, 0.0)
+        if not fused and self._window is not None:  # the per-slot arithmetic, looked up (see coefficient_window)
+            values, lr, names, flags, table, table_names = self._window.lookup(
+                self._hp_mat, self.hp, self.steps, {k: self.scalars[k] for k in self._step_scalars}, rows, steps,
+                ok, mask if ok.device.type == "cpu" else None, self._derive)
+            stacked = torch.cat([values, scale.unsqueeze(0)])
+            new_scalars: dict[str, torch.Tensor] = {}
+        else:
+            lr, c64, tables = self._derive(hp, steps, okf)
+            new_scalars = c64.pop("scalars", {})
+            names = [k for k, v in c64.items() if isinstance(v, torch.Tensor)]
+            stacked = torch.stack([c64[k] for k in names] + [scale])
+            flags = {k: v for k, v in c64.items() if not isinstance(v, torch.Tensor)}
+            table_names = list(tables)
+            table = torch.stack([tables[k] for k in table_names]) if tables else None  # [Kg, n, G + 1]
         single_pass = [not fused and table is None and p.device.type == "cpu" and p.dtype in SINGLE_PASS_DTYPES
                        and p.shape[1] >= SINGLE_PASS_MIN_ELEMENTS for p in ps]
         single = self._single_pass(hp, steps, ok, lr) if any(single_pass) else None
@@ -641,6 +652,16 @@ class VectorOptimizer:
                 self._apply(p[r, c_], g[r, c_], {k: v[r, c_] for k, v in st.items()}, c, skipped[r], cols[-1, r],
                             mask=mask)
         return norm, okf, new_scalars
+
+    def _derive(self, hp: Mapping[str, torch.Tensor], steps: torch.Tensor, okf: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
+        """Every per-slot quantity of a step: the learning rate, the coefficients (new ``SLOT_SCALARS`` under
+        ``"scalars"``) and the parameter groups' tables. Elementwise, so it also runs on ``[S, N]`` grids of
+        step counts (:class:`~.coefficient_window.CoefficientWindow`)."""
+        lr = self._lr(hp, steps)
+        c64 = self._coefficients(hp, steps, okf, lr)
+        tables = self._group_tables(c64, hp, steps, okf, lr) if self._layout else {}
+        return lr, c64, tables
 
     def _apply(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], c: dict[str, Any],
                skipped: torch.Tensor, scale: torch.Tensor, fused: bool = False, mask: bool = True) -> None:

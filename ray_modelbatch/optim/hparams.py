@@ -50,8 +50,11 @@ def unit_interval(name: str, default: float, closed: bool = True) -> HParam:
 
 def per_slot(name: str, value: Any, num_slots: int) -> torch.Tensor:
     """Broadcast a scalar, or check a per-slot sequence/tensor, into a float64 ``[S]`` CPU tensor."""
-    if value is None and name == "max_grad_norm":
-        value = math.inf
+    if name == "max_grad_norm":  # None: no clipping, for all slots or for some (one value per slot)
+        if value is None:
+            value = math.inf
+        elif isinstance(value, (list, tuple)):
+            value = [math.inf if v is None else v for v in value]
     if isinstance(value, str):  # "inf"/"nan": how checkpoint.plain writes non-finite floats
         try:
             value = float(value)

@@ -1,0 +1,129 @@
+"""Every slot's per-step coefficients for the next few steps, computed in one batched pass.
+
+Why: a fused step's per-slot arithmetic (the schedule, the bias corrections,
+the masks of skipped slots) is a few dozen elementwise ops on ``[S]`` float64
+tensors, each costing a kernel launch or a CPU dispatch of a few microseconds
+for a handful of numbers. For the small models of a sweep that was about 50 of
+the step's 110 ops (a digits MLP on one CPU core: ~0.2 of ~1.1 ms), and on a GPU
+the same ops are launches in a step that is launch-bound.
+
+The coefficients of a slot are a function of its hyperparameters, its plateau
+multiplier and its step count ``t`` alone, and ``t`` grows by at most one per
+step. So the window evaluates the optimizer's own formulas (``_lr``,
+``_coefficients``, the parameter groups' tables) once on ``[S, N]`` grids,
+``t = steps + 0 .. N-1`` for every slot, twice: for a slot that steps and for
+one that is skipped (non-finite gradients, an overflow, ``skip=``). A step then
+picks each slot's row at its own ``t`` with one ``index_select`` and chooses
+between the two with one ``where``: about six ops instead of fifty, without
+reading anything back from the device.
+
+Exactness: the grid runs the same float64 formulas on the same inputs, so a
+value differs from the one-step form at most where a transcendental function
+(``pow``, ``cos``) takes its vectorized path in one form and its scalar tail in
+the other (the last bit of a float64, far below the float32 update). Each
+value depends only on the slot's hyperparameters, its ``t`` and its position
+in the stack, never on when the window was filled: ``N`` is a multiple of the
+SIMD width, so every grid element takes the vectorized path. A slot that
+rolls back, is restored or is copied (PBT) reads the same numbers again.
+
+Validity: the window is refilled after ``N`` steps, and at once when anything
+it was computed from changes: new hyperparameters (``_push`` makes a new
+matrix), a resized stack (new tensors), or an in-place write to the step counts
+or plateau multipliers by anyone but the step itself (a reset slot, a loaded
+checkpoint, a snapshot restored by run-ahead's rollback, ``plateau_step``),
+seen through the tensors' version counters, which every in-place write bumps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+WINDOW_STEPS = 32
+"""Steps per window. A multiple of 8 (AVX-512's float64 lanes) so that no grid element takes a scalar tail;
+a refill costs about two steps' worth of coefficient ops on ``[S, 32]`` instead of ``[S]``."""
+
+LR_ROW = "__lr__"  # the learning rate's column (coefficients may have their own "lr")
+
+
+class CoefficientWindow:
+    """The coefficients of every slot for its next :data:`WINDOW_STEPS` steps (see the module docstring).
+
+    ``derive(hp, steps, okf)`` is the optimizer's per-step arithmetic: it
+    returns ``(lr, coefficients, tables)``, the learning rate, the per-slot
+    coefficients by name and the parameter groups' ``[n, G + 1]`` tables,
+    each broadcastable against ``steps``. Non-tensor coefficients are flags,
+    the same for every slot.
+    """
+
+    def __init__(self, steps_per_window: int = WINDOW_STEPS):
+        self.n = int(steps_per_window)
+        self._key: tuple | None = None
+        self._used = 0
+
+    def invalidate(self) -> None:
+        self._key = None
+
+    @staticmethod
+    def _identity(hp_mat: torch.Tensor, steps: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> tuple:
+        return (id(hp_mat), id(steps), steps._version,
+                tuple((k, id(v), v._version) for k, v in sorted(scalars.items())))
+
+    def _fill(self, hp: Mapping[str, torch.Tensor], steps: torch.Tensor,
+              derive: Callable[..., tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]]) -> None:
+        s, n = steps.shape[0], self.n
+        grid = steps.unsqueeze(1) + torch.arange(n, dtype=steps.dtype, device=steps.device)  # [S, N]: each slot's t
+        columns = {k: v.unsqueeze(1) for k, v in hp.items()}
+        built = []
+        for ok in (1.0, 0.0):
+            lr, coefficients, tables = derive(columns, grid, torch.full_like(grid, ok))
+            names = [k for k, v in coefficients.items() if isinstance(v, torch.Tensor)]
+            cols = [coefficients[k].expand(s, n) for k in names] + [lr.expand(s, n)]
+            table_names = list(tables)
+            for k in table_names:  # [S, G + 1] or [S, G + 1, N] -> G + 1 columns
+                t = tables[k]
+                t = t.unsqueeze(-1) if t.dim() == 2 else t
+                cols.extend(t.expand(s, t.shape[1], n).unbind(1))
+            built.append(torch.stack(cols, dim=-1).view(s * n, len(cols)))
+        self.ok_table, self.skip_table = built
+        self.names, self.table_names = names, table_names
+        self.groups = tables[table_names[0]].shape[1] if table_names else 0
+        self.flags = {k: v for k, v in coefficients.items() if not isinstance(v, torch.Tensor)}
+        # a slot's row for its step count t: s * N + (t - t at the fill)
+        self.shift = torch.arange(s, dtype=steps.dtype, device=steps.device) * n - steps
+
+    def lookup(self, hp_mat: torch.Tensor, hp: Mapping[str, torch.Tensor], steps: torch.Tensor,
+               scalars: Mapping[str, torch.Tensor], rows: torch.Tensor | None, row_steps: torch.Tensor,
+               ok: torch.Tensor, any_skipped: bool | None,
+               derive: Callable[..., tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]]
+               ) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, Any], torch.Tensor | None, list[str]]:
+        """This step's coefficients for ``rows`` (None: every slot) at their step counts ``row_steps``.
+
+        ``hp``/``steps``/``scalars`` are the whole stack's (read when the window
+        is refilled); ``ok`` says which rows step; ``any_skipped`` is whether
+        any row is skipped where that is known for free (CPU), else None.
+        Returns ``(values [K, n], lr [n], names, flags, group table [Kg, n, G + 1] or None, table names)``.
+        """
+        key = self._identity(hp_mat, steps, scalars)
+        if key != self._key or self._used >= self.n:
+            self._fill({**hp, **scalars}, steps, derive)
+            self._key, self._used = self._identity(hp_mat, steps, scalars), 0
+        shift = self.shift if rows is None else self.shift.index_select(0, rows)
+        at = (row_steps + shift).long()
+        values = self.ok_table.index_select(0, at)
+        if any_skipped is None or any_skipped:
+            values = torch.where(ok.unsqueeze(1), values, self.skip_table.index_select(0, at))
+        values = values.t()  # [K, n]
+        k = len(self.names)
+        lr = values[k]
+        table = None
+        if self.table_names:
+            table = values[k + 1:].unflatten(0, (len(self.table_names), self.groups)).transpose(1, 2)
+        return values[:k], lr, self.names, self.flags, table, self.table_names
+
+    def stepped(self, steps: torch.Tensor) -> None:
+        """The step itself wrote the new step counts: the window stays valid, one step further along."""
+        if self._key is not None:
+            self._key = (self._key[0], id(steps), steps._version, self._key[3])
+            self._used += 1
