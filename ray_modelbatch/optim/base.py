@@ -28,6 +28,7 @@ e.g. NAdam's ``mu_product``, and the plateau state of :mod:`.plateau`, ``[S]``).
 
 from __future__ import annotations
 
+import collections
 import math
 import sys
 import types
@@ -142,6 +143,26 @@ def _tiles(t: torch.Tensor) -> list[tuple[slice, slice]]:
         return [(slice(r, r + 1), slice(c, c + CPU_TILE_ELEMENTS)) for r in range(n) for c in range(0, width, CPU_TILE_ELEMENTS)]
     rows = CPU_TILE_ELEMENTS // width
     return [(slice(r, r + rows), slice(None)) for r in range(0, n, rows)]
+
+
+class _RowColumns(Mapping[str, torch.Tensor]):
+    """The hyperparameter columns of some rows of the ``[S, K]`` matrix, gathered on first read."""
+
+    def __init__(self, matrix: torch.Tensor, names: Sequence[str], rows: torch.Tensor):
+        self._matrix, self._rows, self._gathered = matrix, rows, None
+        self._names = {k: j for j, k in enumerate(names)}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        j = self._names[key]
+        if self._gathered is None:
+            self._gathered = self._matrix.index_select(0, self._rows)
+        return self._gathered[:, j]
+
+    def __iter__(self) -> Any:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class VectorOptimizer:
@@ -544,6 +565,8 @@ class VectorOptimizer:
         sts = [{k: rows(v) for k, v in self.state[dt].items()} for dt in groups]
         if idx is None:
             hp = self.hp  # the matrix's column views, made once in _push (38 selects a step on a tiny stack)
+        elif self._compiled is None:  # gathered when first read: with the window, few steps read any
+            hp = _RowColumns(self._hp_mat, self._hp_names, idx)
         else:
             hpm = self._hp_mat.index_select(0, idx)
             hp = {k: hpm[:, j] for j, k in enumerate(self._hp_names)}
@@ -601,7 +624,7 @@ class VectorOptimizer:
         if skip is not None:
             ok = ok & ~skip
         okf = ok.to(torch.float64)
-        hp = {**hp, **scalars}
+        hp = {**hp, **scalars} if fused else collections.ChainMap(scalars, hp)  # (read lazily when eager)
         skipped = ~ok.unsqueeze(1)
         # On CPU, whether any slot is skipped is known for free: without one (and without clipping) zeroing
         # and scaling the gradients would rewrite them unchanged (x * 1.0 == x), so the eager update skips both.

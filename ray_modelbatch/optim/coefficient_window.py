@@ -73,19 +73,20 @@ class CoefficientWindow:
     def _fill(self, hp: Mapping[str, torch.Tensor], steps: torch.Tensor,
               derive: Callable[..., tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]]) -> None:
         s, n = steps.shape[0], self.n
-        grid = steps.unsqueeze(1) + torch.arange(n, dtype=steps.dtype, device=steps.device)  # [S, N]: each slot's t
+        # Both cases in one pass of the formulas: columns 0..N-1 for a slot that steps, N..2N-1 for a skipped one.
+        t = steps.unsqueeze(1) + torch.arange(n, dtype=steps.dtype, device=steps.device)  # [S, N]: each slot's t
+        grid = torch.cat([t, t], dim=1)
+        okf = torch.cat([torch.ones_like(t), torch.zeros_like(t)], dim=1)
         columns = {k: v.unsqueeze(1) for k, v in hp.items()}
-        built = []
-        for ok in (1.0, 0.0):
-            lr, coefficients, tables = derive(columns, grid, torch.full_like(grid, ok))
-            names = [k for k, v in coefficients.items() if isinstance(v, torch.Tensor)]
-            cols = [coefficients[k].expand(s, n) for k in names] + [lr.expand(s, n)]
-            table_names = list(tables)
-            for k in table_names:  # [S, G + 1] or [S, G + 1, N] -> G + 1 columns
-                t = tables[k]
-                t = t.unsqueeze(-1) if t.dim() == 2 else t
-                cols.extend(t.expand(s, t.shape[1], n).unbind(1))
-            built.append(torch.stack(cols, dim=-1).view(s * n, len(cols)))
+        lr, coefficients, tables = derive(columns, grid, okf)
+        names = [k for k, v in coefficients.items() if isinstance(v, torch.Tensor)]
+        cols = [coefficients[k].expand(s, 2 * n) for k in names] + [lr.expand(s, 2 * n)]
+        table_names = list(tables)
+        for k in table_names:  # [S, G + 1, 2N] (or [S, G + 1, 1] where constant) -> G + 1 columns
+            v = tables[k]
+            cols.extend(v.expand(s, v.shape[1], 2 * n).unbind(1))
+        both = torch.stack(cols, dim=-1)  # [S, 2N, K]
+        built = [both[:, :n].reshape(s * n, len(cols)), both[:, n:].reshape(s * n, len(cols))]
         self.ok_table, self.skip_table = built
         self.names, self.table_names = names, table_names
         self.groups = tables[table_names[0]].shape[1] if table_names else 0
