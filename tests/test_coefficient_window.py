@@ -61,8 +61,8 @@ def _train(name: str, window: bool, plateau: bool) -> tuple[list[torch.Tensor], 
         slots = [0, 2, 3] if step % 4 == 1 else "active"
         skip = torch.tensor([step % 7 == 3, False, step % 5 == 2, False, step % 9 == 0]) if slots == "active" else None
         eng.train_step(x, y, slots=slots, skip=skip)
-        # (the window's fills: steps 0 and 32, then 40 on new hyperparameters, 72; each event below moves a
-        # slot's step count outside the window it was filled for)
+        # Each event below comes after a refill (at steps 32 and 40) and moves a slot's step count outside the
+        # window filled before it: a window that missed the event would read another slot's coefficients.
         if step == 20:
             saved = {k: v[3].clone() for k, v in opt.slot_tensors().items()}
             saved.update({f"mb.{k}": v[3].clone() for k, v in mb.slot_tensors().items()})
