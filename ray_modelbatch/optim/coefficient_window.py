@@ -59,16 +59,21 @@ class CoefficientWindow:
 
     def __init__(self, steps_per_window: int = WINDOW_STEPS):
         self.n = int(steps_per_window)
-        self._key: tuple | None = None
+        self._inputs: list[tuple[torch.Tensor, int]] | None = None  # what the window was filled from
         self._used = 0
 
     def invalidate(self) -> None:
-        self._key = None
+        self._inputs = None
 
     @staticmethod
-    def _identity(hp_mat: torch.Tensor, steps: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> tuple:
-        return (id(hp_mat), id(steps), steps._version,
-                tuple((k, id(v), v._version) for k, v in sorted(scalars.items())))
+    def _inputs_of(hp_mat: torch.Tensor, steps: torch.Tensor,
+                   scalars: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+        # The tensors themselves, not their ids: a freed tensor's id may come back on a new one.
+        return [(t, t._version) for t in (hp_mat, steps, *(scalars[k] for k in sorted(scalars)))]
+
+    def _valid(self, now: list[tuple[torch.Tensor, int]]) -> bool:
+        return (self._inputs is not None and self._used < self.n and len(now) == len(self._inputs)
+                and all(a is b and va == vb for (a, va), (b, vb) in zip(now, self._inputs)))
 
     def _fill(self, hp: Mapping[str, torch.Tensor], steps: torch.Tensor,
               derive: Callable[..., tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]]) -> None:
@@ -106,10 +111,9 @@ class CoefficientWindow:
         any row is skipped where that is known for free (CPU), else None.
         Returns ``(values [K, n], lr [n], names, flags, group table [Kg, n, G + 1] or None, table names)``.
         """
-        key = self._identity(hp_mat, steps, scalars)
-        if key != self._key or self._used >= self.n:
+        if not self._valid(self._inputs_of(hp_mat, steps, scalars)):
             self._fill({**hp, **scalars}, steps, derive)
-            self._key, self._used = self._identity(hp_mat, steps, scalars), 0
+            self._inputs, self._used = self._inputs_of(hp_mat, steps, scalars), 0
         shift = self.shift if rows is None else self.shift.index_select(0, rows)
         at = (row_steps + shift).long()
         values = self.ok_table.index_select(0, at)
@@ -125,6 +129,8 @@ class CoefficientWindow:
 
     def stepped(self, steps: torch.Tensor) -> None:
         """The step itself wrote the new step counts: the window stays valid, one step further along."""
-        if self._key is not None:
-            self._key = (self._key[0], id(steps), steps._version, self._key[3])
+        if self._inputs is not None and self._inputs[1][0] is steps:
+            self._inputs[1] = (steps, steps._version)
             self._used += 1
+        else:
+            self._inputs = None
