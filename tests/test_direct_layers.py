@@ -149,6 +149,22 @@ def test_layer_norm_parameters_and_reductions(per_slot):
     trains_like_solo(NormNet, x, y, per_slot=per_slot, gather_exact=False)
 
 
+def test_norm_affine_gives_addcmuls_values_and_gradients_bit_for_bit():
+    """The norms' per-slot affine (``direct_kernels._SlotAffine``) makes one full-size pass less in its backward
+    than ``torch.addcmul``'s and must give the same bits."""
+    from ray_modelbatch.direct_kernels import _SlotAffine
+
+    y = torch.randn(S, 7, 5, 6, requires_grad=True)
+    w, b = torch.randn(S, 1, 1, 6, requires_grad=True), torch.randn(S, 1, 1, 6, requires_grad=True)
+    grad = torch.randn(S, 7, 5, 6)
+    got, want = [], []
+    for fn, out in ((lambda: _SlotAffine.apply(y, w, b), got), (lambda: torch.addcmul(b, y, w), want)):
+        value = fn()
+        out.append(value.detach())
+        out.extend(torch.autograd.grad(value, (y, w, b), grad))
+    assert all(torch.equal(a, c) for a, c in zip(got, want))
+
+
 # --------------------------------------------------------------------------- embeddings
 class EmbeddingMean(nn.Module):
     def __init__(self, padding_idx=None):
