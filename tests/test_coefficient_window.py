@@ -111,3 +111,4 @@ def test_window_is_refilled_after_its_steps_and_on_changes():
     opt.set_hparams(2, lr=0.1)
     eng.train_step(x, y)
     assert len(fills) == 4
+

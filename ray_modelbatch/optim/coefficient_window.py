@@ -10,21 +10,26 @@ the same ops are launches in a step that is launch-bound.
 The coefficients of a slot are a function of its hyperparameters, its plateau
 multiplier and its step count ``t`` alone, and ``t`` grows by at most one per
 step. So the window evaluates the optimizer's own formulas (``_lr``,
-``_coefficients``, the parameter groups' tables) once on ``[S, N]`` grids,
-``t = steps + 0 .. N-1`` for every slot, twice: for a slot that steps and for
-one that is skipped (non-finite gradients, an overflow, ``skip=``). A step then
+``_coefficients``, the parameter groups' tables) in one pass over a grid of
+``t = steps + 0 .. N-1`` for every slot, each ``t`` twice: for a slot that
+steps and for one that is skipped (non-finite gradients, an overflow,
+``skip=``). A step then
 picks each slot's row at its own ``t`` with one ``index_select`` and chooses
 between the two with one ``where``: about six ops instead of fifty, without
 reading anything back from the device.
 
 Exactness: the grid runs the same float64 formulas on the same inputs, so a
-value differs from the one-step form at most where a transcendental function
-(``pow``, ``cos``) takes its vectorized path in one form and its scalar tail in
-the other (the last bit of a float64, far below the float32 update). Each
-value depends only on the slot's hyperparameters, its ``t`` and its position
-in the stack, never on when the window was filled: ``N`` is a multiple of the
-SIMD width, so every grid element takes the vectorized path. A slot that
-rolls back, is restored or is copied (PBT) reads the same numbers again.
+value differs from the one-step form at most where float64 ``pow`` takes its
+vectorized path in one form and its scalar loop tail in the other (now and
+then the last bit of a float64, which the float32 update almost never sees;
+the test of this module finds parameters and state bit-identical). A value
+depends only on the slot's hyperparameters, its ``t`` and its position in the
+stack, not on when the window was filled or on which other slots step with
+it (the one-step form computes over the stepping rows only): ``N`` is a
+multiple of the SIMD width, and the grid is filled in blocks of rows small
+enough that torch runs each op on one thread, never splitting a row between
+threads. A slot that rolls back, is restored or is copied (PBT) reads the
+same numbers again.
 
 Validity: the window is refilled after ``N`` steps, and at once when anything
 it was computed from changes: new hyperparameters (``_push`` makes a new
@@ -42,9 +47,11 @@ import torch
 
 WINDOW_STEPS = 32
 """Steps per window. A multiple of 8 (AVX-512's float64 lanes) so that no grid element takes a scalar tail;
-a refill costs about two steps' worth of coefficient ops on ``[S, 32]`` instead of ``[S]``."""
+a refill costs about one step's worth of coefficient ops, on ``[S, 2 x 32]`` instead of ``[S]``."""
 
-LR_ROW = "__lr__"  # the learning rate's column (coefficients may have their own "lr")
+FILL_ROWS = 256
+"""Slots per block of a fill: each op then has at most 256 x 64 elements, below torch's 32,768-element grain,
+so it runs on one thread (see the module docstring)."""
 
 
 class CoefficientWindow:
@@ -62,9 +69,6 @@ class CoefficientWindow:
         self._inputs: list[tuple[torch.Tensor, int]] | None = None  # what the window was filled from
         self._used = 0
 
-    def invalidate(self) -> None:
-        self._inputs = None
-
     @staticmethod
     def _inputs_of(hp_mat: torch.Tensor, steps: torch.Tensor,
                    scalars: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
@@ -78,26 +82,32 @@ class CoefficientWindow:
     def _fill(self, hp: Mapping[str, torch.Tensor], steps: torch.Tensor,
               derive: Callable[..., tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]]) -> None:
         s, n = steps.shape[0], self.n
-        # Both cases in one pass of the formulas: columns 0..N-1 for a slot that steps, N..2N-1 for a skipped one.
-        t = steps.unsqueeze(1) + torch.arange(n, dtype=steps.dtype, device=steps.device)  # [S, N]: each slot's t
+        blocks = [self._fill_rows({k: v[lo:lo + FILL_ROWS] for k, v in hp.items()}, steps[lo:lo + FILL_ROWS], derive)
+                  for lo in range(0, s, FILL_ROWS)]
+        both = torch.cat([b[0] for b in blocks])  # [S, 2N, K]
+        self.ok_table = both[:, :n].reshape(s * n, both.shape[2])
+        self.skip_table = both[:, n:].reshape(s * n, both.shape[2])
+        self.names, self.table_names, self.groups, self.flags = blocks[0][1:]
+        # a slot's row for its step count t: s * N + (t - t at the fill)
+        self.shift = torch.arange(s, dtype=steps.dtype, device=steps.device) * n - steps
+
+    def _fill_rows(self, hp: Mapping[str, torch.Tensor], steps: torch.Tensor,
+                   derive: Callable[..., tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]]) -> tuple:
+        """``[rows, 2N, K]``: columns 0..N-1 for a slot that steps, N..2N-1 for a skipped one; and the layout."""
+        s, n = steps.shape[0], self.n
+        t = steps.unsqueeze(1) + torch.arange(n, dtype=steps.dtype, device=steps.device)  # [rows, N]: each slot's t
         grid = torch.cat([t, t], dim=1)
         okf = torch.cat([torch.ones_like(t), torch.zeros_like(t)], dim=1)
-        columns = {k: v.unsqueeze(1) for k, v in hp.items()}
-        lr, coefficients, tables = derive(columns, grid, okf)
+        lr, coefficients, tables = derive({k: v.unsqueeze(1) for k, v in hp.items()}, grid, okf)
         names = [k for k, v in coefficients.items() if isinstance(v, torch.Tensor)]
         cols = [coefficients[k].expand(s, 2 * n) for k in names] + [lr.expand(s, 2 * n)]
         table_names = list(tables)
-        for k in table_names:  # [S, G + 1, 2N] (or [S, G + 1, 1] where constant) -> G + 1 columns
+        for k in table_names:  # [rows, G + 1, 2N] (or [rows, G + 1, 1] where constant) -> G + 1 columns
             v = tables[k]
             cols.extend(v.expand(s, v.shape[1], 2 * n).unbind(1))
-        both = torch.stack(cols, dim=-1)  # [S, 2N, K]
-        built = [both[:, :n].reshape(s * n, len(cols)), both[:, n:].reshape(s * n, len(cols))]
-        self.ok_table, self.skip_table = built
-        self.names, self.table_names = names, table_names
-        self.groups = tables[table_names[0]].shape[1] if table_names else 0
-        self.flags = {k: v for k, v in coefficients.items() if not isinstance(v, torch.Tensor)}
-        # a slot's row for its step count t: s * N + (t - t at the fill)
-        self.shift = torch.arange(s, dtype=steps.dtype, device=steps.device) * n - steps
+        groups = tables[table_names[0]].shape[1] if table_names else 0
+        flags = {k: v for k, v in coefficients.items() if not isinstance(v, torch.Tensor)}
+        return torch.stack(cols, dim=-1), names, table_names, groups, flags
 
     def lookup(self, hp_mat: torch.Tensor, hp: Mapping[str, torch.Tensor], steps: torch.Tensor,
                scalars: Mapping[str, torch.Tensor], rows: torch.Tensor | None, row_steps: torch.Tensor,
