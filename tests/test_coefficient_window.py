@@ -6,7 +6,7 @@ more steps than a window holds, through everything that moves a slot's step
 count or its coefficients in other ways: steps over a subset of slots, skipped
 slots, a slot reset to a fresh model, new hyperparameters, a PBT-style copy,
 a snapshot written back into the optimizer's tensors in place (run-ahead's
-rollback) and plateau rules. Every schedule kind runs in some slot; five slots
+rollback) and plateau rules. Every schedule kind but the constant one runs in some slot; five slots
 put some of them in the scalar tail of the per-step form's vector loops.
 """
 
