@@ -10,11 +10,13 @@ batched GEMMs over ``[n, B*T, E]`` (the ``runner`` passed in, see
 
 Measured on 2 shared cores (4 heads of 16, forward and backward): one SDPA
 call on the folded batch takes 8.9 / 32 ms at n = 8 / 32 slots of 64 sequences
-of 16 tokens, against 12.7 / 137 ms for one call per slot. ``bmm``-softmax-
-``bmm`` on the folded batch is faster at 16 tokens (6.4 / 18 ms) but slower
-from 64 tokens on (14.3 against 10.9 ms at n = 8, 16 sequences of 64; 69
-against 28 ms at 256 tokens); SDPA is kept where the module uses it, which
-also rounds each sequence as the model alone does.
+of 16 tokens, against 12.7 / 137 ms for one call per slot. Short sequences
+gain once more: torch's CPU flash kernel spends a fixed few microseconds on
+each (sequence, head), which the folded batch has thousands of, so on a CPU
+calls of up to ``small_attention.MAX_LEN`` tokens without dropout run as
+``bmm``-softmax-``bmm`` with a written-out backward (:mod:`.small_attention`:
+half SDPA's time at 16 tokens, level at 64). They round as the model's own
+SDPA call does only to fp32 rounding; longer ones keep SDPA.
 
 The math follows ``F.multi_head_attention_forward`` step for step: the same
 mask canonicalization and merging, ``q * sqrt(1/d)`` then ``baddbmm`` when
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.transformer import _detect_is_causal_mask
 
+from . import small_attention
 from .direct_kernels import SHARED, SLOT, Act, Unsupported
 
 
@@ -160,6 +163,8 @@ def _folded_sdpa(runner: Any, n: int, q: torch.Tensor, k: torch.Tensor, v: torch
                  dropout_p: float, is_causal: bool, **kwargs: Any) -> torch.Tensor:
     """SDPA on the slots folded into the batch (``[n*B, ...]``); with dropout one call per slot, each with
     the slot's generator (SDPA takes none), so each slot draws its model's own attention dropout."""
+    if small_attention.applies(q, k, v, mask, dropout_p, kwargs.get("enable_gqa", False)):
+        return small_attention.attention(q, k, v, mask, is_causal, kwargs.get("scale"))
     if dropout_p == 0.0 or runner.random is None:
         return F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, **kwargs)
     per_slot = mask is not None and mask.dim() == q.dim() and mask.shape[0] == q.shape[0]

@@ -1,0 +1,98 @@
+"""small_attention: short-sequence attention as bmm-softmax-bmm gives SDPA's outputs and gradients.
+
+The direct path sends folded attention calls of up to ``MAX_LEN`` tokens here
+instead of torch's CPU flash kernel (see the module docstring for the
+measurements); a model's training must not change beyond fp32 rounding. Each
+case compares the output and the gradients of q, k and v with
+``F.scaled_dot_product_attention`` on the same inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ray_modelbatch import small_attention
+
+
+def _both(q, k, v, mask=None, is_causal=False, scale=None):
+    """(output, grads) of small_attention and of SDPA on copies of the same leaves."""
+    results = []
+    g = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+    for fn in (small_attention.attention, F.scaled_dot_product_attention):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        if fn is small_attention.attention:
+            assert small_attention.applies(*leaves, mask, 0.0)
+            out = fn(*leaves, mask, is_causal, scale)
+        else:
+            out = fn(*leaves, mask, 0.0, is_causal, scale=scale)
+        out.backward(g)
+        results.append((out.detach(), [t.grad for t in leaves]))
+    return results
+
+
+def _close(a, b):
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
+    for name, ga, gb in zip("qkv", grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("tq,tk", [(16, 16), (5, 9), (32, 32)])
+def test_matches_sdpa_without_a_mask(tq, tk):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(6, 4, tq, 8), torch.randn(6, 4, tk, 8), torch.randn(6, 4, tk, 12)
+    _close(*_both(q, k, v))
+    _close(*_both(q, k, v, scale=0.3))
+
+
+def test_matches_sdpa_on_strided_views_of_a_packed_projection():
+    """The direct path's inputs: q, k, v unbound from one [B, T, 3, heads, hd] projection, heads moved ahead."""
+    torch.manual_seed(1)
+    packed = torch.randn(5, 16, 3, 4, 8)
+    q, k, v = (t.transpose(1, 2) for t in packed.unbind(2))
+    _close(*_both(q, k, v))
+
+
+def test_masks_causal_and_rows_with_nothing_to_attend():
+    torch.manual_seed(2)
+    q, k, v = torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
+    float_mask = torch.randn(3, 1, 7, 7)
+    _close(*_both(q, k, v, float_mask))
+    allowed = torch.rand(3, 2, 7, 7) > 0.3
+    allowed[0, 1, 4] = False  # a query that may attend to nothing: SDPA gives zeros, and zero gradients
+    allowed[2, :, :, 0] = True
+    _close(*_both(q, k, v, allowed))
+    padding = torch.zeros(3, 1, 1, 7)
+    padding[1, ..., 5:] = float("-inf")
+    padding[2] = float("-inf")  # a whole sequence of padding
+    _close(*_both(q, k, v, padding))
+    _close(*_both(q, k, v, is_causal=True))
+    out, _ = _both(q, k, v, allowed)[0]
+    assert out[0, 1, 4].eq(0).all() and out.isfinite().all()
+
+
+def test_float64():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 10, 4, dtype=torch.float64) for _ in range(3))
+    (out_a, grads_a), (out_b, grads_b) = _both(q, k, v, is_causal=True)
+    torch.testing.assert_close(out_a, out_b)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb)
+
+
+def test_calls_it_leaves_to_sdpa():
+    q = torch.randn(2, 2, 16, 8)
+    ok = small_attention.applies
+    assert ok(q, q, q, None, 0.0)
+    assert not ok(q, q, q, None, 0.1)  # dropout: SDPA draws the mask
+    assert not ok(q, q, q, None, 0.0, enable_gqa=True)
+    long = torch.randn(2, 2, small_attention.MAX_LEN + 1, 8)
+    assert not ok(long, long, long, None, 0.0)
+    assert not ok(q.half(), q.half(), q.half(), None, 0.0)
+    assert not ok(q, q, q, torch.zeros(16, 16, requires_grad=True), 0.0)  # a mask that needs its gradient
+    assert not ok(q, torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8), None, 0.0)  # broadcast batch dims
+    assert not ok(q[0, 0], q[0, 0], q[0, 0], None, 0.0)  # no batch dimension
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not ok(q, q, q, None, 0.0)
