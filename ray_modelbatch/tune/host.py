@@ -39,7 +39,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -396,12 +395,10 @@ class SlotHost:
         try:
             reads: set = {(self.spec.seed_key,)}
             seen = RecordingConfig(config, reads)  # what the factories read: see _warn_unread
-            with torch.device("meta"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # e.g. load_state_dict into meta tensors: a no-op, and fine here
-                skey = stack_key(_from_config(self.spec.model, "model", seen))
             seed = trial_seed(trial_id, config, self.spec.seed_key)
             _seed_model_init(seed, self.device)
-            model = _from_config(self.spec.model, "model", config)
+            model = _from_config(self.spec.model, "model", seen)
+            skey = stack_key(model)
             random_state = global_state(self.device)  # where the model alone would draw its dropout from
             hparams = _from_config(self.spec.hparams, "hparams", seen)
             opt = self.spec.optimizer
