@@ -118,3 +118,33 @@ def test_differentiates_twice():
         results.append([t.grad for t in (q, k, v)])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+def test_the_direct_path_routes_short_attention_here_and_dropout_to_sdpa(monkeypatch):
+    """A fused TransformerEncoder on CPU at 6 tokens calls this module once per layer; with attention dropout
+    in training it keeps SDPA (each slot's mask from its own generator, which SDPA draws itself)."""
+    import ray_modelbatch as rmb
+    from torch import nn
+
+    calls = []
+    real = small_attention.attention
+    monkeypatch.setattr(small_attention, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    class Encoder(nn.Module):
+        def __init__(self, dropout):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=dropout, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.encoder(x).mean(1))
+
+    x = torch.randn(4, 6, 8)
+    for dropout, expected in ((0.0, 2), (0.1, 0)):
+        torch.manual_seed(0)
+        mb = rmb.ModelBatch([Encoder(dropout) for _ in range(3)])
+        calls.clear()
+        mb(x).sum().backward()
+        assert mb.uses_direct_path and not mb._slow_keys
+        assert len(calls) == expected, (dropout, calls)
