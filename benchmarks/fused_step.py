@@ -73,10 +73,14 @@ compares the gradients before any step with an fp64 copy of each model (next
 to the fp32 model's own), marking CHECK where the fused ones are much further
 off, so a fast but wrong fused step cannot go unnoticed. Shared CPUs have phases several
 times slower than normal; a small matmul probe around every timing block
-discards blocks measured in such a phase (column 'speed').
+discards blocks measured in such a phase (column 'speed'). Phases also
+move the loop more than the fused step (session 20: loops by up to 1.6x
+between runs minutes apart, fused steps within 10-15%), so one run's ratio
+says little: ``--repeat 3`` runs every configuration three times, in rounds,
+and reports each one's median.
 
 Runs without Ray. ``python benchmarks/fused_step.py [--quick] [--device cuda]
-[--models mlp_tiny,mlp_784,cnn] [--slots 1,8,32] [--optimizer sgd] [--cpu-gemm onednn] [--compare-vmap]
+[--models mlp_tiny,mlp_784,cnn] [--slots 1,8,32] [--optimizer sgd] [--cpu-gemm onednn] [--compare-vmap] [--repeat 3]
 [--copy-mb 128]``; writes the
 markdown it prints to ``benchmarks/fused_step_latest.md``.
 """
@@ -90,6 +94,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -888,6 +893,15 @@ def speedup_target(label: str, s: int, r: dict | None, roof: Roofline | None, ta
             f"{fmt(max(r['fused_step_s'] * ratio / target - r['fused_heavy_s'], 0.0) * 1e3)} ms for {target:g}x")
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Of one configuration's runs, the one with the median fused/loop (the lower middle one for an even count:
+    a real run, not an average), with every run's ratio in ``ratios``; the first failure if all failed."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["fused_msps"] / r["loop_msps"])
+    if not ok:
+        return runs[0]
+    return {**ok[(len(ok) - 1) // 2], "ratios": [r["fused_msps"] / r["loop_msps"] for r in runs if "error" not in r]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="S = 8, 32 and shorter timings")
@@ -910,6 +924,10 @@ def main() -> None:
                     help="ModelBatch(cpu_gemm=...): the fused path's CPU GEMM kernels (default blas, as nn.Linear)")
     ap.add_argument("--compare-vmap", action="store_true",
                     help="also time each stack on vmap (ModelBatch(direct_path=False)): what the direct path gains")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every configuration this many times, in rounds over all of them (a slow phase of a "
+                         "shared machine then spreads over the configurations); the table shows each one's median "
+                         "run by fused/loop, and a list every run's ratio (default 1; give an odd number)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("fused_step_latest.md")), help="markdown file to write")
     args = ap.parse_args()
 
@@ -988,9 +1006,13 @@ def main() -> None:
         )
         return r
 
-    rows = [measure(n, s) for n in names for s in slots]
+    if args.repeat < 1:
+        sys.exit(f"--repeat {args.repeat}: give 1 or more")
+    rounds = [[measure(n, s, f"  [round {k + 1} of {args.repeat}]" if args.repeat > 1 else "")
+               for n in names for s in slots] for k in range(args.repeat)]
+    rows = [median_run([rnd[i] for rnd in rounds]) for i in range(len(rounds[0]))]
     for i, r in enumerate(rows):  # the best probe may have risen since: re-run configs timed while slow
-        if "error" not in r and probe.frac(r["speed"]) < QUIET:
+        if args.repeat == 1 and "error" not in r and probe.frac(r["speed"]) < QUIET:  # (--repeat: the median)
             waited = wait_quiet(probe, args.max_wait)
             again = measure(r["model"], r["s"], f"  [re-run after waiting {waited:.0f} s: machine was slow]")
             if "error" not in again and probe.frac(again["speed"]) > probe.frac(r["speed"]):
@@ -1092,6 +1114,10 @@ def main() -> None:
     def find(model: str, s: int) -> dict | None:
         return next((r for r in rows if r["model"] == model and r["s"] == s and "error" not in r), None)
 
+    if args.repeat > 1:
+        md += ["", f"fused/loop of each of the {args.repeat} rounds (the table shows the median round's run):", ""]
+        md += [f"- {r['model']} S={r['s']}: " + " / ".join(f"{x:.2f}x" for x in r["ratios"])
+               + f" (median {statistics.median(r['ratios']):.2f}x)" for r in rows if r.get("ratios")]
     md += ["", "Targets (roofline and bound as defined above; both are measured on this machine in this run):"]
     r = find("mlp_tiny", 32)
     md.append(speedup_target("tiny MLP", 32, r, roofs.get("mlp_tiny"), TINY_SPEEDUP_TARGET))
