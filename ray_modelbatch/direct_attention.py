@@ -14,9 +14,10 @@ of 16 tokens, against 12.7 / 137 ms for one call per slot. Short sequences
 gain once more: torch's CPU flash kernel spends a fixed few microseconds on
 each (sequence, head), which the folded batch has thousands of, so on a CPU
 calls of up to ``small_attention.MAX_LEN`` tokens without dropout run as
-``bmm``-softmax-``bmm`` with a written-out backward (:mod:`.small_attention`:
-half SDPA's time at 16 tokens, level at 64). They round as the model's own
-SDPA call does only to fp32 rounding; longer ones keep SDPA.
+``bmm``-softmax-``bmm`` on contiguous copies of q, k and v
+(:mod:`.small_attention`: half SDPA's time at 16 tokens, level at 64). They
+match the model's own SDPA call to fp32 rounding, not bit for bit; longer
+ones keep SDPA.
 
 The math follows ``F.multi_head_attention_forward`` step for step: the same
 mask canonicalization and merging, ``q * sqrt(1/d)`` then ``baddbmm`` when
