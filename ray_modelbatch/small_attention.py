@@ -23,8 +23,8 @@ flash kernel does not.
 
 Not taken (the caller keeps SDPA): dropout (SDPA draws its own mask),
 sequences longer than :data:`MAX_LEN`, other devices, dtypes below fp32 or
-autocast, a mask that needs a gradient, grouped-query attention, batch
-dimensions that differ between q, k and v.
+autocast, a mask that needs a gradient or has more dimensions than q,
+grouped-query attention, batch dimensions that differ between q, k and v.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
             and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and k.shape[-2] == v.shape[-2]
             and q.shape[-1] == k.shape[-1]
             and q.shape[-2] <= MAX_LEN and k.shape[-2] <= MAX_LEN
-            and (mask is None or (not mask.requires_grad and (mask.dtype == torch.bool or mask.dtype == q.dtype))))
+            and (mask is None or (not mask.requires_grad and mask.dim() <= q.dim()
+                                  and (mask.dtype == torch.bool or mask.dtype == q.dtype))))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,

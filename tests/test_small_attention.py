@@ -92,6 +92,7 @@ def test_calls_it_leaves_to_sdpa():
     assert not ok(long, long, long, None, 0.0)
     assert not ok(q.half(), q.half(), q.half(), None, 0.0)
     assert not ok(q, q, q, torch.zeros(16, 16, requires_grad=True), 0.0)  # a mask that needs its gradient
+    assert not ok(q, q, q, torch.zeros(1, 1, 1, 16, 16), 0.0)  # a mask with more dims than q
     assert not ok(q, torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8), None, 0.0)  # broadcast batch dims
     assert not ok(q[0, 0], q[0, 0], q[0, 0], None, 0.0)  # no batch dimension
     with torch.autocast("cpu", dtype=torch.bfloat16):
