@@ -6,6 +6,14 @@ rest (allocator and library workspaces, caches, the first-call checks) is
 fixed. The peak of one real step at two slot counts gives that line, and the
 line gives the largest S within a memory budget, without trying S after S.
 
+Fitting is not the same as paying, though: on a CPU a stack of conv nets gets
+slower per slot once its activations no longer stay in cache (session 20,
+``benchmarks/RESULTS.md``: a GroupNorm CNN trained 132 / 126 / 100
+model-steps/s at 8 / 32 / 128 slots, below a loop of the same models at 128),
+while small MLPs keep gaining (8,698 / 19,027 / 25,833). So
+:func:`cap_by_throughput` times a step at a few slot counts up to what memory
+allows and keeps the largest whose throughput is near the best.
+
 Pure torch: the slot host calls this before it opens its stacks.
 """
 
@@ -13,7 +21,8 @@ from __future__ import annotations
 
 import gc
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -34,12 +43,27 @@ class CapacityFit:
     fixed_bytes: int
     budget_bytes: int
     slots: int
+    # With a throughput check (see cap_by_throughput): the slots memory allowed, and (slots, model-steps/s)
+    # of each stack timed.
+    memory_slots: int | None = None
+    throughput: tuple[tuple[int, float], ...] = ()
 
     def describe(self) -> str:
-        return (
+        text = (
             f"{self.slots} slots: {self.per_slot_bytes / MiB:.1f} MiB per slot + {self.fixed_bytes / MiB:.1f} MiB "
             f"fixed, within a budget of {self.budget_bytes / MiB:.1f} MiB"
         )
+        if self.throughput:
+            rates = ", ".join(f"{s}: {r:,.0f}" for s, r in self.throughput)
+            text += f"; memory allows {self.memory_slots}, model-steps/s by slots {rates}"
+        return text
+
+
+# Slot counts whose fused-step throughput cap_by_throughput compares (up to what memory allows), and the
+# fraction of the best throughput a larger stack may fall to and still be taken: more slots train more
+# trials at once, so nearly the same total rate is worth it.
+THROUGHPUT_POINTS = (8, 32, 128, 512)
+THROUGHPUT_SLACK = 0.9
 
 
 # ---------------------------------------------------------------- reading memory
@@ -192,6 +216,71 @@ def fit_capacity(
     return CapacityFit(per_slot, fixed, int(budget_bytes), min(slots, int(max_slots)))
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_throughput(build: Build, slots: int, device: torch.device | str, *, steps: int = 3) -> float:
+    """Model-steps per second of a stack of ``slots``: ``slots`` over the fastest of ``steps`` timed steps,
+    after one untimed step (first-call costs)."""
+    device = torch.device(device)
+    step = build(slots)
+    step()
+    _sync(device)
+    best = math.inf
+    for _ in range(max(1, steps)):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    del step
+    _free(device)
+    return slots / best
+
+
+def cap_by_throughput(
+    build: Build,
+    device: torch.device | str,
+    memory_slots: int,
+    *,
+    points: Sequence[int] = THROUGHPUT_POINTS,
+    slack: float = THROUGHPUT_SLACK,
+) -> tuple[int, tuple[tuple[int, float], ...]]:
+    """The largest slot count, up to ``memory_slots``, whose step throughput is within ``slack`` of the best.
+
+    Times :func:`step_throughput` at each of ``points`` below ``memory_slots``
+    and at ``memory_slots`` itself, smallest first, and stops at the first
+    that falls below ``slack`` of the best so far (a larger stack only streams
+    more memory) or runs out of memory. Returns the slot count and the
+    ``(slots, model-steps/s)`` measured.
+    """
+    if not 0.0 < slack <= 1.0:
+        raise ValueError(f"slack must be in (0, 1], got {slack}")
+    device = torch.device(device)
+    rates: list[tuple[int, float]] = []
+    for s in sorted({int(p) for p in points if 0 < p < memory_slots} | {int(memory_slots)}):
+        failed = False
+        try:
+            rates.append((s, step_throughput(build, s, device)))
+        except BaseException as exc:
+            if not is_out_of_memory(exc):
+                raise
+            failed = True
+        if failed:  # outside the except block, so the failed step's tensors can be freed
+            _free(device)
+            break
+        if rates[-1][1] < slack * max(r for _, r in rates):
+            break
+    if not rates:
+        raise OutOfDeviceMemoryError(
+            f"{min(int(memory_slots), min(points))} slots ran out of memory on {device} while timing them, "
+            "although the memory profile allowed them. Fix: pass an explicit slots_per_host."
+        )
+    best = max(r for _, r in rates)
+    return max(s for s, r in rates if r >= slack * best), tuple(rates)
+
+
 def profile_capacity(
     build: Build,
     device: torch.device | str,
@@ -199,13 +288,16 @@ def profile_capacity(
     points: Sequence[int] = (2, 8),
     fraction: float = 0.8,
     max_slots: int = 1024,
+    throughput_points: Sequence[int] | None = None,
 ) -> CapacityFit:
     """How many slots fit on ``device``: measure ``build`` at ``points`` slot counts and fit a line.
 
     ``build(S)`` constructs S slots (e.g. :meth:`Stack.build_for_profile
     <ray_modelbatch.slot_group.SlotGroup.build_for_profile>`) and returns a
     function running one step. If a point runs out of memory, the slot count
-    is capped below it and the points measured before it are fitted.
+    is capped below it and the points measured before it are fitted. With
+    ``throughput_points`` (e.g. :data:`THROUGHPUT_POINTS`) the slots that fit
+    are then capped where a larger stack stops paying (:func:`cap_by_throughput`).
     """
     device = torch.device(device)
     sizes = sorted({int(p) for p in points})
@@ -234,4 +326,8 @@ def profile_capacity(
             f"{budget / MiB:.1f} MiB). Fix: a smaller batch_size or a smaller model, a device with more memory, "
             "or profile with points=(1, 2) if one slot may still fit."
         )
-    return fit_capacity(measured, budget, ceiling, device=device)
+    fit = fit_capacity(measured, budget, ceiling, device=device)
+    if not throughput_points:
+        return fit
+    slots, rates = cap_by_throughput(build, device, fit.slots, points=throughput_points)
+    return replace(fit, slots=slots, memory_slots=fit.slots, throughput=rates)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ray_modelbatch import optim
+from ray_modelbatch import capacity
 from ray_modelbatch.capacity import MiB, fit_capacity, measure_step_memory, memory_in_use, profile_capacity
 from ray_modelbatch.data import PerSlotStreams
 from ray_modelbatch.errors import OutOfDeviceMemoryError
@@ -100,6 +101,63 @@ def test_profile_capacity_on_cpu_grows_with_the_model():
     assert big.per_slot_bytes >= 3 * param_bytes
     assert big.per_slot_bytes > 4 * small.per_slot_bytes  # 4x hidden: ~16x the 1024x1024 layer
     assert small.slots >= 1 and big.slots >= 1 and big.slots <= small.slots
+
+
+# ------------------------------------------------------------ throughput cap
+def _timed_build(monkeypatch, seconds_per_step, oom_above=None):
+    """A fake ``build``: a step of S slots advances a fake clock by ``seconds_per_step(S)``; builds are logged."""
+    clock, built = [0.0], []
+    monkeypatch.setattr(capacity.time, "perf_counter", lambda: clock[0])
+
+    def build(slots):
+        built.append(slots)
+        if oom_above is not None and slots > oom_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+        def step():
+            clock[0] += seconds_per_step(slots)
+
+        return step
+
+    return build, built
+
+
+def test_throughput_cap_keeps_the_largest_stack_near_the_best_rate(monkeypatch):
+    # A conv net on a CPU: 1 ms per slot up to 32 slots, 4 ms per slot beyond (activations out of cache)
+    build, built = _timed_build(monkeypatch, lambda s: s * (1e-3 if s <= 32 else 4e-3))
+    slots, rates = capacity.cap_by_throughput(build, "cpu", 300)
+    assert slots == 32
+    assert [s for s, _ in rates] == [8, 32, 128] and built == [8, 32, 128]  # 512 and 300 never built
+    assert dict(rates)[32] == pytest.approx(1000.0) and dict(rates)[128] == pytest.approx(250.0)
+
+
+def test_throughput_cap_takes_every_slot_memory_allows_while_the_rate_holds(monkeypatch):
+    # A small MLP: 2 ms of fixed cost per step, then 0.01 ms per slot: the rate keeps rising
+    build, _ = _timed_build(monkeypatch, lambda s: 2e-3 + s * 1e-5)
+    slots, rates = capacity.cap_by_throughput(build, "cpu", 300)
+    assert slots == 300 and [s for s, _ in rates] == [8, 32, 128, 300]
+    # a flat rate (a GPU that is busy at any size) also takes the larger stack: more trials at once
+    build, _ = _timed_build(monkeypatch, lambda s: s * 1e-3)
+    assert capacity.cap_by_throughput(build, "cpu", 100)[0] == 100
+    # fewer slots than the smallest point: only that count is timed
+    build, built = _timed_build(monkeypatch, lambda s: s * 1e-3)
+    assert capacity.cap_by_throughput(build, "cpu", 5) == (5, ((5, pytest.approx(1000.0)),)) and built == [5]
+
+
+def test_throughput_cap_stops_at_a_stack_that_runs_out_of_memory(monkeypatch):
+    build, _ = _timed_build(monkeypatch, lambda s: 2e-3 + s * 1e-5, oom_above=64)
+    assert capacity.cap_by_throughput(build, "cpu", 300)[0] == 32
+    build, _ = _timed_build(monkeypatch, lambda s: 1e-3, oom_above=4)
+    with pytest.raises(OutOfDeviceMemoryError, match="explicit slots_per_host"):
+        capacity.cap_by_throughput(build, "cpu", 300)
+
+
+def test_profile_capacity_with_throughput_points_times_real_stacks():
+    build = Stack.build_for_profile(_spec(), lambda: _mlp(32), _data(), "cpu")
+    fit = profile_capacity(build, "cpu", points=(2, 8), max_slots=40, throughput_points=(8, 32))
+    assert fit.memory_slots == 40 and [s for s, _ in fit.throughput] in ([8], [8, 32], [8, 32, 40])
+    assert fit.slots in {s for s, _ in fit.throughput} and all(r > 0 for _, r in fit.throughput)
+    assert "memory allows 40, model-steps/s by slots 8: " in fit.describe()
 
 
 # ----------------------------------------------------------- out-of-memory fallback

@@ -197,7 +197,7 @@ class SlotHost:
         """Slots of ``config``'s model that fit this host's device (see :mod:`ray_modelbatch.capacity`)."""
         import torch
 
-        from ..capacity import profile_capacity
+        from ..capacity import THROUGHPUT_POINTS, profile_capacity
         from ..slot_group import SlotGroup
 
         def model() -> Any:
@@ -206,7 +206,7 @@ class SlotHost:
 
         hparams = _from_config(self.spec.hparams, "hparams", config)
         build = SlotGroup.build_for_profile(self.spec, model, self.data, self.device, hparams, config=config)
-        return profile_capacity(build, self.device, max_slots=max_slots)
+        return profile_capacity(build, self.device, max_slots=max_slots, throughput_points=THROUGHPUT_POINTS)
 
     def ping(self) -> dict:
         """Who and where this host is; the registry waits for it before handing out slots."""

@@ -115,8 +115,10 @@ def batched_trainable(
         slots_per_host: trials one host trains at once (over all its stacks), or ``"auto"``:
             each host builds the model of ``profile_config`` at two slot counts, measures the
             peak memory of a step, fits a line and takes the slots that fit in 80% of its free
-            device memory (up to ``max_slots_per_host``); a step that still runs out of memory
-            is split into smaller fused steps.
+            device memory (up to ``max_slots_per_host``), then times a step at 8, 32, 128 and 512
+            slots up to that and keeps the largest count within 90% of the best model-steps/s
+            (on a CPU a stack of conv nets slows down per slot past ~32); a step that still runs
+            out of memory is split into smaller fused steps.
         profile_config: with ``"auto"``, the config to profile: the largest model of the
             sweep. Default: the config of the trial that starts the host.
         max_slots_per_host: the most slots ``"auto"`` gives one host. Every slot is a trial
