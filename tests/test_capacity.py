@@ -7,6 +7,7 @@ package imports the ray library, but nothing here starts Ray).
 from __future__ import annotations
 
 import logging
+import types
 
 import pytest
 import torch
@@ -107,7 +108,7 @@ def test_profile_capacity_on_cpu_grows_with_the_model():
 def _timed_build(monkeypatch, seconds_per_step, oom_above=None):
     """A fake ``build``: a step of S slots advances a fake clock by ``seconds_per_step(S)``; builds are logged."""
     clock, built = [0.0], []
-    monkeypatch.setattr(capacity.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(capacity, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))  # this module's only
 
     def build(slots):
         built.append(slots)
