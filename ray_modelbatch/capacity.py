@@ -23,7 +23,7 @@ import gc
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -33,6 +33,7 @@ from .errors import MemoryProfileError, OutOfDeviceMemoryError, is_out_of_memory
 MiB = 2**20
 
 Build = Callable[[int], Callable[[], None]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,17 @@ def fit_capacity(
     return CapacityFit(per_slot, fixed, int(budget_bytes), min(slots, int(max_slots)))
 
 
+def _unless_out_of_memory(fn: Callable[[], T], device: torch.device) -> T | None:
+    """``fn()``, or None if it ran out of device memory (other errors propagate)."""
+    try:
+        return fn()
+    except BaseException as exc:
+        if not is_out_of_memory(exc):
+            raise
+    _free(device)  # after the except block, which held the failed step's tensors through the traceback
+    return None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -260,17 +272,11 @@ def cap_by_throughput(
     device = torch.device(device)
     rates: list[tuple[int, float]] = []
     for s in sorted({int(p) for p in points if 0 < p < memory_slots} | {int(memory_slots)}):
-        failed = False
-        try:
-            rates.append((s, step_throughput(build, s, device)))
-        except BaseException as exc:
-            if not is_out_of_memory(exc):
-                raise
-            failed = True
-        if failed:  # outside the except block, so the failed step's tensors can be freed
-            _free(device)
+        rate = _unless_out_of_memory(lambda: step_throughput(build, s, device), device)
+        if rate is None:
             break
-        if rates[-1][1] < slack * max(r for _, r in rates):
+        rates.append((s, rate))
+        if rate < slack * max(r for _, r in rates):
             break
     if not rates:
         raise OutOfDeviceMemoryError(
@@ -309,17 +315,11 @@ def profile_capacity(
     measured: list[tuple[int, int]] = []
     ceiling = int(max_slots)
     for s in sizes:
-        failed = False
-        try:
-            measured.append((s, measure_step_memory(build, s, device, baseline=base)))
-        except BaseException as exc:
-            if not is_out_of_memory(exc):
-                raise
-            failed = True
-        if failed:  # outside the except block, so the failed step's tensors can be freed
-            _free(device)
+        peak = _unless_out_of_memory(lambda: measure_step_memory(build, s, device, baseline=base), device)
+        if peak is None:
             ceiling = min(ceiling, s - 1)
             break
+        measured.append((s, peak))
     if not measured:
         raise OutOfDeviceMemoryError(
             f"{sizes[0]} slots of this model ran out of memory on {device} while profiling (budget "
