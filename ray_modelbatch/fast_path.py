@@ -18,7 +18,9 @@ stacked parameters directly:
 * ``nn.BatchNorm1d/2d/3d`` is one ``F.batch_norm`` over the ``S*C`` channels,
   whose running statistics are views of the stacked buffers; ``nn.GroupNorm``
   with G groups is one ``F.group_norm`` of ``S*G`` groups (each slot's groups
-  are its own channels) and ``nn.InstanceNorm1d/2d/3d`` one ``F.instance_norm``;
+  are its own channels; on a CPU's channels-last activations, where torch's
+  kernel is slow, :mod:`.channels_last_group_norm`) and
+  ``nn.InstanceNorm1d/2d/3d`` one ``F.instance_norm``;
   pooling (the modules and ``F.max_pool2d``-style functions), upsampling
   (``nn.Upsample``, ``F.interpolate``) and the pixel shuffles act per channel
   as they are: a CNN stays in the channel-stacked layout from its first
@@ -102,7 +104,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from . import conv_precision
+from . import channels_last_group_norm, conv_precision
 from . import direct_attention as attention
 from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
@@ -1108,7 +1110,10 @@ class _Runner:
         w, b = self.params.get(f"{step.target}.weight"), self.params.get(f"{step.target}.bias")
         w, b = None if w is None else w.reshape(-1), None if b is None else b.reshape(-1)
         if type(mod) is nn.GroupNorm:
-            return Act(F.group_norm(x, self.n * mod.num_groups, w, b, mod.eps), CHAN)
+            groups = self.n * mod.num_groups
+            if channels_last_group_norm.applies(x, groups):  # torch's kernel is slow on channels-last input
+                return Act(channels_last_group_norm.group_norm(x, groups, w, b, mod.eps), CHAN)
+            return Act(F.group_norm(x, groups, w, b, mod.eps), CHAN)
         return Act(F.instance_norm(x, None, None, w, b, True, mod.momentum if mod.momentum is not None else 0.0,
                                    mod.eps), CHAN)
 
