@@ -102,7 +102,7 @@ def test_calls_it_leaves_to_torch():
         assert not cgn.applies(x, 4)
 
 
-def test_a_fused_cnn_routes_its_group_norm_here_and_trains_like_each_model_alone(monkeypatch):
+def test_a_fused_cnn_routes_its_group_and_instance_norms_here_and_trains_like_each_model_alone(monkeypatch):
     calls = []
     real = cgn.group_norm
 
@@ -112,7 +112,9 @@ def test_a_fused_cnn_routes_its_group_norm_here_and_trains_like_each_model_alone
 
     monkeypatch.setattr(cgn, "group_norm", spy)
     directly_trains_like_solo_modules(NormCNN, per_slot=False, steps=5, seed=4)
-    assert calls and all(s[1] == 3 * 8 for s in calls)  # 3 slots of 8 channels, one call for all of them
+    # 3 slots of 8 channels, one call for all of them: the GroupNorm and the InstanceNorm2d of each step
+    # (not the InstanceNorm1d: 3-d input keeps torch's kernel), and each once more in the evaluation.
+    assert calls == [(8, 24, 8, 8), (8, 24, 4, 4)] * 5 + [(4, 24, 8, 8), (4, 24, 4, 4)]
 
 
 def test_a_fused_group_norm_cnn_evaluates_like_each_model():
