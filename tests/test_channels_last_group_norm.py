@@ -90,6 +90,22 @@ def test_second_derivatives_are_torchs():
             torch.testing.assert_close(got, want)
 
 
+def test_second_derivatives_are_accurate_for_a_large_mean():
+    """The double-backward fallback differentiates torch's NCHW kernel: its channels-last one takes the variance
+    from large squares (module docstring), which a mean 1,000 times the spread turns into errors of percents."""
+    torch.manual_seed(3)
+    x = channels_last(2, 6, 3, 3, scale=1.0, shift=1e3).requires_grad_()
+    weight = torch.randn(6, requires_grad=True)
+    gy = torch.randn(2, 6, 3, 3)
+    out = []
+    for fn, args in ((F.group_norm, [t.double() for t in (x, weight, gy)]), (cgn.group_norm, [x, weight, gy])):
+        xx, ww, g_ = args
+        gx, gw = torch.autograd.grad(fn(xx, 3, ww, None, 1e-5), [xx, ww], g_, create_graph=True)
+        out.append(torch.autograd.grad(gx.square().sum() + gw.square().sum(), [xx, ww]))
+    for got, want in zip(out[1], out[0]):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-2 * float(want.abs().max()))
+
+
 def test_calls_it_leaves_to_torch():
     x = channels_last(2, 8, 3, 3)
     assert cgn.applies(x, 4)
