@@ -133,7 +133,11 @@ def test_a_fused_cnn_routes_its_group_and_instance_norms_here_and_trains_like_ea
     assert calls == [(8, 24, 8, 8), (8, 24, 4, 4)] * 5 + [(4, 24, 8, 8), (4, 24, 4, 4)]
 
 
-def test_a_fused_group_norm_cnn_evaluates_like_each_model():
+def test_a_fused_group_norm_cnn_evaluates_like_each_model(monkeypatch):
+    """Evaluation with each slot's own weights goes through the kernel too, and gives each model's outputs."""
+    calls = []
+    real = cgn.group_norm
+    monkeypatch.setattr(cgn, "group_norm", lambda x, *a, **k: calls.append(tuple(x.shape)) or real(x, *a, **k))
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 6 * 6, 4))
@@ -145,5 +149,6 @@ def test_a_fused_group_norm_cnn_evaluates_like_each_model():
     x = torch.randn(5, 3, 6, 6)
     with torch.no_grad():
         out = mb(x)
+    assert calls == [(5, 4 * 8, 6, 6)]
     for i, m in enumerate(models):
         torch.testing.assert_close(out[i], m.eval()(x), rtol=1e-5, atol=1e-5)
