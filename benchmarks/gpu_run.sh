@@ -14,13 +14,16 @@
 #
 # Knobs (environment): PROBE_TIMEOUT (90 s), FUSED_SLOTS (8,32,128), FUSED_MODELS (all), FUSED_MIN_TIME (0.2 s
 # per timing), FUSED_TIMEOUT (300 s), DROPOUT_SLOTS (32,128), DROPOUT_TIMEOUT (120 s), SWEEP_TRIALS (128), SWEEP_SLOTS (32), SWEEP_MAX_T (20), SWEEP_ARCH (mlp; a list such as
-# mlp,cnn runs one sweep each), SWEEP_RUNS (all three), SWEEP_TIMEOUT (300 s per sweep). A part that runs past
+# mlp,cnn runs one sweep each), SWEEP_RUNS (all three), SWEEP_HOSTS_PER_GPU (2: ray_modelbatch's run once more
+# with that many slot hosts sharing the GPU, each with --slots slots; a list runs each, empty skips it),
+# SWEEP_TIMEOUT (300 s per sweep). A part that runs past
 # its timeout is stopped and the next one starts; the rows it printed stay in its log. nvidia-smi dmon samples
 # the GPU's utilization every second during the sweeps (dmon.txt; the sweep log prints the clock time at which
 # each run starts). Each part's markdown lands in OUT_DIR with the GPU's name (gpu.txt); record them in
 # benchmarks/RESULTS.md.
 set -uo pipefail
 SWEEP_ARCH=${SWEEP_ARCH:-mlp}
+SWEEP_HOSTS_PER_GPU=${SWEEP_HOSTS_PER_GPU-2}
 out=${1:-${OUT:-benchmarks/gpu_out}}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -59,6 +62,12 @@ if ray_err=$($py -c "import ray.tune" 2>&1); then
             --runs "${SWEEP_RUNS:-ray_modelbatch,standard+reuse,standard}" \
             --out "$out/tune_sweep_gpu_$arch.md" 2>&1 | tee -a "$out/tune_sweep_gpu.log"
         ray stop --force >/dev/null 2>&1  # a sweep stopped at its timeout leaves its Ray processes behind
+        for hosts in ${SWEEP_HOSTS_PER_GPU//,/ }; do  # ray_modelbatch again, with several slot hosts sharing the GPU
+            timeout -k 10 "${SWEEP_TIMEOUT:-300}" $py benchmarks/tune_sweep.py --device cuda --trials "${SWEEP_TRIALS:-128}" \
+                --slots "${SWEEP_SLOTS:-32}" --max-t "${SWEEP_MAX_T:-20}" --arch "$arch" --runs ray_modelbatch \
+                --hosts-per-gpu "$hosts" --out "$out/tune_sweep_gpu_${arch}_${hosts}hosts.md" 2>&1 | tee -a "$out/tune_sweep_gpu.log"
+            ray stop --force >/dev/null 2>&1
+        done
     done
     kill "$dmon" 2>/dev/null
 else

@@ -360,6 +360,8 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
             extra = {} if args.run_ahead is None else {"run_ahead": args.run_ahead}
             if args.cpu_hosts_per_node is not None:
                 extra.update(cpu_hosts_per_node=args.cpu_hosts_per_node, num_hosts=None)
+            if args.hosts_per_gpu is not None:  # planned per GPU (the sweep's default on cuda is one host)
+                extra.update(hosts_per_gpu=args.hosts_per_gpu, num_hosts=None)
             trainable = sweep.make_trainable(args.slots, host_threads=args.host_threads, device=args.device, **extra)
             reuse = True
         elif kind == "tune_alone":
@@ -528,7 +530,8 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
         + ", AdamW + warmup-cosine, "
         f"batch {sweep.BATCH_SIZE}, {sweep.STEPS_PER_REPORT} steps per iteration, ASHA max_t {args.max_t}, "
         f"grace {args.grace}, reduction {args.reduction}, at most {args.slots} live trials",
-        (f"- ray_modelbatch: 1 slot host per GPU ({args.device}; {args.slots} slots, run-ahead 2)" if args.gpus else
+        (f"- ray_modelbatch: {args.hosts_per_gpu or 1} slot host(s) per GPU ({args.device}; {args.slots} slots per host, "
+         "run-ahead 2)" if args.gpus else
          f"- ray_modelbatch: 1 slot host (reserves 1 CPU, computes with every CPU of the node but one; {args.slots} slots, "
          "run-ahead 2)") + ", proxy trials 0.01 CPU each, reuse_actors=True",
         f"- standard: class Trainable on {args.device}, {{'cpu': {args.baseline_cpus:g}"
@@ -711,6 +714,8 @@ def main() -> None:
                    help="torch threads of the slot host (default: batched_trainable's, every CPU of the node but one)")
     p.add_argument("--cpu-hosts-per-node", type=int, default=None,
                    help="batched_trainable(cpu_hosts_per_node=...) of ray_modelbatch's run (default: the library's)")
+    p.add_argument("--hosts-per-gpu", type=int, default=None,
+                   help="batched_trainable(hosts_per_gpu=...) of ray_modelbatch's run on cuda (default: one host)")
     p.add_argument("--run-ahead", type=int, default=None,
                    help="iterations a slot may train past its trial's last result (default: batched_trainable's)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of each local Ray (default: os.cpu_count())")

@@ -63,6 +63,9 @@ class CapacityFit:
 # Slot counts whose fused-step throughput cap_by_throughput compares (up to what memory allows), and the
 # fraction of the best throughput a larger stack may fall to and still be taken: more slots train more
 # trials at once, so nearly the same total rate is worth it.
+# The part of a device's free memory one stack may plan for; the rest absorbs the allocator's caching
+# and fragmentation. Hosts that share a GPU (``hosts_per_gpu``) each plan for their part of it.
+MEMORY_FRACTION = 0.8
 THROUGHPUT_POINTS = (8, 32, 128, 512)
 THROUGHPUT_SLACK = 0.9
 
@@ -151,7 +154,7 @@ def measure_step_memory(build: Build, slots: int, device: torch.device | str, *,
     return max(0, peak - base)
 
 
-def device_memory_budget(device: torch.device | str, fraction: float = 0.8) -> int:
+def device_memory_budget(device: torch.device | str, fraction: float = MEMORY_FRACTION) -> int:
     """``fraction`` of the memory still available on ``device``, in bytes.
 
     CUDA: free device memory (plus what torch has cached but not allocated,
@@ -292,7 +295,7 @@ def profile_capacity(
     device: torch.device | str,
     *,
     points: Sequence[int] = (2, 8),
-    fraction: float = 0.8,
+    fraction: float = MEMORY_FRACTION,
     max_slots: int = 1024,
     throughput_points: Sequence[int] | None = None,
 ) -> CapacityFit:

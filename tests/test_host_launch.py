@@ -214,3 +214,60 @@ def test_cpu_hosts_per_node_takes_auto_or_a_count(good):
     from tune_helpers import make_trainable
 
     assert make_trainable(cpu_hosts_per_node=good)._options["cpu_hosts_per_node"] == good
+
+
+def test_hosts_per_gpu_plans_that_many_hosts_on_each_gpu_each_with_its_part(monkeypatch):
+    nodes = [{"Alive": True, "NodeID": "g", "Resources": {"CPU": 16.0, "GPU": 2.0}},
+             {"Alive": True, "NodeID": "c", "Resources": {"CPU": 8.0}}]
+    monkeypatch.setattr(reg.ray, "nodes", lambda: nodes)
+    plan = reg.planned_hosts({"hosts_per_gpu": 3})
+    assert [(p.node_id, p.index, p.gpu, p.share) for p in plan] == [("g", i, True, 3) for i in range(6)]
+    assert [p.label for p in plan[:4]] == ["g-gpu0.0", "g-gpu0.1", "g-gpu0.2", "g-gpu1.0"]
+    assert [reg.gpu_fraction(p) for p in plan[:2]] == [1 / 3, 1 / 3]
+    assert reg.HostPlace("g", 1, True).label == "g-gpu1" and reg.gpu_fraction(reg.HostPlace("c", 0, False, 2)) == 0.0
+    assert reg.cpu_host_share({"hosts_per_gpu": 3}, plan[0]) == 1  # its CPU reservation stays whole
+
+
+def test_hosts_sharing_a_gpu_launch_together_as_far_as_its_free_part_goes(monkeypatch, launches):
+    # One GPU of which another job holds 0.3: one of its two half-GPU places fits.
+    plan = [reg.HostPlace("a", i, True, 2) for i in range(2)]
+    monkeypatch.setattr(reg, "plan_hosts", lambda *args: plan)
+    monkeypatch.setattr(reg, "available_resources_per_node", lambda: {"a": {"CPU": 8.0, "GPU": 0.7}})
+    options = {**OPTIONS, "hosts_per_gpu": 2}
+    started, reason = reg.launch_where_free(b"", "exp", options, None, taken=set(), first=0, any_running=False)
+    assert [p.index for p, _, _ in launches] == [0] and reason is None
+    launches.clear()
+    monkeypatch.setattr(reg, "available_resources_per_node", lambda: {"a": {"CPU": 8.0, "GPU": 1.0}})
+    reg.launch_where_free(b"", "exp", options, None, taken=set(), first=0, any_running=False)
+    assert [p.index for p, _, _ in launches] == [0, 1]  # both halves of a free GPU
+    launches.clear()
+    monkeypatch.setattr(reg, "available_resources_per_node", lambda: {"a": {"CPU": 8.0, "GPU": 0.25}})
+    started, reason = reg.launch_where_free(b"", "exp", options, None, taken=set(), first=0, any_running=True)
+    assert started == [] and "no node has 1 CPU and 0.5 GPU free" in reason
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_hosts_per_gpu_must_be_a_whole_number(bad):
+    from tune_helpers import make_trainable
+
+    with pytest.raises(ValueError, match=r"hosts_per_gpu=.*whole number of at least 1"):
+        make_trainable(hosts_per_gpu=bad)
+
+
+@pytest.mark.parametrize("device,share,expected", [("cuda", 2, 0.4), ("cuda", 1, 0.8), ("cpu", 2, 0.8)])
+def test_a_host_sharing_its_gpu_profiles_for_its_part_of_the_memory(monkeypatch, device, share, expected):
+    import types
+
+    import torch
+
+    from ray_modelbatch import capacity
+    from ray_modelbatch.slot_group import SlotGroup
+    from ray_modelbatch.tune.host import SlotHost
+
+    seen = {}
+    monkeypatch.setattr(capacity, "profile_capacity", lambda build, dev, **kw: seen.update(kw) or "fit")
+    monkeypatch.setattr(SlotGroup, "build_for_profile", staticmethod(lambda *a, **k: None))
+    host = types.SimpleNamespace(spec=types.SimpleNamespace(model=lambda c: None, hparams=lambda c: {}), data=None,
+                                 device=torch.device(device), gpu_share=share)
+    assert SlotHost._profile(host, {}, 8) == "fit"
+    assert seen["fraction"] == pytest.approx(expected) and seen["max_slots"] == 8

@@ -89,6 +89,34 @@ def test_one_host_per_gpu_on_every_node_created_as_gpus_free_up(two_gpu_nodes, t
         T.shutdown_hosts()
 
 
+def test_hosts_per_gpu_share_each_gpu_and_every_one_trains(two_gpu_nodes, tmp_path):
+    """``hosts_per_gpu=2``: two hosts on each declared GPU, each reserving half of it, all four training."""
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    T = h.make_trainable(slots_per_host=SLOTS, steps_per_report=h.K, idle_timeout_s=10.0, hosts_per_gpu=2,
+                         host_cpus=0.5)  # two hosts per 2-CPU node still leave the trials a CPU
+    assert T.max_concurrent() == 4 * SLOTS
+    watch = h.HostWatch(T)
+    try:
+        grid, _ = h.fit(T, {"lr": tune.grid_search([0.002 * (i + 1) for i in range(12)]), "seed": 0}, tmp_path,
+                        scheduler=FIFOScheduler(), run_kw={"stop": {"training_iteration": 3}, "callbacks": [watch]})
+        assert h.errors(grid) == [] and len(grid) == 12
+        assert all(r.metrics["training_iteration"] == 3 for r in grid)
+        stats = T.host_stats()
+        assert len(stats) == 4 and all(s["gpu_share"] == 2 for s in stats)
+        per_node = {}
+        for s in stats:
+            per_node.setdefault(s["node_id"], []).append(s["host"])
+        assert set(per_node) == nodes and all(len(v) == 2 for v in per_node.values())
+        trials_of = {}
+        for r in grid:
+            trials_of.setdefault(r.metrics["host"], set()).add(r.metrics["trial_id"])
+        assert len(trials_of) == 4  # every host trained some of them
+        for name in trials_of:
+            assert max(s["max_held"] for s in watch.samples if s["host"] == name) <= SLOTS
+    finally:
+        T.shutdown_hosts()
+
+
 def test_auto_capacity_profiles_each_host_and_caps_trials(two_gpu_nodes, tmp_path):
     """``slots_per_host="auto"``: every host measures the model at two slot counts, fits a line and
     takes what fits (here capped by ``max_slots_per_host``, since CPU memory is large); Tune's

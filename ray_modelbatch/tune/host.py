@@ -121,7 +121,7 @@ class SlotHost:
     def __init__(self, spec_bytes: bytes, name: str, capacity: int | str, lease_check_s: float = 2.0,
                  stats_every_s: float = 5.0, profile_config: dict | None = None, max_slots: int = 256,
                  run_ahead: int = 2, threads: int | None = None, data_from: str | None = None,
-                 node_share: int = 1, step_threshold_ms: float | None = None):
+                 node_share: int = 1, step_threshold_ms: float | None = None, gpu_share: int = 1):
         init_at = time.time()
         _passive_openmp()  # before the spec (the user's functions) imports torch
         from ray import cloudpickle  # Ray's own copy: the package needs no separate cloudpickle
@@ -148,6 +148,7 @@ class SlotHost:
         self._want_threads: int | None = None  # applied by the engine thread between fused steps
         self.step_cost = StepCostMeter(step_threshold_ms)  # see cpu_spread
         self.run_ahead = int(run_ahead)
+        self.gpu_share = max(1, int(gpu_share))  # hosts on this GPU (hosts_per_gpu): each plans for its part
         self.capacity, self.capacity_fit = 0, None
         try:
             if self.spec is None:
@@ -197,7 +198,7 @@ class SlotHost:
         """Slots of ``config``'s model that fit this host's device (see :mod:`ray_modelbatch.capacity`)."""
         import torch
 
-        from ..capacity import THROUGHPUT_POINTS, profile_capacity
+        from ..capacity import MEMORY_FRACTION, THROUGHPUT_POINTS, profile_capacity
         from ..slot_group import SlotGroup
 
         def model() -> Any:
@@ -206,13 +207,15 @@ class SlotHost:
 
         hparams = _from_config(self.spec.hparams, "hparams", config)
         build = SlotGroup.build_for_profile(self.spec, model, self.data, self.device, hparams, config=config)
-        return profile_capacity(build, self.device, max_slots=max_slots, throughput_points=THROUGHPUT_POINTS)
+        fraction = MEMORY_FRACTION / (self.gpu_share if self.device.type == "cuda" else 1)
+        return profile_capacity(build, self.device, max_slots=max_slots, throughput_points=THROUGHPUT_POINTS,
+                                fraction=fraction)
 
     def ping(self) -> dict:
         """Who and where this host is; the registry waits for it before handing out slots."""
         return {"name": self.name, "capacity": self.capacity, "capacity_fit": self.capacity_fit,
                 "device": str(self.device), "node_id": self.node_id, "threads": self.threads,
-                "pid": os.getpid(), "in_placement_group": self.in_placement_group, "error": self.start_error}
+                "gpu_share": self.gpu_share, "pid": os.getpid(), "in_placement_group": self.in_placement_group, "error": self.start_error}
 
     def kernel_bound(self) -> bool | None:
         """Whether this host's fused steps are mostly kernel time (see :mod:`.cpu_spread`); None until measured."""
@@ -320,6 +323,7 @@ class SlotHost:
                 "node_id": self.node_id,
                 "pid": os.getpid(),
                 "threads": self.threads,
+                "gpu_share": self.gpu_share,
                 "kernel_bound": self.step_cost.verdict,  # see cpu_spread
                 "step_cpu_ms": self.step_cost.median_ms,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # see _passive_openmp

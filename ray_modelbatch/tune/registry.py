@@ -3,8 +3,9 @@
 The registry is a named, detached actor created by the first proxy with
 ``scheduling_strategy="DEFAULT"``, so it is never trapped in a trial's
 placement group and outlives the trial that happened to create it. Hosts are
-planned one per GPU of every alive node (one per node on CPU-only clusters)
-and created, pinned to their node, on every place whose node has the GPU (or
+planned one per GPU of every alive node (``hosts_per_gpu`` per GPU, each
+reserving its fraction of it; ``cpu_hosts_per_node`` per node on CPU-only
+clusters) and created, pinned to their node, on every place whose node has the GPU (or
 CPUs) free: by the driver before the first trial (handed to the new registry),
 and by the registry when a trial needs a slot. Hosts start side by side, and
 the registry waits for all of them at once. A trial goes to the host with the
@@ -66,25 +67,47 @@ class HostPlace:
     node_id: str | None
     index: int
     gpu: bool
-    share: int = field(default=1, compare=False)  # hosts that may share this CPU node (see cpu_host_share)
+    # Hosts sharing this place's device: on a CPU node its cores (see cpu_host_share), on a GPU the GPU
+    # itself (``hosts_per_gpu``: each such host reserves 1/share of it, see gpu_fraction).
+    share: int = field(default=1, compare=False)
 
     @property
     def label(self) -> str:
         node = (self.node_id or "any")[:8]
-        return f"{node}-gpu{self.index}" if self.gpu else f"{node}-cpu{self.index}"
+        if not self.gpu:
+            return f"{node}-cpu{self.index}"
+        if self.share > 1:
+            return f"{node}-gpu{self.index // self.share}.{self.index % self.share}"
+        return f"{node}-gpu{self.index}"
+
+
+def gpu_fraction(place: HostPlace) -> float:
+    """The part of a GPU a host on ``place`` reserves from Ray: 1 / the hosts sharing it (0 off GPUs)."""
+    return 1.0 / max(1, int(place.share)) if place.gpu else 0.0
+
+
+def check_hosts_per_gpu(value: Any) -> int:
+    """An int of at least 1, else one line naming the argument and what it takes."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"batched_trainable(hosts_per_gpu={value!r}): give a whole number of at least 1 (slot "
+                         "hosts that share each GPU)")
+    return value
 
 
 def plan_hosts(num_hosts: int | None = None, cpu_hosts_per_node: int | str = 1,
-               spread: Collection[str] = ()) -> list[HostPlace]:
-    """Every host the cluster can hold now: one per GPU of each alive node, else ``cpu_hosts_per_node`` per
-    alive node (``"auto"``: one, or :data:`~.cpu_spread.AUTO_CPU_HOSTS` on the nodes in ``spread``)."""
+               spread: Collection[str] = (), hosts_per_gpu: int = 1) -> list[HostPlace]:
+    """Every host the cluster can hold now: ``hosts_per_gpu`` per GPU of each alive node, else
+    ``cpu_hosts_per_node`` per alive node (``"auto"``: one, or :data:`~.cpu_spread.AUTO_CPU_HOSTS` on the
+    nodes in ``spread``)."""
     if num_hosts is not None:
         return [HostPlace(None, i, False) for i in range(int(num_hosts))]
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    per = int(hosts_per_gpu)
     plan = [
-        HostPlace(n["NodeID"], k, True)
+        HostPlace(n["NodeID"], k * per + j, True, per)
         for n in nodes
         for k in range(int(n.get("Resources", {}).get("GPU", 0)))
+        for j in range(per)
     ]
     if plan:
         return plan
@@ -98,7 +121,8 @@ def plan_hosts(num_hosts: int | None = None, cpu_hosts_per_node: int | str = 1,
 
 def planned_hosts(options: dict, spread: Collection[str] = ()) -> list[HostPlace]:
     """:func:`plan_hosts` for a trainable's options."""
-    return plan_hosts(options.get("num_hosts"), options.get("cpu_hosts_per_node", 1), spread)
+    return plan_hosts(options.get("num_hosts"), options.get("cpu_hosts_per_node", 1), spread,
+                      options.get("hosts_per_gpu", 1))
 
 
 def cpu_host_share(options: dict, place: HostPlace) -> int:
@@ -157,8 +181,9 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
         if place in taken:
             continue
         cpus = host_cpus / cpu_host_share(options, place)
+        gpus = gpu_fraction(place)
         res = avail.setdefault(place.node_id, {}) if place.node_id is not None and avail is not None else None
-        if res is not None and (res.get("CPU", 0.0) < cpus or (place.gpu and res.get("GPU", 0.0) < 1)):
+        if res is not None and (res.get("CPU", 0.0) < cpus or (place.gpu and res.get("GPU", 0.0) < gpus - 1e-9)):
             blocked.append((place, dict(res)))
             continue  # taken (e.g. by another experiment's idle host): try again at a later trial
         if free_total is not None and trial_cpus > 0 and free_total - cpus < trial_cpus:
@@ -168,13 +193,13 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
             cpus = 0.0  # the only host: unreserved, as on a node without free CPUs (below)
         if res is not None:  # what the hosts launched here take from their node: several start at once
             res["CPU"] = res.get("CPU", 0.0) - cpus
-            res["GPU"] = res.get("GPU", 0.0) - (1 if place.gpu else 0)
+            res["GPU"] = res.get("GPU", 0.0) - gpus
         if free_total is not None:
             free_total -= cpus
         places.append((place, cpus))
     if starved and warn:
         _warn_starved(experiment, len(starved), host_cpus, trial_cpus)
-    reason = _blocked(blocked, host_cpus) if blocked and not places else None
+    reason = _blocked(blocked, host_cpus, int(options.get("hosts_per_gpu", 1))) if blocked and not places else None
     cpu_only = [p for p, res in blocked if not p.gpu]
     if not places and not any_running and cpu_only and host_cpus > 0:
         logger.warning("%s Starting the slot host without a CPU reservation instead.", reason)
@@ -195,7 +220,7 @@ def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPl
         # every waiting step holds a thread
         "max_concurrency": 2 * (options["max_slots_per_host"] if slots == "auto" else slots) + 16,
         "num_cpus": num_cpus,
-        "num_gpus": 1 if place.gpu else 0,
+        "num_gpus": gpu_fraction(place),
         "max_restarts": 0,
         "scheduling_strategy": "DEFAULT"
         if place.node_id is None
@@ -210,7 +235,7 @@ def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPl
         profile_config=options.get("profile_config") or config,
         max_slots=options["max_slots_per_host"],
         run_ahead=options.get("run_ahead", 2), threads=options.get("host_threads"),
-        node_share=cpu_thread_share(options, place),
+        node_share=cpu_thread_share(options, place), gpu_share=place.share if place.gpu else 1,
         step_threshold_ms=options.get("kernel_bound_step_ms"),
         data_from=registry_name(experiment) if options.get("data_in_driver", True) else None,
     )
@@ -232,10 +257,10 @@ def _warn_starved(experiment: str, count: int, host_cpus: float, trial_cpus: flo
         "host_threads) or add CPUs.", count, host_cpus, trial_cpus)
 
 
-def _blocked(blocked: list[tuple[HostPlace, dict]], cpus: float) -> str:
+def _blocked(blocked: list[tuple[HostPlace, dict]], cpus: float, hosts_per_gpu: int = 1) -> str:
     """One line: why no slot host fits on the cluster now, and which setting to change."""
     gpu = any(p.gpu for p, _ in blocked)
-    need = f"{cpus:g} CPU" + (" and 1 GPU" if gpu else "")
+    need = f"{cpus:g} CPU" + (f" and {1 / hosts_per_gpu:g} GPU" if gpu else "")
     free = ", ".join(f"{p.label}: {res.get('CPU', 0.0):g} CPU" + (f" {res.get('GPU', 0.0):g} GPU" if p.gpu else "")
                      for p, res in blocked[:4])
     return (f"no node has {need} free for a slot host (free now: {free}); trials or other actors hold the rest. "

@@ -11,7 +11,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from .cpu_spread import check_cpu_hosts_per_node
 from .proxy import SlotTrialProxy
-from .registry import NAMESPACE, get_registry, planned_hosts, registry_exists, registry_name
+from .registry import NAMESPACE, check_hosts_per_gpu, get_registry, planned_hosts, registry_exists, registry_name
 from .shared_data import load_in_driver
 from .spec import SlotSpec
 
@@ -44,6 +44,7 @@ def batched_trainable(
     cpu_gemm: str = "blas",
     num_hosts: int | None = None,
     cpu_hosts_per_node: int | str = "auto",
+    hosts_per_gpu: int = 1,
     host_cpus: float = 1,
     host_threads: int | None = None,
     run_ahead: int = 2,
@@ -132,7 +133,7 @@ def batched_trainable(
         cpu_gemm: ``ModelBatch(cpu_gemm=...)``: ``"onednn"`` runs large fp32 Linear layers
             on CPU hosts through oneDNN (faster where the BLAS lacks AVX-512, not bitwise
             ``nn.Linear``'s results); default ``"blas"``.
-        num_hosts: fixed number of hosts; default one per GPU, or ``cpu_hosts_per_node`` per
+        num_hosts: fixed number of hosts; default ``hosts_per_gpu`` per GPU, or ``cpu_hosts_per_node`` per
             node without GPUs.
         cpu_hosts_per_node: hosts on each node without GPUs. Each steps its own stacks in a
             process of its own with its share of the node's cores, and the trials spread over
@@ -141,6 +142,10 @@ def batched_trainable(
             not for tiny MLPs, whose steps are mostly Python (8.3 s
             with 1 against 9.8-10.2 s with 2). ``"auto"`` (default): one, and a second one
             once the first finds its fused steps kernel-bound (see ``tune.cpu_spread``).
+        hosts_per_gpu: slot hosts on each GPU, each a process of its own reserving its part of
+            the GPU (``1 / hosts_per_gpu``) and planning for its part of the GPU's memory. A
+            fused step of small models is mostly the host's Python issuing kernels (an H200
+            stayed 6-8% busy under one host), and several hosts issue kernels side by side.
         host_cpus: CPUs each host reserves from Ray (its share of them, where several share a node).
         host_threads: torch threads of a CPU host; default every CPU of its node but one
             (at least one), since its trials wait while it computes and the last core runs
@@ -175,6 +180,7 @@ def batched_trainable(
         "max_slots_per_host": int(max_slots_per_host),
         "num_hosts": num_hosts,
         "cpu_hosts_per_node": check_cpu_hosts_per_node(cpu_hosts_per_node),
+        "hosts_per_gpu": check_hosts_per_gpu(hosts_per_gpu),
         "host_cpus": host_cpus,
         "host_threads": host_threads,
         "run_ahead": int(run_ahead),
