@@ -63,11 +63,11 @@ class CapacityFit:
 # Slot counts whose fused-step throughput cap_by_throughput compares (up to what memory allows), and the
 # fraction of the best throughput a larger stack may fall to and still be taken: more slots train more
 # trials at once, so nearly the same total rate is worth it.
-# The part of a device's free memory one stack may plan for; the rest absorbs the allocator's caching
-# and fragmentation. Hosts that share a GPU (``hosts_per_gpu``) each plan for their part of it.
-MEMORY_FRACTION = 0.8
 THROUGHPUT_POINTS = (8, 32, 128, 512)
 THROUGHPUT_SLACK = 0.9
+# The part of a device's free memory a host's profile plans for; the rest absorbs the allocator's caching
+# and fragmentation. Hosts that share a GPU (``hosts_per_gpu``) each plan for their part of it.
+MEMORY_FRACTION = 0.8
 
 
 # ---------------------------------------------------------------- reading memory

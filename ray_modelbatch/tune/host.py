@@ -215,7 +215,8 @@ class SlotHost:
         """Who and where this host is; the registry waits for it before handing out slots."""
         return {"name": self.name, "capacity": self.capacity, "capacity_fit": self.capacity_fit,
                 "device": str(self.device), "node_id": self.node_id, "threads": self.threads,
-                "gpu_share": self.gpu_share, "pid": os.getpid(), "in_placement_group": self.in_placement_group, "error": self.start_error}
+                "gpu_share": self.gpu_share, "pid": os.getpid(), "in_placement_group": self.in_placement_group,
+                "error": self.start_error}
 
     def kernel_bound(self) -> bool | None:
         """Whether this host's fused steps are mostly kernel time (see :mod:`.cpu_spread`); None until measured."""

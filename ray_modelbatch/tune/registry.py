@@ -5,8 +5,8 @@ The registry is a named, detached actor created by the first proxy with
 placement group and outlives the trial that happened to create it. Hosts are
 planned one per GPU of every alive node (``hosts_per_gpu`` per GPU, each
 reserving its fraction of it; ``cpu_hosts_per_node`` per node on CPU-only
-clusters) and created, pinned to their node, on every place whose node has the GPU (or
-CPUs) free: by the driver before the first trial (handed to the new registry),
+clusters) and created, pinned to their node, on every place whose node has
+the GPU (or CPUs) free: by the driver before the first trial (handed to the new registry),
 and by the registry when a trial needs a slot. Hosts start side by side, and
 the registry waits for all of them at once. A trial goes to the host with the
 most free slots, so trials spread over GPUs before any host fills up. Hosts that die
