@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import fused_step  # noqa: E402
@@ -32,6 +34,7 @@ def test_median_run_is_a_real_run_with_every_ratio():
     assert fused_step.median_run([{"error": "x"}, {"error": "y"}]) == {"error": "x"}
 
 
+@pytest.mark.slow  # three benchmark rounds with the machine-speed guard's retries: 20-60 s; run by .ci/run
 def test_repeat_reports_the_median_round(tmp_path):
     out = tmp_path / "fs.md"
     subprocess.run([sys.executable, str(Path(fused_step.__file__)), "--models", "mlp_tiny", "--slots", "2",
