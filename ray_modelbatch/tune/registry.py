@@ -6,8 +6,8 @@ placement group and outlives the trial that happened to create it. Hosts are
 planned one per GPU of every alive node (``hosts_per_gpu`` per GPU, each
 reserving its fraction of it; ``cpu_hosts_per_node`` per node on CPU-only
 clusters) and created, pinned to their node, on every place whose node has
-the GPU (or CPUs) free: by the driver before the first trial (handed to the new registry),
-and by the registry when a trial needs a slot. Hosts start side by side, and
+the GPU (or CPUs) free: by the driver before the first trial (handed to the
+new registry), and by the registry when a trial needs a slot. Hosts start side by side, and
 the registry waits for all of them at once. A trial goes to the host with the
 most free slots, so trials spread over GPUs before any host fills up. Hosts that die
 (a crash, a lost node) are dropped, and their GPU is planned again.
@@ -199,7 +199,7 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
         places.append((place, cpus))
     if starved and warn:
         _warn_starved(experiment, len(starved), host_cpus, trial_cpus)
-    reason = _blocked(blocked, host_cpus, int(options.get("hosts_per_gpu", 1))) if blocked and not places else None
+    reason = _blocked(blocked, host_cpus) if blocked and not places else None
     cpu_only = [p for p, res in blocked if not p.gpu]
     if not places and not any_running and cpu_only and host_cpus > 0:
         logger.warning("%s Starting the slot host without a CPU reservation instead.", reason)
@@ -257,10 +257,10 @@ def _warn_starved(experiment: str, count: int, host_cpus: float, trial_cpus: flo
         "host_threads) or add CPUs.", count, host_cpus, trial_cpus)
 
 
-def _blocked(blocked: list[tuple[HostPlace, dict]], cpus: float, hosts_per_gpu: int = 1) -> str:
+def _blocked(blocked: list[tuple[HostPlace, dict]], cpus: float) -> str:
     """One line: why no slot host fits on the cluster now, and which setting to change."""
-    gpu = any(p.gpu for p, _ in blocked)
-    need = f"{cpus:g} CPU" + (f" and {1 / hosts_per_gpu:g} GPU" if gpu else "")
+    gpus = max(gpu_fraction(p) for p, _ in blocked)
+    need = f"{cpus:g} CPU" + (f" and {gpus:g} GPU" if gpus else "")
     free = ", ".join(f"{p.label}: {res.get('CPU', 0.0):g} CPU" + (f" {res.get('GPU', 0.0):g} GPU" if p.gpu else "")
                      for p, res in blocked[:4])
     return (f"no node has {need} free for a slot host (free now: {free}); trials or other actors hold the rest. "
