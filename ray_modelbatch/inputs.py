@@ -18,7 +18,8 @@ The convention, everywhere a batch meets a model:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 
@@ -27,7 +28,8 @@ __all__ = ["is_columns", "apply", "leaves", "num_rows", "describe", "call", "cal
 
 def is_columns(x: Any) -> bool:
     """Whether ``x`` is a dict of columns (any mapping: a tokenizer's ``BatchEncoding`` is one)."""
-    return isinstance(x, Mapping)
+    # A tensor first: the abstract-class check costs microseconds, and a fused step asks a dozen times.
+    return not isinstance(x, torch.Tensor) and isinstance(x, Mapping)
 
 
 def apply(fn: Callable[[torch.Tensor], torch.Tensor], x: Any) -> Any:

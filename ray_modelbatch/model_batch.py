@@ -27,7 +27,7 @@ from torch.func import functional_call, vmap
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
-from . import fast_path, hf, inputs, slot_losses, step_config
+from . import fast_path, hf, inputs, mlp_step, slot_losses, step_config
 from .cpu_memory import keep_freed_memory
 from .errors import FusionWarning, IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
@@ -155,6 +155,7 @@ class ModelBatch:
         # Linear + elementwise models skip vmap (see fast_path); None means vmap for everything.
         self._direct_path = direct_path
         self._plans: dict[bool, fast_path.FastPlan | None] = {}  # per train/eval mode; see _plan()
+        self._mlp_chains: dict[Any, mlp_step.MlpChain | None] = {}  # by loss function; see mlp_train_step
         self._slow_keys: set[tuple] = set()  # calls the direct path could not take
         self._grads_into_buffer = False  # see gradients_into_buffer()
 
@@ -465,6 +466,38 @@ class ModelBatch:
         if self.training not in self._plans:
             self._plans[self.training] = fast_path.plan(self._template)
         return self._plans[self.training]
+
+    def mlp_train_step(self, x: Any, y: Any, loss_fn: Callable[[Any, Any], torch.Tensor], *, per_slot: bool = False,
+                       slots: Slots = None) -> torch.Tensor | None:
+        """The losses ``[n]`` of an MLP stack's training forward, its gradients written into the flat buffer
+        by hand (:mod:`.mlp_step`), or None, having done nothing, where that step does not apply: call
+        :meth:`forward_loss` and ``backward()`` then. ``x``, ``y``, ``per_slot`` and ``slots`` are as there."""
+        if not self.training or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            return None
+        if self.cpu_gemm == "onednn" and self.device.type == "cpu":  # that choice's kernels are fast_path's
+            return None
+        try:
+            chain = self._mlp_chains.get(loss_fn, False)
+        except TypeError:  # an unhashable loss object
+            return None
+        if chain is False:
+            plan = self._plan()
+            chain = mlp_step.chain(plan, self._template, loss_fn)
+            if chain is not None and any(n not in self._grad_targets for n in self.params):
+                chain = None  # a parameter outside the flat buffer (see _grad_views)
+            if len(self._mlp_chains) < 8:
+                self._mlp_chains[loss_fn] = chain
+        if chain is None or torch.is_autocast_enabled(self.device.type) or not torch.is_grad_enabled():
+            return None
+        if not chain.accepts(x, y, per_slot):
+            return None
+        idx = self.resolve_slots(slots)
+        x, _ = self._prepare_x(x, per_slot, idx)
+        y, _ = self._prepare_x(y, per_slot, idx, "targets")
+        params = self.params if idx is None else {k: v.index_select(0, idx) for k, v in self.params.items()}
+        if any(p.dtype != x.dtype for p in params.values()):
+            return None
+        return chain.step(params, x, y, self._grad_targets, idx)
 
     @contextlib.contextmanager
     def gradients_into_buffer(self) -> Iterator["ModelBatch"]:

@@ -278,6 +278,28 @@ def test_metric_functions_match_torch():
     assert out.shape == (3, 6)
 
 
+@pytest.mark.parametrize("fn", [metrics.accuracy, metrics.cross_entropy])
+def test_the_library_metrics_batched_over_slots_equal_each_slot_alone(fn):
+    """The engine computes ``metrics.accuracy`` and ``metrics.cross_entropy`` for every slot in one call
+    (no vmap); each slot's values equal the one-model function's on that slot, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(4, 7, 5, generator=g)
+    out[1, 2] = out[1, 2, 3]  # a tie: argmax picks the first index, alone and batched
+    shared, per_slot = torch.randint(0, 5, (7,), generator=g), torch.randint(0, 5, (4, 7), generator=g)
+    for target, per in ((shared, False), (per_slot, True)):
+        got = metrics.slot_batched(fn, out, target, per_slot_targets=per)
+        want = torch.stack([fn(out[i], target[i] if per else target) for i in range(4)])
+        assert got is not None and torch.equal(got, want)
+    if fn is metrics.accuracy:  # a sequence model's [n, B, T, C] outputs
+        seq, tgt = torch.randn(3, 2, 6, 5, generator=g), torch.randint(0, 5, (2, 6), generator=g)
+        assert torch.equal(metrics.slot_batched(fn, seq, tgt, False), torch.stack([fn(seq[i], tgt) for i in range(3)]))
+    # other shapes and other functions are left to vmap
+    assert metrics.slot_batched(fn, out, torch.randn(7), False) is None  # float targets
+    assert metrics.slot_batched(fn, out, shared[:5], False) is None
+    assert metrics.slot_batched(metrics.mse, out, out, True) is None
+    assert metrics.slot_batched(lambda o, t: fn(o, t), out, shared, False) is None
+
+
 def test_a_step_that_runs_out_of_memory_is_rerun_in_chunks_with_the_same_results(digits):
     """The Trainer steps through a SlotGroup, so it inherits the out-of-memory split of a host's group:
     a fused step of more than 2 slots that fails is rerun as chunks of 2, and every slot's history

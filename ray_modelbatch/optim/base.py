@@ -666,7 +666,14 @@ class VectorOptimizer:
                 c.update(flags)
                 self._apply(p, g, st, c, skipped, cols[-1], fused=True)
                 continue
-            for r, c_ in _tiles(p):
+            tiles = _tiles(p)
+            if len(tiles) == 1 and by_group is None:  # the whole buffer: no views to make (a dozen ops a step)
+                columns = cols.unbind(0)
+                c = dict(zip(names, columns))
+                c.update(flags)
+                self._apply(p, g, st, c, skipped, columns[-1], mask=mask)
+                continue
+            for r, c_ in tiles:
                 c = {k: cols[j, r] for j, k in enumerate(names)}
                 if by_group is not None:
                     picked = at.pick(by_group[:, r], c_, gather=p.device.type != "cpu")
