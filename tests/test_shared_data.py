@@ -18,7 +18,7 @@ import torch
 from ray import tune
 
 import tune_helpers as h
-from ray_modelbatch.tune.shared_data import DataMailbox, plain_nbytes
+from ray_modelbatch.tune.shared_data import DataMailbox, load_in_driver, plain_nbytes
 from tune_helpers import ray_session, trainables  # noqa: F401 - shared fixtures
 from ray import cloudpickle
 
@@ -57,6 +57,28 @@ def _sweep(T, tmp_path) -> dict:
     assert h.errors(grid) == []
     [stats] = T.host_stats()
     return stats
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_the_drivers_data_thread_leaves_the_cores_to_the_starting_processes(tmp_path):
+    """data() runs at the lowest CPU priority, in its own thread only: the driver keeps its own."""
+    import threading
+    from types import SimpleNamespace
+
+    record = str(tmp_path / "priority")
+
+    def data():  # (sent by value, as the driver sends the user's: it reports through a file)
+        with open(record, "w") as f:
+            f.write(str(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return object()  # not plain data: nothing goes to Ray's object store
+
+    offered = []
+    registry = SimpleNamespace(offer_data=SimpleNamespace(remote=offered.append))
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    load_in_driver(cloudpickle.dumps(SimpleNamespace(data=data)), registry).join(timeout=30)
+    assert offered == [None]  # each host loads it itself
+    assert open(record).read() == "19"
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
 
 
 def test_plain_nbytes_counts_cpu_tensors_and_arrays_in_containers_only():

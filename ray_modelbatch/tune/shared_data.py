@@ -6,7 +6,8 @@ is one core's serial work: Ray's worker, ``import torch``, then the user's
 on a 2-core node), while the node's other cores may sit idle. The driver has
 already imported torch (the user's script did) and mostly waits while Tune starts,
 so it runs ``data()`` in a thread as soon as it launches the hosts
-(``proxy._prestart_hosts``) and puts the result in Ray's object store; each
+(``proxy._prestart_hosts``), at the lowest CPU priority so that the processes
+starting meanwhile get the cores first, and puts the result in Ray's object store; each
 host, once its torch import is done, takes it from the experiment's registry
 instead of calling ``data()`` itself. With many hosts the data is loaded once,
 not once per host, and whatever ``data()`` imports stays out of every host's
@@ -35,6 +36,8 @@ Imports no torch.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from typing import Any
@@ -84,7 +87,28 @@ def load_in_driver(spec_bytes: bytes, registry: Any) -> threading.Thread:
     return thread
 
 
+def _yield_to_the_starting_processes() -> None:
+    """Lower this thread's CPU priority (Linux nice 19, this thread only; no privileges needed).
+
+    Why: while ``data()`` runs here, Ray starts the slot host's process, the
+    registry's and the trial server's, and the host then imports torch; on a
+    node with few cores they all compete for the same cores, and the host's
+    start is what the first trial waits for. The data is needed only once the
+    host has imported torch, so this thread can take the cores last. Measured
+    in the MLP sweep on 2 cores (3 alternating pairs): the host's process
+    started 1.4-1.5 s after ``fit()`` instead of 1.9-2.2 s and was ready at
+    3.1-3.3 s instead of 3.6-4.0 s; ``data()`` took 1.9-2.1 s instead of
+    1.6-1.7 s and was still in the object store before the host asked for it.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux (the call would change the whole process's priority)
+        pass
+
+
 def _load_and_offer(spec_bytes: bytes, registry: Any) -> None:
+    if sys.platform.startswith("linux"):  # elsewhere setpriority() takes a process, not a thread
+        _yield_to_the_starting_processes()
     box = None
     try:
         from ray import cloudpickle
