@@ -736,6 +736,8 @@ def gradient_check(spec: Spec, models: list[nn.Module], batch: tuple, n: int, de
     the fp32 model's own are: max over the first ``n`` slots and every parameter of
     ``max|g - g_fp64| / max|g_fp64|`` (parameters whose fp64 gradient is below 1e-12 left out).
 
+    The fused gradients are those a training step computes: the hand-written step of an MLP stack
+    (:mod:`ray_modelbatch.mlp_step`) where it applies, autograd through the direct path or vmap elsewhere.
     Unlike the parameters after a few steps, this has no optimizer in it: Adam turns rounding noise in a
     tiny gradient into lr-sized steps, so a parameter difference can be large for fused steps that are as
     exact as the model alone, or hide a gradient that is not. A fused step's gradients should be about as
@@ -745,10 +747,15 @@ def gradient_check(spec: Spec, models: list[nn.Module], batch: tuple, n: int, de
     x, y = batch
     check = ModelBatch([copy.deepcopy(m) for m in models], device=device, cpu_gemm=cpu_gemm)
     check.train()
-    losses, _ = check.forward_loss(x, y, spec.loss_fn)
     names = list(check.params)
-    fused = dict(zip(names, torch.autograd.grad(losses.sum(), [check.params[k] for k in names],
-                                                allow_unused=True)))
+    check.zero_grad()
+    if check.mlp_train_step(x, y, spec.loss_fn) is not None:  # the hand-written step training takes (mlp_step)
+        check.sync_grads()
+        fused = {k: check.params[k].grad for k in names}
+    else:
+        losses, _ = check.forward_loss(x, y, spec.loss_fn)
+        fused = dict(zip(names, torch.autograd.grad(losses.sum(), [check.params[k] for k in names],
+                                                    allow_unused=True)))
     worst = own = 0.0
     for i in range(n):
         exact, alone = copy.deepcopy(models[i]).double(), copy.deepcopy(models[i])
