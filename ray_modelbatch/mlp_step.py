@@ -50,7 +50,7 @@ aten = torch.ops.aten
 
 # activation -> (forward on the pre-activation, backward(grad, pre-activation, output)): the aten backward
 # kernels autograd itself calls for these functions.
-_ACTIVATIONS: dict[Any, tuple[Callable, Callable]] = {
+_ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
     "relu": (torch.relu, lambda g, x, y: aten.threshold_backward(g, y, 0)),
     "tanh": (torch.tanh, lambda g, x, y: aten.tanh_backward(g, y)),
     "sigmoid": (torch.sigmoid, lambda g, x, y: aten.sigmoid_backward(g, y)),
@@ -120,13 +120,12 @@ class MlpChain:
                     continue
                 w = params[f"{name}.weight"]
                 hs = inp if inp.dim() == 3 else inp.unsqueeze(0).expand(n, *inp.shape)
-                _write(grads.get(f"{name}.weight"), go.transpose(1, 2), hs, rows)
+                _write(grads[f"{name}.weight"], go.transpose(1, 2), hs, rows)
                 if f"{name}.bias" in params:
-                    _write_sum(grads.get(f"{name}.bias"), go, rows)
+                    _write_sum(grads[f"{name}.bias"], go, rows)
                 if i > first:
                     go = torch.bmm(go, w)
         return losses
-
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Each slot's loss ``[n]`` on its ``[n, B, O]`` outputs, and the loss's gradient by the outputs."""
@@ -152,7 +151,7 @@ class MlpChain:
         return losses, go
 
 
-def _write(target: GradTarget | None, gt: torch.Tensor, hs: torch.Tensor, rows: torch.Tensor | None) -> None:
+def _write(target: GradTarget, gt: torch.Tensor, hs: torch.Tensor, rows: torch.Tensor | None) -> None:
     """The weight gradient ``gt @ hs`` of every running slot, into its rows of the flat gradient buffer."""
     view, add = target.take()
     if rows is None:
@@ -169,7 +168,7 @@ def _write(target: GradTarget | None, gt: torch.Tensor, hs: torch.Tensor, rows: 
         view.zero_().index_copy_(0, rows, r)
 
 
-def _write_sum(target: GradTarget | None, go: torch.Tensor, rows: torch.Tensor | None) -> None:
+def _write_sum(target: GradTarget, go: torch.Tensor, rows: torch.Tensor | None) -> None:
     view, add = target.take()
     if rows is None:
         view.add_(go.sum(1)) if add else torch.sum(go, dim=1, out=view)
