@@ -64,8 +64,10 @@ def _accuracy_slots(out: Any, target: Any, per_slot_targets: bool) -> torch.Tens
 def _cross_entropy_slots(out: Any, target: Any, per_slot_targets: bool) -> torch.Tensor | None:
     if not _class_targets(out, target, per_slot_targets) or out.dim() != 3:
         return None
-    target = target if per_slot_targets else target.expand(out.shape[0], *target.shape)
-    return F.cross_entropy(out.float().transpose(1, 2), target, reduction="none")  # [n, C, B] -> [n, B]
+    n, b, c = out.shape
+    target = target if per_slot_targets else target.expand(n, b)
+    # [n*B, C] rows, as one model's [B, C]: the same kernel on the same row layout as the one-model form
+    return F.cross_entropy(out.float().reshape(n * b, c), target.reshape(n * b), reduction="none").view(n, b)
 
 
 _SLOT_BATCHED: dict[Callable, Callable[[Any, Any, bool], torch.Tensor | None]] = {
