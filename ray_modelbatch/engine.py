@@ -171,7 +171,7 @@ class FusedEngine:
         # every slot as it was, so that it can be run again in smaller pieces.
         saved = {k: v.clone() for k, v in mb.buffers.items()}
         try:
-            # An MLP stack trained with cross-entropy: forward and backward by hand (mlp_step), no autograd.
+            # An MLP stack with a common loss: forward and backward by hand (mlp_step), no autograd.
             losses = mb.mlp_train_step(x, y, self.loss_fn, per_slot=per_slot, slots=idx) \
                 if self.step_fn is None and self.scaler is None and self.autocast_dtype is None else None
             manual, extras = losses is not None, {}
