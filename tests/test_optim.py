@@ -301,6 +301,13 @@ def test_invalid_hyperparameters_name_slot_and_fix():
     with pytest.raises(HyperparameterError, match="eps"):
         opt.set_hparams(2, eps=-1.0)
     assert opt.get_hparams(2)["eps"] == pytest.approx(1e-8)  # a rejected change leaves the old value
+    # a rule between columns reads the ones not being set too: slot 1 has no momentum for nesterov
+    sgd = rmb.optim.SGD(mb, lr=0.1, momentum=[0.9, 0.0, 0.9])
+    with pytest.raises(HyperparameterError, match=r"nesterov momentum for slot\(s\) \[1\]"):
+        sgd.set_hparams(1, nesterov=True)
+    assert sgd.get_hparams(1)["nesterov"] is False
+    sgd.set_hparams([0, 2], nesterov=True)
+    assert [sgd.get_hparams(i)["nesterov"] for i in range(3)] == [True, False, True]
 
 
 class CountOps(TorchDispatchMode):

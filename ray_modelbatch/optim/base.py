@@ -165,6 +165,23 @@ class _RowColumns(Mapping[str, torch.Tensor]):
         return len(self._names)
 
 
+class _RowsOf(Mapping[str, torch.Tensor]):
+    """Some rows of every host-side hyperparameter column, each gathered when first read (the rules that
+    involve several hyperparameters read two or three of the dozens of columns)."""
+
+    def __init__(self, columns: Mapping[str, torch.Tensor], rows: torch.Tensor):
+        self._columns, self._rows = columns, rows
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._columns[key][self._rows]
+
+    def __iter__(self) -> Any:
+        return iter(self._columns)
+
+    def __len__(self) -> int:
+        return len(self._columns)
+
+
 class VectorOptimizer:
     """Base class: per-slot hyperparameters, masking, clipping, non-finite isolation and slot state.
 
@@ -287,17 +304,19 @@ class VectorOptimizer:
     def public_hparams(self) -> list[str]:
         return [k for k in self.HPARAMS] + ["max_grad_norm", "schedule", "plateau", "param_groups"]
 
-    def _validate(self, values: Mapping[str, torch.Tensor], slots: torch.Tensor) -> None:
-        for name, v in values.items():
-            spec = self.specs[name]
-            bad = ~spec.check(v)
-            if bool(bad.any()):
-                where = slots[bad].tolist()
-                raise HyperparameterError(
-                    f"invalid {name} for slot(s) {where}: {v[bad].tolist()}. {spec.rule}; fix the value "
-                    "in the config (or search space) of those slots."
-                )
-        self._check_combination(values, slots)
+    def _validate(self, values: Mapping[str, torch.Tensor], slots: torch.Tensor,
+                  every: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Check each of ``values`` against its rule, then the rules that involve several hyperparameters
+        against ``every`` column of these slots (default: ``values``)."""
+        bads = {name: ~self.specs[name].check(v) for name, v in values.items()}
+        if bads and bool(torch.cat([b.reshape(-1) for b in bads.values()]).any()):  # one sync, not one per column
+            for name, bad in bads.items():
+                if bool(bad.any()):
+                    raise HyperparameterError(
+                        f"invalid {name} for slot(s) {slots[bad].tolist()}: {values[name][bad].tolist()}. "
+                        f"{self.specs[name].rule}; fix the value in the config (or search space) of those slots."
+                    )
+        self._check_combination(values if every is None else every, slots)
 
     def _check_combination(self, values: Mapping[str, torch.Tensor], slots: torch.Tensor) -> None:
         """Hook for rules that involve several hyperparameters (e.g. nesterov needs momentum)."""
@@ -434,10 +453,13 @@ class VectorOptimizer:
         before = (self._layout, self._hp, self.specs, self.defaults, self._group_index)
         try:
             values.update(self._group_values(group_spec, idx.numel()))
-            merged = {k: v.clone() for k, v in self._hp.items()}
+            # Only the columns being set are copied and checked (the others were checked when they were set):
+            # a slot host sets a new trial's dozen columns at every attach, on the thread that steps the stack.
+            merged = dict(self._hp)
             for k, v in values.items():
-                merged[k][idx] = v
-            self._validate({k: merged[k][idx] for k in merged}, idx)
+                column = merged[k] = merged[k].clone()
+                column[idx] = v
+            self._validate({k: merged[k][idx] for k in values}, idx, every=_RowsOf(merged, idx))
         except Exception:  # a refused value leaves no half-made groups behind
             self._layout, self._hp, self.specs, self.defaults, self._group_index = before
             raise
