@@ -3,8 +3,8 @@
 Why: a sweep's MLPs are small, so their fused step is bookkeeping, not
 arithmetic. For the digits MLP of ``examples/asha_sweep.py`` (64-32-10, 8
 slots, batch 64, one CPU thread) the direct path's forward, loss and autograd
-backward took 0.94 ms, against 0.37 ms for the same GEMMs written out with
-no autograd: the engine's graph walk, the custom functions' Python and the
+backward took 0.94 ms, against about 0.4 ms for the same GEMMs written out
+with no autograd: the engine's graph walk, the custom functions' Python and the
 loss's backward kernels are most of it. A slot host runs this step ~1,300
 times in that sweep, and on a GPU each of those ops is a launch in a step that
 is launch-bound.
