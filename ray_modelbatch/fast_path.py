@@ -587,6 +587,20 @@ class GradTarget:
         return self.view, g is not None
 
 
+def write_weight_grad(view: torch.Tensor, add: bool, gt: torch.Tensor, hs: torch.Tensor) -> None:
+    """Every slot's weight gradient ``gt @ hs`` into its ``[n, O, I]`` view of the flat gradient buffer
+    (added to what the view holds when ``add``)."""
+    if view[0].numel() >= DIRECT_WRITE_MIN:  # GEMMs into the strided view, one slot at a time
+        view.baddbmm_(gt, hs) if add else torch.bmm(gt, hs, out=view)
+    else:  # one batched GEMM into a contiguous result, then a copy
+        view.add_(torch.bmm(gt, hs)) if add else view.copy_(torch.bmm(gt, hs))
+
+
+def write_bias_grad(view: torch.Tensor, add: bool, go: torch.Tensor) -> None:
+    """Every slot's bias gradient (``go`` summed over its rows) into its ``[n, O]`` view of the buffer."""
+    view.add_(go.sum(1)) if add else torch.sum(go, dim=1, out=view)
+
+
 class _SlotLinear(torch.autograd.Function):
     """``out[s] = h[s] @ w[s].T + b[s]`` for every slot; ``h`` is ``[n, B, I]``, or ``[B, I]`` shared.
 
@@ -642,13 +656,10 @@ class _SlotLinear(torch.autograd.Function):
                     for g, hh, dst in zip(gt.unbind(0), _by_slot(h, n), view.unbind(0)):
                         r = _onednn_linear(g, hh.t())
                         dst.add_(r) if add else dst.copy_(r)
-                elif view[0].numel() >= DIRECT_WRITE_MIN:  # GEMMs into the strided view, one slot at a time
-                    view.baddbmm_(gt, hs) if add else torch.bmm(gt, hs, out=view)
-                else:  # one batched GEMM into a contiguous result, then a copy
-                    view.add_(torch.bmm(gt, hs)) if add else view.copy_(torch.bmm(gt, hs))
+                else:
+                    write_weight_grad(view, add, gt, hs)
             if tb is not None:
-                view, add = tb.take()
-                view.add_(go.sum(1)) if add else torch.sum(go, dim=1, out=view)
+                write_bias_grad(*tb.take(), go)
         if tw is None and ctx.needs_input_grad[1]:
             if dnn and h.dim() == 2:
                 gw = _shared_input_weight_grad(go, h)

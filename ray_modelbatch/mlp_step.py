@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_path import DIRECT_WRITE_MIN, FastPlan, GradTarget, _Ref
+from .fast_path import FastPlan, GradTarget, _Ref, write_bias_grad, write_weight_grad
 from .slot_losses import _cross_entropy_ignore_index, _elementwise
 
 __all__ = ["MlpChain", "chain"]
@@ -155,23 +155,17 @@ def _write(target: GradTarget, gt: torch.Tensor, hs: torch.Tensor, rows: torch.T
     """The weight gradient ``gt @ hs`` of every running slot, into its rows of the flat gradient buffer."""
     view, add = target.take()
     if rows is None:
-        if not add and view[0].numel() >= DIRECT_WRITE_MIN:  # straight into the strided view (see fast_path)
-            torch.bmm(gt, hs, out=view)
-        else:
-            r = torch.bmm(gt, hs)
-            view.add_(r) if add else view.copy_(r)
-        return
-    r = torch.bmm(gt, hs)
-    if add:
-        view.index_add_(0, rows, r)
+        write_weight_grad(view, add, gt, hs)
+    elif add:
+        view.index_add_(0, rows, torch.bmm(gt, hs))
     else:  # the rows that do not run get zeros, as autograd's gather backward gives them
-        view.zero_().index_copy_(0, rows, r)
+        view.zero_().index_copy_(0, rows, torch.bmm(gt, hs))
 
 
 def _write_sum(target: GradTarget, go: torch.Tensor, rows: torch.Tensor | None) -> None:
     view, add = target.take()
     if rows is None:
-        view.add_(go.sum(1)) if add else torch.sum(go, dim=1, out=view)
+        write_bias_grad(view, add, go)
     elif add:
         view.index_add_(0, rows, go.sum(1))
     else:
