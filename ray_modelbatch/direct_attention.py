@@ -17,7 +17,10 @@ calls of up to ``small_attention.MAX_LEN`` tokens without dropout run as
 ``bmm``-softmax-``bmm`` on contiguous copies of q, k and v
 (:mod:`.small_attention`: half SDPA's time at 16 tokens, level at 64). They
 match the model's own SDPA call to fp32 rounding, not bit for bit; longer
-ones keep SDPA.
+ones keep SDPA. Self-attention that asks for no weights (what
+``nn.TransformerEncoderLayer`` asks for) takes the packed form there: one copy
+of the whole in-projection into heads, and a backward that writes q's, k's and
+v's gradients into one block, the same bits as the unbound form.
 
 The math follows ``F.multi_head_attention_forward`` step for step: the same
 mask canonicalization and merging, ``q * sqrt(1/d)`` then ``baddbmm`` when
@@ -128,7 +131,12 @@ def multihead_attention(runner: Any, name: str, mod: nn.MultiheadAttention, quer
         attn_mask = None  # SDPA's is_causal replaces the mask
     elif key_padding_mask is not None:
         is_causal = False
-    q, k, v = _in_projection(runner, name, mod, query, key, value)
+    packed = None
+    if query is key and key is value and mod._qkv_same_embed_dim and not need_weights:
+        packed = _project(runner, name, query, 0, 3 * mod.embed_dim)  # [n, B, T, 3E]
+        q, k, v = packed.unflatten(-1, (3, mod.embed_dim)).unbind(-2)
+    else:
+        q, k, v = _in_projection(runner, name, mod, query, key, value)
     batch, tgt, src = q.shape[1], q.shape[2], k.shape[2]
     hd = mod.embed_dim // heads
     # [n, B, T, E] -> [n*B, heads, T, hd]: every slot's sequences are sequences of one big batch
@@ -152,7 +160,11 @@ def multihead_attention(runner: Any, name: str, mod: nn.MultiheadAttention, quer
     else:
         if mask is not None:
             mask = mask.unsqueeze(0) if mask.size(0) == 1 and mask.dim() == 3 else mask.view(n * batch, heads, -1, src)
-        out = _folded_sdpa(runner, n, q, k, v, mask, dropout_p, is_causal)
+        if packed is not None and small_attention.applies(q, k, v, mask, dropout_p):
+            # q, k, v above stay unused (no gradient reaches their views)
+            out = small_attention.packed_self_attention(packed.view(n * batch, tgt, -1), heads, mask, is_causal)
+        else:
+            out = _folded_sdpa(runner, n, q, k, v, mask, dropout_p, is_causal)
     # [n*B, heads, T, hd] -> [n, T, B, E]: time-major, as the module computes its output projection, and returned
     # as the [n, B, T, E] view of it that the module returns. A dropout on it draws its mask in memory order
     # (empty_like keeps these strides), so the next dropout draws each slot's mask as its model's own does.

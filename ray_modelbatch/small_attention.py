@@ -39,7 +39,7 @@ import math
 
 import torch
 
-__all__ = ["MAX_LEN", "applies", "attention"]
+__all__ = ["MAX_LEN", "applies", "attention", "packed_self_attention"]
 
 MAX_LEN = 32
 
@@ -67,10 +67,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     # One copy each into [batch, tokens, features]: every bmm below, and each of autograd's, then reads
     # contiguous matrices or their transposes (the strided views gave a 3-4x slower backward, measured).
     qm, km, vm = q.reshape(-1, tq, q.shape[-1]), k.reshape(-1, tk, k.shape[-1]), v.reshape(-1, tk, v.shape[-1])
-    s = torch.bmm(qm, km.transpose(1, 2)) * scale
+    p = _probabilities(torch.bmm(qm, km.transpose(1, 2)) * scale, lead, mask, is_causal)
+    return torch.bmm(p, vm).view(*lead, tq, v.shape[-1])
+
+
+def _probabilities(s: torch.Tensor, lead: torch.Size, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """The attention probabilities from the scaled scores ``s`` (``[M, Tq, Tk]``, ``M = prod(lead)``), masked
+    as SDPA masks them. Writes into ``s``, which no backward reads (a scaling's or a GEMM's output)."""
     if mask is None and not is_causal:
-        return torch.bmm(torch.softmax(s, -1), vm).view(*lead, tq, v.shape[-1])
-    view = s.view(*lead, tq, tk)  # (in place: the scaling's backward does not read its output)
+        return torch.softmax(s, -1)
+    tq, tk = s.shape[-2:]
+    view = s.view(*lead, tq, tk)
     if mask is not None:
         view.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else view.add_(mask)
     if is_causal:  # SDPA's: query i attends to keys 0..i
@@ -78,5 +85,58 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     # A query that may attend to nothing: softmax would give NaN (and NaN gradients), SDPA gives zeros.
     # Its scores become 0 before the softmax and its probabilities 0 after, so both directions stay finite.
     nothing = s.amax(-1, keepdim=True) == float("-inf")
-    p = torch.softmax(s.masked_fill(nothing, 0.0), -1).masked_fill(nothing, 0.0)
-    return torch.bmm(p, vm).view(*lead, tq, v.shape[-1])
+    return torch.softmax(s.masked_fill(nothing, 0.0), -1).masked_fill(nothing, 0.0)
+
+
+def packed_self_attention(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None = None,
+                          is_causal: bool = False) -> torch.Tensor:
+    """Self-attention of ``nn.MultiheadAttention``'s packed in-projection, ``[G, T, 3*E]`` (q, k and v of
+    ``G`` sequences side by side, each ``heads`` heads of ``E / heads``): ``[G, heads, T, E / heads]``,
+    what :func:`attention` gives for the q, k and v that the module unbinds from it, to the same bits.
+
+    Why: unbinding q, k and v as views, then copying each to contiguous heads, costs three copies forward
+    and, backward, a strided ``stack`` of their three gradients into the projection's (measured 8 ms per
+    layer of the 32-slot encoder of ``benchmarks/fused_step.py --models transformer``). Here one copy puts
+    q, k and v in one contiguous ``[3, G*heads, T, E/heads]`` block, and the backward writes their
+    gradients straight into one block of that layout. ``mask`` must broadcast to ``[G, heads, T, T]``
+    (check with :func:`applies` on views of the heads).
+    """
+    g, t, e3 = qkv.shape
+    hd = e3 // 3 // heads
+    packed = qkv.view(g, t, 3, heads, hd).permute(2, 0, 3, 1, 4).reshape(3, g * heads, t, hd)
+    return _PackedAttention.apply(packed, heads, mask, is_causal, 1.0 / math.sqrt(hd)).view(g, heads, t, hd)
+
+
+class _PackedAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale + mask) v`` of one contiguous ``[3, M, T, D]`` block; the backward's GEMMs
+    write the three gradients into one block of the same layout (the formulas of autograd's own
+    backward of :func:`attention`, so the same bits)."""
+
+    @staticmethod
+    def forward(ctx, packed, heads, mask, is_causal, scale):  # noqa: ANN001, ANN205 - autograd's signature
+        q, k, v = packed.unbind(0)
+        s = torch.bmm(q, k.transpose(1, 2))
+        s.mul_(scale)
+        lead = (q.shape[0] // heads, heads)  # what the mask broadcasts against
+        p = _probabilities(s, lead, mask, is_causal)
+        ctx.save_for_backward(packed, p)
+        ctx.lead, ctx.mask, ctx.is_causal, ctx.scale = lead, mask, is_causal, scale
+        return torch.bmm(p, v)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        packed, p = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the same math in differentiable ops, graph kept
+            q, k, v = packed.unbind(0)
+            s = torch.bmm(q, k.transpose(1, 2)) * ctx.scale
+            out = torch.bmm(_probabilities(s, ctx.lead, ctx.mask, ctx.is_causal), v)
+            return torch.autograd.grad(out, packed, grad, create_graph=True)[0], None, None, None, None
+        q, k, v = packed.unbind(0)
+        grad = grad.contiguous()
+        out = torch.empty_like(packed)
+        torch.bmm(p.transpose(1, 2), grad, out=out[2])
+        ds = torch._softmax_backward_data(torch.bmm(grad, v.transpose(1, 2)), p, -1, p.dtype)
+        ds.mul_(ctx.scale)  # masked and "nothing" entries: p is 0 there, so ds is too, as autograd's
+        torch.bmm(ds, k, out=out[0])
+        torch.bmm(ds.transpose(1, 2), q, out=out[1])
+        return out, None, None, None, None

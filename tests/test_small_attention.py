@@ -99,6 +99,67 @@ def test_calls_it_leaves_to_sdpa():
         assert not ok(q, q, q, None, 0.0)
 
 
+def _packed_and_unbound(qkv, heads, mask=None, is_causal=False):
+    """(output, gradient of the projection) of packed_self_attention and of attention on the q, k and v
+    that nn.MultiheadAttention unbinds from the same [G, T, 3E] projection."""
+    g_, t, e3 = qkv.shape
+    hd = e3 // 3 // heads
+    gy = torch.randn(g_, heads, t, hd, dtype=qkv.dtype)
+    results = []
+    for packed in (True, False):
+        leaf = qkv.detach().clone().requires_grad_()
+        if packed:
+            out = small_attention.packed_self_attention(leaf, heads, mask, is_causal)
+        else:
+            q, k, v = (x.reshape(g_, t, heads, hd).transpose(1, 2) for x in leaf.unflatten(-1, (3, -1)).unbind(-2))
+            out = small_attention.attention(q, k, v, mask, is_causal)
+        out.backward(gy)
+        results.append((out.detach(), leaf.grad))
+    return results
+
+
+@pytest.mark.parametrize("case", ["none", "causal", "bool", "float", "padding"])
+def test_packed_self_attention_gives_the_unbound_bits(case):
+    """The direct path's self-attention: one packed block gives every output and gradient bit that the
+    three unbound heads give (same GEMMs, same softmax kernels), masks and empty rows included."""
+    torch.manual_seed(5)
+    g_, t, heads, hd = 6, 7, 2, 4
+    qkv = torch.randn(g_, t, 3 * heads * hd)
+    mask, causal = None, case == "causal"
+    if case == "bool":
+        mask = torch.rand(g_, heads, t, t) > 0.3
+        mask[0, 1, 4] = False  # a query that may attend to nothing
+    elif case == "float":
+        mask = torch.randn(1, t, t)
+    elif case == "padding":
+        mask = torch.zeros(g_, 1, 1, t)
+        mask[1, ..., 5:] = float("-inf")
+        mask[2] = float("-inf")
+    (out_p, grad_p), (out_u, grad_u) = _packed_and_unbound(qkv, heads, mask, causal)
+    assert torch.equal(out_p, out_u)
+    assert torch.equal(grad_p, grad_u)
+    assert grad_p.isfinite().all()
+
+
+def test_packed_self_attention_differentiates_twice():
+    """A gradient penalty through the packed block: its backward recomputes in differentiable ops."""
+    torch.manual_seed(6)
+    qkv0 = torch.randn(3, 5, 3 * 2 * 4, dtype=torch.float64)
+    results = []
+    for packed in (True, False):
+        qkv = qkv0.clone().requires_grad_()
+        if packed:
+            out = small_attention.packed_self_attention(qkv, 2, is_causal=True)
+        else:
+            q, k, v = (x.reshape(3, 5, 2, 4).transpose(1, 2) for x in qkv.unflatten(-1, (3, -1)).unbind(-2))
+            out = small_attention.attention(q, k, v, is_causal=True)
+        (g,) = torch.autograd.grad(out.square().sum(), qkv, create_graph=True)
+        g.square().sum().backward()
+        results.append(qkv.grad)
+    torch.testing.assert_close(results[0], results[1])
+    assert results[0].abs().sum() > 0
+
+
 def test_differentiates_twice():
     """A gradient penalty through attention (torch's CPU flash kernel cannot): against the same math in
     plain ops, second derivatives included."""
@@ -122,14 +183,15 @@ def test_differentiates_twice():
 
 
 def test_the_direct_path_routes_short_attention_here_and_dropout_to_sdpa(monkeypatch):
-    """A fused TransformerEncoder on CPU at 6 tokens calls this module once per layer; with attention dropout
-    in training it keeps SDPA (each slot's mask from its own generator, which SDPA draws itself)."""
+    """A fused TransformerEncoder on CPU at 6 tokens calls this module once per layer (its packed form: the
+    layer's self-attention asks for no weights); with attention dropout in training it keeps SDPA (each slot's mask from its own generator, which SDPA draws itself)."""
     import ray_modelbatch as rmb
     from torch import nn
 
     calls = []
-    real = small_attention.attention
-    monkeypatch.setattr(small_attention, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for fn in ("attention", "packed_self_attention"):  # the packed form: self-attention without weights
+        real = getattr(small_attention, fn)
+        monkeypatch.setattr(small_attention, fn, lambda *a, real=real, fn=fn, **k: calls.append(fn) or real(*a, **k))
 
     class Encoder(nn.Module):
         def __init__(self, dropout):
@@ -148,4 +210,4 @@ def test_the_direct_path_routes_short_attention_here_and_dropout_to_sdpa(monkeyp
         calls.clear()
         mb(x).sum().backward()
         assert mb.uses_direct_path and not mb._slow_keys
-        assert len(calls) == expected, (dropout, calls)
+        assert calls == ["packed_self_attention"] * expected, (dropout, calls)
