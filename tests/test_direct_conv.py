@@ -196,6 +196,101 @@ def test_flatten_with_a_negative_start_dim():
         torch.testing.assert_close(out[1], model(x), rtol=1e-5, atol=1e-6)
 
 
+class HeadCNN(nn.Module):
+    """conv-ReLU-pool, then the feature map flattened into the head in one of the ways scripts write it."""
+
+    def __init__(self, flatten: str) -> None:
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(1, 3, 3, padding=1), nn.MaxPool2d(2)
+        self.flat = nn.Flatten(-3 if flatten == "module-3" else 1)
+        self.head = nn.Linear(3 * 4 * 4, 5)
+        self.flatten = flatten
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.conv(x)))
+        if self.flatten.startswith("module"):
+            h = self.flat(h)
+        else:
+            h = torch.flatten(h, 1) if self.flatten == "torch" else h.flatten(start_dim=1)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("flatten", ["module", "module-3", "torch", "method"])
+def test_a_flattened_feature_map_meets_its_head_in_one_step_and_trains_like_solo_modules(flatten, monkeypatch):
+    """``head(flatten(x, 1))`` after a convolution reads the channels-last map in (row, column, channel) order
+    against a column-permuted weight (fast_path._flatten_into_linear); its gradients go back into the weight's
+    own order, so every slot trains as its module alone."""
+    from ray_modelbatch import fast_path
+
+    calls = []
+    real = fast_path._FeatureMapLinear.apply
+    monkeypatch.setattr(fast_path._FeatureMapLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(4)
+    models = [HeadCNN(flatten) for _ in range(3)]
+    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    plan = mb._plan()
+    assert "flatten_linear" in [s.kind for s in plan.steps] and "flatten" not in [s.kind for s in plan.steps]
+    assert plan.kinds()["head"] == "linear"
+    if flatten.startswith("module"):
+        assert plan.kinds()["flat"] == "flatten"  # what check_model reports for the module
+    eng = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=1e-2), nn.functional.cross_entropy)
+    solo = [copy.deepcopy(m) for m in models]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in solo]
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,))
+    for _ in range(4):
+        eng.train_step(x, y)
+        for m, o in zip(solo, opts):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    assert calls  # the permuted form ran
+    state_close(mb, solo)
+
+
+def test_a_flattened_head_hands_autograd_its_gradients_and_second_derivatives():
+    """Outside the engine (no flat-buffer targets) the head's weight gradient goes to autograd in the weight's
+    order; a gradient penalty differentiates through its backward, as vmap's path does."""
+    torch.manual_seed(5)
+    models = [HeadCNN("torch") for _ in range(2)]
+    x = torch.randn(6, 1, 8, 8)
+    grads, penalties = [], []
+    for direct in (True, False):
+        mb = rmb.ModelBatch(models, direct_path=direct)
+        mb(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in mb.params.values()])
+        xs = x.expand(2, *x.shape).clone().requires_grad_()
+        (gx,) = torch.autograd.grad(mb(xs, per_slot=True).square().sum(), xs, create_graph=True)
+        penalties.append(torch.autograd.grad(gx.square().sum(), list(mb.params.values())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(*penalties):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_flatten_read_elsewhere_or_of_plain_inputs_keeps_its_own_step():
+    """A flattened value that another layer also reads is not merged; an MLP flattening its image input (no
+    convolution before it) runs the head as before, so the stack stays gather-exact."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head, self.side = nn.Conv2d(1, 2, 3, padding=1), nn.Linear(2 * 64, 3), nn.Linear(2 * 64, 3)
+
+        def forward(self, x):
+            h = self.conv(x).flatten(1)
+            return self.head(h) + self.side(h)
+
+    assert "flatten_linear" not in [s.kind for s in rmb.ModelBatch([Twice() for _ in range(2)])._plan().steps]
+    torch.manual_seed(6)
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(3)]
+    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    assert mb.gather_exact and "flatten_linear" in [s.kind for s in mb._plan().steps]
+    x = torch.randn(5, 1, 8, 8)
+    out = mb(x)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(x), rtol=1e-6, atol=1e-6)
+
+
 class ReluPoolCNN(nn.Module):
     """One input channel (an image model's first layer); conv-ReLU-max-pool twice, the ReLU written as a module
     and as ``relu2`` (a function or a method)."""
