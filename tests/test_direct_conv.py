@@ -53,6 +53,24 @@ def state_close(mb: rmb.ModelBatch, solo: list[nn.Module], atol: float = 2e-5) -
                 assert torch.equal(got[k].to(v.dtype), v), (i, k)
 
 
+def steps_match_solo(mb: rmb.ModelBatch, models: list[nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int,
+                     opt_name: str = "Adam", **kw) -> list[nn.Module]:
+    """``steps`` fused steps of ``mb`` on one batch leave every slot as ``torch.optim``'s leave a copy of its
+    model (``models`` as they were when ``mb`` was built); returns those copies."""
+    kw = kw or {"lr": 1e-2}
+    eng = rmb.FusedEngine(mb, getattr(rmb.optim, opt_name)(mb, **kw), nn.functional.cross_entropy)
+    solo = [copy.deepcopy(m) for m in models]
+    opts = [getattr(torch.optim, opt_name)(m.parameters(), **kw) for m in solo]
+    for _ in range(steps):
+        eng.train_step(x, y)
+        for m, o in zip(solo, opts):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    state_close(mb, solo)
+    return solo
+
+
 @pytest.mark.parametrize("opt_name", ["SGD", "Adam"])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_cnn_slots_train_like_solo_modules(opt_name, groups):
@@ -61,17 +79,8 @@ def test_cnn_slots_train_like_solo_modules(opt_name, groups):
     mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
     assert mb.uses_direct_path and not mb.gather_exact
     kw = {"lr": 0.05, "momentum": 0.9} if opt_name == "SGD" else {"lr": 1e-2}
-    eng = rmb.FusedEngine(mb, getattr(rmb.optim, opt_name)(mb, **kw), nn.functional.cross_entropy)
-    solo = [copy.deepcopy(m) for m in models]
-    opts = [getattr(torch.optim, opt_name)(m.parameters(), **kw) for m in solo]
     x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
-    for _ in range(6):
-        eng.train_step(x, y)
-        for m, o in zip(solo, opts):
-            o.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            o.step()
-    state_close(mb, solo)
+    solo = steps_match_solo(mb, models, x, y, 6, opt_name, **kw)
     mb.eval()
     with torch.no_grad():
         out = mb(x)
@@ -233,18 +242,8 @@ def test_a_flattened_feature_map_meets_its_head_in_one_step_and_trains_like_solo
     assert plan.kinds()["head"] == "linear"
     if flatten.startswith("module"):
         assert plan.kinds()["flat"] == "flatten"  # what check_model reports for the module
-    eng = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=1e-2), nn.functional.cross_entropy)
-    solo = [copy.deepcopy(m) for m in models]
-    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in solo]
-    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,))
-    for _ in range(4):
-        eng.train_step(x, y)
-        for m, o in zip(solo, opts):
-            o.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            o.step()
+    steps_match_solo(mb, models, torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,)), 4)
     assert calls  # the permuted form ran
-    state_close(mb, solo)
 
 
 def test_a_flattened_head_hands_autograd_its_gradients_and_second_derivatives():
@@ -333,17 +332,7 @@ def test_relu_then_max_pool_runs_pooled_first_and_trains_like_solo_modules(relu2
     mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
     kinds = [s.kind for s in mb._plan().steps if s.kind in ("pool", "module", "function")]
     assert kinds == ["pool", "module", "pool", "function"], kinds  # both ReLU-pool pairs swapped
-    eng = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=1e-2), nn.functional.cross_entropy)
-    solo = [copy.deepcopy(m) for m in models]
-    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in solo]
-    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,))
-    for _ in range(5):
-        eng.train_step(x, y)
-        for m, o in zip(solo, opts):
-            o.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            o.step()
-    state_close(mb, solo)
+    steps_match_solo(mb, models, torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,)), 5)
 
 
 def test_a_relu_read_elsewhere_is_not_moved():
