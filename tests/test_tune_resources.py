@@ -137,6 +137,30 @@ def test_auto_gives_a_cpu_node_a_second_host_once_its_steps_are_kernel_bound(ray
     assert stats[0]["kernel_bound"] is True and all(s["threads"] == 1 for s in stats)
 
 
+def test_auto_starts_the_second_host_without_waiting_for_a_new_trial(ray_cpus, tmp_path):
+    # Two trials that never end early: no trial arrives after the first two, yet the registry's watch judges
+    # the host's steps and registers the second host while they train. Each trial stops once it is there.
+    T = make_trainable(slots_per_host=2, idle_timeout_s=3.0, loss=None, train_step=slow_step)
+    T._options["kernel_bound_step_ms"] = 0.0
+    cap = 400
+
+    def two_hosts(trial_id: str, result: dict) -> bool:
+        return result["training_iteration"] >= cap or len(T.host_stats()) >= 2
+
+    tuner = tune.Tuner(T, param_space={"lr": tune.grid_search([0.001, 0.002])},
+                       tune_config=tune.TuneConfig(metric="val_loss", mode="min", time_budget_s=150,
+                                                   max_concurrent_trials=2),
+                       run_config=run_config(tmp_path, stop=two_hosts))
+    try:
+        grid = tuner.fit()
+        stats = T.host_stats()
+    finally:
+        T.shutdown_hosts()
+    assert not errors(grid), errors(grid)
+    assert len(stats) == 2 and stats[0]["kernel_bound"] is True
+    assert all(r.metrics["training_iteration"] < cap for r in grid)  # stopped by the second host's arrival
+
+
 def test_auto_keeps_one_host_for_a_tiny_mlp(ray_cpus, tmp_path):
     T = make_trainable(slots_per_host=2, idle_timeout_s=3.0)
     _, stats, hosts = _sweep_on_hosts(T, tmp_path, trials=6, iterations=3, concurrent=2)

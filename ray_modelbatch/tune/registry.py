@@ -297,6 +297,7 @@ class HostRegistry:
         self.spread: set[str] = set()
         self._judged: set[str] = set()
         self._joining: list[tuple[StartingHost, float]] = []
+        self._spread_config: dict | None = None  # the last trial's config (a new host may profile it)
         threading.Thread(target=self._idle_watch, daemon=True).start()
 
     @ray.method(concurrency_group="data")
@@ -368,6 +369,7 @@ class HostRegistry:
             self._settle_starting()
             if self.start_error is not None:
                 raise SweepSetupError(self.start_error)
+            self._spread_config = config  # the idle watch judges the hosts with it between assigns
             self._watch_spread(config)
             free = self._free_by_host()
             if all(free[p] < self.slots[p] for p in free):
@@ -555,6 +557,13 @@ class HostRegistry:
             # Decide and stop under the lock: an assign() that slipped in between a count of
             # zero used slots and shutdown() would hand out a host that is about to be killed.
             with self._lock:
+                if self._assigned:
+                    # A node whose host found its steps kernel-bound gets its second host now, not at the
+                    # next trial's assign (in a CNN sweep, when ASHA first stopped a trial).
+                    try:
+                        self._watch_spread(self._spread_config)
+                    except Exception:  # noqa: BLE001 - the next assign tries again; this watch must keep running
+                        logger.exception("registry %s: judging its hosts' steps failed", self.experiment)
                 free = self._free_by_host()
                 used = sum(self.slots[p] - f for p, f in free.items())
                 if used:
