@@ -440,7 +440,7 @@ def _flatten_dims(step: _Step, modules: dict[str, nn.Module]) -> tuple[int, int]
 
 
 def _flatten_into_linear(steps: list[_Step], output: str, modules: dict[str, nn.Module]) -> list[_Step]:
-    """``linear(flatten(x, 1))`` as one step, ``flatten_linear``: a CNN's head reading its last feature map.
+    """``linear(flatten(x, start, end))`` as one step, ``flatten_linear``: a CNN's head reading its last map.
 
     A fused CNN's feature maps are channels-last, so each slot's flattened
     features (channel, row, column) are a strided gather of them (8 ms of a
@@ -449,7 +449,8 @@ def _flatten_into_linear(steps: list[_Step], output: str, modules: dict[str, nn.
     (1.2 ms). The step takes that order and permutes the weight's columns to
     match (a copy of the small weight); its gradient is permuted back into the
     flat buffer. The sums of the GEMM then run in another order: fp32 rounding,
-    like any change of GEMM kernel. Other inputs run as the two steps did.
+    like any change of GEMM kernel. Other inputs, and flattens that keep more
+    than the batch dimension, run as the two steps did (:meth:`_Runner._k_flatten_linear`).
     Only where nothing else reads the flattened value.
     """
     uses = _uses(steps, output)
