@@ -100,21 +100,28 @@ def test_the_host_sets_a_passive_openmp_policy_only_before_torch_loads(given, to
     assert out.strip().splitlines()[-1] == repr(want)
 
 
-def _sweep_on_hosts(T, tmp_path, trials: int, iterations: int, concurrent: int) -> tuple[list, list[dict], set]:
-    """``trials`` trials of ``T`` to ``iterations``, at most ``concurrent`` at once: the results, every host's
-    stats and the hosts the trials ran on. No trial may fail."""
+def _fit_on_hosts(T, tmp_path, trials: int, concurrent: int, stop) -> tuple[list, list[dict]]:
+    """``trials`` trials of ``T`` until ``stop``, at most ``concurrent`` at once: the results and every host's
+    stats. No trial may fail."""
     tuner = tune.Tuner(T, param_space={"lr": tune.grid_search([0.001 * (k + 1) for k in range(trials)])},
                        tune_config=tune.TuneConfig(metric="val_loss", mode="min", time_budget_s=150,
                                                    max_concurrent_trials=concurrent),
-                       run_config=run_config(tmp_path, stop={"training_iteration": iterations}))
+                       run_config=run_config(tmp_path, stop=stop))
     try:
         grid = tuner.fit()
         stats = T.host_stats()
     finally:
         T.shutdown_hosts()
     assert not errors(grid), errors(grid)
-    assert len(grid) == trials and all(r.metrics["training_iteration"] == iterations for r in grid)
-    return list(grid), stats, {r.metrics["host"] for r in grid}
+    assert len(grid) == trials
+    return list(grid), stats
+
+
+def _sweep_on_hosts(T, tmp_path, trials: int, iterations: int, concurrent: int) -> tuple[list, list[dict], set]:
+    """:func:`_fit_on_hosts` to ``iterations``, every trial reaching them; also the hosts the trials ran on."""
+    grid, stats = _fit_on_hosts(T, tmp_path, trials, concurrent, {"training_iteration": iterations})
+    assert all(r.metrics["training_iteration"] == iterations for r in grid)
+    return grid, stats, {r.metrics["host"] for r in grid}
 
 
 def test_two_hosts_share_a_cpu_node_and_its_trials(ray_cpus, tmp_path):
@@ -147,16 +154,7 @@ def test_auto_starts_the_second_host_without_waiting_for_a_new_trial(ray_cpus, t
     def two_hosts(trial_id: str, result: dict) -> bool:
         return result["training_iteration"] >= cap or len(T.host_stats()) >= 2
 
-    tuner = tune.Tuner(T, param_space={"lr": tune.grid_search([0.001, 0.002])},
-                       tune_config=tune.TuneConfig(metric="val_loss", mode="min", time_budget_s=150,
-                                                   max_concurrent_trials=2),
-                       run_config=run_config(tmp_path, stop=two_hosts))
-    try:
-        grid = tuner.fit()
-        stats = T.host_stats()
-    finally:
-        T.shutdown_hosts()
-    assert not errors(grid), errors(grid)
+    grid, stats = _fit_on_hosts(T, tmp_path, trials=2, concurrent=2, stop=two_hosts)
     assert len(stats) == 2 and stats[0]["kernel_bound"] is True
     assert all(r.metrics["training_iteration"] < cap for r in grid)  # stopped by the second host's arrival
 
