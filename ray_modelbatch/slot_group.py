@@ -68,7 +68,8 @@ MIN_CAPACITY = 4  # a new group's first size: a 1-slot stack would round differe
 # Fused steps in a row with a free row before a stack that steps whole drops its free rows
 # (SlotGroup.compact_if_sparse). A resize is one copy of the stack's state (2 ms for the CNN sweep's
 # 16-channel stack of 9 rows, whose fused step takes 12-18 ms), so a free row costs about a resize every
-# fused step; a few steps leave Tune the time to hand a freed slot to its next trial.
+# fused step; a few steps leave Tune the time to hand a freed slot to its next trial. Compaction goes down
+# to the held rows, one included: a sweep's last trials of a model train alone in their stack.
 COMPACT_AFTER_STEPS = 4
 
 logger = logging.getLogger(__name__)
@@ -413,8 +414,8 @@ class SlotGroup:
         16 trials and now holds 3 computes 16. Measured on the CNN sweep of
         ``benchmarks/tune_sweep.py``: 15,336 slot-steps computed for 8,067 that
         advanced a slot. After :data:`COMPACT_AFTER_STEPS` fused steps in a row
-        with a free row (above :data:`MIN_CAPACITY` rows), the held slots move to the
-        first rows (in order) and the others are dropped: every per-slot
+        with a free row, the held slots move to the first rows (in order) and
+        the others are dropped, down to a stack of one row: every per-slot
         component (weights, optimizer, scaler, streams, sums, configs,
         snapshots) is resized with the same ``keep``, one copy of the stack's
         state. The caller must renumber its slots with the returned mapping.
@@ -422,9 +423,16 @@ class SlotGroup:
         models only) may change how the kernels round: a slot's results stay
         its own to float rounding. Stacks with exact gathers never need it:
         they step only the rows that step.
+
+        There is no floor above the held rows: at a sweep's end the last
+        trials of a model train on alone, and a 4-row floor made each step of
+        the CNN sweep's last trial cost 4 rows (21.5 ms per step for its
+        16-channel stack at 4 rows, 12.6 at 2, 8.5 at 1, one thread; measured
+        in the sweep and with ``SlotGroup.step`` alone, ``benchmarks/RESULTS.md``,
+        session 25).
         """
         free = self.capacity - self.used
-        if self._exact_gathers() or free == 0 or self.capacity <= MIN_CAPACITY:
+        if self._exact_gathers() or free == 0 or self.used == 0:
             self._sparse_steps = 0
             return {}
         self._sparse_steps += 1
@@ -432,8 +440,7 @@ class SlotGroup:
             return {}
         self._sparse_steps = 0
         keep = sorted(self.owner)
-        capacity = max(len(keep), MIN_CAPACITY)
-        keep += [i for i in range(self.capacity) if i not in self.owner][: capacity - len(keep)]
+        capacity = len(keep)
         self.mb.resize(capacity, keep)  # the optimizer and the scaler follow through ModelBatch.attach
         if self.per_slot_data:
             self.streams.resize(capacity, keep)
@@ -442,9 +449,9 @@ class SlotGroup:
         if self.configs is not None:
             self.configs.resize(keep, capacity)
         self.iteration = [self.iteration[k] for k in keep]
-        self.owner = {new: self.owner[old] for new, old in enumerate(keep) if old in self.owner}
+        self.owner = {new: self.owner[old] for new, old in enumerate(keep)}
         self.stats.compacted += 1
-        return {old: new for new, old in enumerate(keep) if new in self.owner}
+        return {old: new for new, old in enumerate(keep)}
 
     def _free_slot(self) -> int:
         for i in range(self.capacity):

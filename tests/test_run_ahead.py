@@ -378,13 +378,13 @@ def test_tune_results_and_checkpoints_are_those_without_run_ahead(trainables, tm
                    for rows, _ in ahead.values() for row in rows), "no trial was paused and resumed"
 
 
-def test_a_sparse_stack_that_steps_whole_drops_its_free_rows_and_its_slots_train_on():
-    """A vmapped stack (masked whole-stack steps) that keeps 3 of 8 slots compacts to 4 rows after
-    COMPACT_AFTER_STEPS steps; the kept slots move in order and train on as in the uncompacted stack
+@pytest.mark.parametrize("kept", [[1, 4, 6], [5]])
+def test_a_sparse_stack_that_steps_whole_drops_its_free_rows_and_its_slots_train_on(kept):
+    """A vmapped stack (masked whole-stack steps) that keeps 3 of 8 slots, or one, compacts to as many rows
+    after COMPACT_AFTER_STEPS steps; the kept slots move in order and train on as in the uncompacted stack
     (to float rounding: the row count changed), and their run-ahead boundaries move with them."""
     from ray_modelbatch.slot_group import COMPACT_AFTER_STEPS
 
-    kept = [1, 4, 6]
     plain, sparse = _group(8, bn=True), _group(8, bn=True)
     for g in (plain, sparse):
         for s in set(range(8)) - set(kept):
@@ -397,12 +397,12 @@ def test_a_sparse_stack_that_steps_whole_drops_its_free_rows_and_its_slots_train
             want[s].append(r)
         moved = sparse.compact_if_sparse()
         if moved:
-            assert step == COMPACT_AFTER_STEPS - 1 and moved == {1: 0, 4: 1, 6: 2}, (step, moved)
+            assert step == COMPACT_AFTER_STEPS - 1 and moved == {s: i for i, s in enumerate(kept)}, (step, moved)
             where = {s: moved[row] for s, row in where.items()}
         back = {row: s for s, row in where.items()}
         for row, r in sparse.finish(sparse.step(sorted(where.values()))).items():
             got[back[row]].append(r)
-    assert sparse.capacity == 4 and sparse.used == 3 and sparse.stats.compacted == 1
+    assert sparse.capacity == sparse.used == len(kept) and sparse.stats.compacted == 1
     assert plain.capacity == 8 and plain.stats.compacted == 0
     for s in kept:
         assert len(got[s]) == len(want[s]) > COMPACT_AFTER_STEPS // K
@@ -415,11 +415,12 @@ def test_a_sparse_stack_that_steps_whole_drops_its_free_rows_and_its_slots_train
             torch.testing.assert_close(mine["model"][k], v, rtol=1e-4, atol=1e-5)
     # the boundary captured before the compaction moved with its slot: bit for bit the uncompacted one
     early = (COMPACT_AFTER_STEPS - 1) // K
-    assert sparse.iteration[where[4]] - early < sparse.snapshots.depth
+    back_to = kept[-1]
+    assert sparse.iteration[where[back_to]] - early < sparse.snapshots.depth
     for s in kept:
         _assert_same_state(_state(sparse.export(where[s], early)), _state(plain.export(s, early)), s)
-    sparse.rollback(where[4], early)
-    _assert_same_state(_state(sparse.export(where[4])), _state(plain.export(4, early)))
+    sparse.rollback(where[back_to], early)
+    _assert_same_state(_state(sparse.export(where[back_to])), _state(plain.export(back_to, early)))
 
 
 def test_a_full_stack_that_steps_whole_grows_one_row_and_an_exact_one_a_quarter():
