@@ -64,7 +64,8 @@ from .slot_state import SlotSnapshots, collect_tensors
 from .step_config import RecordingConfig, SlotConfigs, static_part, tensor_paths, value_dtype
 from .trial_settings import build_optimizer, fits_param_groups, optimizer_id, resolve_batch_size, resolve_optimizer
 
-MIN_CAPACITY = 4  # a new group's first size: a 1-slot stack would round differently from a larger one
+MIN_CAPACITY = 4  # a new group's first size; a stack with exact gathers never runs a single row, which would
+# round differently from a larger one (one that steps whole may compact down to one row: its rows round alike)
 # Fused steps in a row with a free row before a stack that steps whole drops its free rows
 # (SlotGroup.compact_if_sparse). A resize is one copy of the stack's state (2 ms for the CNN sweep's
 # 16-channel stack of 9 rows, whose fused step takes 12-18 ms), so a free row costs about a resize every

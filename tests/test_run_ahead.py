@@ -40,8 +40,8 @@ def _spec(**kw) -> SlotSpec:
     kw.setdefault("steps_per_report", K)
     kw.setdefault("metrics", {"acc": lambda o, y: (o.argmax(-1) == y).float().mean()})
     kw.setdefault("loss", None if kw.get("train_step") else F.cross_entropy)
-    return SlotSpec(model=lambda c: None, optimizer=lambda mb: optim.AdamW(mb, lr=1e-2), hparams=lambda c: {},
-                    data=lambda: None, **kw)
+    kw.setdefault("optimizer", lambda mb: optim.AdamW(mb, lr=1e-2))
+    return SlotSpec(model=lambda c: None, hparams=lambda c: {}, data=lambda: None, **kw)
 
 
 def _data(seed=0):
@@ -51,7 +51,20 @@ def _data(seed=0):
     return x, y, x[:40], y[:40]
 
 
-def _model(bn: bool, dropout: float = 0.0) -> nn.Module:
+class _SmallCNN(nn.Module):
+    """A convolution with BatchNorm on the 12 features as a 3x4 image: a stack on the direct path that steps whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(48, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.norm(self.conv(x.view(-1, 1, 3, 4)))).flatten(1))
+
+
+def _model(bn: bool, dropout: float = 0.0, conv: bool = False) -> nn.Module:
+    if conv:
+        return _SmallCNN()
     mid = [nn.BatchNorm1d(24)] if bn else []
     drop = [nn.Dropout(dropout)] if dropout else []
     return nn.Sequential(nn.Linear(12, 24), *mid, nn.ReLU(), *drop, nn.Linear(24, 4))
@@ -65,10 +78,12 @@ def _sampling_step(model, batch, config):
     return F.cross_entropy(z + 0.01 * torch.empty_like(h).uniform_(), y)
 
 
-def _group(n: int, bn: bool = False, run_ahead: int = 2, dropout: float = 0.0, sampling: bool = False) -> SlotGroup:
+def _group(n: int, bn: bool = False, run_ahead: int = 2, dropout: float = 0.0, sampling: bool = False,
+           conv: bool = False, sgd: bool = False) -> SlotGroup:
     torch.manual_seed(0)
-    models = [_model(bn, dropout) for _ in range(n)]
-    spec = _spec(train_step=_sampling_step) if sampling else _spec()
+    models = [_model(bn, dropout, conv) for _ in range(n)]
+    spec = _spec(**({"train_step": _sampling_step} if sampling else {}),
+                 **({"optimizer": lambda mb: optim.SGD(mb, lr=1e-2)} if sgd else {}))
     g = SlotGroup(spec, stack_key(models[0]), models[0], _data(), n, "cpu", run_ahead=run_ahead)
     for i, m in enumerate(models):
         g.add(f"t{i}", m, seed=10 + i, hparams={"lr": 1e-3 * (i + 1), "weight_decay": 0.01 * i})
@@ -378,14 +393,22 @@ def test_tune_results_and_checkpoints_are_those_without_run_ahead(trainables, tm
                    for rows, _ in ahead.values() for row in rows), "no trial was paused and resumed"
 
 
-@pytest.mark.parametrize("kept", [[1, 4, 6], [5]])
-def test_a_sparse_stack_that_steps_whole_drops_its_free_rows_and_its_slots_train_on(kept):
-    """A vmapped stack (masked whole-stack steps) that keeps 3 of 8 slots, or one, compacts to as many rows
-    after COMPACT_AFTER_STEPS steps; the kept slots move in order and train on as in the uncompacted stack
-    (to float rounding: the row count changed), and their run-ahead boundaries move with them."""
+@pytest.mark.parametrize("kept,conv", [([1, 4, 6], False), ([5], False), ([2], True)])
+def test_a_sparse_stack_that_steps_whole_drops_its_free_rows_and_its_slots_train_on(kept, conv):
+    """A stack whose gathers are not exact (masked whole-stack steps: a BatchNorm MLP, or a convolution,
+    both on the direct path) that keeps 3 of 8 slots, or one, compacts to as many rows after COMPACT_AFTER_STEPS
+    steps; the kept slots move in order and train on as in the uncompacted stack (to float rounding: the
+    row count changed), and their run-ahead boundaries move with them.
+
+    The convolution trains with SGD, to the last bit of its losses and a unit in the last place of its
+    weights: its kernels round each slot alike at any row count, but an elementwise update does not quite
+    (where a vectorized loop's tail falls depends on the buffer's length). With AdamW at lr 1e-2 that
+    rounding grows to 1e-4 of the loss within a few iterations, so it would hide a wrong row."""
     from ray_modelbatch.slot_group import COMPACT_AFTER_STEPS
 
-    plain, sparse = _group(8, bn=True), _group(8, bn=True)
+    plain, sparse = _group(8, bn=True, conv=conv, sgd=conv), _group(8, bn=True, conv=conv, sgd=conv)
+    rel, abs_ = (1e-7, 1e-8) if conv else (1e-5, 1e-6)
+    assert not sparse._exact_gathers() and sparse.forward_path() == "direct"
     for g in (plain, sparse):
         for s in set(range(8)) - set(kept):
             g.remove(s)
@@ -408,11 +431,11 @@ def test_a_sparse_stack_that_steps_whole_drops_its_free_rows_and_its_slots_train
         assert len(got[s]) == len(want[s]) > COMPACT_AFTER_STEPS // K
         for a, b in zip(got[s], want[s]):
             assert a["slot_steps"] == b["slot_steps"]
-            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)
-            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5, abs=1e-6)
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=rel, abs=abs_)
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=rel, abs=abs_)
         mine, ref = _state(sparse.export(where[s])), _state(plain.export(s))
         for k, v in ref["model"].items():
-            torch.testing.assert_close(mine["model"][k], v, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(mine["model"][k], v, rtol=10 * rel, atol=10 * abs_)
     # the boundary captured before the compaction moved with its slot: bit for bit the uncompacted one
     early = (COMPACT_AFTER_STEPS - 1) // K
     back_to = kept[-1]
