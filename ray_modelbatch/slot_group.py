@@ -65,7 +65,8 @@ from .step_config import RecordingConfig, SlotConfigs, static_part, tensor_paths
 from .trial_settings import build_optimizer, fits_param_groups, optimizer_id, resolve_batch_size, resolve_optimizer
 
 MIN_CAPACITY = 4  # a new group's first size; a stack with exact gathers never runs a single row, which would
-# round differently from a larger one (one that steps whole may compact down to one row: its rows round alike)
+# round differently from a larger one (one that steps whole may compact down to one row: after any resize its
+# slots' results are their own to float rounding, see SlotGroup.compact_if_sparse)
 # Fused steps in a row with a free row before a stack that steps whole drops its free rows
 # (SlotGroup.compact_if_sparse). A resize is one copy of the stack's state (2 ms for the CNN sweep's
 # 16-channel stack of 9 rows, whose fused step takes 12-18 ms), so a free row costs about a resize every
@@ -427,10 +428,10 @@ class SlotGroup:
 
         There is no floor above the held rows: at a sweep's end the last
         trials of a model train on alone, and a 4-row floor made each step of
-        the CNN sweep's last trial cost 4 rows (21.5 ms per step for its
-        16-channel stack at 4 rows, 12.6 at 2, 8.5 at 1, one thread; measured
-        in the sweep and with ``SlotGroup.step`` alone, ``benchmarks/RESULTS.md``,
-        session 25).
+        the CNN sweep's last trial cost 4 rows: 21.5 ms per fused step in the
+        sweep for its 16-channel stack, where ``SlotGroup.step`` alone (one
+        thread) takes 20.9 ms at 4 rows, 12.6 at 2 and 8.5 at 1
+        (``benchmarks/RESULTS.md``, session 25).
         """
         free = self.capacity - self.used
         if self._exact_gathers() or free == 0 or self.used == 0:
