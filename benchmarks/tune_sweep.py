@@ -650,7 +650,7 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
                      + ", ".join(f"{k} {v.get('forward')}" for k, v in h_.get("stacks", {}).items()))
         lines.append("- host timeline, s after fit(): " + ", ".join(
             f"{k.replace('_', ' ')} {v:.1f}" for k, v in m_.items() if v is not None)
-            + f"; data() ran in the {h_.get('data_source') or 'host'}")
+            + f"; data() ran in the {h_.get('data_source') or 'host'}; big tensors: {h_.get('big_tensors')}")
     if mb is not None and reuse is not None and reuse["first_start_s"] is not None:
         # Before its first trial starts, a Tune run has trained nothing: whatever a trainable does,
         # its wall time includes that start. So standard+reuse's own start bounds any ratio against it.

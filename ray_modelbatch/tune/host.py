@@ -46,6 +46,7 @@ from typing import Any, Callable
 
 import ray
 
+from ..cpu_memory import big_tensor_policy, use_huge_pages
 from .cpu_spread import StepCostMeter
 from .shared_data import fetch
 
@@ -124,6 +125,7 @@ class SlotHost:
                  node_share: int = 1, step_threshold_ms: float | None = None, gpu_share: int = 1):
         init_at = time.time()
         _passive_openmp()  # before the spec (the user's functions) imports torch
+        use_huge_pages()  # the engine thread's big tensors stay mapped (see cpu_memory.allocator_env)
         from ray import cloudpickle  # Ray's own copy: the package needs no separate cloudpickle
 
         from ..data import sweep_inputs
@@ -329,6 +331,7 @@ class SlotHost:
                 "step_cpu_ms": self.step_cost.median_ms,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # see _passive_openmp
                 "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),  # see cpu_memory.allocator_env
+                "big_tensors": big_tensor_policy(),
                 "run_ahead": self.run_ahead,
                 "data_source": getattr(self, "data_source", None),  # who ran data(): "host", or "driver (...)"
                 "in_placement_group": self.in_placement_group,
