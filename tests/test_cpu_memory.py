@@ -129,3 +129,15 @@ def test_a_threads_big_tensor_stops_faulting_with_huge_pages():
     assert policy == "none" and faults > 10_000, faults  # 96 MB in 4 KB pages: ~24,600 faults, every time
     policy, faults = _faults({})
     assert policy == "huge" and faults < 1_000, faults  # one fault per 2 MB page: ~48
+
+
+def test_thread_memory_benchmark_runs_every_policy():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "thread_memory.py"), "--model", "mlp_tiny",
+                          "--slots", "2", "--steps", "1", "--rounds", "1", "--threads", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| policy")]
+    assert [r.split(" | ")[0][2:] for r in rows[1:]] == ["default", "MALLOC_ARENA_MAX=1", "huge pages", "both"]
+    in_effect = [r.rstrip(" |").rsplit(" | ", 1)[1] for r in rows[1:]]
+    usable = str(cpu_memory.huge_pages_usable())
+    assert in_effect == ["False", "False", usable, usable]
