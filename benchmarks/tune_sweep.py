@@ -429,7 +429,7 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
         "hosts": hosts,
         "first_result_s": first.first,
         "first_start_s": first.first_start,
-        # each host's milestones (init, ready, first_attach, first_result) in seconds after fit() began
+        # each host's milestones (init, ready, first_attach, first_result, verdict) in seconds after fit() began
         "host_milestones": [{k: (v - t0_wall if v is not None else None) for k, v in h.get("milestones", {}).items()}
                             for h in hosts],
     }

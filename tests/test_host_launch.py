@@ -271,3 +271,18 @@ def test_a_host_sharing_its_gpu_profiles_for_its_part_of_the_memory(monkeypatch,
                                  device=torch.device(device), gpu_share=share)
     assert SlotHost._profile(host, {}, 8) == "fit"
     assert seen["fraction"] == pytest.approx(expected) and seen["max_slots"] == 8
+
+
+def test_the_registry_watches_closely_only_while_a_cpu_nodes_spread_is_pending():
+    # cpu_hosts_per_node="auto": until the node's first host has judged its steps, and while a second host
+    # starts, the registry's watch looks every SPREAD_WATCH_S instead of every second.
+    r = object.__new__(reg.HostRegistry)
+    cpu, gpu = reg.HostPlace("n1", 0, False), reg.HostPlace("n2", 0, True)
+    r.options, r.hosts, r._judged, r._joining = {"cpu_hosts_per_node": "auto"}, {cpu: None, gpu: None}, set(), []
+    assert r._spread_pending()  # n1's host has not judged its steps yet
+    r._judged.add("n1")
+    assert not r._spread_pending()  # judged; a GPU host never spreads
+    r._joining = [object()]
+    assert r._spread_pending()  # a second host is starting
+    r.options = {"cpu_hosts_per_node": 2}
+    assert not r._spread_pending()  # a fixed count: nothing to judge

@@ -28,6 +28,7 @@ once the node spreads.
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any
 
 AUTO_CPU_HOSTS = 2  # hosts of a CPU node whose first host's steps are kernel-bound
@@ -67,6 +68,7 @@ class StepCostMeter:
         self.samples: list[float] = []
         self.verdict: bool | None = None
         self.median_ms: float | None = None
+        self.verdict_at: float | None = None  # time.time() of the verdict: a milestone of the host's start
 
     def add(self, cpu_s: float) -> None:
         """One fused step's CPU time (seconds)."""
@@ -76,4 +78,5 @@ class StepCostMeter:
         if len(self.samples) >= SAMPLE_STEPS:
             self.median_ms = statistics.median(self.samples)
             self.verdict = self.median_ms >= self.threshold_ms
+            self.verdict_at = time.time()
             self.samples = []

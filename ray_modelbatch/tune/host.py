@@ -353,7 +353,7 @@ class SlotHost:
                 "step_paths": paths,
                 "first_result_s": s.first_result_s,
                 "milestones": {"init": s.init_at, "ready": s.ready_at, "first_attach": s.first_attach_at,
-                               "first_result": s.first_result_at},
+                               "first_result": s.first_result_at, "verdict": self.step_cost.verdict_at},
                 "busy_s": s.busy_s,
                 "wait_s": s.wait_s,
                 "busy_cpu_s": s.busy_cpu_s,
