@@ -22,12 +22,17 @@ _M_MMAP_THRESHOLD = -3
 _done = False
 
 
+def _opted_out() -> bool:
+    """Not Linux (no glibc to tune), or the user set ``RAY_MODELBATCH_KEEP_FREED_MEMORY=0``."""
+    return not sys.platform.startswith("linux") or os.environ.get("RAY_MODELBATCH_KEEP_FREED_MEMORY", "1") == "0"
+
+
 def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 31) -> bool:
     """Raise glibc's mmap/trim thresholds once per process; returns whether they are in effect."""
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux") or os.environ.get("RAY_MODELBATCH_KEEP_FREED_MEMORY", "1") == "0":
+    if _opted_out():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -40,10 +45,6 @@ def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 
 
 
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def _opted_out() -> bool:
-    return not sys.platform.startswith("linux") or os.environ.get("RAY_MODELBATCH_KEEP_FREED_MEMORY", "1") == "0"
 
 
 def huge_pages_usable(mode_file: str = THP_MODE_FILE) -> bool:

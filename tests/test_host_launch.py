@@ -278,7 +278,8 @@ def test_the_registry_watches_closely_only_while_a_cpu_nodes_spread_is_pending()
     # starts, the registry's watch looks every SPREAD_WATCH_S instead of every second.
     r = object.__new__(reg.HostRegistry)
     cpu, gpu = reg.HostPlace("n1", 0, False), reg.HostPlace("n2", 0, True)
-    r.options, r.hosts, r._judged, r._joining = {"cpu_hosts_per_node": "auto"}, {cpu: None, gpu: None}, set(), []
+    r.options, r._judged, r._joining = {"cpu_hosts_per_node": "auto"}, set(), []
+    r.hosts = {cpu: ("host0", None), gpu: ("host1", None)}  # place -> (name, handle)
     assert r._spread_pending()  # n1's host has not judged its steps yet
     r._judged.add("n1")
     assert not r._spread_pending()  # judged; a GPU host never spreads

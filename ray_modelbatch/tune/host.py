@@ -143,10 +143,8 @@ class SlotHost:
                                 "an importable module (a functools.lru_cache-wrapped function in the script cannot "
                                 "be sent: cache in a global dict instead).")
         self.device = _pick_device(self.spec.device if self.spec is not None else "cpu")
-        if self.device.type == "cpu" and big_tensor_policy().startswith("none"):
-            logger.info("host %s: this node has no transparent huge pages and the host runs without "
-                        "MALLOC_ARENA_MAX=1, so fused-step tensors over 64 MB are mapped in again every step; set "
-                        "MALLOC_ARENA_MAX=1 in the environment of this node's `ray start`", name)
+        if self.device.type == "cpu" and big_tensor_policy().startswith("none"):  # neither huge pages nor one arena
+            logger.info("host %s: big tensors of the engine thread: %s", name, big_tensor_policy())
         self.node_id = ray.get_runtime_context().get_node_id()
         self.in_placement_group = ray.util.get_current_placement_group() is not None
         self.threads = _use_cpus(self.device, threads, self.node_id, node_share)

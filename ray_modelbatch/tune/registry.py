@@ -434,12 +434,12 @@ class HostRegistry:
         goes to it (it has the most free slots). The node's running hosts take
         their share of its cores from then on.
         """
-        if self.options.get("cpu_hosts_per_node", 1) != "auto" or self.options.get("num_hosts") is not None:
+        if not self._spreads_itself():
             return
         self._settle_joining()
-        for place, (_, handle) in list(self.hosts.items()):
+        for place, handle in self._unjudged():
             node = place.node_id
-            if place.gpu or node is None or node in self._judged:
+            if node in self._judged:  # judged a moment ago through another of its hosts
                 continue
             try:
                 verdict = ray.get(handle.kernel_bound.remote(), timeout=30)
@@ -562,10 +562,16 @@ class HostRegistry:
         host's constructor began 4.0-4.3 s after ``fit()`` against 4.1-5.3 s; the
         sweep's wall time did not move beyond its noise.
         """
-        if self.options.get("cpu_hosts_per_node", 1) != "auto" or self.options.get("num_hosts") is not None:
-            return False
-        return bool(self._joining) or any(not p.gpu and p.node_id is not None and p.node_id not in self._judged
-                                          for p in self.hosts)
+        return self._spreads_itself() and (bool(self._joining) or bool(self._unjudged()))
+
+    def _spreads_itself(self) -> bool:
+        """``cpu_hosts_per_node="auto"`` without a fixed ``num_hosts``: CPU nodes get a second host as they need."""
+        return self.options.get("cpu_hosts_per_node", 1) == "auto" and self.options.get("num_hosts") is None
+
+    def _unjudged(self) -> list[tuple[HostPlace, Any]]:
+        """The hosts of CPU nodes whose steps were not judged yet (see :meth:`_watch_spread`)."""
+        return [(p, handle) for p, (_, handle) in list(self.hosts.items())
+                if not p.gpu and p.node_id is not None and p.node_id not in self._judged]
 
     def _idle_watch(self) -> None:
         timeout = float(self.options.get("idle_timeout_s", 60.0))
