@@ -208,14 +208,7 @@ class FusedEngine:
         if skip is not None:
             nonfinite = nonfinite & ~skip
         still = nonfinite if skip is None else nonfinite | skip  # rows that did not move: their buffers go back
-        if saved:
-            skipped = still
-            if idx is not None:
-                skipped = torch.zeros(mb.num_slots, dtype=torch.bool, device=mb.device).index_copy(0, idx, still)
-            with torch.no_grad():
-                for k, old in saved.items():
-                    cur = mb.buffers[k]
-                    cur.copy_(torch.where(skipped.view(-1, *[1] * (cur.dim() - 1)), old, cur))
+        _restore_buffers(mb, saved, still, idx)
         if skip is not None and mb.random.drew:  # masked rows did not step: their generators do not move
             mb.random.revert(host[skip.cpu()].tolist())
         self.partial_step = False
@@ -273,13 +266,7 @@ class FusedEngine:
         if skip is not None:
             nonfinite = nonfinite & ~skip
         still = nonfinite if skip is None else nonfinite | skip
-        if saved:
-            skipped = still if idx is None else torch.zeros(
-                mb.num_slots, dtype=torch.bool, device=mb.device).index_copy(0, idx, still)
-            with torch.no_grad():
-                for k, old in saved.items():
-                    cur = mb.buffers[k]
-                    cur.copy_(torch.where(skipped.view(-1, *[1] * (cur.dim() - 1)), old, cur))
+        _restore_buffers(mb, saved, still, idx)
         self.partial_step = False
         losses = torch.where(nonfinite, torch.nan, total)
         return StepResult(host, losses, ~still, nonfinite, norms.sqrt(), extras)
@@ -414,3 +401,24 @@ def _metric_values(fns: Mapping[str, MetricFn], out: Any, y: Any, ydim: int | No
     if rest:
         values.update(torch.vmap(lambda o, t: {name: fn(o, t) for name, fn in rest.items()}, in_dims=(0, ydim))(out, y))
     return {name: values[name] for name in fns}
+
+
+def _restore_buffers(mb: ModelBatch, saved: dict[str, torch.Tensor], still: torch.Tensor,
+                     idx: torch.Tensor | None) -> None:
+    """Put back the buffers (BatchNorm statistics) of the rows ``still`` marks (``[n]``, aligned with ``idx``;
+    None: every slot), from ``saved``, the whole stack's buffers before the step.
+
+    On a CPU, asking whether any row is marked costs no device sync, and in a
+    step where every row steps and every loss is finite none is: the restore's
+    ~20 small ops are then skipped (0.05-0.08 ms of the CNN sweep's 6-16 ms
+    steps, about 1%). On a GPU the question would sync the host with the
+    device, so the masked copy always runs.
+    """
+    if not saved or (still.device.type == "cpu" and not bool(still.any())):
+        return
+    skipped = still if idx is None else torch.zeros(
+        mb.num_slots, dtype=torch.bool, device=mb.device).index_copy(0, idx, still)
+    with torch.no_grad():
+        for k, old in saved.items():
+            cur = mb.buffers[k]
+            cur.copy_(torch.where(skipped.view(-1, *[1] * (cur.dim() - 1)), old, cur))
