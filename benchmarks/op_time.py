@@ -12,8 +12,12 @@ ray_modelbatch, torch.nn or transformers that issued it)``; calls issued by auto
 engine during ``backward()`` are charged to the line that called
 ``backward()``, unless a custom ``autograd.Function``'s Python backward
 issued them. The table's sum is printed next to the step's own time, so how
-much the timing itself disturbed the step is visible: within 1-7% on the
-families above since the host keeps freed memory mapped (``cpu_memory``).
+much the timing itself disturbed the step is visible: within 1-7% for the
+32-slot steps above. Each timed call crosses from Python into torch's
+dispatcher once more than the step itself would, a few microseconds: steps
+made of many small ops read high (a loop of 8 plain TransformerEncoder models,
+4,448 calls on one thread, summed to 169 ms against its own 137 ms), so compare
+rows within one step, and trust the rows of large ops most.
 
     python benchmarks/op_time.py --model transformer --slots 32
     python benchmarks/op_time.py --model bert --top 40
