@@ -104,7 +104,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from . import channels_last_group_norm, conv_precision
+from . import channels_last_group_norm, conv_precision, strided_pointwise_conv
 from . import direct_attention as attention
 from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
@@ -838,10 +838,11 @@ def _conv(mod: nn.Module, h: torch.Tensor, layout: str, w: torch.Tensor, b: torc
     bias = None if b is None else b.reshape(-1)
 
     def call() -> torch.Tensor:
-        if transposed:
-            fn = _CONV_FNS[type(mod)]
-            return fn(h, weight, bias, mod.stride, mod.padding, mod.output_padding, groups, mod.dilation)
         fn = _CONV_FNS[type(mod)]
+        if transposed:
+            return fn(h, weight, bias, mod.stride, mod.padding, mod.output_padding, groups, mod.dilation)
+        if strided_pointwise_conv.applies(h, weight, mod.stride, mod.padding, transposed):  # a ResNet's shortcut
+            return strided_pointwise_conv.conv(h, weight, bias, mod.stride, groups)
         return fn(h, weight, bias, mod.stride, mod.padding, mod.dilation, groups)
 
     # cuDNN runs the grouped convolution in TF32 where it runs each model's own in fp32 (see conv_precision)
