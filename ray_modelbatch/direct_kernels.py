@@ -6,8 +6,9 @@ result equals the module's alone to float rounding:
 
 * :func:`layer_norm`: one ``F.layer_norm`` without affine over all slots'
   activations, then each slot's scale and shift as one broadcast ``addcmul``;
-* :class:`SlotEmbedding`: one gather from the stacked ``[n, V, D]`` tables
-  (read in place, never copied) and one ``index_add_`` for the gradient;
+* :func:`embedding`: one gather from the stacked ``[n, V, D]`` tables
+  (read in place, never copied) and one ``index_add`` for the gradient
+  (:mod:`.stacked_lookup`);
 * :func:`embedding_bag`: that gather, then each bag's sum or mean.
 
 The activation layouts and the :class:`Act` type that the direct path passes
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
+
+from .stacked_lookup import slot_rows, stacked_lookup
 
 
 class Unsupported(Exception):
@@ -119,50 +121,9 @@ class _SlotAffine(torch.autograd.Function):
                 grad.sum_to_size(b_shape) if need_b else None)
 
 
-def _slot_rows(idx: torch.Tensor, n: int, v: int, per_slot: bool) -> torch.Tensor:
-    """``idx`` (``[n, ...]`` per slot, or shared) as rows of the slots' tables stacked into ``[n*v, ...]``."""
-    base = torch.arange(0, n * v, v, device=idx.device)
-    return idx + base.view(n, *([1] * (idx.dim() - per_slot)))
-
-
-class SlotEmbedding(torch.autograd.Function):
-    """``out[s] = w[s][idx[s]]`` for every slot: ``w`` is ``[n, V, D]``; ``idx`` is ``[n, ...]``, or shared.
-
-    The forward gathers straight from the stacked (strided) tables: a flat
-    ``[n*V, D]`` table would cost a copy of every slot's table per step. The
-    backward adds every output row into its slot's row of one ``[n*V, D]``
-    gradient with one ``index_add_``, as ``F.embedding``'s backward does for one
-    model; rows looked up at ``pad`` (>= 0) get no gradient, as with
-    ``padding_idx``. Measured on 2 shared cores (V = 2000, D = 64, 64x16
-    lookups, forward and backward): 1.02 / 5.7 / 43 ms at n = 8 / 32 / 128,
-    against 1.28 / 8.4 / 62 ms for ``F.embedding`` on a flat copy of the tables.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, idx: torch.Tensor, per_slot: bool, pad: int) -> torch.Tensor:
-        n = w.shape[0]
-        slots = torch.arange(n, device=w.device).view(n, *([1] * (idx.dim() - per_slot)))
-        ctx.save_for_backward(idx)
-        ctx.table, ctx.per_slot, ctx.pad = tuple(w.shape), per_slot, pad
-        return w[slots, idx]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, go: torch.Tensor) -> tuple[Any, ...]:
-        (idx,) = ctx.saved_tensors
-        n, v, d = ctx.table
-        rows = _slot_rows(idx, n, v, ctx.per_slot).reshape(-1)
-        go = go.reshape(-1, d)
-        if ctx.pad >= 0:
-            go = go.masked_fill((rows % v == ctx.pad).unsqueeze(1), 0)
-        grad = torch.zeros(n * v, d, dtype=go.dtype, device=go.device)
-        grad.index_add_(0, rows, go)
-        return grad.view(n, v, d), None, None, None
-
-
 def embedding(mod: nn.Embedding, w: torch.Tensor, idx: torch.Tensor, per_slot: bool) -> torch.Tensor:
     """``nn.Embedding`` of every slot (``[n, *idx_shape, D]``); plain lookups only (see :func:`embedding_ok`)."""
-    return SlotEmbedding.apply(w, idx, per_slot, -1 if mod.padding_idx is None else mod.padding_idx)
+    return stacked_lookup(w, idx, per_slot, -1 if mod.padding_idx is None else mod.padding_idx)
 
 
 def embedding_ok(mod: nn.Embedding | nn.EmbeddingBag) -> bool:
@@ -193,7 +154,7 @@ def embedding_bag(mod: nn.EmbeddingBag, w: torch.Tensor, idx: torch.Tensor, per_
     ``idx`` is ``[B, L]`` (B bags of L rows) or flat ``[N]`` with ``offsets``;
     each with a leading slot dimension when ``per_slot``, as are ``offsets``
     and ``per_sample_weights``. The rows are gathered with
-    :class:`SlotEmbedding`, scaled by ``per_sample_weights`` and summed per bag;
+    :func:`.stacked_lookup.stacked_lookup`, scaled by ``per_sample_weights`` and summed per bag;
     a mean divides by the bag's row count (an empty bag is zero, as in torch).
     ``padding_idx`` rows count for nothing. Measured on 2 shared cores (64 bags
     of 16, V = 2000, D = 64, forward and backward): 1.5 / 6.8 / 53 ms at n = 8 /
@@ -204,7 +165,7 @@ def embedding_bag(mod: nn.EmbeddingBag, w: torch.Tensor, idx: torch.Tensor, per_
     pad = -1 if mod.padding_idx is None else mod.padding_idx
     if weights is not None and mod.mode != "sum":
         raise Unsupported("per_sample_weights need mode='sum'")
-    rows = SlotEmbedding.apply(w, idx, per_slot, pad)  # [n, *idx sample shape, D]
+    rows = stacked_lookup(w, idx, per_slot, pad)  # [n, *idx sample shape, D]
     keep = None if pad < 0 else (idx != pad).to(rows.dtype)  # shapes line up from the right: shared or per slot
     scale = weights if keep is None else keep if weights is None else keep * weights
     if scale is not None:
@@ -221,7 +182,7 @@ def embedding_bag(mod: nn.EmbeddingBag, w: torch.Tensor, idx: torch.Tensor, per_
     if idx.dim() - per_slot != 1 or offsets is None:
         raise Unsupported("EmbeddingBag input that is neither [B, L] nor flat with offsets")
     bags = offsets.shape[-1] - int(mod.include_last_offset)
-    ids = _slot_rows(_bag_ids(offsets, idx.shape[-1], bags), n, bags, offsets.dim() == 2).reshape(-1)
+    ids = slot_rows(_bag_ids(offsets, idx.shape[-1], bags), n, bags, offsets.dim() == 2).reshape(-1)
     total = rows.new_zeros(n * bags, d).index_add_(0, ids, rows.reshape(-1, d))
     if mod.mode == "mean":
         ones = torch.ones(idx.shape[-1], dtype=rows.dtype, device=rows.device) if keep is None else keep

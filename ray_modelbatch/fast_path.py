@@ -109,7 +109,7 @@ from . import direct_attention as attention
 from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
 from .direct_kernels import CHAN, SHARED, SLOT, Act, Unsupported
-from .padded_embedding import PaddedEmbedding
+from .stacked_embedding import StackedEmbedding
 from .unrolled_rnn import UnrolledRNN
 
 __all__ = ["FastPlan", "GradTarget", "Unsupported", "plan", "run", "onednn_available", "DIRECT_WRITE_MIN", "GEMMS"]
@@ -152,7 +152,7 @@ POOL_FUNCTIONS = {F.max_pool1d: (3, 5), F.max_pool2d: (4, 5), F.adaptive_max_poo
                   F.adaptive_max_pool3d: (5, 1), F.avg_pool3d: (5, None), F.adaptive_avg_pool3d: (5, None),
                   F.interpolate: (None, None),
                   F.pixel_shuffle: (4, None), F.pixel_unshuffle: (4, None)}
-EMBEDDING_MODULES = (nn.Embedding, PaddedEmbedding)  # the stack's template has PaddedEmbedding for padding_idx
+EMBEDDING_MODULES = (nn.Embedding, StackedEmbedding)  # the stack's template has StackedEmbedding (stack_embeddings)
 RNN_MODULES = (UnrolledRNN, nn.LSTM, nn.GRU, nn.RNN)  # the stack's template has UnrolledRNN for the others
 
 # call_function targets and call_method names -> step kind (see _Runner for each kind's layout rules)
@@ -276,11 +276,11 @@ class FastPlan:
 
 
 class _Tracer(fx.Tracer):
-    """``fx.Tracer`` that keeps the stack's own module substitutes (:class:`PaddedEmbedding`,
+    """``fx.Tracer`` that keeps the stack's own module substitutes (:class:`StackedEmbedding`,
     :class:`UnrolledRNN`) whole."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (PaddedEmbedding, UnrolledRNN)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (StackedEmbedding, UnrolledRNN)) or super().is_leaf_module(m, qualname)
 
 
 def _settings(module: nn.Module) -> list[tuple[str, dict]]:

@@ -31,9 +31,9 @@ from . import fast_path, hf, inputs, mlp_step, slot_losses, step_config
 from .cpu_memory import keep_freed_memory
 from .errors import FusionWarning, IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
-from .padded_embedding import dense_gradients, fix_padding_rows
 from .signature import check_compatible, first_mismatch, module_signature
 from .slot_random import Draws, SlotRandom, VmapRandom, vmap_body
+from .stacked_embedding import dense_gradients, stack_embeddings
 from .unrolled_rnn import unroll_rnns
 
 Slots = Union[None, str, int, Sequence[int], torch.Tensor]
@@ -133,8 +133,8 @@ class ModelBatch:
         if self.device.type == "cpu":
             keep_freed_memory()
         template = unroll_rnns(_meta_copy(models[0]))  # LSTM/GRU kernels have no vmap rule: see unrolled_rnn
-        fix_padding_rows(template)  # vmap trains the padding_idx row of all slots but slot 0: see padded_embedding
-        dense_gradients(template)  # sparse gradients cannot be stacked: see padded_embedding
+        dense_gradients(template)  # sparse gradients cannot be stacked: see stacked_embedding
+        stack_embeddings(template)  # lookups in the stacked tables, padding rows out of the gradient: see there
         # transformers models: masks built for every slot, no caches, attention vmap can batch (see hf)
         self._hf = hf.adapt(template)
         self._module_class = type(models[0])

@@ -187,7 +187,7 @@ def test_embedding_padding_row_gets_no_gradient():
     x = torch.randint(0, 30, (9, 5))
     x[:, -2:] = 0
     mb = trains_like_solo(lambda: EmbeddingMean(padding_idx=0), x, torch.randint(0, 4, (9,)))
-    assert isinstance(mb._template.emb, nn.Embedding)  # the stack's PaddedEmbedding, computed directly
+    assert isinstance(mb._template.emb, nn.Embedding)  # the stack's StackedEmbedding, computed directly
 
 
 class Bag(nn.Module):
