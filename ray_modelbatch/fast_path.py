@@ -104,7 +104,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from . import channels_last_group_norm, conv_precision, strided_pointwise_conv
+from . import channels_last_group_norm, conv_precision, padded_channel_conv, strided_pointwise_conv
 from . import direct_attention as attention
 from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
@@ -843,6 +843,8 @@ def _conv(mod: nn.Module, h: torch.Tensor, layout: str, w: torch.Tensor, b: torc
             return fn(h, weight, bias, mod.stride, mod.padding, mod.output_padding, groups, mod.dilation)
         if strided_pointwise_conv.applies(h, weight, mod.stride, mod.padding, transposed):  # a ResNet's shortcut
             return strided_pointwise_conv.conv(h, weight, bias, mod.stride, groups)
+        if padded_channel_conv.applies(h, weight, groups, mod.padding, transposed):  # each slot's RGB images
+            return padded_channel_conv.conv(h, weight, bias, mod.stride, mod.padding, mod.dilation, groups)
         return fn(h, weight, bias, mod.stride, mod.padding, mod.dilation, groups)
 
     # cuDNN runs the grouped convolution in TF32 where it runs each model's own in fp32 (see conv_precision)
