@@ -43,6 +43,14 @@ def seq1d() -> nn.Module:
     )
 
 
+def calls_of(monkeypatch, module, name: str) -> list:
+    """A list that grows by one at every call of ``module.name`` (which still runs)."""
+    calls: list = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def state_close(mb: rmb.ModelBatch, solo: list[nn.Module], atol: float = 2e-5) -> None:
     for i, m in enumerate(solo):
         got = mb.slot_state(i)

@@ -12,7 +12,7 @@ from torch import nn
 
 import ray_modelbatch as rmb
 from ray_modelbatch import padded_channel_conv as pcc
-from test_direct_conv import state_close
+from test_direct_conv import calls_of, state_close
 
 CL = torch.channels_last
 
@@ -100,9 +100,7 @@ class RGBNet(nn.Module):
 
 
 def test_each_slots_rgb_cnn_trains_on_its_own_batches_as_alone(monkeypatch):
-    calls = []
-    real = pcc.conv
-    monkeypatch.setattr(pcc, "conv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = calls_of(monkeypatch, pcc, "conv")
     torch.manual_seed(3)
     models = [RGBNet() for _ in range(3)]
     mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])

@@ -11,7 +11,7 @@ from torch import nn
 
 import ray_modelbatch as rmb
 from ray_modelbatch import strided_pointwise_conv as spc
-from test_direct_conv import steps_match_solo
+from test_direct_conv import calls_of, steps_match_solo
 
 CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
@@ -103,9 +103,7 @@ class Shortcut(nn.Module):
 
 
 def test_a_fused_shortcut_runs_here_and_trains_like_each_model_alone(monkeypatch):
-    calls = []
-    real = spc.conv
-    monkeypatch.setattr(spc, "conv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = calls_of(monkeypatch, spc, "conv")
     torch.manual_seed(0)
     models = [Shortcut() for _ in range(3)]
     mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
