@@ -7,7 +7,7 @@ result equals the module's alone to float rounding:
 * :func:`layer_norm`: one ``F.layer_norm`` without affine over all slots'
   activations, then each slot's scale and shift as one broadcast ``addcmul``;
 * :func:`embedding`: one gather from the stacked ``[n, V, D]`` tables
-  (read in place, never copied) and one ``index_add`` for the gradient
+  (read in place, never copied) and one pass adding the rows' gradients
   (:mod:`.stacked_lookup`);
 * :func:`embedding_bag`: that gather, then each bag's sum or mean.
 
