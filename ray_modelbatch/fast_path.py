@@ -104,7 +104,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from . import channels_last_group_norm, conv_precision, padded_channel_conv, strided_pointwise_conv
+from . import (channels_last_group_norm, conv_precision, padded_channel_conv, shared_input_conv,
+               strided_pointwise_conv)
 from . import direct_attention as attention
 from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
@@ -845,6 +846,8 @@ def _conv(mod: nn.Module, h: torch.Tensor, layout: str, w: torch.Tensor, b: torc
             return strided_pointwise_conv.conv(h, weight, bias, mod.stride, groups)
         if padded_channel_conv.applies(h, weight, groups, mod.padding, transposed):  # each slot's RGB images
             return padded_channel_conv.conv(h, weight, bias, mod.stride, mod.padding, mod.dilation, groups)
+        if shared_input_conv.applies(h, weight, groups, mod.padding, transposed):  # one batch for every slot
+            return shared_input_conv.conv(h, weight, bias, mod.stride, mod.padding, mod.dilation)
         return fn(h, weight, bias, mod.stride, mod.padding, mod.dilation, groups)
 
     # cuDNN runs the grouped convolution in TF32 where it runs each model's own in fp32 (see conv_precision)
