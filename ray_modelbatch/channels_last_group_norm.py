@@ -43,6 +43,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .torch_gradients import torch_gradients
+
 __all__ = ["applies", "group_norm"]
 
 
@@ -136,10 +138,7 @@ def _torch_grads(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
 
     On an NCHW copy of ``x``: torch's channels-last kernel is the inaccurate one (module docstring).
     """
-    wanted = [(i, t) for i, t in ((0, x), (2, weight), (3, bias)) if t is not None and ctx.needs_input_grad[i]]
-    y = F.group_norm(x.contiguous(), ctx.num_groups, weight, bias, ctx.eps)
-    got = torch.autograd.grad(y, [t for _, t in wanted], gy, create_graph=True, allow_unused=True)
-    out: list = [None] * 5
-    for (i, _), g in zip(wanted, got):
-        out[i] = g
-    return tuple(out)
+    need = ctx.needs_input_grad
+    gx, gw, gb = torch_gradients(lambda x, w, b: F.group_norm(x.contiguous(), ctx.num_groups, w, b, ctx.eps),
+                                 (x, weight, bias), (need[0], need[2], need[3]), gy)
+    return gx, None, gw, gb, None

@@ -35,6 +35,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .torch_gradients import torch_gradients
+
 __all__ = ["applies", "conv"]
 
 
@@ -74,11 +76,9 @@ class _PaddedChannelConv(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: torch's own convolution, graph kept
-            with torch.enable_grad():
-                inputs = [t for t, n in zip((x, weight, bias), need) if n]
-                grads = iter(torch.autograd.grad(F.conv2d(x, weight, bias, stride, padding, dilation, groups),
-                                                 inputs, gy, create_graph=True))
-                return (*(next(grads) if n else None for n in need[:3]), None, None, None, None)
+            grads = torch_gradients(lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, groups),
+                                    (x, weight, bias), need[:3], gy)
+            return (*grads, None, None, None, None)
         gx = gw = gb = None
         args = (list(stride), list(padding), list(dilation), False, [0, 0], groups)
         if need[0]:

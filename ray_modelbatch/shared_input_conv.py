@@ -35,6 +35,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .torch_gradients import torch_gradients
+
 __all__ = ["MAX_ROW", "applies", "conv"]
 
 MAX_ROW = 32  # C*k*k: one channel up to 5x5, three channels at 3x3 (measured where oneDNN is slow: see above)
@@ -70,11 +72,9 @@ class _SharedInputConv(torch.autograd.Function):
         stride, padding, dilation = ctx.conv
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: torch's own convolution, graph kept
-            with torch.enable_grad():
-                inputs = [t for t, n in zip((weight, bias), need[1:3]) if n]
-                grads = iter(torch.autograd.grad(F.conv2d(x, weight, bias, stride, padding, dilation), inputs, gy,
-                                                 create_graph=True))
-                return (None, *(next(grads) if n else None for n in need[1:3]), None, None, None)
+            grads = torch_gradients(lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation),
+                                    (x, weight, bias), need[:3], gy)
+            return (*grads, None, None, None)
         with_bias = bias is not None and need[2]
         # im2col rows [positions, C*k*k] (+ a column of ones for the bias), and the output gradient as
         # [positions, S*O]: channels-last, so a view

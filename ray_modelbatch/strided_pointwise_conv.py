@@ -34,6 +34,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .torch_gradients import torch_gradients
+
 __all__ = ["applies", "conv"]
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
@@ -85,11 +87,9 @@ class _StridedPointwiseConv(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: torch's own strided convolution, graph kept
-            with torch.enable_grad():
-                inputs = [t for t, n in zip((x, weight, bias), need) if n]
-                out = _CONV[x.dim()](x, weight, bias, ctx.stride, 0, 1, ctx.groups)
-                grads = iter(torch.autograd.grad(out, inputs, gy, create_graph=True))
-                return (*(next(grads) if n else None for n in need[:3]), None, None)
+            grads = torch_gradients(lambda x, w, b: _CONV[x.dim()](x, w, b, ctx.stride, 0, 1, ctx.groups),
+                                    (x, weight, bias), need[:3], gy)
+            return (*grads, None, None)
         spatial = x.dim() - 2
         dense = _read_positions(x, ctx.stride)
         gd, gw, gb = torch.ops.aten.convolution_backward(
