@@ -99,6 +99,7 @@ class SlotSampler:
         self.position = 0
         self._epoch_start_state: torch.Tensor | None = None
         self._perm: torch.Tensor | None = None
+        self._batches: tuple[torch.Tensor, ...] | None = None  # _perm's batches as views, made once an epoch
 
     @property
     def batches_per_epoch(self) -> int:
@@ -107,7 +108,7 @@ class SlotSampler:
     def _new_epoch(self) -> None:
         self._epoch_start_state = self.generator.get_state()
         perm = torch.randperm(self.indices.numel(), generator=self.generator)
-        self._perm = self._place(perm)
+        self._perm, self._batches = self._place(perm), None
         self.epoch += 1
         self.position = 0
 
@@ -130,7 +131,12 @@ class SlotSampler:
             self._new_epoch()
         start = self.position
         self.position += self.batch_size
-        return self._perm[start : self.position]
+        if start % self.batch_size:  # (never, unless a position was set by hand)
+            return self._perm[start : self.position]
+        if self._batches is None:  # one op an epoch instead of a slice every step (a fused step reads S batches)
+            whole = self.batches_per_epoch * self.batch_size
+            self._batches = self._perm[:whole].view(-1, self.batch_size).unbind(0)
+        return self._batches[start // self.batch_size]
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream is: seed, epoch, position in the epoch and the generator state that drew it.
@@ -156,6 +162,7 @@ class SlotSampler:
     def restore(self, captured: tuple) -> None:
         """Go back to where :meth:`capture` was taken; the next batches are the ones that followed it then."""
         self.seed, self.epoch, self.position, self._perm, self._epoch_start_state, gen = captured
+        self._batches = None
         self.generator.set_state(gen)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -169,7 +176,7 @@ class SlotSampler:
         self.seed = int(state["seed"])
         if state["epoch_start_state"] is None:
             self.generator.set_state(state["generator_state"])
-            self._perm, self._epoch_start_state = None, None
+            self._perm, self._epoch_start_state, self._batches = None, None, None
             self.epoch, self.position = int(state["epoch"]), int(state["position"])
             return
         # Redraw the current epoch's permutation instead of storing it.
@@ -324,7 +331,7 @@ class PerSlotStreams(SlotStreamsState):
         filler = next((r for r in rows if r is not None), None)
         if filler is None:
             filler = torch.arange(self.batch_size, device=self.device) % self._rows
-        idx = torch.stack([filler if r is None else r for r in rows]).flatten()
+        idx = torch.cat([filler if r is None else r for r in rows])  # [n*B]: slot j's rows j*B..(j+1)*B-1
         n, b = len(rows), self.batch_size
         gather = lambda t: t.index_select(0, idx).view(n, b, *t.shape[1:])  # noqa: E731
         return inputs.apply(gather, self.x), inputs.apply(gather, self.y)

@@ -186,7 +186,6 @@ class FusedEngine:
             bad_loss = ~(losses.abs() < math.inf)  # NaN compares False: three ops where isfinite takes six
             if skip is not None:
                 skip = skip.to(device=losses.device, dtype=torch.bool)
-                bad_loss = bad_loss & ~skip
             if not manual:
                 (losses.sum() if self.scaler is None else self.scaler.scale(losses, idx)).backward()
         except BaseException:
@@ -205,9 +204,9 @@ class FusedEngine:
         nonfinite = opt.last_nonfinite if idx is None else opt.last_nonfinite.index_select(0, idx)
         grad_norm = opt.last_grad_norm if idx is None else opt.last_grad_norm.index_select(0, idx)
         nonfinite = nonfinite | bad_loss
-        if skip is not None:
-            nonfinite = nonfinite & ~skip
         still = nonfinite if skip is None else nonfinite | skip  # rows that did not move: their buffers go back
+        if skip is not None:  # a masked row reports no non-finite step (its loss may be anything)
+            nonfinite = nonfinite & ~skip
         _restore_buffers(mb, saved, still, idx)
         if skip is not None and mb.random.drew:  # masked rows did not step: their generators do not move
             mb.random.revert(host[skip.cpu()].tolist())

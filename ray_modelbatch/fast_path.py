@@ -647,7 +647,7 @@ class GradTarget:
 def write_weight_grad(view: torch.Tensor, add: bool, gt: torch.Tensor, hs: torch.Tensor) -> None:
     """Every slot's weight gradient ``gt @ hs`` into its ``[n, O, I]`` view of the flat gradient buffer
     (added to what the view holds when ``add``)."""
-    if view[0].numel() >= DIRECT_WRITE_MIN:  # GEMMs into the strided view, one slot at a time
+    if view.shape[-2] * view.shape[-1] >= DIRECT_WRITE_MIN:  # GEMMs into the strided view, one slot at a time
         view.baddbmm_(gt, hs) if add else torch.bmm(gt, hs, out=view)
     else:  # one batched GEMM into a contiguous result, then a copy
         view.add_(torch.bmm(gt, hs)) if add else view.copy_(torch.bmm(gt, hs))

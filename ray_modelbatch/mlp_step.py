@@ -140,15 +140,63 @@ class MlpChain:
             go = diff.mul_(2.0 * scale) if self.loss == "mse" else diff.sign_().mul_(scale)
             return losses, go
         valid = target != self.ignore_index
-        picked = torch.where(valid, target, 0).unsqueeze(-1)
-        log_p = torch.log_softmax(out, -1)
-        nll = torch.where(valid, -log_p.gather(-1, picked).squeeze(-1), 0.0)
-        count = valid.sum(1)
-        losses = nll.sum(1) / count  # as torch's mean: over the targets not ignored
-        go = log_p.exp_()  # d loss / d logits = (softmax - one_hot) / count, 0 on ignored rows
-        go.scatter_add_(-1, picked, torch.full_like(picked, -1, dtype=go.dtype))
-        go.mul_((valid / count.unsqueeze(1)).to(go.dtype).unsqueeze(-1))
-        return losses, go
+        if out.device.type == "cpu" and bool(valid.all()):  # (free to ask on a CPU) no target ignored
+            return _cross_entropy_all_valid(out, target)
+        return _cross_entropy(out, target, valid)
+
+
+def _cross_entropy(out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slot's mean cross-entropy over its targets that are ``valid`` (not ignored), and its gradient by
+    the logits ``out`` (``[n, B, C]``; written into ``out``'s softmax)."""
+    picked = torch.where(valid, target, 0).unsqueeze(-1)
+    log_p = torch.log_softmax(out, -1)
+    nll = torch.where(valid, -log_p.gather(-1, picked).squeeze(-1), 0.0)
+    count = valid.sum(1)
+    losses = nll.sum(1) / count  # as torch's mean: over the targets not ignored
+    go = log_p.exp_()  # d loss / d logits = (softmax - one_hot) / count, 0 on ignored rows
+    go.scatter_add_(-1, picked, torch.full_like(picked, -1, dtype=go.dtype))
+    go.mul_((valid / count.unsqueeze(1)).to(go.dtype).unsqueeze(-1))
+    return losses, go
+
+
+def _cross_entropy_all_valid(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_cross_entropy` where no target is ignored: the same values to the bit, in 11 small ops instead
+    of 18 (the MLP sweep's fused steps are mostly such ops).
+
+    The general form's ``where``s keep every value (all rows valid), the sum of the negated picks is the
+    negated sum (rounding is symmetric), and ``1 / B`` is the float32 quotient it multiplies by.
+    """
+    batch = target.shape[-1]
+    picked = target.unsqueeze(-1)
+    log_p = torch.log_softmax(out, -1)
+    losses = log_p.gather(-1, picked).squeeze(-1).sum(1).neg_().div_(batch)
+    go = log_p.exp_()
+    go.scatter_add_(-1, picked, _minus_ones(picked.shape, go.dtype))
+    go.mul_(_reciprocal(batch))
+    return losses, go
+
+
+_MINUS_ONES: dict[tuple, torch.Tensor] = {}
+_RECIPROCALS: dict[int, float] = {}
+
+
+def _reciprocal(batch: int) -> float:
+    """``1 / batch`` rounded to float32, as the general form's ``valid / count`` computes it (made once)."""
+    r = _RECIPROCALS.get(batch)
+    if r is None:
+        r = _RECIPROCALS[batch] = float(torch.ones((), dtype=torch.float32) / batch)
+    return r
+
+
+def _minus_ones(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of -1 of this shape and dtype, made once (read only: ``scatter_add_``'s source)."""
+    key = (tuple(shape), dtype)
+    t = _MINUS_ONES.get(key)
+    if t is None:
+        if len(_MINUS_ONES) > 64:
+            _MINUS_ONES.clear()
+        t = _MINUS_ONES[key] = torch.full(shape, -1, dtype=dtype)
+    return t
 
 
 def _write(target: GradTarget, gt: torch.Tensor, hs: torch.Tensor, rows: torch.Tensor | None) -> None:

@@ -586,8 +586,9 @@ class SlotGroup:
         while start < len(slots):
             size = len(slots) - start if self.max_chunk is None else min(self.max_chunk, len(slots) - start)
             end = start + size
-            chunk = tuple(inputs.apply(lambda t: t[start:end], v) for v in (xb, yb)) if self.per_slot_data \
-                else (xb, yb)
+            whole = start == 0 and end == len(slots)  # (the usual case: no slicing ops)
+            chunk = tuple(inputs.apply(lambda t: t[start:end], v) for v in (xb, yb)) \
+                if self.per_slot_data and not whole else (xb, yb)
             try:
                 parts.append(self._step(slots[start:end], *chunk, None if mask is None else mask[start:end]))
                 start = end

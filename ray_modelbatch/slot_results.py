@@ -56,20 +56,22 @@ class IterationMeter:
         self.steps = [0] * capacity
         self._sums = torch.zeros(4, capacity, dtype=torch.float64, device=self.device)  # loss, grad, finite, nonfinite
         self._extras: dict[str, torch.Tensor] = {}  # a user step's other values: sums over finite steps
+        self._whole = torch.arange(0)  # the slot indices of a whole-stack step, kept (see add)
 
     def add(self, result: StepResult, ran: Sequence[int]) -> None:
         """Add one fused step: ``result`` rows are the slots in ``result.slots``; ``ran`` lists those not masked."""
         for s in ran:
             self.steps[s] += 1
         ok = result.updated
-        rows = torch.stack([
-            torch.where(ok, result.losses.double(), 0.0),
-            torch.where(ok, result.grad_norm.double(), 0.0),
-            ok.double(),
-            result.nonfinite.double(),
-        ])
+        # One [4, n] float64 block (stack promotes the float32 losses and the booleans exactly); the loss and
+        # norm of a slot that did not update count as 0, NaN or not: a dozen small ops a step became four.
+        rows = torch.stack([result.losses, result.grad_norm, ok, result.nonfinite]).to(torch.float64)
+        rows[:2].masked_fill_(~ok, 0.0)
         idx = result.slots.to(self.device)
-        whole = idx.numel() == self._sums.shape[1] and bool(result.slots.equal(torch.arange(idx.numel())))
+        n = idx.numel()
+        if len(self._whole) != n:
+            self._whole = torch.arange(n)
+        whole = n == self._sums.shape[1] and bool(result.slots.equal(self._whole))
         if whole:
             self._sums.add_(rows)
         else:

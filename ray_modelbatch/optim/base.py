@@ -134,6 +134,12 @@ def _is_compile_failure(exc: Exception) -> bool:
     return mod.startswith(("torch._dynamo", "torch._inductor")) or "compile" in type(exc).__name__.lower()
 
 
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient's norm is summed in: at least fp32 (``torch.promote_types(dtype, float32)`` for
+    floating dtypes, without its dispatcher call each step)."""
+    return dtype if dtype == torch.float64 else torch.float32
+
+
 def _tiles(t: torch.Tensor) -> list[tuple[slice, slice]]:
     """Row/column blocks of a ``[n, P]`` buffer that each fit in the CPU cache (one block on GPU)."""
     n, width = t.shape
@@ -597,23 +603,22 @@ class VectorOptimizer:
         if skip is not None:
             skip = skip.to(device=mb.device, dtype=torch.bool)
         index = [self._group_index.get(dt) for dt in groups]
-        norm, okf, new_scalars = self._run_core(ps, gs, sts, hp, scalars, steps, skip, index, idx)
+        norm, finite, okf, new_scalars = self._run_core(ps, gs, sts, hp, scalars, steps, skip, index, idx)
         if idx is not None:
             for dt, g, p, st in zip(groups, groups.values(), ps, sts):
                 g.data.index_copy_(0, idx, p)
                 for k, v in st.items():
                     self.state[dt][k].index_copy_(0, idx, v)
 
-        new_steps = steps + okf
-        nonfinite = ~(norm < math.inf)
+        nonfinite = ~finite
         if idx is None:
-            self.steps.copy_(new_steps)
+            self.steps.add_(okf)
             self.last_nonfinite.copy_(nonfinite)
             self.last_grad_norm.copy_(norm)
             for k, v in new_scalars.items():
                 self.scalars[k].copy_(v)
         else:
-            self.steps.index_copy_(0, idx, new_steps)
+            self.steps.index_copy_(0, idx, steps + okf)
             self.last_nonfinite.zero_().index_copy_(0, idx, nonfinite)
             self.last_grad_norm.zero_().index_copy_(0, idx, norm)
             for k, v in new_scalars.items():
@@ -624,12 +629,12 @@ class VectorOptimizer:
     def _core(self, ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[dict[str, torch.Tensor]],
               hp: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor], steps: torch.Tensor,
               skip: torch.Tensor | None, index: list[pgroups.ColumnGroups | None], rows: torch.Tensor | None,
-              fused: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+              fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Norms, per-slot coefficients and the in-place update of the given rows.
 
         ``index`` holds each buffer's :class:`~.groups.ColumnGroups` (None
-        without parameter groups). Returns ``(norm, ok, new per-slot
-        scalars)``. One function from the gradients to the new parameters, so
+        without parameter groups). Returns ``(norm, finite, ok, new
+        per-slot scalars)``. One function from the gradients to the new parameters, so
         that with ``compile=True`` the few dozen small per-slot ops
         (coefficients, clipping, masks) and the update are one compiled call.
         """
@@ -637,7 +642,7 @@ class VectorOptimizer:
         # finiteness test: a row's norm is NaN/inf iff it holds a NaN/inf (or
         # overflows fp32, which no trainable model survives either).
         # (at least fp32: fp16/bf16 gradients are summed in fp32, fp64 ones in fp64)
-        norms = [torch.linalg.vector_norm(g, dim=1, dtype=torch.promote_types(g.dtype, torch.float32)) for g in gs]
+        norms = [torch.linalg.vector_norm(g, dim=1, dtype=_norm_dtype(g.dtype)) for g in gs]
         if len({n.dtype for n in norms}) > 1:
             norms = [n.double() for n in norms]
         norm = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum(0).sqrt()
@@ -647,39 +652,42 @@ class VectorOptimizer:
             ok = ok & ~skip
         okf = ok.to(torch.float64)
         hp = {**hp, **scalars} if fused else collections.ChainMap(scalars, hp)  # (read lazily when eager)
-        skipped = ~ok.unsqueeze(1)
         # On CPU, whether any slot is skipped is known for free: without one (and without clipping) zeroing
         # and scaling the gradients would rewrite them unchanged (x * 1.0 == x), so the eager update skips both.
         # (Not in the compiled pass, fused=True: there the masking is a select inside the fused loop.)
-        mask = fused or not ps or ps[0].device.type != "cpu" or bool(skipped.any())
+        mask = fused or not ps or ps[0].device.type != "cpu" or not bool(ok.all())
         # Gradient scale per slot: 0 for skipped slots (after their NaNs are zeroed), the clipping factor where
         # clipping is on, else 1.
         scale = okf
         if self._clipping:
             clip = torch.clamp(hp["max_grad_norm"] / (norm.double() + 1e-6), max=1.0)
             scale = torch.where(ok, clip, 0.0)
+        # The scale rides with the coefficients (their last column) only where the update reads it: with
+        # clipping, or in the compiled pass; eagerly, kept rows are left as they are and skipped ones zeroed.
+        with_scale = fused or self._clipping
         if not fused and self._window is not None:  # the per-slot arithmetic, looked up (see coefficient_window)
             values, lr, names, flags, table, table_names = self._window.lookup(
                 self._hp_mat, self.hp, self.steps, {k: self.scalars[k] for k in self._step_scalars}, rows, steps,
                 ok, mask if ok.device.type == "cpu" else None, self._derive)
-            stacked = torch.cat([values, scale.unsqueeze(0)])
+            stacked = torch.cat([values, scale.view(1, -1, 1)]) if with_scale else values  # [K, n, 1]
             new_scalars: dict[str, torch.Tensor] = {}
         else:
             lr, c64, tables = self._derive(hp, steps, okf)
             new_scalars = c64.pop("scalars", {})
             names = [k for k, v in c64.items() if isinstance(v, torch.Tensor)]
-            stacked = torch.stack([c64[k] for k in names] + [scale])
+            stacked = torch.stack([c64[k] for k in names] + ([scale] if with_scale else [])).unsqueeze(-1)
             flags = {k: v for k, v in c64.items() if not isinstance(v, torch.Tensor)}
             table_names = list(tables)
             table = torch.stack([tables[k] for k in table_names]) if tables else None  # [Kg, n, G + 1]
         single_pass = [not fused and table is None and p.device.type == "cpu" and p.dtype in SINGLE_PASS_DTYPES
                        and p.shape[1] >= SINGLE_PASS_MIN_ELEMENTS for p in ps]
-        single = self._single_pass(hp, steps, ok, lr) if any(single_pass) else None
+        single = self._single_pass(hp, steps, ok, lr.reshape(-1)) if any(single_pass) else None
+        skipped = ~ok.unsqueeze(1) if mask else None  # [n, 1]; None: no row is skipped
         for p, g, st, at, one_pass in zip(ps, gs, sts, index, single_pass):
             if one_pass and single is not None:
                 self._apply_single_pass(p, g, st, single, skipped, scale)
                 continue
-            cols = stacked.to(p.dtype).unsqueeze(-1)  # one cast for all coefficients: [K, n, 1]
+            cols = stacked.to(p.dtype)  # one cast for all coefficients: [K, n, 1]
             by_group = table.to(p.dtype) if table is not None else None
             if fused:  # one compiled pass needs no cache tiles
                 c = {k: cols[j] for j, k in enumerate(names)}
@@ -693,7 +701,7 @@ class VectorOptimizer:
                 columns = cols.unbind(0)
                 c = dict(zip(names, columns))
                 c.update(flags)
-                self._apply(p, g, st, c, skipped, columns[-1], mask=mask)
+                self._apply(p, g, st, c, skipped, columns[-1] if with_scale else None, mask=mask)
                 continue
             for r, c_ in tiles:
                 c = {k: cols[j, r] for j, k in enumerate(names)}
@@ -701,9 +709,10 @@ class VectorOptimizer:
                     picked = at.pick(by_group[:, r], c_, gather=p.device.type != "cpu")
                     c.update(zip(table_names, picked.unbind(0)))
                 c.update(flags)
-                self._apply(p[r, c_], g[r, c_], {k: v[r, c_] for k, v in st.items()}, c, skipped[r], cols[-1, r],
+                self._apply(p[r, c_], g[r, c_], {k: v[r, c_] for k, v in st.items()}, c,
+                            None if skipped is None else skipped[r], cols[-1, r] if with_scale else None,
                             mask=mask)
-        return norm, okf, new_scalars
+        return norm, finite, okf, new_scalars
 
     def _derive(self, hp: Mapping[str, torch.Tensor], steps: torch.Tensor, okf: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
@@ -716,8 +725,10 @@ class VectorOptimizer:
         return lr, c64, tables
 
     def _apply(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], c: dict[str, Any],
-               skipped: torch.Tensor, scale: torch.Tensor, fused: bool = False, mask: bool = True) -> None:
-        """Zero skipped slots' gradients, scale (clip) them, then :meth:`_update`.
+               skipped: torch.Tensor | None, scale: torch.Tensor | None, fused: bool = False,
+               mask: bool = True) -> None:
+        """Zero skipped slots' gradients, scale (clip) them, then :meth:`_update`. (``scale`` is None where
+        neither clipping nor the compiled pass reads it.)
 
         Eagerly the gradient buffer is scaled in place (no temporary); in a
         compiled pass the scaled gradient stays a value inside the fused loop,
@@ -745,7 +756,8 @@ class VectorOptimizer:
         raise NotImplementedError
 
     def _apply_single_pass(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor],
-                           per_slot: list[dict[str, Any] | None], skipped: torch.Tensor, scale: torch.Tensor) -> None:
+                           per_slot: list[dict[str, Any] | None], skipped: torch.Tensor | None,
+                           scale: torch.Tensor) -> None:
         """The eager update on CPU as torch's own fused kernel, one call per slot, with that slot's values.
 
         The tiled eager update makes about ten passes over each cache tile;
@@ -757,7 +769,7 @@ class VectorOptimizer:
         parameters and state stay exactly as they were, and their gradients
         are zeroed as the tiled update zeroes them.
         """
-        if bool(skipped.any()):
+        if skipped is not None and bool(skipped.any()):
             g.masked_fill_(skipped, 0.0)
         if self._clipping:
             g.mul_(scale.to(g.dtype).unsqueeze(1))
@@ -765,7 +777,7 @@ class VectorOptimizer:
             if kwargs is not None:
                 self._single_pass_update(p, g, state, i, kwargs)
 
-    def _run_core(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def _run_core(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         if self._compiled is None:
             return self._core(*args, False)
         if _get_current_dispatch_mode() is not None:

@@ -85,8 +85,9 @@ class CoefficientWindow:
         blocks = [self._fill_rows({k: v[lo:lo + FILL_ROWS] for k, v in hp.items()}, steps[lo:lo + FILL_ROWS], derive)
                   for lo in range(0, s, FILL_ROWS)]
         both = torch.cat([b[0] for b in blocks])  # [S, 2N, K]
-        self.ok_table = both[:, :n].reshape(s * n, both.shape[2])
-        self.skip_table = both[:, n:].reshape(s * n, both.shape[2])
+        # [K, S*N, 1]: a lookup's index_select gives the [K, n, 1] columns an update broadcasts as they are
+        self.ok_table = both[:, :n].reshape(s * n, both.shape[2]).t().contiguous().unsqueeze(-1)
+        self.skip_table = both[:, n:].reshape(s * n, both.shape[2]).t().contiguous().unsqueeze(-1)
         self.names, self.table_names, self.groups, self.flags = blocks[0][1:]
         # a slot's row for its step count t: s * N + (t - t at the fill)
         self.shift = torch.arange(s, dtype=steps.dtype, device=steps.device) * n - steps
@@ -119,23 +120,21 @@ class CoefficientWindow:
         ``hp``/``steps``/``scalars`` are the whole stack's (read when the window
         is refilled); ``ok`` says which rows step; ``any_skipped`` is whether
         any row is skipped where that is known for free (CPU), else None.
-        Returns ``(values [K, n], lr [n], names, flags, group table [Kg, n, G + 1] or None, table names)``.
+        Returns ``(values [K, n, 1], lr [n, 1], names, flags, group table [Kg, n, G + 1] or None, table names)``.
         """
         if not self._valid(self._inputs_of(hp_mat, steps, scalars)):
             self._fill({**hp, **scalars}, steps, derive)
             self._inputs, self._used = self._inputs_of(hp_mat, steps, scalars), 0
         shift = self.shift if rows is None else self.shift.index_select(0, rows)
         at = (row_steps + shift).long()
-        values = self.ok_table.index_select(0, at)
+        values = self.ok_table.index_select(1, at)  # [K, n, 1]
         if any_skipped is None or any_skipped:
-            values = torch.where(ok.unsqueeze(1), values, self.skip_table.index_select(0, at))
-        values = values.t()  # [K, n]
+            values = torch.where(ok.view(1, -1, 1), values, self.skip_table.index_select(1, at))
         k = len(self.names)
-        lr = values[k]
         table = None
         if self.table_names:
-            table = values[k + 1:].unflatten(0, (len(self.table_names), self.groups)).transpose(1, 2)
-        return values[:k], lr, self.names, self.flags, table, self.table_names
+            table = values[k + 1:, :, 0].unflatten(0, (len(self.table_names), self.groups)).transpose(1, 2)
+        return values[:k], values[k], self.names, self.flags, table, self.table_names
 
     def stepped(self, steps: torch.Tensor) -> None:
         """The step itself wrote the new step counts: the window stays valid, one step further along."""
