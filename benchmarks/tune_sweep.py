@@ -344,6 +344,19 @@ class MemorySampler:
         return statistics.median(peaks) / 2**20 if peaks else float("nan")
 
 
+def node_cpu_s() -> float | None:
+    """CPU-seconds every core of this machine has been busy since boot (``/proc/stat``: all but idle and
+    iowait), or None off Linux. Its difference over ``fit()``, against cores x wall, says whether a run was
+    bound by the machine's CPUs (everything counted: Tune, Ray's own daemons, our processes, other tenants)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 # --------------------------------------------------------------------- one run
 def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage: str) -> dict:
     earlier = set(ray_processes())
@@ -389,11 +402,13 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
         )
         hosts: list[dict] = []
         with MemorySampler(ignore=earlier) as mem:
-            t0, t0_wall, cpu0 = time.monotonic(), time.time(), time.process_time()
+            t0, t0_wall, cpu0, node0 = time.monotonic(), time.time(), time.process_time(), node_cpu_s()
             try:
                 results = tuner.fit()
                 wall = time.monotonic() - t0
                 driver_cpu = time.process_time() - cpu0  # Tune's controller (and this script's sampler thread)
+                node1 = node_cpu_s()
+                node_busy = None if node0 is None or node1 is None else node1 - node0
                 if batched:
                     hosts = trainable.host_stats()
             finally:
@@ -426,6 +441,7 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
         "workers_mb": mem.peak_workers / 2**20,
         "seen": {n: sum(1 for m, _ in mem.per_pid.values() if m == n) for n, _ in mem.per_pid.values()},
         "cpu": {"driver": driver_cpu, **mem.cpu_by_name()},
+        "node_busy_s": node_busy,
         "hosts": hosts,
         "first_result_s": first.first,
         "first_start_s": first.first_start,
@@ -569,6 +585,12 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
         lines.append(f"- `{kind}`: CPU-s of the node's {args.num_cpus or os.cpu_count()} cores x {r['wall_s']:.1f} s: "
                      f"{cpu} (driver: this process during `fit()`, Tune's controller; the workers: summed per title, "
                      "each from its start, sampled every 2 s)")
+        if r.get("node_busy_s") is not None:
+            cores = os.cpu_count() or 1
+            lines.append(f"- `{kind}`: the whole machine was busy {r['node_busy_s']:.1f} CPU-s during `fit()`, "
+                         f"{r['node_busy_s'] / (cores * r['wall_s']):.0%} of its {cores} cores x {r['wall_s']:.1f} s "
+                         "(`/proc/stat`: Tune, Ray's daemons, every worker; near 100% means the run waited on CPU, "
+                         "so it shortens only with less CPU work, wherever that work is)")
     trial_no = {int(c["seed"]): f"{i:05d}" for i, c in enumerate(configs)}
     mb = runs.get("ray_modelbatch")
     for kind, r in runs.items():

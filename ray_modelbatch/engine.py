@@ -159,7 +159,7 @@ class FusedEngine:
             return StepResult(host, empty, empty.bool(), empty.bool(), empty)
         mb.train()
         # Resolved once for every piece below; None means every slot (the fast path, no gathers).
-        idx = mb.resolve_slots(slots if isinstance(slots, str) else host)
+        idx = mb.resolve_slots(slots) if isinstance(slots, str) else mb._resolve_index(host)
         if isinstance(self.step_fn, Mapping):
             return self._train_parts(x, y, per_slot, idx, host, skip)
         opt.zero_grad()
@@ -184,7 +184,7 @@ class FusedEngine:
                         (losses, _), extras = mb.forward_loss(x, y, self.loss_fn, per_slot=per_slot, slots=idx), {}
             losses = losses.float()
             bad_loss = ~(losses.abs() < math.inf)  # NaN compares False: three ops where isfinite takes six
-            if skip is not None:
+            if skip is not None and (skip.dtype != torch.bool or skip.device != losses.device):
                 skip = skip.to(device=losses.device, dtype=torch.bool)
             if not manual:
                 (losses.sum() if self.scaler is None else self.scaler.scale(losses, idx)).backward()

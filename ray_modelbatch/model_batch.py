@@ -301,7 +301,11 @@ class ModelBatch:
             if slots != "active":
                 raise ValueError(f"slots must be None, 'active', an index or indices; got {slots!r}")
             return self._active_cpu
-        idx = torch.as_tensor(slots, dtype=torch.long).flatten().cpu()
+        idx = torch.as_tensor(slots, dtype=torch.long)
+        if idx.dim() != 1:
+            idx = idx.flatten()
+        if idx.device.type != "cpu":
+            idx = idx.cpu()
         values = idx.tolist()  # checked as ints: min()/max() of the tensor were 6 small ops a call, 3 calls a step
         if values and (min(values) < 0 or max(values) >= self.num_slots):
             raise IndexError(f"slot index out of range for a batch of {self.num_slots} slots: {values}")
@@ -316,13 +320,17 @@ class ModelBatch:
         if (isinstance(slots, torch.Tensor) and slots.dtype == torch.long and slots.dim() == 1
                 and slots.device == self.device and self.device.type != "cpu"):
             return slots  # already resolved on the accelerator (e.g. by the engine): no copy, no sync
-        idx = self._cpu_index(slots)
-        if idx.numel() == self.num_slots and idx.tolist() == list(range(self.num_slots)):
+        return self._resolve_index(self._cpu_index(slots))
+
+    def _resolve_index(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`resolve_slots` of a CPU index that :meth:`_cpu_index` made (checked already)."""
+        values = idx.tolist()
+        if len(values) == self.num_slots and values == list(range(self.num_slots)):
             return None
         if self.device.type == "cpu":
             return idx
         # One host-to-device copy per distinct slot set, not one per call (each is a sync on CUDA).
-        key = tuple(idx.tolist())
+        key = tuple(values)
         cached = self._index_cache.get(key)
         if cached is None:
             if len(self._index_cache) > 64:

@@ -67,7 +67,7 @@ class IterationMeter:
         # norm of a slot that did not update count as 0, NaN or not: a dozen small ops a step became four.
         rows = torch.stack([result.losses, result.grad_norm, ok, result.nonfinite]).to(torch.float64)
         rows[:2].masked_fill_(~ok, 0.0)
-        idx = result.slots.to(self.device)
+        idx = result.slots if result.slots.device == self.device else result.slots.to(self.device)
         n = idx.numel()
         if len(self._whole) != n:
             self._whole = torch.arange(n)

@@ -600,7 +600,7 @@ class VectorOptimizer:
             hp = {k: hpm[:, j] for j, k in enumerate(self._hp_names)}
         scalars = {k: rows(self.scalars[k]) for k in self._step_scalars}
         steps = rows(self.steps)
-        if skip is not None:
+        if skip is not None and (skip.dtype != torch.bool or skip.device != mb.device):  # (a no-op .to costs)
             skip = skip.to(device=mb.device, dtype=torch.bool)
         index = [self._group_index.get(dt) for dt in groups]
         norm, finite, okf, new_scalars = self._run_core(ps, gs, sts, hp, scalars, steps, skip, index, idx)
