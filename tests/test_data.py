@@ -31,6 +31,22 @@ def test_slot_sampler_epochs_are_fresh_permutations_of_full_batches():
     assert not all(torch.equal(a, b) for a, b in zip(batches, other))
 
 
+def test_slot_sampler_batches_are_its_epoch_permutation_in_order_and_restore_where_captured():
+    """Each epoch's batches are the generator's permutation of the indices cut in order (the batches are made
+    once an epoch); a capture taken mid-epoch restores to the same next batches."""
+    idx = torch.arange(50, 60)
+    s = SlotSampler(idx, 3, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        perm = idx[torch.randperm(10, generator=gen)]
+        assert torch.equal(torch.cat(_take(s, 3)), perm[:9])
+    _take(s, 1)
+    captured = s.capture()
+    expected = _take(s, 5)  # crosses an epoch boundary
+    s.restore(captured)
+    assert all(torch.equal(a, b) for a, b in zip(expected, _take(s, 5)))
+
+
 def test_slot_sampler_rejects_too_few_rows():
     with pytest.raises(ValueError, match="batch_size"):
         SlotSampler(torch.arange(4), batch_size=5, seed=0)

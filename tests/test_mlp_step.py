@@ -139,13 +139,14 @@ def test_the_engine_trains_each_slot_as_torch_optim_trains_it_alone():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"slot {i} {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch, classes", [(64, 10), (100, 7), (37, 33)])
-def test_cross_entropy_without_ignored_targets_is_the_general_form_to_the_bit(batch, classes):
+def test_cross_entropy_without_ignored_targets_is_the_general_form_to_the_bit(batch, classes, dtype):
     """The CPU shortcut for batches with no ignored target gives the general form's bits (losses and gradient)."""
     from ray_modelbatch.mlp_step import _cross_entropy, _cross_entropy_all_valid
 
     torch.manual_seed(batch)
-    out = torch.randn(5, batch, classes) * 3
+    out = torch.randn(5, batch, classes, dtype=dtype) * 3
     target = torch.randint(0, classes, (5, batch))
     fast = _cross_entropy_all_valid(out.clone(), target)
     general = _cross_entropy(out.clone(), target, torch.ones_like(target, dtype=torch.bool))
