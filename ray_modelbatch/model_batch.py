@@ -148,6 +148,7 @@ class ModelBatch:
         self._template = template
         self.training = models[0].training
         self._applied_mode: bool | None = None  # the mode train() last set on every submodule
+        self._mode_modules: list[nn.Module] | None | bool = False  # see _plain_modes (False: not looked at yet)
         self._listeners: list[weakref.ref] = []
         self._vmapped: dict[tuple, Callable] = {}
         self._index_cache: dict[tuple, torch.Tensor] = {}
@@ -264,9 +265,22 @@ class ModelBatch:
     def train(self, mode: bool = True) -> "ModelBatch":
         self.training = mode
         if mode is not self._applied_mode:  # every training step calls this; walking the modules costs ~20 us
-            self._template.train(mode)
+            modules = self._plain_modes()
+            if modules is None:
+                self._template.train(mode)
+            else:  # what nn.Module.train does, without its recursion and __setattr__ (an evaluation flips it twice)
+                for m in modules:
+                    object.__setattr__(m, "training", mode)
             self._applied_mode = mode
         return self
+
+    def _plain_modes(self) -> list[nn.Module] | None:
+        """The template's modules, where none of them changes what ``train()`` does (else None), made once."""
+        if self._mode_modules is False:
+            modules = list(self._template.modules())
+            plain = all(type(m).train is nn.Module.train and "train" not in m.__dict__ for m in modules)
+            self._mode_modules = modules if plain else None
+        return self._mode_modules
 
     def eval(self) -> "ModelBatch":
         return self.train(False)

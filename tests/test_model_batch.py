@@ -500,3 +500,29 @@ def test_why_vmap_names_what_keeps_a_model_off_the_direct_path():
     report = rmb.check_model(lambda: nn.Sequential(nn.Linear(5, 8), nn.Softmin(1), nn.Linear(8, 3)),
                              torch.randn(4, 5), slots=2, repeats=1)
     assert "not on the direct path: module '1' (Softmin)" in str(report)
+
+
+def test_train_and_eval_set_every_template_module_and_call_an_overridden_train():
+    """ModelBatch.train/eval flip every submodule's mode (directly for plain modules), and a model that overrides
+    train() (to keep a layer frozen, say) still has it called."""
+    class KeepsNormInEval(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.norm = nn.Linear(3, 3), nn.BatchNorm1d(3)
+
+        def train(self, mode: bool = True) -> "KeepsNormInEval":
+            super().train(mode)
+            self.norm.eval()
+            return self
+
+        def forward(self, x):
+            return self.norm(self.lin(x))
+
+    plain = rmb.ModelBatch([nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.BatchNorm1d(3)) for _ in range(2)])
+    for mode in (False, True, False):
+        plain.train(mode)
+        assert all(m.training is mode for m in plain._template.modules())
+    custom = rmb.ModelBatch([KeepsNormInEval() for _ in range(2)])
+    custom.eval()
+    custom.train()
+    assert custom._template.training and custom._template.lin.training and not custom._template.norm.training
