@@ -431,9 +431,13 @@ class ModelBatch:
                     for k, v in self.buffers.items():
                         v.index_copy_(0, idx, buffers[k])
                 elif buffers is not self.buffers:
-                    act = self._active_dev
-                    for k, v in self.buffers.items():
-                        v[act] = buffers[k][act]
+                    if self._all_active:  # every row moved: one copy per buffer, not a masked gather and scatter
+                        for k, v in self.buffers.items():
+                            v.copy_(buffers[k])
+                    else:
+                        act = self._active_dev
+                        for k, v in self.buffers.items():
+                            v[act] = buffers[k][act]
         return out
 
     def _run_vmap(self, key: tuple, call_args: tuple, params: dict[str, torch.Tensor],
