@@ -64,7 +64,7 @@ class IterationMeter:
             self.steps[s] += 1
         ok = result.updated
         # One [4, n] float64 block (stack promotes the float32 losses and the booleans exactly); the loss and
-        # norm of a slot that did not update count as 0, NaN or not: a dozen small ops a step became four.
+        # norm of a slot that did not update count as 0, NaN or not: nine small ops a step became five.
         rows = torch.stack([result.losses, result.grad_norm, ok, result.nonfinite]).to(torch.float64)
         rows[:2].masked_fill_(~ok, 0.0)
         idx = result.slots if result.slots.device == self.device else result.slots.to(self.device)
