@@ -663,7 +663,8 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
         on_cpu = h_.get("busy_cpu_s", 0.0) / h_["busy_s"] if h_.get("busy_s") else 0.0
         lines.append(f"- host: busy {h_['busy_fraction']:.0%} (stepping and evaluating; its thread on a core "
                      f"{on_cpu:.0%} of that time, preempted {h_.get('busy_preempted', 0):,} times), waiting for work "
-                     f"{frac['wait_s']:.0%}, serving attach/detach/save/restore {frac['command_s']:.0%}, lease checks "
+                     f"{frac['wait_s']:.0%}, serving attach/detach/save/restore {frac['command_s']:.0%} "
+                     f"({_commands(h_.get('commands', {}))}), lease checks "
                      f"and TensorBoard {frac['housekeeping_s']:.0%}, the loop itself {rest:.0%}; "
                      f"{h_['stepped_fraction']:.0%} of held slots stepped "
                      f"per fused step, step paths {h_['step_paths']}, {h_['threads']} threads, "
@@ -707,6 +708,12 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
     if len(runs) < len(kinds):
         lines.append(f"- incomplete: {len(runs)} of {len(kinds)} runs done ({', '.join(runs)})")
     return "\n".join(lines) + "\n"
+
+def _commands(commands: dict) -> str:
+    """``attach x64 0.25 s (CPU 0.22 s), ...``: what a host's serving time went to, by command."""
+    return ", ".join(f"{k} x{v['count']} {v['wall_s']:.2f} s (CPU {v['cpu_s']:.2f} s)"
+                     for k, v in sorted(commands.items(), key=lambda kv: -kv[1]["wall_s"])) or "none"
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -389,6 +389,13 @@ def test_tune_results_and_checkpoints_are_those_without_run_ahead(trainables, tm
     parts = [stats[k] for k in ("busy_s", "wait_s", "command_s", "housekeeping_s")]
     assert all(p >= 0 for p in parts) and sum(parts) <= stats["wall_s"] + 0.05, stats
     assert stats["busy_s"] > 0 and stats["command_s"] > 0  # it stepped, and served the trials' attaches
+    # ... and what the serving went to, by command: every trial attached once, and within command_s
+    commands = stats["commands"]
+    assert commands["attach"]["count"] >= len(lrs), commands
+    assert sum(c["wall_s"] for c in commands.values()) <= stats["command_s"] + 1e-6
+    assert all(0 <= c["cpu_s"] <= c["wall_s"] + 0.01 for c in commands.values()), commands
+    if name in ("hyperband", "pbt"):  # pauses and exploits save slots and restore them
+        assert commands["save"]["count"] > 0 and commands["restore"]["count"] > 0, commands
     assert 0 < stats["busy_cpu_s"] <= stats["busy_s"] + 0.01 and stats["busy_preempted"] >= 0
     if name == "pbt":  # the recipients really took a donor's state and a new lr
         exploited = [row for rows, _ in ahead.values() for row in rows if row["config"]["lr"] == 0.001]

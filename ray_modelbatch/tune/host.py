@@ -87,6 +87,8 @@ class _Stats:
     busy_cpu_s: float = 0.0  # the engine thread's CPU time during busy_s: the rest it waited for a core or the GIL
     busy_preempted: int = 0  # times the OS took the engine thread's core during busy_s (Linux; else 0)
     command_s: float = 0.0  # serving attach, detach, save and restore between fused steps
+    # per command kind: [count, wall s, the engine thread's CPU s] (what command_s went to)
+    commands: dict = field(default_factory=lambda: collections.defaultdict(lambda: [0, 0.0, 0.0]))
     housekeeping_s: float = 0.0  # lease checks and TensorBoard figures
     fused_steps: int = 0
     slot_steps: int = 0
@@ -264,7 +266,7 @@ class SlotHost:
         """
         if log_dir and self._log_dir is None:
             self._log_dir = log_dir
-        return self._call(lambda: self._attach(trial_id, config, lease_box[0], key or trial_id))
+        return self._call(lambda: self._attach(trial_id, config, lease_box[0], key or trial_id), "attach")
 
     def train(self, key: str) -> dict:
         """The attachment's next result: at once if its slot already finished that iteration."""
@@ -291,7 +293,11 @@ class SlotHost:
 
     def save(self, key: str) -> bytes:
         """The trial's slot state at the boundary Tune knows (the last result it took)."""
-        return self._call(lambda: self._trial(key).group.export(self._trial(key).slot, self._trial(key).taken))
+        def run() -> bytes:
+            t = self._trial(key)
+            return t.group.export(t.slot, t.taken)
+
+        return self._call(run, "save")
 
     def restore(self, key: str, blob: bytes, config: dict) -> None:
         def run() -> None:
@@ -301,7 +307,7 @@ class SlotHost:
                 t.results.clear()  # work done past the old boundary belongs to a state Tune left
                 t.taken, t.error = 0, None
 
-        return self._call(run)
+        return self._call(run, "restore")
 
     def detach(self, key: str) -> None:
         """Free the attachment's slot at once (it is masked out of the next fused step)."""
@@ -311,7 +317,7 @@ class SlotHost:
                 self.reserved.pop(key, None)
             self._detach(key, "the trial ended")
 
-        return self._call(run)
+        return self._call(run, "detach")
 
     def stats(self) -> dict:
         with self._lock:
@@ -361,6 +367,7 @@ class SlotHost:
                 "busy_cpu_s": s.busy_cpu_s,
                 "busy_preempted": s.busy_preempted,
                 "command_s": s.command_s,
+                "commands": {k: {"count": c, "wall_s": w, "cpu_s": cpu} for k, (c, w, cpu) in s.commands.items()},
                 "housekeeping_s": s.housekeeping_s,
                 "wall_s": wall,
                 "busy_fraction": s.busy_s / wall if wall > 0 else 0.0,
@@ -379,10 +386,10 @@ class SlotHost:
             self._writer.close()
 
     # ------------------------------------------------------- worker thread
-    def _call(self, fn: Callable[[], Any]) -> Any:
+    def _call(self, fn: Callable[[], Any], kind: str) -> Any:
         fut: Future = Future()
         with self._lock:
-            self._commands.append((fn, fut))
+            self._commands.append((fn, fut, kind))
             self._lock.notify_all()
         return fut.result()
 
@@ -531,11 +538,17 @@ class SlotHost:
                 commands = list(self._commands)
                 self._commands.clear()
             t0 = time.monotonic()
-            for fn, fut in commands:  # served between fused steps, never behind a barrier
+            for fn, fut, kind in commands:  # served between fused steps, never behind a barrier
+                c0, w0 = time.thread_time(), time.monotonic()
                 try:
                     fut.set_result(fn())
                 except BaseException as exc:  # noqa: BLE001 - the caller's trial gets the error
                     fut.set_exception(exc)
+                with self._lock:
+                    cost = self._stats.commands[kind]
+                    cost[0] += 1
+                    cost[1] += time.monotonic() - w0
+                    cost[2] += time.thread_time() - c0
             now = time.monotonic()
             if now - last_check >= self._lease_check_s:
                 self._check_leases()
