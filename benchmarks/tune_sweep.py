@@ -709,6 +709,7 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
         lines.append(f"- incomplete: {len(runs)} of {len(kinds)} runs done ({', '.join(runs)})")
     return "\n".join(lines) + "\n"
 
+
 def _commands(commands: dict) -> str:
     """``attach x64 0.25 s (CPU 0.22 s), ...``: what a host's serving time went to, by command."""
     return ", ".join(f"{k} x{v['count']} {v['wall_s']:.2f} s (CPU {v['cpu_s']:.2f} s)"
