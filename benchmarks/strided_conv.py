@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,7 @@ def input_gradient(go: torch.Tensor, weight: torch.Tensor, x_shape: Sequence[int
             phase.copy_(F.conv2d(window, sub.contiguous(memory_format=torch.channels_last), None, 1, 0, 1, groups))
     return gx
 
+
 # (slots, batch, channels in and out per slot, size, kernel): stride 2, padding kernel // 2. The small
 # ResNet's layer first, then a grid over channels, sizes and kernels.
 SHAPES = [(32, 64, 8, 16, 16, 3)] + [(16, 32, ci, co, size, k) for k in (3, 5)
@@ -132,6 +133,7 @@ def main() -> None:
                 runs[name].append(_median_ms(fn))
         t, ph = statistics.median(runs["torch"]), statistics.median(runs["phases"])
         print(f"| {s} | {b} | {ci} -> {co} | {size} | {k}x{k} | {t:.2f} | {ph:.2f} | {t / ph:.2f}x |")
+
 
 if __name__ == "__main__":
     main()
