@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from typing import Callable, Sequence
+import sys
+from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ray_modelbatch.cpu_memory import keep_freed_memory
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conv_forms import _median_ms  # noqa: E402 - a sibling benchmark's timing
 
 
 def _phases(size: int, out_size: int, k: int, s: int, p: int) -> list[tuple[int, list[int], int, int]]:
@@ -90,17 +94,6 @@ SHAPES = [(32, 64, 8, 16, 16, 3)] + [(16, 32, ci, co, size, k) for k in (3, 5)
                                      for ci, co in ((4, 8), (8, 8), (8, 16), (16, 16), (16, 32)) for size in (16, 32)]
 
 
-def _median_ms(fn: Callable[[], object], n: int = 15) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -130,7 +123,7 @@ def main() -> None:
         runs: dict[str, list[float]] = {name: [] for name in forms}
         for _ in range(args.rounds):
             for name, fn in forms.items():
-                runs[name].append(_median_ms(fn))
+                runs[name].append(_median_ms(fn, 15))
         t, ph = statistics.median(runs["torch"]), statistics.median(runs["phases"])
         print(f"| {s} | {b} | {ci} -> {co} | {size} | {k}x{k} | {t:.2f} | {ph:.2f} | {t / ph:.2f}x |")
 
