@@ -46,6 +46,7 @@ from torch.nn.modules.transformer import _detect_is_causal_mask
 
 from . import small_attention
 from .direct_kernels import SHARED, SLOT, Act, Unsupported
+from .stacked_layer_norm import StackedLayerNorm
 
 
 def mha_ok(mod: nn.MultiheadAttention) -> bool:
@@ -264,7 +265,7 @@ def encoder_layer(runner: Any, name: str, mod: nn.TransformerEncoderLayer, src: 
 def encoder_ok(mod: nn.TransformerEncoder, elementwise: Any) -> bool:
     """Whether :func:`encoder` computes ``mod``: plain encoder layers and an optional final LayerNorm."""
     return (all(type(layer) is nn.TransformerEncoderLayer and encoder_layer_ok(layer, elementwise)
-                for layer in mod.layers) and (mod.norm is None or type(mod.norm) is nn.LayerNorm))
+                for layer in mod.layers) and (mod.norm is None or type(mod.norm) in (nn.LayerNorm, StackedLayerNorm)))
 
 
 def _nested_inference(runner: Any, name: str, mod: nn.TransformerEncoder, src: Act, mask: Act | None,

@@ -5,7 +5,8 @@ Each function computes one layer for every slot at once from the stacked
 result equals the module's alone to float rounding:
 
 * :func:`layer_norm`: one ``F.layer_norm`` without affine over all slots'
-  activations, then each slot's scale and shift as one broadcast ``addcmul``;
+  activations (:func:`.stacked_layer_norm.normalize`), then each slot's
+  scale and shift as one broadcast ``addcmul``;
 * :func:`embedding`: one gather from the stacked ``[n, V, D]`` tables
   (read in place, never copied) and one pass adding the rows' gradients
   (:mod:`.stacked_lookup`);
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .stacked_layer_norm import normalize
 from .stacked_lookup import slot_rows, stacked_lookup
 
 
@@ -85,7 +87,7 @@ def layer_norm(mod: nn.LayerNorm, h: torch.Tensor, shared: bool, weight: torch.T
     rounds as ``F.layer_norm``'s own affine does (measured bit-equal, where
     ``y * w + b`` is an ulp off).
     """
-    y = F.layer_norm(h, mod.normalized_shape, None, None, mod.eps)
+    y = normalize(h, mod.normalized_shape, mod.eps)
     if weight is None and bias is None:
         return Act(y, SHARED if shared else SLOT)
     rank = h.dim() - (not shared)

@@ -111,6 +111,7 @@ from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
 from .direct_kernels import CHAN, SHARED, SLOT, Act, Unsupported
 from .stacked_embedding import StackedEmbedding
+from .stacked_layer_norm import StackedLayerNorm
 from .unrolled_rnn import UnrolledRNN
 
 __all__ = ["FastPlan", "GradTarget", "Unsupported", "plan", "run", "onednn_available", "DIRECT_WRITE_MIN", "GEMMS"]
@@ -154,6 +155,7 @@ POOL_FUNCTIONS = {F.max_pool1d: (3, 5), F.max_pool2d: (4, 5), F.adaptive_max_poo
                   F.interpolate: (None, None),
                   F.pixel_shuffle: (4, None), F.pixel_unshuffle: (4, None)}
 EMBEDDING_MODULES = (nn.Embedding, StackedEmbedding)  # the stack's template has StackedEmbedding (stack_embeddings)
+LAYER_NORM_MODULES = (nn.LayerNorm, StackedLayerNorm)  # ... and StackedLayerNorm (stack_layer_norms)
 RNN_MODULES = (UnrolledRNN, nn.LSTM, nn.GRU, nn.RNN)  # the stack's template has UnrolledRNN for the others
 
 # call_function targets and call_method names -> step kind (see _Runner for each kind's layout rules)
@@ -278,10 +280,10 @@ class FastPlan:
 
 class _Tracer(fx.Tracer):
     """``fx.Tracer`` that keeps the stack's own module substitutes (:class:`StackedEmbedding`,
-    :class:`UnrolledRNN`) whole."""
+    :class:`StackedLayerNorm`, :class:`UnrolledRNN`) whole."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (StackedEmbedding, UnrolledRNN)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (StackedEmbedding, StackedLayerNorm, UnrolledRNN)) or super().is_leaf_module(m, qualname)
 
 
 def _settings(module: nn.Module) -> list[tuple[str, dict]]:
@@ -563,7 +565,7 @@ def _module_kind(mod: nn.Module) -> str | None:
         return "flatten"
     if type(mod) in (nn.Softmax, nn.LogSoftmax):
         return "softmax" if mod.dim is not None else None
-    if type(mod) is nn.LayerNorm:
+    if type(mod) in LAYER_NORM_MODULES:
         return "layer_norm"
     if type(mod) is nn.RMSNorm:
         return "rms_norm"
