@@ -4,8 +4,9 @@ What is measured, for S = 8, 32, 128 models of one architecture (``--slots``)
 of every family of issue 13 (tiny MLP 32-64-64-1 with MSE; MLP 784-256-256-10,
 small CNNs, LeNet-5 + BatchNorm, a small ResNet, an nn.TransformerEncoder
 classifier, an EmbeddingBag classifier, Embedding + mean, LSTM and GRU
-classifiers and, where ``transformers`` imports, a tiny BERT, all with
-cross-entropy; batch 64, Adam (``--optimizer sgd``: SGD with momentum 0.9), one
+classifiers and, where ``transformers`` imports, a tiny BERT classifier and a
+tiny GPT-2 language model (its head tied to its token embedding, next-token
+loss as ``labels=`` computes it), all with cross-entropy; batch 64, Adam (``--optimizer sgd``: SGD with momentum 0.9), one
 input batch shared by every model as in a hyperparameter sweep):
 
 * fused: ``ModelBatch`` + ``ray_modelbatch.optim.Adam`` (one learning rate per
@@ -284,6 +285,17 @@ def tiny_bert() -> nn.Module:
     return BertForSequenceClassification(config)
 
 
+def tiny_gpt2() -> nn.Module:
+    """transformers' GPT2LMHeadModel, 2 layers of 64, 2 heads, inner 128, vocab 2000: its LM head is the token
+    embedding (tied weights). No cache: the loop trains without one, as a training run sets ``use_cache=False``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=64, n_layer=2, n_head=2, n_inner=128,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, attn_implementation="eager",
+                        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+    return GPT2LMHeadModel(config)
+
+
 def transformers_available() -> bool:
     try:
         import transformers  # noqa: F401
@@ -317,6 +329,19 @@ def _logits_loss(out: object, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.logits, y)  # a transformers SequenceClassifierOutput
 
 
+def _lm_tokens(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    return x, x  # a causal LM's labels are its own tokens
+
+
+def _next_token_loss(out: object, y: torch.Tensor) -> torch.Tensor:
+    """Each token's prediction of the next, as GPT2LMHeadModel computes it from ``labels=``: the labels shifted
+    (the last position ignored), the logits as they are (a CausalLMOutputWithCrossAttentions')."""
+    logits = out.logits
+    shifted = F.pad(y, (0, 1), value=-100)[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+
+
 SPECS = {
     s.name: s
     for s in (
@@ -340,7 +365,9 @@ SPECS = {
              F.cross_entropy, _classify((16, 32))),
         Spec("gru", "nn.GRU(32, 64) over 16 steps, last step, fc10, CE", lambda: RNNClassifier(nn.GRU),
              F.cross_entropy, _classify((16, 32))),
-        *([Spec("bert", f"transformers BERT 2x(d64 h2 ff128) on {SEQ} tokens, CE", tiny_bert, _logits_loss, _tokens)]
+        *([Spec("bert", f"transformers BERT 2x(d64 h2 ff128) on {SEQ} tokens, CE", tiny_bert, _logits_loss, _tokens),
+           Spec("gpt2", f"transformers GPT-2 LM 2x(d64 h2 ff128), tied head, {SEQ} tokens, next-token CE", tiny_gpt2,
+                _next_token_loss, _lm_tokens)]
           if transformers_available() else []),
     )
 }
@@ -364,6 +391,8 @@ def step_flops(spec: Spec) -> tuple[int, int]:
         elif isinstance(mod, nn.MultiheadAttention):  # projections, q @ k^T and weights @ v (batch first)
             b, t, e = inp[0].shape
             macs.append(b * t * 4 * e * e + 2 * b * t * t * e)
+        elif type(mod).__name__ == "Conv1D":  # transformers' GPT-2 projection: x @ W, W [in, out]
+            macs.append(out.numel() * mod.weight.shape[0])
         elif isinstance(mod, nn.RNNBase):  # gates x (input + hidden) per step
             gates = {"LSTM": 4, "GRU": 3}.get(mod.mode, 1) * mod.hidden_size
             tokens = inp[0].shape[0] * inp[0].shape[1]
@@ -372,7 +401,8 @@ def step_flops(spec: Spec) -> tuple[int, int]:
             macs.append(out.numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size))
 
     kinds = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, kinds) or type(m).__name__ == "Conv1D"]
     with torch.no_grad():
         model(spec.batch(torch.Generator().manual_seed(0))[0])
     for h in handles:

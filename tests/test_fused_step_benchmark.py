@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -47,3 +48,16 @@ def test_repeat_reports_the_median_round(tmp_path):
     ratios = [float(v) for v in re.findall(r"([\d.]+)x", rounds.group(1))]
     assert len(ratios) == 3
     assert float(row.group(1)) == float(rounds.group(2)) == round(statistics.median(ratios), 2)
+
+
+def test_the_gpt2_family_has_hf_loss_and_counts_its_projections():
+    pytest.importorskip("transformers")
+    spec = fused_step.SPECS["gpt2"]
+    model = spec.make()
+    x, y = spec.batch(torch.Generator().manual_seed(0))
+    assert model.lm_head.weight is model.transformer.wte.weight  # a tied head, as every GPT-2 LM has
+    # the loss is the one GPT2LMHeadModel computes from labels=, to the bit
+    assert spec.loss_fn(model(x), y).item() == model(x, labels=x).loss.item()
+    per_token = 2 * (64 * 192 + 64 * 64 + 64 * 128 + 128 * 64) + 64 * fused_step.VOCAB  # Conv1D layers + head
+    macs, _ = fused_step.step_flops(spec)
+    assert macs == per_token * fused_step.SEQ
