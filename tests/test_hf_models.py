@@ -110,6 +110,17 @@ def test_gpt2_lm_trains_like_each_model_alone_and_keeps_its_head_tied():
     assert got.lm_head.weight is got.transformer.wte.weight
 
 
+def test_gpt2_gelu_is_torchs_tanh_kernel_in_the_stack_and_the_users_own_in_the_models():
+    models = [gpt2() for _ in range(2)]
+    mb = ModelBatch(models)
+    act = mb._template.transformer.h[0].mlp.act
+    assert type(act).__name__ == "NewGELUActivation"  # the module stays (state_dict, names); its forward is torch's
+    x = torch.randn(4, 7)
+    torch.testing.assert_close(act(x), F.gelu(x, approximate="tanh"), atol=0, rtol=0)
+    torch.testing.assert_close(act(x), models[0].transformer.h[0].mlp.act(x), atol=1e-6, rtol=0)
+    assert "forward" not in vars(models[0].transformer.h[0].mlp.act)  # the user's models are untouched
+
+
 def test_output_objects_come_back_with_a_slot_dimension_and_without_caches():
     torch.manual_seed(0)
     models = [gpt2() for _ in range(S)]
