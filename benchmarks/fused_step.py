@@ -1088,7 +1088,7 @@ def main() -> None:
         "large square matmul's rate. 'fused % of roofline' = roofline time of the S models / fused step time; "
         "'bound' = loop time per model-step / roofline time per model-step, the largest fused/loop any fused "
         "implementation could reach on this machine",
-        "- kernels = the step's GEMM, convolution, attention and recurrent-layer aten calls (benchmarks/kernel_time.py): "
+        "- kernels = the step's GEMM, convolution, attention, recurrent-layer and softmax aten calls (benchmarks/kernel_time.py): "
         "recorded in one step, then each replayed on its own on fresh tensors of the same layout, fastest of 3 passes "
         "of 5 runs, summed; taken while the probes before and after read quiet (else the least of 3 tries). 'kernels % of fused step' = that sum / fused step time; 'kernels % of loop' = the same for one "
         "model's loop step / loop time per model-step; 'kernel bound' = loop time of the S models / the fused step's "

@@ -1,7 +1,7 @@
 """How long a training step's heavy kernels take on their own: the bound that the kernels set.
 
 Why: a fused step of S models calls the same kinds of kernels as a loop of
-the S models (GEMMs, convolutions, attention, recurrent layers), only batched
+the S models (GEMMs, convolutions, attention, recurrent layers, softmaxes), only batched
 across the slots. Where those kernels are most of the loop's time, fusing
 cannot save much: on a 2-core AMD EPYC, torch runs fp32 ``bmm`` and ``mm``
 through MKL's AVX2 code at 90-160 GFLOP/s whether the GEMMs are batched or
@@ -44,18 +44,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-# aten ops that do the step's matmul-like work; everything else (elementwise, reductions, copies, the
-# optimizer's update, pooling, normalization) is what a fused step can save on.
+# aten ops that do the step's matmul-like work, and the softmaxes, whose exponentials cost the same per element
+# batched or not (a language model's loss over a 2,000-token vocabulary: 2.6 ms per model in the loop and per
+# slot fused, see RESULTS.md, session 32); everything else (elementwise, reductions, copies, the optimizer's
+# update, pooling, normalization) is what a fused step can save on.
 HEAVY_NAMES = frozenset({
     "mm", "bmm", "addmm", "baddbmm", "addbmm", "matmul", "mv", "addmv", "dot",
     "convolution", "convolution_backward", "_convolution", "mkldnn_convolution",
     "mkldnn_rnn_layer", "mkldnn_rnn_layer_backward", "_linear_pointwise",
+    "_softmax", "_softmax_backward_data", "_log_softmax", "_log_softmax_backward_data",
 })
 HEAVY_PREFIXES = ("_scaled_dot_product_", "_flash_attention", "_efficient_attention", "_cudnn_rnn", "cudnn_convolution")
 
 
 def is_heavy(op: Any) -> bool:
-    """Whether aten ``op`` (an OpOverload) is a GEMM, convolution, attention or recurrent-layer kernel
+    """Whether aten ``op`` (an OpOverload) is a GEMM, convolution, attention, recurrent-layer or softmax kernel
     (in-place variants included: ``baddbmm_`` accumulates a weight gradient)."""
     name = op._schema.name.split("::")[-1].rstrip("_") or op._schema.name
     return name in HEAVY_NAMES or name.startswith(HEAVY_PREFIXES)

@@ -82,3 +82,16 @@ def test_views_of_a_large_buffer_are_made_small_and_timed_once():
     made = kernel_time._make(calls[-1].args[1])
     assert made.untyped_storage().nbytes() <= (64 + 16) * 4  # not 64,576 floats
     assert len({repr(c.args) for c in calls}) == 1  # one layout: timed once, counted 64 times
+
+
+def test_a_loss_softmax_counts_as_a_kernel_and_replays():
+    logits = torch.randn(32, 50, requires_grad=True)
+    y = torch.randint(0, 50, (32,))
+
+    def step():
+        torch.nn.functional.cross_entropy(logits, y).backward()
+
+    names = [c.name for c in kernel_time.record_heavy(step)]
+    assert names == ["_log_softmax", "_log_softmax_backward_data"], names  # nll_loss and its backward are not
+    total, by_name = kernel_time.heavy_seconds(step, reps=2)
+    assert set(by_name) == set(names) and total > 0
