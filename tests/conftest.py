@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -41,3 +42,22 @@ def max_rel_diff(mb, refs) -> float:
             scale = max(v.abs().max().item(), 1e-12)
             worst = max(worst, (got[k] - v).abs().max().item() / scale)
     return worst
+
+
+def train_fused_and_alone(models, x, y, steps: int, lr: float = 1e-2, **mb_kw):
+    """Copies of ``models`` trained ``steps`` times with Adam on per-slot batches ``x[i]``, ``y[i]`` and
+    cross-entropy: fused (a ``ModelBatch`` built with ``mb_kw``) and each alone with ``torch.optim.Adam``.
+    Returns ``(mb, solo)``; compare them with :func:`max_rel_diff` or slot by slot."""
+    from ray_modelbatch import FusedEngine, ModelBatch, optim
+
+    solo = clones(models)
+    mb = ModelBatch(clones(models), **mb_kw)
+    engine = FusedEngine(mb, optim.Adam(mb, lr=lr), F.cross_entropy)
+    opts = [torch.optim.Adam(m.parameters(), lr=lr) for m in solo]
+    for _ in range(steps):
+        engine.train_step(x, y, per_slot=True)
+        for i, (m, opt) in enumerate(zip(solo, opts)):
+            opt.zero_grad()
+            F.cross_entropy(m(x[i]), y[i]).backward()
+            opt.step()
+    return mb, solo

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ray_modelbatch import FusedEngine, ModelBatch, optim
+from conftest import train_fused_and_alone
+from ray_modelbatch import ModelBatch
 from ray_modelbatch.stacked_embedding import StackedEmbedding, stack_embeddings
 from ray_modelbatch.stacked_lookup import lookup, stacked_lookup
 
@@ -36,19 +37,10 @@ def test_every_slot_trains_as_alone_and_keeps_its_padding_row_on_vmap():
     torch.manual_seed(0)
     s = 3
     models = [MeanOfTokens() for _ in range(s)]
-    solo = [copy.deepcopy(m) for m in models]
-    mb = ModelBatch([copy.deepcopy(m) for m in models], direct_path=False)
-    assert not mb.uses_direct_path and isinstance(mb._template.emb, StackedEmbedding)
-    engine = FusedEngine(mb, optim.Adam(mb, lr=1e-2), F.cross_entropy)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 4, (s, 6, 5), generator=g), torch.randint(0, 3, (s, 6), generator=g)
-    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in solo]
-    for _ in range(3):
-        engine.train_step(x, y, per_slot=True)
-        for i in range(s):
-            opts[i].zero_grad()
-            F.cross_entropy(solo[i](x[i]), y[i]).backward()
-            opts[i].step()
+    mb, solo = train_fused_and_alone(models, x, y, steps=3, direct_path=False)
+    assert not mb.uses_direct_path and isinstance(mb._template.emb, StackedEmbedding)
     for i in range(s):
         got = mb.slot_state(i)["emb.weight"]
         torch.testing.assert_close(got, solo[i].emb.weight, atol=1e-6, rtol=0)

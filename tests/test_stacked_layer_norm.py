@@ -12,7 +12,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ray_modelbatch import FusedEngine, ModelBatch, optim
+from conftest import train_fused_and_alone
+from ray_modelbatch import ModelBatch
 from ray_modelbatch.stacked_layer_norm import StackedLayerNorm, normalize, stack_layer_norms
 
 
@@ -111,19 +112,10 @@ def test_every_slot_trains_as_alone(direct, norm):
         for p in m.norm.parameters():
             with torch.no_grad():
                 p.uniform_(0.5, 1.5)
-    solo = [copy.deepcopy(m) for m in models]
-    mb = ModelBatch([copy.deepcopy(m) for m in models], direct_path=direct)
-    assert mb.uses_direct_path == (direct and norm != "own_subclass")
-    engine = FusedEngine(mb, optim.Adam(mb, lr=1e-2), F.cross_entropy)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(s, 6, 5, generator=g), torch.randint(0, 3, (s, 6), generator=g)
-    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in solo]
-    for _ in range(4):
-        engine.train_step(x, y, per_slot=True)
-        for i in range(s):
-            opts[i].zero_grad()
-            F.cross_entropy(solo[i](x[i]), y[i]).backward()
-            opts[i].step()
+    mb, solo = train_fused_and_alone(models, x, y, steps=4, direct_path=direct)
+    assert mb.uses_direct_path == (direct and norm != "own_subclass")
     for i in range(s):
         got = mb.slot_state(i)
         for k, v in solo[i].state_dict().items():
