@@ -33,8 +33,8 @@ from .errors import FusionWarning, IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
 from .signature import check_compatible, first_mismatch, module_signature
 from .slot_random import Draws, SlotRandom, VmapRandom, vmap_body
-from .stacked_layer_norm import stack_layer_norms
 from .stacked_embedding import dense_gradients, stack_embeddings
+from .stacked_layer_norm import stack_layer_norms
 from .unrolled_rnn import unroll_rnns
 
 Slots = Union[None, str, int, Sequence[int], torch.Tensor]
@@ -137,7 +137,8 @@ class ModelBatch:
         dense_gradients(template)  # sparse gradients cannot be stacked: see stacked_embedding
         stack_embeddings(template)  # lookups in the stacked tables, padding rows out of the gradient: see there
         stack_layer_norms(template)  # the normalization in torch's faster CPU kernel under vmap: see there
-        # transformers models: masks built for every slot, no caches, attention vmap can batch (see hf)
+        # transformers models: masks built for every slot, no caches, attention vmap can batch, GPT-2's GELU as
+        # one kernel (see hf)
         self._hf = hf.adapt(template)
         self._module_class = type(models[0])
         self._state_keys = self._state_key_map(template)

@@ -4,10 +4,12 @@ Why: under ``torch.vmap`` with one weight and bias per slot, torch's batching
 rule for ``F.layer_norm`` normalizes with no affine (``native_layer_norm(x,
 shape, None, None)``), then multiplies by the slots' weights and adds their
 biases. On a CPU, torch's kernel is slower without a weight than with one:
-a weight of ones gives the same values (bit-equal forward and backward at the
-shapes tested) 15-30% sooner in fp32, 5-10% in fp64 (measured on 2 shared
-cores, forward and backward: ``[32768, 64]`` 3.2 against 2.5 ms, ``[8192,
-128]`` 1.4 against 0.95 ms, ``[4096, 768]`` 4.2 against 3.6 ms). A 32-slot
+a weight of ones gives the same values (bit-equal forward and backward at
+every shape tested but one, ``[5, 1, 13]`` normalized over its last two
+dims in fp32, which differs by rounding) 13-33% sooner in fp32, 1-7% in fp64
+(measured on 2 shared cores, forward and backward: ``[32768, 64]`` 3.24
+against 2.54 ms, ``[8192, 128]`` 1.41 against 0.95 ms, ``[4096, 768]`` 4.16
+against 3.63 ms; ``benchmarks/RESULTS.md``, session 32). A 32-slot
 tiny BERT normalizes five times a step.
 
 :func:`stack_layer_norms` makes each plain ``nn.LayerNorm`` of a stack's
