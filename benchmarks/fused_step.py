@@ -6,8 +6,9 @@ small CNNs, LeNet-5 + BatchNorm, a small ResNet, an nn.TransformerEncoder
 classifier, an EmbeddingBag classifier, Embedding + mean, LSTM and GRU
 classifiers and, where ``transformers`` imports, a tiny BERT classifier and a
 tiny GPT-2 language model (its head tied to its token embedding, next-token
-loss as ``labels=`` computes it), all with cross-entropy; batch 64, Adam (``--optimizer sgd``: SGD with momentum 0.9), one
-input batch shared by every model as in a hyperparameter sweep):
+loss as ``labels=`` computes it), all with cross-entropy; batch 64, Adam
+(``--optimizer sgd``: SGD with momentum 0.9), one input batch shared by every
+model as in a hyperparameter sweep):
 
 * fused: ``ModelBatch`` + ``ray_modelbatch.optim.Adam`` (one learning rate per
   slot) + ``FusedEngine.train_step`` -- one step of all S models; column
