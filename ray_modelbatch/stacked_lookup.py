@@ -130,8 +130,10 @@ def _rows_grad(rows: torch.Tensor, go: torch.Tensor, count: int, v: int, pad: in
     """
     rows = rows.reshape(-1)
     go = go.reshape(rows.numel(), -1)
-    if pad >= 0:
-        go = go.masked_fill((rows % v == pad).unsqueeze(1), 0)
     if go.device.type == "cpu" if index_add is None else index_add:
-        return torch.zeros(count, go.shape[1], dtype=go.dtype, device=go.device).index_add(0, rows, go)
-    return torch.ops.aten.embedding_dense_backward(go, rows.long(), count, -1, False)
+        grad = torch.zeros(count, go.shape[1], dtype=go.dtype, device=go.device).index_add_(0, rows, go)
+    else:
+        grad = torch.ops.aten.embedding_dense_backward(go, rows.long(), count, -1, False)
+    if pad >= 0:  # what the padding rows summed is dropped: the other rows' sums are as they were, bit for bit
+        grad.view(count // v, v, -1)[:, pad] = 0
+    return grad

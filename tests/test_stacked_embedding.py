@@ -167,3 +167,16 @@ def test_both_ways_of_adding_the_rows_give_the_same_gradient():
         assert torch.equal(a, b)
         if pad >= 0:
             assert a[[3, 13, 23]].eq(0).all()
+
+
+def test_a_non_finite_gradient_at_a_padding_position_reaches_no_row():
+    """The padding rows' sums are dropped after the rows are added: what arrived there, even a NaN, goes too."""
+    tables = torch.randn(2, 6, 3, requires_grad=True)
+    idx = torch.tensor([[1, 2, 1], [2, 4, 5]])
+    out = stacked_lookup(tables, idx, True, 2)
+    go = torch.ones_like(out)
+    go[0, 1] = float("nan")  # slot 0 looked up its padding row 2 there
+    go[1, 0] = float("inf")  # and slot 1 at its first token
+    (grad,) = torch.autograd.grad(out, tables, go)
+    assert grad[:, 2].eq(0).all() and grad.isfinite().all()
+    assert torch.equal(grad[0, 1], torch.full((3,), 2.0)) and torch.equal(grad[1, 4], torch.ones(3))
