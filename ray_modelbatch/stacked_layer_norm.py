@@ -47,7 +47,8 @@ def normalize(x: torch.Tensor, shape: tuple[int, ...] | torch.Size, eps: float) 
     key = (tuple(shape), x.dtype)
     ones = _ONES.get(key)
     if ones is None:
-        ones = _ONES[key] = torch.ones(key[0], dtype=x.dtype)
+        with torch.inference_mode(False):  # made in inference mode, autograd could not save it in training later
+            ones = _ONES[key] = torch.ones(key[0], dtype=x.dtype)
     return F.layer_norm(x, shape, ones, None, eps)
 
 

@@ -59,6 +59,15 @@ def test_normalize_reads_a_weight_of_ones_on_a_cpu():
     assert len(seen) == 1 and torch.equal(seen[0], torch.ones(8))
 
 
+def test_a_first_call_in_inference_mode_leaves_training_working():
+    x = torch.randn(4, 13)
+    with torch.inference_mode():  # the first call with this shape makes the cached weight of ones
+        normalize(x, (13,), 1e-5)
+    xg = x.clone().requires_grad_()
+    normalize(xg, (13,), 1e-5).square().sum().backward()  # autograd saves that weight for the backward
+    assert xg.grad is not None and xg.grad.isfinite().all()
+
+
 def test_under_vmap_each_slot_gets_the_rules_values_forward_and_backward():
     torch.manual_seed(0)
     n = 4
