@@ -7,7 +7,9 @@ trial got and lost its slot.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -423,6 +425,18 @@ def test_checkpoint_of_another_signature_fails_only_the_trial_that_loads_it(trai
 # ----------------------------------------------------------------------------------- torch-free proxy
 
 
+@contextlib.contextmanager
+def _tune_log():
+    """What Ray Tune's loggers write meanwhile (Ray's loggers do not propagate to the root logger)."""
+    out, logger = io.StringIO(), logging.getLogger("ray.tune")
+    handler = logging.StreamHandler(out)
+    logger.addHandler(handler)
+    try:
+        yield out
+    finally:
+        logger.removeHandler(handler)
+
+
 def _run(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
@@ -464,13 +478,17 @@ def test_proxy_and_unpickled_trainable_do_not_import_torch(tmp_path):
 
 def test_a_bad_data_fails_the_sweep_once_in_one_line_and_starts_one_host(trainables, tmp_path):
     """data() returning 2 items: the host reports it in one line (no aborted host process), the
-    first trial fails with that line, and the sweep stops there: no other trial errors or starts a
-    host, and Tune's loop ends instead of running the remaining samples."""
+    first trial fails with that line, and the sweep stops there: every trial ends in ERROR with that
+    error (none looks finished), Tune prints its traceback once, no other host starts, and Tune's loop
+    ends instead of running the remaining samples."""
     T = trainables(slots_per_host=4, data=h.digits_train_only)
-    grid, _ = h.fit(T, {"lr": tune.grid_search([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])}, tmp_path, scheduler=FIFOScheduler(),
-                    run_kw={"stop": {"training_iteration": 2}})
+    with _tune_log() as log:
+        grid, _ = h.fit(T, {"lr": tune.grid_search([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])}, tmp_path,
+                        scheduler=FIFOScheduler(), run_kw={"stop": {"training_iteration": 2}})
     errs = h.errors(grid)
-    assert len(errs) == 1, [str(e)[-200:] for e in errs]
+    assert len(errs) == len(grid) < 6, [str(e)[-200:] for e in errs]  # the last samples never made a trial
+    assert log.getvalue().count("Trial task failed") == 1, log.getvalue()[-3000:]
+    assert len({str(e).strip().splitlines()[-1] for e in errs}) == 1  # the same line for every trial
     text = str(errs[0])
     assert "data() returned two items" in text and "It must return four tensors (x_train, y_train, x_val, y_val)" in text, text
     assert "SweepSetupError" in text and "SIGABRT" not in text and "Stack trace" not in text

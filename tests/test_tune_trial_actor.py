@@ -195,6 +195,9 @@ def test_shared_trial_handles_keep_order_fail_alone_and_end_by_kill(trainables):
         good = cls.remote(config={"lr": 0.05, "seed": 3}, trial={"trial_id": "good"})
         bad = cls.remote(config={"seed": 4}, trial={"trial_id": "bad"})  # hparams() reads config["lr"]
         assert ray.get(good.__ray_ready__.remote()) is True
+        # the constructor's own call never raises: the driver drops its reference, and Ray prints an error
+        # in a dropped reference again as an "Unhandled error" traceback (one more per failed trial)
+        assert ray.get(bad._started) is None
         with pytest.raises(ray.exceptions.RayTaskError, match="has no key 'lr'"):
             ray.get(bad.__ray_ready__.remote())
         with pytest.raises(ray.exceptions.RayTaskError, match="has no key 'lr'"):

@@ -276,9 +276,12 @@ def stop_sweep_on_setup_error() -> None:
     the trial actor's creation, passes ``TuneController._trial_task_failure``, and
     ``_stop_experiment_if_needed`` (after each event) stops every trial once
     ``_should_stop_experiment`` is set, the flag a scheduler's "stop all" sets. The
-    wrapper sets it at the first such failure, which Tune reports as usual; later
-    ones of the same sweep only stop their trial (TERMINATED, no second report).
-    Idempotent. Check on upgrade: ``tests/test_tune_lifecycle.py``, the bad-data test.
+    wrapper sets it at the first such failure, which Tune reports as usual, and
+    fails every other pending or running trial of the sweep with the same error
+    (ERROR, as it would have ended, so the ``ResultGrid`` shows no trial as
+    finished): Tune's own handling of a failure minus its traceback print and its
+    retry (``_fail_quietly``). Idempotent. Check on upgrade:
+    ``tests/test_tune_lifecycle.py``, the bad-data test.
     """
     global _stop_on_setup_error_installed
     if _stop_on_setup_error_installed:
@@ -295,17 +298,36 @@ def stop_sweep_on_setup_error() -> None:
         if "SweepSetupError" not in f"{type(exception).__name__} {exception}":
             return task_failure(self, trial, exception)
         if getattr(self, "_rmb_setup_error", False):
-            self._schedule_trial_stop(trial)  # the sweep is stopping for this very reason: no second report
+            _fail_quietly(self, trial, exception)  # the sweep is stopping for this very reason: no second report
             return None
         self._rmb_setup_error = True
         self._should_stop_experiment = True
         task_failure(self, trial, exception)
         logger.error("ray_modelbatch: stopping the sweep, since every trial would fail the same way: %s",
                      _last_line(str(exception)))
+        for other in list(self._trials):
+            if other is not trial:
+                _fail_quietly(self, other, exception)
         return None
 
     TuneController._trial_task_failure = trial_task_failure
     _stop_on_setup_error_installed = True
+
+
+def _fail_quietly(controller: Any, trial: Any, exception: Exception) -> None:
+    """End a pending or running ``trial`` in ERROR with ``exception``, as Ray Tune 2.60's
+    ``TuneController._process_trial_failure`` does, without its traceback in the log and without a retry
+    (``FailureConfig.max_failures``): the error is the sweep's, printed once already."""
+    from ray.tune.experiment import Trial
+
+    if trial.status not in (Trial.PENDING, Trial.RUNNING):
+        return
+    trial.init_local_path()  # a trial that never started has no folder for its error file yet
+    trial.handle_error(exception)
+    controller._scheduler_alg.on_trial_error(controller, trial)
+    controller._search_alg.on_trial_complete(trial.trial_id, error=True)
+    controller._schedule_trial_stop(trial, exception=exception)
+    controller._callbacks.on_trial_error(iteration=controller._iteration, trials=controller._trials, trial=trial)
 
 
 def _last_line(text: str) -> str:

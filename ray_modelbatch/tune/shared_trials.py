@@ -110,7 +110,8 @@ class SharedTrialHandle:
         self._key = uuid.uuid4().hex
         self._seq = itertools.count()
         self._ended = False
-        self._submit("__init__", args, kwargs, payload_ref)  # its errors surface at __ray_ready__, as Ray's do
+        # Its errors surface at __ray_ready__, as Ray's do; the call itself returns None (see TrialServer._run)
+        self._started = self._submit("__init__", args, kwargs, payload_ref)
 
     def _submit(self, method: str, args: tuple, kwargs: dict, payload: Any = None) -> Any:
         if method in ("stop", "__ray_terminate__"):

@@ -102,14 +102,17 @@ class TrialServer:
                    payload: dict | None) -> Any:
         loop = asyncio.get_running_loop()
         if method == "__init__":
+            # Never raises: the driver drops this call's reference (as Ray's actor creation has none), and
+            # an error in a dropped reference is printed again as Ray's "Unhandled error" traceback. The
+            # error is kept and raised by the trial's next call, __ray_ready__, which Tune makes first.
             try:
                 trial = await loop.run_in_executor(self._pool, lambda: self._class(payload)(*args, **kwargs))
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - raised by the next call
                 seat.error = exc
-                raise
+                return None
             if key in self._ended:  # killed while it was being made: it must not keep its slot
                 await loop.run_in_executor(self._pool, _close, key, trial)
-                raise TrialGoneError(f"trial actor {key} was killed while it started")
+                return None  # its later calls fail: the key has ended
             seat.trial = trial
             return None
         if seat.error is not None:
