@@ -125,7 +125,15 @@ class ModelBatch:
             raise ValueError("cpu_gemm='onednn': this torch build has no oneDNN (mkldnn) fp32 linear kernel; "
                              "use cpu_gemm='blas'")
         self.cpu_gemm = cpu_gemm
+        if isinstance(models, nn.Module):  # a Sequential iterates over its layers: name the slip, not a mismatch
+            raise TypeError(f"ModelBatch takes a list of models, one per slot; got one {type(models).__name__}. "
+                            "Fix: ModelBatch([model]) for one slot, or ModelBatch([make() for _ in range(S)]).")
         models = list(models)
+        for i, m in enumerate(models):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"ModelBatch takes torch.nn.Module models; model {i} is "
+                                f"{'None' if m is None else type(m).__name__}. Fix: pass the modules themselves "
+                                "(a factory that builds one must return it).")
         self.signature = check_compatible(models)
         first = next(iter(models[0].state_dict().values()), None)
         self.device = torch.device(device) if device is not None else (

@@ -69,6 +69,15 @@ def test_incompatible_models_name_the_mismatch():
         rmb.ModelBatch([])
 
 
+def test_models_that_are_not_a_list_of_modules_are_named_in_one_line():
+    with pytest.raises(TypeError, match=r"a list of models, one per slot; got one MLP\. Fix: ModelBatch\(\[model\]\)"):
+        rmb.ModelBatch(MLP())
+    with pytest.raises(TypeError, match="model 1 is None"):
+        rmb.ModelBatch([MLP(), None])
+    with pytest.raises(TypeError, match="model 0 is str"):
+        rmb.ModelBatch(["MLP"])
+
+
 def test_slot_state_loads_into_fresh_module():
     models = make_models(3, bn=True)
     mb = rmb.ModelBatch(models)

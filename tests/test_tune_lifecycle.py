@@ -348,7 +348,7 @@ def test_results_loggers_and_host_tensorboard(trainables, tmp_path):
 def test_bad_configs_fail_or_isolate_only_their_own_trial(trainables, tmp_path):
     """Another shape: another stack, trains fine. A huge lr: NaN steps in that trial only. Each bad
     input fails only its own trial, at attach, with an error that names the problem and the fix:
-    an unfusable model, a negative lr, a config key the factory needs, inputs or labels of data()
+    an unfusable model, a model factory that returns None, a negative lr, a config key the factory needs, inputs or labels of data()
     that do not fit the model."""
     T = trainables(slots_per_host=4, optimizer="sgd")
     cases = {
@@ -356,6 +356,7 @@ def test_bad_configs_fail_or_isolate_only_their_own_trial(trainables, tmp_path):
         "wide": {"lr": 0.1, "arch": {"hidden": 48}},
         "nan": {"lr": 1e12},
         "item": {"lr": 0.1, "unfusable": True},
+        "none": {"lr": 0.1, "unfusable": "none"},
         "neg_lr": {"lr": -0.1},
         "no_key": {"lr": 0.1, "arch": {}},
         "in30": {"lr": 0.1, "d_in": 30},
@@ -374,6 +375,7 @@ def test_bad_configs_fail_or_isolate_only_their_own_trial(trainables, tmp_path):
     assert set(res) == set(cases)
     expect = {
         "item": ["FusionError", "Cannot fuse the model's own forward", ".item()"],
+        "none": ["TypeError", "model(config) returned None, not a torch.nn.Module. Fix:"],
         "neg_lr": ["HyperparameterError", "lr", "-0.1"],
         "no_key": ["TrialConfigError", "no key 'hidden'", "model() factory", "param_space"],
         "in30": ["InputShapeError", "data()", "(2, 64)", "make the config's model take inputs"],

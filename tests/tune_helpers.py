@@ -44,9 +44,12 @@ def digits_train_only():
 def make_model(cfg):
     """64-32-10 MLP; ``cfg["hidden"]`` (or ``cfg["arch"]["hidden"]``), ``cfg["d_in"]`` and ``cfg["d_out"]``
     change the shape, ``cfg["dropout"]`` adds dropout after the hidden layer, ``cfg["unfusable"]`` calls
-    ``.item()`` in forward."""
+    ``.item()`` in forward (``"none"``: the factory returns None)."""
     import torch
     from torch import nn
+
+    if cfg.get("unfusable") == "none":
+        return None
 
     hidden = int(cfg["arch"]["hidden"]) if "arch" in cfg else int(cfg.get("hidden", HIDDEN))
     d_in, d_out = int(cfg.get("d_in", IN)), int(cfg.get("d_out", OUT))

@@ -415,6 +415,10 @@ class SlotHost:
             seed = trial_seed(trial_id, config, self.spec.seed_key)
             _seed_model_init(seed, self.device)
             model = _from_config(self.spec.model, "model", seen)
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(f"model(config) returned {'None' if model is None else type(model).__name__}, "
+                                "not a torch.nn.Module. Fix: make the model factory return the module it builds "
+                                "(e.g. model=lambda c: Net(c['width']), without a bare `return`).")
             skey = stack_key(model)
             random_state = global_state(self.device)  # where the model alone would draw its dropout from
             hparams = _from_config(self.spec.hparams, "hparams", seen)
