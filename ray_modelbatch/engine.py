@@ -17,6 +17,7 @@ import torch
 
 from . import inputs, slot_losses
 from .amp import SlotGradScaler
+from .errors import is_out_of_memory
 from .metrics import slot_batched
 from .model_batch import ModelBatch, Slots
 from .optim.base import VectorOptimizer
@@ -48,6 +49,15 @@ def split_step_output(out: Any, name: str) -> tuple[torch.Tensor, dict[str, torc
             raise TypeError(f"{name} returned {key!r} of shape {shape} for one model; each value it returns must "
                             "be a scalar tensor (e.g. loss.mean(), or torch.as_tensor(x) for a number).")
     return loss, {k: v.detach() for k, v in extras.items()}
+
+
+def check_loss_shape(losses: torch.Tensor, loss_fn: Any) -> None:
+    """A loss function must give one number per model: ``losses`` is ``[n]`` (one per slot)."""
+    if losses.dim() != 1:
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        raise TypeError(f"the loss {name!r} returned a tensor of shape {list(losses.shape[1:])} for one model; it "
+                        "must return one number (a scalar tensor). Fix: reduce it, e.g. reduction='mean' (not "
+                        "'none'), or loss=lambda out, y: F.cross_entropy(out, y, reduction='none').mean().")
 
 
 @dataclass
@@ -129,6 +139,18 @@ class FusedEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.mb.device.type, dtype=self.autocast_dtype)
 
+    def _mlp_step(self, x: Any, y: Any, per_slot: bool, idx: torch.Tensor | None) -> torch.Tensor | None:
+        """The hand-written MLP step's losses, or None where it does not apply. Where it raises (an input or
+        labels that do not fit the model), None too: the general path below runs the step again and either
+        trains (the same numbers, through autograd) or raises an error that names the problem and the fix."""
+        try:
+            return self.mb.mlp_train_step(x, y, self.loss_fn, per_slot=per_slot, slots=idx)
+        except Exception as exc:  # noqa: BLE001 - explained by the general path
+            if is_out_of_memory(exc):
+                raise
+            self.optimizer.zero_grad()  # whatever it wrote to the gradients before it raised
+            return None
+
     def _host_slots(self, slots: Slots) -> torch.Tensor:
         return self.mb._cpu_index(slots)
 
@@ -172,7 +194,7 @@ class FusedEngine:
         saved = {k: v.clone() for k, v in mb.buffers.items()}
         try:
             # An MLP stack with a common loss: forward and backward by hand (mlp_step), no autograd.
-            losses = mb.mlp_train_step(x, y, self.loss_fn, per_slot=per_slot, slots=idx) \
+            losses = self._mlp_step(x, y, per_slot, idx) \
                 if self.step_fn is None and self.scaler is None and self.autocast_dtype is None else None
             manual, extras = losses is not None, {}
             if not manual:
@@ -182,6 +204,7 @@ class FusedEngine:
                                                            "train_step")
                     else:
                         (losses, _), extras = mb.forward_loss(x, y, self.loss_fn, per_slot=per_slot, slots=idx), {}
+                        check_loss_shape(losses, self.loss_fn)
             if losses.dtype != torch.float32:  # (a no-op .float() is a dispatcher call too)
                 losses = losses.float()
             bad_loss = ~(losses.abs() < math.inf)  # NaN compares False: three ops where isfinite takes six

@@ -12,6 +12,7 @@ import re
 import warnings
 from typing import Any, Callable, Iterator
 
+import torch
 from torch import nn
 
 from .errors import FusionError, FusionWarning, InputShapeError
@@ -76,30 +77,54 @@ def _describe(root: nn.Module, path: str) -> str:
 
 
 def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any],
-                    outside: str | None = None) -> FusionError | InputShapeError:
+                    outside: str | None = None, loss: str | None = None,
+                    batch: str | None = None, labels: str | None = None,
+                    slots: int | None = None) -> FusionError | InputShapeError:
     """Build a FusionError for ``exc`` by re-running the call under module tracking.
 
     ``outside`` names the code around the model (a user's step function), for
-    failures that happen while no module of the model runs.
+    failures that happen while no module of the model runs; ``loss`` names the
+    loss function, for failures after the forward (the labels, most often).
+    ``batch`` and ``labels`` describe one model's input and labels, and
+    ``slots`` is how many models run fused: torch's messages count them as a
+    first dimension.
     """
-    where = None
-    with track_modules(root) as stack:
-        try:
-            rerun()
-        except Exception:  # the same failure, now with the stack filled in
-            where = stack[-1] if stack else None
-    location = _describe(root, where) if where else (outside or f"the forward of {type(root).__name__}")
+    where, out_shape = None, []
+    hook = root.register_forward_hook(lambda m, a, o: out_shape.append(tuple(o.shape))
+                                      if isinstance(o, torch.Tensor) else None)
+    try:
+        with track_modules(root) as stack:
+            try:
+                rerun()
+            except Exception:  # the same failure, now with the stack filled in
+                where = stack[-1] if stack else None
+    finally:
+        hook.remove()
     msg = str(exc)
+    first = msg.strip().splitlines()[0].rstrip(".") if msg.strip() else "(no message)"
+    counted = (f" (torch's shapes count the {slots} fused models as a first dimension)"
+               if slots and re.search(r"\[\d|size \d|dimension \d", first) else "")
+    if where is None and loss is not None and out_shape:  # the forward ran: the loss failed on its output
+        return InputShapeError(
+            f"The loss {loss} failed on one model's output and its labels: {first}{counted}. One model's output "
+            f"has shape {list(out_shape[-1])}; its labels: {labels or 'unknown'}. Fix: give labels that fit "
+            "this loss and output (for cross_entropy: int64 class indices in [0, number of outputs), or "
+            "probabilities of the output's shape), or make the model output what the loss expects."
+        )
+    location = _describe(root, where) if where else (outside or f"the forward of {type(root).__name__}")
+    inside = "inside the step" if where is None and outside else "inside forward"
     if _SHAPE_RE.search(msg):
         return InputShapeError(
-            f"The input does not fit {location}: {msg.strip().splitlines()[0]}. Fix: pass a batch shaped as "
-            "one model expects ([B, ...]), or [S, B, ...] with per_slot=True for one batch per slot."
+            f"{location[0].upper()}{location[1:]} failed on its input: {first}{counted}. "
+            + (f"One model's input: {batch}. " if batch else "")
+            + "Fix: pass a batch shaped as one model expects ([B, ...], or [S, B, ...] with per_slot=True for one "
+            "batch per slot); if one model alone fails on such a batch too, the model itself needs the fix."
         )
     for needle, what, fix in _KNOWN:
         if needle in msg:
             return FusionError(
-                f"Cannot fuse {location}: it {what}. torch.vmap runs all slots as one computation, "
-                f"so this is not allowed. Fix: {fix}. (vmap said: {msg.strip().splitlines()[0]})"
+                f"Cannot fuse {location}: it {what.replace('inside forward', inside)}. torch.vmap runs all slots "
+                f"as one computation, so this is not allowed. Fix: {fix}. (vmap said: {first})"
             )
     m = _NOT_IMPL_RE.search(msg)
     if m:
@@ -107,10 +132,9 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
             f"Cannot fuse {location}: op {m.group(1)} has no vmap batching rule. Fix: replace it with "
             f"an equivalent op that vmap supports, or train this model without fusion."
         )
-    first = msg.strip().splitlines()[0] if msg.strip() else "(no message)"
     return FusionError(
         f"{location[0].upper()}{location[1:]} raised {type(exc).__name__} in the fused (torch.vmap) forward: "
-        f"{first}. If the model runs fine alone, fix: make forward a pure function of its parameters, "
+        f"{first}{counted}. If the model runs fine alone, fix: make forward a pure function of its parameters, "
         "buffers and inputs (no Python side effects, no reading tensor values in Python); otherwise fix the "
         "model itself. The original exception is chained below."
     )

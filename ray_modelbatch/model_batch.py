@@ -88,6 +88,22 @@ class FlatGroup:
         }
 
 
+def _one_model(x: Any, dim: int | None) -> Any:
+    """One model's part of a fused call's input (``dim`` 0: one per slot; None: shared), for messages."""
+    return x if dim is None else inputs.apply(lambda t: t[0], x)
+
+
+def _describe_labels(y: Any, dim: int | None) -> str:
+    """One model's labels for an error message: shape, dtype, and the range of integer class labels."""
+    y = _one_model(y, dim)
+    if not isinstance(y, torch.Tensor):
+        return inputs.describe(y)
+    text = f"shape {list(y.shape)}, dtype {y.dtype}"
+    if y.numel() and not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool:
+        text += f", values {int(y.min())} to {int(y.max())}"
+    return text
+
+
 class ModelBatch:
     """Stack ``models`` (identical structure) so that ``mb(x)`` runs all of them at once.
 
@@ -404,7 +420,7 @@ class ModelBatch:
         else:
             params = {k: v.index_select(0, idx) for k, v in self.params.items()}
             buffers = {k: v.index_select(0, idx) for k, v in self.buffers.items()}
-        out = None
+        out = direct_error = None
         # The rows' own generators for this forward's dropout and sampling (slot_random); None: the global one.
         draws = self.random.draws(idx) if self.per_slot_random else None
         direct = key[0] != "step"  # fast_path.run takes extra and keyword inputs, or refuses them (vmap)
@@ -418,13 +434,7 @@ class ModelBatch:
             except Exception as exc:  # noqa: BLE001 - vmap's path below runs it again, and explains errors
                 if is_out_of_memory(exc):
                     raise
-                self._slow_keys.add(key)
-                if not isinstance(exc, fast_path.Unsupported):  # a layout the plan does not take is expected
-                    first = (str(exc).splitlines() or [""])[0][:200]
-                    warnings.warn(FusionWarning(
-                        f"the direct fused path failed ({type(exc).__name__}: {first}); this call runs through "
-                        "torch.vmap instead, slower. Please report it with the model."), stacklevel=3)
-                out = None
+                direct_error, out = exc, None
                 if draws is not None:  # vmap draws from the slots' states again, not from where this run stopped
                     draws = self.random.draws(idx)
                 if idx is not None:  # the direct run may have updated these copies
@@ -433,7 +443,14 @@ class ModelBatch:
                     buffers = {k: v.clone() for k, v in self.buffers.items()}
         if out is None:
             with VmapRandom(draws) if draws is not None else contextlib.nullcontext():
-                out = self._run_vmap(key, call_args, params, buffers)
+                out = self._run_vmap(key, call_args, params, buffers)  # raises the input's own error, explained
+            if direct_error is not None:  # vmap ran what the direct path could not: this call stays on vmap
+                self._slow_keys.add(key)
+                if not isinstance(direct_error, fast_path.Unsupported):  # a layout the plan declines is expected
+                    first = (str(direct_error).splitlines() or [""])[0][:200]
+                    warnings.warn(FusionWarning(
+                        f"the direct fused path failed ({type(direct_error).__name__}: {first}); this call runs "
+                        "through torch.vmap instead, slower. Please report it with the model."), stacklevel=3)
         if draws is not None and self.training:  # an evaluation's draws do not move the slots' streams
             draws.commit()
         if self.training and self.buffers:
@@ -465,11 +482,16 @@ class ModelBatch:
         except Exception as exc:  # vmap's own errors are unreadable for users
             if is_out_of_memory(exc):  # not a fusion problem; re-running it to explain would only fail again
                 raise
-            outside = None
+            outside = loss = labels = None
             if key[0] == "step":
                 outside = f"the step function {getattr(call_args[2], '__name__', call_args[2])!r}"
+            elif key[0] is True:  # forward and loss: (x, y, loss_fn, args, kwargs)
+                loss = repr(getattr(call_args[2], "__name__", type(call_args[2]).__name__))
+                labels = _describe_labels(call_args[1], key[2])
+            batch = inputs.describe(_one_model(call_args[0], key[1])) if key[0] != "step" else None
             with hf.fused_masks() if self._hf else contextlib.nullcontext():
-                error = explain_failure(self._template, exc, invoke, outside=outside)
+                error = explain_failure(self._template, exc, invoke, outside=outside, loss=loss, batch=batch,
+                                        labels=labels, slots=next(iter(params.values())).shape[0] if params else None)
             raise error from exc
 
     @property

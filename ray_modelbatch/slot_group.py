@@ -55,7 +55,7 @@ from . import checkpoint, hf, inputs
 from .amp import SlotGradScaler
 from .data import SharedStream, resolve_steps_per_report
 from .dataset_streams import DatasetInputs, per_slot_streams
-from .engine import FusedEngine, StepResult
+from .engine import FusedEngine, StepResult, check_loss_shape
 from .errors import FusionError, InputShapeError, OutOfDeviceMemoryError, is_out_of_memory
 from .model_batch import ModelBatch
 from .signature import module_signature
@@ -132,10 +132,33 @@ def label_fix(output_shape: tuple, labels: torch.Tensor) -> str:
         return (f"Fix: return y.long() from data() (or one-hot labels of shape [N, {classes}]). The labels are "
                 f"wrong, not the model: it gives {classes} scores per example, so the loss wants class indices "
                 f"as integers, and data() returns {labels.dtype} labels.")
+    integer = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
+    if integer and classes > 1 and labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        if hi >= classes or (lo < 0 and lo != -100):  # -100: cross_entropy's ignore_index
+            return (f"Fix: the labels are class indices for a model with {classes} outputs per example, so they must "
+                    f"lie in [0, {classes}); data() has labels from {lo} to {hi}. Remap them in data() (e.g. to "
+                    f"0..{classes - 1})" + (f", or give the model {hi + 1} outputs." if hi >= classes else "."))
     if not labels.is_floating_point() and classes == 1:
         return ("Fix: give the model one output per class (e.g. nn.Linear(..., num_classes)), or use a loss for "
                 "one value per example: the model gives 1 value per example and the labels are integer classes.")
     return "Fix: make the config's model output what the loss expects for these labels (e.g. one logit per class)."
+
+
+def _extreme_label_rows(y: Any) -> torch.Tensor | None:
+    """The rows of integer labels ``y`` holding its smallest and its largest value (None for other labels)."""
+    if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] == 0 or y.is_floating_point() \
+            or y.is_complex() or y.dtype == torch.bool:
+        return None
+    flat = y.reshape(y.shape[0], -1)
+    return torch.stack([flat.amin(1).argmin(), flat.amax(1).argmax()])
+
+
+def _label_range(y: torch.Tensor) -> str:
+    """``", values a to b"`` for integer labels, for a message."""
+    if y.numel() == 0 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        return ""
+    return f", values {int(y.min())} to {int(y.max())}"
 
 
 @dataclass
@@ -316,6 +339,12 @@ class SlotGroup:
         was = self.mb.training
         self.mb.eval()
         x2, y2 = (inputs.apply(lambda t: t[:2], v) for v in (self.x_val, self.y_val))
+        # Besides two validation rows, the rows holding each set's smallest and largest label: a class
+        # index out of range anywhere in data() fails here, in one line, not in every trial's steps.
+        probes = [("y_val[:2]", x2, y2)] + [
+            (f"{name} rows {rows.tolist()}", inputs.apply(lambda t: t.index_select(0, rows), x), y.index_select(0, rows))
+            for name, x, y in (("y_train", self.x, self.y), ("y_val", self.x_val, self.y_val))
+            if (rows := _extreme_label_rows(y)) is not None]
         try:
             with torch.no_grad():
                 try:
@@ -325,19 +354,21 @@ class SlotGroup:
                         f"{exc} The batches come from data(): x_val[:2] has shape {inputs.describe(x2)}; "
                         "make the config's model take inputs of that shape, or reshape the data in data()."
                     ) from None
-                try:
-                    self.mb.forward_loss(x2, y2, self.settings.loss)
-                except (InputShapeError, FusionError) as exc:
-                    if not isinstance(out, torch.Tensor) or not isinstance(y2, torch.Tensor):
-                        raise  # an output object or dict labels: the loss's own message says more than ours
-                    cause = exc.__cause__ or exc
-                    raise InputShapeError(
-                        f"the loss {getattr(self.settings.loss, '__name__', self.settings.loss)!r} failed on the "
-                        f"model's output: {type(cause).__name__}: {cause}. One model's output has shape "
-                        f"{tuple(out.shape[1:])}; the labels of data() (y_val[:2]) have shape "
-                        f"{tuple(y2.shape)} and dtype {y2.dtype}. "
-                        f"{label_fix(tuple(out.shape[2:]), y2)}"
-                    ) from exc
+                for where, xp, yp in probes:
+                    try:
+                        losses, _ = self.mb.forward_loss(xp, yp, self.settings.loss)
+                    except (InputShapeError, FusionError) as exc:
+                        if not isinstance(out, torch.Tensor) or not isinstance(y2, torch.Tensor):
+                            raise  # an output object or dict labels: the loss's own message says more than ours
+                        cause = exc.__cause__ or exc
+                        raise InputShapeError(
+                            f"the loss {getattr(self.settings.loss, '__name__', self.settings.loss)!r} failed on "
+                            f"the model's output: {type(cause).__name__}: {cause}. One model's output has shape "
+                            f"{tuple(out.shape[1:])}; the labels of data() ({where}) have shape "
+                            f"{tuple(yp.shape)} and dtype {yp.dtype}{_label_range(yp)}. "
+                            f"{label_fix(tuple(out.shape[2:]), yp)}"
+                        ) from exc
+                    check_loss_shape(losses, self.settings.loss)
         finally:
             self.mb.train(was)
 
@@ -366,10 +397,10 @@ class SlotGroup:
                     except FusionError as exc:
                         keys = [".".join(map(str, p)) for p in self.configs.float_paths]
                         raise FusionError(
-                            f"{exc} Inside a fused step the float config values it reads ({keys}) are per-trial "
-                            "tensors, so they cannot steer Python control flow (if, range, float()); to use one "
-                            "that way, list it in batched_trainable(stack_by=[...]): trials then share a stack "
-                            "only with trials of the same value."
+                            f"{name} reads the float config values {keys}, which inside a fused step are "
+                            "per-trial tensors, so they cannot steer Python control flow (if, range, float()); "
+                            "to use one that way, list it in batched_trainable(stack_by=[...]): trials then "
+                            f"share a stack only with trials of the same value. {exc}"
                         ) from exc
         finally:
             self.mb.train(was)
@@ -481,7 +512,7 @@ class SlotGroup:
             self.mb.random.set_state(slot, random_state)
         else:
             self.mb.random.seed(slot, seed)
-        self.opt.set_hparams(slot, **hparams)
+        self._set_hparams(slot, hparams, owner)
         if self.configs is not None:
             self.configs.set(slot, config or {})
         if self.per_slot_data:
@@ -490,6 +521,14 @@ class SlotGroup:
         self._begin(slot)
         self.mb.activate(slot)
         return slot
+
+    def _set_hparams(self, slot: int, hparams: Mapping[str, Any], owner: str | None) -> None:
+        """The optimizer's ``set_hparams`` for one slot, whose error names the slot's trial, not only its row."""
+        self.opt.slot_labels = {slot: owner} if owner is not None else {}
+        try:
+            self.opt.set_hparams(slot, **hparams)
+        finally:
+            self.opt.slot_labels = {}
 
     def remove(self, slot: int) -> None:
         """Free a slot at once: masked out of every later step."""
@@ -774,7 +813,7 @@ class SlotGroup:
         checkpoint.check_fits(state, [s.describe() for s in self.mb.signature])
         self.mb.load_slot(slot, state["model"])
         self.opt.load_slot_state(slot, state["optimizer"], hparams=False)
-        self.opt.set_hparams(slot, **hparams)
+        self._set_hparams(slot, hparams, self.owner.get(slot))
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_slot_state(slot, state["scaler"])
         if self.per_slot_data and state.get("stream") is not None:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ray_modelbatch as rmb
@@ -154,7 +155,8 @@ def test_unfusable_models_fail_with_named_module_and_fix(cls, match):
 
 def test_wrong_input_shape_is_a_clear_error():
     mb = rmb.ModelBatch(make_models(2))
-    with pytest.raises(rmb.InputShapeError, match=r"does not fit module '0' \(Linear\).*Fix"):
+    with pytest.raises(rmb.InputShapeError, match=r"Module '0' \(Linear\) failed on its input: .*One model's input: "
+                                                  r"\(3, 7\)\. Fix: pass a batch shaped as one model expects"):
         mb(torch.randn(3, 7))
     with pytest.raises(ValueError, match="leading dimension 3.*2 slots"):
         mb(torch.randn(3, 4, 5), per_slot=True)
@@ -182,3 +184,44 @@ def test_op_without_batching_rule_warns_with_module_and_still_works():
         out = mb(x)
     for i, m in enumerate(models):
         torch.testing.assert_close(out[i], m(x))
+
+
+def _engine(loss=F.cross_entropy, n=3):
+    mb = rmb.ModelBatch(make_models(n, d_out=5))
+    return rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=1e-2), loss)
+
+
+def _batch(rows=8, d_in=5, classes=5):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(rows, d_in, generator=g), torch.randint(0, classes, (rows,), generator=g)
+
+
+def test_a_loss_that_gives_more_than_one_number_per_model_says_so_in_one_line():
+    x, y = _batch()
+    for loss in (lambda out, y: F.cross_entropy(out, y, reduction="none"), nn.CrossEntropyLoss(reduction="none")):
+        eng = _engine(loss)
+        before = {k: v.clone() for k, v in eng.mb.params.items()}
+        with pytest.raises(TypeError, match=r"returned a tensor of shape \[8\] for one model; it must return one "
+                                            r"number .* Fix: reduce it"):
+            eng.train_step(x, y)
+        assert all(torch.equal(before[k], v) for k, v in eng.mb.params.items())  # nothing moved
+
+
+def test_inputs_and_labels_that_do_not_fit_the_models_are_explained_and_training_goes_on(recwarn):
+    """The hand-written MLP step (mlp_step) and the direct path hand a failure to vmap's path, which names
+    the problem: the input's width, labels out of range or of a float dtype. No "please report" warning for a
+    mistake in the data, and the stack trains on its own fast path once the data is right."""
+    eng = _engine()
+    x, y = _batch()
+    with pytest.raises(rmb.InputShapeError, match=r"Module '0' \(Linear\) failed on its input: .*One model's "
+                                                  r"input: \(8, 7\)"):
+        eng.train_step(torch.randn(8, 7), y)
+    with pytest.raises(rmb.InputShapeError, match=r"The loss 'cross_entropy' failed on one model's output and its "
+                                                  r"labels: .* output has shape \[8, 5\]; its labels: shape \[8\], "
+                                                  r"dtype torch.int64, values 6 to 9\. Fix: give labels that fit"):
+        eng.train_step(x, y + 5)
+    with pytest.raises(rmb.InputShapeError, match=r"its labels: shape \[8\], dtype torch.float32\. Fix"):
+        eng.train_step(x, y.float())
+    assert not [w for w in recwarn if issubclass(w.category, rmb.FusionWarning)]
+    assert eng.train_step(x, y).updated.all()
+    assert eng.mb.uses_direct_path and not eng.mb._slow_keys

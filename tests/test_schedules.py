@@ -343,3 +343,15 @@ def test_plateau_state_is_per_slot_state():
         opt.plateau_step([0, 1], [1.0])
     with pytest.raises(ValueError, match="more than once"):
         opt.plateau_step([1, 1], [1.0, 2.0])
+
+
+def test_a_schedule_that_is_not_one_names_what_it_got_and_the_fix():
+    from ray_modelbatch.errors import HyperparameterError
+    from ray_modelbatch.optim import schedules as S
+
+    with pytest.raises(HyperparameterError, match=r"must be one Schedule, built with .*got torch's StepLR, which "
+                                                  r"cannot drive a fused optimizer: give schedule=schedules\.step_decay"):
+        S.encode(torch.optim.lr_scheduler.StepLR, 1)
+    with pytest.raises(HyperparameterError, match=r"one Schedule or a sequence of 3 \(one per slot\).*got a "
+                                                  r"sequence of 1\.$"):
+        S.encode([S.constant()], 3)

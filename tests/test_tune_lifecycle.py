@@ -381,6 +381,8 @@ def test_bad_configs_fail_or_isolate_only_their_own_trial(trainables, tmp_path):
         "in30": ["InputShapeError", "data()", "(2, 64)", "make the config's model take inputs"],
         "out1": ["InputShapeError", "labels of data()", "cross_entropy", "Fix:"],
     }
+    trial_id = "_".join(os.path.basename(res["neg_lr"].path).split("_")[1:3])  # BatchedTrainable_<id>_<n>_...
+    expect["neg_lr"].append(f"] (trial {trial_id}): [-0.1]")  # the trial, not only its row in the stack
     for case, words in expect.items():
         err = str(res[case].error)
         assert res[case].error is not None, case

@@ -245,10 +245,18 @@ def encode(schedule: Schedule | Sequence[Schedule] | None, num_slots: int) -> di
         return _encode_one(schedule, num_slots)
     rows = [_from_plain(r) for r in schedule] if isinstance(schedule, (list, tuple)) else None
     if rows is None or len(rows) != num_slots or not all(isinstance(r, Schedule) for r in rows):
+        got = type(schedule).__name__ if rows is None else f"a sequence of {len(rows)}"
+        torch_cls = schedule if isinstance(schedule, type) else type(schedule)
+        if torch_cls.__module__.startswith("torch.optim"):  # torch's scheduler (its class or an instance)
+            from .torch_compat import EQUIVALENTS
+
+            fix = EQUIVALENTS.get(torch_cls.__name__)
+            got = (f"torch's {torch_cls.__name__}, which cannot drive a fused optimizer"
+                   + (f": give {fix} instead" if fix else ""))
+        each = "" if num_slots == 1 else f" or a sequence of {num_slots} (one per slot)"
         raise HyperparameterError(
-            f"schedule must be one Schedule or a sequence of {num_slots} Schedules (one per slot); build them "
-            "with ray_modelbatch.optim.schedules (constant, step_decay, warmup_cosine, exponential, multi_step, "
-            "one_cycle, linear, warmup_linear)."
+            f"schedule must be one Schedule{each}, built with ray_modelbatch.optim.schedules (constant, step_decay, "
+            f"warmup_cosine, exponential, multi_step, one_cycle, linear, warmup_linear); got {got}."
         )
     parts = [_encode_one(r, 1) for r in rows]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
