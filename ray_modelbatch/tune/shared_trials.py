@@ -116,7 +116,13 @@ class SharedTrialHandle:
     def _submit(self, method: str, args: tuple, kwargs: dict, payload: Any = None) -> Any:
         if method in ("stop", "__ray_terminate__"):
             self._ended = True
-        return self._server.call.remote(self._key, next(self._seq), method, args, kwargs, payload)
+        ref = self._server.call.remote(self._key, next(self._seq), method, args, kwargs, payload)
+        if method == "__ray_ready__":
+            # Tune reads this call's outcome, a failed constructor's error included, unless it stops the trial
+            # first (a sweep stopped by a SweepSetupError, whose error is printed once): then Ray would print
+            # the dropped reference's error as an "Unhandled error" traceback. A future marks it read.
+            ref.future()
+        return ref
 
     def __getattr__(self, name: str) -> _SharedMethod:
         if name.startswith("_") and name not in ("__ray_ready__", "__ray_terminate__"):
