@@ -93,15 +93,26 @@ def _one_model(x: Any, dim: int | None) -> Any:
     return x if dim is None else inputs.apply(lambda t: t[0], x)
 
 
-def _describe_labels(y: Any, dim: int | None) -> str:
+def _describe_input(x: Any, dim: int | None) -> str | None:
+    """One model's input for an error message (None where it cannot be described: the message goes without)."""
+    try:
+        return inputs.describe(_one_model(x, dim))
+    except Exception:  # noqa: BLE001 - an error path: never hide the error being explained
+        return None
+
+
+def _describe_labels(y: Any, dim: int | None) -> str | None:
     """One model's labels for an error message: shape, dtype, and the range of integer class labels."""
-    y = _one_model(y, dim)
-    if not isinstance(y, torch.Tensor):
-        return inputs.describe(y)
-    text = f"shape {list(y.shape)}, dtype {y.dtype}"
-    if y.numel() and not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool:
-        text += f", values {int(y.min())} to {int(y.max())}"
-    return text
+    try:
+        y = _one_model(y, dim)
+        if not isinstance(y, torch.Tensor):
+            return inputs.describe(y)
+        text = f"shape {list(y.shape)}, dtype {y.dtype}"
+        if y.numel() and not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool:
+            text += f", values {int(y.min())} to {int(y.max())}"
+        return text
+    except Exception:  # noqa: BLE001 - an error path: never hide the error being explained
+        return None
 
 
 class ModelBatch:
@@ -488,7 +499,7 @@ class ModelBatch:
             elif key[0] is True:  # forward and loss: (x, y, loss_fn, args, kwargs)
                 loss = repr(getattr(call_args[2], "__name__", type(call_args[2]).__name__))
                 labels = _describe_labels(call_args[1], key[2])
-            batch = inputs.describe(_one_model(call_args[0], key[1])) if key[0] != "step" else None
+            batch = _describe_input(call_args[0], key[1]) if key[0] != "step" else None
             with hf.fused_masks() if self._hf else contextlib.nullcontext():
                 error = explain_failure(self._template, exc, invoke, outside=outside, loss=loss, batch=batch,
                                         labels=labels, slots=next(iter(params.values())).shape[0] if params else None)
