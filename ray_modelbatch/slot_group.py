@@ -58,7 +58,7 @@ from .dataset_streams import DatasetInputs, per_slot_streams
 from .engine import FusedEngine, StepResult, check_loss_shape
 from .errors import FusionError, InputShapeError, OutOfDeviceMemoryError, is_out_of_memory
 from .model_batch import ModelBatch
-from .signature import module_signature
+from .signature import module_settings, module_signature
 from .slot_results import IterationMeter, iteration_result
 from .slot_state import SlotSnapshots, collect_tensors
 from .step_config import RecordingConfig, SlotConfigs, static_part, tensor_paths, value_dtype
@@ -77,28 +77,16 @@ COMPACT_AFTER_STEPS = 4
 logger = logging.getLogger(__name__)
 
 
-def _simple_attrs(module: nn.Module) -> tuple:
-    """Plain Python settings of a module (e.g. Dropout.p, an activation name) that shape its forward."""
-    out = []
-    for k, v in sorted(vars(module).items()):
-        if k.startswith("_") or k == "training":
-            continue
-        if isinstance(v, (bool, int, float, str, type(None))) or (
-            isinstance(v, tuple) and all(isinstance(e, (bool, int, float, str)) for e in v)
-        ):
-            out.append((k, v))
-    return tuple(out)
-
-
 def stack_key(model: nn.Module) -> str:
     """A key that is equal exactly when two models can share one fused stack.
 
     Tensor shapes and dtypes are not enough: two configs may give equal shapes
-    but different forwards (another activation, another dropout rate), and a
-    stack runs one forward for all its slots. So the key also covers the module
-    tree and each module's plain settings.
+    but different forwards (another activation, another dropout rate, a config
+    dict kept on the model), and a stack runs one forward for all its slots. So
+    the key also covers the module tree and each module's settings
+    (:func:`~ray_modelbatch.signature.module_settings`).
     """
-    structure = [(name, type(m).__qualname__, _simple_attrs(m)) for name, m in model.named_modules()]
+    structure = [(name, type(m).__qualname__) for name, m in model.named_modules()] + list(module_settings(model))
     # A transformers model's forward also reads its config at run time (problem_type, use_cache...).
     text = repr((type(model).__module__, module_signature(model), structure, hf.config_key(model)))
     return f"{type(model).__name__}-{zlib.crc32(text.encode()):08x}"

@@ -428,6 +428,7 @@ class SlotHost:
                     _from_config(setting, "optimizer/batch_size", seen)  # records what they read
             group = next((g for g in self.groups.values() if g.model_key == skey and g.accepts(config)), None)
             if group is None:
+                self._warn_split_by_setting(model)
                 name = skey if skey not in self.groups else f"{skey}.{len(self.groups)}"
                 group = SlotGroup(self.spec, name, model, self.data, self.capacity, self.device,
                                   run_ahead=self.run_ahead, config=config)
@@ -448,6 +449,32 @@ class SlotHost:
                 self._stats.first_attach, self._stats.first_attach_at = time.monotonic(), time.time()
             self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot, "stack": skey})
         return {"host": self.name, "stack": skey, "slot": slot, "device": str(self.device), "node_id": self.node_id}
+
+    def _warn_split_by_setting(self, model: Any) -> None:
+        """Warn once per setting when a model gets a stack of its own only because a non-tensor setting
+        differs from an existing stack's model of the same shapes: a config dict kept whole on the model
+        (``self.config = config``) splits every trial that differs in any value of it, even ones its
+        forward never reads, and the sweep then fuses nothing."""
+        from ..signature import first_setting_difference, is_plain_setting, module_settings, module_signature
+
+        shapes = module_signature(model)
+        for g in self.groups.values():
+            if g.mb._module_class is not type(model) or g.mb.signature != shapes:
+                continue
+            found = first_setting_difference(g.mb._settings, module_settings(model))
+            if found is None:
+                continue
+            path, name, problem = found
+            reference = dict(((p, n), k) for p, n, k in g.mb._settings).get((path, name))
+            if is_plain_setting(reference) or ("split", path, name) in self._warned_keys:
+                continue  # a plain setting (a dropout rate) splits stacks as the user's sweep means it to
+            self._warned_keys.add(("split", path, name))
+            logger.warning(
+                "trials of %s get stacks of their own because %s: a stack runs one forward for all its "
+                "trials. If forward does not read that value, keep it off the model (e.g. store only what "
+                "forward uses, self.p = config['p'], not the whole config), so that such trials share a stack.",
+                type(model).__name__, problem)
+            return
 
     def _warn_unread(self, config: dict, reads: set) -> None:
         """Warn once per key about config keys named like a training setting that nothing reads.

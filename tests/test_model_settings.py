@@ -1,0 +1,107 @@
+"""Models that differ only in a setting their forward reads never share a stack (``signature.module_settings``).
+
+A stack runs its template's (slot 0's) forward for every slot. Shapes and
+dtypes alone let models through that differ in a value kept outside their
+parameters and buffers: a config dict stored on the model, a dataclass of
+options, an activation's closure, a plain tensor attribute. Such models used to
+train silently with slot 0's value; now a ``ModelBatch`` refuses them in one
+line naming the setting, and a slot host gives each its own stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ray_modelbatch as rmb
+from ray_modelbatch.errors import IncompatibleModelsError
+from ray_modelbatch.signature import first_setting_mismatch, module_settings
+from ray_modelbatch.slot_group import stack_key
+
+
+@dataclasses.dataclass
+class Options:
+    scale: float
+
+
+class Net(nn.Module):
+    """A forward that reads every kind of setting: a config dict, a dataclass, a closure, a tensor attribute."""
+
+    def __init__(self, p=0.0, lr=0.1, scale=1.0, slope=0.01, offset=0.0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.config = {"p": p, "lr": lr}
+        self.options = Options(scale)
+        self.act = lambda t: F.leaky_relu(t, slope)
+        self.offset = torch.tensor([offset, 0.0])
+        self.log = logging.getLogger("ray_modelbatch.test")  # shared objects compare equal
+
+    def forward(self, x):
+        h = self.act(self.fc1(x)) * self.options.scale
+        return self.fc2(F.dropout(h, self.config["p"], self.training)) + self.offset[0]
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"p": 0.5}, "config['p'] is 0.5, not 0.0"),
+    ({"lr": 0.2}, "config['lr'] is 0.2, not 0.1"),
+    ({"scale": 3.0}, "options.scale is 3.0, not 1.0"),
+    ({"slope": 0.2}, "act (its closure) is 0.2, not 0.01"),
+    ({"offset": 1.0}, "offset (values) is 1.0, not 0.0"),
+])
+def test_a_batch_refuses_models_that_differ_in_a_setting_and_names_it(change, words):
+    torch.manual_seed(0)
+    with pytest.raises(IncompatibleModelsError, match="slot 1 differs from slot 0 in a setting its forward may read: "
+                                                       + re.escape("the model: " + words)):
+        rmb.ModelBatch([Net(), Net(**change)])
+    assert stack_key(Net()) != stack_key(Net(**change))
+    mb = rmb.ModelBatch([Net(), Net()])  # equal settings, built apart: one stack
+    with pytest.raises(IncompatibleModelsError, match="cannot load a Net into slot 1: .*" + re.escape(words)):
+        mb.load_slot(1, Net(**change))
+
+
+def test_models_with_equal_settings_share_a_stack_and_train_as_alone():
+    torch.manual_seed(0)
+    models = [Net(p=0.0, scale=2.0) for _ in range(3)]
+    assert len({stack_key(m) for m in models}) == 1
+    assert first_setting_mismatch(module_settings(models[0]), module_settings(models[1])) is None
+    alone = [Net(p=0.0, scale=2.0) for _ in range(3)]
+    for a, m in zip(alone, models):
+        a.load_state_dict(m.state_dict())
+    mb = rmb.ModelBatch(models)
+    x = torch.randn(5, 4)
+    out = mb(x)
+    for i, a in enumerate(alone):
+        torch.testing.assert_close(out[i], a(x))
+
+
+def test_stack_keys_are_the_same_in_another_process():
+    """A key holds no ids or addresses (functions by their code, tensors by their values): hosts agree."""
+    code = ("import sys; sys.path.insert(0, %r); import test_model_settings as t; "
+            "from ray_modelbatch.slot_group import stack_key; print(stack_key(t.Net(p=0.3, slope=0.2)))")
+    here = __file__.rsplit("/", 1)[0]
+    out = subprocess.run([sys.executable, "-c", code % here], capture_output=True, text=True, timeout=120, cwd=here)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == stack_key(Net(p=0.3, slope=0.2))
+
+
+def test_a_host_warns_once_when_a_stored_config_splits_its_trials(caplog):
+    """A config kept whole on the model splits trials that differ in any of its values: the host names the
+    value once (a plain setting such as a dropout rate splits stacks as meant, without a warning)."""
+    from ray_modelbatch.tune.host import SlotHost
+
+    host = SlotHost.__new__(SlotHost)  # only what the warning reads
+    host._warned_keys = set()
+    host.groups = {"a": type("G", (), {"mb": rmb.ModelBatch([Net()])})()}
+    with caplog.at_level(logging.WARNING, logger="ray_modelbatch.tune.host"):
+        host._warn_split_by_setting(Net(lr=0.2))
+        host._warn_split_by_setting(Net(lr=0.3))
+    text = [r.getMessage() for r in caplog.records]
+    assert len(text) == 1 and "config['lr'] is 0.2, not 0.1" in text[0] and "self.p = config['p']" in text[0]
