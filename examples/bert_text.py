@@ -186,10 +186,10 @@ def main() -> None:
         print(f"{r['trial_id'].rsplit('_', 1)[-1]:>6} {r['config/lr']:>9.2e} {r['config/wd']:>9.2e} "
               f"{int(r['config/warmup_steps']):>6} {int(r['training_iteration']):>6} {r['loss']:>7.4f} "
               f"{r['accuracy']:>8.3f}")
-    best = results.get_best_result(scope="all")
+    best = df.iloc[0]  # the best report of any trial (a Result's metrics are its trial's last report)
     majority = float(load_reviews()[1]["labels"].float().mean())
-    print(f"\nbest validation accuracy {best.metrics['accuracy']:.3f} (majority class "
-          f"{max(majority, 1 - majority):.3f}), lr {best.config['lr']:.2e}; total time {time.monotonic() - t0:.1f}s")
+    print(f"\nbest validation accuracy {best['accuracy']:.3f} (majority class "
+          f"{max(majority, 1 - majority):.3f}), lr {best['config/lr']:.2e}; total time {time.monotonic() - t0:.1f}s")
     if errors:
         raise SystemExit(f"{len(errors)} trials errored, e.g. {errors[0]!r}")
 

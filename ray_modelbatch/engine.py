@@ -304,7 +304,7 @@ class FusedEngine:
     def evaluate(
         self,
         x: Any,
-        y: Any,
+        y: Any = None,
         metrics: Mapping[str, MetricFn] | None = None,
         *,
         slots: Slots = "active",

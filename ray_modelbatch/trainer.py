@@ -28,6 +28,7 @@ from typing import IO, Any, Mapping, Sequence, Union
 
 import torch
 
+from . import inputs
 from .data import PerSlotStreams, SharedStream
 from .engine import FusedEngine, MetricFn
 from .slot_group import SlotGroup
@@ -280,10 +281,14 @@ class Trainer:
         self.train = train
         self.metrics = dict(metrics or {})
         self.val_per_slot = False
-        self.val: tuple[torch.Tensor, ...] | None = None
+        self.val: tuple[Any, ...] | None = None
         if val is not None:
-            self.val = tuple(t.to(mb.device) for t in val)
+            # x may be a dict of keyword inputs (a Hugging Face batch) and y None (its labels inside x)
+            self.val = tuple(None if v is None else inputs.apply(lambda t: t.to(mb.device), v) for v in val)
             if len(self.val) == 3:
+                if not all(isinstance(v, torch.Tensor) for v in self.val):
+                    raise TypeError("per-slot validation data (xs, ys, mask) must be three tensors; for dict batches "
+                                    "give val=(x, y) shared by every slot, with y None when the labels are in x")
                 self.val_per_slot = True
                 xs, ys, mask = self.val
                 if xs.shape[0] != mb.num_slots or ys.shape[0] != mb.num_slots or tuple(mask.shape) != tuple(xs.shape[:2]):

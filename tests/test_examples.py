@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -61,7 +62,11 @@ def test_the_ported_pbt_gan_scores_its_generators(tmp_path):
 def test_the_bert_text_classifier_sweep_trains(tmp_path):
     out = run_example("bert_text.py", "--trials", "4", "--slots", "4", "--max-t", "2", "--steps", "3",
                       "--num-cpus", "2", "--storage", str(tmp_path))
-    assert "best validation accuracy" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["trial"])
+    table = [float(line.split()[-1]) for line in lines[header + 1:header + 5] if len(line.split()) == 7]
+    best = float(re.search(r"best validation accuracy ([0-9.]+)", out).group(1))
+    assert len(table) == 4 and best == max(table)  # the best report of any trial, not the best trial's last
 
 
 def test_the_standalone_sweep_trains_without_ray():

@@ -330,3 +330,35 @@ def test_a_step_that_runs_out_of_memory_is_rerun_in_chunks_with_the_same_results
         assert got == [pytest.approx(r, rel=1e-5, abs=1e-7) for r in want]
     for k in s_ref:
         torch.testing.assert_close(s_oom[k], s_ref[k], rtol=1e-5, atol=1e-6)
+
+
+class KeywordNet(nn.Module):
+    """A model called with keyword inputs, as a Hugging Face model is (``model(**batch)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, pixels, weight):
+        return self.fc(pixels * weight)
+
+
+def test_dict_validation_data_is_evaluated_as_a_dict_training_batch_is(digits):
+    """val=(dict of keyword inputs, labels): each slot's validation loss is its model's own on that dict."""
+    x, y = digits
+    xd = {"pixels": x[:512], "weight": torch.ones(512, 1)}
+    vd = {"pixels": x[1400:], "weight": torch.ones(len(x) - 1400, 1)}
+    torch.manual_seed(0)
+    models = [KeywordNet() for _ in range(3)]
+    eng = engine_for(models, lr=[1e-3, 3e-3, 1e-2])
+    trainer = Trainer(eng, SharedStream(xd, y[:512], batch_size=64, seed=0), (vd, y[1400:]), eval_every=5,
+                      progress=False)
+    trainer.fit(10)
+    got = trainer.evaluate()
+    for s in range(3):
+        alone = eng.mb.slot_module(s, KeywordNet())
+        with torch.no_grad():
+            want = nn.functional.cross_entropy(alone(**vd), y[1400:]).item()
+        assert got[s]["val_loss"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(TypeError, match="per-slot validation data .* must be three tensors"):
+        Trainer(eng, SharedStream(xd, y[:512], batch_size=64, seed=0), (vd, y[1400:], None), progress=False)
