@@ -124,11 +124,21 @@ def module_settings(model: nn.Module) -> tuple:
     memo: dict[int, Any] = {}
     out = []
     for path, module in model.named_modules():
+        # torch's reparametrizations by hook (spectral_norm, weight_norm, prune) recompute a tensor attribute
+        # from the slot's own parameters and buffers before each forward: the hook names it
+        recomputed = {getattr(h, "name", None) for h in module._forward_pre_hooks.values()}
         for name, value in sorted(vars(module).items()):
-            if name.startswith("_") or name == "training":
+            if name.startswith("_") or name == "training" or _computed(value, name in recomputed):
                 continue
             out.append((path, name, setting_key(value, memo)))
     return tuple(out)
+
+
+def _computed(value: Any, by_hook: bool) -> bool:
+    """A tensor attribute computed from the parameters (a hook's, or one with a gradient graph): each slot's
+    forward computes its own, so it is not a setting."""
+    return isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and (
+        by_hook or value.requires_grad or value.grad_fn is not None)
 
 
 def setting_key(value: Any, memo: dict[int, Any] | None = None, depth: int = 0) -> Any:

@@ -105,3 +105,18 @@ def test_a_host_warns_once_when_a_stored_config_splits_its_trials(caplog):
         host._warn_split_by_setting(Net(lr=0.3))
     text = [r.getMessage() for r in caplog.records]
     assert len(text) == 1 and "config['lr'] is 0.2, not 0.1" in text[0] and "self.p = config['p']" in text[0]
+
+
+def test_a_tensor_attribute_a_hook_recomputes_from_the_slots_own_weights_is_not_a_setting():
+    """spectral_norm keeps ``weight`` as a plain tensor attribute that its pre-hook recomputes from each slot's
+    ``weight_orig`` and power-iteration buffers: models that differ there still share a stack, and match alone."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 3)), nn.Tanh()) for _ in range(2)]
+    assert not torch.equal(models[0][0].weight, models[1][0].weight)
+    mb = rmb.ModelBatch(models)
+    assert stack_key(models[0]) == stack_key(models[1])
+    x = torch.randn(5, 4)
+    mb.eval()
+    out = mb(x)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m.eval()(x))
