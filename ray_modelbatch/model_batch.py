@@ -507,6 +507,16 @@ class ModelBatch:
             raise error from exc
 
     @property
+    def module_class(self) -> type:
+        """The class of the stacked models."""
+        return self._module_class
+
+    @property
+    def settings(self) -> tuple:
+        """The stacked models' settings besides tensors (:func:`~ray_modelbatch.signature.module_settings`)."""
+        return self._settings
+
+    @property
     def uses_direct_path(self) -> bool:
         """Whether forwards in the current mode skip vmap (see :mod:`ray_modelbatch.fast_path` for the layers)."""
         return self._plan() is not None

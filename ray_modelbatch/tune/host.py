@@ -459,13 +459,13 @@ class SlotHost:
 
         shapes = module_signature(model)
         for g in self.groups.values():
-            if g.mb._module_class is not type(model) or g.mb.signature != shapes:
+            if g.mb.module_class is not type(model) or g.mb.signature != shapes:
                 continue
-            found = first_setting_difference(g.mb._settings, module_settings(model))
+            found = first_setting_difference(g.mb.settings, module_settings(model))
             if found is None:
                 continue
             path, name, problem = found
-            reference = dict(((p, n), k) for p, n, k in g.mb._settings).get((path, name))
+            reference = dict(((p, n), k) for p, n, k in g.mb.settings).get((path, name))
             if is_plain_setting(reference) or ("split", path, name) in self._warned_keys:
                 continue  # a plain setting (a dropout rate) splits stacks as the user's sweep means it to
             self._warned_keys.add(("split", path, name))
