@@ -31,7 +31,8 @@ from . import fast_path, hf, inputs, mlp_step, slot_losses, step_config
 from .cpu_memory import keep_freed_memory
 from .errors import FusionWarning, IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
-from .signature import check_compatible, first_mismatch, first_setting_mismatch, module_settings, module_signature
+from .signature import (check_compatible, check_same_settings, first_mismatch, first_setting_mismatch, module_settings,
+                        module_signature)
 from .slot_random import Draws, SlotRandom, VmapRandom, vmap_body
 from .stacked_embedding import dense_gradients, stack_embeddings
 from .stacked_layer_norm import stack_layer_norms
@@ -162,7 +163,7 @@ class ModelBatch:
                                 f"{'None' if m is None else type(m).__name__}. Fix: pass the modules themselves "
                                 "(a factory that builds one must return it).")
         self.signature = check_compatible(models)
-        self._settings = module_settings(models[0])  # what its forward reads besides tensors (see signature)
+        self._settings = check_same_settings(models)  # what the forward reads besides tensors (see signature)
         first = next(iter(models[0].state_dict().values()), None)
         self.device = torch.device(device) if device is not None else (
             first.device if first is not None else torch.device("cpu")

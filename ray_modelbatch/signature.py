@@ -94,7 +94,6 @@ def check_compatible(modules: Iterable[nn.Module], what: str = "slot") -> Signat
                 "identical parameter and buffer shapes and dtypes; build them from the same "
                 "architecture config, or give shape-changing hyperparameters their own batch."
             )
-    check_same_settings(modules, what)
     return reference
 
 
