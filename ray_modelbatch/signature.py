@@ -240,25 +240,25 @@ def _checksum(t: torch.Tensor) -> Any:
 def first_setting_mismatch(reference: tuple, other: tuple) -> str | None:
     """Describe the first setting in which two :func:`module_settings` differ, or None if none does."""
     found = first_setting_difference(reference, other)
-    return None if found is None else found[2]
+    return None if found is None else found[3]
 
 
-def first_setting_difference(reference: tuple, other: tuple) -> tuple[str, str, str] | None:
-    """``(module path, attribute, description)`` of the first setting in which two :func:`module_settings`
-    differ, or None if none does."""
+def first_setting_difference(reference: tuple, other: tuple) -> tuple[str, str, Any, str] | None:
+    """``(module path, attribute, its key in reference, description)`` of the first setting in which two
+    :func:`module_settings` differ (the key None for an attribute only ``other`` has), or None if none does."""
     ref = {(p, n): k for p, n, k in reference}
     oth = {(p, n): k for p, n, k in other}
     for (path, name), k in ref.items():
         where = f"module '{path}'" if path else "the model"
         if (path, name) not in oth:
-            return path, name, f"{where} has no attribute '{name}'"
+            return path, name, k, f"{where} has no attribute '{name}'"
         diff = _first_difference(k, oth[(path, name)])
         if diff is not None:
             at, mine, theirs = diff
-            return path, name, f"{where}: {name}{at} is {_short(theirs)}, not {_short(mine)}"
+            return path, name, k, f"{where}: {name}{at} is {_short(theirs)}, not {_short(mine)}"
     for (path, name) in oth:
         if (path, name) not in ref:
-            return path, name, f"{f'module {path!r}' if path else 'the model'} has an extra attribute '{name}'"
+            return path, name, None, f"{f'module {path!r}' if path else 'the model'} has an extra attribute '{name}'"
     return None
 
 

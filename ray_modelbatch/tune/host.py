@@ -464,8 +464,7 @@ class SlotHost:
             found = first_setting_difference(g.mb.settings, module_settings(model))
             if found is None:
                 continue
-            path, name, problem = found
-            reference = dict(((p, n), k) for p, n, k in g.mb.settings).get((path, name))
+            path, name, reference, problem = found
             if is_plain_setting(reference) or ("split", path, name) in self._warned_keys:
                 continue  # a plain setting (a dropout rate) splits stacks as the user's sweep means it to
             self._warned_keys.add(("split", path, name))
