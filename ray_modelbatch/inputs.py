@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["is_columns", "apply", "leaves", "num_rows", "describe", "call", "call_args", "step_batch", "tensors"]
+__all__ = ["is_columns", "apply", "leaves", "num_rows", "describe", "integer_valued", "value_range", "call", "call_args",
+           "step_batch", "tensors"]
 
 
 def is_columns(x: Any) -> bool:
@@ -68,6 +69,18 @@ def describe(x: Any) -> str:
     if is_columns(x):
         return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in x.items()) + "}"
     return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def integer_valued(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds integers (class labels, token ids): not floating point, complex or bool."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def value_range(t: torch.Tensor) -> str:
+    """``", values a to b"`` for a tensor of integers (labels), ``""`` otherwise: for an error message."""
+    if t.numel() == 0 or not integer_valued(t):
+        return ""
+    return f", values {int(t.min())} to {int(t.max())}"
 
 
 def call_args(x: Any, args: tuple = (), kwargs: Mapping[str, Any] | None = None) -> tuple[tuple, dict]:

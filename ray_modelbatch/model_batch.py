@@ -108,10 +108,7 @@ def _describe_labels(y: Any, dim: int | None) -> str | None:
         y = _one_model(y, dim)
         if not isinstance(y, torch.Tensor):
             return inputs.describe(y)
-        text = f"shape {list(y.shape)}, dtype {y.dtype}"
-        if y.numel() and not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool:
-            text += f", values {int(y.min())} to {int(y.max())}"
-        return text
+        return f"shape {list(y.shape)}, dtype {y.dtype}{inputs.value_range(y)}"
     except Exception:  # noqa: BLE001 - an error path: never hide the error being explained
         return None
 

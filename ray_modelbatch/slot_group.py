@@ -120,8 +120,7 @@ def label_fix(output_shape: tuple, labels: torch.Tensor) -> str:
         return (f"Fix: return y.long() from data() (or one-hot labels of shape [N, {classes}]). The labels are "
                 f"wrong, not the model: it gives {classes} scores per example, so the loss wants class indices "
                 f"as integers, and data() returns {labels.dtype} labels.")
-    integer = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
-    if integer and classes > 1 and labels.numel():
+    if inputs.integer_valued(labels) and classes > 1 and labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if hi >= classes or (lo < 0 and lo != -100):  # -100: cross_entropy's ignore_index
             return (f"Fix: the labels are class indices for a model with {classes} outputs per example, so they must "
@@ -135,18 +134,10 @@ def label_fix(output_shape: tuple, labels: torch.Tensor) -> str:
 
 def _extreme_label_rows(y: Any) -> torch.Tensor | None:
     """The rows of integer labels ``y`` holding its smallest and its largest value (None for other labels)."""
-    if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] == 0 or y.is_floating_point() \
-            or y.is_complex() or y.dtype == torch.bool:
+    if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] == 0 or not inputs.integer_valued(y):
         return None
     flat = y.reshape(y.shape[0], -1)
     return torch.stack([flat.amin(1).argmin(), flat.amax(1).argmax()])
-
-
-def _label_range(y: torch.Tensor) -> str:
-    """``", values a to b"`` for integer labels, for a message."""
-    if y.numel() == 0 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        return ""
-    return f", values {int(y.min())} to {int(y.max())}"
 
 
 @dataclass
@@ -353,7 +344,7 @@ class SlotGroup:
                             f"the loss {getattr(self.settings.loss, '__name__', self.settings.loss)!r} failed on "
                             f"the model's output: {type(cause).__name__}: {cause}. One model's output has shape "
                             f"{tuple(out.shape[1:])}; the labels of data() ({where}) have shape "
-                            f"{tuple(yp.shape)} and dtype {yp.dtype}{_label_range(yp)}. "
+                            f"{tuple(yp.shape)} and dtype {yp.dtype}{inputs.value_range(yp)}. "
                             f"{label_fix(tuple(out.shape[2:]), yp)}"
                         ) from exc
                     check_loss_shape(losses, self.settings.loss)
