@@ -56,7 +56,7 @@ from .amp import SlotGradScaler
 from .data import SharedStream, resolve_steps_per_report
 from .dataset_streams import DatasetInputs, per_slot_streams
 from .engine import FusedEngine, StepResult, check_loss_shape
-from .errors import FusionError, InputShapeError, OutOfDeviceMemoryError, is_out_of_memory
+from .errors import FusionError, HyperparameterError, InputShapeError, OutOfDeviceMemoryError, is_out_of_memory
 from .model_batch import ModelBatch
 from .signature import module_settings, module_signature
 from .slot_results import IterationMeter, iteration_result
@@ -503,11 +503,12 @@ class SlotGroup:
 
     def _set_hparams(self, slot: int, hparams: Mapping[str, Any], owner: str | None) -> None:
         """The optimizer's ``set_hparams`` for one slot, whose error names the slot's trial, not only its row."""
-        self.opt.slot_labels = {slot: owner} if owner is not None else {}
         try:
             self.opt.set_hparams(slot, **hparams)
-        finally:
-            self.opt.slot_labels = {}
+        except HyperparameterError as exc:
+            if owner is None:
+                raise
+            raise type(exc)(f"trial {owner}: {exc}") from None
 
     def remove(self, slot: int) -> None:
         """Free a slot at once: masked out of every later step."""

@@ -383,7 +383,7 @@ def test_bad_configs_fail_or_isolate_only_their_own_trial(trainables, tmp_path):
         "out1": ["InputShapeError", "labels of data()", "cross_entropy", "Fix:"],
     }
     trial_id = "_".join(os.path.basename(res["neg_lr"].path).split("_")[1:3])  # BatchedTrainable_<id>_<n>_...
-    expect["neg_lr"].append(f"] (trial {trial_id}): [-0.1]")  # the trial, not only its row in the stack
+    expect["neg_lr"].append(f"trial {trial_id}: invalid lr for slot(s) [")  # the trial, not only its row
     for case, words in expect.items():
         err = str(res[case].error)
         assert res[case].error is not None, case

@@ -246,8 +246,6 @@ class VectorOptimizer:
         _drop_torch_defaults(type(self).__name__, hparams)
         self.mb = mb
         self.skip_nonfinite = skip_nonfinite
-        # Who each slot belongs to, for messages (a SlotGroup passes its owners: Tune trial IDs); may be empty.
-        self.slot_labels: Mapping[int, str] = {}
         # torch.compile turns the step (norms, per-slot coefficients, masks) into one call and the
         # elementwise update into one pass over parameters, gradients and state (eager runs ~10
         # passes); see _core. Off by default: compiling takes seconds per shape.
@@ -321,15 +319,10 @@ class VectorOptimizer:
             for name, bad in bads.items():
                 if bool(bad.any()):
                     raise HyperparameterError(
-                        f"invalid {name} for {self.describe_slots(slots[bad].tolist())}: {values[name][bad].tolist()}. "
+                        f"invalid {name} for slot(s) {slots[bad].tolist()}: {values[name][bad].tolist()}. "
                         f"{self.specs[name].rule}; fix the value in the config (or search space) of those slots."
                     )
         self._check_combination(values if every is None else every, slots)
-
-    def describe_slots(self, slots: list[int]) -> str:
-        """``slot(s) [2, 5]``, with their owners where :attr:`slot_labels` knows them (``(trial a, trial b)``)."""
-        owners = [self.slot_labels[i] for i in slots if i in self.slot_labels]
-        return f"slot(s) {slots}" + (f" (trial {', '.join(owners)})" if owners else "")
 
     def _check_combination(self, values: Mapping[str, torch.Tensor], slots: torch.Tensor) -> None:
         """Hook for rules that involve several hyperparameters (e.g. nesterov needs momentum)."""

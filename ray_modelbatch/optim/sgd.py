@@ -41,7 +41,7 @@ class SGD(VectorOptimizer):
             bad = (values["nesterov"] == 1) & ((values["momentum"] <= 0) | (values["dampening"] != 0))
             if bool(bad.any()):
                 raise HyperparameterError(
-                    f"nesterov momentum for {self.describe_slots(slots[bad].tolist())} needs momentum > 0 and dampening 0 "
+                    f"nesterov momentum for slot(s) {slots[bad].tolist()} needs momentum > 0 and dampening 0 "
                     "(as in torch.optim.SGD); set nesterov=False or change momentum/dampening for them."
                 )
 
