@@ -191,7 +191,7 @@ class FusedEngine:
         # step is skipped must get those back, or a NaN batch poisons it; and a
         # step that raises before the update (e.g. out of memory) must leave
         # every slot as it was, so that it can be run again in smaller pieces.
-        saved = {k: v.clone() for k, v in mb.buffers.items()}
+        saved = {k: v.detach().clone() for k, v in mb.forward_state().items()}
         try:
             # An MLP stack with a common loss: forward and backward by hand (mlp_step), no autograd.
             losses = self._mlp_step(x, y, per_slot, idx) \
@@ -215,7 +215,7 @@ class FusedEngine:
         except BaseException:
             with torch.no_grad():
                 for k, old in saved.items():
-                    mb.buffers[k].copy_(old)
+                    mb.forward_state()[k].copy_(old)
             mb.random.revert()  # a retry draws the same dropout masks
             raise
         self.partial_step = True  # until this step returns
@@ -251,7 +251,7 @@ class FusedEngine:
         mb, opts = self.mb, self.optimizer.parts
         n = host.numel()
         skip = None if skip is None else skip.to(device=mb.device, dtype=torch.bool)
-        saved = {k: v.clone() for k, v in mb.buffers.items()}
+        saved = {k: v.detach().clone() for k, v in mb.forward_state().items()}
         total = torch.zeros(n, device=mb.device)
         nonfinite = torch.zeros(n, dtype=torch.bool, device=mb.device)
         norms = torch.zeros(n, device=mb.device)
@@ -281,7 +281,7 @@ class FusedEngine:
             if not self.partial_step:
                 with torch.no_grad():
                     for k, old in saved.items():
-                        mb.buffers[k].copy_(old)
+                        mb.forward_state()[k].copy_(old)
                 mb.random.revert()
             raise
         if skip is not None and mb.random.drew:
@@ -428,8 +428,8 @@ def _metric_values(fns: Mapping[str, MetricFn], out: Any, y: Any, ydim: int | No
 
 def _restore_buffers(mb: ModelBatch, saved: dict[str, torch.Tensor], still: torch.Tensor,
                      idx: torch.Tensor | None) -> None:
-    """Put back the buffers (BatchNorm statistics) of the rows ``still`` marks (``[n]``, aligned with ``idx``;
-    None: every slot), from ``saved``, the whole stack's buffers before the step.
+    """Put back what the forward changed in place (BatchNorm statistics, :meth:`ModelBatch.forward_state`) in the
+    rows ``still`` marks (``[n]``, aligned with ``idx``; None: every slot), from ``saved``, as it was before the step.
 
     On a CPU, asking whether any row is marked costs no device sync, and in a
     step where every row steps and every loss is finite none is: the restore's
@@ -442,6 +442,7 @@ def _restore_buffers(mb: ModelBatch, saved: dict[str, torch.Tensor], still: torc
     skipped = still if idx is None else torch.zeros(
         mb.num_slots, dtype=torch.bool, device=mb.device).index_copy(0, idx, still)
     with torch.no_grad():
+        state = mb.forward_state()
         for k, old in saved.items():
-            cur = mb.buffers[k]
+            cur = state[k]
             cur.copy_(torch.where(skipped.view(-1, *[1] * (cur.dim() - 1)), old, cur))

@@ -110,6 +110,7 @@ from . import direct_attention as attention
 from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
 from .direct_kernels import CHAN, SHARED, SLOT, Act, Unsupported
+from .signature import MODULE_HOOKS
 from .stacked_embedding import StackedEmbedding
 from .stacked_layer_norm import StackedLayerNorm
 from .unrolled_rnn import UnrolledRNN
@@ -344,7 +345,30 @@ def why_not(template: nn.Module, none: frozenset[str] = frozenset()) -> str | No
     return None if isinstance(got, FastPlan) else got
 
 
+def _hooked(template: nn.Module) -> str | None:
+    """Why hooks keep ``template`` off the direct path, or None: a traced graph calls no module's hooks.
+
+    A forward hook may change what a module returns (``nn.utils.weight_norm``
+    and ``prune`` compute ``weight`` in one), so a plan that skipped them would
+    compute other numbers than the model. vmap's path calls each module as
+    torch does, hooks included.
+    """
+    import torch.nn.modules.module as torch_module
+
+    if any(getattr(torch_module, "_global" + kind) for kind in MODULE_HOOKS):
+        return "a global module hook is registered (torch.nn.modules.module.register_module_*_hook)"
+    for name, m in template.named_modules():
+        for kind in MODULE_HOOKS:
+            if getattr(m, kind, None):
+                what = kind.strip("_").replace("_", " ")[:-1]
+                return f"module '{name}' ({type(m).__name__}) has a {what} (weight_norm, prune or your own)"
+    return None
+
+
 def _plan_or_reason(template: nn.Module, none: frozenset[str]) -> FastPlan | str:
+    hooked = _hooked(template)
+    if hooked:
+        return hooked
     modules = dict(template.named_modules())
     for name, _ in template.named_buffers():
         mod_name = name.rpartition(".")[0]

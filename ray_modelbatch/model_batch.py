@@ -23,16 +23,16 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
 from . import fast_path, hf, inputs, mlp_step, slot_losses, step_config
 from .cpu_memory import keep_freed_memory
-from .errors import FusionWarning, IncompatibleModelsError, is_out_of_memory
+from .errors import FusionError, FusionWarning, IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
-from .signature import (check_compatible, check_same_settings, first_mismatch, first_setting_mismatch, module_settings,
-                        module_signature)
+from .signature import (check_compatible, check_same_settings, first_mismatch, first_setting_mismatch, gradient_hook,
+                        module_settings, module_signature)
 from .slot_random import Draws, SlotRandom, VmapRandom, vmap_body
 from .stacked_embedding import dense_gradients, stack_embeddings
 from .stacked_layer_norm import stack_layer_norms
@@ -60,7 +60,22 @@ def _meta_copy(model: nn.Module) -> nn.Module:
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
+    for t in _computed_attributes(model):
+        memo[id(t)] = torch.empty_like(t, device="meta")
     return copy.deepcopy(model, memo)
+
+
+def _computed_attributes(model: nn.Module) -> list[torch.Tensor]:
+    """Tensor attributes that a forward pre-hook computes from parameters (not leaves of a graph).
+
+    ``nn.utils.weight_norm`` and ``nn.utils.prune`` keep ``weight`` as such a
+    tensor, recomputed from ``weight_g``/``weight_v`` (or ``weight_orig`` and
+    its mask) before every forward. ``copy.deepcopy`` refuses tensors that are
+    not leaves, so a copy maps them to placeholders; the hook overwrites them
+    on the copy's first forward, from the slot's own parameters.
+    """
+    return [v for m in model.modules() for v in vars(m).values()
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and v.grad_fn is not None]
 
 
 @dataclass
@@ -87,6 +102,48 @@ class FlatGroup:
             n: flat[:, o : o + int(torch.Size(sh).numel())].view(s, *sh)
             for n, o, sh in zip(self.names, self.offsets, self.shapes)
         }
+
+
+def _buffer_owners(template: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(name, owning module, attribute)`` of every buffer of ``template``."""
+    out = []
+    for name, _ in template.named_buffers():
+        path, _, leaf = name.rpartition(".")
+        out.append((name, template.get_submodule(path), leaf))
+    return out
+
+
+@contextlib.contextmanager
+def _swapped(template: nn.Module, owners: list[tuple[str, nn.Module, str]], params: dict[str, torch.Tensor],
+             buffers: dict[str, torch.Tensor]) -> Iterator[dict[str, Any]]:
+    """One slot's tensors in ``template`` (``functional_call``'s swap, tied weights kept) inside a vmapped call.
+
+    Yields a dict that, on leaving, holds each buffer the forward reassigned
+    (``self.ema = 0.9 * self.ema + ...``, where BatchNorm updates in place):
+    the swap puts the slot's own tensors back on the way out, so without this
+    the new value would be dropped and the slot would train on a stale buffer.
+    """
+    moved: dict[str, Any] = {}
+    with vmap_body(), _reparametrize_module(template, {**params, **buffers}, tie_weights=True):
+        yield moved
+        for name, module, leaf in owners:
+            now = module._buffers.get(leaf)
+            if now is not buffers[name]:
+                moved[name] = now
+
+
+def _keep_reassigned(buffers: dict[str, torch.Tensor], moved: dict[str, Any]) -> None:
+    """Write the buffers a vmapped forward reassigned into the stack's rows (see :func:`_swapped`)."""
+    for name, value in moved.items():
+        old = buffers[name]
+        if not isinstance(value, torch.Tensor) or value.shape != old.shape or value.dtype != old.dtype:
+            got = "None" if value is None else (f"a {type(value).__name__}" if not isinstance(value, torch.Tensor)
+                                                else f"shape {list(value.shape[1:])} {value.dtype}")
+            raise FusionError(f"the forward set buffer '{name}' to {got}, where it holds shape "
+                              f"{list(old.shape[1:])} {old.dtype}: a stack keeps each buffer's shape and dtype. Fix: "
+                              "keep the buffer's shape and dtype (or make the value a plain attribute).")
+        with torch.no_grad():
+            old.copy_(value)
 
 
 def _one_model(x: Any, dim: int | None) -> Any:
@@ -160,6 +217,13 @@ class ModelBatch:
                                 f"{'None' if m is None else type(m).__name__}. Fix: pass the modules themselves "
                                 "(a factory that builds one must return it).")
         self.signature = check_compatible(models)
+        for i, m in enumerate(models):
+            hooked = gradient_hook(m)
+            if hooked:
+                raise IncompatibleModelsError(
+                    f"model {i}'s parameter '{hooked}' has a gradient hook (Tensor.register_hook): a stack trains "
+                    "its own tensors, so the hook would never run. Fix: remove it; clip gradients with the "
+                    "optimizer's max_grad_norm=, or change the loss in a train_step.")
         self._settings = check_same_settings(models)  # what the forward reads besides tensors (see signature)
         first = next(iter(models[0].state_dict().values()), None)
         self.device = torch.device(device) if device is not None else (
@@ -182,6 +246,10 @@ class ModelBatch:
         # Buffers outside the state_dict (persistent=False: a BERT's position_ids, rotary frequencies) are
         # derived from the config, so a state_dict cannot set them: see load_slot and resize.
         self._transient = [n for n in self._buffer_names if n not in set(self._state_keys.values())]
+        # Embedding(max_norm=...) renormalizes the rows it looks up in place, in the forward: see forward_state
+        self._renormed = [f"{path}.weight" if path else "weight" for path, m in template.named_modules()
+                          if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+                          and m.weight.requires_grad]
         self._template = template
         self.training = models[0].training
         self._applied_mode: bool | None = None  # the mode train() last set on every submodule
@@ -196,6 +264,7 @@ class ModelBatch:
         self._mlp_chains: dict[Any, mlp_step.MlpChain | None] = {}  # by loss function; see mlp_train_step
         self._slow_keys: set[tuple] = set()  # calls the direct path could not take
         self._grads_into_buffer = False  # see gradients_into_buffer()
+        self.gradless: tuple[str, ...] = ()  # trainable parameters the last backward gave no gradient: sync_grads
 
         s = len(models)
         self._groups: dict[torch.dtype, FlatGroup] = {}
@@ -273,7 +342,15 @@ class ModelBatch:
         Code that sets ``p.grad = None`` (e.g. ``zero_grad(set_to_none=True)``)
         or assigns a new tensor would otherwise hide gradients from the
         optimizer, which reads the flat buffer.
+
+        A parameter whose ``.grad`` is still None got no gradient from the
+        backward (a layer the forward never used, a head used only in
+        evaluation, a weight read through ``.detach()``). ``torch.optim``
+        skips such a parameter entirely, weight decay and moments included, so
+        its name goes into :attr:`gradless`, which the optimizers read to leave
+        its columns as they are; its view is zeroed and its ``.grad`` stays None.
         """
+        gradless = []
         for name, view in self._grad_views.items():
             p = self.params[name]
             g = p.grad
@@ -282,9 +359,11 @@ class ModelBatch:
             with torch.no_grad():
                 if g is None:
                     view.zero_()
-                else:
-                    view.copy_(g)
+                    gradless.append(name)
+                    continue
+                view.copy_(g)
             p.grad = view
+        self.gradless: tuple[str, ...] = tuple(gradless)
 
     def zero_grad(self) -> None:
         """Clear the gradients of every slot.
@@ -398,25 +477,29 @@ class ModelBatch:
             # Extra positional and keyword inputs: shared (None), or per slot where they are tensors
             # (see _prepare_args); a dict x is the model's keyword inputs (inputs.call_args).
             a_dims, k_dims = (None, None) if arg_dims is None else (arg_dims[0], dict(arg_dims[1]))
+            owners = _buffer_owners(template)
 
             if with_loss == "step":  # a user's step: fn(model, batch, config) for one model (see run_step)
                 def one(params, buffers, batch, values, step, config):
-                    # functional_call's own swap (tied weights stay tied), around the user's function
-                    with vmap_body(), _reparametrize_module(template, {**params, **buffers}, tie_weights=True):
-                        return step(template, batch, step_config.with_values(config, values))
+                    with _swapped(template, owners, params, buffers) as moved:
+                        out = step(template, batch, step_config.with_values(config, values))
+                    return out, moved
 
                 fn = vmap(one, in_dims=(0, 0, x_dim, 0, None, None), randomness="different")
             elif with_loss:
                 def one(params, buffers, x, y, loss_fn, args, kwargs):
-                    with vmap_body():
-                        out = functional_call(template, (params, buffers), *inputs.call_args(x, args, kwargs))
-                    return loss_fn(out, y), out
+                    with _swapped(template, owners, params, buffers) as moved:
+                        a, kw = inputs.call_args(x, args, kwargs)
+                        out = template(*a, **kw)
+                    return (loss_fn(out, y), out), moved
 
                 fn = vmap(one, in_dims=(0, 0, x_dim, y_dim, None, a_dims, k_dims), randomness="different")
             else:
                 def one(params, buffers, x, args, kwargs):
-                    with vmap_body():
-                        return functional_call(template, (params, buffers), *inputs.call_args(x, args, kwargs))
+                    with _swapped(template, owners, params, buffers) as moved:
+                        a, kw = inputs.call_args(x, args, kwargs)
+                        out = template(*a, **kw)
+                    return out, moved
 
                 fn = vmap(one, in_dims=(0, 0, x_dim, a_dims, k_dims), randomness="different")
             self._vmapped[key] = fn
@@ -453,7 +536,8 @@ class ModelBatch:
                     buffers = {k: v.clone() for k, v in self.buffers.items()}
         if out is None:
             with VmapRandom(draws) if draws is not None else contextlib.nullcontext():
-                out = self._run_vmap(key, call_args, params, buffers)  # raises the input's own error, explained
+                out, moved = self._run_vmap(key, call_args, params, buffers)  # raises the input's error, explained
+            _keep_reassigned(buffers, moved)
             if direct_error is not None:  # vmap ran what the direct path could not: this call stays on vmap
                 self._slow_keys.add(key)
                 if not isinstance(direct_error, fast_path.Unsupported):  # a layout the plan declines is expected
@@ -463,6 +547,10 @@ class ModelBatch:
                         "through torch.vmap instead, slower. Please report it with the model."), stacklevel=3)
         if draws is not None and self.training:  # an evaluation's draws do not move the slots' streams
             draws.commit()
+        if idx is not None and self._renormed:  # max_norm renormalized the gathered rows: as torch, keep that
+            with torch.no_grad():
+                for k in self._renormed:
+                    self.params[k].index_copy_(0, idx, params[k].detach())
         if self.training and self.buffers:
             with torch.no_grad():
                 if idx is not None:
@@ -477,6 +565,14 @@ class ModelBatch:
                         for k, v in self.buffers.items():
                             v[act] = buffers[k][act]
         return out
+
+    def forward_state(self) -> dict[str, torch.Tensor]:
+        """What a forward may change in place: the buffers (BatchNorm's statistics) and the weights of
+        ``Embedding(max_norm=...)``, which renormalizes the rows it looks up. A step puts back the rows of the slots
+        that must not move (see :meth:`FusedEngine.train_step`'s ``skip``)."""
+        if not self._renormed:
+            return self.buffers
+        return {**self.buffers, **{k: self.params[k] for k in self._renormed}}
 
     def _run_vmap(self, key: tuple, call_args: tuple, params: dict[str, torch.Tensor],
                   buffers: dict[str, torch.Tensor]) -> Any:

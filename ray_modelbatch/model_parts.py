@@ -100,6 +100,10 @@ class PartView:
     def sync_grads(self) -> None:
         self.mb.sync_grads()
 
+    @property
+    def gradless(self) -> tuple[str, ...]:
+        return self.mb.gradless
+
     def zero_grad(self) -> None:
         self.mb.zero_grad()
 

@@ -130,7 +130,27 @@ def module_settings(model: nn.Module) -> tuple:
             if name.startswith("_") or name == "training" or _computed(value, name in recomputed):
                 continue
             out.append((path, name, setting_key(value, memo)))
+        for kind in MODULE_HOOKS:  # a hook is part of the forward (or backward): by its code and closure
+            hooks = getattr(module, kind, None)
+            if hooks:
+                out.append((path, kind.strip("_").replace("_", " "), setting_key(tuple(hooks.values()), memo)))
     return tuple(out)
+
+
+MODULE_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def gradient_hook(model: nn.Module) -> str | None:
+    """The first parameter of ``model`` with a gradient hook (``Tensor.register_hook`` or
+    ``register_post_accumulate_grad_hook``), or None.
+
+    A stack trains new tensors, the slots' rows of one buffer, so a hook on a
+    model's own parameter would never run: the slot would train without it.
+    """
+    for name, p in model.named_parameters():
+        if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+            return name
+    return None
 
 
 def _computed(value: Any, by_hook: bool) -> bool:

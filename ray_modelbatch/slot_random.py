@@ -459,9 +459,16 @@ class VmapRandom(TorchFunctionMode):
             return x
         if p == 1.0:  # as F.dropout: no draw
             return x * torch.zeros((), dtype=x.dtype, device=x.device)
-        shape = tuple(x.shape) if func is F.dropout else (*x.shape[:2], *[1] * (x.dim() - 2))
         with _DisableFuncTorch():
-            noise = self.draws.noise_of_shape(shape, p, x.dtype)
+            if func is F.dropout:  # bernoulli_ fills memory in order: each row's mask follows its tensor's strides
+                if maybe_get_level(x) == level:
+                    value, bdim = _unwrap_batched(x, level)
+                    rows = value.movedim(bdim, 0)
+                else:  # the same tensor in every slot (no slot dimension): each row's mask is shaped as it
+                    rows = x.unsqueeze(0).expand(len(self.draws.rows), *x.shape)
+                noise = self.draws.noise(rows, p)
+            else:  # a feature dropout's mask is [N, C, 1, ...], drawn contiguous (ATen's make_feature_noise)
+                noise = self.draws.noise_of_shape((*x.shape[:2], *[1] * (x.dim() - 2)), p, x.dtype)
         return x * _add_batch_dim(noise, 0, level)
 
     def _alpha_dropout(self, func: Any, level: int, args: tuple, kwargs: dict) -> Any:

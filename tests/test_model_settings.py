@@ -120,3 +120,70 @@ def test_a_tensor_attribute_a_hook_recomputes_from_the_slots_own_weights_is_not_
     out = mb(x)
     for i, m in enumerate(models):
         torch.testing.assert_close(out[i], m.eval()(x))
+
+
+def _hooked(scale: float) -> nn.Module:
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    m[0].register_forward_hook(lambda mod, args, out: out * scale)
+    m[2].register_forward_pre_hook(lambda mod, args: (args[0] + 1.0,))
+    return m
+
+
+def test_module_hooks_run_in_every_slot_and_differing_hooks_never_share_a_stack():
+    """A traced (direct) plan calls no hooks: a model with forward hooks runs on vmap's path, where each module is
+    called as torch calls it, and a hook with another closure is a setting that splits stacks."""
+    torch.manual_seed(0)
+    models = [_hooked(2.0) for _ in range(3)]
+    mb = rmb.ModelBatch(models)
+    assert not mb.uses_direct_path
+    x = torch.randn(5, 4)
+    out = mb(x)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(x))
+    assert stack_key(_hooked(2.0)) == stack_key(_hooked(2.0)) != stack_key(_hooked(3.0))
+    with pytest.raises(IncompatibleModelsError, match=re.escape("module '0': forward hooks (its closure) is 3.0, "
+                                                                "not 2.0")):
+        rmb.ModelBatch([_hooked(2.0), _hooked(3.0)])
+
+
+def test_a_gradient_hook_on_a_parameter_is_refused_in_one_line():
+    """A stack trains its own tensors, so a hook on the model's parameter would silently never run."""
+    m = nn.Linear(4, 2)
+    m.weight.register_hook(lambda g: g * 0)
+    with pytest.raises(IncompatibleModelsError, match="parameter 'weight' has a gradient hook .* Fix: remove it"):
+        rmb.ModelBatch([m])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("reparametrize", ["weight_norm", "prune"])
+def test_reparametrizations_by_hook_stack_and_train_like_the_model_alone(reparametrize):
+    """``nn.utils.weight_norm`` and ``prune`` keep ``weight`` as a tensor a pre-hook computes (not a leaf, which
+    ``copy.deepcopy`` refuses): the stack's copy maps it to a placeholder, and every slot trains as alone."""
+    from torch.nn.utils import prune
+
+    def make(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        if reparametrize == "weight_norm":
+            m[0] = nn.utils.weight_norm(m[0])
+        else:
+            prune.l1_unstructured(m[0], "weight", amount=0.4)
+        return m
+
+    lrs = [1e-2, 3e-3, 1e-3]
+    mb = rmb.ModelBatch([make(i) for i in range(3)])
+    engine = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=lrs), F.cross_entropy)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(3, 4, 6, generator=g) for _ in range(4)]
+    ys = [torch.randint(0, 3, (3, 4), generator=g) for _ in range(4)]
+    for x, y in zip(xs, ys):
+        engine.train_step(x, y, per_slot=True)
+    out = mb(xs[0], per_slot=True)
+    for i in range(3):
+        alone = make(i)
+        opt = torch.optim.Adam(alone.parameters(), lr=lrs[i])
+        for x, y in zip(xs, ys):
+            opt.zero_grad()
+            F.cross_entropy(alone(x[i]), y[i]).backward()
+            opt.step()
+        torch.testing.assert_close(out[i], alone(xs[0][i]))

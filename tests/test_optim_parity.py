@@ -80,3 +80,47 @@ def test_state_dict_round_trip_continues_identically():
     assert torch.equal(mb.groups[torch.float32].data, mb2.groups[torch.float32].data)
     with pytest.raises(HyperparameterError, match="NAdam over 3 slots"):
         optim.Adam(mb2).load_state_dict(saved)
+
+
+class _PartlyUsed(nn.Module):
+    """A training forward that reaches only some parameters: an unused layer, a head used only in evaluation, a
+    weight read through ``.detach()``. torch.optim skips those (their ``.grad`` is None): no decay, no moments."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.unused, self.eval_head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.head = nn.Linear(8, 2)
+        self.gate = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x)) * self.gate.detach()
+        return self.head(h) if self.training else self.eval_head(h)
+
+
+@pytest.mark.parametrize("cls, kw", [
+    (optim.SGD, dict(momentum=0.9, weight_decay=0.1)), (optim.Adam, dict(weight_decay=0.1)),
+    (optim.AdamW, dict(weight_decay=0.1)), (optim.RMSprop, dict(weight_decay=0.1, momentum=0.5)),
+    (optim.Adagrad, dict(weight_decay=0.1)), (optim.Adamax, dict(weight_decay=0.1)),
+    (optim.NAdam, dict(weight_decay=0.1)), (optim.RAdam, dict(weight_decay=0.1))],
+    ids=lambda v: v.__name__ if isinstance(v, type) else "")
+def test_parameters_without_a_gradient_are_left_as_torch_leaves_them(cls, kw):
+    torch.manual_seed(0)
+    models = [_PartlyUsed() for _ in range(3)]
+    mb = ModelBatch([copy.deepcopy(m) for m in models])
+    lrs = [1e-2, 3e-2, 1e-1]
+    opt = cls(mb, lr=lrs, **kw)
+    refs = [getattr(torch.optim, cls.__name__)(m.parameters(), lr=lr, **kw) for m, lr in zip(models, lrs)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(3, 16, 4, generator=g), torch.randn(3, 16, 2, generator=g)
+        opt.zero_grad()
+        F.mse_loss(mb(x, per_slot=True), y, reduction="none").mean((1, 2)).sum().backward()  # each slot its own
+        opt.step()
+        for i, (m, ref) in enumerate(zip(models, refs)):
+            ref.zero_grad()
+            F.mse_loss(m(x[i]), y[i]).backward()
+            ref.step()
+    assert set(mb.gradless) == {"unused.weight", "unused.bias", "eval_head.weight", "eval_head.bias", "gate"}
+    for i, m in enumerate(models):
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(mb.params[name][i], p.detach(), msg=name)

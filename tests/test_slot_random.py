@@ -547,3 +547,34 @@ def test_a_random_fill_of_a_tensor_made_in_the_step_gets_one_clear_line():
     with pytest.raises(rmb.FusionError, match=r"fills_its_own.*fills a tensor made inside it.*torch\.randn_like"):
         engine.train_step(*_batches(1, 10)[0])
     assert all(torch.equal(mb.random.state(s), before[s]) for s in range(S))
+
+
+class _TransposedDropout(nn.Module):
+    """Dropout of a non-contiguous activation (batch-first attention's output is a transpose): torch's mask
+    follows the tensor's memory order, so a slot's must too."""
+
+    def __init__(self, shared_noise_input=False):
+        super().__init__()
+        self.fc, self.drop = nn.Linear(8, 8), nn.Dropout(0.3)
+        self.shared_noise_input = shared_noise_input
+
+    def forward(self, x):
+        h = self.fc(x).transpose(0, 1)
+        if self.shared_noise_input:  # a tensor with no slot dimension, dropped out inside the fused call
+            h = h + self.drop(torch.ones(h.shape).transpose(0, 1)).transpose(0, 1)
+        return self.drop(torch.sin(h)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "vmap"])
+@pytest.mark.parametrize("shared", [False, True], ids=["slot input", "plus an unbatched input"])
+def test_dropout_of_a_non_contiguous_activation_draws_the_models_own_mask(direct, shared):
+    torch.manual_seed(1)
+    model = _TransposedDropout(shared)
+    state = torch.get_rng_state()
+    mb = rmb.ModelBatch([copy.deepcopy(model), copy.deepcopy(model)], direct_path=direct)
+    assert mb.uses_direct_path == (direct and not shared)
+    mb.random.set_state(0, state)
+    x = torch.randn(4, 6, 8)
+    out = mb(x)
+    torch.set_rng_state(state)
+    torch.testing.assert_close(out[0], model(x), rtol=0, atol=0)

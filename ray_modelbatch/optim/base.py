@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - a torch without it: compile is tried, 
 
 from ..errors import HyperparameterError
 from ..model_batch import ModelBatch, Slots
+from . import gradless
 from . import groups as pgroups
 from . import plateau as plateau_rule
 from . import schedules
@@ -603,12 +604,13 @@ class VectorOptimizer:
         if skip is not None and (skip.dtype != torch.bool or skip.device != mb.device):  # (a no-op .to costs)
             skip = skip.to(device=mb.device, dtype=torch.bool)
         index = [self._group_index.get(dt) for dt in groups]
-        norm, finite, okf, new_scalars = self._run_core(ps, gs, sts, hp, scalars, steps, skip, index, idx)
-        if idx is not None:
-            for dt, g, p, st in zip(groups, groups.values(), ps, sts):
-                g.data.index_copy_(0, idx, p)
-                for k, v in st.items():
-                    self.state[dt][k].index_copy_(0, idx, v)
+        with gradless.kept(groups, self.state, getattr(mb, "gradless", ())):  # as torch.optim skips them
+            norm, finite, okf, new_scalars = self._run_core(ps, gs, sts, hp, scalars, steps, skip, index, idx)
+            if idx is not None:
+                for dt, g, p, st in zip(groups, groups.values(), ps, sts):
+                    g.data.index_copy_(0, idx, p)
+                    for k, v in st.items():
+                        self.state[dt][k].index_copy_(0, idx, v)
 
         nonfinite = ~finite
         if idx is None:
