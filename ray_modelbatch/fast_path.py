@@ -317,6 +317,8 @@ def _node_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_method":
         return f"method .{node.target}()"
     if node.op == "get_attr":
+        if str(node.target).startswith("_tensor_constant"):  # torch.fx's name for a tensor from outside the model
+            return "a tensor the forward reads from outside the model (a global, or a closure's)"
         return f"attribute '{node.target}'"
     fn = node.target
     return f"function {getattr(fn, '__module__', '') or ''}.{getattr(fn, '__name__', fn)}".replace("torch._C._nn.", "F.")
@@ -373,7 +375,9 @@ def _plan_or_reason(template: nn.Module, none: frozenset[str]) -> FastPlan | str
     for name, _ in template.named_buffers():
         mod_name = name.rpartition(".")[0]
         owner = modules[mod_name]
-        if not (isinstance(owner, NORM_MODULES) and _norm_ok(owner)):  # only BatchNorm's running statistics
+        if isinstance(owner, NORM_MODULES) and not _norm_ok(owner):
+            return f"module '{mod_name}' ({type(owner).__name__}) keeps a cumulative average (momentum=None)"
+        if not isinstance(owner, NORM_MODULES):  # only BatchNorm's running statistics
             return (f"buffer '{name}' of module '{mod_name}' ({type(owner).__name__}): the direct path keeps no "
                     "buffers but BatchNorm's running statistics")
     graph = _trace(template, none)

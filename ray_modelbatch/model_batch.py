@@ -27,7 +27,7 @@ from torch.func import vmap
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
-from . import fast_path, hf, inputs, mlp_step, slot_losses, step_config
+from . import batched_normalizations, cumulative_batch_norm, fast_path, hf, inputs, mlp_step, slot_losses, step_config
 from .cpu_memory import keep_freed_memory
 from .errors import FusionError, FusionWarning, IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
@@ -63,6 +63,12 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     for t in _computed_attributes(model):
         memo[id(t)] = torch.empty_like(t, device="meta")
     return copy.deepcopy(model, memo)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` that also copies models whose pre-hooks compute a tensor attribute
+    (``nn.utils.weight_norm``, ``prune``: see :func:`_computed_attributes`), which deepcopy refuses."""
+    return copy.deepcopy(model, {id(t): t.detach().clone() for t in _computed_attributes(model)})
 
 
 def _computed_attributes(model: nn.Module) -> list[torch.Tensor]:
@@ -235,6 +241,8 @@ class ModelBatch:
         dense_gradients(template)  # sparse gradients cannot be stacked: see stacked_embedding
         stack_embeddings(template)  # lookups in the stacked tables, padding rows out of the gradient: see there
         stack_layer_norms(template)  # the normalization in torch's faster CPU kernel under vmap: see there
+        batched_normalizations.adapt(template)  # weight and spectral norms in ops vmap batches: see there
+        cumulative_batch_norm.adapt(template)  # BatchNorm(momentum=None) with each slot's batch count
         # transformers models: masks built for every slot, no caches, attention vmap can batch, GPT-2's GELU as
         # one kernel (see hf)
         self._hf = hf.adapt(template)

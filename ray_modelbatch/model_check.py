@@ -14,7 +14,6 @@ a fused training step against a loop of the same models with ``torch.optim``.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 import warnings
@@ -26,7 +25,7 @@ from torch import nn
 
 from . import fast_path, inputs
 from .errors import FusionError, FusionWarning
-from .model_batch import ModelBatch
+from .model_batch import ModelBatch, copy_model
 
 
 @dataclass
@@ -118,13 +117,13 @@ def check_model(model: nn.Module | Callable[[], nn.Module], example_input: Any, 
         target: the target ``loss`` gets (default: None).
         repeats: timed repetitions (the median is reported).
     """
-    factory = model if not isinstance(model, nn.Module) else (lambda: copy.deepcopy(model))
+    factory = model if not isinstance(model, nn.Module) else (lambda: copy_model(model))
     models = [factory() for _ in range(slots)]
     name = type(models[0]).__name__
     leaves = [(n, type(m).__name__) for n, m in models[0].named_modules() if not list(m.children())]
     loss = loss or _default_loss
     try:
-        mb = ModelBatch([copy.deepcopy(m) for m in models])
+        mb = ModelBatch([copy_model(m) for m in models])
     except Exception as exc:  # noqa: BLE001 - reported, not raised: this is a check
         return ModelReport(name, slots, "cannot fuse", leaves, error=f"{type(exc).__name__}: {exc}")
     report = ModelReport(name, slots, "direct" if mb.uses_direct_path else "vmap", leaves)

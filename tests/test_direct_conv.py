@@ -372,6 +372,7 @@ def test_one_channel_stacks_stay_channels_last_forward_and_backward():
         output.grad_fn.register_prehook(
             lambda grads: seen.append(("grad", grads[0].is_contiguous(memory_format=torch.channels_last))))
 
+    assert mb.uses_direct_path  # the plan, made before the test's hook (a hooked model would go to vmap)
     mb._template.get_submodule("1").register_forward_hook(watch)
     mb(torch.randn(8, 1, 8, 8)).sum().backward()
     assert seen == [("in", True), ("grad", True)], seen
@@ -394,6 +395,7 @@ def test_a_global_average_pool_hands_back_a_channels_last_gradient():
         output.grad_fn.register_prehook(
             lambda grads: seen.append(grads[0].is_contiguous(memory_format=torch.channels_last)))
 
+    assert mb.uses_direct_path  # the plan, made before the test's hook (a hooked model would go to vmap)
     mb._template.get_submodule("2").register_forward_hook(watch)
     opt = rmb.optim.SGD(mb, lr=0.1, momentum=0.9)
     engine = rmb.FusedEngine(mb, opt, nn.functional.cross_entropy)

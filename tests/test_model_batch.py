@@ -496,6 +496,20 @@ def test_why_vmap_names_what_keeps_a_model_off_the_direct_path():
     assert why == "module '1' (Softmin) has no direct kernel, or not with these settings"
     assert "cannot be traced with torch.fx" in rmb.ModelBatch([Branchy(), Branchy()]).why_vmap()
     assert "direct_path=False" in rmb.ModelBatch([nn.Linear(5, 3)] * 2, direct_path=False).why_vmap()
+    outside = torch.ones(3)
+
+    class Masked(nn.Module):  # a tensor from outside the model: not fx's internal name for it
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(x) * outside
+
+    assert rmb.ModelBatch([Masked(), Masked()]).why_vmap().startswith("a tensor the forward reads from outside")
+    cumulative = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=None))
+    assert rmb.ModelBatch([cumulative] * 2).why_vmap() == ("module '1' (BatchNorm1d) keeps a cumulative average "
+                                                           "(momentum=None)")
 
     class OneHot(nn.Module):  # one_hot without num_classes would count the largest index of all slots together
         def __init__(self):
