@@ -21,11 +21,12 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .errors import IncompatibleModelsError
+from .errors import IncompatibleModelsError, TrialConfigError
 
 FORMAT = 2
 STATE_FILE = "slot_state.pt"  # the file a trial's checkpoint directory holds
 CONFIG_FILE = "trial_config.json"  # the trial's config, beside it, to rebuild the model
+CONFIG_PICKLE = "trial_config.pkl"  # ... pickled, where JSON cannot hold it exactly (a class, a tuple)
 
 
 def plain(obj: Any) -> Any:
@@ -72,13 +73,39 @@ def read(checkpoint: Any) -> dict[str, Any]:
     with open(file, "rb") as f:
         state = from_bytes(f.read())
     state["optimizer_per_param"] = per_parameter(state)
-    config_file = os.path.join(directory, CONFIG_FILE)
-    if "config" not in state and os.path.exists(config_file):
-        import json
-
-        with open(config_file) as f:
-            state["config"] = json.load(f)
+    if "config" not in state:
+        state.update(_saved_config(directory))
     return state
+
+
+def _saved_config(directory: str) -> dict[str, Any]:
+    """``{"config": ...}`` as the trial saved it beside the checkpoint (``{}`` if it did not): the pickled copy
+    where there is one (unpickled as Tune unpickles its ``params.pkl``: load checkpoints you trust), else the
+    JSON, marked ``config_from_json`` (see :func:`build_model`)."""
+    pickled = os.path.join(directory, CONFIG_PICKLE)
+    if os.path.exists(pickled):
+        import pickle
+
+        try:
+            with open(pickled, "rb") as f:
+                return {"config": pickle.load(f)}
+        except Exception:  # noqa: BLE001 - e.g. a class that no longer imports: the JSON copy below
+            pass
+    as_json = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(as_json):
+        return {}
+    import json
+
+    with open(as_json) as f:
+        return {"config": json.load(f), "config_from_json": True}
+
+
+def _same_kind(exc: Exception, message: str) -> Exception:
+    """An exception of ``exc``'s type with ``message`` (a RuntimeError where that type takes other arguments)."""
+    try:
+        return type(exc)(message)
+    except Exception:  # noqa: BLE001 - a constructor with other arguments
+        return RuntimeError(message)
 
 
 def per_parameter(state: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
@@ -121,6 +148,15 @@ def build_model(model_factory: Callable[[Mapping[str, Any]], nn.Module], state: 
     if config is None:
         raise ValueError("this checkpoint has no trial config (it predates trial_config.json); pass "
                          "load_model(checkpoint, config=result.config).")
-    model = model_factory(config)
+    saved = config is state.get("config")
+    try:
+        model = model_factory(config)
+    except Exception as exc:
+        if not saved or "config_from_json" not in state:
+            raise
+        message = (f"building the model from the checkpoint's saved config {config!r} failed ({type(exc).__name__}: "
+                   f"{exc}); that config was read from {CONFIG_FILE}, which holds classes, tuples and numpy numbers "
+                   "only as text. Fix: load_model(checkpoint, config=result.config).")
+        raise (TrialConfigError(message) if isinstance(exc, KeyError) else _same_kind(exc, message)) from exc
     model.load_state_dict(state["model"])
     return model.eval()

@@ -8,6 +8,8 @@ failing call with module hooks that record where execution was.
 from __future__ import annotations
 
 import contextlib
+import linecache
+import os
 import re
 import warnings
 from typing import Any, Callable, Iterator
@@ -132,12 +134,35 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
             f"Cannot fuse {location}: op {m.group(1)} has no vmap batching rule. Fix: replace it with "
             f"an equivalent op that vmap supports, or train this model without fusion."
         )
+    if _raised_by_user(exc):  # the user's own raise or assert: their exception, as they wrote it
+        exc.add_note(f"(ray_modelbatch: raised in {location}, run once for {slots or 'all'} fused models under "
+                     "torch.vmap)")
+        return exc
     return FusionError(
         f"{location[0].upper()}{location[1:]} raised {type(exc).__name__} in the fused (torch.vmap) forward: "
         f"{first}{counted}. If the model runs fine alone, fix: make forward a pure function of its parameters, "
         "buffers and inputs (no Python side effects, no reading tensor values in Python); otherwise fix the "
         "model itself. The original exception is chained below."
     )
+
+
+_LIBRARIES = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _raised_by_user(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a ``raise`` or ``assert`` statement of the user's own code (a step function,
+    a model's forward), not from torch or this library: such an exception keeps its type, since advice on
+    fusing cannot help with it. (An op's error from torch's C++ has the user's calling line innermost, which
+    is not a raise.)"""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    if filename.startswith(_LIBRARIES):
+        return False
+    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith(("raise", "assert"))
 
 
 def run_first_call(root: nn.Module, call: Callable[[], Any]) -> Any:

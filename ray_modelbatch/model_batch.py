@@ -606,6 +606,8 @@ class ModelBatch:
             with hf.fused_masks() if self._hf else contextlib.nullcontext():
                 error = explain_failure(self._template, exc, invoke, outside=outside, loss=loss, batch=batch,
                                         labels=labels, slots=next(iter(params.values())).shape[0] if params else None)
+            if error is exc:  # the user's own exception (see fusion_check._raised_by_user)
+                raise
             raise error from exc
 
     @property

@@ -136,3 +136,36 @@ def test_load_model_gives_the_trials_module_and_optimizer_state(tmp_path):
     with pytest.raises(ValueError, match="config=result.config"):
         trainable.load_model(ckpt)
     assert not trainable.load_model(ckpt, config={"lr": 0.5}).training
+
+
+def test_a_config_json_cannot_hold_exactly_is_kept_for_load_model(tmp_path):
+    """Configs with a class, a tuple or a numpy number (``grid_search([nn.ReLU, nn.Tanh])``, ``sample_from`` with
+    numpy) came back from ``trial_config.json`` as text and broke the model factory; they are pickled beside it."""
+    import numpy as np
+
+    from ray_modelbatch.tune.slot_client import save_config
+
+    Net = _class_in("__main__")
+    group, slot = _trained_group(Net)
+    plain_dir, odd_dir = tmp_path / "plain", tmp_path / "odd"
+    for d, config in ((plain_dir, {"lr": 0.01, "widths": [4, 4]}),
+                      (odd_dir, {"lr": 0.01, "act": nn.Tanh, "widths": (4, 4), "hidden": np.int64(16)})):
+        d.mkdir()
+        (d / checkpoint.STATE_FILE).write_bytes(group.export(slot))
+        save_config(config, str(d))
+    assert not (plain_dir / checkpoint.CONFIG_PICKLE).exists()  # exact as JSON: JSON only
+
+    def model(c):
+        c["act"](), torch.empty(c["hidden"]), tuple(c["widths"])  # what a factory does with them
+        net = Net()
+        net.built_from = c
+        return net
+
+    trainable = batched_trainable(model=model, optimizer=optim.Adam, hparams=lambda c: {"lr": c["lr"]},
+                                  loss=F.cross_entropy, data=_data)
+    seen = trainable.load_model(str(odd_dir)).built_from
+    assert seen["act"] is nn.Tanh and seen["widths"] == (4, 4) and type(seen["hidden"]) is np.int64
+    os.remove(odd_dir / checkpoint.CONFIG_PICKLE)  # a checkpoint from before: the JSON copy, and the fix named
+    with pytest.raises(TypeError, match=r"read from trial_config.json, .* Fix: load_model\(checkpoint, "
+                                        r"config=result.config\)"):
+        trainable.load_model(str(odd_dir))

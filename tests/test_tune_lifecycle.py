@@ -343,6 +343,23 @@ def test_results_loggers_and_host_tensorboard(trainables, tmp_path):
     assert all(0 <= v <= 1.0001 for v in tags["host/busy_fraction"])
 
 
+def test_each_fit_gets_its_own_host_figures_however_short(trainables, tmp_path):
+    """A second ``Tuner.fit()`` of the same trainable (another ``name=``) used to log the host's figures under
+    the first one's directory, and a sweep shorter than ``stats_every_s`` logged none at all."""
+    T = trainables(slots_per_host=2, idle_timeout_s=60.0)  # figures every 5 s: longer than each sweep
+    hosts = []
+    for name in ("first", "second"):
+        grid, _ = h.fit(T, {"lr": tune.grid_search([0.05, 0.02])}, tmp_path, name=name,
+                        run_kw={"stop": {"training_iteration": 2}})
+        assert h.errors(grid) == []
+        hosts.append(sorted(s["host"].replace(":", "_") for s in T.host_stats()))
+        dirs = [tmp_path / name / "slot_hosts" / host for host in hosts[-1]]
+        assert h.wait_until(lambda: any("host/attached_slots" in h.tb_tags(str(d)) for d in dirs if d.is_dir())), \
+            os.listdir(tmp_path / name)
+    assert hosts[0] == hosts[1]  # the same host served both fits
+    T.shutdown_hosts()
+
+
 # -------------------------------------------------------------------------------------- bad input
 
 

@@ -52,6 +52,22 @@ def test_trials_holding_every_cpu_still_get_a_host(ray_cpus, tmp_path):
     assert time.monotonic() - start < 100
 
 
+def test_with_resources_keeps_the_trials_in_the_shared_trial_server_and_says_they_need_none(
+        ray_cpus, tmp_path, caplog):
+    """Tune's wrapper (a subclass overriding default_resource_request) used to run every trial in a Trainable
+    process of its own: 4-5x the sweep's time, and Ray's "blocking ray.get inside async actor" once per trial."""
+    from ray_modelbatch.tune import ray_compat
+
+    T = make_trainable(slots_per_host=2, idle_timeout_s=3.0)
+    wrapped = tune.with_resources(T, {"cpu": 0.25})
+    assert ray_compat.batched_class(wrapped) is T and ray_compat.trial_mode(wrapped) == "shared"
+    with caplog.at_level("WARNING", logger="ray_modelbatch.tune.ray_compat"):
+        grid = _fit(wrapped, tmp_path, trials=2)
+    assert not errors(grid), errors(grid)
+    assert len({r.metrics["pid"] for r in grid}) == 1  # both trials in the one trial server process
+    assert any("tune.with_resources() gives each trial" in r.getMessage() for r in caplog.records)
+
+
 def test_hosts_that_would_take_every_cpu_leave_the_trials_room(ray_cpus, tmp_path):
     # num_hosts=2 with host_cpus=1 on 2 CPUs: both hosts would hold both CPUs and every trial (0.01 CPU) would
     # stay PENDING, the sweep hanging without a word. One host starts (the other is named in a warning).

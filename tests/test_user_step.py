@@ -275,3 +275,27 @@ def test_an_optimizer_factory_of_a_modelbatch_is_named_in_one_line():
     with pytest.raises(TrialConfigError, match="a function config -> class") as info:
         resolve_optimizer(lambda mb: optim.Adam(mb, lr=1e-3), {"lr": 1e-3})
     assert "\n" not in str(info.value)
+
+
+def test_a_steps_own_raise_keeps_its_type_and_an_ops_failure_is_explained():
+    """A user's ``raise``/``assert`` in a step is their exception, with a note of where it ran; advice on fusing
+    is for what torch raises, such as reading a value in Python."""
+    mb = ModelBatch([_model() for _ in range(S)])
+    x, y = torch.randn(B, 8), torch.randint(0, 4, (B,))
+
+    def refuses(model, batch, config):
+        raise ValueError("my step refuses this config")
+
+    engine = FusedEngine(mb, optim.SGD(mb, lr=0.1), step_fn=refuses)
+    with pytest.raises(ValueError, match="my step refuses this config") as info:
+        engine.train_step(x, y)
+    assert not isinstance(info.value, FusionError)
+    assert any("run once for 3 fused models under torch.vmap" in n for n in info.value.__notes__)
+
+    def reads_a_value(model, batch, config):
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        return loss * 0 if loss.item() > 100 else loss
+
+    engine = FusedEngine(mb, optim.SGD(mb, lr=0.1), step_fn=reads_a_value)
+    with pytest.raises(FusionError, match=r"calls \.item\(\)"):
+        engine.train_step(x, y)

@@ -264,8 +264,8 @@ class SlotHost:
         each then has its own slot, and the stale one's slot is freed when that
         proxy detaches or dies, without touching the live one.
         """
-        if log_dir and self._log_dir is None:
-            self._log_dir = log_dir
+        if log_dir and log_dir != self._log_dir:
+            self._call(lambda: self._use_log_dir(log_dir), "log dir")
         return self._call(lambda: self._attach(trial_id, config, lease_box[0], key or trial_id), "attach")
 
     def train(self, key: str) -> dict:
@@ -498,8 +498,11 @@ class SlotHost:
     def _detach(self, key: str, why: str) -> None:
         with self._lock:
             t = self.trials.pop(key, None)
+            idle = not self.trials
         if t is None:
             return
+        if idle:  # the sweep's last trial (for now): its figures, however short the sweep
+            self._log_stats()
         t.group.remove(t.slot)
         with self._lock:
             self._events.append(
@@ -660,6 +663,15 @@ class SlotHost:
             waiter.set_exception(exc)
 
     # --------------------------------------------------------- host metrics
+    def _use_log_dir(self, log_dir: str) -> None:
+        """Log the host's figures under this experiment from now on: a later ``Tuner.fit()`` of the same
+        trainable (another ``name=``) gets them under its own directory, not the first one's."""
+        if self._writer is not None:
+            self._log_stats()  # the last window belongs to the previous experiment
+            self._writer.close()
+            self._writer = None
+        self._log_dir = log_dir
+
     def _log_stats(self) -> None:
         """Host figures for TensorBoard: active slots, fused steps/s, time waiting for requests, memory."""
         if not self._log_dir:

@@ -389,12 +389,13 @@ def run_trials_as_light_actors() -> None:
             return cache_get(self, trainable_cls)
         key = ("ray_modelbatch light actor", trainable_cls)
         if key not in self._cache:
+            batched = batched_class(trainable_cls)
             if trial_mode(trainable_cls) == "shared":
                 from .shared_trials import SharedTrialClass
 
-                self._cache[key] = SharedTrialClass.of(trainable_cls)
+                self._cache[key] = SharedTrialClass.of(batched)
             else:
-                self._cache[key] = cache_get(self, light_actor_class(trainable_cls))
+                self._cache[key] = cache_get(self, light_actor_class(batched))
         return self._cache[key]
 
     def plain(trial: Any, config: dict) -> tuple[dict, dict]:
@@ -488,6 +489,7 @@ def trial_mode(trainable_cls: Any) -> str:
     Decided once per class, so that every trial of a sweep (and every actor Tune
     reuses among them) gets the same kind.
     """
+    trainable_cls = batched_class(trainable_cls)
     if not isinstance(trainable_cls, type) or not vars(trainable_cls).get("_spec_bytes"):
         return "classic"
     if trainable_cls not in _light_choice:
@@ -499,6 +501,39 @@ def trial_mode(trainable_cls: Any) -> str:
             mode = "shared"
         _light_choice[trainable_cls] = mode
     return _light_choice[trainable_cls]
+
+
+# What Ray 2.60's ``tune.with_resources(cls, resources)`` defines on the subclass it returns (ResourceTrainable).
+_RESOURCES_WRAPPER = {"default_resource_request", "__module__", "__qualname__", "__doc__", "__name__"}
+_warned_resources: set[str] = set()
+
+
+def batched_class(trainable_cls: Any) -> Any:
+    """The class ``batched_trainable`` made, where ``trainable_cls`` is Tune's ``with_resources`` wrapper of one
+    (which only changes the resources each trial reserves), else ``trainable_cls`` itself.
+
+    Ray 2.60 wraps a class with a subclass that overrides
+    ``default_resource_request``. Its trials are still batched trials, and run
+    as the class's own do (in the shared trial server), with the resources
+    asked for. Without this the subclass ran every trial in a ``Trainable``
+    process of its own: 4-5x the sweep's time, and Ray's "blocking ray.get
+    inside async actor" warning once per trial. (Its hosts start when the
+    first trial attaches, not ahead of it: started ahead, a host could take
+    the GPU that the trials' own requests were to hold, and they would wait
+    for it forever instead of failing with the message that names the fix.)
+    """
+    if (isinstance(trainable_cls, type) and not vars(trainable_cls).get("_spec_bytes")
+            and set(vars(trainable_cls)) <= _RESOURCES_WRAPPER and "default_resource_request" in vars(trainable_cls)):
+        base = trainable_cls.__mro__[1]
+        if vars(base).get("_spec_bytes"):
+            if base._experiment not in _warned_resources:
+                _warned_resources.add(base._experiment)
+                logger.warning(
+                    "tune.with_resources() gives each trial of %s its own resources, but a batched trial only "
+                    "forwards to its slot host ({'CPU': 0.01} is enough): they sit idle. Drop with_resources, "
+                    "unless you mean to limit how many trials run at once (docs/porting.md).", base.__name__)
+            return base
+    return trainable_cls
 
 
 def is_light(trainable_cls: Any) -> bool:

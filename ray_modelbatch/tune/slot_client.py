@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
 import sys
 import time
@@ -34,12 +35,50 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "slot_state.pt"  # ray_modelbatch.checkpoint.STATE_FILE (not imported: it imports torch)
 CONFIG_FILE = "trial_config.json"  # ray_modelbatch.checkpoint.CONFIG_FILE
+CONFIG_PICKLE = "trial_config.pkl"  # ray_modelbatch.checkpoint.CONFIG_PICKLE
 
 
 def spec_attrs(trainable_cls: type) -> dict:
     """What makes a batched trainable's trials: its own ``_spec_bytes``, ``_experiment`` and ``_options``, to give
     the class that runs them (a light actor class, or a shared trial's in the trial server)."""
     return {k: vars(trainable_cls)[k] for k in ("_spec_bytes", "_experiment", "_options")}
+
+
+def save_config(config: dict, directory: str) -> None:
+    """The trial's config beside its checkpoint, for ``trainable.load_model``: as JSON (readable), and where JSON
+    cannot hold it exactly (a class, a tuple, a numpy number) also pickled, as Tune keeps ``params.pkl``.
+
+    A JSON stand-in (``"<class 'torch.nn.modules.activation.Tanh'>"``, a list for a tuple) would reach the user's
+    model factory and fail there with an error that says nothing about the checkpoint.
+    """
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(config, f, default=repr)
+    try:
+        exact = json.loads(json.dumps(config)) == config and _same_types(json.loads(json.dumps(config)), config)
+    except (TypeError, ValueError):
+        exact = False
+    if exact:
+        return
+    try:
+        blob = pickle.dumps(config)
+    except Exception:  # noqa: BLE001 - a lambda, a local class: by value
+        try:
+            blob = ray.cloudpickle.dumps(config)
+        except Exception:  # noqa: BLE001 - cannot be kept: load_model names config=
+            return
+    with open(os.path.join(directory, CONFIG_PICKLE), "wb") as f:
+        f.write(blob)
+
+
+def _same_types(a: Any, b: Any) -> bool:
+    """Whether JSON's copy ``a`` has the types of ``b`` throughout (JSON turns a tuple into a list)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return all(_same_types(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return all(_same_types(x, y) for x, y in zip(a, b))
+    return True
 
 
 class SlotClient:
@@ -171,8 +210,7 @@ class SlotClient:
         blob = self._on_host("save", self._token)
         with open(os.path.join(checkpoint_dir, CHECKPOINT_FILE), "wb") as f:
             f.write(blob)
-        with open(os.path.join(checkpoint_dir, CONFIG_FILE), "w") as f:  # for trainable.load_model
-            json.dump(self.config, f, default=repr)
+        save_config(self.config, checkpoint_dir)
         return checkpoint_dir
 
     def load_checkpoint(self, checkpoint: Any) -> None:
