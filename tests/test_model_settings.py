@@ -187,3 +187,24 @@ def test_reparametrizations_by_hook_stack_and_train_like_the_model_alone(reparam
             F.cross_entropy(alone(x[i]), y[i]).backward()
             opt.step()
         torch.testing.assert_close(out[i], alone(xs[0][i]))
+
+
+def test_a_host_warns_once_when_its_trials_spread_over_many_small_stacks(caplog):
+    """A search space with many widths or batch sizes (Tune's CIFAR tutorial) gives nearly every trial a stack of
+    its own, and the sweep fuses little: the host says so once, naming the config keys that decide the stack."""
+    from ray_modelbatch.tune.host import SlotHost
+
+    host = SlotHost.__new__(SlotHost)  # only what the warning reads
+    host.name, host._warned_keys = "host0", set()
+    host._stack_keys = {("l1",), ("l2",), ("batch_size",)}
+    stack = lambda used: type("G", (), {"used": used})()  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="ray_modelbatch.tune.host"):
+        host.groups = {"a": stack(3), "b": stack(2), "c": stack(2), "d": stack(2)}  # 9 trials in 4: fuses
+        host._warn_sparse_stacks()
+        host.groups.update({"e": stack(1), "f": stack(1), "g": stack(0)})  # 11 trials in 6 held stacks
+        host._warn_sparse_stacks()
+        host.groups["h"] = stack(1)
+        host._warn_sparse_stacks()
+    text = [r.getMessage() for r in caplog.records]
+    assert len(text) == 1, text
+    assert "11 trials are in 6 stacks" in text[0] and "['batch_size', 'l1', 'l2']" in text[0]

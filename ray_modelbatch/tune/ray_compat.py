@@ -504,7 +504,8 @@ def trial_mode(trainable_cls: Any) -> str:
 
 
 # What Ray 2.60's ``tune.with_resources(cls, resources)`` defines on the subclass it returns (ResourceTrainable).
-_RESOURCES_WRAPPER = {"default_resource_request", "__module__", "__qualname__", "__doc__", "__name__"}
+_RESOURCES_WRAPPER = {"default_resource_request", "__module__", "__qualname__", "__doc__", "__name__",
+                      "__firstlineno__", "__static_attributes__"}  # (the last two: Python 3.13's class dicts)
 _warned_resources: set[str] = set()
 
 
