@@ -116,6 +116,10 @@ class UnrolledRNN(nn.Module):
         return out, ((h_n_t, c_n_t) if lstm else h_n_t)
 
 
+_HOOK_ATTRS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
 def unroll_rnns(model: nn.Module) -> nn.Module:
     """Replace every ``nn.LSTM``/``nn.GRU``/``nn.RNN`` in ``model`` (in place) by an :class:`UnrolledRNN`."""
     for name, module in list(model.named_modules()):
@@ -123,6 +127,9 @@ def unroll_rnns(model: nn.Module) -> nn.Module:
             continue
         unrolled = UnrolledRNN(module)
         unrolled.train(module.training)
+        for attr in _HOOK_ATTRS:  # hooks put on the layer run on its stand-in, as on the layer alone
+            if hasattr(module, attr):
+                setattr(unrolled, attr, getattr(module, attr))
         if not name:
             return unrolled
         parent_name, _, child = name.rpartition(".")

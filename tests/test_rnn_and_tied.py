@@ -119,3 +119,17 @@ def test_tied_weights_stay_tied_and_train_like_the_model_alone():
         assert got.head.weight is got.emb.weight
         for (name, a), b in zip(got.named_parameters(), solo[i].parameters()):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"slot {i} {name}")
+
+
+def test_a_hook_on_a_recurrent_layer_runs_on_its_unrolled_stand_in():
+    """The stack's copy replaces an LSTM by an UnrolledRNN; a forward hook the user put on the LSTM must still
+    run (it changes the output here)."""
+    torch.manual_seed(0)
+    models = [Tagger("LSTM", batch_first=True) for _ in range(S)]
+    for m in models:
+        m.rnn.register_forward_hook(lambda mod, args, out: (out[0] * 2, out[1]))
+    mb = ModelBatch([copy.deepcopy(m) for m in models])
+    x = torch.randn(4, 5, 6)
+    out = mb(x)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(x))

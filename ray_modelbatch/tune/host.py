@@ -697,6 +697,8 @@ class SlotHost:
     def _use_log_dir(self, log_dir: str) -> None:
         """Log the host's figures under this experiment from now on: a later ``Tuner.fit()`` of the same
         trainable (another ``name=``) gets them under its own directory, not the first one's."""
+        if log_dir == self._log_dir:  # several trials of the new experiment asked at once
+            return
         if self._writer is not None:
             self._log_stats()  # the last window belongs to the previous experiment
             self._writer.close()

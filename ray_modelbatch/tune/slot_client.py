@@ -53,11 +53,15 @@ def save_config(config: dict, directory: str) -> None:
     """
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(config, f, default=repr)
+    pickled = os.path.join(directory, CONFIG_PICKLE)
     try:
-        exact = json.loads(json.dumps(config)) == config and _same_types(json.loads(json.dumps(config)), config)
+        copy = json.loads(json.dumps(config))
+        exact = copy == config and _same_types(copy, config)
     except (TypeError, ValueError):
         exact = False
     if exact:
+        if os.path.exists(pickled):  # a directory written again: no older config may win over this one
+            os.remove(pickled)
         return
     try:
         blob = pickle.dumps(config)
@@ -66,7 +70,7 @@ def save_config(config: dict, directory: str) -> None:
             blob = ray.cloudpickle.dumps(config)
         except Exception:  # noqa: BLE001 - cannot be kept: load_model names config=
             return
-    with open(os.path.join(directory, CONFIG_PICKLE), "wb") as f:
+    with open(pickled, "wb") as f:
         f.write(blob)
 
 
