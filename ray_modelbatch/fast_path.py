@@ -110,7 +110,7 @@ from . import direct_attention as attention
 from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
 from .direct_kernels import CHAN, SHARED, SLOT, Act, Unsupported
-from .signature import MODULE_HOOKS
+from .signature import MODULE_HOOKS, hook_kind
 from .stacked_embedding import StackedEmbedding
 from .stacked_layer_norm import StackedLayerNorm
 from .unrolled_rnn import UnrolledRNN
@@ -362,8 +362,8 @@ def _hooked(template: nn.Module) -> str | None:
     for name, m in template.named_modules():
         for kind in MODULE_HOOKS:
             if getattr(m, kind, None):
-                what = kind.strip("_").replace("_", " ")[:-1]
-                return f"module '{name}' ({type(m).__name__}) has a {what} (weight_norm, prune or your own)"
+                hook = hook_kind(kind)[:-1]  # "forward hook"
+                return f"module '{name}' ({type(m).__name__}) has a {hook} (weight_norm, prune or your own)"
     return None
 
 

@@ -133,11 +133,16 @@ def module_settings(model: nn.Module) -> tuple:
         for kind in MODULE_HOOKS:  # a hook is part of the forward (or backward): by its code and closure
             hooks = getattr(module, kind, None)
             if hooks:
-                out.append((path, kind.strip("_").replace("_", " "), setting_key(tuple(hooks.values()), memo)))
+                out.append((path, hook_kind(kind), setting_key(tuple(hooks.values()), memo)))
     return tuple(out)
 
 
 MODULE_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def hook_kind(attribute: str) -> str:
+    """A module's hook dict by its readable name: ``"_forward_pre_hooks"`` -> ``"forward pre hooks"``."""
+    return attribute.strip("_").replace("_", " ")
 
 
 def gradient_hook(model: nn.Module) -> str | None:

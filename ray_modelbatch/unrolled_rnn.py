@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FusionError
+from .signature import MODULE_HOOKS
 
 
 class UnrolledRNN(nn.Module):
@@ -116,8 +117,9 @@ class UnrolledRNN(nn.Module):
         return out, ((h_n_t, c_n_t) if lstm else h_n_t)
 
 
-_HOOK_ATTRS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+# the hook dicts, and the bookkeeping of which hooks take keyword arguments or run always
+_HOOK_ATTRS = (*MODULE_HOOKS, "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_is_full_backward_hook")
 
 
 def unroll_rnns(model: nn.Module) -> nn.Module:
