@@ -177,15 +177,17 @@ def _folded_sdpa(runner: Any, n: int, q: torch.Tensor, k: torch.Tensor, v: torch
                  dropout_p: float, is_causal: bool, **kwargs: Any) -> torch.Tensor:
     """SDPA on the slots folded into the batch (``[n*B, ...]``); with dropout one call per slot, each with
     the slot's generator (SDPA takes none), so each slot draws its model's own attention dropout."""
+    dropout_p = runner.rate(dropout_p)  # a dropout module's p: one rate, or each slot's (see slot_dropout)
     if small_attention.applies(q, k, v, mask, dropout_p, kwargs.get("enable_gqa", False)):
         return small_attention.attention(q, k, v, mask, is_causal, kwargs.get("scale"))
     if dropout_p == 0.0 or runner.random is None:
         return F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, **kwargs)
     per_slot = mask is not None and mask.dim() == q.dim() and mask.shape[0] == q.shape[0]
     split = lambda t: t.view(n, -1, *t.shape[1:])  # noqa: E731 - [n*B, ...] -> [n, B, ...]
-    fn = lambda q_, k_, v_, m_: F.scaled_dot_product_attention(q_, k_, v_, m_, dropout_p, is_causal, **kwargs)  # noqa: E731
+    fn = lambda q_, k_, v_, m_, p_: F.scaled_dot_product_attention(q_, k_, v_, m_, p_, is_causal, **kwargs)  # noqa: E731
     masks = split(mask) if per_slot else [mask] * n
-    return runner.per_slot_random(fn, split(q), split(k), split(v), masks).flatten(0, 1)
+    rates = dropout_p if isinstance(dropout_p, list) else [dropout_p] * n
+    return runner.per_slot_random(fn, split(q), split(k), split(v), masks, rates).flatten(0, 1)
 
 
 def sdpa(runner: Any, q: Act, k: Act, v: Act, attn_mask: Act | None = None, dropout_p: float = 0.0,
@@ -200,6 +202,7 @@ def sdpa(runner: Any, q: Act, k: Act, v: Act, attn_mask: Act | None = None, drop
     """
     n = runner.n
     acts = (q, k, v) if attn_mask is None else (q, k, v, attn_mask)
+    dropout_p = runner.rate(dropout_p)  # a dropout module's p: one rate, or each slot's (see slot_dropout)
     if dropout_p == 0.0 and all(a.layout == SHARED for a in acts):
         return Act(F.scaled_dot_product_attention(q.t, k.t, v.t, None if attn_mask is None else attn_mask.t,
                                                   dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa), SHARED)

@@ -111,6 +111,7 @@ from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
 from .direct_kernels import CHAN, SHARED, SLOT, Act, Unsupported
 from .signature import MODULE_HOOKS, hook_kind
+from .slot_dropout import per_row
 from .stacked_embedding import StackedEmbedding
 from .stacked_layer_norm import StackedLayerNorm
 from .unrolled_rnn import UnrolledRNN
@@ -876,7 +877,7 @@ def _conv(mod: nn.Module, h: torch.Tensor, layout: str, w: torch.Tensor, b: torc
             return strided_pointwise_conv.conv(h, weight, bias, mod.stride, groups)
         if padded_channel_conv.applies(h, weight, groups, mod.padding, transposed):  # each slot's RGB images
             return padded_channel_conv.conv(h, weight, bias, mod.stride, mod.padding, mod.dilation, groups)
-        if shared_input_conv.applies(h, weight, groups, mod.padding, transposed):  # one batch for every slot
+        if shared_input_conv.applies(h, weight, groups, mod.padding, transposed, mod.stride):  # one batch, all slots
             return shared_input_conv.conv(h, weight, bias, mod.stride, mod.padding, mod.dilation)
         return fn(h, weight, bias, mod.stride, mod.padding, mod.dilation, groups)
 
@@ -1078,8 +1079,10 @@ class _Runner:
         order. Without per-slot generators (a direct run outside a ModelBatch)
         the masks come from torch's global generator.
         """
-        p = float(p)
-        if not training or p == 0.0:
+        if not training:
+            return h
+        p = self.rate(p)
+        if p == 0.0:
             return h
         if h.layout == SHARED:
             h = Act(self.slot(h), SLOT)  # one mask per slot, not one for all
@@ -1101,8 +1104,10 @@ class _Runner:
         shape = h.sample_shape(self.n)
         if len(shape) != rank:  # torch's own rules for other ranks (an unbatched input, a 3-d dropout2d)
             raise Unsupported("channel dropout of an input of another rank")
-        p = float(p)
-        if not training or p == 0.0:
+        if not training:
+            return h
+        p = self.rate(p)
+        if p == 0.0:
             return h
         if h.layout == SHARED:
             h = Act(self.slot(h), SLOT)  # one mask per slot, not one for all
@@ -1116,6 +1121,11 @@ class _Runner:
         else:
             noise = self.random.noise_of_shape(noise_shape, p, h.t.dtype)
         return Act(h.t * (_to_chan(noise, SLOT, self.n) if h.layout == CHAN else noise), h.layout)
+
+    def rate(self, p: Any) -> float | list[float]:
+        """A dropout rate as this forward's rows take it: one float, or each row's (a stack whose slots have
+        different rates: see slot_dropout)."""
+        return per_row(p, lambda: self.random.rows) if self.random is not None else float(p)
 
     def per_slot_random(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
         """``fn`` on each slot's slice of the slot-first ``tensors`` with the global generator at that slot's

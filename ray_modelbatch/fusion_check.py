@@ -134,6 +134,8 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
             f"Cannot fuse {location}: op {m.group(1)} has no vmap batching rule. Fix: replace it with "
             f"an equivalent op that vmap supports, or train this model without fusion."
         )
+    if isinstance(exc, FusionError):  # this library's own line (e.g. slot_dropout's): it already names the fix
+        return exc
     if _raised_by_user(exc):  # the user's own raise or assert: their exception, as they wrote it
         exc.add_note(f"(ray_modelbatch: raised in {location}, run once for {slots or 'all'} fused models under "
                      "torch.vmap)")

@@ -33,6 +33,7 @@ from .errors import FusionError, FusionWarning, IncompatibleModelsError, is_out_
 from .fusion_check import explain_failure, run_first_call
 from .signature import (check_compatible, check_same_settings, first_mismatch, first_setting_mismatch, gradient_hook,
                         module_settings, module_signature)
+from .slot_dropout import SlotRates, rates_of
 from .slot_random import Draws, SlotRandom, VmapRandom, vmap_body
 from .stacked_embedding import dense_gradients, stack_embeddings
 from .stacked_layer_norm import stack_layer_norms
@@ -246,6 +247,8 @@ class ModelBatch:
         # transformers models: masks built for every slot, no caches, attention vmap can batch, GPT-2's GELU as
         # one kernel (see hf)
         self._hf = hf.adapt(template)
+        # each slot's own dropout rates: a searched rate does not split the stack (see slot_dropout)
+        self.rates = SlotRates(models, template, held=lambda: self._active_cpu.tolist())
         self._module_class = type(models[0])
         self._state_keys = self._state_key_map(template)
         self._param_names = [n for n, _ in template.named_parameters()]
@@ -298,6 +301,7 @@ class ModelBatch:
         self.random = SlotRandom(s, self.device)
         self.per_slot_random = bool(per_slot_random)
         self._build_leaves()
+        self._check_rates()
         with torch.no_grad():
             for i, m in enumerate(models):
                 self._write_params(i, dict(m.named_parameters()))
@@ -859,6 +863,19 @@ class ModelBatch:
                 alive.append(ref)
         self._listeners = alive
 
+    def _check_rates(self, joining: nn.Module | None = None) -> None:
+        """Slots with different dropout rates need their own generators: without them one global draw serves
+        every slot, at one rate (``joining``: a model about to be loaded into a slot)."""
+        if self.per_slot_random:
+            return
+        extra = rates_of(joining) if joining is not None else {}
+        for path, v in self.rates.values.items():
+            if not bool((v == v[0]).all()) or extra.get(path, float(v[0])) != float(v[0]):
+                raise IncompatibleModelsError(
+                    f"the models' dropout rates at '{path}' differ ({sorted(set(v.tolist()))}), and this batch "
+                    "draws every slot's masks at once (per_slot_random=False), at one rate. Fix: "
+                    "per_slot_random=True (the default), or give every model the same rate.")
+
     def _check_slot(self, i: int) -> int:
         if not 0 <= int(i) < self.num_slots:
             raise IndexError(f"slot {i} is out of range for a batch of {self.num_slots} slots")
@@ -905,6 +922,8 @@ class ModelBatch:
                     "the same architecture as the batch; build it from the same config."
                 )
             state = source.state_dict()
+            self._check_rates(source)
+            self.rates.set(i, source)
             if self._transient:
                 buffers = dict(source.named_buffers())
                 transient = {n: buffers[n] for n in self._transient if n in buffers}
@@ -948,6 +967,7 @@ class ModelBatch:
             for t in (*self._frozen.values(), *self.buffers.values()):
                 t[dst] = t[src]
         self.random.copy(src, dst)
+        self.rates.copy(src, dst)
         self._notify("_on_copy", src, dst)
 
     def resize(self, capacity: int, keep: Sequence[int] | None = None) -> None:
@@ -992,5 +1012,6 @@ class ModelBatch:
                     self.buffers[k][len(keep):] = self.buffers[k][0]
         self.active = remap(self.active, src)
         self.random.resize(keep, capacity)
+        self.rates.resize(keep, capacity)
         self._build_leaves()
         self._notify("_on_resize", keep, capacity)

@@ -7,8 +7,9 @@ slot host can keep one stack per signature.
 A stack runs one forward, its template's (slot 0's), for every slot, so two
 models also share a stack only if every setting their forwards may read is
 equal: each module's attributes that are not parameters, buffers or
-submodules (``Dropout.p``, a stored config dict, a dataclass of options, an
-activation function with its closure, a plain tensor attribute).
+submodules (a stored config dict, a dataclass of options, an activation
+function with its closure, a plain tensor attribute). A dropout module's rate
+is the exception: each slot keeps its own (:mod:`.slot_dropout`).
 :func:`module_settings` gives them as process-independent keys, and
 :func:`first_setting_mismatch` names the first that differs. Without this,
 models that differ only in such a value (a Tune config kept as ``self.config``
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import IncompatibleModelsError
+from .slot_dropout import is_rate
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ def module_settings(model: nn.Module) -> tuple:
         recomputed = {getattr(h, "name", None) for h in module._forward_pre_hooks.values()}
         for name, value in sorted(vars(module).items()):
             if name.startswith("_") or name == "training" or _computed(value, name in recomputed):
+                continue
+            if is_rate(module, name):  # a dropout rate is per slot (see slot_dropout): not a setting
                 continue
             out.append((path, name, setting_key(value, memo)))
         for kind in MODULE_HOOKS:  # a hook is part of the forward (or backward): by its code and closure

@@ -206,7 +206,11 @@ class SlotGroup:
         self.reads: set = set()  # config paths the user's steps read (see step_config)
         self.configs: SlotConfigs | None = None
         self._validate(config or {})
-        self.static = static_part(self.reads, config or {}, self.configs.float_paths if self.configs else ())
+        # stack_by keys split stacks by value even where only the model factory reads them (a dropout rate the
+        # forward also reads as a number: see slot_dropout)
+        self._pinned = {tuple(k.split(".")) if isinstance(k, str) else tuple(k)
+                        for k in getattr(settings, "stack_by", ())}
+        self.static = static_part(self.reads | self._pinned, config or {}, self.configs.float_paths if self.configs else ())
         self.opt = build_optimizer(self.optimizer, self.mb)
         fp16 = settings.autocast_dtype == torch.float16
         self.scaler = SlotGradScaler(self.mb) if fp16 else None
@@ -391,7 +395,7 @@ class SlotGroup:
         floats = self.configs.float_paths if self.configs else ()
         return (optimizer_id(resolve_optimizer(self.settings.optimizer, config)) == optimizer_id(self.optimizer)
                 and resolve_batch_size(self.settings.batch_size, config) == self.batch_size
-                and static_part(self.reads, config, floats) == self.static
+                and static_part(self.reads | self._pinned, config, floats) == self.static
                 and fits_param_groups(self.opt, self.settings.hparams(config)))
 
     # ------------------------------------------------------------- occupancy

@@ -74,6 +74,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .slot_dropout import SlotRate, per_row
+
 try:  # functorch's internals: how a value made outside vmap's transform joins it, one row per slot
     from torch._C import _DisableFuncTorch
     from torch._C._functorch import _add_batch_dim, _unwrap_batched, maybe_current_level, maybe_get_level
@@ -253,12 +255,26 @@ class Draws:
         return self._masks(lambda j: torch.empty(tuple(shape), dtype=dtype, device=self.owner.device),
                            len(self.rows), p, scaled)
 
-    def _masks(self, empty: Callable[[int], torch.Tensor], n: int, p: float, scaled: bool = True) -> torch.Tensor:
+    def _masks(self, empty: Callable[[int], torch.Tensor], n: int, p: float | Sequence[float],
+               scaled: bool = True) -> torch.Tensor:
         """``empty(j)`` of every row filled with ``bernoulli_(1 - p)`` from row ``j``'s generator, stacked and
-        divided by ``1 - p``: what ``F.dropout`` multiplies by on the CPU."""
-        keep = 1.0 - p
-        masks = torch.stack([empty(j).bernoulli_(keep, generator=self.generator(j)) for j in range(n)])
-        return masks.div_(keep) if scaled else masks
+        divided by ``1 - p``: what ``F.dropout`` multiplies by on the CPU. ``p`` may give each row its own rate
+        (:mod:`.slot_dropout`); a row at rate 0 or 1 draws nothing, as ``F.dropout`` then draws nothing."""
+        if not isinstance(p, (list, tuple)):
+            keep = 1.0 - p
+            masks = torch.stack([empty(j).bernoulli_(keep, generator=self.generator(j)) for j in range(n)])
+            return masks.div_(keep) if scaled else masks
+        rows = []
+        for j in range(n):
+            keep = 1.0 - p[j]
+            if keep == 1.0:
+                rows.append(empty(j).fill_(1.0))
+            elif keep == 0.0:
+                rows.append(empty(j).zero_())
+            else:
+                mask = empty(j).bernoulli_(keep, generator=self.generator(j))
+                rows.append(mask.div_(keep) if scaled else mask)
+        return torch.stack(rows)
 
     def commit(self) -> None:
         """The forward succeeded: its rows' generators are the slots' new states (see :meth:`SlotRandom.revert`).
@@ -303,6 +319,12 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
     return kwargs[name] if name in kwargs else (args[i] if len(args) > i else default)
 
 
+def _may_draw(dropout_p: Any) -> bool:
+    """Whether a dropout rate may draw: a rate above 0, or a dropout module's rate, which may be above 0 in some
+    slots (each row then runs with its own: see _each_row)."""
+    return isinstance(dropout_p, SlotRate) or float(dropout_p) > 0
+
+
 # Functions that draw inside without taking a generator: Python functions whose inner calls this mode never
 # sees (a mode is off while it handles a call), and kernels with no generator argument. When they draw
 # (the predicate), they run once per row with the device's global generator set to the row's, as the model
@@ -312,8 +334,8 @@ _GLOBAL_DRAWERS: dict[Any, Callable[[tuple, dict], bool]] = {
     torch.rrelu: lambda a, k: bool(_arg(a, k, 3, "training", False)),
     F.gumbel_softmax: lambda a, k: True,
     F.multi_head_attention_forward: lambda a, k: bool(_arg(a, k, 13, "training", True))
-    and float(_arg(a, k, 10, "dropout_p", 0.0)) > 0,
-    F.scaled_dot_product_attention: lambda a, k: float(_arg(a, k, 4, "dropout_p", 0.0)) > 0,
+    and _may_draw(_arg(a, k, 10, "dropout_p", 0.0)),
+    F.scaled_dot_product_attention: lambda a, k: _may_draw(_arg(a, k, 4, "dropout_p", 0.0)),
     **{f: (lambda a, k: _arg(a, k, 5, "_random_samples", None) is None)
        for f in (F.fractional_max_pool2d, F.fractional_max_pool3d,  # what their inner functions hand over
                  F.fractional_max_pool2d_with_indices, F._fractional_max_pool2d,
@@ -415,6 +437,9 @@ class VmapRandom(TorchFunctionMode):
             if isinstance(v, torch.Tensor) and maybe_get_level(v) == level:
                 value, bdim = _unwrap_batched(v, level)
                 return _Rows(value.movedim(bdim, 0))
+            if isinstance(v, SlotRate):  # a dropout module's p (an SDPA's dropout_p): each row's own rate
+                rate = per_row(v, lambda: self.draws.rows)
+                return _Rows(rate) if isinstance(rate, list) else rate
             return v
 
         args = tuple(rows_of(v) for v in args)
@@ -452,10 +477,13 @@ class VmapRandom(TorchFunctionMode):
         if not isinstance(x, torch.Tensor):
             return func(*args, **kwargs)
         bound = dict(zip(("p", "training", "inplace"), args[1:]), **{k: v for k, v in kwargs.items() if k != "input"})
-        p, training = float(bound.get("p", 0.5)), bool(bound.get("training", True))
+        training = bool(bound.get("training", True))
         if maybe_get_level(x) not in (-1, level) or (func in _FEATURE_DIMS and x.dim() != _FEATURE_DIMS[func]):
             return func(*args, **kwargs)  # a user's inner vmap, or an unbatched feature dropout
-        if not training or p == 0.0:
+        if not training:
+            return x
+        p = per_row(bound.get("p", 0.5), lambda: self.draws.rows)  # one rate, or each row's (slot_dropout)
+        if p == 0.0:
             return x
         if p == 1.0:  # as F.dropout: no draw
             return x * torch.zeros((), dtype=x.dtype, device=x.device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -285,11 +286,12 @@ def test_scaler_keeps_the_scale_of_masked_slots():
 LRS = [0.05, 0.02, 0.01, 0.003]
 
 
-def _run(trainables, tmp_path, run_ahead, scheduler, stop, lrs=LRS, dropout=0.0, **kw):
-    T = trainables(slots_per_host=len(lrs), run_ahead=run_ahead)
+def _run(trainables, tmp_path, run_ahead, scheduler, stop, lrs=LRS, dropout=0.0, space=None, host=None, **kw):
+    T = trainables(slots_per_host=len(lrs), run_ahead=run_ahead, **(host or {}))
     space = {"lr": tune.grid_search(lrs), "seed": tune.sample_from(lambda c: int(c["lr"] * 10_000)),
-             "dropout": dropout}
-    grid, log = h.fit(T, space, tmp_path / f"ahead{run_ahead}", scheduler=scheduler,
+             "dropout": dropout, **(space or {})}
+    where = re.sub(r"\W", "", f"ahead{run_ahead}" + "".join(f"_{k}{v}" for k, v in (host or {}).items()))
+    grid, log = h.fit(T, space, tmp_path / where, scheduler=scheduler,
                       run_kw={"stop": {"training_iteration": stop},
                               "checkpoint_config": tune.CheckpointConfig(num_to_keep=None, checkpoint_frequency=1)},
                       **kw)
@@ -403,6 +405,20 @@ def test_tune_results_and_checkpoints_are_those_without_run_ahead(trainables, tm
     if name == "hyperband":
         assert any(row["iterations_since_restore"] < row["training_iteration"]
                    for rows, _ in ahead.values() for row in rows), "no trial was paused and resumed"
+
+
+def test_trials_with_their_own_dropout_rates_share_a_stack_and_train_as_in_stacks_of_their_own(trainables, tmp_path):
+    """A continuous dropout rate (slot_dropout): one stack, every result and checkpoint bit-identical to a run
+    that keeps each rate in a stack of its own (stack_by), through HyperBand's pauses and resumes."""
+    lrs = [0.05, 0.02, 0.01, 0.03, 0.015, 1e-5]
+    space = {"dropout": tune.sample_from(lambda c: round(0.05 + 7 * c["lr"], 4))}
+    apart, split = _run(trainables, tmp_path, 2, SCHEDULERS["hyperband"](), 4, lrs, 0.0, space,
+                        {"stack_by": ["dropout"]})
+    together, stats = _run(trainables, tmp_path, 2, SCHEDULERS["hyperband"](), 4, lrs, 0.0, space)
+    _compare(apart, together)
+    assert len(split["stacks"]) == len(lrs) and len(stats["stacks"]) == 1, (split["stacks"], stats["stacks"])
+    rates = {row["config"]["dropout"] for rows, _ in together.values() for row in rows}
+    assert len(rates) == len(lrs) and min(rates) > 0
 
 
 @pytest.mark.parametrize("kept,conv", [([1, 4, 6], False), ([5], False), ([2], True)])

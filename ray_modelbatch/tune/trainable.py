@@ -95,8 +95,9 @@ def batched_trainable(
             for one model on validation batches, reported under the user's own names
             (unprefixed). With ``train_step`` and no ``eval_step``, the training step's values
             on the validation data are reported as ``val_loss`` and ``val_<name>``.
-        stack_by: float config keys the steps use in Python control flow (``if``, ``range``):
-            kept as Python values, equal within a stack.
+        stack_by: config keys whose values must be equal within a stack: float keys the steps use
+            in Python control flow (``if``, ``range``), kept as Python values; or a dropout rate the
+            model's forward also reads as a number (each slot otherwise keeps its own rate).
         plateau_metric: the result key that ``hparams``' ``plateau=schedules.plateau(...)``
             (ReduceLROnPlateau) steps on after each report; default ``val_loss``.
         batch_size: training batch size of every trial, or ``config -> int`` to search it:
