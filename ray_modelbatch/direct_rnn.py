@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import per_slot_rnn
 from .direct_kernels import CHAN, SHARED, SLOT, Act, Unsupported
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -92,7 +93,15 @@ def rnn(runner: Any, name: str, mod: nn.Module, input: Any, hx: Any = None) -> t
     rank = len(input.sample_shape(n))
     if rank not in (2, 3) or input.sample_shape(n)[-1] != runner.params[f"{name}.weight_ih_l0"].shape[2]:
         raise Unsupported("a recurrent layer's input of another shape")
-    unbatched = rank == 2
+    if per_slot_rnn.applies(runner, name, mod, input, _batched):  # torch's own kernel per slot: see there
+        return per_slot_rnn.rnn(runner, name, mod, input, hx)
+    return _batched(runner, name, mod, input, hx)
+
+
+def _batched(runner: Any, name: str, mod: nn.Module, input: Act, hx: Any) -> tuple:  # noqa: A002
+    """:func:`rnn` as one batched GEMM per time step over the slots (the module docstring)."""
+    n = runner.n
+    unbatched = len(input.sample_shape(n)) == 2
     x = _time_major(input, mod.batch_first, unbatched)
     steps, batch = x.sample_shape(n)[:2]
     if steps == 0:

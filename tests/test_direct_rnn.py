@@ -25,6 +25,14 @@ S = 3
 IN, HID, CLASSES = 5, 6, 3
 
 
+@pytest.fixture(autouse=True, params=["per_slot", "batched"])
+def rnn_kernel(request, monkeypatch):
+    """Every test with both kernels of the direct path: torch's own per slot (per_slot_rnn) and the batched one
+    (direct_rnn); a stack picks one by measuring them (``RAY_MODELBATCH_RNN_KERNEL`` fixes the choice)."""
+    monkeypatch.setenv("RAY_MODELBATCH_RNN_KERNEL", request.param)
+    return request.param
+
+
 class Classifier(nn.Module):
     """A recurrent layer, its last output, ``h_n`` (and ``c_n``) -> Linear; optionally an initial state made
     from the first time step (so its gradient flows back into ``init``)."""
@@ -240,3 +248,84 @@ def test_a_packed_sequence_is_refused_with_a_clear_error():
     mb = rmb.ModelBatch([Packed() for _ in range(2)])
     with pytest.raises(FusionError, match="PackedSequence"):
         mb(torch.randn(4, 5, IN), torch.tensor([5, 3, 2, 1]))
+
+
+class Bare(nn.Module):
+    """The recurrent layer's own outputs, nothing after it (so only its kernel decides the bits)."""
+
+    def __init__(self, kind: str, **kw):
+        super().__init__()
+        self.rnn, self.lstm = getattr(nn, kind)(IN, HID, **kw), kind == "LSTM"
+
+    def forward(self, x, h0):  # one tensor out (the direct path's contract): every output and state in it
+        out, state = self.rnn(x, (h0, h0 * 0.5) if self.lstm else h0)
+        states = torch.cat(state, -1) if self.lstm else state  # [layers * dirs, B, H (+ H)]
+        return torch.cat([out.flatten(), states.flatten()])
+
+
+@pytest.mark.parametrize("kind, kw", [("LSTM", dict(num_layers=2, bidirectional=True, dropout=0.3)),
+                                      ("LSTM", dict(batch_first=True, bias=False)),
+                                      ("GRU", dict(num_layers=2, dropout=0.3)), ("RNN", dict(nonlinearity="relu"))])
+def test_torch_s_kernel_per_slot_computes_each_model_alone_bit_for_bit(kind, kw, rnn_kernel):
+    """Outputs, states and gradients equal the model's own, dropout between layers included (each slot draws
+    from its own generator, seeded as its model's global one)."""
+    if rnn_kernel != "per_slot":
+        pytest.skip("the batched kernel matches to float rounding (the tests above)")
+    from ray_modelbatch.slot_random import global_state
+
+    models, states = [], []
+    for i in range(S):
+        torch.manual_seed(10 + i)
+        models.append(Bare(kind, **kw))
+        states.append(global_state("cpu"))
+    mb = rmb.ModelBatch(copy.deepcopy(models))
+    for i, st in enumerate(states):
+        mb.random.set_state(i, st)
+    x, _ = _batch(kw.get("batch_first", False), per_slot=True)
+    layers = kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)
+    h0 = torch.randn(S, layers, 4, HID, requires_grad=True)
+    assert mb.uses_direct_path
+    out = mb(x, h0, per_slot=True)
+    out.pow(2).sum().backward()
+    assert not mb._slow_keys
+    for i, m in enumerate(models):
+        torch.set_rng_state(states[i])
+        h = h0.detach()[i].clone().requires_grad_(True)
+        ref = m(x[i], h)
+        ref.pow(2).sum().backward()
+        assert torch.equal(out[i], ref), (kind, i)
+        assert torch.equal(h0.grad[i], h.grad), (kind, i)
+        for name, p in m.named_parameters():
+            assert torch.equal(mb.params[name].grad[i], p.grad), (kind, i, name)
+
+
+def test_the_faster_kernel_is_measured_once_per_shape_and_kept(monkeypatch, rnn_kernel):
+    from ray_modelbatch import per_slot_rnn
+
+    monkeypatch.delenv("RAY_MODELBATCH_RNN_KERNEL")
+    monkeypatch.setattr(per_slot_rnn, "_CHOICES", {})
+    calls = []
+    real = per_slot_rnn._measure
+    monkeypatch.setattr(per_slot_rnn, "_measure", lambda *a: calls.append(a[2]) or real(*a))
+    mb = rmb.ModelBatch([Classifier("LSTM") for _ in range(S)])
+    x, _ = _batch(False, per_slot=False)
+    for _ in range(3):
+        with torch.no_grad():  # an evaluation first: the measurement still runs backward
+            mb(x)
+    assert calls == [per_slot_rnn.MEASURED_SLOTS]  # once
+    [(key, take)] = per_slot_rnn._CHOICES.items()
+    assert key[0] == "LSTM" and key[6] == 7 and isinstance(take, bool)  # an LSTM over 7 steps
+    mb.eval()
+    with torch.no_grad():
+        mb(torch.randn(7, 9, IN))  # another batch size, in evaluation: the same choice
+    assert len(calls) == 1
+    monkeypatch.setattr(per_slot_rnn, "MARGIN", 1e9)  # the batched kernel would have to be a billion times faster
+    assert per_slot_rnn._measure(*per_slot_rnn_args(mb)) is True
+    monkeypatch.setattr(per_slot_rnn, "MARGIN", 1e-9)  # ... or may be a billion times slower
+    assert per_slot_rnn._measure(*per_slot_rnn_args(mb)) is False
+
+
+def per_slot_rnn_args(mb):
+    from ray_modelbatch import direct_rnn
+
+    return mb._template.rnn, IN, 4, 7, 4, torch.float32, direct_rnn._batched
