@@ -20,6 +20,16 @@ step, alternating in one process: 178.6 against 192.8 ms; the GroupNorm CNN's
 242.6 against 256.7 ms; LeNet's (5x5, 192 output channels) unchanged. The
 forward stays oneDNN's (faster than a GEMM here); the input needs no gradient.
 
+A small output is another matter: oneDNN's gradient is then fast, and this
+form's im2col and GEMMs cost more than they save. On an AVX-512 Xeon (one
+thread, forward and backward, torch against this form), 16 images of 32x32,
+1 -> O channels 5x5: O = 6 0.44 against 1.51 ms, 48 1.85 against 2.62, 192
+4.4 against 9.2; 64 images of 28x28, 3x3: O = 16 1.31 against 2.36, 96 6.9
+against 6.3, 192 35 against 16, 512 164 against 105; 32 images of 32x32, 3
+channels: O = 16 1.09 against 3.40, 192 15.9 against 12.6, 512 84 against 58.
+So it is taken from :data:`MIN_OUTPUT` output elements on (a one-trial stack
+of Tune's CIFAR tutorial CNN, 16 x 6 x 28 x 28, stays with torch).
+
 Not taken (the caller keeps torch's convolution): an input that needs a
 gradient (not a batch of data), more than :data:`MAX_ROW` values per im2col
 row, grouped convolutions (each slot on its own batch: oneDNN's grouped kernel
@@ -40,12 +50,18 @@ from .torch_gradients import torch_gradients
 __all__ = ["MAX_ROW", "applies", "conv"]
 
 MAX_ROW = 32  # C*k*k: one channel up to 5x5, three channels at 3x3 (measured where oneDNN is slow: see above)
+MIN_OUTPUT = 5_000_000  # output elements below which oneDNN's own weight gradient is faster (see above)
 _PIECE = 4096  # output positions per piece of the weight gradient's GEMM
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor, groups: int, padding: Any, transposed: bool) -> bool:
+def applies(x: torch.Tensor, weight: torch.Tensor, groups: int, padding: Any, transposed: bool,
+            stride: Sequence[int] = (1, 1)) -> bool:
     """Whether :func:`conv` computes ``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``."""
-    return (not transposed and groups == 1 and weight.dim() == 4 and x.dim() == 4
+    if x.dim() != 4 or weight.dim() != 4:
+        return False
+    # output elements (with the input's size, as a 'same' padding gives): the gradient oneDNN reads slowly
+    out = x.shape[0] * weight.shape[0] * (x.shape[2] // stride[0]) * (x.shape[3] // stride[-1])
+    return (not transposed and groups == 1 and out >= MIN_OUTPUT
             and weight[0].numel() <= MAX_ROW and not x.requires_grad
             and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
             and not torch.is_autocast_enabled("cpu") and not isinstance(padding, str)

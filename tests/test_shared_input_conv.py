@@ -25,7 +25,9 @@ CL = torch.channels_last
     (2, 6, 3, 1, 2, 2, 11),    # dilated
 ])
 @pytest.mark.parametrize("bias", [True, False])
-def test_output_and_gradients_are_torchs(dtype, rtol, channels, out, kernel, stride, padding, dilation, side, bias):
+def test_output_and_gradients_are_torchs(dtype, rtol, channels, out, kernel, stride, padding, dilation, side, bias,
+                                        monkeypatch):
+    monkeypatch.setattr(sic, "MIN_OUTPUT", 0)  # small shapes, taken here to check the arithmetic
     torch.manual_seed(0)
     x = torch.randn(9, channels, side, side, dtype=dtype).contiguous(memory_format=CL)
     w = torch.randn(out, channels, kernel, kernel, dtype=dtype).contiguous(memory_format=CL).requires_grad_()
@@ -64,7 +66,17 @@ def test_second_derivatives_are_torchs():
     assert torch.autograd.gradgradcheck(lambda w, b: sic.conv(x, w, b, (1, 1), (1, 1), (1, 1)).square(), (w, b))
 
 
-def test_other_convolutions_are_not_taken():
+def test_a_small_output_keeps_torch_s_convolution_and_a_large_one_takes_this_one():
+    """oneDNN's weight gradient is fast for a small output and slow for a large one (module docstring)."""
+    x = torch.randn(16, 1, 32, 32).contiguous(memory_format=CL)
+    assert not sic.applies(x, torch.randn(6, 1, 5, 5), 1, (0, 0), False)  # a one-trial CIFAR tutorial stack
+    x = torch.randn(64, 1, 28, 28).contiguous(memory_format=CL)
+    assert sic.applies(x, torch.randn(192, 1, 3, 3), 1, (1, 1), False)  # 12 slots of 16 channels
+    assert not sic.applies(x, torch.randn(192, 1, 3, 3), 1, (1, 1), False, stride=(2, 2))  # a quarter of it
+
+
+def test_other_convolutions_are_not_taken(monkeypatch):
+    monkeypatch.setattr(sic, "MIN_OUTPUT", 0)
     x = torch.randn(2, 1, 6, 6).contiguous(memory_format=CL)
     w = torch.randn(8, 1, 3, 3)
     assert sic.applies(x, w, 1, (1, 1), False)
@@ -88,6 +100,7 @@ class FirstLayerCNN(nn.Module):
 
 
 def test_a_fused_cnn_on_one_shared_batch_takes_it_and_trains_like_each_model_alone(monkeypatch):
+    monkeypatch.setattr(sic, "MIN_OUTPUT", 0)  # a small CNN, taken here to check the plan's use of it
     calls = calls_of(monkeypatch, sic, "conv")
     torch.manual_seed(3)
     models = [FirstLayerCNN() for _ in range(4)]
