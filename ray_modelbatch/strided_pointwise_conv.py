@@ -12,11 +12,14 @@ that at stride 1. The backward convolves at stride 1 too, and writes the input
 gradient into a zeroed tensor at the read positions. The whole layer's forward
 and backward took 5.7 against 11.7 ms at that shape.
 
-It is the same products of the same values, so the output and the weight and
-bias gradients are bitwise torch's (tested). So is the input gradient at the
-ResNet's shape; at some others (2 channels per group, 3-d input) oneDNN's
-strided kernel adds the output channels in another order, and the two differ
-by fp32 rounding (1 ulp). A second derivative
+It is the same products of the same values, so the output is bitwise torch's,
+and on an AVX2 AMD EPYC the weight and bias gradients were too (tested). On
+an AVX-512 Xeon oneDNN's strided and unstrided weight-gradient kernels add the
+positions in different orders: the fp32 weight gradients differ by up to 5
+ulps of their largest value (the bias gradient stays bitwise). So is the input
+gradient at the ResNet's shape on the EPYC; at some others (2 channels per
+group, 3-d input) oneDNN's strided kernel adds the output channels in another
+order, and the two differ by fp32 rounding (1 ulp). A second derivative
 (``create_graph=True``) differentiates torch's own strided convolution, so it
 is exact torch, at torch's speed. The input is kept for the backward, as
 torch's convolution keeps it (the layer before keeps it too, so no memory is
