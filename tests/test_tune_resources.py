@@ -9,13 +9,15 @@ host needs a GPU the trials hold, each trial fails within
 
 from __future__ import annotations
 
+import collections
+
 import time
 
 import pytest
 import ray
 from ray import tune
 
-from tune_helpers import errors, make_trainable, run_config, slow_step, wait_until
+from tune_helpers import alive_actors, errors, make_trainable, run_config, slow_step, wait_until
 
 
 @pytest.fixture
@@ -175,10 +177,30 @@ def test_auto_starts_the_second_host_without_waiting_for_a_new_trial(ray_cpus, t
     assert all(r.metrics["training_iteration"] < cap for r in grid)  # stopped by the second host's arrival
 
 
-def test_auto_keeps_one_host_for_a_tiny_mlp(ray_cpus, tmp_path):
-    T = make_trainable(slots_per_host=2, idle_timeout_s=3.0)
-    _, stats, hosts = _sweep_on_hosts(T, tmp_path, trials=6, iterations=3, concurrent=2)
+def test_auto_splits_trials_that_come_together_over_the_node_s_two_hosts(ray_cpus, tmp_path):
+    # Eight trials at once, each host with room for all: the first host takes JUDGING_TRIALS while it judges
+    # its steps and the second one starts, the others wait for the second host (registry._holds_back).
+    from ray_modelbatch.tune.cpu_spread import JUDGING_TRIALS
+
+    T = make_trainable(slots_per_host=8, idle_timeout_s=3.0, loss=None, train_step=slow_step)
+    T._options["kernel_bound_step_ms"] = 0.0
+    grid, stats, hosts = _sweep_on_hosts(T, tmp_path, trials=8, iterations=30, concurrent=8)
+    per_host = collections.Counter(r.metrics["host"] for r in grid)
+    assert len(per_host) == 2 and min(per_host.values()) >= 8 - 2 * JUDGING_TRIALS + 2, per_host
+    assert all(s["max_held"] <= 6 for s in stats), [s["max_held"] for s in stats]
+    # the second host started on standby before the first one's verdict, not after it (registry._start_standby)
+    first, second = sorted(stats, key=lambda s: s["milestones"]["init"])
+    assert second["milestones"]["init"] < first["milestones"]["verdict"], (first["milestones"], second["milestones"])
+
+
+@pytest.mark.parametrize("concurrent", [2, 8])
+def test_auto_keeps_one_host_for_a_tiny_mlp(ray_cpus, tmp_path, concurrent):
+    # With eight trials at once, those past the first host's JUDGING_TRIALS wait for its verdict, then join it.
+    T = make_trainable(slots_per_host=8, idle_timeout_s=3.0)
+    _, stats, hosts = _sweep_on_hosts(T, tmp_path, trials=8, iterations=3, concurrent=concurrent)
     assert len(hosts) == 1 and len(stats) == 1 and stats[0]["kernel_bound"] is False
+    # the second host that stood by for a kernel-bound verdict was stopped unused
+    assert wait_until(lambda: sum(a["ActorClassName"] == "SlotHost" for a in alive_actors()) <= 1, timeout=10)
 
 
 def test_a_host_takes_the_thread_count_it_is_told_on_its_engine_thread_unless_the_user_set_one(ray_cpus):

@@ -19,7 +19,15 @@ CPU time of its first :data:`SAMPLE_STEPS` fused steps. At
 sweep's hosts 6-34 ms, the MLP sweep's 2.0-2.9 ms) the registry plans
 :data:`AUTO_CPU_HOSTS` hosts on that node, starts the next one without
 waiting for it, and later trials go to the host with the most free slots,
-i.e. the new one, until the two hold as many. Every host on such a node
+i.e. the new one, until the two hold as many.
+
+Trials usually come together at a sweep's start, before the first host has
+stepped 30 times. Had they all attached to it, the second host would have had
+nothing to do until trials ended (Tune's CIFAR tutorial sweep, 20 trials
+ported, on 2 cores: the second host stepped 0 times, 39-55 s against 26.5 s
+with two hosts from the start). So until the decision, and until the second
+host is up, the first one takes :data:`JUDGING_TRIALS` trials and the others
+wait, at most :data:`HOLD_BACK_S` seconds. Every host on such a node
 reserves its share of ``host_cpus`` from the start, so that the second one
 fits beside the trials' own reservations, and takes its share of the cores
 once the node spreads.
@@ -32,6 +40,8 @@ import time
 from typing import Any
 
 AUTO_CPU_HOSTS = 2  # hosts of a CPU node whose first host's steps are kernel-bound
+JUDGING_TRIALS = 4  # trials a node's first host takes until the node's spread is decided (registry._holds_back)
+HOLD_BACK_S = 10.0  # the longest other trials wait for that decision and the second host's start
 KERNEL_BOUND_STEP_MS = 5.0  # median CPU time of a fused step at or above which a step counts as kernel-bound
 SAMPLE_STEPS = 30  # fused steps a host measures before it says
 

@@ -337,6 +337,7 @@ class SlotHost:
                 "threads": self.threads,
                 "gpu_share": self.gpu_share,
                 "kernel_bound": self.step_cost.verdict,  # see cpu_spread
+                "rnn_kernels": _rnn_kernels(),  # recurrent layers: torch's kernel per slot, or batched
                 "step_cpu_ms": self.step_cost.median_ms,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # see _passive_openmp
                 "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),  # see cpu_memory.allocator_env
@@ -739,6 +740,12 @@ class SlotHost:
         for k, v in figures.items():
             self._writer.add_scalar(k, v, step)
         self._writer.flush()
+
+
+def _rnn_kernels() -> dict[str, str]:
+    from ..per_slot_rnn import choices
+
+    return choices()
 
 
 def _seed_model_init(seed: int, device: Any) -> None:

@@ -298,6 +298,8 @@ class HostRegistry:
         self._judged: set[str] = set()
         self._joining: list[tuple[StartingHost, float]] = []
         self._spread_config: dict | None = None  # the last trial's config (a new host may profile it)
+        self._held_since: dict[str, float] = {}  # node -> when a trial first waited for its spread (_holds_back)
+        self._standby: dict[str, list[tuple[StartingHost, float]]] = {}  # node -> its second host, before the verdict
         threading.Thread(target=self._idle_watch, daemon=True).start()
 
     @ray.method(concurrency_group="data")
@@ -379,9 +381,38 @@ class HostRegistry:
             order = sorted(free, key=lambda p: -free[p])
             # The counts may be stale by now; the host's reserve() decides, and counts a refusal.
             for place in [p for p in order if free[p] > 0] or order[:1]:
+                if self._holds_back(place, free):
+                    continue
                 if ray.get(self.hosts[place][1].reserve.remote(key)):
                     return self.hosts[place]
             return None
+
+    def _holds_back(self, place: HostPlace, free: dict[HostPlace, int]) -> bool:
+        """With ``cpu_hosts_per_node="auto"``: whether a trial waits rather than joining ``place``'s host,
+        because the node may soon have a second host (see :mod:`.cpu_spread`).
+
+        Until a CPU node's first host has judged its steps, and, if it found them
+        kernel-bound, until the second host is up, that host takes only
+        :data:`~.cpu_spread.JUDGING_TRIALS` trials; the others wait (their proxies
+        ask again every 0.2 s), at most :data:`~.cpu_spread.HOLD_BACK_S` seconds.
+        Trials that arrive together at a sweep's start then split between the two
+        hosts instead of all staying on the first while the second idles.
+        """
+        node = place.node_id
+        if place.gpu or node is None or not self._spreads_itself():
+            return False
+        pending = node not in self._judged or any(s.place.node_id == node for s, _ in self._joining)
+        if not pending or cpu_spread.hosts_on_cpu_node("auto", node_cpus(node) or 1, spread=True) < 2:
+            return False
+        if self.slots[place] - free[place] < cpu_spread.JUDGING_TRIALS:
+            return False
+        since = self._held_since.setdefault(node, time.monotonic())
+        return time.monotonic() - since < cpu_spread.HOLD_BACK_S
+
+    def holding_back(self) -> bool:
+        """Whether trials wait for a CPU node's second host now (:meth:`_holds_back`): not a full sweep."""
+        with self._lock:
+            return any(time.monotonic() - t < cpu_spread.HOLD_BACK_S for t in self._held_since.values())
 
     def _free_by_host(self) -> dict[HostPlace, int]:
         """Free slots of every live host; hosts that died are dropped so their place is planned again."""
@@ -441,6 +472,7 @@ class HostRegistry:
             node = place.node_id
             if node in self._judged:  # judged a moment ago through another of its hosts
                 continue
+            self._start_standby(node, config)
             try:
                 verdict = ray.get(handle.kernel_bound.remote(), timeout=30)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
@@ -448,7 +480,10 @@ class HostRegistry:
             if verdict is None:
                 continue
             self._judged.add(node)
+            standby = self._standby.pop(node, [])
             if not verdict:
+                for s, _ in standby:
+                    ray.kill(s.handle, no_restart=True)
                 continue
             self.spread.add(node)
             threads = default_threads(int(node_cpus(node) or 1), cpu_spread.AUTO_CPU_HOSTS)
@@ -456,10 +491,25 @@ class HostRegistry:
                 if p.node_id == node:
                     h.set_threads.remote(threads)
             started = time.monotonic()
-            joining = self._launch_where_free(config)
-            self._joining += [(s, started) for s in joining]
-            logger.info("slot host on %s steps kernel-bound stacks: starting %d more on its node",
+            joining = [(s, t) for s, t in standby] or [(s, started) for s in self._launch_where_free(config)]
+            self._joining += joining
+            logger.info("slot host on %s steps kernel-bound stacks: %d more join it on its node",
                         place.label, len(joining))
+        self._settle_joining()  # a standby host that is up already takes trials now
+
+    def _start_standby(self, node: str, config: dict | None) -> None:
+        """Start the second host of a CPU node whose first host has yet to judge its steps: it is up by the
+        verdict, and registered only if the steps are kernel-bound (else stopped unused). Started
+        once the first host is up, not beside it: two hosts starting at once share the node's cores."""
+        if node in self._standby or (node_cpus(node) or 1) < 2:
+            return
+        taken = set(self.hosts) | {s.place for s, _ in self._joining}
+        launched, _ = launch_where_free(self.spec_bytes, self.experiment, self.options, config, taken=taken,
+                                        first=self._created, any_running=True, spread={*self.spread, node},
+                                        warn=False)
+        launched = [s for s in launched if s.place.node_id == node]
+        self._created += len(launched)
+        self._standby[node] = [(s, time.monotonic()) for s in launched]
 
     def _settle_joining(self) -> None:
         """Register the joining hosts that answered, waiting for none; drop one that is not up after its start
@@ -545,8 +595,9 @@ class HostRegistry:
                 except Exception:  # noqa: BLE001 - a dead host is already what we want
                     pass
                 ray.kill(h, no_restart=True)
-            for s, _ in self._joining:
+            for s, _ in [*self._joining, *(x for standby in self._standby.values() for x in standby)]:
                 ray.kill(s.handle, no_restart=True)
+            self._standby = {}
             self.hosts, self.slots, self._joining = {}, {}, []
         ray.kill(ray.get_runtime_context().current_actor)
 

@@ -153,7 +153,8 @@ class SlotClient:
                     logger.warning("trial %s is waiting for a slot host: %s", self.trial_id, reason)
                     warned = True
                     continue
-            if not warned and elapsed > self._options.get("oversubscribe_warn_s", 5.0):
+            if (not warned and elapsed > self._options.get("oversubscribe_warn_s", 5.0)
+                    and not ray.get(registry.holding_back.remote())):  # waiting for a second host: not full
                 capacity = ray.get(registry.capacity.remote())
                 logger.warning(
                     "trial %s is waiting for a free slot. Either Tune started more trials than the %d slots "
