@@ -19,12 +19,16 @@ LSTM(16, 64), 64, 8    3.88x         1.76x       1.42x
 On that machine the batched kernel never won, while on an AVX2 AMD EPYC it
 trained at 1.25-2x a loop of the models (see :mod:`.direct_rnn`). So the
 choice is measured: the first time a host runs a layer of a given shape and
-sequence length, both ways run forward and backward on random data for
-:data:`MEASURED_SLOTS` slots at the call's batch size (three timed rounds
-each, the median kept), and the batched kernel is taken only where it is at
-least :data:`MARGIN` times faster. The choice holds for every later call of
-that layer and length in the process (training and evaluation, any number of
-slots): one measurement of 0.1-0.5 s per layer shape. Where this module runs the layer, each slot calls
+sequence length, both ways run forward and backward on random data at the
+call's batch size for 4 slots, or 16 for a stack of :data:`LARGE_STACK` or
+more (three timed rounds each, the median kept), and the batched kernel is
+taken only where it is at least :data:`MARGIN` times faster. The choice holds
+for every later call of that layer, length and stack size in the process
+(training and evaluation): one measurement of 0.1-1 s per layer shape.
+``benchmarks/fused_step.py --models lstm,gru`` (``LSTM/GRU(32, 64)`` over 16
+steps, batch 64) on the same Xeon shows the other side: there the batched
+kernel is the faster one (LSTM 43.9 against 53.8 ms per fused step at 32
+slots, GRU 49.3 against 118 ms), so a host takes it. Where this module runs the layer, each slot calls
 torch's own kernel with its own weights, initial state and (for dropout
 between layers) its own generator, so it computes exactly what its model
 alone computes, bit for bit.
@@ -48,7 +52,8 @@ from .direct_kernels import SHARED, SLOT, Act
 logger = logging.getLogger(__name__)
 
 MARGIN = 1.2  # how much faster the batched kernel must be to be taken over torch's own (exact as alone)
-MEASURED_SLOTS = 4  # slots of the measurement (the table: the per-slot ratio changes little from 4 up)
+LARGE_STACK = 8  # stacks of this many slots or more are measured apart: the batched kernel gains with the count
+MEASURED_SLOTS = (4, 16)  # slots of the measurement for a smaller and a larger stack
 _VF_RNN = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh,
            "RNN_RELU": torch._VF.rnn_relu}
 _CHOICES: dict[tuple, bool] = {}  # layer shape and steps -> whether torch's kernel per slot is taken
@@ -66,18 +71,19 @@ def applies(runner: Any, name: str, mod: nn.Module, input: Act, batched: Any) ->
     shape = input.sample_shape(runner.n)
     steps, batch = (shape[1], shape[0]) if mod.batch_first else (shape[0], shape[1])
     inputs = runner.params[f"{name}.weight_ih_l0"].shape[2]
-    key = (mod.mode, inputs, mod.hidden_size, mod.num_layers, mod.bias, mod.bidirectional, steps, input.t.dtype)
+    slots = MEASURED_SLOTS[runner.n >= LARGE_STACK]
+    key = (mod.mode, inputs, mod.hidden_size, mod.num_layers, mod.bias, mod.bidirectional, steps, input.t.dtype, slots)
     if key not in _CHOICES:  # (a first call may come in an evaluation: the measurement trains either way)
         with torch.inference_mode(False), torch.enable_grad():
-            _CHOICES[key] = _measure(mod, inputs, MEASURED_SLOTS, steps, batch, input.t.dtype, batched)
+            _CHOICES[key] = _measure(mod, inputs, slots, steps, batch, input.t.dtype, batched)
     return _CHOICES[key]
 
 
 def choices() -> dict[str, str]:
     """The kernel this process took for each recurrent layer shape it measured, e.g.
-    ``{"LSTM(16, 64) over 64 steps": "per slot"}`` (``host_stats()`` shows them)."""
+    ``{"LSTM(16, 64) over 64 steps, 4 slots": "per slot"}`` (``host_stats()`` shows them)."""
     return {f"{k[0]}({k[1]}, {k[2]}){f' x{k[3]}' if k[3] > 1 else ''}{' bidirectional' if k[5] else ''} over {k[6]} "
-            f"steps": "per slot" if take else "batched" for k, take in _CHOICES.items()}
+            f"steps, {k[8]} slots": "per slot" if take else "batched" for k, take in _CHOICES.items()}
 
 
 def rnn(runner: Any, name: str, mod: nn.Module, input: Act, hx: Any) -> tuple:  # noqa: A002 - torch's name
