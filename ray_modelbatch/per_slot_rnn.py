@@ -155,7 +155,7 @@ def _measure(mod: nn.Module, inputs: int, n: int, steps: int, batch: int, dtype:
         params[w] = (torch.randn((n, *shape), generator=g, dtype=dtype) * 0.1).requires_grad_(True)
     shape = (batch, steps, inputs) if mod.batch_first else (steps, batch, inputs)
     x = Act(torch.randn((n, *shape), generator=g, dtype=dtype), SLOT)
-    runner = _Runner(None, params, {}, {}, "blas", False)  # no generators: the probe is not training
+    runner = _Runner(None, params, {}, {}, "blas", False)  # no generators: the probe has no dropout
     probe = _Probe(mod)
 
     def per_slot() -> None:
@@ -183,13 +183,13 @@ def _measure(mod: nn.Module, inputs: int, n: int, steps: int, batch: int, dtype:
 
 
 class _Probe:
-    """The layer's settings without its weights, training off (no dropout draws while measuring)."""
+    """The layer's settings without its weights, training as in a step but without dropout (a measurement must
+    not draw from any generator)."""
 
     def __init__(self, mod: nn.Module):
-        for k in ("mode", "hidden_size", "num_layers", "bias", "bidirectional", "batch_first", "dropout",
-                  "proj_size"):
+        for k in ("mode", "hidden_size", "num_layers", "bias", "bidirectional", "batch_first", "proj_size"):
             setattr(self, k, getattr(mod, k, 0))
-        self.training = False
+        self.dropout, self.training = 0.0, True
 
 
 __all__ = ["applies", "rnn"]

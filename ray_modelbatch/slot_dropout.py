@@ -81,8 +81,8 @@ class SlotRates:
 
     def rows(self, path: str, slots: Sequence[int]) -> list[float]:
         """The rates of ``slots`` (a forward's rows) for the module at ``path``."""
-        v = self.values[path]
-        return [float(v[s]) for s in slots]
+        values = self.values[path].tolist()
+        return [values[s] for s in slots]
 
     def uniform(self, path: str) -> bool:
         """Whether every held slot has the same rate at ``path``."""
