@@ -503,11 +503,11 @@ class HostRegistry:
         once the first host is up, not beside it: two hosts starting at once share the node's cores."""
         if node in self._standby or (node_cpus(node) or 1) < 2:
             return
-        taken = set(self.hosts) | {s.place for s, _ in self._joining}
+        spread = {*self.spread, node}
+        elsewhere = {p for p in planned_hosts(self.options, spread) if p.node_id != node}  # only this node's
+        taken = set(self.hosts) | {s.place for s, _ in self._joining} | elsewhere
         launched, _ = launch_where_free(self.spec_bytes, self.experiment, self.options, config, taken=taken,
-                                        first=self._created, any_running=True, spread={*self.spread, node},
-                                        warn=False)
-        launched = [s for s in launched if s.place.node_id == node]
+                                        first=self._created, any_running=True, spread=spread, warn=False)
         self._created += len(launched)
         self._standby[node] = [(s, time.monotonic()) for s in launched]
 
