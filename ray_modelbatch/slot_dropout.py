@@ -15,8 +15,8 @@ sweep would fuse nothing. So the ``p`` of the dropout modules
   :class:`SlotRate` as ``p``: a float that names its module. The fused paths
   ask :meth:`SlotRates.rows` for each row's rate where they draw dropout masks
   (``fast_path``'s dropout kernels, the vmap path's dropout in
-  :mod:`.slot_random`), and row ``j``'s mask is drawn as its model's own
-  dropout draws it.
+  :mod:`.slot_random`, and SDPA's ``dropout_p=self.drop.p`` on both paths),
+  and row ``j``'s mask is drawn as its model's own dropout draws it.
 * Anywhere else a forward reads the rate as a number (``x * (1 - self.drop.p)``,
   ``if self.drop.p > 0``), the template could only give one slot's rate. So
   a :class:`SlotRate` does arithmetic and comparisons only while its module's
