@@ -82,17 +82,9 @@ def test_slots_with_their_own_dropout_rates_in_one_stack_train_like_their_models
 
 def test_a_gathered_step_gives_each_row_its_own_slot_s_rate():
     """Two of three slots step (rows 0 and 1 of the forward are slots 1 and 2): rows take their slots' rates."""
-    make, features = MODELS["mlp"]
-    pairs = [_seeded(lambda p=p: make(p), s) for s, p in enumerate(RATES)]
-    batches = _batches(3, features)
-    mb = rmb.ModelBatch([m for m, _ in pairs])
-    for s, (_, st) in enumerate(pairs):
-        mb.random.set_state(s, st)
-    engine = rmb.FusedEngine(mb, optim.SGD(mb, lr=LR, momentum=0.9), F.cross_entropy)
-    for x, y in batches:
-        engine.train_step(x, y, slots=[1, 2])
+    mb, refs = _train("mlp", direct=True, steps=3, subset=[1, 2])
     for s in (1, 2):
-        ref, end = _alone(pairs[s][0], pairs[s][1], batches)
+        ref, end = refs[s]
         assert _max_rel(mb, s, ref) < 2e-5 and torch.equal(mb.random.state(s), end), s
 
 
