@@ -27,7 +27,8 @@ from torch.func import vmap
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
-from . import batched_normalizations, cumulative_batch_norm, fast_path, hf, inputs, mlp_step, slot_losses, step_config
+from . import (batched_normalizations, cumulative_batch_norm, fast_path, hf, inputs, mlp_step, padded_stacks,
+               slot_losses, step_config)
 from .cpu_memory import keep_freed_memory
 from .errors import FusionError, FusionWarning, IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
@@ -295,6 +296,14 @@ class ModelBatch:
             for n in self._buffer_names
         }
         self.active = torch.ones(s, dtype=torch.bool)
+        # A padded stack (see padded_stacks): slots whose models are narrower than the stack, by slot, their
+        # own shapes of the tensors that are padded (by canonical name); None for a slot at the stack's shapes.
+        # Loading a narrower model needs padding=True, which its SlotGroup sets once it checked that padding
+        # is exact for the model (padded_stacks.check).
+        self.own_sizes: list[dict[str, tuple[int, ...]] | None] = [None] * s
+        self.padding = False
+        sized = padded_stacks.sized_settings(models[0])
+        self._unsized = tuple(x for x in self._settings if (x[0], x[1]) not in sized)
         # Each slot's own generator for its forward's dropout: see slot_random. Seeded per row here;
         # set a slot's state with mb.random.set_state(i, slot_random.global_state(device)) after building
         # its model under its seed, and it draws the masks that model draws alone.
@@ -898,7 +907,24 @@ class ModelBatch:
         """A plain ``state_dict`` of slot ``i`` that loads into a fresh instance of the model class."""
         i = self._check_slot(i)
         tensors = {**self.params, **self.buffers}
-        return {k: tensors[c][i].detach().clone() for k, c in self._state_keys.items()}
+        own = self.own_sizes[i] or {}
+        return {k: padded_stacks.unpad(tensors[c][i].detach(), own[c]) if c in own else tensors[c][i].detach().clone()
+                for k, c in self._state_keys.items()}
+
+    def slot_signature(self, i: int) -> list[str]:
+        """The signature of slot ``i``'s model, one line per tensor, at its own shapes (a checkpoint's
+        ``"signature"``: in a padded stack, a narrower model's, see :mod:`.padded_stacks`)."""
+        own = self.own_sizes[self._check_slot(i)] or {}
+        return [padded_stacks.describe(spec, own.get(spec.name)) for spec in self.signature]
+
+    def _fits_padded(self, source: nn.Module) -> dict[str, tuple[int, ...]] | None:
+        """A narrower model's own shapes, where this stack may hold it padded; else None."""
+        if not self.padding:
+            return None
+        own = padded_stacks.own_shapes(self.signature, module_signature(source))
+        if not own:
+            return None
+        return own if padded_stacks.unsized_settings(source) == self._unsized else None
 
     def slot_module(self, i: int, module: nn.Module) -> nn.Module:
         """Load slot ``i`` into ``module`` (a fresh instance of the model class) and return it."""
@@ -913,9 +939,11 @@ class ModelBatch:
         """
         i = self._check_slot(i)
         transient: dict[str, torch.Tensor] = {}
+        own: dict[str, tuple[int, ...]] = {}
         if isinstance(source, nn.Module):
-            problem = first_mismatch(self.signature, module_signature(source)) or first_setting_mismatch(
-                self._settings, module_settings(source))
+            padded = self._fits_padded(source)
+            problem = None if padded else first_mismatch(self.signature, module_signature(source)) or \
+                first_setting_mismatch(self._settings, module_settings(source))
             if problem:
                 raise IncompatibleModelsError(
                     f"cannot load a {type(source).__name__} into slot {i}: {problem}. The model must have "
@@ -940,15 +968,19 @@ class ModelBatch:
         with torch.no_grad():
             for key, canon in self._state_keys.items():
                 dst, src = tensors[canon][i], state[key]
-                if tuple(src.shape) != tuple(dst.shape):
+                if tuple(src.shape) != tuple(dst.shape) and self.padding and src.dim() == dst.dim() and all(
+                        a <= b for a, b in zip(src.shape, dst.shape)):
+                    own[canon] = tuple(src.shape)  # a narrower model's, padded (see padded_stacks)
+                elif tuple(src.shape) != tuple(dst.shape):
                     raise IncompatibleModelsError(
                         f"state_dict entry '{key}' for slot {i} has shape {list(src.shape)} but the batch "
                         f"expects {list(dst.shape)}. Load a state_dict saved from the same model architecture."
                     )
             for key, canon in self._state_keys.items():
-                tensors[canon][i].copy_(state[key])
+                tensors[canon][i].copy_(padded_stacks.pad(state[key], tensors[canon][i].shape))
             for name, value in transient.items():
                 self.buffers[name][i].copy_(value)
+            self.own_sizes[i] = own or None
             for g in self._groups.values():
                 g.grad[i].zero_()
         self._notify("_on_reset", i)
@@ -968,6 +1000,7 @@ class ModelBatch:
                 t[dst] = t[src]
         self.random.copy(src, dst)
         self.rates.copy(src, dst)
+        self.own_sizes[dst] = self.own_sizes[src]
         self._notify("_on_copy", src, dst)
 
     def resize(self, capacity: int, keep: Sequence[int] | None = None) -> None:
@@ -1013,5 +1046,6 @@ class ModelBatch:
         self.active = remap(self.active, src)
         self.random.resize(keep, capacity)
         self.rates.resize(keep, capacity)
+        self.own_sizes = [self.own_sizes[k] for k in keep] + [None] * (capacity - len(keep))
         self._build_leaves()
         self._notify("_on_resize", keep, capacity)

@@ -51,13 +51,14 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint, hf, inputs
+from . import checkpoint, hf, inputs, padded_stacks
 from .amp import SlotGradScaler
 from .data import SharedStream, resolve_steps_per_report
 from .dataset_streams import DatasetInputs, per_slot_streams
 from .engine import FusedEngine, StepResult, check_loss_shape
 from .errors import FusionError, HyperparameterError, InputShapeError, OutOfDeviceMemoryError, is_out_of_memory
 from .model_batch import ModelBatch
+from .padded_stacks import family_key
 from .signature import module_settings, module_signature
 from .slot_results import IterationMeter, iteration_result
 from .slot_state import SlotSnapshots, collect_tensors
@@ -190,6 +191,8 @@ class SlotGroup:
                  config: Mapping[str, Any] | None = None):
         self.settings, self.key, self.limit = settings, key, int(limit)
         self.model_key = stack_key(first)
+        self.family = family_key(first)  # models that may share this stack padded: see padded_stacks
+        self._verdicts: dict[tuple, padded_stacks.Verdict] = {}  # by a narrower model's own shapes: fit()
         self.device = torch.device(device)
         if isinstance(data, DatasetInputs):  # the training set stays a dataset, streamed per slot
             self.x = self.y = None
@@ -234,6 +237,7 @@ class SlotGroup:
         self.meter = IterationMeter(1, self.device)
         self.snapshots = SlotSnapshots(int(run_ahead) + 1, 1)
         self.stats = StepStats()
+        self.mb.padding = self.can_pad
         self._direct: bool | None = None  # see _exact_gathers
         self._eval_exact: dict[int, bool] = {}  # by capacity, see _eval_gathers_exact
         self.max_chunk: int | None = None
@@ -264,6 +268,7 @@ class SlotGroup:
         g.settings, g.key, g.limit, g.device = None, key, mb.num_slots, mb.device
         g.model_key, g.train_fn, g.eval_fn, g.configs, g.reads, g.static = key, engine.step_fn, engine.eval_fn, \
             engine.configs, set(), ()
+        g.family, g._verdicts = key, {}
         g.x = g.y = g.x_val = g.y_val = None
         g.steps_per_report, g.full_step_fraction = int(steps_per_report), 0.5
         g.mb, g.opt, g.scaler, g.engine = mb, engine.optimizer, engine.scaler, engine
@@ -388,6 +393,35 @@ class SlotGroup:
         finally:
             self.mb.train(was)
 
+    @property
+    def can_pad(self) -> bool:
+        """Whether this stack may hold narrower models padded (:mod:`.padded_stacks`): one tensor of inputs to
+        check them on, one train step (not a model in parts), no transformers model, no tied tensors."""
+        return (isinstance(self.x_val, torch.Tensor) and not isinstance(self.train_fn, Mapping)
+                and not hasattr(self.opt, "layout") and not self.mb._hf and self.mb.per_slot_random
+                and not padded_stacks.has_ties(self.mb._template))
+
+    def fit(self, model: nn.Module, config: Mapping[str, Any] | None = None) -> padded_stacks.Verdict | None:
+        """Whether ``model`` may join this stack: a verdict with its cost where it fits (at the stack's shapes,
+        or narrower and padded exactly), None where it does not. Checked once per set of narrower shapes, on
+        eight validation rows, with the steps that will train it (the user's own, where given)."""
+        own = padded_stacks.own_shapes(self.mb.signature, module_signature(model))
+        if own is None or (own and not self.can_pad):
+            return None
+        if not own:
+            return padded_stacks.Verdict(stack_key(model) == self.model_key, reason="a setting differs")
+        key = tuple(sorted(own.items()))
+        if key not in self._verdicts:
+            x = self.x_val[:8]
+            runs = padded_stacks.forward_runs(x)
+            if self.train_fn is not None or self.eval_fn is not None:
+                batch, config = inputs.step_batch(x, self.y_val[:8]), dict(config or {})
+                runs = [(True, (lambda m: self.train_fn(m, batch, config)) if self.train_fn else runs[0][1]),
+                        (False, (lambda m: self.eval_fn(m, batch, config)) if self.eval_fn else runs[1][1])]
+            shapes = {s.name: s.shape for s in self.mb.signature}
+            self._verdicts[key] = padded_stacks.check(model, shapes, self.mb._unsized, runs)
+        return self._verdicts[key]
+
     def accepts(self, config: Mapping[str, Any]) -> bool:
         """Whether a trial with this config (and a model of the group's signature) may join the group:
         same optimizer family, same batch size, same values of what the steps read that is not per-slot,
@@ -489,6 +523,11 @@ class SlotGroup:
         (:func:`~ray_modelbatch.slot_random.global_state`), so the slot draws the masks
         the model alone draws; default ``torch.manual_seed(seed)``'s state.
         """
+        if module_signature(model) != self.mb.signature:  # narrower: only where padding is exact
+            verdict = self.fit(model, config)
+            if verdict is None or not verdict.ok:
+                raise FusionError(f"a {type(model).__name__} of other shapes cannot join stack {self.key}"
+                                  + (f": {verdict.reason}" if verdict is not None else "") + ".")
         slot = self._free_slot()
         self.mb.reset_slot(slot, model)  # the optimizer and scaler reset the slot's state with it
         if random_state is not None:
@@ -771,13 +810,14 @@ class SlotGroup:
             self.snapshots.put_back(tensors, python, slot, live)
 
     def _export_live(self, slot: int) -> bytes:
+        own = self.mb.own_sizes[slot] or {}
         return checkpoint.to_bytes({
-            "signature": [s.describe() for s in self.mb.signature],
+            "signature": self.mb.slot_signature(slot),
             "optimizer_class": optimizer_id(self.optimizer),
             "model": self.mb.slot_state(slot),
-            "optimizer": self.opt.slot_state(slot),
+            "optimizer": self._optimizer_state(slot, own),
             "optimizer_layout": self.opt.layout() if hasattr(self.opt, "layout") else {
-                str(dt): [[n, o, list(sh)] for n, o, sh in zip(g.names, g.offsets, g.shapes)]
+                str(dt): _layout(g.names, [own.get(n, sh) for n, sh in zip(g.names, g.shapes)])
                 for dt, g in self.mb.groups.items()},
             "scaler": None if self.scaler is None else self.scaler.slot_state(slot),
             "stream": self.streams.slot_state(slot) if self.per_slot_data else None,
@@ -794,9 +834,15 @@ class SlotGroup:
         # On the CPU: each component copies into its own tensors wherever they live, and the data streams'
         # generator states must stay on the CPU (a CPU generator refuses a CUDA state).
         state = checkpoint.from_bytes(blob, "cpu")
-        checkpoint.check_fits(state, [s.describe() for s in self.mb.signature])
+        checkpoint.check_fits(state, self.mb.slot_signature(slot))
+        own = self.mb.own_sizes[slot] or {}
         self.mb.load_slot(slot, state["model"])
-        self.opt.load_slot_state(slot, state["optimizer"], hparams=False)
+        optimizer = state["optimizer"]
+        if own:  # saved at the model's own shapes: into the stack's layout (see padded_stacks)
+            optimizer = {**optimizer, "state": {
+                key: {k: padded_stacks.pad_flat(v, g.names, g.shapes, own) for k, v in optimizer["state"][key].items()}
+                for key, g in ((str(dt), g) for dt, g in self.mb.groups.items()) if key in optimizer["state"]}}
+        self.opt.load_slot_state(slot, optimizer, hparams=False)
         self._set_hparams(slot, hparams, self.owner.get(slot))
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_slot_state(slot, state["scaler"])
@@ -806,6 +852,25 @@ class SlotGroup:
         if random is not None and random.numel() == self.mb.random.states.shape[1]:
             self.mb.random.set_state(slot, random)
         self._begin(slot)
+
+
+    def _optimizer_state(self, slot: int, own: Mapping[str, tuple]) -> dict[str, Any]:
+        """The optimizer's export of ``slot``, at the model's ``own`` shapes where the stack pads it."""
+        state = self.opt.slot_state(slot)
+        if not own:
+            return state
+        groups = {str(dt): g for dt, g in self.mb.groups.items()}
+        return {**state, "state": {key: {k: padded_stacks.unpad_flat(v, groups[key].names, groups[key].shapes, own)
+                                         for k, v in per_key.items()} for key, per_key in state["state"].items()}}
+
+
+def _layout(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> list[list]:
+    """``[[name, offset, shape], ...]`` of tensors laid end to end in one flat buffer."""
+    out, at = [], 0
+    for n, sh in zip(names, shapes):
+        out.append([n, at, list(sh)])
+        at += int(torch.Size(sh).numel())
+    return out
 
 
 def _same_bits(a: float, b: float) -> bool:

@@ -176,6 +176,8 @@ class SlotHost:
         self.trials: dict[str, _Attachment] = {}
         self._warned_keys: set[str] = set()
         self._stack_keys: set[tuple] = set()  # config paths the model, batch size or optimizer read: _attach
+        self._unpadded: set[str] = set()  # model families whose padded copies are not exact: _new_stack
+        self._padded_attaches = 0
         self.reserved: dict[str, float] = {}  # key -> when reserved; see _check_leases
         self._lock = threading.Condition()
         self._commands: collections.deque = collections.deque()
@@ -348,10 +350,12 @@ class SlotHost:
                 "capacity": self.capacity,
                 "capacity_fit": self.capacity_fit,
                 "attached": len(self.trials),
+                "padded_attaches": self._padded_attaches,  # trials that joined a wider stack (padded_stacks)
                 "reserved": len(self.reserved),
                 "stacks": {
                     k: {"capacity": g.capacity, "used": g.used, "active": int(g.mb.active_slots.numel()),
-                        "snapshot_mb": g.snapshots.nbytes() / 2**20, "forward": self._forward_paths.get(k)}
+                        "snapshot_mb": g.snapshots.nbytes() / 2**20, "forward": self._forward_paths.get(k),
+                        "padded": sum(1 for slot in g.owner if g.mb.own_sizes[slot])}  # narrower slots held
                     for k, g in self.groups.items()
                 },
                 "trials": {t.trial_id: t.slot for t in self.trials.values()},
@@ -432,17 +436,15 @@ class SlotHost:
                     _from_config(setting, "optimizer/batch_size", by_stack)  # records what they read
             reads |= splits
             self._stack_keys |= splits
-            group = next((g for g in self.groups.values() if g.model_key == skey and g.accepts(config)), None)
+            group = self._stack_for(model, skey, config)
             if group is None:
                 self._warn_split_by_setting(model)
-                name = skey if skey not in self.groups else f"{skey}.{len(self.groups)}"
-                group = SlotGroup(self.spec, name, model, self.data, self.capacity, self.device,
-                                  run_ahead=self.run_ahead, config=config)
-                self.groups[name] = group
-                self._forward_paths[name] = group.forward_path()
-                logger.info("host %s: new stack %s for trial %s, forward: %s", self.name, name, trial_id,
-                            self._forward_paths[name])
+                group = self._new_stack(model, skey, config)
+                self._forward_paths[group.key] = group.forward_path()
+                logger.info("host %s: new stack %s for trial %s, forward: %s", self.name, group.key, trial_id,
+                            self._forward_paths[group.key])
             slot = group.add(trial_id, model, seed, hparams, config=config, random_state=random_state)
+            self._padded_attaches += bool(group.mb.own_sizes[slot])
             self._warn_unread(config, reads | group.reads)
             self._warn_sparse_stacks()
         except BaseException:
@@ -454,8 +456,61 @@ class SlotHost:
             self.trials[key] = _Attachment(trial_id, group, slot, lease)
             if self._stats.first_attach is None:
                 self._stats.first_attach, self._stats.first_attach_at = time.monotonic(), time.time()
-            self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot, "stack": skey})
-        return {"host": self.name, "stack": skey, "slot": slot, "device": str(self.device), "node_id": self.node_id}
+            self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot, "stack": group.key})
+        return {"host": self.name, "stack": group.key, "slot": slot, "device": str(self.device), "node_id": self.node_id}
+
+    def _stack_for(self, model: Any, skey: str, config: dict) -> Any:
+        """The stack a trial's model joins: one of its exact shapes, or one it fits padded at a cost of at most
+        ``padded_stacks.MAX_WASTE`` (see there). Of several, the newest: the one whose shapes cover the most
+        of the sweep's widths, so that the trials of one model family gather in one stack."""
+        from ..padded_stacks import MAX_WASTE, family_key
+
+        family = family_key(model)
+        chosen = None
+        for g in self.groups.values():
+            if g.model_key != skey and g.family != family or not g.accepts(config):
+                continue
+            if g.model_key == skey:
+                chosen = g
+                continue
+            verdict = g.fit(model, config)
+            if verdict is not None and verdict.ok and verdict.waste <= MAX_WASTE:
+                chosen = g
+        return chosen
+
+    def _new_stack(self, model: Any, skey: str, config: dict) -> Any:
+        """A new stack for a model no stack takes: at the largest size of each of its dimensions among the
+        stacks of its family and the model itself, where the model pads exactly and cheaply there
+        (:mod:`ray_modelbatch.padded_stacks`); at the model's own shapes otherwise."""
+        from ..padded_stacks import MAX_WASTE, family_key, pad_model, widest
+        from ..signature import module_signature
+        from ..slot_group import SlotGroup
+
+        def build(first: Any, key: str) -> Any:
+            name = key if key not in self.groups else f"{key}.{len(self.groups)}"
+            return name, SlotGroup(self.spec, name, first, self.data, self.capacity, self.device,
+                                   run_ahead=self.run_ahead, config=config)
+
+        family, own = family_key(model), module_signature(model)
+        shapes = {s.name: s.shape for s in own}
+        if family not in self._unpadded:
+            for g in self.groups.values():  # only stacks this trial could share (batch size, optimizer, stack_by)
+                if g.family == family and g.accepts(config):
+                    shapes = widest(shapes, g.mb.signature)
+        name = group = None
+        if shapes != {s.name: s.shape for s in own}:
+            name, group = build(pad_model(model, shapes), f"{skey}+pad")
+            verdict = group.fit(model, config)
+            if verdict is None or not verdict.ok or verdict.waste > MAX_WASTE:
+                if verdict is None or not verdict.ok:
+                    self._unpadded.add(family)
+                    logger.info("host %s: trials of %s do not share padded stacks (%s)", self.name,
+                                type(model).__name__, "no" if verdict is None else verdict.reason)
+                name = group = None
+        if group is None:
+            name, group = build(model, skey)
+        self.groups[name] = group
+        return group
 
     SPARSE_STACKS = 4  # stacks held, at fewer than two trials each on average, that make a sweep fuse little
 
