@@ -409,7 +409,8 @@ class SlotGroup:
         if own is None or (own and not self.can_pad):
             return None
         if not own:
-            return padded_stacks.Verdict(stack_key(model) == self.model_key, reason="a setting differs")
+            same = stack_key(model) == self.model_key
+            return padded_stacks.Verdict(same, reason="" if same else "a setting its forward reads differs")
         key = tuple(sorted(own.items()))
         if key not in self._verdicts:
             x = self.x_val[:8]
@@ -527,7 +528,8 @@ class SlotGroup:
             verdict = self.fit(model, config)
             if verdict is None or not verdict.ok:
                 raise FusionError(f"a {type(model).__name__} of other shapes cannot join stack {self.key}"
-                                  + (f": {verdict.reason}" if verdict is not None else "") + ".")
+                                  + (f": {verdict.reason}" if verdict is not None else "") + ". Fix: give it a "
+                                  "stack of its own shapes (a slot host does this by itself).")
         slot = self._free_slot()
         self.mb.reset_slot(slot, model)  # the optimizer and scaler reset the slot's state with it
         if random_state is not None:
@@ -852,7 +854,6 @@ class SlotGroup:
         if random is not None and random.numel() == self.mb.random.states.shape[1]:
             self.mb.random.set_state(slot, random)
         self._begin(slot)
-
 
     def _optimizer_state(self, slot: int, own: Mapping[str, tuple]) -> dict[str, Any]:
         """The optimizer's export of ``slot``, at the model's ``own`` shapes where the stack pads it."""

@@ -408,7 +408,8 @@ class SlotHost:
     def _attach(self, trial_id: str, config: dict, lease: Any, key: str) -> dict:
         import torch
 
-        from ..slot_group import SlotGroup, stack_key
+        from ..padded_stacks import family_key
+        from ..slot_group import stack_key
         from ..slot_random import global_state
         from ..step_config import RecordingConfig
         from ..trial_settings import _is_fixed as _is_fixed_optimizer
@@ -436,10 +437,11 @@ class SlotHost:
                     _from_config(setting, "optimizer/batch_size", by_stack)  # records what they read
             reads |= splits
             self._stack_keys |= splits
-            group = self._stack_for(model, skey, config)
+            family = family_key(model)  # models of other widths that may share a padded stack
+            group = self._stack_for(model, skey, family, config)
             if group is None:
                 self._warn_split_by_setting(model)
-                group = self._new_stack(model, skey, config)
+                group = self._new_stack(model, skey, family, config)
                 self._forward_paths[group.key] = group.forward_path()
                 logger.info("host %s: new stack %s for trial %s, forward: %s", self.name, group.key, trial_id,
                             self._forward_paths[group.key])
@@ -456,16 +458,17 @@ class SlotHost:
             self.trials[key] = _Attachment(trial_id, group, slot, lease)
             if self._stats.first_attach is None:
                 self._stats.first_attach, self._stats.first_attach_at = time.monotonic(), time.time()
-            self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot, "stack": group.key})
-        return {"host": self.name, "stack": group.key, "slot": slot, "device": str(self.device), "node_id": self.node_id}
+            self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot,
+                                 "stack": group.key})
+        return {"host": self.name, "stack": group.key, "slot": slot, "device": str(self.device),
+                "node_id": self.node_id}
 
-    def _stack_for(self, model: Any, skey: str, config: dict) -> Any:
+    def _stack_for(self, model: Any, skey: str, family: str, config: dict) -> Any:
         """The stack a trial's model joins: one of its exact shapes, or one it fits padded at a cost of at most
         ``padded_stacks.MAX_WASTE`` (see there). Of several, the newest: the one whose shapes cover the most
         of the sweep's widths, so that the trials of one model family gather in one stack."""
-        from ..padded_stacks import MAX_WASTE, family_key
+        from ..padded_stacks import MAX_WASTE
 
-        family = family_key(model)
         chosen = None
         for g in self.groups.values():
             if g.model_key != skey and g.family != family or not g.accepts(config):
@@ -478,11 +481,11 @@ class SlotHost:
                 chosen = g
         return chosen
 
-    def _new_stack(self, model: Any, skey: str, config: dict) -> Any:
+    def _new_stack(self, model: Any, skey: str, family: str, config: dict) -> Any:
         """A new stack for a model no stack takes: at the largest size of each of its dimensions among the
         stacks of its family and the model itself, where the model pads exactly and cheaply there
         (:mod:`ray_modelbatch.padded_stacks`); at the model's own shapes otherwise."""
-        from ..padded_stacks import MAX_WASTE, family_key, pad_model, widest
+        from ..padded_stacks import MAX_WASTE, pad_model, widest
         from ..signature import module_signature
         from ..slot_group import SlotGroup
 
@@ -491,7 +494,7 @@ class SlotHost:
             return name, SlotGroup(self.spec, name, first, self.data, self.capacity, self.device,
                                    run_ahead=self.run_ahead, config=config)
 
-        family, own = family_key(model), module_signature(model)
+        own = module_signature(model)
         shapes = {s.name: s.shape for s in own}
         if family not in self._unpadded:
             for g in self.groups.values():  # only stacks this trial could share (batch size, optimizer, stack_by)
