@@ -32,7 +32,7 @@ the forward's FLOPs both ways; a host admits a model where its padded FLOPs
 are at most :data:`MAX_WASTE` times its own (a CNN whose convolutions are
 fixed and whose hidden widths are searched pads almost for free).
 
-A slot's checkpoint holds its model at its own sizes (:func:`unpad_state`,
+A slot's checkpoint holds its model at its own sizes (:func:`unpad`,
 :func:`unpad_flat`): it loads into ``model_factory(config)`` and restores into
 any stack it fits.
 """
@@ -95,12 +95,12 @@ def unsized_settings(model: nn.Module) -> tuple:
     return tuple(s for s in module_settings(model) if (s[0], s[1]) not in sized)
 
 
-def family_key(model: nn.Module, hf_key: Any = None) -> str:
+def family_key(model: nn.Module) -> str:
     """Equal for two models that a padded stack may hold together: the same tree, settings and tensors
     except for their sizes (each tensor's number of dimensions still counts)."""
     tensors = tuple((s.name, s.kind, len(s.shape), s.dtype, s.requires_grad) for s in module_signature(model))
     structure = [(name, type(m).__qualname__) for name, m in model.named_modules()]
-    text = repr((type(model).__module__, tensors, structure, unsized_settings(model), hf_key))
+    text = repr((type(model).__module__, tensors, structure, unsized_settings(model)))
     return f"{type(model).__name__}~{zlib.crc32(text.encode()):08x}"
 
 
@@ -174,16 +174,6 @@ def pad_model(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> nn.Modul
             if local in grown:
                 setattr(module, attribute, grown[local][1][dim])
     return out
-
-
-def pad_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
-    """A ``state_dict`` at a model's own sizes, zero-padded to the stack's ``shapes`` (by key)."""
-    return {k: pad(v, shapes[k]) if k in shapes else v for k, v in state.items()}
-
-
-def unpad_state(state: Mapping[str, torch.Tensor], own: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
-    """A padded ``state_dict`` cut back to the model's ``own`` shapes (by key)."""
-    return {k: unpad(v, own[k]) if k in own else v for k, v in state.items()}
 
 
 def _flat_parts(flat: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
@@ -271,11 +261,11 @@ def check(model: nn.Module, shapes: Mapping[str, Sequence[int]], stack_settings:
         return Verdict(False, reason="a setting other than a layer width differs")
     if has_ties(model):
         return Verdict(False, reason="the model shares a tensor between layers")
-    own = copy.deepcopy(model)
-    padded = pad_model(model, shapes)
-    named = dict(own.named_parameters())
-    reach = {n: p for n, p in padded.named_parameters()}
     try:
+        own = copy.deepcopy(model)
+        padded = pad_model(model, shapes)
+        named = dict(own.named_parameters())
+        reach = dict(padded.named_parameters())
         flops: list[int] = []
         cuda = sorted({t.device.index or 0 for t in own.parameters() if t.is_cuda})
         for training, run in runs:

@@ -485,6 +485,7 @@ class SlotHost:
         """A new stack for a model no stack takes: at the largest size of each of its dimensions among the
         stacks of its family and the model itself, where the model pads exactly and cheaply there
         (:mod:`ray_modelbatch.padded_stacks`); at the model's own shapes otherwise."""
+        from .. import padded_stacks
         from ..padded_stacks import MAX_WASTE, pad_model, widest
         from ..signature import module_signature
         from ..slot_group import SlotGroup
@@ -502,13 +503,16 @@ class SlotHost:
                     shapes = widest(shapes, g.mb.signature)
         name = group = None
         if shapes != {s.name: s.shape for s in own}:
-            name, group = build(pad_model(model, shapes), f"{skey}+pad")
-            verdict = group.fit(model, config)
+            try:
+                name, group = build(pad_model(model, shapes), f"{skey}+pad")
+                verdict = group.fit(model, config)
+            except Exception as exc:  # noqa: BLE001 - a model its padded copy cannot build trains unpadded
+                verdict = padded_stacks.Verdict(False, reason=f"{type(exc).__name__}: {exc}")
             if verdict is None or not verdict.ok or verdict.waste > MAX_WASTE:
                 if verdict is None or not verdict.ok:
                     self._unpadded.add(family)
                     logger.info("host %s: trials of %s do not share padded stacks (%s)", self.name,
-                                type(model).__name__, "no" if verdict is None else verdict.reason)
+                                type(model).__name__, "no padding possible" if verdict is None else verdict.reason)
                 name = group = None
         if group is None:
             name, group = build(model, skey)
