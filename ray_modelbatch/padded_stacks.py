@@ -40,6 +40,7 @@ any stack it fits.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -318,5 +319,4 @@ def check(model: nn.Module, shapes: Mapping[str, Sequence[int]], stack_settings:
 
 def describe(spec: TensorSpec, shape: Sequence[int] | None) -> str:
     """``spec.describe()`` at a slot's own ``shape`` (a checkpoint's signature line)."""
-    return spec.describe() if shape is None else TensorSpec(spec.name, spec.kind, tuple(shape), spec.dtype,
-                                                            spec.requires_grad).describe()
+    return (spec if shape is None else dataclasses.replace(spec, shape=tuple(shape))).describe()

@@ -354,8 +354,7 @@ class SlotHost:
                 "reserved": len(self.reserved),
                 "stacks": {
                     k: {"capacity": g.capacity, "used": g.used, "active": int(g.mb.active_slots.numel()),
-                        "snapshot_mb": g.snapshots.nbytes() / 2**20, "forward": self._forward_paths.get(k),
-                        "padded": sum(1 for slot in g.owner if g.mb.own_sizes[slot])}  # narrower slots held
+                        "snapshot_mb": g.snapshots.nbytes() / 2**20, "forward": self._forward_paths.get(k)}
                     for k, g in self.groups.items()
                 },
                 "trials": {t.trial_id: t.slot for t in self.trials.values()},
