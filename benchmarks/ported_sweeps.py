@@ -451,7 +451,7 @@ def ported_options(script: Script, args: argparse.Namespace) -> dict:
     options: dict = {}
     if args.cpu_hosts_per_node is not None:  # "auto" is the library's default
         options["cpu_hosts_per_node"] = args.cpu_hosts_per_node
-    for key in ("slots_per_host", "run_ahead", "host_threads"):
+    for key in ("slots_per_host", "run_ahead", "host_threads", "move_slots"):
         value = getattr(args, key)
         if value is not None:
             options[key] = value
@@ -565,6 +565,7 @@ def host_summary(h: dict, t0_wall: float) -> dict:
         "threads": h.get("threads"), "step_cpu_ms": h.get("step_cpu_ms"), "kernel_bound": h.get("kernel_bound"),
         "rnn_kernels": h.get("rnn_kernels") or {},
         "max_held": h.get("max_held"), "data_source": h.get("data_source"),
+        "moved_out": h.get("moved_out", 0), "moved_in": h.get("moved_in", 0), "regrouped": h.get("regrouped", 0),
         "forward": sorted({str(s.get("forward")) for s in h.get("stacks", {}).values()}),
         # seconds after fit() began: the host's constructor, ready, its first trial, its first result
         "milestones": {k: v - t0_wall for k, v in h.get("milestones", {}).items() if v is not None},
@@ -680,7 +681,8 @@ def report(args: argparse.Namespace, all_scripts: dict[str, Script], runs: list[
             line += f"; options {r['options'] or '{}'}"
             for h in r["hosts"]:
                 line += (f"; host {h['host']}: {h['stacks']} stacks, {h['fused_steps']} fused steps, "
-                         f"{h['slots_per_step']:.2f} slots per step, at most {h['max_held']} held, busy "
+                         f"{h['slots_per_step']:.2f} slots per step, at most {h['max_held']} held, "
+                         f"{h['moved_out']} moved out and {h['moved_in']} in, {h['regrouped']} into a newer stack, busy "
                          f"{h['busy']:.0%} of {h['wall_s']:.1f} s, {h['threads']} threads, step CPU median "
                          f"{fmt(h['step_cpu_ms'])} ms, forward {', '.join(h['forward']) or '-'}"
                          + "".join(f", {k}: {v}" for k, v in h["rnn_kernels"].items()) + ", data() in "
@@ -707,6 +709,8 @@ def main() -> None:
                         "on a CPU node (docs/porting.md's advice), the library's for pbt; 'auto' = the library's")
     p.add_argument("--run-ahead", type=int, default=None, help="batched_trainable(run_ahead=...) of the ports")
     p.add_argument("--host-threads", type=int, default=None, help="batched_trainable(host_threads=...) of the ports")
+    p.add_argument("--move-slots", type=int, choices=(0, 1), default=None,
+                   help="batched_trainable(move_slots=...) of the ports (default: the library's, on)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of each local Ray (default: os.cpu_count())")
     p.add_argument("--storage", default=None, help="Tune storage_path (default: a temporary directory)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "ported_sweeps_latest.md"))

@@ -210,6 +210,14 @@ class Verdict:
     reason: str = ""
 
 
+def preload() -> None:
+    """Import what :func:`check` needs but torch loads only on first use: a dispatch mode such as
+    ``FlopCounterMode`` imports ``torch._dynamo`` the first time it runs, 1.0 s on a 2-core Xeon. In a slot
+    host that second fell on the engine thread, at the first padded attach, with every trial waiting; a
+    host calls this on a thread of its own as it starts."""
+    import torch._dynamo  # noqa: F401
+
+
 def _flops(run: Callable[[nn.Module], Any], model: nn.Module) -> tuple[Any, int]:
     from torch.utils.flop_counter import FlopCounterMode
 

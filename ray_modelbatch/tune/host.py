@@ -72,10 +72,14 @@ class _Attachment:
     taken: int = 0  # iterations whose results the trial took since the slot was loaded: the boundary
     nonfinite_total: int = 0
     error: BaseException | None = None  # the slot failed; the next step() raises it
+    moving_to: str | None = None  # the host this slot moves to once its trial took every result (see balance)
+    config: dict | None = None  # the trial's config: a stack made later may take the slot (_gather_into)
 
     def runnable(self, run_ahead: int) -> bool:
         if self.error is not None:
             return False
+        if self.moving_to is not None:  # finish the iteration it is in, start no other: nothing is thrown away
+            return self.group.meter.steps[self.slot] > 0
         return len(self.results) < run_ahead or (self.waiter is not None and not self.results)
 
 
@@ -107,6 +111,11 @@ class _Stats:
     window_stepped: int = 0
     window_held: int = 0
     max_held: int = 0  # high-water mark of attached + reserved trials
+    moved_out: int = 0  # slots handed to another host (see balance)
+    moved_in: int = 0  # slots that came from another host
+    regrouped: int = 0  # slots that moved into a newer stack of this host that takes them (_gather_into)
+    load_at: float = field(default_factory=time.monotonic)  # the last load() report: its window starts here
+    load_busy: float = 0.0  # busy_s at that report
     refused: int = 0  # reservations refused because the host was full (Tune oversubscribed it)
     freed_by_lease: int = 0  # slots freed because the trial's process died without detaching
 
@@ -124,7 +133,8 @@ class SlotHost:
     def __init__(self, spec_bytes: bytes, name: str, capacity: int | str, lease_check_s: float = 2.0,
                  stats_every_s: float = 5.0, profile_config: dict | None = None, max_slots: int = 256,
                  run_ahead: int = 2, threads: int | None = None, data_from: str | None = None,
-                 node_share: int = 1, step_threshold_ms: float | None = None, gpu_share: int = 1):
+                 node_share: int = 1, step_threshold_ms: float | None = None, gpu_share: int = 1,
+                 move_slots: bool = True):
         init_at = time.time()
         _passive_openmp()  # before the spec (the user's functions) imports torch
         use_huge_pages()  # the engine thread's big tensors stay mapped (see cpu_memory.allocator_env)
@@ -154,6 +164,7 @@ class SlotHost:
         self._want_threads: int | None = None  # applied by the engine thread between fused steps
         self.step_cost = StepCostMeter(step_threshold_ms)  # see cpu_spread
         self.run_ahead = int(run_ahead)
+        self.move_slots = bool(move_slots)  # into stacks made later that take them (_gather_into)
         self.gpu_share = max(1, int(gpu_share))  # hosts on this GPU (hosts_per_gpu): each plans for its part
         self.capacity, self.capacity_fit = 0, None
         try:
@@ -169,6 +180,9 @@ class SlotHost:
             # The host's TensorBoard writer (see _log_stats), loaded now rather than on the engine thread in
             # the middle of the sweep: importing tensorboardX (and the boto3 it pulls in) took 0.13-0.2 s there.
             import tensorboardX  # noqa: F401
+
+            from ..padded_stacks import preload  # ... and what the padded-stack check imports: off the engine thread
+            threading.Thread(target=preload, name=f"{name}-preload", daemon=True).start()
         except Exception as exc:  # noqa: BLE001 - every start failure goes to the registry as one line
             self.start_error = self.start_error or f"{type(exc).__name__}: {exc}"
         self.groups: dict[str, Any] = {}
@@ -272,7 +286,12 @@ class SlotHost:
         return self._call(lambda: self._attach(trial_id, config, lease_box[0], key or trial_id), "attach")
 
     def train(self, key: str) -> dict:
-        """The attachment's next result: at once if its slot already finished that iteration."""
+        """The attachment's next result: at once if its slot already finished that iteration.
+
+        A slot marked to move (:meth:`release`) gets, once its trial took every
+        finished result and the slot stands at that boundary, a move instead
+        (see :mod:`.balance` and :meth:`_move_out`): its state and the host to continue on.
+        """
         with self._lock:
             t = self.trials.get(key)
             if t is None:
@@ -302,15 +321,86 @@ class SlotHost:
 
         return self._call(run, "save")
 
-    def restore(self, key: str, blob: bytes, config: dict) -> None:
+    def restore(self, key: str, blob: bytes, config: dict, moved: dict | None = None) -> None:
+        """Load a slot state: a checkpoint's bytes, or a slot that ``moved`` here from another host
+        (``{"from": host, "nonfinite_total": n}``, see :mod:`.balance`)."""
         def run() -> None:
             t = self._trial(key)
             t.group.load(t.slot, blob, _from_config(self.spec.hparams, "hparams", config))
             with self._lock:
                 t.results.clear()  # work done past the old boundary belongs to a state Tune left
                 t.taken, t.error = 0, None
+                if moved is not None:
+                    t.nonfinite_total = int(moved.get("nonfinite_total", 0))
+                    self._stats.moved_in += moved.get("from") != self.name
+                    self._events.append({"t": time.time(), "event": "moved in", "trial": t.trial_id,
+                                         "slot": t.slot, "stack": t.group.key, "from": moved.get("from")})
 
         return self._call(run, "restore")
+
+    def load(self) -> dict:
+        """How busy this host was since the last report, and what it holds: for the registry's
+        :func:`~.balance.plan_move` (called once a second; answered at once, not by the engine thread)."""
+        with self._lock:
+            s, now = self._stats, time.monotonic()
+            busy = (s.busy_s - s.load_busy) / max(now - s.load_at, 1e-6)
+            s.load_at, s.load_busy = now, s.busy_s
+            stacks: dict[str, int] = {}
+            moving = 0
+            for t in self.trials.values():
+                if t.moving_to is not None:
+                    moving += 1
+                else:
+                    stacks[t.group.key] = stacks.get(t.group.key, 0) + 1
+            return {"name": self.name, "busy": min(busy, 1.0), "held": sum(stacks.values()) + len(self.reserved),
+                    "free": self.capacity - len(self.trials) - len(self.reserved), "moving": moving,
+                    "stacks": stacks}
+
+    def release(self, receiver: str, receiver_stacks: list, count: int = 1) -> list[str]:
+        """Mark up to ``count`` slots to move to host ``receiver`` (see :mod:`.balance`); returns their trials."""
+        from .balance import pick_slots
+
+        with self._lock:
+            by_stack: dict[str, list[str]] = {}
+            for key, t in self.trials.items():
+                if t.moving_to is None and t.error is None:
+                    by_stack.setdefault(t.group.key, []).append(key)
+            picked = [self.trials[key] for key in pick_slots(by_stack, receiver_stacks, count)]
+            for t in picked:
+                t.moving_to = receiver
+                self._events.append({"t": time.time(), "event": "releasing", "trial": t.trial_id, "slot": t.slot,
+                                     "stack": t.group.key, "to": receiver})
+            self._lock.notify_all()
+            return [t.trial_id for t in picked]
+
+    def _movable(self) -> list[_Attachment]:
+        """(Under the lock.) Slots marked to move whose trial waits for a result none of them has: each stands
+        at the boundary its trial knows (a marked slot finishes the iteration it is in and starts no other)."""
+        return [t for t in self.trials.values()
+                if t.moving_to is not None and t.waiter is not None and not t.results and t.error is None
+                and t.group.meter.steps[t.slot] == 0]
+
+    def _move_out(self, t: _Attachment) -> None:
+        """(Engine thread.) Answer the waiting ``step()`` of a movable slot with its state at the boundary and
+        the host to go to, and free the slot (see :mod:`.balance`)."""
+        from .balance import MOVE_KEY
+
+        try:
+            blob = t.group.export(t.slot, t.taken)
+        except BaseException as exc:  # noqa: BLE001 - it cannot leave: the trial fails as a step would
+            self._fail(t, exc)
+            return
+        with self._lock:
+            waiter, t.waiter = t.waiter, None
+            if t.moving_to == self.name:
+                self._stats.regrouped += 1
+            else:
+                self._stats.moved_out += 1
+        key = next((k for k, a in self.trials.items() if a is t), None)
+        if key is not None:
+            self._detach(key, f"it moved to {t.moving_to}")
+        waiter.set_result({MOVE_KEY: {"to": t.moving_to, "blob": blob, "from": self.name,
+                                      "nonfinite_total": t.nonfinite_total}})
 
     def detach(self, key: str) -> None:
         """Free the attachment's slot at once (it is masked out of the next fused step)."""
@@ -379,6 +469,9 @@ class SlotHost:
                 "max_held": s.max_held,
                 "refused": s.refused,
                 "freed_by_lease": s.freed_by_lease,
+                "moved_out": s.moved_out,  # slots handed to another host, and taken from one (see balance)
+                "moved_in": s.moved_in,
+                "regrouped": s.regrouped,
             }
 
     def shutdown(self) -> None:
@@ -444,6 +537,8 @@ class SlotHost:
                 self._forward_paths[group.key] = group.forward_path()
                 logger.info("host %s: new stack %s for trial %s, forward: %s", self.name, group.key, trial_id,
                             self._forward_paths[group.key])
+                if self.move_slots:
+                    self._gather_into(group)
             slot = group.add(trial_id, model, seed, hparams, config=config, random_state=random_state)
             self._padded_attaches += bool(group.mb.own_sizes[slot])
             self._warn_unread(config, reads | group.reads)
@@ -454,7 +549,7 @@ class SlotHost:
             raise
         with self._lock:  # one step: the slot never looks free between reservation and attachment
             self.reserved.pop(key, None)
-            self.trials[key] = _Attachment(trial_id, group, slot, lease)
+            self.trials[key] = _Attachment(trial_id, group, slot, lease, config=config)
             if self._stats.first_attach is None:
                 self._stats.first_attach, self._stats.first_attach_at = time.monotonic(), time.time()
             self._events.append({"t": time.time(), "event": "attach", "trial": trial_id, "slot": slot,
@@ -479,6 +574,34 @@ class SlotHost:
             if verdict is not None and verdict.ok and verdict.waste <= MAX_WASTE:
                 chosen = g
         return chosen
+
+    def _gather_into(self, new: Any) -> None:
+        """Move the trials of older stacks that the new stack ``new`` now takes into it, each at its next
+        result boundary (see :mod:`.balance`: a move to this same host).
+
+        Trials come in any order: the first of a model family makes a stack of its own widths, and a wider
+        one that comes later a padded stack of the widest shapes, which the narrower trials after it join
+        (:meth:`_stack_for`). Those that came before stay where they are, each in a stack of its own: in
+        Tune's CIFAR tutorial sweep, ported (20 trials, ``l1`` and ``l2`` searched), one host held 5 stacks
+        for 8 trials. Where the new stack takes them at the same cost as a trial that comes now, they move.
+        """
+        from ..slot_group import stack_key
+
+        with self._lock:
+            candidates = [t for t in self.trials.values()
+                          if t.group is not new and t.group.family == new.family and t.moving_to is None
+                          and t.error is None and t.config is not None and new.accepts(t.config)]
+        for t in candidates:
+            try:
+                model = _from_config(self.spec.model, "model", t.config)
+                if self._stack_for(model, stack_key(model), new.family, t.config) is not new:
+                    continue
+            except Exception:  # noqa: BLE001 - it trained in its own stack so far: it stays there
+                continue
+            with self._lock:
+                t.moving_to = self.name
+                self._events.append({"t": time.time(), "event": "releasing", "trial": t.trial_id, "slot": t.slot,
+                                     "stack": t.group.key, "to": new.key})
 
     def _new_stack(self, model: Any, skey: str, family: str, config: dict) -> Any:
         """A new stack for a model no stack takes: at the largest size of each of its dimensions among the
@@ -653,7 +776,8 @@ class SlotHost:
         while True:
             with self._lock:
                 start_wait = time.monotonic()
-                while not self._stop and not self._commands and self._want_threads is None and not self._runnable():
+                while (not self._stop and not self._commands and self._want_threads is None and not self._runnable()
+                       and not self._movable()):
                     self._lock.wait(timeout=self._lease_check_s)
                     if time.monotonic() - last_check >= self._lease_check_s:
                         break
@@ -675,6 +799,10 @@ class SlotHost:
                     cost[0] += 1
                     cost[1] += time.monotonic() - w0
                     cost[2] += time.thread_time() - c0
+            with self._lock:
+                movable = self._movable()
+            for t in movable:  # between fused steps, like the commands
+                self._move_out(t)
             now = time.monotonic()
             if now - last_check >= self._lease_check_s:
                 self._check_leases()

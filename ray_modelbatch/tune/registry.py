@@ -32,7 +32,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..cpu_memory import allocator_env
 from ..errors import SlotHostStartError, SweepSetupError
-from . import cpu_spread
+from . import balance, cpu_spread
 from .host import SlotHost, default_threads, node_cpus
 from .ray_compat import available_resources_per_node
 from .shared_data import DataMailbox
@@ -235,6 +235,7 @@ def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPl
         profile_config=options.get("profile_config") or config,
         max_slots=options["max_slots_per_host"],
         run_ahead=options.get("run_ahead", 2), threads=options.get("host_threads"),
+        move_slots=options.get("move_slots", True),
         node_share=cpu_thread_share(options, place), gpu_share=place.share if place.gpu else 1,
         step_threshold_ms=options.get("kernel_bound_step_ms"),
         data_from=registry_name(experiment) if options.get("data_in_driver", True) else None,
@@ -300,6 +301,7 @@ class HostRegistry:
         self._spread_config: dict | None = None  # the last trial's config (a new host may profile it)
         self._held_since: dict[str, float] = {}  # node -> when a trial first waited for its spread (_holds_back)
         self._standby: dict[str, list[tuple[StartingHost, float]]] = {}  # node -> its second host, before the verdict
+        self.moves = 0  # slots moved between hosts (see balance)
         threading.Thread(target=self._idle_watch, daemon=True).start()
 
     @ray.method(concurrency_group="data")
@@ -357,13 +359,14 @@ class HostRegistry:
     def host_handles(self) -> list[tuple[str, Any]]:
         return list(self.hosts.values())
 
-    def assign(self, key: str, config: dict | None = None) -> tuple[str, Any] | None:
+    def assign(self, key: str, config: dict | None = None, prefer: str | None = None) -> tuple[str, Any] | None:
         """Reserve a slot for attachment ``key`` on the host with most free slots; None if none is free.
 
         A place of the plan that has no host yet counts as fully free, so a new
         host (on a free GPU) is preferred over filling up a running one. ``config``
         is the trial's: a new host with ``slots_per_host="auto"`` profiles it,
-        unless the trainable names a ``profile_config``.
+        unless the trainable names a ``profile_config``. ``prefer`` names the host
+        a moving slot goes to (see :mod:`.balance`): tried first, if it still runs.
         """
         with self._lock:
             self.last_busy = time.monotonic()
@@ -378,10 +381,10 @@ class HostRegistry:
                 created = self._create_where_free(config)  # every host has trials: spread to a free GPU
                 if created is not None:
                     free[created] = self.slots[created]
-            order = sorted(free, key=lambda p: -free[p])
+            order = sorted(free, key=lambda p: (self.hosts[p][0] != prefer, -free[p]))
             # The counts may be stale by now; the host's reserve() decides, and counts a refusal.
             for place in [p for p in order if free[p] > 0] or order[:1]:
-                if self._holds_back(place, free):
+                if prefer is None and self._holds_back(place, free):
                     continue
                 if ray.get(self.hosts[place][1].reserve.remote(key)):
                     return self.hosts[place]
@@ -603,6 +606,26 @@ class HostRegistry:
 
     SPREAD_WATCH_S = 0.2  # the watch's tick while a CPU node's spread is pending (see _spread_pending)
 
+    def _balance(self) -> None:
+        """Ask a host that is behind its slots to hand some to a host that idles (see :mod:`.balance`)."""
+        places = list(self.hosts)
+        refs = [self.hosts[p][1].load.remote() for p in places]
+        loads = []
+        for ref in refs:
+            try:
+                loads.append(balance.HostLoad(**ray.get(ref, timeout=10)))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return  # a host is gone or stuck: _free_by_host sorts it out first
+        move = balance.plan_move(loads)
+        if move is None:
+            return
+        donor = next(h for name, h in self.hosts.values() if name == move.donor)
+        trials = ray.get(donor.release.remote(move.receiver, list(move.stacks), move.count), timeout=10)
+        self.moves += len(trials)
+        if trials:
+            logger.info("registry %s: trials %s move from %s to %s", self.experiment, trials, move.donor,
+                        move.receiver)
+
     def _spread_pending(self) -> bool:
         """Whether a CPU node's first host has yet to judge its steps, or a joining host to be registered.
 
@@ -640,6 +663,11 @@ class HostRegistry:
                     except Exception:  # noqa: BLE001 - the next assign tries again; this watch must keep running
                         logger.exception("registry %s: judging its hosts' steps failed", self.experiment)
                 tick = min(self.SPREAD_WATCH_S if self._assigned and self._spread_pending() else 1.0, timeout / 4)
+                if self._assigned and len(self.hosts) >= 2 and self.options.get("move_slots", True):
+                    try:
+                        self._balance()
+                    except Exception:  # noqa: BLE001 - a missed move costs time, never a trial; look again next tick
+                        logger.exception("registry %s: balancing its hosts failed", self.experiment)
                 free = self._free_by_host()
                 used = sum(self.slots[p] - f for p, f in free.items())
                 if used:

@@ -16,6 +16,7 @@ that both protocols call the same code. A subclass provides ``trial_id``,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from typing import Any
 import ray
 
 from ..errors import SlotHostLostError, SlotHostStartError
+from .balance import MOVE_KEY, is_move
 from .registry import get_registry
 
 logger = logging.getLogger(__name__)
@@ -115,15 +117,17 @@ class SlotClient:
         self._attached: str | None = None
         self._attach(config)
 
-    def _attach(self, config: dict) -> None:
-        self._skip_taken_checkpoints()
+    def _attach(self, config: dict, prefer: str | None = None) -> None:
+        """Get a slot from the registry (on host ``prefer`` if it has room) and attach to it; waits for one."""
+        if prefer is None:  # a move keeps the trial's checkpoint numbering as it is
+            self._skip_taken_checkpoints()
         registry = get_registry(self._spec_bytes, self._experiment, self._options)
         token = f"{self.trial_id}:{uuid.uuid4().hex[:8]}"  # this attachment; see SlotHost.attach
         self._lease = own_handle()  # the host frees the slot when this process dies without cleanup()
         waited, warned, actor_errors = time.monotonic(), False, 0
         while True:
             try:
-                got = ray.get(registry.assign.remote(token, config))
+                got = ray.get(registry.assign.remote(token, config, prefer))
                 if got is not None:
                     self._host_name, self._host = got
                     self._slot = ray.get(self._host.attach.remote(
@@ -200,11 +204,27 @@ class SlotClient:
         )
 
     def step(self) -> dict[str, Any]:
-        return self._on_host("train", self._token)
+        while True:
+            answer = self._on_host("train", self._token)
+            if not is_move(answer):
+                return answer
+            self._move(answer[MOVE_KEY])
 
     async def step_async(self) -> dict[str, Any]:
         """:meth:`step` for an asyncio caller (the trial server serves every trial's iterations on one loop)."""
-        return await self._on_host_async("train", self._token)
+        while True:
+            answer = await self._on_host_async("train", self._token)
+            if not is_move(answer):
+                return answer
+            await asyncio.get_running_loop().run_in_executor(None, self._move, answer[MOVE_KEY])
+
+    def _move(self, move: dict) -> None:
+        """Continue on the host the registry moved this slot to (see :mod:`.balance`): the old host freed
+        the slot and sent its state at the boundary Tune knows; attach there and load it."""
+        self._attached = None
+        self._attach(self.config, prefer=move["to"])
+        self._on_host("restore", self._token, move["blob"], self.config,
+                      {"from": move["from"], "nonfinite_total": move.get("nonfinite_total", 0)})
 
     def save_checkpoint(self, checkpoint_dir: str) -> str:
         """The host's bytes for this slot, at the last iteration Tune took, as ``slot_state.pt``.

@@ -48,6 +48,7 @@ def batched_trainable(
     host_cpus: float = 1,
     host_threads: int | None = None,
     run_ahead: int = 2,
+    move_slots: bool = True,
     trial_resources: dict | None = None,
     idle_timeout_s: float = 20.0,
     stats_every_s: float = 5.0,
@@ -155,6 +156,10 @@ def batched_trainable(
             host keeps every slot busy while Tune turns results around. Saves, pauses, stops
             and restores still see exactly the state Tune knows; each slot keeps
             ``run_ahead + 1`` copies of its state. 0 steps a slot only while its trial waits.
+        move_slots: move a trial's slot, at a result boundary, where it trains sooner: from a host
+            that computes nearly all the time to one that idles, and into a stack made after it
+            that takes it (a wider, padded stack of its model family). A move is a pause and a
+            restore that Tune does not see (see :mod:`ray_modelbatch.tune.balance`).
         trial_resources: resources of each proxy trial (default ``{"CPU": 0.01}``).
         idle_timeout_s: hosts (and the experiment's registry) stop this long after their last
             trial left, so nothing outlives ``fit()`` or a killed driver for longer; a trial
@@ -185,6 +190,7 @@ def batched_trainable(
         "host_cpus": host_cpus,
         "host_threads": host_threads,
         "run_ahead": int(run_ahead),
+        "move_slots": bool(move_slots),
         "data_in_driver": bool(data_in_driver),
         "trial_resources": trial_resources,
         "idle_timeout_s": float(idle_timeout_s),
