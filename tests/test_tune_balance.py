@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import pytest
 import ray
 from ray import tune
 
@@ -121,9 +122,14 @@ def _sweep(trainables, tmp_path, move):  # noqa: F811
     return runs, stats, mover.released
 
 
-def test_a_slot_that_moves_to_another_host_trains_on_as_if_it_had_stayed(trainables, tmp_path):  # noqa: F811
+# The trial server awaits the host's answers (SlotClient.step_async); a Trainable process per trial waits
+# for them (SlotClient.step): both take the move. The classic way runs in CI's slow step.
+@pytest.mark.parametrize("trials", ["shared", pytest.param("classic", marks=pytest.mark.slow)])
+def test_a_slot_that_moves_to_another_host_trains_on_as_if_it_had_stayed(trainables, tmp_path, monkeypatch,  # noqa: F811
+                                                                          trials):
     import torch
 
+    monkeypatch.setenv("RAY_MODELBATCH_TRIALS", trials)
     stayed, _, _ = _sweep(trainables, tmp_path, move=False)
     moved, stats, released = _sweep(trainables, tmp_path, move=True)
     assert len(released) == 1, released
