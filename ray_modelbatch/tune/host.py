@@ -585,6 +585,8 @@ class SlotHost:
         Tune's CIFAR tutorial sweep, ported (20 trials, ``l1`` and ``l2`` searched), one host held 5 stacks
         for 8 trials. Where the new stack takes them at the same cost as a trial that comes now, they move.
         """
+        import torch
+
         from ..slot_group import stack_key
 
         with self._lock:
@@ -593,7 +595,8 @@ class SlotHost:
                           and t.error is None and t.config is not None and new.accepts(t.config)]
         for t in candidates:
             try:
-                model = _from_config(self.spec.model, "model", t.config)
+                with torch.random.fork_rng(devices=[]):  # a probe: the trials' own draws stay where they were
+                    model = _from_config(self.spec.model, "model", t.config)
                 if self._stack_for(model, stack_key(model), new.family, t.config) is not new:
                     continue
             except Exception:  # noqa: BLE001 - it trained in its own stack so far: it stays there
