@@ -25,6 +25,10 @@ ones it would have reported on the donor: bit for bit for models whose
 gathers are exact (see :mod:`ray_modelbatch.slot_group`), to float rounding
 for the others, as when a stack grows or compacts.
 
+A host moves its own slots the same way, to itself: when a wider model of a
+family makes a new (padded) stack, the narrower trials that came before it
+move from their stacks of one into it (:meth:`SlotHost._gather_into`).
+
 This module is the decision alone, pure functions of what the hosts report
 (:func:`plan_move`, :func:`pick_slots`), so that it can be tested without Ray.
 One plan at a time in the whole sweep: the next is made only after the last
