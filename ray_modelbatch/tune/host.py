@@ -373,14 +373,14 @@ class SlotHost:
             self._lock.notify_all()
             return [t.trial_id for t in picked]
 
-    def _movable(self) -> list[_Attachment]:
+    def _movable(self) -> list[tuple[str, _Attachment]]:
         """(Under the lock.) Slots marked to move whose trial waits for a result none of them has: each stands
         at the boundary its trial knows (a marked slot finishes the iteration it is in and starts no other)."""
-        return [t for t in self.trials.values()
+        return [(key, t) for key, t in self.trials.items()
                 if t.moving_to is not None and t.waiter is not None and not t.results and t.error is None
                 and t.group.meter.steps[t.slot] == 0]
 
-    def _move_out(self, t: _Attachment) -> None:
+    def _move_out(self, key: str, t: _Attachment) -> None:
         """(Engine thread.) Answer the waiting ``step()`` of a movable slot with its state at the boundary and
         the host to go to, and free the slot (see :mod:`.balance`)."""
         from .balance import MOVE_KEY
@@ -396,9 +396,7 @@ class SlotHost:
                 self._stats.regrouped += 1
             else:
                 self._stats.moved_out += 1
-        key = next((k for k, a in self.trials.items() if a is t), None)
-        if key is not None:
-            self._detach(key, f"it moved to {t.moving_to}")
+        self._detach(key, f"it moved to {t.moving_to}")
         waiter.set_result({MOVE_KEY: {"to": t.moving_to, "blob": blob, "from": self.name,
                                       "nonfinite_total": t.nonfinite_total}})
 
@@ -804,8 +802,8 @@ class SlotHost:
                     cost[2] += time.thread_time() - c0
             with self._lock:
                 movable = self._movable()
-            for t in movable:  # between fused steps, like the commands
-                self._move_out(t)
+            for key, t in movable:  # between fused steps, like the commands
+                self._move_out(key, t)
             now = time.monotonic()
             if now - last_check >= self._lease_check_s:
                 self._check_leases()
