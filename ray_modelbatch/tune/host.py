@@ -537,7 +537,8 @@ class SlotHost:
                             self._forward_paths[group.key])
                 if self.move_slots:
                     self._gather_into(group)
-            slot = group.add(trial_id, model, seed, hparams, config=config, random_state=random_state)
+            with self._lock:  # stats() never sees a slot owned but not yet in the step mask
+                slot = group.add(trial_id, model, seed, hparams, config=config, random_state=random_state)
             self._padded_attaches += bool(group.mb.own_sizes[slot])
             self._warn_unread(config, reads | group.reads)
             self._warn_sparse_stacks()
@@ -716,11 +717,12 @@ class SlotHost:
         with self._lock:
             t = self.trials.pop(key, None)
             idle = not self.trials
+            if t is not None:  # masked and unowned in one step, as stats() sees it
+                t.group.remove(t.slot)
         if t is None:
             return
         if idle:  # the sweep's last trial (for now): its figures, however short the sweep
             self._log_stats()
-        t.group.remove(t.slot)
         with self._lock:
             self._events.append(
                 {"t": time.time(), "event": "detach", "trial": t.trial_id, "slot": t.slot, "stack": t.group.key,
