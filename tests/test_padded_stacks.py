@@ -312,3 +312,35 @@ def test_a_user_step_is_checked_as_it_trains_the_stack():
     alone = SlotGroup(spec(torch.sum), stack_key(own), own, _data(), 1, "cpu")
     alone.add("a", own, seed=1, hparams={"lr": 3e-3})
     _close_results(_train(summed, 2)[0], _train(alone, 2)[0])
+
+
+def test_the_check_counts_flops_as_torch_does_without_importing_dynamo():
+    """The padded check's FLOP count (its waste) is ``FlopCounterMode``'s, forward and backward, for
+    convolutions, matmuls and attention, and counting imports no ``torch._dynamo`` (0.9 CPU-s per slot host)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, torch
+        from torch import nn
+        from ray_modelbatch import padded_stacks
+        conv = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 14 * 14, 10))
+        attn = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        counts = []
+        for m, x in ((conv, torch.randn(4, 1, 32, 32)), (attn, torch.randn(3, 7, 16))):
+            counts.append(padded_stacks._flops(lambda m: m(x).sum().backward(), m)[1])
+        print("dynamo" if "torch._dynamo" in sys.modules else "no dynamo", *counts)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["no", "dynamo"], out
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 14 * 14, 10))
+    attn = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    expected = []
+    for m, x in ((conv, torch.randn(4, 1, 32, 32)), (attn, torch.randn(3, 7, 16))):
+        with FlopCounterMode(display=False) as counter:
+            m(x).sum().backward()
+        expected.append(counter.get_total_flops())
+    assert [int(v) for v in out[2:]] == expected and min(expected) > 0

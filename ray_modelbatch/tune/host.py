@@ -180,9 +180,6 @@ class SlotHost:
             # The host's TensorBoard writer (see _log_stats), loaded now rather than on the engine thread in
             # the middle of the sweep: importing tensorboardX (and the boto3 it pulls in) took 0.13-0.2 s there.
             import tensorboardX  # noqa: F401
-
-            from ..padded_stacks import preload  # ... and what the padded-stack check imports: off the engine thread
-            threading.Thread(target=preload, name=f"{name}-preload", daemon=True).start()
         except Exception as exc:  # noqa: BLE001 - every start failure goes to the registry as one line
             self.start_error = self.start_error or f"{type(exc).__name__}: {exc}"
         self.groups: dict[str, Any] = {}
