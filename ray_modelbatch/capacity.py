@@ -12,7 +12,9 @@ slower per slot once its activations no longer stay in cache (session 20,
 model-steps/s at 8 / 32 / 128 slots, below a loop of the same models at 128),
 while small MLPs keep gaining (8,698 / 19,027 / 25,833). So
 :func:`cap_by_throughput` times a step at a few slot counts up to what memory
-allows and keeps the largest whose throughput is near the best.
+allows and keeps the largest whose throughput is near the best, within a time
+budget: on a CPU the larger points are the slow ones, and the host's first
+trial waits for the profile.
 
 Pure torch: the slot host calls this before it opens its stacks.
 """
@@ -48,6 +50,7 @@ class CapacityFit:
     # of each stack timed.
     memory_slots: int | None = None
     throughput: tuple[tuple[int, float], ...] = ()
+    throughput_stop: str = ""  # why larger stacks were not timed (cap_by_throughput's time budget)
 
     def describe(self) -> str:
         text = (
@@ -57,6 +60,8 @@ class CapacityFit:
         if self.throughput:
             rates = ", ".join(f"{s}: {r:,.0f}" for s, r in self.throughput)
             text += f"; memory allows {self.memory_slots}, model-steps/s by slots {rates}"
+            if self.throughput_stop:
+                text += f"; {self.throughput_stop}"
         return text
 
 
@@ -65,6 +70,11 @@ class CapacityFit:
 # trials at once, so nearly the same total rate is worth it.
 THROUGHPUT_POINTS = (8, 32, 128, 512)
 THROUGHPUT_SLACK = 0.9
+# The most seconds cap_by_throughput spends timing stacks: it skips a larger point whose predicted time would go
+# over. A host profiles before it takes its first trial, and on a CPU the larger points cost the most: Tune's
+# CIFAR tutorial CNN (batch 16, one thread) took 93 s to profile up to 256 slots, against a host start timeout of
+# 120 s; within this budget it times 8 and 32 slots (3 s) and takes 32, its best rate.
+THROUGHPUT_BUDGET_S = 5.0
 # The part of a device's free memory a host's profile plans for; the rest absorbs the allocator's caching
 # and fragmentation. Hosts that share a GPU (``hosts_per_gpu``) each plan for their part of it.
 MEMORY_FRACTION = 0.8
@@ -236,7 +246,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_throughput(build: Build, slots: int, device: torch.device | str, *, steps: int = 3) -> float:
+TIMED_STEPS = 3  # steps step_throughput times at each point (after one untimed step)
+
+
+def step_throughput(build: Build, slots: int, device: torch.device | str, *, steps: int = TIMED_STEPS) -> float:
     """Model-steps per second of a stack of ``slots``: ``slots`` over the fastest of ``steps`` timed steps,
     after one untimed step (first-call costs)."""
     device = torch.device(device)
@@ -261,21 +274,34 @@ def cap_by_throughput(
     *,
     points: Sequence[int] = THROUGHPUT_POINTS,
     slack: float = THROUGHPUT_SLACK,
-) -> tuple[int, tuple[tuple[int, float], ...]]:
+    budget_s: float | None = THROUGHPUT_BUDGET_S,
+) -> tuple[int, tuple[tuple[int, float], ...], str]:
     """The largest slot count, up to ``memory_slots``, whose step throughput is within ``slack`` of the best.
 
     Times :func:`step_throughput` at each of ``points`` below ``memory_slots``
     and at ``memory_slots`` itself, smallest first, and stops at the first
     that falls below ``slack`` of the best so far (a larger stack only streams
-    more memory) or runs out of memory. Returns the slot count and the
-    ``(slots, model-steps/s)`` measured.
+    more memory), runs out of memory, or would take the timing past
+    ``budget_s`` seconds (predicted from the last point's rate: its steps take
+    ``slots / rate`` each). Returns the slot count, the ``(slots,
+    model-steps/s)`` measured, and why it stopped short of the points left
+    ("" where it did not).
     """
     if not 0.0 < slack <= 1.0:
         raise ValueError(f"slack must be in (0, 1], got {slack}")
     device = torch.device(device)
     rates: list[tuple[int, float]] = []
+    stopped, spent = "", 0.0
     for s in sorted({int(p) for p in points if 0 < p < memory_slots} | {int(memory_slots)}):
-        rate = _unless_out_of_memory(lambda: step_throughput(build, s, device), device)
+        if rates and budget_s is not None:
+            predicted = (TIMED_STEPS + 1) * s / rates[-1][1]  # the untimed first step and the timed ones
+            if spent + predicted > budget_s:
+                stopped = (f"{s} slots not timed: about {predicted:.1f} s more, over the profile's {budget_s:g} s "
+                           "budget (pass slots_per_host to choose)")
+                break
+        t0 = time.perf_counter()
+        rate = _unless_out_of_memory(lambda: step_throughput(build, s, device, steps=TIMED_STEPS), device)
+        spent += time.perf_counter() - t0
         if rate is None:
             break
         rates.append((s, rate))
@@ -287,7 +313,7 @@ def cap_by_throughput(
             "although the memory profile allowed them. Fix: pass an explicit slots_per_host."
         )
     best = max(r for _, r in rates)
-    return max(s for s, r in rates if r >= slack * best), tuple(rates)
+    return max(s for s, r in rates if r >= slack * best), tuple(rates), stopped
 
 
 def profile_capacity(
@@ -332,5 +358,5 @@ def profile_capacity(
     fit = fit_capacity(measured, budget, ceiling, device=device)
     if not throughput_points:
         return fit
-    slots, rates = cap_by_throughput(build, device, fit.slots, points=throughput_points)
-    return replace(fit, slots=slots, memory_slots=fit.slots, throughput=rates)
+    slots, rates, stopped = cap_by_throughput(build, device, fit.slots, points=throughput_points)
+    return replace(fit, slots=slots, memory_slots=fit.slots, throughput=rates, throughput_stop=stopped)

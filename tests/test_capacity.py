@@ -126,8 +126,8 @@ def _timed_build(monkeypatch, seconds_per_step, oom_above=None):
 def test_throughput_cap_keeps_the_largest_stack_near_the_best_rate(monkeypatch):
     # A conv net on a CPU: 1 ms per slot up to 32 slots, 4 ms per slot beyond (activations out of cache)
     build, built = _timed_build(monkeypatch, lambda s: s * (1e-3 if s <= 32 else 4e-3))
-    slots, rates = capacity.cap_by_throughput(build, "cpu", 300)
-    assert slots == 32
+    slots, rates, stopped = capacity.cap_by_throughput(build, "cpu", 300, budget_s=None)
+    assert slots == 32 and stopped == ""
     assert [s for s, _ in rates] == [8, 32, 128] and built == [8, 32, 128]  # 512 and 300 never built
     assert dict(rates)[32] == pytest.approx(1000.0) and dict(rates)[128] == pytest.approx(250.0)
 
@@ -135,14 +135,29 @@ def test_throughput_cap_keeps_the_largest_stack_near_the_best_rate(monkeypatch):
 def test_throughput_cap_takes_every_slot_memory_allows_while_the_rate_holds(monkeypatch):
     # A small MLP: 2 ms of fixed cost per step, then 0.01 ms per slot: the rate keeps rising
     build, _ = _timed_build(monkeypatch, lambda s: 2e-3 + s * 1e-5)
-    slots, rates = capacity.cap_by_throughput(build, "cpu", 300)
+    slots, rates, _ = capacity.cap_by_throughput(build, "cpu", 300)
     assert slots == 300 and [s for s, _ in rates] == [8, 32, 128, 300]
     # a flat rate (a GPU that is busy at any size) also takes the larger stack: more trials at once
     build, _ = _timed_build(monkeypatch, lambda s: s * 1e-3)
     assert capacity.cap_by_throughput(build, "cpu", 100)[0] == 100
     # fewer slots than the smallest point: only that count is timed
     build, built = _timed_build(monkeypatch, lambda s: s * 1e-3)
-    assert capacity.cap_by_throughput(build, "cpu", 5) == (5, ((5, pytest.approx(1000.0)),)) and built == [5]
+    assert capacity.cap_by_throughput(build, "cpu", 5) == (5, ((5, pytest.approx(1000.0)),), "") and built == [5]
+
+
+def test_throughput_cap_skips_a_stack_whose_timing_would_overrun_the_budget(monkeypatch):
+    # Tune's CIFAR CNN on one CPU thread: about 20 ms per slot-step at any size, so 4 steps of 128 slots take
+    # ~10 s and of 256 ~20 s (93 s to profile in all, before the host's first trial)
+    build, built = _timed_build(monkeypatch, lambda s: s * 0.02)
+    slots, rates, stopped = capacity.cap_by_throughput(build, "cpu", 256, budget_s=5.0)
+    assert built == [8, 32] and [s for s, _ in rates] == [8, 32] and slots == 32  # 0.64 + 2.56 s timed
+    assert stopped.startswith("128 slots not timed: about 10.2 s more, over the profile's 5 s budget"), stopped
+    # without a budget it times them all (the rate holds)
+    build, built = _timed_build(monkeypatch, lambda s: s * 0.02)
+    assert capacity.cap_by_throughput(build, "cpu", 256, budget_s=None)[0] == 256 and built == [8, 32, 128, 256]
+    # the first point is timed whatever its cost
+    build, built = _timed_build(monkeypatch, lambda s: s * 1.0)
+    assert capacity.cap_by_throughput(build, "cpu", 256, budget_s=5.0)[:1] == (8,) and built == [8]
 
 
 def test_throughput_cap_stops_at_a_stack_that_runs_out_of_memory(monkeypatch):
