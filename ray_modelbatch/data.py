@@ -166,24 +166,34 @@ class SlotSampler:
         self.generator.set_state(gen)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume the stream exactly where :meth:`state_dict` left it (same indices required)."""
-        if int(state["num_indices"]) != self.indices.numel() or int(state["batch_size"]) != self.batch_size:
+        """Resume the stream where :meth:`state_dict` left it (same indices required).
+
+        With the batch size it was saved with, exactly. With another (a trial
+        whose PBT explore changed ``batch_size`` loads its donor's state), the
+        same epoch's permutation goes on from the same row, in batches of this
+        sampler's size; an epoch whose full batches the saver had taken is over,
+        so the next batch starts a new one, as it would have for the saver.
+        """
+        if int(state["num_indices"]) != self.indices.numel():
             raise ValueError(
-                f"sampler state was saved for {state['num_indices']} rows and batch_size {state['batch_size']}, "
-                f"this sampler has {self.indices.numel()} rows and batch_size {self.batch_size}; rebuild it "
-                "with the same indices and batch size before loading."
+                f"sampler state was saved for {state['num_indices']} rows, this sampler has "
+                f"{self.indices.numel()}; rebuild it with the same indices before loading."
             )
+        saved_batch = int(state["batch_size"])
+        position = int(state["position"])
+        if saved_batch != self.batch_size and position + saved_batch > self.indices.numel():
+            position = self.indices.numel()  # the saver's epoch is over: a new one at the next batch
         self.seed = int(state["seed"])
         if state["epoch_start_state"] is None:
             self.generator.set_state(state["generator_state"])
             self._perm, self._epoch_start_state, self._batches = None, None, None
-            self.epoch, self.position = int(state["epoch"]), int(state["position"])
+            self.epoch, self.position = int(state["epoch"]), position
             return
         # Redraw the current epoch's permutation instead of storing it.
         self.generator.set_state(state["epoch_start_state"])
         self.epoch = int(state["epoch"]) - 1
         self._new_epoch()
-        self.position = int(state["position"])
+        self.position = position
 
 
 class SharedStream:

@@ -66,6 +66,29 @@ def test_slot_sampler_state_dict_resumes_exactly(consumed):
         SlotSampler(torch.arange(12), 4, seed=1).load_state_dict(state)
 
 
+def test_slot_sampler_loads_a_state_saved_with_another_batch_size_from_the_same_row():
+    """A PBT explore that changes ``batch_size`` loads the donor's stream into a sampler of the new size: the
+    donor's epoch goes on from the row it reached, in batches of the new size; an epoch whose full batches the
+    donor took is over, and the next epoch is the one the donor would have drawn."""
+    idx = torch.arange(100, 122)  # 22 rows
+    donor = SlotSampler(idx, 4, seed=3)
+    _take(donor, 2)  # 8 rows of epoch 0
+    mid = donor.state_dict()
+    epoch0 = torch.cat(_take(donor, 3))  # rows 8..19 of its permutation
+    s = SlotSampler(idx, 6, seed=0)
+    s.load_state_dict(mid)
+    assert torch.equal(torch.cat(_take(s, 2)), epoch0)  # rows 8..19, now as two batches of 6
+    # at the end of an epoch (the donor took all 5 full batches of 4; 2 rows dropped): a new epoch, the donor's
+    donor = SlotSampler(idx, 4, seed=3)
+    _take(donor, 5)
+    end = donor.state_dict()
+    reference = SlotSampler(idx, 11, seed=3)  # its next permutation, cut in 11s
+    _take(reference, 2)  # epoch 0
+    s = SlotSampler(idx, 11, seed=0)
+    s.load_state_dict(end)
+    assert all(torch.equal(a, b) for a, b in zip(_take(s, 4), _take(reference, 4)))
+
+
 def test_shared_stream_gives_rows_of_the_data_set():
     x = torch.arange(20.0).unsqueeze(1) * torch.ones(1, 3)
     y = torch.arange(20)

@@ -143,6 +143,28 @@ def _assert_lr_follows_config(grid, log):
     return changed
 
 
+def test_pbt_explore_that_changes_the_batch_size_moves_the_recipient_to_a_stack_of_that_size(trainables, tmp_path):
+    """PBT mutating ``batch_size`` (as Ray's transformers example does): the recipient loads its donor's state
+    into a stack of the new batch size and trains on, its step count continued; it does not fail on the
+    donor's data stream having been saved at the other size."""
+    T = trainables(slots_per_host=4, batch_size=lambda c: c["batch_size"])
+    pbt = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=2, synch=True,
+                                  quantile_fraction=0.5, resample_probability=1.0,
+                                  hyperparam_mutations={"batch_size": [16]})
+    grid, log = h.fit(T, {"lr": tune.grid_search([0.05, 1e-5]), "batch_size": 32, "seed": 1}, tmp_path,
+                      scheduler=pbt, run_kw={"stop": {"training_iteration": 4},
+                                             "checkpoint_config": tune.CheckpointConfig(num_to_keep=None)})
+    assert_all_ok(grid, 2)
+    by_lr = {log.rows(r)[0]["config"]["lr"]: r for r in grid}
+    a_rows, b_rows = log.rows(by_lr[0.05]), log.rows(by_lr[1e-5])
+    assert all(x["config"]["batch_size"] == 32 for x in a_rows)  # the donor is never exploited
+    assert [x["training_iteration"] for x in b_rows] == [1, 2, 3, 4]
+    assert [x["config"]["batch_size"] for x in b_rows] == [32, 32, 16, 16]  # explored after iteration 2
+    assert b_rows[2]["stack"] != b_rows[1]["stack"] and b_rows[2]["stack"] != a_rows[2]["stack"]
+    assert_steps_continue(b_rows)
+    assert all(x["nonfinite_steps_total"] == 0 for x in b_rows)
+
+
 def test_pbt_recipient_continues_from_donor_weights_with_its_own_lr(trainables, tmp_path):
     """PBT exploit, numerically: the recipient gets the donor's weights, optimizer state and step count,
     and trains with its own new hyperparameters.
