@@ -151,6 +151,7 @@ class StepStats:
     stepped: int = 0  # slot-steps that advanced a slot
     computed: int = 0  # slot-steps computed (masked rows included)
     compacted: int = 0  # times the stack dropped its free rows (see SlotGroup.compact_if_sparse)
+    released: int = 0  # times the stack, left empty, gave back its rows (see SlotGroup.release_if_empty)
     evaluated: int = 0  # slot evaluations asked for (one per finished iteration)
     eval_rows: int = 0  # slot evaluations computed (whole-stack evaluations count every row)
 
@@ -491,7 +492,31 @@ class SlotGroup:
             return {}
         self._sparse_steps = 0
         keep = sorted(self.owner)
-        capacity = len(keep)
+        self._keep_rows(keep, len(keep))
+        self.stats.compacted += 1
+        return {old: new for new, old in enumerate(keep)}
+
+    def release_if_empty(self) -> bool:
+        """Give back an empty stack's rows, down to one; whether it did.
+
+        A stack grows to the most trials it held at once and, without this,
+        keeps that many rows (weights, optimizer state, snapshots, streams)
+        once its last trial is gone: after ASHA's first rungs the stacks of the
+        models it stopped hold their peak rows for the rest of the sweep. A
+        host's ``slots_per_host="auto"`` budget is for slots held, so on a GPU
+        those dead rows plus the live stacks' growth could run past the
+        device's memory. The stack itself stays, one free row, for the next
+        trial of its shapes (it grows again as trials come).
+        """
+        if self.used or self.capacity == 1:
+            return False
+        self._sparse_steps = 0
+        self._keep_rows([], 1)
+        self.stats.released += 1
+        return True
+
+    def _keep_rows(self, keep: list[int], capacity: int) -> None:
+        """Resize every per-slot component to ``capacity`` rows, new row ``j`` keeping old row ``keep[j]``."""
         self.mb.resize(capacity, keep)  # the optimizer and the scaler follow through ModelBatch.attach
         if self.per_slot_data:
             self.streams.resize(capacity, keep)
@@ -499,10 +524,8 @@ class SlotGroup:
         self.snapshots.resize(keep, capacity)
         if self.configs is not None:
             self.configs.resize(keep, capacity)
-        self.iteration = [self.iteration[k] for k in keep]
+        self.iteration = [self.iteration[k] for k in keep] + [0] * (capacity - len(keep))
         self.owner = {new: self.owner[old] for new, old in enumerate(keep)}
-        self.stats.compacted += 1
-        return {old: new for new, old in enumerate(keep)}
 
     def _free_slot(self) -> int:
         for i in range(self.capacity):

@@ -474,6 +474,28 @@ def test_a_sparse_stack_that_steps_whole_drops_its_free_rows_and_its_slots_train
     _assert_same_state(_state(sparse.export(where[back_to])), _state(plain.export(back_to, early)))
 
 
+@pytest.mark.parametrize("conv", [False, True])
+def test_an_empty_stack_gives_back_its_rows_and_a_later_trial_trains_in_it_as_in_a_new_stack(conv):
+    """Once its last trial is gone a stack shrinks to one free row (its weights, optimizer state, snapshots and
+    streams with it); a trial that comes later takes that row and trains bit for bit as in a stack of one."""
+    g, ref = _group(6, conv=conv, sgd=conv), _group(1, conv=conv, sgd=conv)
+    _train(g, [list(range(6))] * (2 * K))
+    for s in range(5):
+        g.remove(s)
+    assert not g.release_if_empty() and g.capacity == 6  # one trial left: nothing to give back
+    g.remove(5)
+    ref.remove(0)
+    assert g.release_if_empty() and g.capacity == 1 and g.used == 0 and g.stats.released == 1
+    assert not g.release_if_empty()  # already one row
+    assert all(t.shape[0] == 1 for t in g.mb.params.values()) and g.snapshots.capacity == 1
+    for group in (g, ref):
+        torch.manual_seed(5)
+        assert group.add("late", _model(False, 0.0, conv), seed=77, hparams={"lr": 2e-3, "weight_decay": 0.0}) == 0
+    got, want = _train(g, [[0]] * (3 * K)), _train(ref, [[0]] * (3 * K))
+    assert len(got[0]) == 3 and got[0] == want[0]
+    _assert_same_state(_state(g.export(0)), _state(ref.export(0)))
+
+
 def test_a_full_stack_that_steps_whole_grows_one_row_and_an_exact_one_a_quarter():
     """Every free row of a stack that steps whole (BatchNorm here) is computed on every fused step, so it grows
     one row at a time; a stack with exact gathers (Linear and ReLU) computes only the rows that step and grows by

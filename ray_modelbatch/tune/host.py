@@ -412,7 +412,7 @@ class SlotHost:
             s = self._stats
             wall = time.monotonic() - s.started
             paths = {"full": 0, "masked": 0, "gathered": 0, "stepped": 0, "computed": 0, "compacted": 0,
-                     "evaluated": 0, "eval_rows": 0}
+                     "released": 0, "evaluated": 0, "eval_rows": 0}
             for g in self.groups.values():
                 for k in paths:
                     paths[k] += getattr(g.stats, k)
@@ -716,6 +716,7 @@ class SlotHost:
             idle = not self.trials
             if t is not None:  # masked and unowned in one step, as stats() sees it
                 t.group.remove(t.slot)
+                t.group.release_if_empty()  # its last trial gone: the stack's rows go back (see there)
         if t is None:
             return
         if idle:  # the sweep's last trial (for now): its figures, however short the sweep
