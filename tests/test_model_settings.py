@@ -195,13 +195,18 @@ def test_a_host_warns_once_when_its_trials_spread_over_many_small_stacks(caplog)
     from ray_modelbatch.tune.host import SlotHost
 
     host = SlotHost.__new__(SlotHost)  # only what the warning reads
-    host.name, host._warned_keys = "host0", set()
+    host.name, host._warned_keys, host.trials = "host0", set(), {}
     host._stack_keys = {("l1",), ("l2",), ("batch_size",)}
     stack = lambda used: type("G", (), {"used": used})()  # noqa: E731
     with caplog.at_level(logging.WARNING, logger="ray_modelbatch.tune.host"):
         host.groups = {"a": stack(3), "b": stack(2), "c": stack(2), "d": stack(2)}  # 9 trials in 4: fuses
         host._warn_sparse_stacks()
         host.groups.update({"e": stack(1), "f": stack(1), "g": stack(0)})  # 11 trials in 6 held stacks
+        # ... but a trial is on its way into a newer (padded) stack of this host: not judged until it is in
+        host.trials = {"k": type("A", (), {"moving_to": "host0"})()}
+        host._warn_sparse_stacks()
+        assert not caplog.records
+        host.trials = {"k": type("A", (), {"moving_to": None})()}
         host._warn_sparse_stacks()
         host.groups["h"] = stack(1)
         host._warn_sparse_stacks()
