@@ -233,7 +233,8 @@ class _FlopCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
         kwargs = kwargs or {}
-        if func not in self.registry and func._overloadpacket not in self.registry:
+        if (func not in self.registry and func._overloadpacket not in self.registry
+                and func is not torch.ops.prim.device.default):
             with self:  # a composite op without a formula: count the ops it is made of
                 out = func.decompose(*args, **kwargs)
             if out is not NotImplemented:
