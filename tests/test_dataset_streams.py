@@ -279,6 +279,49 @@ def test_a_batched_getitems_is_used_when_the_dataset_has_one():
     assert same(got, take(DatasetStreams(Pairs(), B, [3, 4], transform=noisy), [0, 1], 3))
 
 
+class OwnItems(TensorDataset):
+    """A TensorDataset whose examples are not its rows: must be read example by example."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x + 1000, y
+
+
+def test_tensor_backed_datasets_are_gathered_in_one_read_and_give_the_same_batches():
+    """A TensorDataset, and random_split's Subsets of it (nested too), are read as one gather per batch, not one
+    __getitem__ per example: the same rows, values, dtypes and order as reading them one by one."""
+    from torch.utils.data import Subset, random_split
+
+    from ray_modelbatch.dataset_streams import SampleLoader, tensor_rows
+
+    x, y = torch.randn(N, 2, 3, dtype=torch.float64), torch.arange(N) * 3
+    base = TensorDataset(x, y)
+    part, _ = random_split(base, [15, N - 15], generator=torch.Generator().manual_seed(1))
+    nested = Subset(part, [4, 0, 9, 2, 11, 7])
+    rows = [5, 2, 2, 0, 3]
+    for ds in (base, part, nested):
+        assert tensor_rows(ds) is not None
+        fast = SampleLoader(ds).batch(rows, None, torch.device("cpu"))
+        slow = SampleLoader(ds)
+        slow._rows = None  # read example by example
+        ref = slow.batch(rows, None, torch.device("cpu"))
+        for a, b in zip(fast, ref):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    xs, ys = SampleLoader(nested).batch([0, 1], None, torch.device("cpu"))
+    assert torch.equal(ys, y[[part.indices[4], part.indices[0]]])  # Subset of a Subset: the indices compose
+    # read one by one: a subclass (its own __getitem__), a transform, three tensors
+    assert tensor_rows(OwnItems(x, y)) is None and tensor_rows(TensorDataset(x, y, y)) is None
+    assert SampleLoader(OwnItems(x, y)).batch([1], None, torch.device("cpu"))[0][0, 0, 0] > 500
+    assert SampleLoader(base, lambda x: x)._rows is None
+    # and a stream of them yields what a solo SlotLoader does
+    streams = DatasetStreams(part, B, [7, 8])
+    solo = SlotLoader(part, B, 8)
+    for _ in range(6):
+        xb, yb = streams.next_batch([0, 1])
+        sx, sy = next(solo)
+        assert torch.equal(xb[1], sx) and torch.equal(yb[1], sy)
+
+
 def test_a_fused_run_on_dataset_streams_reproduces_solo_training_with_augmentation():
     """Drop-in for PerSlotStreams: slot i of a fused Trainer run == a plain model + Adam on SlotLoader(seed_i)."""
     import copy
