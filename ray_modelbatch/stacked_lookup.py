@@ -44,16 +44,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lookup", "slot_rows", "stacked_lookup"]
+__all__ = ["gather_rows", "lookup", "slot_rows", "stacked_lookup"]
+
+
+def _gather(tables: torch.Tensor, idx: torch.Tensor, per_slot: bool) -> torch.Tensor:
+    n = tables.shape[0]
+    slots = torch.arange(n, device=tables.device).view(n, *([1] * (idx.dim() - per_slot)))
+    return tables[slots, idx]
 
 
 @torch.library.custom_op("ray_modelbatch::stacked_lookup", mutates_args=())
 def stacked_lookup(tables: torch.Tensor, idx: torch.Tensor, per_slot: bool, pad: int) -> torch.Tensor:
     """``out[s] = tables[s][idx[s]]`` (``idx`` ``[n, ...]`` when ``per_slot``, else one ``idx`` for every
     slot): ``[n, *idx_shape, D]``; rows at ``pad`` (>= 0) get no gradient."""
-    n = tables.shape[0]
-    slots = torch.arange(n, device=tables.device).view(n, *([1] * (idx.dim() - per_slot)))
-    return tables[slots, idx]
+    return _gather(tables, idx, per_slot)
 
 
 @stacked_lookup.register_fake
@@ -74,6 +78,27 @@ def _stacked_backward(ctx: Any, go: torch.Tensor) -> tuple[Any, ...]:
 
 
 stacked_lookup.register_autograd(_stacked_backward, setup_context=_setup_stacked)
+
+
+class _StackedRows(torch.autograd.Function):
+    """:func:`stacked_lookup` as a plain autograd ``Function``: the same forward and backward, for the direct
+    path, where no vmap needs the registered operator. A custom operator's first call imports ``torch._dynamo``
+    (its kernel is wrapped to skip Dynamo): 0.8 CPU-s at a slot host's first attach of a model with an
+    embedding, on the engine thread (the ported LSTM script's first attach took 1.4 s)."""
+
+    @staticmethod
+    def forward(ctx: Any, tables: torch.Tensor, idx: torch.Tensor, per_slot: bool, pad: int) -> torch.Tensor:
+        _setup_stacked(ctx, (tables, idx, per_slot, pad), None)
+        return _gather(tables, idx, per_slot)
+
+    @staticmethod
+    def backward(ctx: Any, go: torch.Tensor) -> tuple[Any, ...]:
+        return _stacked_backward(ctx, go)
+
+
+def gather_rows(tables: torch.Tensor, idx: torch.Tensor, per_slot: bool, pad: int) -> torch.Tensor:
+    """:func:`stacked_lookup` outside vmap (the direct path's kernel), without the operator's dispatch."""
+    return _StackedRows.apply(tables, idx, per_slot, pad)
 
 
 @torch.library.custom_op("ray_modelbatch::lookup", mutates_args=())
