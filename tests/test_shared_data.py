@@ -84,7 +84,12 @@ def test_the_drivers_data_thread_leaves_the_cores_to_the_starting_processes(tmp_
 def test_plain_nbytes_counts_cpu_tensors_and_arrays_in_containers_only():
     x = torch.zeros(4, 8)
     assert plain_nbytes((x, torch.zeros(4, dtype=torch.long), {"ids": x, "mask": None}, [np.zeros(3)])) == 128 + 32 + 128 + 24
-    assert plain_nbytes(torch.utils.data.TensorDataset(x)) is None  # a dataset: each host loads its own
+    # a TensorDataset and random_split's Subsets of one travel (tensors and row numbers); other datasets do not
+    tensors = torch.utils.data.TensorDataset(x, torch.zeros(4, dtype=torch.long))
+    train, val = torch.utils.data.random_split(tensors, [3, 1])
+    assert plain_nbytes(tensors) == 160 and plain_nbytes((train, val)) == 160 + 3 * 8 + 160 + 8
+    assert plain_nbytes(torch.utils.data.Subset(h.DigitsDataset(), [0, 1])) is None  # a dataset of its own
+    assert plain_nbytes(type("Own", (torch.utils.data.TensorDataset,), {})(x)) is None  # a subclass
     assert plain_nbytes((x, lambda seed, epoch: iter(()))) is None  # a factory of iterables
     assert plain_nbytes(x.to_sparse()) is None
     assert plain_nbytes(torch.zeros(100, 10)[:2]) == 4000  # a view travels with its whole storage
@@ -95,10 +100,20 @@ def test_plain_nbytes_counts_cpu_tensors_and_arrays_in_containers_only():
     assert DataMailbox(pending=False).get() == ("none", None)
 
 
-def test_tensor_data_is_loaded_once_in_the_driver_and_reaches_the_host(trainables, tmp_path):
+def recorded_split(where: str):
+    """data() as Tune's CIFAR tutorial writes it: random_split of one TensorDataset into (train, val)."""
+    _record(where)
+    x, y, xv, yv = h.digits()
+    both = torch.utils.data.TensorDataset(torch.cat([x, xv]), torch.cat([y, yv]))
+    return tuple(torch.utils.data.random_split(both, [len(x), len(xv)], generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("form", ["tensors", "random_split"])
+def test_tensor_data_is_loaded_once_in_the_driver_and_reaches_the_host(trainables, tmp_path, form):
     where = tmp_path / "calls"
     where.mkdir()
-    T = trainables(slots_per_host=2, data=functools.partial(recorded_digits, str(where)))
+    load = {"tensors": recorded_digits, "random_split": recorded_split}[form]
+    T = trainables(slots_per_host=2, data=functools.partial(load, str(where)))
     stats = _sweep(T, tmp_path)
     assert _callers(where) == {os.getpid(): 1}  # the driver, once; never the host
     assert stats["data_source"].startswith("driver")

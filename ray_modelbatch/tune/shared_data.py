@@ -18,9 +18,11 @@ one host the first result comes no sooner there, as Tune's and the trial
 server's start already fill both cores).
 
 Only plain data travels this way: tensors and NumPy arrays on the CPU inside
-tuples, lists and dicts (``data()``'s tensor forms), up to
-:data:`MAX_BYTES` in all. Anything else (datasets, factories, GPU tensors, a
-bigger set) or a ``data()`` that raises in the driver is declined, and every
+tuples, lists and dicts (``data()``'s tensor forms), and ``TensorDataset``\ s
+of them or ``Subset``\ s of those (``random_split``'s, as Tune's CIFAR
+tutorial makes its sets), up to :data:`MAX_BYTES` in all. Anything else
+(other datasets, factories, GPU tensors, a bigger set) or a ``data()`` that
+raises in the driver is declined, and every
 host calls ``data()`` itself, as with ``batched_trainable(data_in_driver=False)``:
 a host's own error is then the one the user sees. (A set over 1 GiB is thus
 loaded twice, once in vain: pass ``data_in_driver=False`` for those.)
@@ -76,6 +78,13 @@ def plain_nbytes(obj: Any) -> int | None:
         return int(obj.untyped_storage().nbytes())  # a view is sent with its whole storage
     if kind == "numpy.ndarray":
         return int(obj.nbytes)
+    # A TensorDataset, and random_split's Subsets of one: tensors and row numbers, nothing a host must build
+    # itself (the exact classes only: a subclass may read files in __getitem__)
+    if kind == "torch.utils.data.dataset.TensorDataset":
+        return plain_nbytes(list(obj.tensors))
+    if kind == "torch.utils.data.dataset.Subset":
+        inner = plain_nbytes(obj.dataset)
+        return None if inner is None else inner + 8 * len(obj.indices)
     return None
 
 
