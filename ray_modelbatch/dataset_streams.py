@@ -367,17 +367,20 @@ def tensor_rows(dataset: Any) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.
     of one: example ``k`` is ``(x[index[k]], y[index[k]])`` (``index`` None: ``k`` itself); else None.
 
     Only those exact classes: a subclass may override ``__getitem__``."""
+    def wrapped(i: torch.Tensor, n: int) -> torch.Tensor:  # Python's negative indices, as __getitem__ reads them
+        return torch.where(i < 0, i + n, i)
+
     index = None
     while type(dataset) is Subset:
-        inner = torch.as_tensor(dataset.indices, dtype=torch.long)
-        index = inner if index is None else inner.index_select(0, index)
+        inner = torch.as_tensor(dataset.indices, dtype=torch.long).reshape(-1)
+        index = inner if index is None else inner.index_select(0, wrapped(index, inner.numel()))
         dataset = dataset.dataset
     if type(dataset) is not TensorDataset or len(dataset.tensors) != 2:
         return None
     x, y = dataset.tensors
     if x.device.type != "cpu" or y.device.type != "cpu":
         return None
-    return (x, y), index
+    return (x, y), None if index is None else wrapped(index, len(dataset))
 
 
 def _dataset_rows(dataset: Any) -> int:

@@ -298,8 +298,9 @@ def test_tensor_backed_datasets_are_gathered_in_one_read_and_give_the_same_batch
     base = TensorDataset(x, y)
     part, _ = random_split(base, [15, N - 15], generator=torch.Generator().manual_seed(1))
     nested = Subset(part, [4, 0, 9, 2, 11, 7])
-    rows = [5, 2, 2, 0, 3]
-    for ds in (base, part, nested):
+    negative = Subset(Subset(base, [3, -1, 5, -2]), [-1, 0, 1, 2, -3])  # Python's negative indices
+    rows = [4, 2, 2, 0, 3]
+    for ds in (base, part, nested, negative):
         assert tensor_rows(ds) is not None
         fast = SampleLoader(ds).batch(rows, None, torch.device("cpu"))
         slow = SampleLoader(ds)
