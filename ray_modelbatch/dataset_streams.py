@@ -289,7 +289,7 @@ class SampleLoader:
         For a tensor-backed dataset (:func:`tensor_rows`) the rows are gathered
         straight from its tensors: the Tune CIFAR tutorial's ``random_split`` of
         a ``TensorDataset``, 2 slots x 16 rows of 1x32x32 images, took 0.14 ms a
-        step read example by example and 0.02 ms as a gather.
+        step read example by example and 0.036 ms as a gather.
         """
         if self._rows is None:
             return self.collate(*self.load(rows, seeds), device)
