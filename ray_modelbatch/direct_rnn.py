@@ -29,10 +29,11 @@ layer and direction instead of ~10 per time step.
 
 Buffers that a step's GEMM writes are time-major (``[T, n, B, G]``): MKL's
 batched GEMM needs a contiguous result, and into a strided one torch runs
-one small GEMM per slot (measured 30% slower). ``tanh`` is computed as
-``2 sigmoid(2x) - 1``: on AVX2 CPUs torch's tanh is 3.5x slower than its
-sigmoid, and an LSTM's ``g`` gate then shares the one sigmoid of all four
-gates (its rows are doubled in the stacked weights). The math is otherwise
+one small GEMM per slot (measured 30% slower). On a CPU whose torch kernels
+are AVX2 ones, ``tanh`` is computed as ``2 sigmoid(2x) - 1``: there torch's
+tanh is 3.5x slower than its sigmoid (with AVX-512 kernels it is faster than
+the sigmoid: :func:`_tanh`). An LSTM's ``g`` gate shares the one sigmoid of all
+four gates (its rows are doubled in the stacked weights). The math is otherwise
 PyTorch's (gate order LSTM ``i, f, g, o``, GRU ``r, z, n``, see
 :mod:`.unrolled_rnn`), so a slot trains like its model alone to float
 rounding, not bitwise, and not bitwise alike for another number of slots
@@ -56,6 +57,8 @@ is built, see :mod:`.unrolled_rnn`).
 """
 
 from __future__ import annotations
+
+import functools
 
 from typing import Any, Callable, Sequence
 
@@ -185,12 +188,25 @@ def _direction(runner: Any, name: str, mod: nn.Module, x: Act, layer: int, rever
 
 
 def _tanh(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``tanh(x)`` into ``out`` (which may be ``x``). For fp32 on CPU as ``2 sigmoid(2x) - 1``: torch's CPU
-    tanh is 3.5x slower than its sigmoid (AVX2, 131k elements: 445 against 126 us), and the scalings cost
-    ~15 us each; the result is within a rounding of 1 (~6e-8) of ``torch.tanh``."""
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+    """``tanh(x)`` into ``out`` (which may be ``x``): for fp32 on a CPU with AVX2 kernels as ``2 sigmoid(2x) - 1``.
+
+    There torch's CPU tanh is 3.5x slower than its sigmoid (AMD EPYC, 131k
+    elements: 445 against 126 us), and the scalings cost ~15 us each; the
+    result is within a rounding of 1 (~2e-7) of ``torch.tanh``. With AVX-512
+    kernels torch's tanh is the faster (2-core Xeon, ``[32, 64, 64]``: 18 us
+    against 51 us for the four passes, 24 us for a sigmoid alone). The choice
+    follows torch's CPU capability, not a timing, so every process on one
+    machine rounds alike (a slot that moves between hosts trains on bit for bit).
+    """
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not _tanh_as_sigmoid():
         return torch.tanh(x, out=out)
     return torch.mul(x, 2, out=out).sigmoid_().mul_(2).sub_(1)
+
+
+@functools.cache
+def _tanh_as_sigmoid() -> bool:
+    """Whether this CPU's torch kernels are slower for tanh than for sigmoid: all but the AVX-512 ones."""
+    return not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _order(steps: int, reverse: bool) -> list[int]:

@@ -105,7 +105,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 
 from . import (channels_last_group_norm, conv_precision, padded_channel_conv, shared_input_conv,
-               strided_pointwise_conv)
+               short_log_softmax, strided_pointwise_conv)
 from . import direct_attention as attention
 from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
@@ -1453,12 +1453,16 @@ class _Runner:
     def _k_softmax(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Act:
         if step.op == "call_module":  # nn.Softmax / nn.LogSoftmax
             mod = self.template.get_submodule(step.target)
-            return self.along(F.softmax if isinstance(mod, nn.Softmax) else F.log_softmax, x, mod.dim)
+            fn = F.softmax if isinstance(mod, nn.Softmax) else short_log_softmax.log_softmax
+            return self.along(fn, x, mod.dim)
         dim, rest = _arg(args, kwargs, 0, "dim"), args[1:]
         if step.target in (F.softmax, F.log_softmax):  # (input, dim, _stacklevel, dtype)
             kwargs.pop("_stacklevel", None)
             kwargs, rest = ({**kwargs, "dtype": rest[1]} if len(rest) > 1 else kwargs), ()
-        return self.along(self.fn(step), x, dim, *rest, **kwargs)
+        fn = self.fn(step)
+        if fn in (F.log_softmax, torch.log_softmax) and not rest and not kwargs:  # torch's bits, sooner for short rows
+            fn = short_log_softmax.log_softmax
+        return self.along(fn, x, dim, *rest, **kwargs)
 
     def _k_transpose(self, step: _Step, x: Act, d0: Any, d1: Any) -> Act:
         second = _dim(d1, len(x.sample_shape(self.n))) + (x.layout != SHARED)

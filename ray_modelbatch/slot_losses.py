@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .short_log_softmax import short_rows
+
 _ELEMENTWISE_MODULES = {nn.MSELoss: F.mse_loss, nn.L1Loss: F.l1_loss}
 
 
@@ -58,6 +60,22 @@ def per_slot_loss(loss_fn: Callable[[Any, Any], torch.Tensor], out: Any, y: Any,
     ignore = _cross_entropy_ignore_index(loss_fn)
     if ignore is None or out.dim() != 3 or target.dtype != torch.long or target.shape != out.shape[:2]:
         return None
-    # [n, B, C] as cross_entropy's [N, C, d1] layout: one call for all slots
-    losses = F.cross_entropy(out.transpose(1, 2), target, reduction="none", ignore_index=ignore)
+    losses = cross_entropy_rows(out, target, ignore)
     return losses.sum(1) / (target != ignore).sum(1)  # torch's mean counts the targets not ignored
+
+
+def cross_entropy_rows(out: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``[n, B]`` cross-entropies (``reduction="none"``) of ``[n, B, C]`` logits against ``[n, B]`` class
+    indices.
+
+    Rows of a vector register or longer go to torch as ``[n*B, C]`` rows, the
+    one-model layout: each slot's values are the bits of torch's call on its
+    ``[B, C]`` alone. Shorter rows (a 10-class head) go as ``[n, C, B]``, whose
+    kernel vectorizes across rows: 3-7x sooner on a CPU, to a rounding of
+    those values (:mod:`.short_log_softmax`).
+    """
+    n, b, c = out.shape
+    if short_rows(out):
+        return F.cross_entropy(out.transpose(1, 2), target, reduction="none", ignore_index=ignore_index)
+    return F.cross_entropy(out.reshape(n * b, c), target.reshape(n * b), reduction="none",
+                           ignore_index=ignore_index).view(n, b)

@@ -122,6 +122,22 @@ def test_a_recurrent_stack_trains_like_each_model_alone(kind, with_hx, kw, per_s
     _check_trains_like_solo(lambda: Classifier(kind, with_hx, **kw), x, y, per_slot)
 
 
+@pytest.mark.parametrize("as_sigmoid", [True, False], ids=["tanh-as-sigmoid", "torch-tanh"])
+@pytest.mark.parametrize("kind, kw", [("LSTM", {}), ("GRU", {}), ("RNN", dict(bidirectional=True))])
+def test_either_tanh_of_the_batched_kernel_trains_like_each_model_alone(kind, kw, as_sigmoid, monkeypatch):
+    """The batched kernel's tanh is ``2 sigmoid(2x) - 1`` where torch's kernels are AVX2 ones, torch's own
+    where they are AVX-512 ones: both forms train a slot as its model alone, whichever this CPU has."""
+    from ray_modelbatch import direct_rnn
+
+    monkeypatch.setattr(direct_rnn, "_tanh_as_sigmoid", lambda: as_sigmoid)
+    x = torch.randn(64, 8)
+    out = torch.empty_like(x)
+    direct_rnn._tanh(x, out)
+    torch.testing.assert_close(out, torch.tanh(x), rtol=0, atol=3e-7)
+    x, y = _batch(False, False)
+    _check_trains_like_solo(lambda: Classifier(kind, False, **kw), x, y, False)
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_eval_mode_outputs_match_the_models_alone(kind):
     torch.manual_seed(0)
