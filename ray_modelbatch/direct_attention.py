@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.transformer import _detect_is_causal_mask
 
-from . import small_attention
+from . import short_softmax, small_attention
 from .direct_kernels import SHARED, SLOT, Act, Unsupported
 from .stacked_layer_norm import StackedLayerNorm
 
@@ -152,7 +152,7 @@ def multihead_attention(runner: Any, name: str, mod: nn.MultiheadAttention, quer
         qs = q.reshape(-1, tgt, hd) * math.sqrt(1.0 / float(hd))
         kt = k.reshape(-1, src, hd).transpose(-2, -1)
         w = torch.bmm(qs, kt) if mask is None else torch.baddbmm(mask, qs, kt)
-        w = F.softmax(w, dim=-1)
+        w = short_softmax.softmax(w).contiguous()  # torch's layout: a dropout draws its mask in memory order
         if dropout_p > 0.0:  # each slot's [B*heads, T, S] weights, as its module drops them
             w = runner.dropout(Act(w.view(n, -1, tgt, src), SLOT), dropout_p).t.view(n * batch * heads, tgt, src)
         out = torch.bmm(w, v.reshape(-1, src, hd)).view(n * batch, heads, tgt, hd)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast_path import FastPlan, GradTarget, _Ref, write_bias_grad, write_weight_grad
-from .short_log_softmax import log_softmax
+from .short_softmax import log_softmax
 from .slot_losses import _cross_entropy_ignore_index, _elementwise
 
 __all__ = ["MlpChain", "chain"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .short_log_softmax import short_rows
+from .short_softmax import short_rows
 
 _ELEMENTWISE_MODULES = {nn.MSELoss: F.mse_loss, nn.L1Loss: F.l1_loss}
 
@@ -72,7 +72,7 @@ def cross_entropy_rows(out: torch.Tensor, target: torch.Tensor, ignore_index: in
     one-model layout: each slot's values are the bits of torch's call on its
     ``[B, C]`` alone. Shorter rows (a 10-class head) go as ``[n, C, B]``, whose
     kernel vectorizes across rows: 3-7x sooner on a CPU, to a rounding of
-    those values (:mod:`.short_log_softmax`).
+    those values (:mod:`.short_softmax`).
     """
     n, b, c = out.shape
     if short_rows(out):

@@ -39,6 +39,8 @@ import math
 
 import torch
 
+from . import short_softmax
+
 __all__ = ["MAX_LEN", "applies", "attention", "packed_self_attention"]
 
 MAX_LEN = 32
@@ -75,7 +77,7 @@ def _probabilities(s: torch.Tensor, lead: torch.Size, mask: torch.Tensor | None,
     """The attention probabilities from the scaled scores ``s`` (``[M, Tq, Tk]``, ``M = prod(lead)``), masked
     as SDPA masks them. Writes into ``s``, which no backward reads (a scaling's or a GEMM's output)."""
     if mask is None and not is_causal:
-        return torch.softmax(s, -1)
+        return short_softmax.softmax(s)  # (8 tokens: 3x sooner than torch.softmax, see there)
     tq, tk = s.shape[-2:]
     view = s.view(*lead, tq, tk)
     if mask is not None:
@@ -85,7 +87,7 @@ def _probabilities(s: torch.Tensor, lead: torch.Size, mask: torch.Tensor | None,
     # A query that may attend to nothing: softmax would give NaN (and NaN gradients), SDPA gives zeros.
     # Its scores become 0 before the softmax and its probabilities 0 after, so both directions stay finite.
     nothing = s.amax(-1, keepdim=True) == float("-inf")
-    return torch.softmax(s.masked_fill(nothing, 0.0), -1).masked_fill(nothing, 0.0)
+    return short_softmax.softmax(s.masked_fill(nothing, 0.0)).masked_fill(nothing, 0.0)
 
 
 def packed_self_attention(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None = None,
@@ -135,7 +137,7 @@ class _PackedAttention(torch.autograd.Function):
         grad = grad.contiguous()
         out = torch.empty_like(packed)
         torch.bmm(p.transpose(1, 2), grad, out=out[2])
-        ds = torch._softmax_backward_data(torch.bmm(grad, v.transpose(1, 2)), p, -1, p.dtype)
+        ds = short_softmax.softmax_backward(torch.bmm(grad, v.transpose(1, 2)), p)
         ds.mul_(ctx.scale)  # masked and "nothing" entries: p is 0 there, so ds is too, as autograd's
         torch.bmm(ds, k, out=out[0])
         torch.bmm(ds.transpose(1, 2), q, out=out[1])

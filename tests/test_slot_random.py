@@ -116,7 +116,21 @@ class DropConv1d(nn.Module):
         return self.fc(F.dropout1d(torch.relu(self.conv(x.unsqueeze(1))), 0.3, self.training).flatten(1))
 
 
-MODELS = {"mlp": DropMLP, "cnn": DropCNN, "cnn_dropout2d": lambda: DropCNN(nn.Dropout2d),
+class DropSoftmax(nn.Module):
+    """Hand-written attention over 5 tokens: ``F.softmax`` of short rows (through short_softmax), then dropout on
+    the probabilities, whose mask a slot draws in the order its model alone draws it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(2, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.inp(x.view(-1, 5, 2))
+        p = F.dropout(F.softmax(h @ h.transpose(1, 2), -1), 0.3, self.training)
+        return self.out((p @ h).mean(1))
+
+
+MODELS = {"mlp": DropMLP, "softmax_dropout": DropSoftmax, "cnn": DropCNN, "cnn_dropout2d": lambda: DropCNN(nn.Dropout2d),
           "conv1d_dropout1d": DropConv1d, "transformer": DropTransformer, "attention_weights": DropAttentionWeights,
           "sdpa": DropSDPA, "lstm": DropLSTM}
 

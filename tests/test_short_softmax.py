@@ -1,11 +1,11 @@
-"""``short_log_softmax``: torch's values forward and backward for every row length, each slot's rows in the
+"""``short_softmax``: torch's values forward and backward for every row length, each slot's rows in the
 same bits however many slots run, and the stack's cross-entropy built on it."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ray_modelbatch import short_log_softmax
+from ray_modelbatch import short_softmax
 from ray_modelbatch.slot_losses import per_slot_loss
 
 
@@ -14,42 +14,57 @@ def _tolerance(dtype):
     return dict(rtol=4 * eps, atol=4 * eps)  # one rounding of torch's scalar log, which its vector code may differ by
 
 
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("classes", [1, 2, 3, 7, 8, 10, 15, 16, 17, 33, 100])
-def test_log_softmax_is_torch_s_forward_and_backward(classes, dtype):
+def test_each_is_torch_s_forward_and_backward(classes, dtype, fn):
     torch.manual_seed(classes)
     x = (torch.randn(3, 40, classes, dtype=dtype) * 5).requires_grad_()
     ref = x.detach().clone().requires_grad_()
-    out, want = short_log_softmax.log_softmax(x), torch.log_softmax(ref, -1)
+    out, want = getattr(short_softmax, fn)(x), getattr(torch, fn)(ref, -1)
     torch.testing.assert_close(out, want, **_tolerance(dtype))
     g = torch.randn_like(want)
     out.backward(g)
     want.backward(g)
     torch.testing.assert_close(x.grad, ref.grad, **_tolerance(dtype))
-    if not short_log_softmax.short_rows(x):
+    if not short_softmax.short_rows(x):
         assert torch.equal(out, want) and torch.equal(x.grad, ref.grad)  # torch's own call
 
 
 @pytest.mark.parametrize("batch", [7, 16, 40])
 def test_a_slot_s_rows_have_the_same_bits_however_many_slots_run(batch):
-    """Whole-stack, masked and gathered steps round alike: a slot's values do not depend on the others."""
+    """log_softmax's: whole-stack, masked and gathered steps of a hand-written MLP step round alike, as its
+    plan promises. (softmax's kernel for another dimension blocks its loops over every row, so, as torch's
+    softmax in any plan, it is not counted gather-exact.)"""
     torch.manual_seed(batch)
     x = torch.randn(6, batch, 10) * 5
-    whole = short_log_softmax.log_softmax(x)
+    whole = short_softmax.log_softmax(x)
     for rows in ([0], [2, 5], [1, 2, 3, 4]):
-        assert torch.equal(short_log_softmax.log_softmax(x[rows]), whole[rows])
+        assert torch.equal(short_softmax.log_softmax(x[rows]), whole[rows])
+
+
+@pytest.mark.parametrize("classes", [8, 10, 16, 40])
+def test_softmax_backward_is_autograd_s_to_the_bit(classes):
+    """A hand-written backward (the packed attention's) gets the bits autograd gets for :func:`softmax`."""
+    torch.manual_seed(classes)
+    x = torch.randn(5, 12, classes, requires_grad=True)
+    out = short_softmax.softmax(x)
+    g = torch.randn(5, 12, classes)
+    out.backward(g)
+    assert torch.equal(short_softmax.softmax_backward(g, out.detach()), x.grad)
 
 
 def test_short_rows_are_the_ones_below_a_vector_register():
-    wide = short_log_softmax._vector_bytes()
+    wide = short_softmax._vector_bytes()
     assert wide in (32, 64)
-    assert short_log_softmax.short_rows(torch.zeros(4, wide // 4 - 1))
-    assert not short_log_softmax.short_rows(torch.zeros(4, wide // 4))
-    assert short_log_softmax.short_rows(torch.zeros(4, wide // 8 - 1, dtype=torch.float64))
-    assert not short_log_softmax.short_rows(torch.zeros(4, 3, dtype=torch.float16))
-    assert not short_log_softmax.short_rows(torch.zeros(3))
+    assert short_softmax.short_rows(torch.zeros(4, wide // 4 - 1))
+    assert not short_softmax.short_rows(torch.zeros(4, wide // 4))
+    assert short_softmax.short_rows(torch.zeros(4, wide // 8 - 1, dtype=torch.float64))
+    assert not short_softmax.short_rows(torch.zeros(4, 3, dtype=torch.float16))
+    assert not short_softmax.short_rows(torch.zeros(3))
     x = torch.randn(4, 3)
-    assert torch.equal(short_log_softmax.log_softmax(x, 0), torch.log_softmax(x, 0))  # another dimension
+    assert torch.equal(short_softmax.log_softmax(x, 0), torch.log_softmax(x, 0))  # another dimension
+    assert torch.equal(short_softmax.softmax(x, 0), torch.softmax(x, 0))
 
 
 @pytest.mark.parametrize("classes", [2, 10, 16, 100])
@@ -61,7 +76,7 @@ def test_a_stack_s_cross_entropy_is_each_model_s(classes):
     y = torch.randint(0, classes, (32,))
     losses = per_slot_loss(F.cross_entropy, out, y, False)
     losses.sum().backward()
-    exact = not short_log_softmax.short_rows(out)
+    exact = not short_softmax.short_rows(out)
     for s in range(4):
         alone = out.detach()[s].clone().requires_grad_()
         loss = F.cross_entropy(alone, y)
