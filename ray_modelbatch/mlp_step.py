@@ -150,7 +150,7 @@ def _cross_entropy(out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor)
     """Each slot's mean cross-entropy over its targets that are ``valid`` (not ignored), and its gradient by
     the logits ``out`` (``[n, B, C]``; written into ``out``'s softmax)."""
     picked = torch.where(valid, target, 0).unsqueeze(-1)
-    log_p = log_softmax(out)  # (a transposed view for short rows: torch's bits, sooner)
+    log_p = log_softmax(out)  # (short rows: a transposed view, torch's values to a rounding, 3-7x sooner)
     nll = torch.where(valid, -log_p.gather(-1, picked).squeeze(-1), 0.0)
     count = valid.sum(1)
     losses = nll.sum(1) / count  # as torch's mean: over the targets not ignored
@@ -169,7 +169,7 @@ def _cross_entropy_all_valid(out: torch.Tensor, target: torch.Tensor) -> tuple[t
     """
     batch = target.shape[-1]
     picked = target.unsqueeze(-1)
-    log_p = log_softmax(out)  # (a transposed view for short rows: torch's bits, sooner)
+    log_p = log_softmax(out)  # (short rows: a transposed view, torch's values to a rounding, 3-7x sooner)
     losses = log_p.gather(-1, picked).squeeze(-1).sum(1).neg_().div_(batch)
     go = log_p.exp_()
     go.scatter_add_(-1, picked, _minus_ones(picked.shape, go.dtype))
