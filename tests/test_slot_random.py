@@ -130,9 +130,9 @@ class DropSoftmax(nn.Module):
         return self.out((p @ h).mean(1))
 
 
-MODELS = {"mlp": DropMLP, "softmax_dropout": DropSoftmax, "cnn": DropCNN, "cnn_dropout2d": lambda: DropCNN(nn.Dropout2d),
+MODELS = {"mlp": DropMLP, "cnn": DropCNN, "cnn_dropout2d": lambda: DropCNN(nn.Dropout2d),
           "conv1d_dropout1d": DropConv1d, "transformer": DropTransformer, "attention_weights": DropAttentionWeights,
-          "sdpa": DropSDPA, "lstm": DropLSTM}
+          "softmax_dropout": DropSoftmax, "sdpa": DropSDPA, "lstm": DropLSTM}
 
 
 def _batches(n: int, features: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
