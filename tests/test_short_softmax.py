@@ -85,3 +85,44 @@ def test_a_stack_s_cross_entropy_is_each_model_s(classes):
         torch.testing.assert_close(out.grad[s], alone.grad, **_tolerance(torch.float32))
         if exact:
             assert torch.equal(out.grad[s], alone.grad)
+
+
+class _Attention(torch.nn.Module):
+    """Hand-written attention over 6 tokens, its softmax in the four forms a model writes it."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.qk, self.out, self.form = torch.nn.Linear(3, 8), torch.nn.Linear(8, 2), form
+        self.norm = torch.nn.Softmax(-1) if form == "module" else None
+
+    def forward(self, x):
+        h = self.qk(x)
+        s = h @ h.transpose(1, 2)
+        p = {"function": lambda: F.softmax(s, dim=-1), "torch": lambda: torch.softmax(s, -1),
+             "method": lambda: s.softmax(-1), "module": lambda: self.norm(s)}[self.form]()
+        return self.out((p @ h).mean(1)).log_softmax(-1)
+
+
+@pytest.mark.parametrize("form", ["function", "torch", "method", "module"])
+def test_the_direct_path_takes_every_form_of_a_short_softmax_through_here(form, monkeypatch):
+    """F.softmax, torch.softmax, Tensor.softmax and nn.Softmax of short rows (and a log_softmax method) in a
+    model on the direct path all run here, and the stack computes what each model computes alone."""
+    import ray_modelbatch as rmb
+
+    calls = []
+
+    def spy(name):
+        real = getattr(short_softmax, name)
+        return lambda x, dim=-1: calls.append(name) or real(x, dim)
+
+    for name in ("softmax", "log_softmax"):
+        monkeypatch.setattr(short_softmax, name, spy(name))
+    torch.manual_seed(0)
+    models = [_Attention(form) for _ in range(3)]
+    mb = rmb.ModelBatch(models)
+    assert mb.uses_direct_path
+    x = torch.randn(4, 6, 3)
+    out = mb(x)
+    assert calls.count("softmax") >= 1 and calls.count("log_softmax") >= 1
+    for s, m in enumerate(models):
+        torch.testing.assert_close(out[s], m(x), rtol=1e-5, atol=1e-6)
