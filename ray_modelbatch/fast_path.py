@@ -1476,8 +1476,8 @@ class _Runner:
         if step.target in (F.softmax, F.log_softmax):  # (input, dim, _stacklevel, dtype)
             kwargs.pop("_stacklevel", None)
             kwargs, rest = ({**kwargs, "dtype": rest[1]} if len(rest) > 1 else kwargs), ()
-        if kwargs.get("dtype", 0) is None:
-            del kwargs["dtype"]
+        if kwargs.get("dtype") is None:  # torch's default (traced F.softmax passes it by keyword)
+            kwargs.pop("dtype", None)
         fn = self.fn(step)
         if not rest and not kwargs:  # short rows through the kernel that vectorizes across them: see short_softmax
             fn = _SHORT_ROWS.get(_METHODS.get(step.target) if step.op == "call_method" else step.target, fn)
