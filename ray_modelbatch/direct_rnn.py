@@ -250,10 +250,10 @@ class _Gates(torch.autograd.Function):
         if mode == "LSTM":
             w[:, 2 * hidden:3 * hidden].mul_(2)
             c0 = w.new_zeros(n, batch, hidden) if c0 is None else c0.contiguous()
-            act, c_all, tc_all = _lstm_forward(xhs, hs, w.transpose(1, 2), c0, order, reverse)
+            act, c_all, tc_all = _lstm_forward(xhs, hs, w.transpose(1, 2).contiguous(), c0, order, reverse)
             ctx.save_for_backward(xh, w_ih, w_hh, c0, act, c_all, tc_all)
         else:
-            _elman_forward(xhs, hs, w.transpose(1, 2), order, reverse, mode)
+            _elman_forward(xhs, hs, w.transpose(1, 2).contiguous(), order, reverse, mode)
             ctx.save_for_backward(xh, w_ih, w_hh)
         y = xh[:, 1 - reverse:steps + 1 - reverse, :, inp:inp + hidden]
         return (y, c_all[order[-1]].clone()) if mode == "LSTM" else y
@@ -476,7 +476,7 @@ def _gru_forward(gx: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None
     hidden = gates // 3
     act = gx.new_empty(steps, n, batch, gates)
     gh = torch.empty_like(act)
-    w_t = w_hh.transpose(1, 2)
+    w_t = w_hh.transpose(1, 2).contiguous()
     bias = None if b_hh is None else b_hh.unsqueeze(1)
     gxs, ys = gx.unbind(1), y.unbind(1)
     h = h0

@@ -48,12 +48,20 @@ stacked parameters directly:
   ``mean``/``sum``, ``max``/``min`` (along a dimension, of a whole value, or
   of two values), ``amax``/``amin``, ``logsumexp``, ``cumsum``,
   ``masked_fill``, ``one_hot``, ``expand``, ``cat``/``stack``,
-  ``transpose``/``permute``, ``view``/``reshape``/``flatten``, ``chunk``,
+  ``transpose``/``permute``, ``view``/``reshape``/``flatten``/``unflatten``
+  (``nn.Unflatten`` too), ``chunk``, ``triu``/``tril``, ``F.normalize``,
   indexing and ``x.shape`` act on each slot's value with its dimensions
-  counted after the slot dimension: one call for all slots.
+  counted after the slot dimension: one call for all slots;
+* tensors made from sizes and constants (``torch.full``, ``zeros``, ``ones``,
+  ``arange``, ``eye``: a causal mask from ``generate_square_subsequent_mask``,
+  positions from ``arange``) are made once, shared by every slot; noise drawn
+  in forward (``randn_like``, ``rand_like``, ``randn``/``rand`` of a size: a
+  VAE's reparameterized sample) is drawn per slot from the slot's generator.
 
 The traced forward is a graph, not a chain: a step may read any earlier
-values, and the model may take more inputs than ``x`` (``offsets``, masks).
+values, the model may take more inputs than ``x`` (``offsets``, masks), and
+it may return several tensors (a tuple, list or dict of them: each comes back
+with its leading slot dimension, as vmap returns them).
 
 On CPU, ``gemm="onednn"`` runs the large GEMMs (weights of at least
 :data:`DIRECT_WRITE_MIN` elements) through oneDNN instead of the BLAS that
@@ -160,6 +168,13 @@ EMBEDDING_MODULES = (nn.Embedding, StackedEmbedding)  # the stack's template has
 LAYER_NORM_MODULES = (nn.LayerNorm, StackedLayerNorm)  # ... and StackedLayerNorm (stack_layer_norms)
 RNN_MODULES = (UnrolledRNN, nn.LSTM, nn.GRU, nn.RNN)  # the stack's template has UnrolledRNN for the others
 
+# Tensors made from sizes and constants alone (a causal mask: ``nn.Transformer.generate_square_subsequent_mask``
+# is ``triu(full(...))``): the same for every slot. Random ones (``torch.randn(size)``) are not among them.
+CREATE_FUNCTIONS = (torch.full, torch.zeros, torch.ones, torch.empty, torch.arange, torch.eye, torch.tensor)
+
+# Noise drawn in forward (a VAE's reparameterized sample): each slot draws its model's own numbers.
+RANDOM_LIKE = {torch.randn_like: torch.randn, torch.rand_like: torch.rand}
+
 # call_function targets and call_method names -> step kind (see _Runner for each kind's layout rules)
 FUNCTION_KINDS: dict[Any, str] = {
     **{f: "function" for f in ELEMENTWISE_FUNCTIONS},
@@ -179,6 +194,8 @@ FUNCTION_KINDS: dict[Any, str] = {
     F.scaled_dot_product_attention: "sdpa", operator.getitem: "getitem", getattr: "getattr",
     F.dropout1d: "feature_dropout", F.dropout2d: "feature_dropout", F.dropout3d: "feature_dropout",
     **{f: "pool_function" for f in POOL_FUNCTIONS},
+    **{f: "create" for f in CREATE_FUNCTIONS}, torch.triu: "triangle", torch.tril: "triangle",
+    F.normalize: "normalize", **{f: "random" for f in (*RANDOM_LIKE, *RANDOM_LIKE.values())},
 }
 METHOD_KINDS: dict[str, str] = {
     **{m: "function" for m in ELEMENTWISE_METHODS},
@@ -189,7 +206,7 @@ METHOD_KINDS: dict[str, str] = {
     "amax": "reduce", "amin": "reduce", "logsumexp": "reduce", "cumsum": "reduce",
     "log_softmax": "softmax", "transpose": "transpose", "permute": "permute", "flatten": "flatten",
     "view": "view", "reshape": "view", "unflatten": "unflatten", "unsqueeze": "unsqueeze", "squeeze": "squeeze",
-    "chunk": "split", "split": "split", "size": "size", "dim": "size",
+    "chunk": "split", "split": "split", "size": "size", "dim": "size", "triu": "triangle", "tril": "triangle",
 }
 # Steps whose result for a slot does not depend on how many slots run (see FastPlan.gather_exact): pure
 # data movement, + - * /, comparisons and clamp/maximum/minimum/where (correctly rounded, or not rounding, in
@@ -200,7 +217,7 @@ METHOD_KINDS: dict[str, str] = {
 # loops differently for another number of rows.
 GATHER_EXACT_KINDS = {"linear", "module", "function", "binary", "param", "embedding", "getitem", "getattr", "expand",
                       "size", "view", "flatten", "unflatten", "transpose", "permute", "unsqueeze", "squeeze",
-                      "cat", "split", "flatten_linear"}  # flatten_linear: its permuted form only after a conv
+                      "cat", "split", "flatten_linear", "create", "triangle"}  # flatten_linear: its permuted form only after a conv
 
 
 @dataclass(frozen=True)
@@ -243,7 +260,7 @@ class FastPlan:
 
     steps: tuple[_Step, ...]
     inputs: tuple[_Input, ...]
-    output: str
+    output: Any  # the name of the value forward returns, or a tuple, list or dict of _Refs (several values)
     aliases: tuple[tuple[str, str], ...] = ()  # (name, stacked name) of parameters shared by two modules
     # plans traced with some inputs fixed to None (see variant) and the compiled steps; filled when needed
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -396,9 +413,9 @@ def _plan_or_reason(template: nn.Module, none: frozenset[str]) -> FastPlan | str
         if node.op == "call_function" and node.target is _ASSERT_IS_NONE:  # holds: the variant is for None
             continue
         if node.op == "output":
-            if not isinstance(node.args[0], fx.Node):
-                return "its forward returns more than one tensor (a tuple, list or dict)"
-            output = node.args[0].name
+            output = _output(node.args[0])
+            if output is None:
+                return "its forward returns something other than tensors (a tensor, or a tuple, list or dict of them)"
             continue
         step = _step(node, modules, params)
         if step is None:
@@ -412,6 +429,30 @@ def _plan_or_reason(template: nn.Module, none: frozenset[str]) -> FastPlan | str
     return FastPlan(tuple(steps), tuple(inputs), output, _aliases(template))
 
 
+def _output(value: Any) -> str | tuple | list | dict | None:
+    """What forward returns: a value's name, or a tuple, list or dict (nested too) of values as ``_Ref``s
+    (a VAE's ``(reconstruction, mu, log_var)``, a model's ``{"logits": ..., "aux": ...}``); None if anything
+    else is in it (a constant, a size)."""
+    if isinstance(value, fx.Node):
+        return value.name
+    leaves: list[Any] = []
+    tree = _map_tree(value, lambda a: leaves.append(a) or (_Ref(a.name) if isinstance(a, fx.Node) else a))
+    return tree if leaves and all(isinstance(a, fx.Node) for a in leaves) else None
+
+
+def _map_tree(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` of each leaf of nested tuples (named ones too), lists and dicts, rebuilt as plain Python types
+    (fx keeps a traced list or dict as its own immutable types)."""
+    if isinstance(value, tuple):
+        items = [_map_tree(v, fn) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        return [_map_tree(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tree(v, fn) for k, v in value.items()}
+    return fn(value)
+
+
 def _is_relu(step: _Step, modules: dict[str, nn.Module]) -> bool:
     if step.kind == "module":
         return type(modules[step.target]) is nn.ReLU
@@ -420,7 +461,7 @@ def _is_relu(step: _Step, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-def _pool_before_relu(steps: list[_Step], output: str, modules: dict[str, nn.Module]) -> list[_Step]:
+def _pool_before_relu(steps: list[_Step], output: Any, modules: dict[str, nn.Module]) -> list[_Step]:
     """``max_pool(relu(x))`` computed as ``relu(max_pool(x))``: the ReLU then runs on the pooled, 4x smaller tensor.
 
     Exact, values and gradients alike: ReLU keeps the order of positive values
@@ -448,12 +489,13 @@ def _pool_before_relu(steps: list[_Step], output: str, modules: dict[str, nn.Mod
     return out
 
 
-def _uses(steps: list[_Step], output: str) -> dict[str, int]:
-    """How many times each value is read (the output once more)."""
-    uses: dict[str, int] = {output: 1}
+def _uses(steps: list[_Step], output: Any) -> dict[str, int]:
+    """How many times each value is read (each value forward returns once more)."""
+    uses: dict[str, int] = {}
+    count = lambda a: uses.__setitem__(a.name, uses.get(a.name, 0) + 1) if isinstance(a, _Ref) else None  # noqa: E731
+    _map_tree(_Ref(output) if isinstance(output, str) else output, count)
     for s in steps:
-        map_aggregate((s.args, s.kwargs), lambda a: uses.__setitem__(a.name, uses.get(a.name, 0) + 1)
-                      if isinstance(a, _Ref) else None)
+        map_aggregate((s.args, s.kwargs), count)
     return uses
 
 
@@ -471,7 +513,7 @@ def _flatten_dims(step: _Step, modules: dict[str, nn.Module]) -> tuple[int, int]
     return (start, end) if not given and isinstance(start, int) and isinstance(end, int) else None
 
 
-def _flatten_into_linear(steps: list[_Step], output: str, modules: dict[str, nn.Module]) -> list[_Step]:
+def _flatten_into_linear(steps: list[_Step], output: Any, modules: dict[str, nn.Module]) -> list[_Step]:
     """``linear(flatten(x, start, end))`` as one step, ``flatten_linear``: a CNN's head reading its last map.
 
     A fused CNN's feature maps are channels-last, so each slot's flattened
@@ -592,6 +634,8 @@ def _module_kind(mod: nn.Module) -> str | None:
         return "module"
     if type(mod) is nn.Flatten:
         return "flatten"
+    if type(mod) is nn.Unflatten:
+        return "unflatten"
     if type(mod) in (nn.Softmax, nn.LogSoftmax):
         return "softmax" if mod.dim is not None else None
     if type(mod) in LAYER_NORM_MODULES:
@@ -889,6 +933,13 @@ def _conv(mod: nn.Module, h: torch.Tensor, layout: str, w: torch.Tensor, b: torc
 
     def call() -> torch.Tensor:
         fn = _CONV_FNS[type(mod)]
+        if (transposed and bias is not None and h.dim() == 4 and h.device.type == "cpu"
+                and not torch.is_autocast_enabled("cpu")):  # under autocast the add would promote the output
+            # oneDNN's channels-last transposed convolution is 1.4-2.2x slower forward and backward with its
+            # bias than without it, plus a broadcast add (2-core Xeon, 7 shapes at 8-32 slots; the regular
+            # convolutions' are not). The sum is the same: the convolution's fp32 result plus the bias.
+            out = fn(h, weight, None, mod.stride, mod.padding, mod.output_padding, groups, mod.dilation)
+            return out + bias.view(1, -1, 1, 1)
         if transposed:
             return fn(h, weight, bias, mod.stride, mod.padding, mod.output_padding, groups, mod.dilation)
         if strided_pointwise_conv.applies(h, weight, mod.stride, mod.padding, transposed):  # a ResNet's shortcut
@@ -1511,8 +1562,58 @@ class _Runner:
         last = _dim(end, len(x.sample_shape(self.n))) + (x.layout != SHARED)
         return self.along(lambda t, first: t.flatten(first, last), x, start)
 
-    def _k_unflatten(self, step: _Step, x: Act, dim: Any, sizes: Any) -> Act:
+    def _k_unflatten(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Act:
+        if step.op == "call_module":  # nn.Unflatten
+            mod = self.template.get_submodule(step.target)
+            dim, sizes = mod.dim, mod.unflattened_size
+        else:
+            dim, sizes = _arg(args, kwargs, 0, "dim"), _arg(args, kwargs, 1, "sizes")
         return self.along(torch.unflatten, x, dim, sizes)
+
+    def _k_create(self, step: _Step, *args: Any, **kwargs: Any) -> Act:
+        """``torch.full(sizes, value)`` and its kind: one tensor every slot shares."""
+        if _acts((args, kwargs)):
+            raise Unsupported(f"{step.target.__name__} of a value computed in forward")
+        return Act(self.fn(step)(*args, **kwargs), SHARED)
+
+    def _k_normalize(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Act:
+        """``F.normalize(x, p, dim, eps)``: each row divided by its norm, along the slot's own ``dim``."""
+        p, dim, eps = (_arg(args, kwargs, i, k, d) for i, (k, d) in enumerate((("p", 2.0), ("dim", 1),
+                                                                                ("eps", 1e-12))))
+        if _arg(args, kwargs, 3, "out") is not None or _acts((args, kwargs)):
+            raise Unsupported("F.normalize into out=, or with a p, dim or eps computed in forward")
+        return self.along(lambda t, d: F.normalize(t, p, d, eps), x, dim)
+
+    def _k_random(self, step: _Step, *args: Any, **kwargs: Any) -> Act:
+        """``torch.randn_like(x)``, ``rand_like``, and ``randn``/``rand`` of a constant size: each slot's
+        value drawn from its own generator, as its model draws it alone (``randn_like`` of a contiguous
+        tensor is ``randn`` of its shape); without per-slot generators, one draw for all from torch's."""
+        draw = RANDOM_LIKE.get(step.target, step.target)
+        if kwargs.pop("generator", None) is not None or "out" in kwargs:
+            raise Unsupported("a random draw with a generator or out= of its own")
+        if step.target in RANDOM_LIKE:
+            x = args[0] if args else kwargs.pop("input")
+            if len(args) > 1 or not isinstance(x, Act) or kwargs.pop("memory_format", None) not in (
+                    None, torch.preserve_format, torch.contiguous_format):
+                raise Unsupported(f"{step.target.__name__} with these arguments")
+            shape = tuple(x.sample_shape(self.n))
+            kwargs = {"dtype": x.t.dtype, "device": x.t.device, **kwargs}
+        else:
+            shape = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+            if not all(isinstance(d, int) for d in shape):
+                raise Unsupported(f"{step.target.__name__} of a size computed in forward")
+        if _acts(kwargs) or kwargs.get("requires_grad"):
+            raise Unsupported(f"{step.target.__name__} with these arguments")
+        if self.random is None:
+            return Act(draw((self.n, *shape), **kwargs), SLOT)
+        rows = [draw(shape, **kwargs, generator=self.random.generator(j)) for j in range(self.n)]
+        return Act(torch.stack(rows), SLOT)
+
+    def _k_triangle(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Act:
+        """``triu``/``tril`` act on the last two dimensions, which a slot's value keeps last in every layout."""
+        if len(x.sample_shape(self.n)) < 2 or _acts((args, kwargs)):
+            raise Unsupported("triu or tril of a value of one dimension")
+        return Act(self.fn(step)(x.t, *args, **kwargs), x.layout)
 
     def _k_split(self, step: _Step, x: Act, size: Any, *args: Any, **kwargs: Any) -> tuple:
         dim = _arg(args, kwargs, 0, "dim", 0)
@@ -1645,7 +1746,12 @@ def run(p: FastPlan, template: nn.Module, params: Mapping[str, torch.Tensor], x:
         else:
             args, kwargs = map_aggregate(step.args, resolve), map_aggregate(dict(step.kwargs), resolve)
         values[step.dst] = kernel(runner, step, *args, **kwargs)
-    out = values[p.output]
+    if not isinstance(p.output, str):  # several values: each with its leading slot dimension, as vmap returns them
+        return _map_tree(p.output, lambda a: _returned(runner, values[a.name]))
+    return _returned(runner, values[p.output])
+
+
+def _returned(runner: _Runner, out: Any) -> torch.Tensor:
     if not isinstance(out, Act):
         raise Unsupported("a forward that does not return a tensor")
     return runner.slot(out)

@@ -611,6 +611,31 @@ def directly_trains_like_solo_modules(make, per_slot: bool, steps: int = 4, seed
     return mb
 
 
+class UnflattenDecoder(nn.Module):
+    """A generator's shape: a Linear's rows unflattened into a feature map for a transposed convolution, as
+    ``nn.Unflatten`` (the module) or ``Tensor.unflatten`` (the method)."""
+
+    def __init__(self, form: str = "module"):
+        super().__init__()
+        self.form = form
+        self.project = nn.Linear(64, 4 * 4 * 4)
+        self.unflatten = nn.Unflatten(1, (4, 4, 4))
+        self.up = nn.ConvTranspose2d(4, 2, 4, stride=2, padding=1)
+        self.head = nn.Linear(2 * 8 * 8, 5)
+
+    def forward(self, x):
+        h = self.project(x.flatten(1))
+        h = self.unflatten(h) if self.form == "module" else h.unflatten(-1, (4, 4, 4))
+        return self.head(torch.relu(self.up(h)).flatten(1))
+
+
+@pytest.mark.parametrize("form", ["module", "method"])
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_unflatten_runs_directly_and_trains_like_solo_modules(per_slot, form):
+    mb = directly_trains_like_solo_modules(lambda: UnflattenDecoder(form), per_slot, seed=2)
+    assert "unflatten" in [s.kind for s in mb._plan().steps]
+
+
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_group_and_instance_norm_and_functional_pools_run_directly_and_train_like_solo_modules(per_slot):
     mb = directly_trains_like_solo_modules(NormCNN, per_slot, steps=5, seed=4)

@@ -11,6 +11,7 @@ softmax, permutes, SDPA, MultiheadAttention and nn.TransformerEncoder(Layer).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -454,7 +455,7 @@ def test_an_optional_input_left_out():
 
         def forward(self, x, scale=None):
             h = self.lin(x)
-            return h * scale if scale is not None else F.normalize(h, dim=-1)  # no kernel for F.normalize
+            return h * scale if scale is not None else torch.cumprod(h, -1)  # no kernel for cumprod
 
     torch.manual_seed(0)
     models = [Maybe() for _ in range(2)]
@@ -499,6 +500,148 @@ class CausalEncoder(nn.Module):
 def test_causal_attention_on_short_and_long_sequences(tokens):
     x, y = torch.randint(0, 20, (5, tokens)), torch.randint(0, 4, (5,))
     trains_like_solo(CausalEncoder, x, y, args=(nn.Transformer.generate_square_subsequent_mask(tokens),))
+
+
+class CausalLM(nn.Module):
+    """A causal language model that makes its mask and its positions in forward, from the input's length, in
+    the forms scripts write them: ``generate_square_subsequent_mask``, a bool ``triu`` of ``ones``, a float
+    ``full(-inf).triu(1)``."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.emb, self.pos = nn.Embedding(20, 8), nn.Embedding(16, 8)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2)
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, x):
+        t = x.shape[1]
+        if self.form == "generate":
+            mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device)
+        elif self.form == "bool":  # True where a position may not attend
+            mask = torch.ones((t, t), dtype=torch.bool, device=x.device).triu(1)
+        else:
+            mask = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
+        h = self.emb(x) + self.pos(torch.arange(t, device=x.device))
+        return self.head(self.encoder(h, mask=mask, is_causal=True))
+
+
+def _next_tokens(out, y):
+    return F.cross_entropy(out.flatten(0, -2), y.flatten())
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+@pytest.mark.parametrize("form", ["generate", "bool", "full"])
+def test_a_causal_mask_and_positions_made_in_forward_run_directly(form, per_slot):
+    g = torch.Generator().manual_seed(1)
+    shape = (S, 4, 10) if per_slot else (4, 10)
+    x, y = torch.randint(0, 20, shape, generator=g), torch.randint(0, 20, shape, generator=g)
+    mb = trains_like_solo(lambda: CausalLM(form), x, y, _next_tokens, per_slot=per_slot)
+    assert {"create", "triangle"} <= {s.kind for s in mb._plan().steps}
+
+
+class NormalizedEmbedding(nn.Module):
+    """Residual blocks, then rows scaled to unit norm (``F.normalize``, as metric-learning and contrastive heads
+    do), by keyword and by position, over the last dimension and the default one."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU()) for _ in range(2)])
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        h = F.normalize(h, dim=-1) + F.normalize(h, 1.0, 1, 1e-6)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_normalize_runs_directly(per_slot):
+    x, y = _examples(per_slot, 5, (6,), seed=3)
+    mb = trains_like_solo(NormalizedEmbedding, x, y, per_slot=per_slot)
+    assert "normalize" in {s.kind for s in mb._plan().steps}
+
+
+class SeveralOutputs(nn.Module):
+    """A VAE that returns ``(reconstruction, mu, log_var)``, or the same as a dict or a list."""
+
+    def __init__(self, form: str = "tuple"):
+        super().__init__()
+        self.form = form
+        self.enc, self.mu, self.log_var = nn.Linear(6, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+        self.dec = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 6))
+
+    def forward(self, x):
+        h = F.relu(self.enc(x))
+        mu, log_var = self.mu(h), self.log_var(h)
+        recon = self.dec(mu + torch.randn_like(mu) * torch.exp(0.5 * log_var))
+        if self.form == "dict":
+            return {"recon": recon, "stats": (mu, log_var)}
+        return [recon, mu, log_var] if self.form == "list" else (recon, mu, log_var)
+
+
+def _elbo(out, x):
+    recon, mu, log_var = (out["recon"], *out["stats"]) if isinstance(out, dict) else out
+    kl = -0.5 * (1 + log_var - mu.square() - log_var.exp()).sum(-1).mean()
+    return F.mse_loss(recon, x) + kl
+
+
+@pytest.mark.parametrize("form", ["tuple", "list", "dict"])
+def test_a_forward_that_returns_several_tensors_runs_directly_and_trains_like_solo(form):
+    """Each returned tensor comes back with its leading slot dimension, in the type forward returned it in, as
+    vmap returns it; the slots train like their models alone, each drawing its own noise."""
+    torch.manual_seed(0)
+    models = [SeveralOutputs(form) for _ in range(S)]
+    states = []
+    for s in range(S):
+        torch.manual_seed(10 + s)
+        states.append(torch.get_rng_state())
+    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    assert mb.uses_direct_path
+    for s, st in enumerate(states):
+        mb.random.set_state(s, st)
+    engine = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=1e-2), _elbo)
+    x = torch.randn(5, 6)
+    solo = [copy.deepcopy(m) for m in models]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in solo]
+    for step in range(3):
+        engine.train_step(x, x)
+        for s, (m, o) in enumerate(zip(solo, opts)):
+            torch.set_rng_state(states[s])
+            o.zero_grad()
+            _elbo(m(x), x).backward()
+            o.step()
+            states[s] = torch.get_rng_state()
+    assert not mb._slow_keys
+    for s, m in enumerate(solo):
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(mb.slot_state(s)[k], v, rtol=1e-5, atol=1e-6, msg=f"slot {s} {k}")
+    mb.eval()
+    out = mb(x)
+    assert type(out) is {"tuple": tuple, "list": list, "dict": dict}[form]
+    recon = out["recon"] if form == "dict" else out[0]
+    assert recon.shape == (S, 5, 6)
+
+
+class FilledWithAComputedValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h + torch.full((4,), h.mean())  # a Python number from a tensor: no fused path can run this
+
+
+def test_a_tensor_made_from_a_value_computed_in_forward_gets_vmaps_one_line_and_no_direct_path_failure():
+    mb = rmb.ModelBatch([FilledWithAComputedValue() for _ in range(S)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the direct path declines it (no "direct path failed" warning) ...
+        with pytest.raises(rmb.FusionError, match=r"calls \.item\(\)"):  # ... and vmap's error explains it
+            mb(torch.randn(5, 4))
 
 
 def _examples(per_slot: bool, batch: int, shape: tuple, seed: int, vocab: int | None = None):

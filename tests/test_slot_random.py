@@ -130,9 +130,23 @@ class DropSoftmax(nn.Module):
         return self.out((p @ h).mean(1))
 
 
+class Reparameterized(nn.Module):
+    """A VAE's reparameterized sample drawn in forward (``randn_like``), uniform noise (``rand_like``) and noise of
+    a constant size (``torch.randn(4)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(10, 8), nn.Linear(4, 4)
+
+    def forward(self, x):
+        mu, log_var = self.enc(x).chunk(2, -1)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
+        return self.dec(z + 0.1 * torch.rand_like(z) + 0.1 * torch.randn(z.shape))
+
+
 MODELS = {"mlp": DropMLP, "cnn": DropCNN, "cnn_dropout2d": lambda: DropCNN(nn.Dropout2d),
           "conv1d_dropout1d": DropConv1d, "transformer": DropTransformer, "attention_weights": DropAttentionWeights,
-          "softmax_dropout": DropSoftmax, "sdpa": DropSDPA, "lstm": DropLSTM}
+          "softmax_dropout": DropSoftmax, "sdpa": DropSDPA, "lstm": DropLSTM, "reparameterized": Reparameterized}
 
 
 def _batches(n: int, features: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -586,7 +600,7 @@ def test_dropout_of_a_non_contiguous_activation_draws_the_models_own_mask(direct
     model = _TransposedDropout(shared)
     state = torch.get_rng_state()
     mb = rmb.ModelBatch([copy.deepcopy(model), copy.deepcopy(model)], direct_path=direct)
-    assert mb.uses_direct_path == (direct and not shared)
+    assert mb.uses_direct_path == direct
     mb.random.set_state(0, state)
     x = torch.randn(4, 6, 8)
     out = mb(x)

@@ -1,0 +1,205 @@
+"""Models that reached the direct path in session 40, against vmap (the path they took before) and a loop.
+
+Each family is a model written the way scripts write it, with the one construct that used to keep it on
+``torch.vmap``: ``nn.Unflatten`` before a transposed convolution (a generator), ``F.normalize`` (a
+metric-learning head), a causal mask and positions made in forward (a language model), ``torch.randn_like``
+and a tuple returned (a VAE). For every family and slot count, one process times, in alternating rounds:
+
+- the fused Adam step on the direct path (``ModelBatch(...)``);
+- the same stack forced onto vmap (``ModelBatch(..., direct_path=False)``), which is what these models ran
+  before;
+- a loop of the same models, each with ``torch.optim.Adam``.
+
+and prints medians of the rounds with the ratios. The machine is shared: compare the ratios, not the
+milliseconds, across runs.
+
+    python benchmarks/direct_coverage.py [--slots 8,32] [--rounds 5] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ray_modelbatch as rmb
+from ray_modelbatch import optim as mb_optim
+from ray_modelbatch.cpu_memory import keep_freed_memory
+
+BATCH = 64
+
+
+class Generator(nn.Module):
+    """A DCGAN-style generator head: a Linear's rows unflattened (``nn.Unflatten``) into a transposed conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (32, 7, 7)),
+                                 nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.ConvTranspose2d(16, 1, 4, 2, 1), nn.Sigmoid())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class NormalizedMLP(nn.Module):
+    """Residual LayerNorm-GELU blocks, an embedding scaled to unit norm (``F.normalize``), a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, 128)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(128, 128), nn.LayerNorm(128), nn.GELU())
+                                     for _ in range(2)])
+        self.out = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(F.normalize(h, dim=-1))
+
+
+class CausalLM(nn.Module):
+    """A 2-layer causal TransformerEncoder LM over 16 tokens that builds its mask and positions in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(100, 64), nn.Embedding(16, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(64, 100)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device)
+        h = self.tok(x) + self.pos(torch.arange(t, device=x.device))
+        return self.head(self.encoder(h, mask=mask, is_causal=True))
+
+
+class VAE(nn.Module):
+    """A digits VAE: the reparameterized sample drawn in forward, ``(recon, mu, log_var)`` returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.mu, self.log_var = nn.Linear(64, 128), nn.Linear(128, 8), nn.Linear(128, 8)
+        self.dec = nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 64))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = F.relu(self.enc(x))
+        mu, log_var = self.mu(h), self.log_var(h)
+        return self.dec(mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)), mu, log_var
+
+
+def _elbo(out: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+    recon, mu, log_var = out
+    kl = -0.5 * (1 + log_var - mu.square() - log_var.exp()).sum(-1).mean()
+    return F.binary_cross_entropy_with_logits(recon, x) + kl
+
+
+def _next_token(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.flatten(0, -2), y.flatten())
+
+
+# name -> (model factory, batch maker (x, y), loss)
+FAMILIES: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], tuple], Callable]] = {
+    "generator (Unflatten)": (Generator, lambda g: (torch.randn(BATCH, 16, generator=g),
+                                                    torch.rand(BATCH, 1, 28, 28, generator=g)), F.mse_loss),
+    "normalized MLP (F.normalize)": (NormalizedMLP, lambda g: (torch.randn(BATCH, 64, generator=g),
+                                                               torch.randint(0, 10, (BATCH,), generator=g)),
+                                     F.cross_entropy),
+    "causal LM (mask in forward)": (CausalLM, lambda g: (torch.randint(0, 100, (BATCH, 16), generator=g),
+                                                         torch.randint(0, 100, (BATCH, 16), generator=g)),
+                                    _next_token),
+    "VAE (randn_like, tuple out)": (VAE, lambda g: (torch.rand(BATCH, 64, generator=g),) * 2, _elbo),
+}
+
+
+def _median_ms(fn: Callable[[], Any], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def measure(name: str, slots: int, rounds: int, reps: int) -> dict[str, Any]:
+    """Medians over ``rounds`` alternating rounds of ``reps`` steps each: direct, vmap, loop (ms per step)."""
+    make, batch, loss = FAMILIES[name]
+    x, y = batch(torch.Generator().manual_seed(0))
+    models = []
+    for s in range(slots):
+        torch.manual_seed(s)
+        models.append(make())
+    steps: dict[str, Callable[[], Any]] = {}
+    paths = {}
+    for way, direct in (("direct", True), ("vmap", False)):
+        mb = rmb.ModelBatch([copy.deepcopy(m) for m in models], direct_path=direct)
+        engine = rmb.FusedEngine(mb, mb_optim.Adam(mb, lr=1e-3), loss)
+        steps[way] = lambda engine=engine: engine.train_step(x, y)
+        paths[way] = "direct" if mb.uses_direct_path else "vmap"
+    loop_models = [copy.deepcopy(m) for m in models]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in loop_models]
+
+    def loop() -> None:
+        for m, o in zip(loop_models, opts):
+            o.zero_grad()
+            loss(m(x), y).backward()
+            o.step()
+
+    steps["loop"] = loop
+    for fn in steps.values():  # warm up: plans, first allocations
+        fn()
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for way, fn in steps.items():
+            times[way].append(_median_ms(fn, reps))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"name": name, "slots": slots, "paths": paths, **med}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slots", default="8,32")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="steps per round and way (their median)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    keep_freed_memory()
+    lines = [
+        "# Models that reached the direct path in session 40: direct vs vmap vs a loop",
+        "",
+        f"- command: `python benchmarks/direct_coverage.py --slots {args.slots} --rounds {args.rounds} "
+        f"--reps {args.reps}`",
+        f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+        f"torch {torch.__version__}",
+        f"- fused Adam steps (ms, median of {args.rounds} alternating rounds of {args.reps} steps) on one shared "
+        f"batch of {BATCH}; the loop: each model with torch.optim.Adam",
+        "",
+        "| family | S | path | direct ms | vmap ms | loop ms | direct / vmap | direct / loop | vmap / loop |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    print("\n".join(lines), flush=True)
+    for slots in (int(s) for s in args.slots.split(",")):
+        for name in FAMILIES:
+            r = measure(name, slots, args.rounds, args.reps)
+            row = (f"| {name} | {slots} | {r['paths']['direct']} | {r['direct']:.2f} | {r['vmap']:.2f} | "
+                   f"{r['loop']:.2f} | {r['vmap'] / r['direct']:.2f}x | {r['loop'] / r['direct']:.2f}x | "
+                   f"{r['loop'] / r['vmap']:.2f}x |")
+            lines.append(row)
+            print(row, flush=True)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
