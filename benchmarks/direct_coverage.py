@@ -3,7 +3,10 @@
 Each family is a model written the way scripts write it, with the one construct that used to keep it on
 ``torch.vmap``: ``nn.Unflatten`` before a transposed convolution (a generator), ``F.normalize`` (a
 metric-learning head), a causal mask and positions made in forward (a language model), ``torch.randn_like``
-and a tuple returned (a VAE). For every family and slot count, one process times, in alternating rounds:
+and a tuple returned (a VAE), ``Tensor.unfold`` and ``F.glu`` (an MLP-Mixer). Two more stay on vmap: loops
+over ``nn.GRUCell`` and ``nn.LSTMCell``, whose cells the stack now computes from plain ops (an LSTMCell stack
+could not run before; a GRUCell one ran its cell once per slot). For every family and slot count, one process
+times, in alternating rounds:
 
 - the fused Adam step on the direct path (``ModelBatch(...)``);
 - the same stack forced onto vmap (``ModelBatch(..., direct_path=False)``), which is what these models ran
@@ -98,6 +101,35 @@ class VAE(nn.Module):
         return self.dec(mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)), mu, log_var
 
 
+class Mixer(nn.Module):
+    """MLP-Mixer on 1x28x28: 49 patches of 4x4 cut with ``Tensor.unfold``, token and channel mixing with
+    ``F.glu``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch, self.ln1, self.ln2 = nn.Linear(16, 64), nn.LayerNorm(64), nn.LayerNorm(64)
+        self.tok, self.ch, self.out = nn.Linear(49, 98), nn.Linear(64, 128), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(x.shape[0], 49, 16))
+        h = h + F.glu(self.tok(self.ln1(h).transpose(1, 2)), -1).transpose(1, 2)
+        return self.out((h + F.glu(self.ch(self.ln2(h)), -1)).mean(1))
+
+
+class CellLoop(nn.Module):
+    """A GRU written as a loop over ``nn.GRUCell`` (or ``nn.LSTMCell``), 16 steps of 32 features."""
+
+    def __init__(self, cell: type = nn.GRUCell) -> None:
+        super().__init__()
+        self.cell, self.head = cell(32, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = None
+        for t in range(x.size(1)):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
 def _elbo(out: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
     recon, mu, log_var = out
     kl = -0.5 * (1 + log_var - mu.square() - log_var.exp()).sum(-1).mean()
@@ -119,6 +151,13 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], t
                                                          torch.randint(0, 100, (BATCH, 16), generator=g)),
                                     _next_token),
     "VAE (randn_like, tuple out)": (VAE, lambda g: (torch.rand(BATCH, 64, generator=g),) * 2, _elbo),
+    "mixer (unfold, glu)": (Mixer, lambda g: (torch.randn(BATCH, 1, 28, 28, generator=g),
+                                              torch.randint(0, 10, (BATCH,), generator=g)), F.cross_entropy),
+    "GRUCell loop": (CellLoop, lambda g: (torch.randn(BATCH, 16, 32, generator=g),
+                                          torch.randint(0, 10, (BATCH,), generator=g)), F.cross_entropy),
+    "LSTMCell loop": (lambda: CellLoop(nn.LSTMCell), lambda g: (torch.randn(BATCH, 16, 32, generator=g),
+                                                                 torch.randint(0, 10, (BATCH,), generator=g)),
+                      F.cross_entropy),
 }
 
 

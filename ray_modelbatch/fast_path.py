@@ -49,12 +49,13 @@ stacked parameters directly:
   of two values), ``amax``/``amin``, ``logsumexp``, ``cumsum``,
   ``masked_fill``, ``one_hot``, ``expand``, ``cat``/``stack``,
   ``transpose``/``permute``, ``view``/``reshape``/``flatten``/``unflatten``
-  (``nn.Unflatten`` too), ``chunk``, ``triu``/``tril``, ``F.normalize``,
+  (``nn.Unflatten`` too), ``unfold`` (patches), ``chunk``, ``triu``/``tril``, ``F.normalize``, ``F.glu``,
   indexing and ``x.shape`` act on each slot's value with its dimensions
   counted after the slot dimension: one call for all slots;
 * tensors made from sizes and constants (``torch.full``, ``zeros``, ``ones``,
-  ``arange``, ``eye``: a causal mask from ``generate_square_subsequent_mask``,
-  positions from ``arange``) are made once, shared by every slot; noise drawn
+  ``arange``, ``eye``, ``x.new_zeros``: a causal mask from
+  ``generate_square_subsequent_mask``, positions from ``arange``) are made
+  once, shared by every slot; noise drawn
   in forward (``randn_like``, ``rand_like``, ``randn``/``rand`` of a size: a
   VAE's reparameterized sample) is drawn per slot from the slot's generator.
 
@@ -195,7 +196,7 @@ FUNCTION_KINDS: dict[Any, str] = {
     F.dropout1d: "feature_dropout", F.dropout2d: "feature_dropout", F.dropout3d: "feature_dropout",
     **{f: "pool_function" for f in POOL_FUNCTIONS},
     **{f: "create" for f in CREATE_FUNCTIONS}, torch.triu: "triangle", torch.tril: "triangle",
-    F.normalize: "normalize", **{f: "random" for f in (*RANDOM_LIKE, *RANDOM_LIKE.values())},
+    F.normalize: "normalize", **{f: "random" for f in (*RANDOM_LIKE, *RANDOM_LIKE.values())}, F.glu: "glu",
 }
 METHOD_KINDS: dict[str, str] = {
     **{m: "function" for m in ELEMENTWISE_METHODS},
@@ -207,6 +208,7 @@ METHOD_KINDS: dict[str, str] = {
     "log_softmax": "softmax", "transpose": "transpose", "permute": "permute", "flatten": "flatten",
     "view": "view", "reshape": "view", "unflatten": "unflatten", "unsqueeze": "unsqueeze", "squeeze": "squeeze",
     "chunk": "split", "split": "split", "size": "size", "dim": "size", "triu": "triangle", "tril": "triangle",
+    "unfold": "unfold", **{m: "create_like" for m in ("new_zeros", "new_ones", "new_full", "new_empty")},
 }
 # Steps whose result for a slot does not depend on how many slots run (see FastPlan.gather_exact): pure
 # data movement, + - * /, comparisons and clamp/maximum/minimum/where (correctly rounded, or not rounding, in
@@ -217,7 +219,7 @@ METHOD_KINDS: dict[str, str] = {
 # loops differently for another number of rows.
 GATHER_EXACT_KINDS = {"linear", "module", "function", "binary", "param", "embedding", "getitem", "getattr", "expand",
                       "size", "view", "flatten", "unflatten", "transpose", "permute", "unsqueeze", "squeeze",
-                      "cat", "split", "flatten_linear", "create", "triangle"}  # flatten_linear: its permuted form only after a conv
+                      "cat", "split", "flatten_linear", "create", "create_like", "triangle", "unfold", "glu"}  # flatten_linear: its permuted form only after a conv
 
 
 @dataclass(frozen=True)
@@ -1608,6 +1610,21 @@ class _Runner:
             return Act(draw((self.n, *shape), **kwargs), SLOT)
         rows = [draw(shape, **kwargs, generator=self.random.generator(j)) for j in range(self.n)]
         return Act(torch.stack(rows), SLOT)
+
+    def _k_create_like(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Act:
+        """``x.new_zeros(sizes)`` and its kind: a tensor of ``x``'s dtype and device, shared by every slot."""
+        if _acts((args, kwargs)):
+            raise Unsupported(f".{step.target}() of a value computed in forward")
+        return Act(self.fn(step)(x.t, *args, **kwargs), SHARED)
+
+    def _k_unfold(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Act:
+        """``x.unfold(dim, size, step)``: the windows of each slot's value along its own ``dim`` (a view)."""
+        dim, size, stride = (_arg(args, kwargs, i, k) for i, k in enumerate(("dimension", "size", "step")))
+        return self.along(lambda t, d: t.unfold(d, size, stride), x, dim)
+
+    def _k_glu(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Act:
+        """``F.glu(x, dim)``: each slot's value halved along its own ``dim``."""
+        return self.along(lambda t, d: F.glu(t, d), x, _arg(args, kwargs, 0, "dim", -1))
 
     def _k_triangle(self, step: _Step, x: Act, *args: Any, **kwargs: Any) -> Act:
         """``triu``/``tril`` act on the last two dimensions, which a slot's value keeps last in every layout."""

@@ -1,4 +1,5 @@
-"""``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` as plain tensor ops, so a stack of them fuses under ``torch.vmap``.
+"""``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` and their cells as plain tensor ops, so a stack of them fuses under
+``torch.vmap``.
 
 torch's recurrent modules call one fused kernel (``aten::lstm``, ``aten::gru``)
 that has no vmap batching rule, so a stack of models containing one could not
@@ -117,17 +118,71 @@ class UnrolledRNN(nn.Module):
         return out, ((h_n_t, c_n_t) if lstm else h_n_t)
 
 
+class UnrolledRNNCell(nn.Module):
+    """One step of an ``nn.LSTMCell`` / ``nn.GRUCell`` / ``nn.RNNCell`` written with vmap-friendly ops.
+
+    ``aten::lstm_cell`` has no vmap batching rule and returns two tensors, so a
+    stack of hand-unrolled LSTMCell loops could not run at all; ``gru_cell`` and
+    ``rnn_tanh_cell`` fall back to one call per slot (torch warns of the
+    "performance drop"). This computes each cell's formula as ATen does
+    (LSTM: ``c' = sigmoid(f) * c + sigmoid(i) * tanh(g)``, ``h' = sigmoid(o) *
+    tanh(c')``; GRU: ``n = tanh(x_n + r * h_n)``, ``h' = (h - n) * z + n``),
+    from the very parameters of the cell it replaces, under the same names.
+    """
+
+    def __init__(self, cell: nn.RNNCellBase):
+        super().__init__()
+        self.mode = ("LSTM" if isinstance(cell, nn.LSTMCell) else "GRU" if isinstance(cell, nn.GRUCell)
+                     else "RNN_RELU" if cell.nonlinearity == "relu" else "RNN_TANH")
+        self.input_size, self.hidden_size, self.bias = cell.input_size, cell.hidden_size, cell.bias
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):  # the same Parameters (None without bias)
+            self.register_parameter(name, getattr(cell, name))
+
+    def forward(self, input: torch.Tensor, hx: Any = None) -> Any:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{self.mode} cell: expected input to be 1D or 2D, got {input.dim()}D instead")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        lstm = self.mode == "LSTM"
+        if hx is None:
+            zeros = x.new_zeros(x.size(0), self.hidden_size)
+            h, c = zeros, zeros
+        elif lstm:
+            h, c = hx if batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        else:
+            h, c = (hx if batched else hx.unsqueeze(0)), None
+        gx, gh = F.linear(x, self.weight_ih, self.bias_ih), F.linear(h, self.weight_hh, self.bias_hh)
+        if lstm:
+            i, f, g, o = (gh + gx).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
+        if self.mode == "GRU":
+            xr, xz, xn = gx.chunk(3, 1)
+            hr, hz, hn = gh.chunk(3, 1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            n = torch.tanh(xn + r * hn)
+            h = (h - n) * z + n
+        else:
+            h = torch.tanh(gh + gx) if self.mode == "RNN_TANH" else torch.relu(gh + gx)
+        return h if batched else h.squeeze(0)
+
+
 # the hook dicts, and the bookkeeping of which hooks take keyword arguments or run always
 _HOOK_ATTRS = (*MODULE_HOOKS, "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called", "_is_full_backward_hook")
 
 
 def unroll_rnns(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.LSTM``/``nn.GRU``/``nn.RNN`` in ``model`` (in place) by an :class:`UnrolledRNN`."""
+    """Replace every ``nn.LSTM``/``nn.GRU``/``nn.RNN`` in ``model`` (in place) by an :class:`UnrolledRNN`, and
+    every ``nn.LSTMCell``/``nn.GRUCell``/``nn.RNNCell`` by an :class:`UnrolledRNNCell`."""
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.RNNBase) or isinstance(module, UnrolledRNN):
+        if isinstance(module, nn.RNNBase):
+            unrolled = UnrolledRNN(module)
+        elif isinstance(module, nn.RNNCellBase):
+            unrolled = UnrolledRNNCell(module)
+        else:
             continue
-        unrolled = UnrolledRNN(module)
         unrolled.train(module.training)
         for attr in _HOOK_ATTRS:  # hooks put on the layer run on its stand-in, as on the layer alone
             if hasattr(module, attr):

@@ -626,6 +626,29 @@ def test_a_forward_that_returns_several_tensors_runs_directly_and_trains_like_so
     assert recon.shape == (S, 5, 6)
 
 
+class PatchMixer(nn.Module):
+    """MLP-Mixer's shape: patches cut with ``Tensor.unfold``, token and channel mixing, ``F.glu``, and tensors made
+    like the activation (``new_full``, ``new_zeros``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch, self.tok, self.ch, self.out = nn.Linear(16, 8), nn.Linear(4, 4), nn.Linear(8, 16), nn.Linear(8, 4)
+
+    def forward(self, x):
+        p = x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(x.shape[0], 4, 16)  # [B, 1, 8, 8] -> 4 patches of 16
+        h = self.patch(p)
+        h = h + self.tok(h.transpose(1, 2)).transpose(1, 2)
+        h = F.glu(self.ch(h), dim=-1) + h.new_full((8,), 0.1) + h.new_zeros(h.shape[-1])
+        return self.out(h.mean(1))
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_unfold_glu_and_tensors_made_like_an_activation_run_directly(per_slot):
+    x, y = _examples(per_slot, 5, (1, 8, 8), seed=5)
+    mb = trains_like_solo(PatchMixer, x, y, per_slot=per_slot)
+    assert {"unfold", "glu", "create_like"} <= {s.kind for s in mb._plan().steps}
+
+
 class FilledWithAComputedValue(nn.Module):
     def __init__(self):
         super().__init__()
