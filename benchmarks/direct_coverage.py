@@ -16,15 +16,15 @@ times, in alternating rounds:
 and prints medians of the rounds with the ratios. The machine is shared: compare the ratios, not the
 milliseconds, across runs.
 
-    python benchmarks/direct_coverage.py [--slots 8,32] [--rounds 5] [--out FILE]
+    python benchmarks/direct_coverage.py [--slots 8,32] [--rounds 5] [--families "name;name"] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,9 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ray_modelbatch as rmb
-from ray_modelbatch import optim as mb_optim
-from ray_modelbatch.cpu_memory import keep_freed_memory
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fused_step  # noqa: E402  (its machine() line)
+
+import ray_modelbatch as rmb  # noqa: E402
+from ray_modelbatch import optim as mb_optim  # noqa: E402
+from ray_modelbatch.cpu_memory import keep_freed_memory  # noqa: E402
 
 BATCH = 64
 
@@ -211,16 +214,17 @@ def main() -> None:
     ap.add_argument("--slots", default="8,32")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=5, help="steps per round and way (their median)")
+    ap.add_argument("--families", default="", help="names separated by \";\" (default: all)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    families = [n for n in FAMILIES if not args.families or n in args.families.split(";")]
     keep_freed_memory()
     lines = [
         "# Models that reached the direct path in session 40: direct vs vmap vs a loop",
         "",
         f"- command: `python benchmarks/direct_coverage.py --slots {args.slots} --rounds {args.rounds} "
         f"--reps {args.reps}`",
-        f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
-        f"torch {torch.__version__}",
+        fused_step.machine(torch.device("cpu")),
         f"- fused Adam steps (ms, median of {args.rounds} alternating rounds of {args.reps} steps) on one shared "
         f"batch of {BATCH}; the loop: each model with torch.optim.Adam",
         "",
@@ -229,7 +233,7 @@ def main() -> None:
     ]
     print("\n".join(lines), flush=True)
     for slots in (int(s) for s in args.slots.split(",")):
-        for name in FAMILIES:
+        for name in families:
             r = measure(name, slots, args.rounds, args.reps)
             row = (f"| {name} | {slots} | {r['paths']['direct']} | {r['direct']:.2f} | {r['vmap']:.2f} | "
                    f"{r['loop']:.2f} | {r['vmap'] / r['direct']:.2f}x | {r['loop'] / r['direct']:.2f}x | "

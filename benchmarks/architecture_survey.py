@@ -1,0 +1,320 @@
+"""Which architectures, written as scripts write them, take the direct path, and how fast: one table.
+
+``ray_modelbatch.check_model`` on each model below (8 slots unless told, one shared batch, Adam, the mean
+square of the output as the loss): the path the stack takes (direct, vmap, or cannot fuse), what keeps it off
+the direct path, and the fused step against a loop of the same models with ``torch.optim.Adam``. The models
+are small on purpose: a user meeting the library with one of these shapes sees what this table says. Session
+40 wrote it to find the constructs that fell to vmap; the ones it found are on the direct path now.
+
+    python benchmarks/architecture_survey.py [--slots 8] [--only "name;name"] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fused_step  # noqa: E402  (its machine() line)
+
+import ray_modelbatch as rmb  # noqa: E402
+
+
+class Residual(nn.Module):
+    """Residual LayerNorm-GELU blocks in an ``nn.ModuleList`` loop, ``F.normalize`` before the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.GELU()) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(F.normalize(h, dim=-1))
+
+
+class TextCNN(nn.Module):
+    """Kim's text CNN: an embedding, three Conv1d widths, max over time, dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 16, padding_idx=0)
+        self.convs = nn.ModuleList([nn.Conv1d(16, 8, k) for k in (2, 3, 4)])
+        self.fc, self.drop = nn.Linear(24, 2), nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.emb(x).transpose(1, 2)
+        return self.fc(self.drop(torch.cat([F.relu(c(e)).max(dim=2).values for c in self.convs], 1)))
+
+
+class UNetish(nn.Module):
+    """A one-level U-Net: pooling down, ``F.interpolate`` up, a skip connection by ``torch.cat``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.d, self.m, self.u = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(16, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.d(x))
+        b = F.interpolate(F.relu(self.m(F.max_pool2d(a, 2))), scale_factor=2, mode="nearest")
+        return self.u(torch.cat([a, b], 1))
+
+
+class LSTMClassifier(nn.Module):
+    """Embedding, a 2-layer LSTM with dropout, the last hidden state to a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(17, 16), nn.Linear(32, 10)
+        self.rnn = nn.LSTM(16, 32, batch_first=True, num_layers=2, dropout=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.rnn(self.emb(x))
+        return self.fc(h[-1])
+
+
+class BiGRUMean(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.fc = nn.GRU(8, 16, batch_first=True, bidirectional=True), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rnn(x)[0].mean(1))
+
+
+class CellLoop(nn.Module):
+    """A hand-written recurrence: ``nn.LSTMCell`` once per time step of the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.fc = nn.LSTMCell(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = None
+        for t in range(x.size(1)):
+            state = self.cell(x[:, t], state)
+        return self.fc(state[0])
+
+
+class AttentionPool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(50, 32), nn.Linear(32, 2)
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.emb(x)
+        return self.fc(self.mha(e, e, e, need_weights=False)[0].mean(1))
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM from ``nn.TransformerEncoder``: causal mask and positions made in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.pos, self.fc = nn.Embedding(50, 32), nn.Embedding(12, 32), nn.Linear(32, 50)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.1, norm_first=True,
+                                           activation="gelu")
+        self.enc = nn.TransformerEncoder(layer, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device)
+        h = self.emb(x) + self.pos(torch.arange(t, device=x.device))
+        return self.fc(self.enc(h, mask=mask, is_causal=True))
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(30, 16), nn.Linear(16, 30)
+        self.t = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.emb(x)
+        return self.fc(self.t(e, e))
+
+
+class VAE(nn.Module):
+    """Reparameterized in forward (``torch.randn_like``), returning ``(recon, mu, log_var)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.mu, self.lv = nn.Linear(64, 32), nn.Linear(32, 4), nn.Linear(32, 4)
+        self.dec = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 64))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = F.relu(self.enc(x))
+        mu, lv = self.mu(h), self.lv(h)
+        return self.dec(mu + torch.randn_like(mu) * torch.exp(0.5 * lv)), mu, lv
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.fc1, self.fc2, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 4), nn.Linear(4, 16), \
+            nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c(x))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(h.mean((2, 3))))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(h * s[:, :, None, None], 1), 1))
+
+
+class MobileBlock(nn.Module):
+    """Depthwise-separable convolutions, ReLU6 and hardswish, global average pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.pw = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 1)
+        self.dw, self.bn, self.fc = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.hardswish(self.bn(self.pw(self.dw(F.relu6(self.a(x))))))
+        return self.fc(h.mean([2, 3]))
+
+
+class ConvNeXtBlock(nn.Module):
+    """A patchify stem, a 7x7 depthwise convolution, LayerNorm over channels-last permutes, layer scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.dw = nn.Conv2d(3, 16, 4, stride=4), nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.ln, self.pw1, self.pw2 = nn.LayerNorm(16), nn.Linear(16, 64), nn.Linear(64, 16)
+        self.gamma, self.fc = nn.Parameter(torch.full((16,), 1e-2)), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        r = self.pw2(F.gelu(self.pw1(self.ln(self.dw(h).permute(0, 2, 3, 1))))) * self.gamma
+        return self.fc((h + r.permute(0, 3, 1, 2)).mean((-2, -1)))
+
+
+class Mixer(nn.Module):
+    """MLP-Mixer: patches cut with ``Tensor.unfold``, token and channel mixing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch, self.tok, self.ch = nn.Linear(16, 32), nn.Linear(16, 16), nn.Linear(32, 32)
+        self.ln1, self.ln2, self.fc = nn.LayerNorm(32), nn.LayerNorm(32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(x.shape[0], 16, 16))
+        h = h + self.tok(self.ln1(h).transpose(1, 2)).transpose(1, 2)
+        return self.fc((h + self.ch(self.ln2(h))).mean(1))
+
+
+class Experts(nn.Module):
+    """A soft mixture of experts: a softmax gate over four experts' outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts, self.gate, self.fc = nn.Linear(16, 4 * 8), nn.Linear(16, 4), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.experts(x).view(-1, 4, 8)
+        return self.fc((F.softmax(self.gate(x), -1).unsqueeze(-1) * e).sum(1))
+
+
+def _generator() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 8 * 7 * 7), nn.Unflatten(1, (8, 7, 7)), nn.ConvTranspose2d(8, 4, 4, 2, 1),
+                         nn.BatchNorm2d(4), nn.ReLU(), nn.ConvTranspose2d(4, 1, 4, 2, 1), nn.Sigmoid())
+
+
+def _weight_norm_mlp() -> nn.Module:
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(16, 32)), nn.SiLU(), nn.Linear(32, 4))
+
+
+# name -> (model factory, one example batch)
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any]]] = {
+    "MLP, BatchNorm1d, SiLU, dropout": (lambda: nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.SiLU(),
+                                                              nn.Dropout(0.1), nn.Linear(128, 10)),
+                                        lambda: torch.randn(32, 64)),
+    "MLP, PReLU, ELU": (lambda: nn.Sequential(nn.Linear(64, 64), nn.PReLU(), nn.Linear(64, 64), nn.ELU(),
+                                              nn.Linear(64, 10)), lambda: torch.randn(32, 64)),
+    "residual LayerNorm MLP, F.normalize": (Residual, lambda: torch.randn(32, 16)),
+    "MLP with weight_norm": (_weight_norm_mlp, lambda: torch.randn(32, 16)),
+    "soft mixture of experts": (Experts, lambda: torch.randn(32, 16)),
+    "LeNet (tanh, avg-pool)": (lambda: nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),
+                                                     nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(),
+                                                     nn.Linear(400, 10)), lambda: torch.randn(32, 1, 28, 28)),
+    "CNN, Dropout2d": (lambda: nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Dropout2d(0.2), nn.MaxPool2d(2),
+                                             nn.Flatten(), nn.Linear(8 * 13 * 13, 10)),
+                       lambda: torch.randn(32, 1, 28, 28)),
+    "CNN, InstanceNorm, LeakyReLU": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+                                                           nn.InstanceNorm2d(8, affine=True), nn.LeakyReLU(0.2),
+                                                           nn.Flatten(), nn.Linear(8 * 16 * 16, 10)),
+                                     lambda: torch.randn(32, 3, 16, 16)),
+    "squeeze-and-excitation CNN": (SqueezeExcite, lambda: torch.randn(16, 3, 16, 16)),
+    "depthwise-separable CNN": (MobileBlock, lambda: torch.randn(16, 3, 16, 16)),
+    "ConvNeXt block": (ConvNeXtBlock, lambda: torch.randn(16, 3, 32, 32)),
+    "U-Net (interpolate, cat)": (UNetish, lambda: torch.randn(16, 1, 16, 16)),
+    "GAN generator (Unflatten, ConvTranspose2d)": (_generator, lambda: torch.randn(32, 16)),
+    "Conv3d": (lambda: nn.Sequential(nn.Conv3d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6 * 6, 2)),
+               lambda: torch.randn(8, 1, 8, 8, 8)),
+    "text CNN (Conv1d, max over time)": (TextCNN, lambda: torch.randint(0, 100, (32, 20))),
+    "MLP-Mixer (unfold)": (Mixer, lambda: torch.randn(16, 1, 16, 16)),
+    "VAE (randn_like, tuple out)": (VAE, lambda: torch.randn(32, 64)),
+    "LSTM classifier (2 layers, dropout)": (LSTMClassifier, lambda: torch.randint(0, 17, (32, 24))),
+    "bidirectional GRU, mean over time": (BiGRUMean, lambda: torch.randn(32, 10, 8)),
+    "LSTMCell loop": (CellLoop, lambda: torch.randn(32, 10, 8)),
+    "MultiheadAttention pooling": (AttentionPool, lambda: torch.randint(0, 50, (32, 12))),
+    "causal LM (TransformerEncoder, mask in forward)": (CausalLM, lambda: torch.randint(0, 50, (16, 12))),
+    "nn.Transformer seq2seq": (Seq2Seq, lambda: torch.randint(0, 30, (16, 8))),
+}
+
+
+def _loss(out: Any, _: Any) -> torch.Tensor:
+    return (out[0] if isinstance(out, tuple) else out).float().pow(2).mean()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=7, help="timed steps each way (their median)")
+    ap.add_argument("--only", default="", help="names separated by \";\" (default: all)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    names = [n for n in MODELS if not args.only or n in args.only.split(";")]
+    lines = [
+        "# Architectures as scripts write them: the path each takes, and the fused step against a loop",
+        "",
+        f"- command: `python benchmarks/architecture_survey.py --slots {args.slots} --repeats {args.repeats}`",
+        fused_step.machine(torch.device("cpu")),
+        f"- `check_model(..., slots={args.slots})`: one shared batch, Adam; the loop: each model with "
+        "torch.optim.Adam; medians of the timed steps",
+        "",
+        "| model | path | what keeps it off the direct path | fused ms | loop ms | fused / loop |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    print("\n".join(lines), flush=True)
+    for name in names:
+        make, example = MODELS[name]
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = rmb.check_model(make, example(), slots=args.slots, loss=_loss, repeats=args.repeats)
+        why = (r.error or r.why_vmap or "").splitlines()[0][:120] if r.path != "direct" else ""
+        if r.fallbacks:
+            why = f"{why}; vmap loops over the slots for: {', '.join(r.fallbacks)}"[:200].lstrip("; ")
+        why = why.replace("|", "/")
+        fused = f"{r.fused_ms:.2f}" if r.fused_ms else "-"
+        loop = f"{r.loop_ms:.2f}" if r.loop_ms else "-"
+        ratio = f"{r.loop_ms / r.fused_ms:.2f}x" if r.fused_ms and r.loop_ms else "-"
+        row = f"| {name} | {r.path} | {why} | {fused} | {loop} | {ratio} |"
+        lines.append(row)
+        print(row, flush=True)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""benchmarks/direct_coverage.py and benchmarks/architecture_survey.py run and report what they promise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rows(stdout: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("| ") and not line.startswith(("| family", "| model", "| ---"))]
+
+
+def test_direct_coverage_times_the_direct_path_vmap_and_the_loop():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "direct_coverage.py"), "--slots", "2",
+                          "--rounds", "1", "--reps", "1", "--families", "VAE (randn_like, tuple out);LSTMCell loop"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    rows = {r[0]: r for r in _rows(out.stdout)}
+    assert set(rows) == {"VAE (randn_like, tuple out)", "LSTMCell loop"}
+    assert rows["VAE (randn_like, tuple out)"][2] == "direct" and rows["LSTMCell loop"][2] == "vmap"
+    for r in rows.values():
+        assert all(float(c) > 0 for c in r[3:6]) and all(c.endswith("x") for c in r[6:9])
+
+
+def test_architecture_survey_names_each_models_path_and_what_keeps_it_off_the_direct_path():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "architecture_survey.py"), "--slots", "2",
+                          "--repeats", "1", "--only", "VAE (randn_like, tuple out);nn.Transformer seq2seq"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    rows = {r[0]: r for r in _rows(out.stdout)}
+    assert rows["VAE (randn_like, tuple out)"][1:3] == ["direct", ""]
+    assert rows["nn.Transformer seq2seq"][1] == "vmap" and "Transformer" in rows["nn.Transformer seq2seq"][2]
+    assert all(rows[n][5].endswith("x") for n in rows)
