@@ -105,6 +105,7 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
@@ -301,10 +302,38 @@ class FastPlan:
 
 class _Tracer(fx.Tracer):
     """``fx.Tracer`` that keeps the stack's own module substitutes (:class:`StackedEmbedding`,
-    :class:`StackedLayerNorm`, :class:`UnrolledRNN`) whole."""
+    :class:`StackedLayerNorm`, :class:`UnrolledRNN`) whole, and records the size-taking factories
+    (:data:`SIZED_FACTORIES`) called with traced sizes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (StackedEmbedding, StackedLayerNorm, UnrolledRNN)) or super().is_leaf_module(m, qualname)
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        with _FACTORY_LOCK:  # one trace at a time patches torch's namespace, and always puts torch's own back
+            try:
+                for name, fn in _FACTORIES.items():
+                    setattr(torch, name, self._recording(fn))
+                return super().trace(root, concrete_args)
+            finally:
+                for name, fn in _FACTORIES.items():
+                    setattr(torch, name, fn)
+
+    def _recording(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` as a node of the graph where a size is traced: fx cannot trace ``torch.zeros(x.size(0), 8)``
+        itself, since torch's argument parser rejects a Proxy among the sizes before fx sees the call. Calls
+        without traced arguments (other threads' too) run ``fn`` as they are."""
+        def call(*args: Any, **kwargs: Any) -> Any:
+            found: list[bool] = []
+            map_aggregate((args, kwargs), lambda a: found.append(True) if isinstance(a, fx.Proxy) else None)
+            return self.create_proxy("call_function", fn, args, kwargs) if found else fn(*args, **kwargs)
+
+        return call
+
+
+# torch factories that take sizes as separate arguments (torch.zeros(batch, hidden)), recorded by _Tracer
+SIZED_FACTORIES = ("zeros", "ones", "empty", "full", "randn", "rand")
+_FACTORIES = {name: getattr(torch, name) for name in SIZED_FACTORIES}  # torch's own, taken at import
+_FACTORY_LOCK = threading.Lock()
 
 
 def _settings(module: nn.Module) -> list[tuple[str, dict]]:

@@ -131,8 +131,9 @@ class DropSoftmax(nn.Module):
 
 
 class Reparameterized(nn.Module):
-    """A VAE's reparameterized sample drawn in forward (``randn_like``), uniform noise (``rand_like``) and noise of
-    a constant size (``torch.randn(4)``)."""
+    """A VAE's reparameterized sample drawn in forward (``randn_like``), uniform noise (``rand_like``), noise of a
+    value's size (``torch.randn(z.shape)``) and of sizes given one by one (``torch.randn(x.size(0), 4)``, which
+    fx cannot trace by itself), and zeros made the same way."""
 
     def __init__(self):
         super().__init__()
@@ -141,7 +142,8 @@ class Reparameterized(nn.Module):
     def forward(self, x):
         mu, log_var = self.enc(x).chunk(2, -1)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
-        return self.dec(z + 0.1 * torch.rand_like(z) + 0.1 * torch.randn(z.shape))
+        z = z + 0.1 * torch.rand_like(z) + 0.1 * torch.randn(z.shape)
+        return self.dec(z + 0.1 * torch.randn(x.size(0), 4) + torch.zeros(x.size(0), 4))
 
 
 MODELS = {"mlp": DropMLP, "cnn": DropCNN, "cnn_dropout2d": lambda: DropCNN(nn.Dropout2d),
