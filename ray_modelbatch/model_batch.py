@@ -28,7 +28,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
 from . import (batched_normalizations, cumulative_batch_norm, fast_path, hf, inputs, mlp_step, padded_stacks,
-               slot_losses, step_config)
+               slot_losses, step_config, vmap_attention)
 from .cpu_memory import keep_freed_memory
 from .errors import FusionError, FusionWarning, IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
@@ -598,7 +598,11 @@ class ModelBatch:
     def _run_vmap(self, key: tuple, call_args: tuple, params: dict[str, torch.Tensor],
                   buffers: dict[str, torch.Tensor]) -> Any:
         fn = self._fn(*key)
-        invoke = lambda: fn(params, buffers, *call_args)  # noqa: E731
+
+        def invoke() -> Any:
+            with vmap_attention.batched_sdpa():
+                return fn(params, buffers, *call_args)
+
         try:
             with hf.fused_masks() if self._hf else contextlib.nullcontext():
                 if key in self._checked:

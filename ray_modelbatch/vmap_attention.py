@@ -1,0 +1,70 @@
+"""``F.scaled_dot_product_attention`` inside a stack's vmap as batched GEMMs, not one kernel call per slot.
+
+Why: torch's CPU attention kernel (``_scaled_dot_product_flash_attention_for_cpu``)
+has no vmap batching rule, so under ``torch.vmap`` torch runs it once per slot
+(and warns of a "performance drop"). Every ``nn.MultiheadAttention`` calls it,
+so every attention model that runs on vmap paid that loop: models off the
+direct path (``nn.Transformer``, ``nn.TransformerDecoder``) and every user
+``train_step``, which always runs on vmap. In a 32-slot ``nn.Transformer``
+step the per-slot calls took about 35% of the step (session 40, ``torch.profiler``).
+
+How: while a stack's vmapped function runs (:func:`batched_sdpa`), the name
+``torch.nn.functional.scaled_dot_product_attention`` (the one
+``MultiheadAttention``'s forward calls) computes calls on batched tensors that
+:func:`.small_attention.applies` to (CPU, no dropout, short sequences) as
+:func:`.small_attention.attention`: ``softmax(q k^T * scale + mask) v`` in plain
+ops, which vmap batches over the slots. The same math as the kernel, to fp32
+rounding. Every other call, and every call outside a stack's vmap, goes to
+torch's function unchanged; torch's function is always put back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from . import small_attention
+
+__all__ = ["batched_sdpa"]
+
+_TORCH_SDPA = F.scaled_dot_product_attention
+_lock = threading.Lock()
+_active = 0
+_is_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+          dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+          enable_gqa: bool = False) -> torch.Tensor:
+    if (_is_batched is not None and any(_is_batched(t) for t in (query, key, value))
+            and small_attention.applies(query, key, value, attn_mask, dropout_p, enable_gqa)):
+        return small_attention.attention(query, key, value, attn_mask, is_causal, scale)
+    return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                       scale=scale, enable_gqa=enable_gqa)
+
+
+@contextlib.contextmanager
+def batched_sdpa() -> Iterator[None]:
+    """Within this block, SDPA calls on a vmap's batched tensors run as batched GEMMs (module docstring).
+    Nests, and holds across threads: torch's function is back once the last block ends."""
+    global _active
+    with _lock:
+        if _active == 0:
+            F.scaled_dot_product_attention = _sdpa
+        _active += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _active -= 1
+            if _active == 0:
+                F.scaled_dot_product_attention = _TORCH_SDPA
+
+
+def active() -> Any:
+    """Whether a :func:`batched_sdpa` block is open (for tests)."""
+    return F.scaled_dot_product_attention is _sdpa
