@@ -342,6 +342,18 @@ def _settings(module: nn.Module) -> list[tuple[str, dict]]:
             for name, m in module.named_modules()]
 
 
+# What fx's commonest refusals mean in a model's code, and what keeps the direct path (the model runs on vmap,
+# all slots fused, without the direct path's kernels)
+_TRACE_HINTS = (
+    ("cannot be interpreted as an integer",
+     ": a Python loop or size computed from a tensor's shape (range(x.size(1))); a fixed length "
+     "(range(self.steps)) keeps the direct path"),
+    ("cannot be used as inputs to control flow",
+     ": an `if`, `while` or `assert` on a tensor's value or size in forward; torch.where, or a branch chosen "
+     "in __init__, keeps the direct path"),
+)
+
+
 def _trace(template: nn.Module, none: frozenset[str]) -> fx.Graph | str:
     """The forward's graph (inputs ``none`` fixed to None), traced on a copy; or why it cannot be: the trace
     failed, or tracing changed the module."""
@@ -351,7 +363,8 @@ def _trace(template: nn.Module, none: frozenset[str]) -> fx.Graph | str:
         graph = _Tracer().trace(probe, concrete_args={name: None for name in none} or None)
     except Exception as exc:  # noqa: BLE001 - control flow, custom tracing problems: not for the direct path
         first = (str(exc).strip().splitlines() or [""])[0][:160]
-        return f"its forward cannot be traced with torch.fx ({type(exc).__name__}: {first})"
+        hint = next((h for key, h in _TRACE_HINTS if key in first), "")
+        return f"its forward cannot be traced with torch.fx ({type(exc).__name__}: {first}){hint}"
     try:
         if _settings(probe) != before:
             return "tracing its forward changed the module (a counter or cache that a traced graph would drop)"

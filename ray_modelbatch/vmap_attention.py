@@ -40,8 +40,11 @@ _is_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor",
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
           dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
           enable_gqa: bool = False) -> torch.Tensor:
-    if (_is_batched is not None and any(_is_batched(t) for t in (query, key, value))
-            and small_attention.applies(query, key, value, attn_mask, dropout_p, enable_gqa)):
+    # A stack's per-slot dropout rate (slot_dropout.SlotRate, a float that refuses to be read as one number)
+    # is never zero here: such calls draw, and slot_random runs them per slot with each slot's generator.
+    no_dropout = type(dropout_p) in (int, float) and dropout_p == 0
+    if (no_dropout and _is_batched is not None and any(_is_batched(t) for t in (query, key, value))
+            and small_attention.applies(query, key, value, attn_mask, 0.0, enable_gqa)):
         return small_attention.attention(query, key, value, attn_mask, is_causal, scale)
     return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                        scale=scale, enable_gqa=enable_gqa)

@@ -494,7 +494,20 @@ def test_why_vmap_names_what_keeps_a_model_off_the_direct_path():
     assert rmb.ModelBatch([nn.Sequential(nn.Linear(5, 3), nn.ReLU())] * 2).why_vmap() is None
     why = rmb.ModelBatch([nn.Sequential(nn.Linear(5, 8), nn.Softmin(1), nn.Linear(8, 3))] * 2).why_vmap()
     assert why == "module '1' (Softmin) has no direct kernel, or not with these settings"
-    assert "cannot be traced with torch.fx" in rmb.ModelBatch([Branchy(), Branchy()]).why_vmap()
+    why = rmb.ModelBatch([Branchy(), Branchy()]).why_vmap()
+    assert "cannot be traced with torch.fx" in why and "an `if`, `while` or `assert` on a tensor" in why
+
+    class Steps(nn.Module):  # a loop over the input's length
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 5)
+
+        def forward(self, x):
+            for t in range(x.size(1)):
+                x = x + self.fc(x)
+            return x
+
+    assert "range(self.steps)" in rmb.ModelBatch([Steps(), Steps()]).why_vmap()
     assert "direct_path=False" in rmb.ModelBatch([nn.Linear(5, 3)] * 2, direct_path=False).why_vmap()
     outside = torch.ones(3)
 
