@@ -309,13 +309,14 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (StackedEmbedding, StackedLayerNorm, UnrolledRNN)) or super().is_leaf_module(m, qualname)
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        with _FACTORY_LOCK:  # one trace at a time patches torch's namespace, and always puts torch's own back
+        with _FACTORY_LOCK:  # one trace at a time patches torch's namespace, and puts back what was there
+            before = {name: getattr(torch, name) for name in SIZED_FACTORIES}
             try:
-                for name, fn in _FACTORIES.items():
+                for name, fn in before.items():
                     setattr(torch, name, self._recording(fn))
                 return super().trace(root, concrete_args)
             finally:
-                for name, fn in _FACTORIES.items():
+                for name, fn in before.items():
                     setattr(torch, name, fn)
 
     def _recording(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -332,7 +333,6 @@ class _Tracer(fx.Tracer):
 
 # torch factories that take sizes as separate arguments (torch.zeros(batch, hidden)), recorded by _Tracer
 SIZED_FACTORIES = ("zeros", "ones", "empty", "full", "randn", "rand")
-_FACTORIES = {name: getattr(torch, name) for name in SIZED_FACTORIES}  # torch's own, taken at import
 _FACTORY_LOCK = threading.Lock()
 
 

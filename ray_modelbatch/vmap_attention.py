@@ -43,7 +43,11 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask
     # A stack's per-slot dropout rate (slot_dropout.SlotRate, a float that refuses to be read as one number)
     # is never zero here: such calls draw, and slot_random runs them per slot with each slot's generator.
     no_dropout = type(dropout_p) in (int, float) and dropout_p == 0
-    if (no_dropout and _is_batched is not None and any(_is_batched(t) for t in (query, key, value))
+    # Only a vmap's batched tensors; an fx trace's Proxies (another thread may trace while this is in F's name)
+    # go to torch's function, which the trace then records as itself.
+    batched = _is_batched is not None and any(isinstance(t, torch.Tensor) and _is_batched(t)
+                                              for t in (query, key, value))
+    if (no_dropout and batched
             and small_attention.applies(query, key, value, attn_mask, 0.0, enable_gqa)):
         return small_attention.attention(query, key, value, attn_mask, is_causal, scale)
     return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,

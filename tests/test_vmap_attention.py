@@ -116,3 +116,22 @@ def test_under_vmap_it_gives_sdpas_values(masked):
     want = torch.stack([vmap_attention._TORCH_SDPA(q[i], k[i], v[i], attn_mask=mask, is_causal=masked == "causal")
                         for i in range(S)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_trace_while_another_threads_vmap_call_holds_the_name_still_plans_attention_directly():
+    """The host traces a new stack on one thread while its engine steps another on vmap: the trace may see
+    F.scaled_dot_product_attention as the batched stand-in, and must still give the model its direct plan."""
+    from ray_modelbatch import fast_path
+
+    class HandAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 2)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, -1)
+            return self.out(F.scaled_dot_product_attention(q, k, v).mean(1))
+
+    with vmap_attention.batched_sdpa():
+        plan = fast_path.plan(HandAttention())
+    assert plan is not None and "sdpa" in {s.kind for s in plan.steps}
