@@ -124,7 +124,7 @@ from .signature import MODULE_HOOKS, hook_kind
 from .slot_dropout import per_row
 from .stacked_embedding import StackedEmbedding
 from .stacked_layer_norm import StackedLayerNorm
-from .unrolled_rnn import UnrolledRNN
+from .unrolled_rnn import UnrolledRNN, UnrolledRNNCell
 
 __all__ = ["FastPlan", "GradTarget", "Unsupported", "plan", "run", "onednn_available", "DIRECT_WRITE_MIN", "GEMMS"]
 
@@ -306,7 +306,8 @@ class _Tracer(fx.Tracer):
     (:data:`SIZED_FACTORIES`) called with traced sizes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (StackedEmbedding, StackedLayerNorm, UnrolledRNN)) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, (StackedEmbedding, StackedLayerNorm, UnrolledRNN, UnrolledRNNCell))
+                or super().is_leaf_module(m, qualname))
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         with _FACTORY_LOCK:  # one trace at a time patches torch's namespace, and puts back what was there
@@ -346,8 +347,8 @@ def _settings(module: nn.Module) -> list[tuple[str, dict]]:
 # all slots fused, without the direct path's kernels)
 _TRACE_HINTS = (
     ("cannot be interpreted as an integer",
-     ": a Python loop or size computed from a tensor's shape (range(x.size(1))); a fixed length "
-     "(range(self.steps)) keeps the direct path"),
+     ": a Python loop or size computed from a tensor's shape (range(x.size(1))); the tracer needs a fixed "
+     "length there (range(self.steps))"),
     ("cannot be used as inputs to control flow",
      ": an `if`, `while` or `assert` on a tensor's value or size in forward; torch.where, or a branch chosen "
      "in __init__, keeps the direct path"),
@@ -375,7 +376,8 @@ def _trace(template: nn.Module, none: frozenset[str]) -> fx.Graph | str:
 
 def _node_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
-        return f"module '{node.target}' ({type(modules[node.target]).__name__})"
+        mod = modules[node.target]  # the stack's stand-in for a cell (UnrolledRNNCell) by the user's class name
+        return f"module '{node.target}' ({getattr(mod, 'replaces', type(mod).__name__)})"
     if node.op == "call_method":
         return f"method .{node.target}()"
     if node.op == "get_attr":

@@ -134,6 +134,7 @@ class UnrolledRNNCell(nn.Module):
         super().__init__()
         self.mode = ("LSTM" if isinstance(cell, nn.LSTMCell) else "GRU" if isinstance(cell, nn.GRUCell)
                      else "RNN_RELU" if cell.nonlinearity == "relu" else "RNN_TANH")
+        self.replaces = type(cell).__name__  # what messages call it (the user's model has that class)
         self.input_size, self.hidden_size, self.bias = cell.input_size, cell.hidden_size, cell.bias
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):  # the same Parameters (None without bias)
             self.register_parameter(name, getattr(cell, name))

@@ -508,6 +508,20 @@ def test_why_vmap_names_what_keeps_a_model_off_the_direct_path():
             return x
 
     assert "range(self.steps)" in rmb.ModelBatch([Steps(), Steps()]).why_vmap()
+
+    class FixedCellLoop(nn.Module):  # traceable, but the cell has no direct kernel: named as the user wrote it
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.GRUCell(5, 5)
+
+        def forward(self, x):
+            h = None
+            for t in range(3):
+                h = self.cell(x[:, t], h)
+            return h
+
+    assert rmb.ModelBatch([FixedCellLoop(), FixedCellLoop()]).why_vmap() == (
+        "module 'cell' (GRUCell) has no direct kernel, or not with these settings")
     assert "direct_path=False" in rmb.ModelBatch([nn.Linear(5, 3)] * 2, direct_path=False).why_vmap()
     outside = torch.ones(3)
 
