@@ -302,9 +302,9 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             r = rmb.check_model(make, example(), slots=args.slots, loss=_loss, repeats=args.repeats)
-        why = (r.error or r.why_vmap or "").splitlines()[0][:120] if r.path != "direct" else ""
+        why = (r.error or r.why_vmap or "").splitlines()[0][:260] if r.path != "direct" else ""
         if r.fallbacks:
-            why = f"{why}; vmap loops over the slots for: {', '.join(r.fallbacks)}"[:200].lstrip("; ")
+            why = f"{why}; vmap loops over the slots for: {', '.join(r.fallbacks)}"[:360].lstrip("; ")
         why = why.replace("|", "/")
         fused = f"{r.fused_ms:.2f}" if r.fused_ms else "-"
         loop = f"{r.loop_ms:.2f}" if r.loop_ms else "-"
