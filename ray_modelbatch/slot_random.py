@@ -224,7 +224,7 @@ class Draws:
         logical order instead (a channel-stacked slice, whose model alone
         holds the tensor contiguous).
         """
-        if contiguous:
+        if contiguous or x.is_contiguous():  # x[j] contiguous too: the same order, drawn in place (no stack)
             return self.noise_of_shape(x.shape[1:], p, x.dtype)
         return self._masks(lambda j: torch.empty_like(x[j]), x.shape[0], p)
 
@@ -252,29 +252,30 @@ class Draws:
     def noise_of_shape(self, shape: Sequence[int], p: float, dtype: torch.dtype, scaled: bool = True) -> torch.Tensor:
         """Masks ``[n, *shape]``, row ``j`` drawn contiguous from row ``j``'s generator; divided by ``1 - p``
         unless ``scaled`` is False (the 0/1 masks alpha dropout transforms)."""
-        return self._masks(lambda j: torch.empty(tuple(shape), dtype=dtype, device=self.owner.device),
-                           len(self.rows), p, scaled)
+        n = len(self.rows)
+        out = torch.empty((n, *shape), dtype=dtype, device=self.owner.device)  # each row contiguous
+        return self._masks(lambda j: out[j], n, p, scaled, stacked=out)
 
     def _masks(self, empty: Callable[[int], torch.Tensor], n: int, p: float | Sequence[float],
-               scaled: bool = True) -> torch.Tensor:
-        """``empty(j)`` of every row filled with ``bernoulli_(1 - p)`` from row ``j``'s generator, stacked and
-        divided by ``1 - p``: what ``F.dropout`` multiplies by on the CPU. ``p`` may give each row its own rate
-        (:mod:`.slot_dropout`); a row at rate 0 or 1 draws nothing, as ``F.dropout`` then draws nothing."""
-        if not isinstance(p, (list, tuple)):
-            keep = 1.0 - p
-            masks = torch.stack([empty(j).bernoulli_(keep, generator=self.generator(j)) for j in range(n)])
-            return masks.div_(keep) if scaled else masks
+               scaled: bool = True, stacked: torch.Tensor | None = None) -> torch.Tensor:
+        """``empty(j)`` of every row filled with ``bernoulli_(1 - p)`` from row ``j``'s generator and divided
+        by ``1 - p`` (what ``F.dropout`` multiplies by on the CPU), stacked; or, where the rows are the rows of
+        ``stacked``, that tensor (no copy). ``p`` may give each row its own rate (:mod:`.slot_dropout`); a row at
+        rate 0 or 1 draws nothing, as ``F.dropout`` then draws nothing."""
         rows = []
         for j in range(n):
-            keep = 1.0 - p[j]
+            row = empty(j)
+            keep = 1.0 - (p[j] if isinstance(p, (list, tuple)) else p)
             if keep == 1.0:
-                rows.append(empty(j).fill_(1.0))
+                row.fill_(1.0)
             elif keep == 0.0:
-                rows.append(empty(j).zero_())
+                row.zero_()
             else:
-                mask = empty(j).bernoulli_(keep, generator=self.generator(j))
-                rows.append(mask.div_(keep) if scaled else mask)
-        return torch.stack(rows)
+                row.bernoulli_(keep, generator=self.generator(j))
+                if scaled:
+                    row.div_(keep)
+            rows.append(row)
+        return stacked if stacked is not None else torch.stack(rows)
 
     def commit(self) -> None:
         """The forward succeeded: its rows' generators are the slots' new states (see :meth:`SlotRandom.revert`).
