@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,6 @@ def batched_sdpa() -> Iterator[None]:
                 F.scaled_dot_product_attention = _TORCH_SDPA
 
 
-def active() -> Any:
+def active() -> bool:
     """Whether a :func:`batched_sdpa` block is open (for tests)."""
     return F.scaled_dot_product_attention is _sdpa
