@@ -30,10 +30,11 @@ import ray_modelbatch as rmb  # noqa: E402
 class Residual(nn.Module):
     """Residual LayerNorm-GELU blocks in an ``nn.ModuleList`` loop, ``F.normalize`` before the head."""
 
-    def __init__(self) -> None:
+    def __init__(self, inp: int = 16, width: int = 32, classes: int = 4, blocks: int = 3) -> None:
         super().__init__()
-        self.inp, self.out = nn.Linear(16, 32), nn.Linear(32, 4)
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.GELU()) for _ in range(3)])
+        self.inp, self.out = nn.Linear(inp, width), nn.Linear(width, classes)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.GELU())
+                                     for _ in range(blocks)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x)
@@ -92,17 +93,17 @@ class BiGRUMean(nn.Module):
 
 
 class CellLoop(nn.Module):
-    """A hand-written recurrence: ``nn.LSTMCell`` once per time step of the input."""
+    """A hand-written recurrence: a cell (``nn.LSTMCell``, ``nn.GRUCell``) once per time step of the input."""
 
-    def __init__(self) -> None:
+    def __init__(self, cell: type = nn.LSTMCell, inp: int = 8, hidden: int = 16, classes: int = 3) -> None:
         super().__init__()
-        self.cell, self.fc = nn.LSTMCell(8, 16), nn.Linear(16, 3)
+        self.cell, self.fc = cell(inp, hidden), nn.Linear(hidden, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = None
         for t in range(x.size(1)):
             state = self.cell(x[:, t], state)
-        return self.fc(state[0])
+        return self.fc(state[0] if isinstance(state, tuple) else state)
 
 
 class AttentionPool(nn.Module):
@@ -117,14 +118,15 @@ class AttentionPool(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """A decoder-only LM from ``nn.TransformerEncoder``: causal mask and positions made in forward."""
+    """A decoder-only LM from 2 ``nn.TransformerEncoder`` layers: causal mask and positions made in forward."""
 
-    def __init__(self) -> None:
+    def __init__(self, vocab: int = 50, tokens: int = 12, width: int = 32, ff: int = 64, norm_first: bool = True,
+                 activation: str = "gelu") -> None:
         super().__init__()
-        self.emb, self.pos, self.fc = nn.Embedding(50, 32), nn.Embedding(12, 32), nn.Linear(32, 50)
-        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.1, norm_first=True,
-                                           activation="gelu")
-        self.enc = nn.TransformerEncoder(layer, 2)
+        self.emb, self.pos, self.fc = nn.Embedding(vocab, width), nn.Embedding(tokens, width), nn.Linear(width, vocab)
+        layer = nn.TransformerEncoderLayer(width, 4, ff, batch_first=True, dropout=0.1, norm_first=norm_first,
+                                           activation=activation)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
@@ -147,10 +149,10 @@ class Seq2Seq(nn.Module):
 class VAE(nn.Module):
     """Reparameterized in forward (``torch.randn_like``), returning ``(recon, mu, log_var)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, inp: int = 64, hidden: int = 32, latent: int = 4) -> None:
         super().__init__()
-        self.enc, self.mu, self.lv = nn.Linear(64, 32), nn.Linear(32, 4), nn.Linear(32, 4)
-        self.dec = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 64))
+        self.enc, self.mu, self.lv = nn.Linear(inp, hidden), nn.Linear(hidden, latent), nn.Linear(hidden, latent)
+        self.dec = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, inp))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = F.relu(self.enc(x))
@@ -199,17 +201,20 @@ class ConvNeXtBlock(nn.Module):
 
 
 class Mixer(nn.Module):
-    """MLP-Mixer: patches cut with ``Tensor.unfold``, token and channel mixing."""
+    """MLP-Mixer on 1-channel images: 4x4 patches cut with ``Tensor.unfold``, token and channel mixing through
+    ``F.glu``."""
 
-    def __init__(self) -> None:
+    def __init__(self, side: int = 16, width: int = 32) -> None:
         super().__init__()
-        self.patch, self.tok, self.ch = nn.Linear(16, 32), nn.Linear(16, 16), nn.Linear(32, 32)
-        self.ln1, self.ln2, self.fc = nn.LayerNorm(32), nn.LayerNorm(32), nn.Linear(32, 10)
+        self.patches = (side // 4) ** 2
+        self.patch, self.fc = nn.Linear(16, width), nn.Linear(width, 10)
+        self.tok, self.ch = nn.Linear(self.patches, 2 * self.patches), nn.Linear(width, 2 * width)
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.patch(x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(x.shape[0], 16, 16))
-        h = h + self.tok(self.ln1(h).transpose(1, 2)).transpose(1, 2)
-        return self.fc((h + self.ch(self.ln2(h))).mean(1))
+        h = self.patch(x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(x.shape[0], self.patches, 16))
+        h = h + F.glu(self.tok(self.ln1(h).transpose(1, 2)), -1).transpose(1, 2)
+        return self.fc((h + F.glu(self.ch(self.ln2(h)), -1)).mean(1))
 
 
 class Experts(nn.Module):
@@ -224,9 +229,12 @@ class Experts(nn.Module):
         return self.fc((F.softmax(self.gate(x), -1).unsqueeze(-1) * e).sum(1))
 
 
-def _generator() -> nn.Module:
-    return nn.Sequential(nn.Linear(16, 8 * 7 * 7), nn.Unflatten(1, (8, 7, 7)), nn.ConvTranspose2d(8, 4, 4, 2, 1),
-                         nn.BatchNorm2d(4), nn.ReLU(), nn.ConvTranspose2d(4, 1, 4, 2, 1), nn.Sigmoid())
+def generator(width: int = 8) -> nn.Module:
+    """A DCGAN-style generator: a Linear's rows unflattened (``nn.Unflatten``) into two transposed convolutions
+    up to 1x28x28."""
+    return nn.Sequential(nn.Linear(16, width * 7 * 7), nn.ReLU(), nn.Unflatten(1, (width, 7, 7)),
+                         nn.ConvTranspose2d(width, width // 2, 4, 2, 1), nn.BatchNorm2d(width // 2), nn.ReLU(),
+                         nn.ConvTranspose2d(width // 2, 1, 4, 2, 1), nn.Sigmoid())
 
 
 def _weight_norm_mlp() -> nn.Module:
@@ -257,11 +265,11 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any]]] = {
     "depthwise-separable CNN": (MobileBlock, lambda: torch.randn(16, 3, 16, 16)),
     "ConvNeXt block": (ConvNeXtBlock, lambda: torch.randn(16, 3, 32, 32)),
     "U-Net (interpolate, cat)": (UNetish, lambda: torch.randn(16, 1, 16, 16)),
-    "GAN generator (Unflatten, ConvTranspose2d)": (_generator, lambda: torch.randn(32, 16)),
+    "GAN generator (Unflatten, ConvTranspose2d)": (generator, lambda: torch.randn(32, 16)),
     "Conv3d": (lambda: nn.Sequential(nn.Conv3d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6 * 6, 2)),
                lambda: torch.randn(8, 1, 8, 8, 8)),
     "text CNN (Conv1d, max over time)": (TextCNN, lambda: torch.randint(0, 100, (32, 20))),
-    "MLP-Mixer (unfold)": (Mixer, lambda: torch.randn(16, 1, 16, 16)),
+    "MLP-Mixer (unfold, glu)": (Mixer, lambda: torch.randn(16, 1, 16, 16)),
     "VAE (randn_like, tuple out)": (VAE, lambda: torch.randn(32, 64)),
     "LSTM classifier (2 layers, dropout)": (LSTMClassifier, lambda: torch.randint(0, 17, (32, 24))),
     "bidirectional GRU, mean over time": (BiGRUMean, lambda: torch.randn(32, 10, 8)),

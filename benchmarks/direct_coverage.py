@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import architecture_survey as survey  # noqa: E402  (the models, at this benchmark's sizes)
 import fused_step  # noqa: E402  (its machine() line)
 
 import ray_modelbatch as rmb  # noqa: E402
@@ -41,96 +42,6 @@ from ray_modelbatch import optim as mb_optim  # noqa: E402
 from ray_modelbatch.cpu_memory import keep_freed_memory  # noqa: E402
 
 BATCH = 64
-
-
-class Generator(nn.Module):
-    """A DCGAN-style generator head: a Linear's rows unflattened (``nn.Unflatten``) into a transposed conv."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(16, 32 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (32, 7, 7)),
-                                 nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
-                                 nn.ConvTranspose2d(16, 1, 4, 2, 1), nn.Sigmoid())
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
-
-
-class NormalizedMLP(nn.Module):
-    """Residual LayerNorm-GELU blocks, an embedding scaled to unit norm (``F.normalize``), a classifier."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(64, 128)
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(128, 128), nn.LayerNorm(128), nn.GELU())
-                                     for _ in range(2)])
-        self.out = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.out(F.normalize(h, dim=-1))
-
-
-class CausalLM(nn.Module):
-    """A 2-layer causal TransformerEncoder LM over 16 tokens that builds its mask and positions in forward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(100, 64), nn.Embedding(16, 64)
-        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2)
-        self.head = nn.Linear(64, 100)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[1]
-        mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device)
-        h = self.tok(x) + self.pos(torch.arange(t, device=x.device))
-        return self.head(self.encoder(h, mask=mask, is_causal=True))
-
-
-class VAE(nn.Module):
-    """A digits VAE: the reparameterized sample drawn in forward, ``(recon, mu, log_var)`` returned."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc, self.mu, self.log_var = nn.Linear(64, 128), nn.Linear(128, 8), nn.Linear(128, 8)
-        self.dec = nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 64))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h = F.relu(self.enc(x))
-        mu, log_var = self.mu(h), self.log_var(h)
-        return self.dec(mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)), mu, log_var
-
-
-class Mixer(nn.Module):
-    """MLP-Mixer on 1x28x28: 49 patches of 4x4 cut with ``Tensor.unfold``, token and channel mixing with
-    ``F.glu``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.patch, self.ln1, self.ln2 = nn.Linear(16, 64), nn.LayerNorm(64), nn.LayerNorm(64)
-        self.tok, self.ch, self.out = nn.Linear(49, 98), nn.Linear(64, 128), nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.patch(x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(x.shape[0], 49, 16))
-        h = h + F.glu(self.tok(self.ln1(h).transpose(1, 2)), -1).transpose(1, 2)
-        return self.out((h + F.glu(self.ch(self.ln2(h)), -1)).mean(1))
-
-
-class CellLoop(nn.Module):
-    """A GRU written as a loop over ``nn.GRUCell`` (or ``nn.LSTMCell``), 16 steps of 32 features."""
-
-    def __init__(self, cell: type = nn.GRUCell) -> None:
-        super().__init__()
-        self.cell, self.head = cell(32, 64), nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = None
-        for t in range(x.size(1)):
-            state = self.cell(x[:, t], state)
-        return self.head(state[0] if isinstance(state, tuple) else state)
 
 
 def _elbo(out: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
@@ -145,20 +56,20 @@ def _next_token(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # name -> (model factory, batch maker (x, y), loss)
 FAMILIES: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], tuple], Callable]] = {
-    "generator (Unflatten)": (Generator, lambda g: (torch.randn(BATCH, 16, generator=g),
+    "generator (Unflatten)": (lambda: survey.generator(32), lambda g: (torch.randn(BATCH, 16, generator=g),
                                                     torch.rand(BATCH, 1, 28, 28, generator=g)), F.mse_loss),
-    "normalized MLP (F.normalize)": (NormalizedMLP, lambda g: (torch.randn(BATCH, 64, generator=g),
+    "normalized MLP (F.normalize)": (lambda: survey.Residual(64, 128, 10, blocks=2), lambda g: (torch.randn(BATCH, 64, generator=g),
                                                                torch.randint(0, 10, (BATCH,), generator=g)),
                                      F.cross_entropy),
-    "causal LM (mask in forward)": (CausalLM, lambda g: (torch.randint(0, 100, (BATCH, 16), generator=g),
+    "causal LM (mask in forward)": (lambda: survey.CausalLM(100, 16, 64, 128, False, "relu"), lambda g: (torch.randint(0, 100, (BATCH, 16), generator=g),
                                                          torch.randint(0, 100, (BATCH, 16), generator=g)),
                                     _next_token),
-    "VAE (randn_like, tuple out)": (VAE, lambda g: (torch.rand(BATCH, 64, generator=g),) * 2, _elbo),
-    "mixer (unfold, glu)": (Mixer, lambda g: (torch.randn(BATCH, 1, 28, 28, generator=g),
+    "VAE (randn_like, tuple out)": (lambda: survey.VAE(64, 128, 8), lambda g: (torch.rand(BATCH, 64, generator=g),) * 2, _elbo),
+    "mixer (unfold, glu)": (lambda: survey.Mixer(28, 64), lambda g: (torch.randn(BATCH, 1, 28, 28, generator=g),
                                               torch.randint(0, 10, (BATCH,), generator=g)), F.cross_entropy),
-    "GRUCell loop": (CellLoop, lambda g: (torch.randn(BATCH, 16, 32, generator=g),
+    "GRUCell loop": (lambda: survey.CellLoop(nn.GRUCell, 32, 64, 10), lambda g: (torch.randn(BATCH, 16, 32, generator=g),
                                           torch.randint(0, 10, (BATCH,), generator=g)), F.cross_entropy),
-    "LSTMCell loop": (lambda: CellLoop(nn.LSTMCell), lambda g: (torch.randn(BATCH, 16, 32, generator=g),
+    "LSTMCell loop": (lambda: survey.CellLoop(nn.LSTMCell, 32, 64, 10), lambda g: (torch.randn(BATCH, 16, 32, generator=g),
                                                                  torch.randint(0, 10, (BATCH,), generator=g)),
                       F.cross_entropy),
 }
