@@ -39,29 +39,38 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kind, kw", CASES, ids=[f"{k}-{'-'.join(map(str, v.items()))}" for k, v in CASES])
-def test_a_recurrent_stack_trains_like_each_model_alone(kind, kw):
+def trains_like_each_model_alone(make, shape: tuple, warnings_are_errors: bool = False) -> ModelBatch:
+    """S models from ``make()`` fused with per-slot Adam rates and per-slot batches of ``shape`` (after the slot
+    dimension), against each trained alone with torch.optim.Adam: every parameter equal to float rounding."""
     torch.manual_seed(0)
-    models = [Tagger(kind, **kw) for _ in range(S)]
+    models = [make() for _ in range(S)]
     solo = [copy.deepcopy(m) for m in models]
     mb = ModelBatch(models)
     lrs = [1e-2, 3e-3, 1e-3]
     engine = FusedEngine(mb, optim.Adam(mb, lr=lrs), F.cross_entropy)
     g = torch.Generator().manual_seed(1)
-    shape = (S, 4, 7, 6) if kw.get("batch_first") else (S, 7, 4, 6)
-    xs = [torch.randn(shape, generator=g) for _ in range(STEPS)]
+    xs = [torch.randn(S, *shape, generator=g) for _ in range(STEPS)]
     ys = [torch.randint(0, 3, (S, 4), generator=g) for _ in range(STEPS)]
-    for x, y in zip(xs, ys):
-        engine.train_step(x, y, per_slot=True)
+    with warnings.catch_warnings():
+        if warnings_are_errors:
+            warnings.simplefilter("error")
+        for x, y in zip(xs, ys):
+            engine.train_step(x, y, per_slot=True)
     for i in range(S):
         opt = torch.optim.Adam(solo[i].parameters(), lr=lrs[i])
         for x, y in zip(xs, ys):
             opt.zero_grad()
             F.cross_entropy(solo[i](x[i]), y[i]).backward()
             opt.step()
-        got = mb.slot_module(i, Tagger(kind, **kw))
+        got = mb.slot_module(i, make())
         for (name, a), b in zip(got.named_parameters(), solo[i].parameters()):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"slot {i} {name}")
+    return mb
+
+
+@pytest.mark.parametrize("kind, kw", CASES, ids=[f"{k}-{'-'.join(map(str, v.items()))}" for k, v in CASES])
+def test_a_recurrent_stack_trains_like_each_model_alone(kind, kw):
+    trains_like_each_model_alone(lambda: Tagger(kind, **kw), (4, 7, 6) if kw.get("batch_first") else (7, 4, 6))
 
 
 def test_unrolled_matches_torch_outputs_and_states_with_initial_state():
@@ -162,29 +171,9 @@ CELL_CASES = [("LSTMCell", {}), ("LSTMCell", dict(bias=False)), ("GRUCell", {}),
 def test_a_hand_unrolled_cell_trains_like_each_model_alone(kind, kw):
     """aten::lstm_cell has no vmap batching rule (a stack of LSTMCell loops failed outright) and GRU/RNN cells
     ran once per slot; the stack's copy computes each cell from plain ops, with the cell's own parameters."""
-    torch.manual_seed(0)
-    models = [CellLoop(kind, **kw) for _ in range(S)]
-    solo = [copy.deepcopy(m) for m in models]
-    mb = ModelBatch(models)
-    assert [n for n, _ in mb.named_parameters()] == [n for n, _ in solo[0].named_parameters()]
-    lrs = [1e-2, 3e-3, 1e-3]
-    engine = FusedEngine(mb, optim.Adam(mb, lr=lrs), F.cross_entropy)
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(S, 4, 5, 6, generator=g) for _ in range(STEPS)]
-    ys = [torch.randint(0, 3, (S, 4), generator=g) for _ in range(STEPS)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "performance drop" fallback to one call per slot
-        for x, y in zip(xs, ys):
-            engine.train_step(x, y, per_slot=True)
-    for i in range(S):
-        opt = torch.optim.Adam(solo[i].parameters(), lr=lrs[i])
-        for x, y in zip(xs, ys):
-            opt.zero_grad()
-            F.cross_entropy(solo[i](x[i]), y[i]).backward()
-            opt.step()
-        got = mb.slot_module(i, CellLoop(kind, **kw))
-        for (name, a), b in zip(got.named_parameters(), solo[i].parameters()):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"slot {i} {name}")
+    mb = trains_like_each_model_alone(lambda: CellLoop(kind, **kw), (4, 5, 6),
+                                      warnings_are_errors=True)  # no "performance drop": no per-slot loop
+    assert [n for n, _ in mb.named_parameters()] == [n for n, _ in CellLoop(kind, **kw).named_parameters()]
 
 
 @pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
