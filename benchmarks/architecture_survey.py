@@ -280,6 +280,42 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any]]] = {
 }
 
 
+def _hf_models() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], Any]]]:
+    """Hugging Face families built from small configs (when transformers is installed), each fed a dict batch
+    with ``labels``: its own loss is the step's, as its users train it. They run on vmap (fx cannot trace
+    transformers' forwards)."""
+    try:
+        import transformers as T
+    except Exception:  # noqa: BLE001 - any import failure: no transformers rows
+        return {}
+    dec = dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=64)
+    ids = lambda: torch.randint(0, 500, (16, 16))  # noqa: E731
+    lm = lambda: {"input_ids": (x := ids()), "labels": x}  # noqa: E731
+    cls = lambda: {"input_ids": ids(), "attention_mask": torch.ones(16, 16, dtype=torch.long),  # noqa: E731
+                   "labels": torch.randint(0, 3, (16,))}
+    return {
+        "HF LLaMA (RMSNorm, rotary, GQA, SwiGLU)": (
+            lambda: T.LlamaForCausalLM(T.LlamaConfig(**dec, num_attention_heads=4, num_key_value_heads=2)), lm),
+        "HF Qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**dec, num_attention_heads=4, num_key_value_heads=2)),
+                     lm),
+        "HF DistilBERT classifier": (lambda: T.DistilBertForSequenceClassification(T.DistilBertConfig(
+            vocab_size=500, dim=64, hidden_dim=128, n_layers=2, n_heads=2, num_labels=3)), cls),
+        "HF RoBERTa classifier": (lambda: T.RobertaForSequenceClassification(T.RobertaConfig(
+            vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=70, num_labels=3)), cls),
+        "HF T5 (encoder-decoder)": (lambda: T.T5ForConditionalGeneration(T.T5Config(
+            vocab_size=500, d_model=64, d_ff=128, num_layers=2, num_heads=2, d_kv=32, decoder_start_token_id=0)),
+            lambda: {"input_ids": ids(), "labels": torch.randint(0, 500, (16, 8))}),
+        "HF ViT classifier": (lambda: T.ViTForImageClassification(T.ViTConfig(
+            image_size=16, patch_size=4, num_channels=1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=2, num_labels=10)),
+            lambda: {"pixel_values": torch.randn(16, 1, 16, 16), "labels": torch.randint(0, 10, (16,))}),
+    }
+
+
+HF_MODELS = _hf_models()
+
+
 def _loss(out: Any, _: Any) -> torch.Tensor:
     return (out[0] if isinstance(out, tuple) else out).float().pow(2).mean()
 
@@ -291,7 +327,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="names separated by \";\" (default: all)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    names = [n for n in MODELS if not args.only or n in args.only.split(";")]
+    every = {**MODELS, **HF_MODELS}
+    names = [n for n in every if not args.only or n in args.only.split(";")]
     lines = [
         "# Architectures as scripts write them: the path each takes, and the fused step against a loop",
         "",
@@ -305,11 +342,12 @@ def main() -> None:
     ]
     print("\n".join(lines), flush=True)
     for name in names:
-        make, example = MODELS[name]
+        make, example = every[name]
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            r = rmb.check_model(make, example(), slots=args.slots, loss=_loss, repeats=args.repeats)
+            r = rmb.check_model(make, example(), slots=args.slots, loss=None if name in HF_MODELS else _loss,
+                                repeats=args.repeats)
         why = (r.error or r.why_vmap or "").splitlines()[0][:260] if r.path != "direct" else ""
         if r.fallbacks:
             why = f"{why}; vmap loops over the slots for: {', '.join(r.fallbacks)}"[:360].lstrip("; ")

@@ -117,6 +117,7 @@ from torch.fx.node import map_aggregate
 from . import (channels_last_group_norm, conv_precision, padded_channel_conv, shared_input_conv,
                short_softmax, strided_pointwise_conv)
 from . import direct_attention as attention
+from . import hf
 from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
 from .direct_kernels import CHAN, SHARED, SLOT, Act, Unsupported
@@ -431,8 +432,22 @@ def _hooked(template: nn.Module) -> str | None:
     return None
 
 
+def _hf_reason(template: nn.Module) -> str | None:
+    """Why a stack holding a Hugging Face model runs on vmap, or None: transformers' forwards are beyond fx.
+
+    Checked before the hooks, since :func:`.hf.adapt` registers hooks of its
+    own on such a model (turning caches off), and a message about those would
+    send the user after the wrong cause.
+    """
+    for name, m in template.named_modules():
+        if hf.is_hf_model(m):
+            return (f"module '{name}' ({type(m).__name__}) is a Hugging Face transformers model: torch.fx cannot "
+                    "trace transformers' forwards, so the stack runs it on torch.vmap (its attention batched)")
+    return None
+
+
 def _plan_or_reason(template: nn.Module, none: frozenset[str]) -> FastPlan | str:
-    hooked = _hooked(template)
+    hooked = _hf_reason(template) or _hooked(template)
     if hooked:
         return hooked
     modules = dict(template.named_modules())

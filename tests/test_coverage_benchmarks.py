@@ -27,9 +27,12 @@ def test_direct_coverage_times_the_direct_path_vmap_and_the_loop():
 
 def test_architecture_survey_names_each_models_path_and_what_keeps_it_off_the_direct_path():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "architecture_survey.py"), "--slots", "2",
-                          "--repeats", "1", "--only", "VAE (randn_like, tuple out);nn.Transformer seq2seq"],
+                          "--repeats", "1", "--only",
+                          "VAE (randn_like, tuple out);nn.Transformer seq2seq;HF ViT classifier"],
                          capture_output=True, text=True, timeout=300, check=True)
     rows = {r[0]: r for r in _rows(out.stdout)}
     assert rows["VAE (randn_like, tuple out)"][1:3] == ["direct", ""]
     assert rows["nn.Transformer seq2seq"][1] == "vmap" and "Transformer" in rows["nn.Transformer seq2seq"][2]
+    # a transformers model trains on its own loss (labels= in its batch), on vmap for the reason that holds
+    assert rows["HF ViT classifier"][1] == "vmap" and "Hugging Face" in rows["HF ViT classifier"][2]
     assert all(rows[n][5].endswith("x") for n in rows)
