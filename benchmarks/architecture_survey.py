@@ -335,10 +335,13 @@ def main() -> None:
         f"- command: `python benchmarks/architecture_survey.py --slots {args.slots} --repeats {args.repeats}`",
         fused_step.machine(torch.device("cpu")),
         f"- `check_model(..., slots={args.slots})`: one shared batch, Adam; the loop: each model with "
-        "torch.optim.Adam; medians of the timed steps",
+        "torch.optim.Adam; medians of the timed steps; fused vs alone: the largest relative difference between "
+        "a fused slot and its model alone (losses, outputs and gradients of a training step; outputs in eval "
+        "mode), `ray_modelbatch.slot_agreement`",
         "",
-        "| model | path | what keeps it off the direct path | fused ms | loop ms | fused / loop |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
+        "| model | path | what keeps it off the direct path | fused vs alone: training / evaluation | fused ms | "
+        "loop ms | fused / loop |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: |",
     ]
     print("\n".join(lines), flush=True)
     for name in names:
@@ -355,7 +358,10 @@ def main() -> None:
         fused = f"{r.fused_ms:.2f}" if r.fused_ms else "-"
         loop = f"{r.loop_ms:.2f}" if r.loop_ms else "-"
         ratio = f"{r.loop_ms / r.fused_ms:.2f}x" if r.fused_ms and r.loop_ms else "-"
-        row = f"| {name} | {r.path} | {why} | {fused} | {loop} | {ratio} |"
+        a = r.agreement
+        agree = (f"{a.train:.0e} / {a.eval:.0e}" + ("" if a.agrees else " DIFFER") if a is not None
+                 else f"not compared ({r.agreement_error})" if r.agreement_error else "-")
+        row = f"| {name} | {r.path} | {why} | {agree} | {fused} | {loop} | {ratio} |"
         lines.append(row)
         print(row, flush=True)
     if args.out:

@@ -23,9 +23,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import fast_path, inputs
+from . import fast_path, inputs, slot_agreement
 from .errors import FusionError, FusionWarning
 from .model_batch import ModelBatch, copy_model
+from .slot_agreement import Agreement
 
 
 @dataclass
@@ -44,6 +45,9 @@ class ModelReport:
     error: str | None = None
     fused_ms: float | None = None  # one fused training step of every slot
     loop_ms: float | None = None  # the same step, one model after the other with torch.optim.Adam
+    # fused slots against their models alone on the example batch (see slot_agreement); None if not compared
+    agreement: Agreement | None = None
+    agreement_error: str | None = None  # why the comparison could not run
 
     @property
     def speedup(self) -> float | None:
@@ -61,6 +65,13 @@ class ModelReport:
             lines.append(f"  {name or '<root>':<32} {kind:<24} {self.path if step == 'vmap' else 'direct: ' + step}")
         for f in self.fallbacks:
             lines.append(f"  per-slot loop: {f}")
+        if self.agreement is not None:
+            lines.append(f"  {self.agreement}")
+            if not self.agreement.agrees:
+                lines.append("  a fused kernel computes other numbers than this model does alone: please report it "
+                             "with the model (ray_modelbatch.ModelBatch(models, direct_path=False) runs it on vmap)")
+        elif self.agreement_error:
+            lines.append(f"  fused vs alone not compared: {self.agreement_error}")
         if self.speedup is not None:
             lines.append(f"  training step: fused {self.fused_ms:.2f} ms, loop {self.loop_ms:.2f} ms "
                          f"({self.speedup:.2f}x the loop)")
@@ -108,6 +119,10 @@ def check_model(model: nn.Module | Callable[[], nn.Module], example_input: Any, 
                 repeats: int = 5) -> ModelReport:
     """Fuse ``slots`` copies of ``model`` (or ``model()`` calls) on ``example_input`` and report how.
 
+    The report says which path the stack takes and why, which ops vmap runs once per slot, whether the
+    fused slots compute what their models compute alone (losses, outputs and gradients of a training step,
+    outputs of an evaluation: :mod:`~ray_modelbatch.slot_agreement`), and a fused step's time against a loop.
+
     Args:
         model: a module (copied per slot) or a factory of modules.
         example_input: one batch as one model takes it: a tensor (``model(x)``) or a dict of keyword
@@ -149,6 +164,12 @@ def check_model(model: nn.Module | Callable[[], nn.Module], example_input: Any, 
     elif plan is None:
         report.why_vmap = mb.why_vmap()
     report.kinds = _layer_kinds(plan, [n for n, _ in leaves])
+    with warnings.catch_warnings():  # (the fallbacks were reported above)
+        warnings.simplefilter("ignore")
+        try:
+            report.agreement = slot_agreement.compare(models, example_input, loss, target)
+        except Exception as exc:  # noqa: BLE001 - reported, not raised: this is a check
+            report.agreement_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
 
     def loop() -> None:

@@ -35,4 +35,8 @@ def test_architecture_survey_names_each_models_path_and_what_keeps_it_off_the_di
     assert rows["nn.Transformer seq2seq"][1] == "vmap" and "Transformer" in rows["nn.Transformer seq2seq"][2]
     # a transformers model trains on its own loss (labels= in its batch), on vmap for the reason that holds
     assert rows["HF ViT classifier"][1] == "vmap" and "Hugging Face" in rows["HF ViT classifier"][2]
-    assert all(rows[n][5].endswith("x") for n in rows)
+    assert all(rows[n][6].endswith("x") for n in rows)
+    # every fused slot computed what its model computes alone (training / evaluation differences)
+    for n in rows:
+        train, evaluation = (float(v) for v in rows[n][3].split(" / "))
+        assert train < 1e-3 and evaluation < 1e-3, rows[n]
