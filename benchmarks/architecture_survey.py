@@ -136,10 +136,12 @@ class CausalLM(nn.Module):
 
 
 class Seq2Seq(nn.Module):
-    def __init__(self) -> None:
+    """``nn.Transformer`` (one encoder and one decoder layer) over the embedded tokens as source and target."""
+
+    def __init__(self, vocab: int = 30, width: int = 16, heads: int = 2, ff: int = 32) -> None:
         super().__init__()
-        self.emb, self.fc = nn.Embedding(30, 16), nn.Linear(16, 30)
-        self.t = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+        self.emb, self.fc = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+        self.t = nn.Transformer(width, heads, 1, 1, ff, dropout=0.0, batch_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self.emb(x)

@@ -1,12 +1,12 @@
-"""Models that reached the direct path in session 40, against vmap (the path they took before) and a loop.
+"""Models that reached the direct path in sessions 40 and 41, against vmap (the path they took before) and a loop.
 
 Each family is a model written the way scripts write it, with the one construct that used to keep it on
 ``torch.vmap``: ``nn.Unflatten`` before a transposed convolution (a generator), ``F.normalize`` (a
 metric-learning head), a causal mask and positions made in forward (a language model), ``torch.randn_like``
 and a tuple returned (a VAE), ``Tensor.unfold`` and ``F.glu`` (an MLP-Mixer). Two more stay on vmap: loops
 over ``nn.GRUCell`` and ``nn.LSTMCell``, whose cells the stack now computes from plain ops (an LSTMCell stack
-could not run before; a GRUCell one ran its cell once per slot). For every family and slot count, one process
-times, in alternating rounds:
+could not run before; a GRUCell one ran its cell once per slot). Session 41 added ``nn.Transformer`` (and its
+decoder), a seq2seq model. For every family and slot count, one process times, in alternating rounds:
 
 - the fused Adam step on the direct path (``ModelBatch(...)``);
 - the same stack forced onto vmap (``ModelBatch(..., direct_path=False)``), which is what these models ran
@@ -72,6 +72,9 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], t
     "LSTMCell loop": (lambda: survey.CellLoop(nn.LSTMCell, 32, 64, 10), lambda g: (torch.randn(BATCH, 16, 32, generator=g),
                                                                  torch.randint(0, 10, (BATCH,), generator=g)),
                       F.cross_entropy),
+    "seq2seq (nn.Transformer)": (lambda: survey.Seq2Seq(100, 64, 4, 128),
+                                 lambda g: (torch.randint(0, 100, (BATCH, 16), generator=g),
+                                            torch.randint(0, 100, (BATCH, 16), generator=g)), _next_token),
 }
 
 
@@ -131,7 +134,7 @@ def main() -> None:
     families = [n for n in FAMILIES if not args.families or n in args.families.split(";")]
     keep_freed_memory()
     lines = [
-        "# Models that reached the direct path in session 40: direct vs vmap vs a loop",
+        "# Models that reached the direct path in sessions 40 and 41: direct vs vmap vs a loop",
         "",
         f"- command: `python benchmarks/direct_coverage.py --slots {args.slots} --rounds {args.rounds} "
         f"--reps {args.reps}`",

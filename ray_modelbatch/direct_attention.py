@@ -1,4 +1,5 @@
-"""Attention on the direct path: ``nn.MultiheadAttention``, SDPA and ``nn.TransformerEncoder(Layer)``.
+"""Attention on the direct path: ``nn.MultiheadAttention`` and SDPA (the Transformer layers built from them:
+:mod:`.direct_transformer`).
 
 Attention itself has no parameters, so every slot's attention is one call
 with the slots folded into the batch: ``[n, B, T, E]`` is ``[n*B, T, E]``, one
@@ -25,13 +26,7 @@ v's gradients into one block, the same bits as the unbound form.
 The math follows ``F.multi_head_attention_forward`` step for step: the same
 mask canonicalization and merging, ``q * sqrt(1/d)`` then ``baddbmm`` when
 the weights are returned, SDPA when not (what ``nn.TransformerEncoderLayer``
-asks for). ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are
-not traceable (their forwards branch on tensor properties for torch's fused
-inference kernels), so they are known module kinds here, written with these
-pieces in the order of their ``forward`` (post-norm and ``norm_first``,
-ReLU/GELU, dropout). Their fused inference kernels round differently from
-their training path; the direct path always runs the training path's math
-(and, for the encoder's nested-tensor inference, its zeros at padding).
+asks for).
 """
 
 from __future__ import annotations
@@ -42,11 +37,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.transformer import _detect_is_causal_mask
 
 from . import short_softmax, small_attention
 from .direct_kernels import SHARED, SLOT, Act, Unsupported
-from .stacked_layer_norm import StackedLayerNorm
 
 
 def mha_ok(mod: nn.MultiheadAttention) -> bool:
@@ -224,92 +217,3 @@ def _fold_sdpa_mask(mask: Act, n: int, rank: int) -> torch.Tensor:
     if mask.layout == SHARED:
         return mask.t
     raise Unsupported(f"an attention mask in the {mask.layout!r} layout")
-
-
-def encoder_layer_ok(mod: nn.TransformerEncoderLayer, elementwise: Any) -> bool:
-    """Whether :func:`encoder_layer` computes ``mod``: its attention is computable and its activation is
-    one of the direct path's elementwise functions or modules (``elementwise(fn)``)."""
-    return mha_ok(mod.self_attn) and elementwise(mod.activation)
-
-
-def encoder_layer(runner: Any, name: str, mod: nn.TransformerEncoderLayer, src: Act, src_mask: Act | None = None,
-                  src_key_padding_mask: Act | None = None, is_causal: bool = False) -> Act:
-    """``nn.TransformerEncoderLayer.forward`` (its training path) of every slot."""
-    dtype = src.t.dtype
-    kpm = _canonical(src_key_padding_mask, "src_key_padding_mask", src_mask, dtype)
-    src_mask = _canonical(src_mask, "src_mask", None, dtype, check=False)
-
-    def sa_block(x: Act) -> Act:
-        out, _ = multihead_attention(runner, f"{name}.self_attn", mod.self_attn, x, x, x, key_padding_mask=kpm,
-                                     need_weights=False, attn_mask=src_mask, is_causal=is_causal)
-        return drop(mod.dropout1, out)
-
-    def ff_block(x: Act) -> Act:
-        h = runner.linear(f"{name}.linear1", x)
-        h = drop(mod.dropout, Act(mod.activation(h.t), SLOT))
-        return drop(mod.dropout2, runner.linear(f"{name}.linear2", h))
-
-    def drop(module: nn.Module, h: Act) -> Act:  # each slot's mask from its own generator
-        if type(module) is not nn.Dropout:  # a replaced module keeps its own forward (and torch's generator)
-            return Act(module(h.t), SLOT)
-        return runner.dropout(h, module.p, module.training)
-
-    def add(a: Act, b: Act) -> Act:  # a residual: a shared input broadcasts against the slots' [n, B, T, E]
-        return Act(a.t + b.t, SLOT)
-
-    x = src
-    if mod.norm_first:
-        x = add(x, sa_block(runner.layer_norm(f"{name}.norm1", x)))
-        return add(x, ff_block(runner.layer_norm(f"{name}.norm2", x)))
-    x = runner.layer_norm(f"{name}.norm1", add(x, sa_block(x)))
-    return runner.layer_norm(f"{name}.norm2", add(x, ff_block(x)))
-
-
-def encoder_ok(mod: nn.TransformerEncoder, elementwise: Any) -> bool:
-    """Whether :func:`encoder` computes ``mod``: plain encoder layers and an optional final LayerNorm."""
-    return (all(type(layer) is nn.TransformerEncoderLayer and encoder_layer_ok(layer, elementwise)
-                for layer in mod.layers) and (mod.norm is None or type(mod.norm) in (nn.LayerNorm, StackedLayerNorm)))
-
-
-def _nested_inference(runner: Any, name: str, mod: nn.TransformerEncoder, src: Act, mask: Act | None,
-                      padded: torch.Tensor) -> bool:
-    """Whether ``mod`` alone would run on nested tensors (its inference path with a padding mask), whose
-    output is zero at the padded positions. ``padded`` is where the canonical mask is not 0."""
-    first = mod.layers[0]
-    if not (torch.backends.mha.get_fastpath_enabled() and getattr(mod, "use_nested_tensor", False)
-            and not first.training and len(src.sample_shape(runner.n)) == 3 and mask is None
-            and not torch.is_autocast_enabled()):
-        return False
-    if torch.is_grad_enabled() and any(p.requires_grad for n, p in runner.params.items()
-                                       if n.startswith(f"{name}.layers.0.")):
-        return False
-    valid = (~padded).int()
-    left_aligned = bool((valid.cummin(-1).values == valid).all())
-    if getattr(mod, "mask_check", True):
-        return left_aligned
-    if not left_aligned:
-        raise Unsupported("a padding mask that is not left-aligned, with mask_check=False")
-    return True
-
-
-def encoder(runner: Any, name: str, mod: nn.TransformerEncoder, src: Act, mask: Act | None = None,
-            src_key_padding_mask: Act | None = None, is_causal: bool | None = None) -> Act:
-    """``nn.TransformerEncoder.forward`` of every slot: its layers, then its final norm.
-
-    In eval mode without autograd and with a padding mask, torch's encoder runs
-    its layers on nested tensors and pads the result with zeros: the padded
-    positions are zero before the final norm, as here.
-    """
-    dtype = src.t.dtype
-    kpm = _canonical(src_key_padding_mask, "src_key_padding_mask", mask, dtype)
-    mask = _canonical(mask, "mask", None, dtype, check=False)
-    padded = None if kpm is None else kpm.t != 0
-    nested = padded is not None and _nested_inference(runner, name, mod, src, mask, padded)
-    seq_len = src.sample_shape(runner.n)[1]
-    causal = _detect_is_causal_mask(None if mask is None else mask.t, is_causal, seq_len)
-    out = src
-    for i, layer in enumerate(mod.layers):
-        out = encoder_layer(runner, f"{name}.layers.{i}", layer, out, mask, kpm, causal)
-    if nested:
-        out = Act(out.t.masked_fill(padded.unsqueeze(-1), 0.0), SLOT)
-    return out if mod.norm is None else runner.layer_norm(f"{name}.norm", out)

@@ -27,9 +27,9 @@ stacked parameters directly:
   convolution to its flatten, with no copies between layers;
 * ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.Embedding`` and ``nn.EmbeddingBag`` (sum, mean) are
   one kernel over all slots each (see :mod:`.direct_kernels`);
-  ``nn.MultiheadAttention``, ``F.scaled_dot_product_attention`` and
-  ``nn.TransformerEncoder(Layer)`` run attention once on the slots folded into
-  the batch (see :mod:`.direct_attention`);
+  ``nn.MultiheadAttention`` and ``F.scaled_dot_product_attention`` run attention once on the slots folded
+  into the batch (see :mod:`.direct_attention`), and so do ``nn.Transformer`` and its encoder and decoder
+  layers and stacks (see :mod:`.direct_transformer`);
 * ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (the stack's ``UnrolledRNN``) run each
   layer and direction as one batched GEMM and the gate math per time step
   (a GRU after one batched GEMM for the input projection of the whole
@@ -117,6 +117,7 @@ from torch.fx.node import map_aggregate
 from . import (channels_last_group_norm, conv_precision, padded_channel_conv, shared_input_conv,
                short_softmax, strided_pointwise_conv)
 from . import direct_attention as attention
+from . import direct_transformer as transformers_
 from . import hf
 from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
@@ -710,17 +711,24 @@ def _module_kind(mod: nn.Module) -> str | None:
     if type(mod) is nn.MultiheadAttention:
         return "attention" if attention.mha_ok(mod) else None
     if type(mod) is nn.TransformerEncoderLayer:
-        return "encoder_layer" if attention.encoder_layer_ok(mod, _elementwise) else None
+        return "encoder_layer" if transformers_.encoder_layer_ok(mod, _elementwise) else None
     if type(mod) is nn.TransformerEncoder:
-        return "encoder" if attention.encoder_ok(mod, _elementwise) else None
+        return "encoder" if transformers_.encoder_ok(mod, _elementwise) else None
+    if type(mod) is nn.TransformerDecoderLayer:
+        return "decoder_layer" if transformers_.decoder_layer_ok(mod, _elementwise) else None
+    if type(mod) is nn.TransformerDecoder:
+        return "decoder" if transformers_.decoder_ok(mod, _elementwise) else None
+    if type(mod) is nn.Transformer:
+        return "transformer" if transformers_.transformer_ok(mod, _elementwise) else None
     if type(mod) in RNN_MODULES:
         return "rnn" if recurrent.rnn_ok(mod) else None
     return None
 
 
-_MULTI_INPUT_KINDS = {"embedding_bag", "attention", "encoder_layer", "encoder", "rnn"}
+_TRANSFORMER_KINDS = {"encoder_layer", "encoder", "decoder_layer", "decoder", "transformer"}
+_MULTI_INPUT_KINDS = {"embedding_bag", "attention", "rnn", *_TRANSFORMER_KINDS}
 _PARAM_KINDS = {"linear", "conv", "norm", "group_norm", "prelu", "layer_norm", "rms_norm", "embedding",
-                "embedding_bag", "attention", "encoder_layer", "encoder", "rnn", "param"}
+                "embedding_bag", "attention", "rnn", "param", *_TRANSFORMER_KINDS}
 
 
 
@@ -1485,11 +1493,20 @@ class _Runner:
         return attention.multihead_attention(self, step.target, self.template.get_submodule(step.target),
                                              query, key, value, **kwargs)
 
-    def _k_encoder_layer(self, step: _Step, src: Act, **kwargs: Any) -> Act:
-        return attention.encoder_layer(self, step.target, self.template.get_submodule(step.target), src, **kwargs)
+    def _k_encoder_layer(self, step: _Step, **kwargs: Any) -> Act:
+        return transformers_.encoder_layer(self, step.target, self.template.get_submodule(step.target), **kwargs)
 
-    def _k_encoder(self, step: _Step, src: Act, **kwargs: Any) -> Act:
-        return attention.encoder(self, step.target, self.template.get_submodule(step.target), src, **kwargs)
+    def _k_encoder(self, step: _Step, **kwargs: Any) -> Act:
+        return transformers_.encoder(self, step.target, self.template.get_submodule(step.target), **kwargs)
+
+    def _k_decoder_layer(self, step: _Step, **kwargs: Any) -> Act:
+        return transformers_.decoder_layer(self, step.target, self.template.get_submodule(step.target), **kwargs)
+
+    def _k_decoder(self, step: _Step, **kwargs: Any) -> Act:
+        return transformers_.decoder(self, step.target, self.template.get_submodule(step.target), **kwargs)
+
+    def _k_transformer(self, step: _Step, **kwargs: Any) -> Act:
+        return transformers_.transformer(self, step.target, self.template.get_submodule(step.target), **kwargs)
 
     def _k_rnn(self, step: _Step, input: Any, hx: Any = None) -> tuple:  # noqa: A002 - torch's name
         return recurrent.rnn(self, step.target, self.template.get_submodule(step.target), input, hx)

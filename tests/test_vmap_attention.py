@@ -18,8 +18,8 @@ S = 3
 
 
 class Seq2Seq(nn.Module):
-    """``nn.Transformer``: no direct kernel, so the stack runs it on vmap; encoder, decoder and cross-attention
-    all call SDPA."""
+    """``nn.Transformer``, stacked with ``direct_path=False`` (as a model the direct path cannot take runs):
+    on vmap its encoder, decoder and cross-attention all call SDPA."""
 
     def __init__(self, dropout: float = 0.0):
         super().__init__()
@@ -39,7 +39,7 @@ def _train(make, step_fn=None, steps=3):
     torch.manual_seed(0)
     models = [make() for _ in range(S)]
     solo = [copy.deepcopy(m) for m in models]
-    mb = rmb.ModelBatch(models)
+    mb = rmb.ModelBatch(models, direct_path=False)
     assert not mb.uses_direct_path
     # SGD, not Adam: Adam turns the rounding noise of a gradient that is zero in exact arithmetic (an attention
     # key's bias, which the softmax cancels) into learning-rate-sized steps, hiding what is compared here
@@ -83,7 +83,7 @@ def test_attention_with_dropout_keeps_torchs_kernel_once_per_slot_and_each_slots
     """SDPA draws its dropout mask itself: those calls keep torch's kernel, run per slot with each slot's
     generator (slot_random), so they are left to it."""
     torch.manual_seed(0)
-    mb = rmb.ModelBatch([Seq2Seq(dropout=0.2) for _ in range(S)])
+    mb = rmb.ModelBatch([Seq2Seq(dropout=0.2) for _ in range(S)], direct_path=False)
     x = torch.randint(0, 20, (4, 6))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
