@@ -117,7 +117,7 @@ from torch.fx.node import map_aggregate
 from . import (channels_last_group_norm, conv_precision, padded_channel_conv, shared_input_conv,
                short_softmax, strided_pointwise_conv)
 from . import direct_attention as attention
-from . import direct_transformer as transformers_
+from . import direct_transformer
 from . import hf
 from . import direct_kernels as kernels
 from . import direct_rnn as recurrent
@@ -711,15 +711,15 @@ def _module_kind(mod: nn.Module) -> str | None:
     if type(mod) is nn.MultiheadAttention:
         return "attention" if attention.mha_ok(mod) else None
     if type(mod) is nn.TransformerEncoderLayer:
-        return "encoder_layer" if transformers_.encoder_layer_ok(mod, _elementwise) else None
+        return "encoder_layer" if direct_transformer.encoder_layer_ok(mod, _elementwise) else None
     if type(mod) is nn.TransformerEncoder:
-        return "encoder" if transformers_.encoder_ok(mod, _elementwise) else None
+        return "encoder" if direct_transformer.encoder_ok(mod, _elementwise) else None
     if type(mod) is nn.TransformerDecoderLayer:
-        return "decoder_layer" if transformers_.decoder_layer_ok(mod, _elementwise) else None
+        return "decoder_layer" if direct_transformer.decoder_layer_ok(mod, _elementwise) else None
     if type(mod) is nn.TransformerDecoder:
-        return "decoder" if transformers_.decoder_ok(mod, _elementwise) else None
+        return "decoder" if direct_transformer.decoder_ok(mod, _elementwise) else None
     if type(mod) is nn.Transformer:
-        return "transformer" if transformers_.transformer_ok(mod, _elementwise) else None
+        return "transformer" if direct_transformer.transformer_ok(mod, _elementwise) else None
     if type(mod) in RNN_MODULES:
         return "rnn" if recurrent.rnn_ok(mod) else None
     return None
@@ -1494,19 +1494,19 @@ class _Runner:
                                              query, key, value, **kwargs)
 
     def _k_encoder_layer(self, step: _Step, **kwargs: Any) -> Act:
-        return transformers_.encoder_layer(self, step.target, self.template.get_submodule(step.target), **kwargs)
+        return direct_transformer.encoder_layer(self, step.target, self.template.get_submodule(step.target), **kwargs)
 
     def _k_encoder(self, step: _Step, **kwargs: Any) -> Act:
-        return transformers_.encoder(self, step.target, self.template.get_submodule(step.target), **kwargs)
+        return direct_transformer.encoder(self, step.target, self.template.get_submodule(step.target), **kwargs)
 
     def _k_decoder_layer(self, step: _Step, **kwargs: Any) -> Act:
-        return transformers_.decoder_layer(self, step.target, self.template.get_submodule(step.target), **kwargs)
+        return direct_transformer.decoder_layer(self, step.target, self.template.get_submodule(step.target), **kwargs)
 
     def _k_decoder(self, step: _Step, **kwargs: Any) -> Act:
-        return transformers_.decoder(self, step.target, self.template.get_submodule(step.target), **kwargs)
+        return direct_transformer.decoder(self, step.target, self.template.get_submodule(step.target), **kwargs)
 
     def _k_transformer(self, step: _Step, **kwargs: Any) -> Act:
-        return transformers_.transformer(self, step.target, self.template.get_submodule(step.target), **kwargs)
+        return direct_transformer.transformer(self, step.target, self.template.get_submodule(step.target), **kwargs)
 
     def _k_rnn(self, step: _Step, input: Any, hx: Any = None) -> tuple:  # noqa: A002 - torch's name
         return recurrent.rnn(self, step.target, self.template.get_submodule(step.target), input, hx)

@@ -68,8 +68,10 @@ class ModelReport:
         if self.agreement is not None:
             lines.append(f"  {self.agreement}")
             if not self.agreement.agrees:
-                lines.append("  a fused kernel computes other numbers than this model does alone: please report it "
-                             "with the model (ray_modelbatch.ModelBatch(models, direct_path=False) runs it on vmap)")
+                meanwhile = (" (ray_modelbatch.ModelBatch(models, direct_path=False) runs it on torch.vmap "
+                             "meanwhile)" if self.path == "direct" else "")
+                lines.append("  the stack computes other numbers than this model does alone: please report it with "
+                             f"the model{meanwhile}")
         elif self.agreement_error:
             lines.append(f"  fused vs alone not compared: {self.agreement_error}")
         if self.speedup is not None:
