@@ -447,6 +447,21 @@ def _hf_reason(template: nn.Module) -> str | None:
     return None
 
 
+def _bare_layer_reason(template: nn.Module) -> str | None:
+    """Why a stack whose whole model is one recurrent, attention or Transformer layer runs on vmap, or None.
+
+    The direct path computes such a layer where a model holds it (a module kind, see :func:`_module_kind`),
+    but fx traces the root's own forward, which branches on its inputs: the trace's failure would blame an
+    ``if`` the user never wrote.
+    """
+    if _module_kind(template) not in _MULTI_INPUT_KINDS:
+        return None
+    mode = getattr(template, "mode", "") if isinstance(template, UnrolledRNN) else ""
+    name = {"LSTM": "LSTM", "GRU": "GRU"}.get(mode, "RNN") if mode else type(template).__name__
+    return (f"the whole model is one nn.{name}: the direct path computes such a layer inside a model that holds it "
+            "(a module of yours calling it, with its head), not as the model itself")
+
+
 def _plan_or_reason(template: nn.Module, none: frozenset[str]) -> FastPlan | str:
     hooked = _hf_reason(template) or _hooked(template)
     if hooked:
@@ -462,7 +477,7 @@ def _plan_or_reason(template: nn.Module, none: frozenset[str]) -> FastPlan | str
                     "buffers but BatchNorm's running statistics")
     graph = _trace(template, none)
     if isinstance(graph, str):
-        return graph
+        return _bare_layer_reason(template) or graph
     params = {n for n, _ in template.named_parameters()}
     arg_names = _input_names(template)
     steps, inputs, output = [], [], None

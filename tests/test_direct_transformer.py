@@ -170,3 +170,18 @@ def test_settings_without_a_direct_kernel_use_vmap_and_torchs_errors_stay_torchs
     assert mb.uses_direct_path
     with pytest.raises(Exception, match="the batch number of src and tgt must be equal"):
         mb(torch.randn(3, 5, 8), torch.randn(2, 4, 8))  # vmap runs it, and torch says what is wrong
+
+
+@pytest.mark.parametrize("make,name", [(lambda: nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+                                        "TransformerEncoderLayer"),
+                                       (lambda: nn.LSTM(4, 8, batch_first=True), "LSTM")])
+def test_a_bare_layer_as_the_whole_model_says_why_it_runs_on_vmap(make, name):
+    """fx traces the root's own forward, which branches on its inputs: the reason names the layer and the fix,
+    not an ``if`` the user never wrote; the same layer inside a model of theirs takes the direct path. (A bare
+    decoder layer traces, and takes the direct path as it is.)"""
+    mb = rmb.ModelBatch([make() for _ in range(2)])
+    assert not mb.uses_direct_path
+    assert f"the whole model is one nn.{name}" in mb.why_vmap() and "inside a model that holds it" in mb.why_vmap()
+    assert rmb.ModelBatch([Inside(nn.TransformerDecoderLayer(8, 2, 16, batch_first=True))
+                           for _ in range(2)]).uses_direct_path
+    assert rmb.ModelBatch([nn.TransformerDecoderLayer(8, 2, 16, batch_first=True) for _ in range(2)]).uses_direct_path
