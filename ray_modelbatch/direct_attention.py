@@ -43,9 +43,14 @@ from .direct_kernels import SHARED, SLOT, Act, Unsupported
 
 
 def mha_ok(mod: nn.MultiheadAttention) -> bool:
-    """Whether :func:`multihead_attention` computes ``mod``: batch-first, no ``bias_k``/``bias_v`` or
-    zero attention (rarely used; they append a key to every sequence)."""
-    return mod.batch_first and mod.bias_k is None and mod.bias_v is None and not mod.add_zero_attn
+    """Whether :func:`multihead_attention` computes ``mod``: no ``bias_k``/``bias_v`` or zero attention
+    (rarely used; they append a key to every sequence). Batch-first or not."""
+    return mod.bias_k is None and mod.bias_v is None and not mod.add_zero_attn
+
+
+def _batch_first(a: Act) -> Act:
+    """A sequence-first ``[T, B, E]`` input (each slot's) as the ``[B, T, E]`` view the attention computes on."""
+    return Act(a.t.transpose(0, 1) if a.layout == SHARED else a.t.transpose(1, 2), a.layout)
 
 
 def _canonical(mask: Act | None, name: str, other: Act | None, dtype: torch.dtype, check: bool = True) -> Act | None:
@@ -111,10 +116,20 @@ def multihead_attention(runner: Any, name: str, mod: nn.MultiheadAttention, quer
                         key_padding_mask: Act | None = None, need_weights: bool = True,
                         attn_mask: Act | None = None, average_attn_weights: bool = True,
                         is_causal: bool = False) -> tuple[Act, Act | None]:
-    """``nn.MultiheadAttention(batch_first=True)`` of every slot: ``(output, weights or None)``, slot layout."""
+    """``nn.MultiheadAttention`` of every slot: ``(output, weights or None)``, slot layout.
+
+    A sequence-first module (``batch_first=False``, torch's default) computes on ``[B, T, E]`` views of its
+    ``[T, B, E]`` inputs, the same math, and returns its time-major result as it is: the ``[T, B, E]`` tensor
+    the module returns, in the memory order a dropout after it draws its mask in.
+    """
     n, heads = runner.n, mod.num_heads
     if len(query.sample_shape(n)) != 3:
         raise Unsupported("MultiheadAttention on inputs that are not [batch, seq, embed]")
+    if not mod.batch_first:  # (each transposed once, so that a self-attention's three inputs stay one object)
+        q_in = _batch_first(query)
+        k_in = q_in if key is query else _batch_first(key)
+        value = q_in if value is query else k_in if value is key else _batch_first(value)
+        query, key = q_in, k_in
     dtype = query.t.dtype
     # MultiheadAttention.forward, then F.multi_head_attention_forward: bool masks become -inf masks.
     key_padding_mask = _canonical(key_padding_mask, "key_padding_mask", attn_mask, dtype)
@@ -163,7 +178,8 @@ def multihead_attention(runner: Any, name: str, mod: nn.MultiheadAttention, quer
     # as the [n, B, T, E] view of it that the module returns. A dropout on it draws its mask in memory order
     # (empty_like keeps these strides), so the next dropout draws each slot's mask as its model's own does.
     out = out.view(n, batch, heads, tgt, hd).permute(0, 3, 1, 2, 4).reshape(n, tgt, batch, mod.embed_dim)
-    return Act(runner.linear(f"{name}.out_proj", Act(out, SLOT)).t.transpose(1, 2), SLOT), weights
+    out = runner.linear(f"{name}.out_proj", Act(out, SLOT)).t
+    return Act(out.transpose(1, 2) if mod.batch_first else out, SLOT), weights
 
 
 def _folded_sdpa(runner: Any, n: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

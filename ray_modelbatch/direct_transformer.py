@@ -9,9 +9,9 @@ the order of its ``forward``: every slot's attention is one call on the slots
 folded into the batch (:func:`.direct_attention.multihead_attention`), its
 projections and feed-forward layers are the direct path's batched GEMMs, its
 norms the stacked LayerNorm, its dropouts each slot's own draws (post-norm and
-``norm_first``, any elementwise activation). A decoder layer's cross-attention
-takes its queries from the target and its keys and values from the memory,
-each slot's own.
+``norm_first``, any elementwise activation, batch-first or sequence-first). A
+decoder layer's cross-attention takes its queries from the target and its keys
+and values from the memory, each slot's own.
 
 The fused inference kernels of the encoder round differently from its
 training path; the direct path always runs the training path's math (and, for
@@ -128,7 +128,8 @@ def encoder(runner: Any, name: str, mod: nn.TransformerEncoder, src: Act, mask: 
     mask = _canonical(mask, "mask", None, dtype, check=False)
     padded = None if kpm is None else kpm.t != 0
     nested = padded is not None and _nested_inference(runner, name, mod, src, mask, padded)
-    causal = _detect_is_causal_mask(None if mask is None else mask.t, is_causal, _seq_len(runner, src))
+    causal = _detect_is_causal_mask(None if mask is None else mask.t, is_causal,
+                                    _seq_len(runner, src, mod.layers[0].self_attn.batch_first))
     out = src
     for i, layer in enumerate(mod.layers):
         out = encoder_layer(runner, f"{name}.layers.{i}", layer, out, mask, kpm, causal)
@@ -137,10 +138,10 @@ def encoder(runner: Any, name: str, mod: nn.TransformerEncoder, src: Act, mask: 
     return out if mod.norm is None else runner.layer_norm(f"{name}.norm", out)
 
 
-def _seq_len(runner: Any, x: Act) -> int:
-    """The sequence length of a batch-first input, as ``torch.nn.modules.transformer._get_seq_len`` reads it."""
+def _seq_len(runner: Any, x: Act, batch_first: bool) -> int:
+    """The sequence length of an input, as ``torch.nn.modules.transformer._get_seq_len`` reads it."""
     shape = x.sample_shape(runner.n)
-    return shape[1] if len(shape) == 3 else shape[0]
+    return shape[1] if len(shape) == 3 and batch_first else shape[0]
 
 
 # ----------------------------------------------------------------------- decoder
@@ -190,7 +191,8 @@ def decoder(runner: Any, name: str, mod: nn.TransformerDecoder, tgt: Act, memory
             memory_is_causal: bool = False) -> Act:
     """``nn.TransformerDecoder.forward`` of every slot: its layers (a target mask that is the causal one
     makes them causal, as torch detects it), then its final norm."""
-    causal = _detect_is_causal_mask(None if tgt_mask is None else tgt_mask.t, tgt_is_causal, _seq_len(runner, tgt))
+    seq_len = _seq_len(runner, tgt, mod.layers[0].self_attn.batch_first)
+    causal = _detect_is_causal_mask(None if tgt_mask is None else tgt_mask.t, tgt_is_causal, seq_len)
     out = tgt
     for i, layer in enumerate(mod.layers):
         out = decoder_layer(runner, f"{name}.layers.{i}", layer, out, memory, tgt_mask, memory_mask,
@@ -214,7 +216,8 @@ def transformer(runner: Any, name: str, mod: nn.Transformer, src: Act, tgt: Act,
     that memory. Inputs torch refuses (batch sizes or widths that differ) are left to vmap, which raises
     torch's own error."""
     s, t = src.sample_shape(runner.n), tgt.sample_shape(runner.n)
-    if (len(s) == 3 and s[0] != t[0]) or s[-1] != mod.d_model or t[-1] != mod.d_model:
+    batch = 0 if mod.batch_first else 1
+    if (len(s) == 3 and s[batch] != t[batch]) or s[-1] != mod.d_model or t[-1] != mod.d_model:
         raise Unsupported("inputs nn.Transformer refuses")
     memory = encoder(runner, f"{name}.encoder", mod.encoder, src, src_mask, src_key_padding_mask, src_is_causal)
     return decoder(runner, f"{name}.decoder", mod.decoder, tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,

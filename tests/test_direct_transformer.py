@@ -17,7 +17,7 @@ from torch import nn
 import ray_modelbatch as rmb
 from ray_modelbatch import fast_path
 from test_direct_layers import S, trains_like_solo
-from test_slot_random import _alone, _batches, _fused, _max_rel, _seeded
+from test_slot_random import LR, _alone, _batches, _fused, _max_rel, _seeded
 
 VOCAB, SRC, TGT = 20, 7, 5
 
@@ -151,11 +151,15 @@ class Inside(nn.Module):
 
 
 def test_settings_without_a_direct_kernel_use_vmap_and_torchs_errors_stay_torchs():
-    for layer in (nn.TransformerDecoderLayer(8, 2, 16, batch_first=False),
-                  nn.TransformerDecoderLayer(8, 2, 16, batch_first=True, activation=lambda t: t * 2),
-                  nn.Transformer(8, 2, 1, 1, 16)):  # batch_first=False, torch's default
+    class OwnDecoder(nn.TransformerDecoder):  # a subclass may change forward: not torch's decoder
+        pass
+
+    own = OwnDecoder(nn.TransformerDecoderLayer(8, 2, 16, batch_first=True), 1)
+    for layer in (nn.TransformerDecoderLayer(8, 2, 16, batch_first=True, activation=lambda t: t * 2),
+                  nn.Transformer(8, 2, 1, 1, 16, batch_first=True, custom_decoder=own)):
         assert fast_path.plan(Inside(layer)) is None, layer
-    assert fast_path.plan(Inside(nn.Transformer(8, 2, 1, 1, 16, batch_first=True))) is not None
+    for first in (True, False):  # torch's default is sequence-first
+        assert fast_path.plan(Inside(nn.Transformer(8, 2, 1, 1, 16, batch_first=first))) is not None
 
     class Two(nn.Module):
         def __init__(self):
@@ -185,3 +189,73 @@ def test_a_bare_layer_as_the_whole_model_says_why_it_runs_on_vmap(make, name):
     assert rmb.ModelBatch([Inside(nn.TransformerDecoderLayer(8, 2, 16, batch_first=True))
                            for _ in range(2)]).uses_direct_path
     assert rmb.ModelBatch([nn.TransformerDecoderLayer(8, 2, 16, batch_first=True) for _ in range(2)]).uses_direct_path
+
+
+class SeqFirst(nn.Module):
+    """PyTorch's translation tutorial's layout: ``nn.Transformer`` sequence-first (its default), inputs ``[T, B]``."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.t = nn.Transformer(8, 2, 1, 1, 16, dropout=dropout)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, src, tgt, src_pad):
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)  # [T, B]
+        mask = self.t.generate_square_subsequent_mask(tgt.shape[0])
+        h = self.t(self.emb(src), self.emb(tgt), tgt_mask=mask, src_key_padding_mask=src_pad,
+                   memory_key_padding_mask=src_pad)
+        return self.head(h).transpose(0, 1)  # [B, T, vocab]
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_a_sequence_first_transformer_trains_like_each_model_alone(per_slot):
+    src, (tgt, src_pad, _), y = _batch(per_slot)
+    mb = trains_like_solo(SeqFirst, src, y, _tokens_loss, args=(tgt, src_pad), per_slot=per_slot)
+    assert mb._plan().kinds().get("t") == "transformer"
+
+
+class SeqFirstAttention(nn.Module):
+    """A sequence-first ``nn.MultiheadAttention`` returning its weights, with dropout on them and after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.attn = nn.Linear(2, 8), nn.MultiheadAttention(8, 2, dropout=0.3)
+        self.drop, self.out = nn.Dropout(0.2), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.inp(x.view(-1, 5, 2)).transpose(0, 1)  # [T, B, E]
+        a, w = self.attn(h, h, h)
+        return self.out(self.drop(a).mean(0)) + w.sum((1, 2)).unsqueeze(-1)
+
+
+@pytest.mark.parametrize("make", [lambda: SeqFirstAttention(), lambda: SeqFirst(dropout=0.2)],
+                         ids=["attention_weights", "transformer"])
+def test_sequence_first_dropout_draws_each_models_own_masks(make):
+    """A dropout after a sequence-first attention draws its mask in the ``[T, B, E]`` memory order its module
+    returns: SGD steps with each slot's generator where its model's was, against the models alone."""
+    if make().__class__ is SeqFirst:
+        g = torch.Generator().manual_seed(2)
+        batches = [(torch.randint(0, VOCAB, (4, SRC), generator=g), torch.randint(0, VOCAB, (4, TGT), generator=g))
+                   for _ in range(3)]
+        step = lambda m, b, c: _tokens_loss(m(b[0], b[0][:, :TGT], None), b[1])  # noqa: E731
+    else:
+        batches, step = _batches(3, 10), None
+    pairs = [_seeded(make, s) for s in range(S)]
+    refs = [_alone(m, st, batches, step) if step else _alone(m, st, batches) for m, st in pairs]
+    mb, engine = _fused([m for m, _ in pairs], [st for _, st in pairs])  # SGD at the models' LR
+    assert mb.uses_direct_path
+    if step is None:
+        for x, y in batches:
+            engine.train_step(x, y)
+    else:
+        opt = rmb.optim.SGD(mb, lr=LR, momentum=0.9)
+        for x, y in batches:
+            mb.zero_grad()
+            losses, _ = mb.forward_loss(x, y, _tokens_loss, x[:, :TGT], None)
+            losses.sum().backward()
+            opt.step()
+    assert not mb._slow_keys
+    for s, (ref, end) in enumerate(refs):
+        assert _max_rel(mb, s, ref) < 2e-5, s
+        assert torch.equal(mb.random.state(s), end), s
