@@ -50,7 +50,8 @@ def _tokens_loss(out, y):
 def _batch(per_slot: bool, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     lead = (S,) if per_slot else ()
-    src, tgt = torch.randint(0, VOCAB, (*lead, 4, SRC), generator=g), torch.randint(0, VOCAB, (*lead, 4, TGT), generator=g)
+    src = torch.randint(0, VOCAB, (*lead, 4, SRC), generator=g)
+    tgt = torch.randint(0, VOCAB, (*lead, 4, TGT), generator=g)
     src_pad, tgt_pad = torch.zeros(*lead, 4, SRC, dtype=torch.bool), torch.zeros(*lead, 4, TGT, dtype=torch.bool)
     src_pad[..., 1, 5:] = True
     tgt_pad[..., 2, 3:] = True

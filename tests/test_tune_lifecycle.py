@@ -172,8 +172,8 @@ def test_reuse_actors_reset_config_hands_the_slot_to_the_next_trial(trainables, 
         # on one reused actor: the previous trial is detached before the next attaches
         for prev, nxt in zip(trials, trials[1:]):
             assert per[prev][-1]["t"] <= per[nxt][-2]["t"]
-    # two slots at most; whether two trials overlapped at all is Tune's timing (one of five clean-clone runs in session 41 used
-    # only slot 0: each trial's actor was reset for the next before another started)
+    # two slots at most; whether two trials overlapped at all is Tune's timing (one of five clean-clone runs
+    # in session 41 used only slot 0: each trial's actor was reset for the next before another started)
     assert {e["slot"] for e in events if e["event"] == "attach"} <= {0, 1}
 
 
