@@ -22,10 +22,8 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from ray_modelbatch import FusedEngine, ModelBatch, optim  # noqa: E402
+from test_hf_models import B, L, LRS, S, STEPS, TOL, VOCAB, _train_alone  # noqa: E402  (the same recipe)
 
-S, B, L, STEPS, VOCAB = 3, 6, 10, 5, 40
-LRS = [3e-3, 1e-3, 3e-4]
-TOL = 1e-5
 T = transformers
 
 DECODER = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -96,13 +94,8 @@ def test_each_family_trains_fused_like_each_model_alone(arch):
     fused = [engine.train_step(b, per_slot=True).losses for b in batches]
     assert "Hugging Face" in mb.why_vmap()  # the reason it runs on vmap, not the stack's own cache hook
     for i, model in enumerate(solo):
-        opt = torch.optim.AdamW(model.parameters(), lr=LRS[i], weight_decay=0.01)
-        for t, b in enumerate(batches):
-            opt.zero_grad()
-            loss = model(**{k: v[i] for k, v in b.items()}).loss
-            loss.backward()
-            opt.step()
-            assert float(fused[t][i]) == pytest.approx(float(loss.detach()), abs=1e-5), f"slot {i} step {t}"
+        alone = _train_alone(model, i, batches)  # torch.optim.AdamW, each step's loss
+        assert [float(f[i]) for f in fused] == pytest.approx(alone, abs=1e-5), f"slot {i}"
         got = mb.slot_module(i, make())
         for (name, a), b in zip(got.named_parameters(), model.parameters()):
             tol = 1e-4 if _zero_in_exact_arithmetic(name) else TOL
