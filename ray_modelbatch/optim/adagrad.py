@@ -46,6 +46,9 @@ class Adagrad(VectorOptimizer):
         super()._push()
         self._any_wd = any(bool((wd != 0).any()) for wd in self._weight_decays())
 
+    def _sqrt_floor(self):
+        return self._hp["eps"]  # eps is added to the root itself
+
     def _coefficients(self, hp, steps, ok, lr):
         skip = ok == 0
         # torch: clr = lr / (1 + (step - 1) * lr_decay) with step counted after this update
@@ -61,5 +64,5 @@ class Adagrad(VectorOptimizer):
         g = apply_weight_decay(p, g, c)
         acc = state["sum"]
         acc.addcmul_(g, g)
-        std = acc.sqrt().add_(c["eps"])
+        std = self._root(acc).add_(c["eps"])
         p.sub_(g.div(std).mul_(c["clr"]))

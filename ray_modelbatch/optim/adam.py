@@ -58,6 +58,10 @@ class Adam(BetasMixin, VectorOptimizer):
         self._amsgrad = "all" if bool((ams == 1).all()) else ("some" if bool((ams == 1).any()) else "none")
         self._any_wd = any(bool((wd != 0).any()) for wd in self._weight_decays())
 
+    def _sqrt_floor(self):
+        # the root is divided by sqrt(1 - beta2**t), at least sqrt(1 - beta2) (t >= 1)
+        return self._hp["eps"] * (1.0 - self._hp["beta2"]).sqrt()
+
     def _coefficients(self, hp, steps, ok, lr):
         b1, b2 = hp["beta1"], hp["beta2"]
         t = steps + 1.0
@@ -105,7 +109,7 @@ class Adam(BetasMixin, VectorOptimizer):
             vmax = state["max_exp_avg_sq"]
             torch.maximum(vmax, v, out=vmax)
             second = vmax if self._amsgrad == "all" else torch.where(c["ams"] > 0, vmax, v)
-        denom = second.sqrt().div_(c["bc2_sqrt"]).add_(c["eps"])
+        denom = self._root(second).div_(c["bc2_sqrt"]).add_(c["eps"])
         p.sub_(m.div(denom).mul_(c["step_size"]))
 
 

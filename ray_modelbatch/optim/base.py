@@ -47,6 +47,7 @@ from ..errors import HyperparameterError
 from ..model_batch import ModelBatch, Slots
 from . import gradless
 from . import groups as pgroups
+from . import moment_sqrt
 from . import plateau as plateau_rule
 from . import schedules
 from . import torch_compat
@@ -350,6 +351,8 @@ class VectorOptimizer:
         kinds = {schedules.KINDS[int(k)] for k in self._hp["schedule_kind"].unique().tolist()}
         self._schedule_kinds = tuple(sorted(kinds - {"constant"}))  # a tuple: compiled code guards on it
         self._clipping = bool(torch.isfinite(self._hp["max_grad_norm"]).any())
+        on_cpu = self.mb.device.type == "cpu"
+        self._sqrt_clamp = {dt: on_cpu and moment_sqrt.clamp_is_exact(self._sqrt_floor(), dt) for dt in self.state}
         self._plateau_any = bool((self._hp["plateau_on"] == 1).any())
         self._step_scalars = tuple(self.SLOT_SCALARS) + (("plateau_lr_mult",) if self._plateau_any else ())
         per_group: set[str] = set()
@@ -746,6 +749,17 @@ class VectorOptimizer:
             if self._clipping:  # otherwise scale is 1 for kept slots and 0 for the zeroed ones: nothing to do
                 g.mul_(scale)
         self._update(p, g, state, c)
+
+    def _sqrt_floor(self) -> torch.Tensor | None:
+        """Each slot's smallest ``eps * d``, where its update divides by ``sqrt(second moment) / d + eps``
+        (see :mod:`.moment_sqrt`); None where the update takes no such root."""
+        return None
+
+    def _root(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """The root of a second moment: torch's bits, without the CPU kernel's slow path for zeros
+        (:mod:`.moment_sqrt`). ``inplace`` for a temporary of the update's own."""
+        clamp = self._sqrt_clamp.get(x.dtype, False)
+        return moment_sqrt.sqrt_(x, clamp) if inplace else moment_sqrt.sqrt(x, clamp)
 
     def _single_pass(self, hp: Mapping[str, torch.Tensor], steps: torch.Tensor, ok: torch.Tensor,
                      lr: torch.Tensor) -> list[dict[str, Any] | None] | None:

@@ -51,6 +51,9 @@ class NAdam(BetasMixin, VectorOptimizer):
         super()._push()
         self._decay_kinds = decay_kinds(self._hp, self._weight_decays())
 
+    def _sqrt_floor(self):
+        return self._hp["eps"]  # eps is added to the root itself
+
     def _coefficients(self, hp, steps, ok, lr):
         b1, b2 = hp["beta1"], hp["beta2"]
         t = steps + 1.0
@@ -75,6 +78,6 @@ class NAdam(BetasMixin, VectorOptimizer):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.lerp_(g, c["w1"])
         v.lerp_(g * g, c["w2"])
-        denom = v.div(c["bc2"]).sqrt_().add_(c["eps"])
+        denom = self._root(v.div(c["bc2"]), inplace=True).add_(c["eps"])
         p.sub_(torch.addcmul(g * c["grad_step"], m, c["avg_step"]).div_(denom))
 

@@ -46,6 +46,9 @@ class RAdam(BetasMixin, VectorOptimizer):
         super()._push()
         self._decay_kinds = decay_kinds(self._hp, self._weight_decays())
 
+    def _sqrt_floor(self):
+        return self._hp["eps"]  # eps is added to the root itself
+
     def _coefficients(self, hp, steps, ok, lr):
         b1, b2 = hp["beta1"], hp["beta2"]
         t = steps + 1.0
@@ -73,5 +76,5 @@ class RAdam(BetasMixin, VectorOptimizer):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.lerp_(g, c["w1"])
         v.lerp_(g * g, c["w2"])
-        step = v.sqrt().add_(c["eps"]).reciprocal_().mul_(c["adaptive_step"]).add_(c["plain_step"])
+        step = self._root(v).add_(c["eps"]).reciprocal_().mul_(c["adaptive_step"]).add_(c["plain_step"])
         p.sub_(m * step)

@@ -56,6 +56,10 @@ class RMSprop(VectorOptimizer):
         self._any_centered = bool((self._hp["centered"] == 1).any())
         self._any_wd = any(bool((wd != 0).any()) for wd in self._weight_decays())
 
+    def _sqrt_floor(self):
+        # (centered slots root square_avg - grad_avg**2, which rounding can make negative: torch's NaN stays)
+        return None if bool((self._hp["centered"] == 1).any()) else self._hp["eps"]
+
     def _coefficients(self, hp, steps, ok, lr):
         alpha = hp["alpha"]
         skip = ok == 0
@@ -85,7 +89,7 @@ class RMSprop(VectorOptimizer):
             grad_avg.lerp_(g, c["center"])
             avg = square_avg.addcmul(grad_avg, grad_avg * c["centered"], value=-1).sqrt_()
         else:
-            avg = square_avg.sqrt()
+            avg = self._root(square_avg)
         avg.add_(c["eps"])
         if "momentum" in c:
             buf = state["momentum_buffer"]
