@@ -39,6 +39,9 @@ from .slot_random import Draws, SlotRandom, VmapRandom, vmap_body
 from .stacked_embedding import dense_gradients, stack_embeddings
 from .stacked_layer_norm import stack_layer_norms
 from .unrolled_rnn import unroll_rnns
+from .vector_math_init import start as _start_vector_math
+
+_start_vector_math()  # before any step can make the first call on several threads (see vector_math_init)
 
 Slots = Union[None, str, int, Sequence[int], torch.Tensor]
 
