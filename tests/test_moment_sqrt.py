@@ -76,7 +76,7 @@ OPTIMIZERS = [
 ]
 
 
-def _train(cls, kw, clamp: bool | None, steps: int = 12) -> tuple[ModelBatch, optim.VectorOptimizer]:
+def _train(cls, kw, clamp: bool | None, steps: int = 12, zeros: bool = True) -> tuple[ModelBatch, optim.VectorOptimizer]:
     """Slots whose first input is always 0 (that weight column's moments stay exactly 0) and whose second is
     about 1e-21: its gradients' squares underflow to 0 while the gradients do not, so the root decides the
     update there."""
@@ -86,13 +86,15 @@ def _train(cls, kw, clamp: bool | None, steps: int = 12) -> tuple[ModelBatch, op
         nn.init.zeros_(m[0].weight[:, 1])
     mb = ModelBatch([copy.deepcopy(m) for m in models])
     opt = cls(mb, **kw)
-    if clamp is not None:
-        opt._sqrt_clamp = {dt: clamp for dt in opt._sqrt_clamp}
+    if clamp is False:  # torch's plain sqrt throughout
+        opt._sqrt_allowed = []
+        opt._sqrt_clamp = {dt: False for dt in opt._sqrt_clamp}
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randn(32, 6, generator=g)
-        x[:, 0] = 0.0
-        x[:, 1] *= 1e-21
+        if zeros:
+            x[:, 0] = 0.0
+            x[:, 1] *= 1e-21
         y = torch.randn(32, 2, generator=g)
         opt.zero_grad()
         F.mse_loss(mb(x), y.expand(mb.num_slots, *y.shape)).backward()
@@ -123,4 +125,18 @@ def test_updates_whose_eps_cannot_absorb_the_clamp_take_torchs_sqrt():
     opt.set_hparams([1], eps=1e-14)  # one slot's new eps turns the clamp off for the stack
     assert opt._sqrt_clamp[torch.float32] is False
     opt.set_hparams([1], eps=1e-8)
+    assert opt._sqrt_clamp[torch.float32] is True
+
+
+def test_the_clamp_runs_only_while_the_moments_hold_zeros():
+    """Without zeros the clamp is a pass for nothing: after the periodic look it is off, and a slot's reset
+    (fresh moments are zeros) turns it back on."""
+    from ray_modelbatch.optim.base import ROOT_CHECK_EVERY
+
+    mb, opt = _train(optim.Adam, {"lr": 1e-2}, None, steps=ROOT_CHECK_EVERY + 1, zeros=False)
+    assert opt._sqrt_allowed == [torch.float32] and opt._sqrt_clamp[torch.float32] is False
+    torch.manual_seed(5)
+    mb.reset_slot(1, nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2)))  # a new trial in slot 1
+    assert opt._sqrt_clamp[torch.float32] is True
+    mb, opt = _train(optim.Adam, {"lr": 1e-2}, None, steps=ROOT_CHECK_EVERY + 1, zeros=True)
     assert opt._sqrt_clamp[torch.float32] is True

@@ -35,6 +35,7 @@ class Adagrad(VectorOptimizer):
     }
     LR_COEFFICIENTS = ("clr",)
     STATE = ("sum",)
+    ROOT_STATE = "sum"
     STATE_INIT = {"sum": "initial_accumulator_value"}
 
     def __init__(self, mb: ModelBatch, lr: Any = 1e-2, lr_decay: Any = 0.0, weight_decay: Any = 0.0,

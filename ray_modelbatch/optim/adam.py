@@ -34,6 +34,7 @@ class Adam(BetasMixin, VectorOptimizer):
     }
     LR_COEFFICIENTS = ("step_size",)
     STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    ROOT_STATE = "exp_avg_sq"
     decoupled = False
 
     def __init__(

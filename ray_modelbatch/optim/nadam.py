@@ -39,6 +39,7 @@ class NAdam(BetasMixin, VectorOptimizer):
     }
     LR_COEFFICIENTS = ("grad_step", "avg_step")
     STATE = ("exp_avg", "exp_avg_sq")
+    ROOT_STATE = "exp_avg_sq"
     SLOT_SCALARS = {"mu_product": 1.0}
 
     def __init__(self, mb: ModelBatch, lr: Any = 2e-3, betas: Any = (0.9, 0.999), eps: Any = 1e-8,

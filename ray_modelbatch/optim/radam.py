@@ -36,6 +36,7 @@ class RAdam(BetasMixin, VectorOptimizer):
     }
     LR_COEFFICIENTS = ("adaptive_step", "plain_step")
     STATE = ("exp_avg", "exp_avg_sq")
+    ROOT_STATE = "exp_avg_sq"
 
     def __init__(self, mb: ModelBatch, lr: Any = 1e-3, betas: Any = (0.9, 0.999), eps: Any = 1e-8,
                  weight_decay: Any = 0.0, decoupled_weight_decay: Any = False, **kwargs: Any):

@@ -36,6 +36,7 @@ class RMSprop(VectorOptimizer):
     }
     LR_COEFFICIENTS = ("lr",)
     STATE = ("square_avg", "momentum_buffer", "grad_avg")
+    ROOT_STATE = "square_avg"
 
     def __init__(self, mb: ModelBatch, lr: Any = 1e-2, alpha: Any = 0.99, eps: Any = 1e-8, weight_decay: Any = 0.0,
                  momentum: Any = 0.0, centered: Any = False, **kwargs: Any):
