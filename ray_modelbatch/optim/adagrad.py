@@ -47,9 +47,6 @@ class Adagrad(VectorOptimizer):
         super()._push()
         self._any_wd = any(bool((wd != 0).any()) for wd in self._weight_decays())
 
-    def _sqrt_floor(self):
-        return self._hp["eps"]  # eps is added to the root itself
-
     def _coefficients(self, hp, steps, ok, lr):
         skip = ok == 0
         # torch: clr = lr / (1 + (step - 1) * lr_decay) with step counted after this update

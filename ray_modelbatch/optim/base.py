@@ -764,8 +764,9 @@ class VectorOptimizer:
 
     def _sqrt_floor(self) -> torch.Tensor | None:
         """Each slot's smallest ``eps * d``, where its update divides by ``sqrt(second moment) / d + eps``
-        (see :mod:`.moment_sqrt`); None where the update takes no such root."""
-        return None
+        (see :mod:`.moment_sqrt`); None where the update takes no such root. Here ``d`` = 1: ``eps`` is added
+        to the root itself (NAdam, RAdam, Adagrad); Adam and RMSprop say otherwise."""
+        return self._hp["eps"] if self.ROOT_STATE is not None else None
 
     def _refresh_root_clamp(self) -> None:
         """Clamp the root only while at least ``ROOT_CLAMP_ZEROS`` of the second moments are zeros.

@@ -24,7 +24,9 @@ denominator, and therefore the update, is torch.optim's exactly whenever
 holds for every slot: in fp32, ``eps * d`` above 3.6e-12 (Adam's default
 ``eps = 1e-8`` with ``beta2 = 0.999`` gives 3.2e-10). Where it does not hold
 (``eps = 0``, a tiny ``eps``, fp16 state) the optimizer takes torch's plain
-``sqrt``; so does every device but the CPU.
+``sqrt``; so does every device but the CPU. The clamp is one more pass, so an
+optimizer takes it only while its moments hold enough zeros to pay for it
+(``VectorOptimizer._refresh_root_clamp``).
 """
 
 from __future__ import annotations

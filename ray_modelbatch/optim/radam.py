@@ -47,9 +47,6 @@ class RAdam(BetasMixin, VectorOptimizer):
         super()._push()
         self._decay_kinds = decay_kinds(self._hp, self._weight_decays())
 
-    def _sqrt_floor(self):
-        return self._hp["eps"]  # eps is added to the root itself
-
     def _coefficients(self, hp, steps, ok, lr):
         b1, b2 = hp["beta1"], hp["beta2"]
         t = steps + 1.0
