@@ -9,7 +9,7 @@ import pytest
 import torch
 
 # A fresh process whose first sqrt is split over 2 threads: without the start, its worker's half came out about
-# 2**-14 off in 13 of 50 processes (RESULTS.md, session 42); each process here says whether its two calls agree.
+# 2**-14 off in 8 of 31 processes (RESULTS.md, session 42); each process here says whether its two calls agree.
 FIRST_CALL = """
 import torch
 {setup}
@@ -42,6 +42,6 @@ def test_importing_the_core_makes_the_first_vector_math_call_on_one_thread(monke
 
 @pytest.mark.slow
 def test_fresh_processes_that_import_the_core_get_exact_first_roots():
-    # 12 fresh processes. Without the start, 13 of 50 and 1 of 12 such processes disagreed (session 42), so a
+    # 12 fresh processes. Without the start, 8 of 31 and 1 of 12 such processes disagreed (session 42), so a
     # lost start fails this test in most runs, not in every one.
     assert all(_agree("import ray_modelbatch.model_batch") for _ in range(12))
