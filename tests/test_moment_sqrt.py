@@ -16,13 +16,9 @@ TINY = torch.finfo(torch.float32).tiny
 
 
 def _moments(n: int = 20000) -> torch.Tensor:
-    """Second moments as an update meets them: normal values, exact zeros and subnormals.
-
-    First a root on every thread: on this CPU build the first ``sqrt`` a fresh process runs on an OpenMP
-    worker thread sometimes comes out about 2**-14 off (1 run in 3-10; ``exp`` too), whatever its input,
-    and later calls do not. That is torch's, with or without the clamp (RESULTS.md, session 42).
-    """
-    torch.rand(4 * n).sqrt()
+    """Second moments as an update meets them: normal values, exact zeros and subnormals. (Importing
+    ray_modelbatch made torch's first vector-math call on one thread, so the first parallel ``sqrt`` here is
+    exact: see ``ray_modelbatch/vector_math_init.py``.)"""
     g = torch.Generator().manual_seed(0)
     v = torch.rand(n, generator=g) * 10.0 ** torch.randint(-30, 2, (n,), generator=g).float()
     v[:2000] = 0.0
