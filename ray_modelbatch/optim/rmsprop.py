@@ -52,14 +52,14 @@ class RMSprop(VectorOptimizer):
         return tuple(names)
 
     def _push(self) -> None:
+        self._any_centered = bool((self._hp["centered"] == 1).any())  # (before the base's push: _sqrt_floor reads it)
         super()._push()
         self._any_momentum = bool((self._hp["momentum"] != 0).any())
-        self._any_centered = bool((self._hp["centered"] == 1).any())
         self._any_wd = any(bool((wd != 0).any()) for wd in self._weight_decays())
 
     def _sqrt_floor(self):
         # (centered slots root square_avg - grad_avg**2, which rounding can make negative: torch's NaN stays)
-        return None if bool((self._hp["centered"] == 1).any()) else self._hp["eps"]
+        return None if self._any_centered else self._hp["eps"]
 
     def _coefficients(self, hp, steps, ok, lr):
         alpha = hp["alpha"]
