@@ -72,7 +72,8 @@ OPTIMIZERS = [
 ]
 
 
-def _train(cls, kw, clamp: bool | None, steps: int = 12, zeros: bool = True) -> tuple[ModelBatch, optim.VectorOptimizer]:
+def _train(cls, kw, clamp: bool | None, steps: int = 12,
+           zeros: bool = True) -> tuple[ModelBatch, optim.VectorOptimizer]:
     """Slots whose first input is always 0 (that weight column's moments stay exactly 0) and whose second is
     about 1e-21: its gradients' squares underflow to 0 while the gradients do not, so the root decides the
     update there."""
