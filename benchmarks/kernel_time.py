@@ -53,6 +53,7 @@ HEAVY_NAMES = frozenset({
     "convolution", "convolution_backward", "_convolution", "mkldnn_convolution",
     "mkldnn_rnn_layer", "mkldnn_rnn_layer_backward", "_linear_pointwise",
     "_softmax", "_softmax_backward_data", "_log_softmax", "_log_softmax_backward_data",
+    "strided_bmm",  # ray_modelbatch.strided_gemm: MKL's batched GEMM into a strided stack (a weight gradient)
 })
 HEAVY_PREFIXES = ("_scaled_dot_product_", "_flash_attention", "_efficient_attention", "_cudnn_rnn", "cudnn_convolution")
 

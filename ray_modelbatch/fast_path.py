@@ -115,7 +115,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 
 from . import (channels_last_group_norm, conv_precision, padded_channel_conv, shared_input_conv,
-               short_softmax, strided_pointwise_conv)
+               short_softmax, strided_gemm, strided_pointwise_conv)
 from . import direct_attention as attention
 from . import direct_transformer
 from . import hf
@@ -128,7 +128,8 @@ from .stacked_embedding import StackedEmbedding
 from .stacked_layer_norm import StackedLayerNorm
 from .unrolled_rnn import UnrolledRNN, UnrolledRNNCell
 
-__all__ = ["FastPlan", "GradTarget", "Unsupported", "plan", "run", "onednn_available", "DIRECT_WRITE_MIN", "GEMMS"]
+__all__ = ["FastPlan", "GradTarget", "Unsupported", "plan", "run", "onednn_available", "DIRECT_WRITE_MIN",
+           "STRIDED_GEMM_MIN_SLOTS", "GEMMS"]
 
 ELEMENTWISE_MODULES = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus,
                        nn.Identity, nn.Dropout, nn.Mish, nn.Hardtanh, nn.ReLU6, nn.SELU, nn.CELU, nn.Hardswish,
@@ -748,10 +749,16 @@ _PARAM_KINDS = {"linear", "conv", "norm", "group_norm", "prelu", "layer_norm", "
 
 
 # Weight matrices of at least this many elements get their gradient GEMM'd straight into their
-# view of the flat [S, P] buffer. That view is strided across slots, which MKL's batched GEMM does
-# not take, so torch runs one GEMM per slot: ~4 us of overhead each, against copying the matrix
-# from a contiguous batched result (measured on a 2-core EPYC: break-even near 14k elements).
+# view of the flat [S, P] buffer. That view is strided across slots, so torch runs one GEMM per slot
+# into it, ~4 us of overhead each. Smaller ones are GEMM'd into a contiguous result and copied
+# (measured on a 2-core EPYC: break-even near 14k elements).
 DIRECT_WRITE_MIN = 16384
+# From this many slots, on more than one thread, MKL's batched GEMM writes the strided view in one call
+# instead (see strided_gemm; the same values to the bit): it spreads the slots over the threads, where
+# torch's per-slot GEMMs meet at a barrier after each. `python benchmarks/strided_gemm.py` (2-core Xeon,
+# weights 256x256 to 512x512 and 2048x10, batch 16-64): 1.02-2.02x torch's per-slot GEMMs (median
+# 1.19x) on 2 threads from 16 slots, 0.92-1.50x at 8; on one thread 0.77-1.06x (median 1.01x).
+STRIDED_GEMM_MIN_SLOTS = 16
 
 
 def _softmax_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -824,8 +831,10 @@ class GradTarget:
 def write_weight_grad(view: torch.Tensor, add: bool, gt: torch.Tensor, hs: torch.Tensor) -> None:
     """Every slot's weight gradient ``gt @ hs`` into its ``[n, O, I]`` view of the flat gradient buffer
     (added to what the view holds when ``add``)."""
-    if view.shape[-2] * view.shape[-1] >= DIRECT_WRITE_MIN:  # GEMMs into the strided view, one slot at a time
-        view.baddbmm_(gt, hs) if add else torch.bmm(gt, hs, out=view)
+    if view.shape[-2] * view.shape[-1] >= DIRECT_WRITE_MIN:  # GEMMs into the strided view
+        batched = view.shape[0] >= STRIDED_GEMM_MIN_SLOTS and torch.get_num_threads() > 1
+        if not (batched and strided_gemm.bmm_into(view, gt, hs, add)):
+            view.baddbmm_(gt, hs) if add else torch.bmm(gt, hs, out=view)  # (one GEMM per slot)
     else:  # one batched GEMM into a contiguous result, then a copy
         view.add_(torch.bmm(gt, hs)) if add else view.copy_(torch.bmm(gt, hs))
 

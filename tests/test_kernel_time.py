@@ -95,3 +95,18 @@ def test_a_loss_softmax_counts_as_a_kernel_and_replays():
     assert names == ["_log_softmax", "_log_softmax_backward_data"], names  # nll_loss and its backward are not
     total, by_name = kernel_time.heavy_seconds(step, reps=2)
     assert set(by_name) == set(names) and total > 0
+
+
+def test_a_weight_gradient_written_by_mkl_batched_gemm_counts_and_replays_as_a_kernel():
+    """ray_modelbatch.strided_gemm's operator is the step's weight-gradient GEMM: the kernel bound counts it."""
+    from ray_modelbatch import strided_gemm
+
+    if not strided_gemm.available():
+        return
+    flat = torch.zeros(4, 16 * 12 + 5)
+    view = flat[:, :16 * 12].unflatten(1, (16, 12))
+    a, b = torch.randn(4, 16, 8), torch.randn(8, 12).expand(4, 8, 12)
+    calls = kernel_time.record_heavy(lambda: strided_gemm.bmm_into(view, a, b))
+    assert [c.name for c in calls] == ["strided_bmm_"]
+    times = kernel_time.replay_time(calls, reps=2, passes=1)
+    assert list(times) == ["strided_bmm_"] and times["strided_bmm_"] > 0

@@ -1,0 +1,125 @@
+"""MKL's batched GEMM into strided stacks (ray_modelbatch.strided_gemm): torch's batched values to the bit."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ray_modelbatch import fast_path, strided_gemm
+
+pytestmark = pytest.mark.skipif(not strided_gemm.available(), reason="this torch carries no MKL batched GEMM")
+
+
+def _flat_view(count: int, rows: int, cols: int, pad: int = 37, dtype=torch.float32) -> torch.Tensor:
+    """A ``[count, rows, cols]`` view of a slot-major flat buffer: contiguous matrices ``rows*cols + pad`` apart."""
+    flat = torch.full((count, rows * cols + pad), float("nan"), dtype=dtype)
+    return flat[:, pad // 2:pad // 2 + rows * cols].unflatten(1, (rows, cols))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# Products of at least 400 multiply-adds: below that torch's bmm runs a loop of its own, not MKL.
+@pytest.mark.parametrize("count,m,k,n", [(1, 5, 16, 8), (8, 32, 64, 64), (16, 256, 64, 300), (3, 1, 64, 9),
+                                         (4, 6, 80, 1)])
+@pytest.mark.parametrize("a_form", ["rows", "cols", "shared"])
+def test_equals_torch_batched_gemm_bit_for_bit(dtype, count, m, k, n, a_form):
+    """The values torch's batched GEMM gives into a contiguous result, and torch's one GEMM per slot gives
+    into the same strided view (its path before this module): a weight gradient's bits do not change."""
+    torch.manual_seed(0)
+    if a_form == "rows":
+        a = torch.randn(count, m, k, dtype=dtype)
+    elif a_form == "cols":  # a transposed view, as a weight gradient's (the output's gradient, transposed)
+        a = torch.randn(count, k, m, dtype=dtype).transpose(1, 2)
+    else:  # one input every slot shares (batch stride 0)
+        a = torch.randn(m, k, dtype=dtype).expand(count, m, k)
+    b = torch.randn(count, k, n, dtype=dtype)
+    out = _flat_view(count, m, n, dtype=dtype)
+    assert not out.is_contiguous() or count == 1
+    assert strided_gemm.bmm_into(out, a, b)
+    assert torch.equal(out, torch.bmm(a, b))
+    if n > 1:  # (a single column: torch's per-slot path runs a matrix-vector kernel of other rounding)
+        torch_strided = _flat_view(count, m, n, dtype=dtype)
+        torch.bmm(a, b, out=torch_strided)
+        assert torch.equal(out, torch_strided)
+    before = out.clone()
+    assert strided_gemm.bmm_into(out, a, b, add=True)  # beta = 1: a gradient accumulated
+    assert torch.allclose(out, before + torch.bmm(a, b), rtol=1e-6, atol=1e-6)
+
+
+def test_transposed_second_operand_and_shared_second_operand():
+    torch.manual_seed(1)
+    a = torch.randn(6, 10, 12)
+    b_t = torch.randn(6, 9, 12).transpose(1, 2)  # a weight read transposed, as the forward reads it
+    out = _flat_view(6, 10, 9)
+    assert strided_gemm.bmm_into(out, a, b_t)
+    assert torch.equal(out, torch.bmm(a, b_t))
+    shared = torch.randn(12, 9).expand(6, 12, 9)
+    assert strided_gemm.bmm_into(out, a, shared)
+    assert torch.equal(out, torch.bmm(a, shared))
+
+
+@pytest.mark.parametrize("case", ["int", "mixed_dtype", "shape", "overlap", "cols_out", "gathered_a", "grad"])
+def test_declines_what_it_cannot_write_and_writes_nothing(case):
+    a, b = torch.randn(4, 3, 5), torch.randn(4, 5, 2)
+    out = _flat_view(4, 3, 2)
+    if case == "int":
+        a, b, out = a.long(), b.long(), out.nan_to_num().long()
+    elif case == "mixed_dtype":
+        b = b.double()
+    elif case == "shape":
+        b = torch.randn(4, 4, 2)
+    elif case == "overlap":  # matrices that share memory: never a gradient buffer
+        out = torch.zeros(10).as_strided((4, 3, 2), (1, 2, 1))
+    elif case == "cols_out":
+        out = torch.zeros(4, 2, 3).transpose(1, 2)
+    elif case == "gathered_a":  # neither rows nor columns contiguous
+        a = torch.randn(4, 6, 10)[:, ::2, ::2]
+    elif case == "grad":
+        a.requires_grad_(True)
+    before = out.clone()
+    assert not strided_gemm.bmm_into(out, a, b)
+    assert torch.equal(out.nan_to_num(7.0), before.nan_to_num(7.0))  # untouched, NaN padding included
+
+
+def test_the_operator_rejects_layouts_it_cannot_read_with_a_clear_message():
+    a = torch.randn(4, 6, 10)[:, ::2, ::2]
+    with pytest.raises(Exception, match="bmm_into"):
+        torch.ops.ray_modelbatch.strided_bmm_(torch.zeros(4, 3, 2), a, torch.randn(4, 5, 2), False)
+
+
+def test_dispatch_modes_see_the_kernel_as_a_torch_operator():
+    out, a, b = _flat_view(3, 4, 5), torch.randn(3, 4, 6), torch.randn(3, 6, 5)
+    ops = _ops_called(lambda: strided_gemm.bmm_into(out, a, b))
+    assert ops == ["ray_modelbatch.strided_bmm_.default"]
+
+
+def _ops_called(fn) -> list[str]:
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("slots,threads", [(fast_path.STRIDED_GEMM_MIN_SLOTS - 1, 2),
+                                           (fast_path.STRIDED_GEMM_MIN_SLOTS, 2), (fast_path.STRIDED_GEMM_MIN_SLOTS, 1)])
+def test_a_large_weight_gradient_is_written_in_place_with_torch_batched_values(slots, threads, monkeypatch):
+    """fast_path.write_weight_grad, for a weight at or above DIRECT_WRITE_MIN: the slot-major buffer's
+    strided view gets what one batched GEMM into a contiguous result gives, and accumulates; from
+    STRIDED_GEMM_MIN_SLOTS slots on several threads by MKL's batched GEMM, else by torch's GEMM per slot."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(2)
+    rows, cols, batch = 128, fast_path.DIRECT_WRITE_MIN // 128, 16
+    view = _flat_view(slots, rows, cols)
+    gt = torch.randn(slots, batch, rows).transpose(1, 2)
+    hs = torch.randn(batch, cols).expand(slots, batch, cols)
+    ops = _ops_called(lambda: fast_path.write_weight_grad(view, False, gt, hs))
+    batched = slots >= fast_path.STRIDED_GEMM_MIN_SLOTS and threads > 1
+    assert ("ray_modelbatch.strided_bmm_.default" in ops) == batched, ops
+    expected = torch.bmm(gt, hs)
+    assert torch.equal(view, expected)
+    fast_path.write_weight_grad(view, True, gt, hs)
+    assert torch.allclose(view, 2 * expected, rtol=1e-6, atol=1e-5)
