@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import statistics
 import sys
 import time
@@ -124,8 +123,8 @@ def main() -> None:
         print("this torch carries no MKL batched GEMM: nothing to compare")
         return
     print(f"- command: `python benchmarks/strided_gemm.py {' '.join(sys.argv[1:])}`".rstrip())
-    print(f"- machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"medians of {args.rounds} alternating rounds (each the median of 5 calls)")
+    print(fused_step.machine(torch.device("cpu")))
+    print(f"- medians of {args.rounds} alternating rounds (each the median of 5 calls)")
     if not args.no_grid:
         print("\n| threads | slots | weight | batch | torch per-slot ms | batched ms | per-slot / batched |")
         print("|---:|---:|---|---:|---:|---:|---:|")
