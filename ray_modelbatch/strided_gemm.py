@@ -92,7 +92,8 @@ def bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool = Fa
     ``a`` is ``[S, M, K]`` and ``b`` ``[S, K, N]``, each matrix row- or
     column-contiguous, with any batch stride (0 for an input every slot
     shares); ``out`` is ``[S, M, N]`` with contiguous rows and matrices that
-    do not overlap. All on the CPU, in float32 or float64.
+    do not overlap, sharing no memory with ``a`` or ``b``. All on the CPU, in
+    float32 or float64.
     """
     if not (out.dim() == a.dim() == b.dim() == 3 and out.dtype == a.dtype == b.dtype):
         return False
@@ -146,3 +147,4 @@ def _strided_bmm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool)
 _LIBRARY = torch.library.Library("ray_modelbatch", "FRAGMENT")
 _LIBRARY.define("strided_bmm_(Tensor(a!) out, Tensor a, Tensor b, bool add) -> ()")
 _LIBRARY.impl("strided_bmm_", _strided_bmm, "CPU")
+_LIBRARY.impl("strided_bmm_", lambda out, a, b, add: None, "Meta")  # shapes only: ``out`` keeps its own

@@ -79,6 +79,12 @@ def test_declines_what_it_cannot_write_and_writes_nothing(case):
     assert torch.equal(out.nan_to_num(7.0), before.nan_to_num(7.0))  # untouched, NaN padding included
 
 
+def test_the_operator_traces_on_meta_tensors():  # (shape-only tools: it writes into out, whose shape stays)
+    out, a, b = (torch.empty(*shape, device="meta") for shape in ((4, 3, 2), (4, 3, 5), (4, 5, 2)))
+    torch.ops.ray_modelbatch.strided_bmm_(out, a, b, False)
+    assert out.shape == (4, 3, 2)
+
+
 def test_the_operator_rejects_layouts_it_cannot_read_with_a_clear_message():
     a = torch.randn(4, 6, 10)[:, ::2, ::2]
     with pytest.raises(Exception, match="bmm_into"):
