@@ -129,3 +129,48 @@ def test_a_large_weight_gradient_is_written_in_place_with_torch_batched_values(s
     assert torch.equal(view, expected)
     fast_path.write_weight_grad(view, True, gt, hs)
     assert torch.allclose(view, 2 * expected, rtol=1e-6, atol=1e-5)
+
+
+def test_a_stack_of_wide_mlps_trains_the_same_bits_both_ways_and_as_each_model_alone(monkeypatch):
+    """16 MLPs whose 256x64 layers reach DIRECT_WRITE_MIN, 3 Adam steps on 2 threads: the batched call is
+    taken and leaves the parameters torch's per-slot GEMMs leave, and each slot trains as its model alone."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from ray_modelbatch import FusedEngine, ModelBatch, optim
+
+    slots, threads = fast_path.STRIDED_GEMM_MIN_SLOTS, torch.get_num_threads()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+    def make(i: int) -> nn.Module:
+        torch.manual_seed(i)
+        return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def train(min_slots: int) -> tuple[list[torch.Tensor], int, ModelBatch]:
+        monkeypatch.setattr(fast_path, "STRIDED_GEMM_MIN_SLOTS", min_slots)
+        calls = []
+        real = strided_gemm.bmm_into
+        monkeypatch.setattr(strided_gemm, "bmm_into", lambda *a, **k: calls.append(1) or real(*a, **k))
+        mb = ModelBatch([make(i) for i in range(slots)])
+        engine = FusedEngine(mb, optim.Adam(mb, lr=[1e-3 * (1 + i) for i in range(slots)]), F.cross_entropy)
+        for _ in range(3):
+            engine.train_step(x, y)
+        return [p.detach().clone() for p in mb.parameters()], len(calls), mb
+
+    torch.set_num_threads(2)
+    try:
+        batched, batched_calls, mb = train(slots)
+        per_slot, per_slot_calls, _ = train(1 << 30)
+    finally:
+        torch.set_num_threads(threads)
+    assert batched_calls > 0 and per_slot_calls == 0
+    assert all(torch.equal(a, b) for a, b in zip(batched, per_slot))
+    alone = make(3)
+    opt = torch.optim.Adam(alone.parameters(), lr=4e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(alone(x), y).backward()
+        opt.step()
+    for a, b in zip(mb.slot_module(3, make(0)).parameters(), alone.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
