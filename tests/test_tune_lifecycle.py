@@ -159,19 +159,28 @@ def test_reuse_actors_reset_config_hands_the_slot_to_the_next_trial(trainables, 
     assert masks.bad == [] and masks.max_held <= 2
     events = sorted((e for s in stats for e in s["events"]), key=lambda e: e["t"])
     per = by_trial(events)
+
+    def trained(tid: str) -> tuple[dict, dict]:
+        """The attachment that gave the trial its results: the last attach before the driver saw the first."""
+        first = log.seen_at[tid][0]
+        i = max(i for i, e in enumerate(per[tid]) if e["event"] == "attach" and e["t"] <= first)
+        return per[tid][i], per[tid][i + 1]
+
     for trials in pids.values():
         for tid in trials:
-            # Tune may start a trial on a fresh actor and then give it a cached one instead, ending the fresh
-            # one after it attached (see SlotHost.attach): that first slot is freed by the fresh actor's
-            # cleanup() or, where Tune kills it first, by the lease check (together about one run in five on a
-            # 2-core machine). The trial's own slot is its last.
+            # Tune may start a trial on an actor it then does not use: one made for it after a cached actor
+            # took it, or one it gives a cached actor instead of. That actor's slot is freed by its cleanup()
+            # or, where Tune kills it first, by the lease check (together about one run in five on a 2-core
+            # machine), before or after the slot the trial trained in.
             evs = per[tid]
             seen = [(e["event"], e["slot"], e.get("why")) for e in evs]
             assert [e["event"] for e in evs] == ["attach", "detach"] * (len(evs) // 2) and evs, seen
-            assert all(e["why"] in (DIED, ENDED) for e in evs[1:-1:2]) and evs[-1]["why"] == ENDED, seen
+            assert all(e["why"] in (DIED, ENDED) for e in evs[1::2]), seen
+            assert trained(tid)[1]["why"] == ENDED, seen
         # on one reused actor: the previous trial is detached before the next attaches
-        for prev, nxt in zip(trials, trials[1:]):
-            assert per[prev][-1]["t"] <= per[nxt][-2]["t"]
+        taken = sorted(trials, key=lambda tid: trained(tid)[0]["t"])
+        for prev, nxt in zip(taken, taken[1:]):
+            assert trained(prev)[1]["t"] <= trained(nxt)[0]["t"], (prev, per[prev], nxt, per[nxt])
     # two slots at most; whether two trials overlapped at all is Tune's timing (one of five clean-clone runs
     # in session 41 used only slot 0: each trial's actor was reset for the next before another started)
     assert {e["slot"] for e in events if e["event"] == "attach"} <= {0, 1}

@@ -205,8 +205,10 @@ class ResultLog(tune.Callback):
 
     def __init__(self):
         self.by_trial: dict[str, list[dict]] = {}
+        self.seen_at: dict[str, list[float]] = {}  # when the driver saw each result (time.time(), as host events)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.seen_at.setdefault(trial.trial_id, []).append(time.time())
         row = dict(result)
         # The config the trial ran this iteration with (PBT replaces trial.config before callbacks run).
         row["config"] = dict(result["config"])
