@@ -755,9 +755,9 @@ _PARAM_KINDS = {"linear", "conv", "norm", "group_norm", "prelu", "layer_norm", "
 DIRECT_WRITE_MIN = 16384
 # From this many slots, on more than one thread, MKL's batched GEMM writes the strided view in one call
 # instead (see strided_gemm; the same values to the bit): it spreads the slots over the threads, where
-# torch's per-slot GEMMs meet at a barrier after each. `python benchmarks/strided_gemm.py` (2-core Xeon,
-# weights 256x256 to 512x512 and 2048x10, batch 16-64): 1.02-2.02x torch's per-slot GEMMs (median
-# 1.19x) on 2 threads from 16 slots, 0.92-1.50x at 8; on one thread 0.77-1.06x (median 1.01x).
+# torch's per-slot GEMMs meet at a barrier after each. `python benchmarks/strided_gemm.py --rounds 5`
+# (2-core Xeon, weights 256x256 to 512x512 and 2048x10, batch 16-64): 0.99-2.04x torch's per-slot GEMMs
+# (median 1.15x) on 2 threads from 16 slots, 0.88-1.82x at 8; on one thread 0.89-1.10x from 16 slots.
 STRIDED_GEMM_MIN_SLOTS = 16
 
 
