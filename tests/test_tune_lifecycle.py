@@ -145,37 +145,43 @@ def test_reuse_actors_reset_config_hands_the_slot_to_the_next_trial(trainables, 
     grid, log = h.fit(T, {"lr": tune.grid_search([0.05, 0.03, 0.02, 0.01, 0.005])}, tmp_path,
                       scheduler=FIFOScheduler(), reuse_actors=True,
                       run_kw={"stop": {"training_iteration": 2}, "callbacks": [masks]})
-    assert len(grid) == 5 and h.errors(grid) == []
+    assert len(grid) == 5 and h.errors(grid) == [], h.errors(grid)
     pids: dict[int, list[str]] = {}
     for r in grid:
         rows = log.rows(r)
         # a trial on a reused actor starts from its own fresh slot, not the previous trial's state
-        assert [x["slot_steps"] for x in rows] == [K, 2 * K]
-        assert all(x["lr"] == pytest.approx(r.config["lr"]) for x in rows)
+        assert [x["slot_steps"] for x in rows] == [K, 2 * K], rows
+        assert all(x["lr"] == pytest.approx(r.config["lr"]) for x in rows), rows
         pids.setdefault(rows[0]["pid"], []).append(r.metrics["trial_id"])
     assert max(len(v) for v in pids.values()) >= 2, pids  # Tune did reuse actors (reset_config)
     stats = T.host_stats()
-    assert sum(s["attached"] + s["reserved"] for s in stats) == 0 and sum(s["refused"] for s in stats) <= 1
-    assert masks.bad == [] and masks.max_held <= 2
+    assert sum(s["attached"] + s["reserved"] for s in stats) == 0 and sum(s["refused"] for s in stats) <= 1, [
+        {k: s[k] for k in ("attached", "reserved", "refused")} for s in stats]
+    assert masks.bad == [] and masks.max_held <= 2, (masks.bad, masks.max_held)
     events = sorted((e for s in stats for e in s["events"]), key=lambda e: e["t"])
     per = by_trial(events)
 
     def trained(tid: str) -> tuple[dict, dict]:
-        """The attachment that gave the trial its results: the last attach before the driver saw the first."""
+        """The attachment that gave the trial its results (the last attach before the driver saw the first),
+        and the detach that freed its slot."""
         first = log.seen_at[tid][0]
         i = max(i for i, e in enumerate(per[tid]) if e["event"] == "attach" and e["t"] <= first)
-        return per[tid][i], per[tid][i + 1]
+        attach = per[tid][i]
+        detach = next(e for e in per[tid][i + 1:] if e["event"] == "detach" and
+                      (e["stack"], e["slot"]) == (attach["stack"], attach["slot"]))
+        return attach, detach
 
     for trials in pids.values():
         for tid in trials:
             # Tune may start a trial on an actor it then does not use: one made for it after a cached actor
-            # took it, or one it gives a cached actor instead of. That actor's slot is freed by its cleanup()
-            # or, where Tune kills it first, by the lease check (together about one run in five on a 2-core
-            # machine), before or after the slot the trial trained in.
+            # took it, or one it gives a cached actor instead of. That actor's slot, attached before, beside or
+            # after the slot the trial trained in, is freed by its cleanup() or, where Tune kills it first, by
+            # the lease check (together about one run in five on a 2-core machine).
             evs = per[tid]
-            seen = [(e["event"], e["slot"], e.get("why")) for e in evs]
-            assert [e["event"] for e in evs] == ["attach", "detach"] * (len(evs) // 2) and evs, seen
-            assert all(e["why"] in (DIED, ENDED) for e in evs[1::2]), seen
+            seen = [(e["event"], e["slot"], round(e["t"] % 1000, 3), e.get("why")) for e in evs]
+            kinds = [e["event"] for e in evs]
+            assert kinds.count("attach") == kinds.count("detach") >= 1, seen
+            assert all(e["why"] in (DIED, ENDED) for e in evs if e["event"] == "detach"), seen
             assert trained(tid)[1]["why"] == ENDED, seen
         # on one reused actor: the previous trial is detached before the next attaches
         taken = sorted(trials, key=lambda tid: trained(tid)[0]["t"])
