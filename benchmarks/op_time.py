@@ -87,6 +87,11 @@ def time_ops(step: Callable[[], None], steps: int = 3) -> OpTimer:
 
 def fused_step_of(name: str, slots: int, seed: int = 0) -> Callable[[], None]:
     """One fused Adam step of ``slots`` models of ``fused_step.py``'s family ``name`` on one shared batch."""
+    return fused_stack_of(name, slots, seed)[0]
+
+
+def fused_stack_of(name: str, slots: int, seed: int = 0) -> tuple[Callable[[], None], ModelBatch]:
+    """:func:`fused_step_of`'s step, and the model batch it trains."""
     spec = fused_step.SPECS[name]
     x, y = spec.batch(torch.Generator().manual_seed(seed))
     models = []
@@ -96,7 +101,7 @@ def fused_step_of(name: str, slots: int, seed: int = 0) -> Callable[[], None]:
     mb = ModelBatch(models, device="cpu")
     make_fused, _ = fused_step.OPTIMIZERS["adam"]
     engine = FusedEngine(mb, make_fused(mb, [1e-3] * slots, False), spec.loss_fn)
-    return lambda: engine.train_step(x, y)
+    return (lambda: engine.train_step(x, y)), mb
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ in one process, alternating, on two levels:
   batch), on 1 and 2 threads (``fast_path`` takes the batched call on more
   than one thread from ``STRIDED_GEMM_MIN_SLOTS`` slots);
 - whole fused steps of ``fused_step.py``'s families whose weights reach
-  ``fast_path.DIRECT_WRITE_MIN`` elements, with the 784 MLP's roofline share.
+  ``fast_path.DIRECT_WRITE_MIN`` elements (``op_time.fused_stack_of``).
 
 Both ways give the same parameters to the bit (checked after the steps).
 
@@ -22,7 +22,6 @@ import argparse
 import itertools
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -30,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fused_step  # noqa: E402
+import op_time  # noqa: E402
+import rgb_cnn  # noqa: E402
 
 from ray_modelbatch import fast_path, strided_gemm  # noqa: E402
-from ray_modelbatch.engine import FusedEngine  # noqa: E402
-from ray_modelbatch.model_batch import ModelBatch  # noqa: E402
 
 GRID_SLOTS = (8, 16, 32, 128)
 GRID_WEIGHTS = ((256, 256), (256, 784), (512, 512), (2048, 10))
@@ -41,13 +40,7 @@ GRID_BATCHES = (16, 64)
 
 
 def _median_ms(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return rgb_cnn.timed(fn, reps) * 1e3
 
 
 _MIN_SLOTS = fast_path.STRIDED_GEMM_MIN_SLOTS
@@ -76,28 +69,13 @@ def gemm_grid(threads: int, rounds: int, slot_counts: tuple[int, ...] = GRID_SLO
     return rows
 
 
-def _fused(name: str, slots: int) -> tuple[Callable[[], object], ModelBatch]:
-    """A fused Adam step of ``slots`` models of ``fused_step.py``'s family ``name`` on one shared batch
-    (the models seeded by their index), and its model batch."""
-    spec = fused_step.SPECS[name]
-    x, y = spec.batch(torch.Generator().manual_seed(0))
-    models = []
-    for i in range(slots):
-        torch.manual_seed(i)
-        models.append(spec.make())
-    mb = ModelBatch(models, device="cpu")
-    make_fused, _ = fused_step.OPTIMIZERS["adam"]
-    engine = FusedEngine(mb, make_fused(mb, [1e-3] * slots, False), spec.loss_fn)
-    return (lambda: engine.train_step(x, y)), mb
-
-
 def fused_steps(name: str, slots: int, rounds: int) -> tuple[float, float, bool]:
     """Median ms per fused step with torch's per-slot GEMMs and with MKL's batched one (alternating in one
     process, each way its own stack), and whether both ways leave the same parameters after 3 steps."""
     built = {}
     for way in (False, True):
         _ways(way)
-        step, mb = _fused(name, slots)
+        step, mb = op_time.fused_stack_of(name, slots)
         for _ in range(3):
             step()
         built[way] = (step, [p.detach().clone() for p in mb.parameters()])

@@ -117,7 +117,7 @@ def bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool = Fa
     ldc = out.stride(1) if m > 1 else max(n, 1)
     if out.stride(2) != 1 and n > 1 or ldc < n:
         return False
-    if count > 1 and abs(out.stride(0)) < (m - 1) * ldc + n:  # matrices that overlap: not a gradient view
+    if count > 1 and out.stride(0) < (m - 1) * ldc + n:  # matrices that overlap: not a gradient view
         return False
     if max(count, m, n, k, op_a[1], op_b[1], ldc) > _INT_MAX:
         return False
