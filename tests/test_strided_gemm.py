@@ -174,3 +174,16 @@ def test_a_stack_of_wide_mlps_trains_the_same_bits_both_ways_and_as_each_model_a
         opt.step()
     for a, b in zip(mb.slot_module(3, make(0)).parameters(), alone.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_operator_imports_no_dynamo():
+    """A custom op made by ``torch.library.custom_op`` imports torch._dynamo on its first call (1.4 s at a
+    host's first attach, session 38); this one, defined with ``torch.library.Library``, does not."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom ray_modelbatch import strided_gemm\nout = torch.zeros(4, 3, 2)\n"
+            "assert strided_gemm.bmm_into(out, torch.randn(4, 3, 5), torch.randn(4, 5, 2))\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
