@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fused_step  # noqa: E402
+import rgb_cnn  # noqa: E402
 
 from ray_modelbatch import ModelBatch  # noqa: E402
 from ray_modelbatch.engine import FusedEngine  # noqa: E402
@@ -102,6 +103,28 @@ def fused_stack_of(name: str, slots: int, seed: int = 0) -> tuple[Callable[[], N
     make_fused, _ = fused_step.OPTIMIZERS["adam"]
     engine = FusedEngine(mb, make_fused(mb, [1e-3] * slots, False), spec.loss_fn)
     return (lambda: engine.train_step(x, y)), mb
+
+
+def alternating_steps(name: str, slots: int, rounds: int,
+                      switch: Callable[[bool], None]) -> tuple[float, float, bool]:
+    """Median ms per fused step of ``name``'s stack with ``switch(False)`` and with ``switch(True)`` in effect
+    (each way its own stack, alternating in one process, each round the median of 5 steps), and whether both
+    ways leave the same parameters after 3 steps. Leaves ``switch(True)`` in effect."""
+    built = {}
+    for way in (False, True):
+        switch(way)
+        step, mb = fused_stack_of(name, slots)
+        for _ in range(3):
+            step()
+        built[way] = (step, [p.detach().clone() for p in mb.parameters()])
+    same = all(torch.equal(a, b) for a, b in zip(built[False][1], built[True][1]))
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for way in (False, True):
+            switch(way)
+            times[way].append(rgb_cnn.timed(built[way][0], 5) * 1e3)
+    switch(True)
+    return statistics.median(times[False]), statistics.median(times[True]), same
 
 
 def main() -> None:

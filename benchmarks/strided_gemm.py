@@ -72,21 +72,7 @@ def gemm_grid(threads: int, rounds: int, slot_counts: tuple[int, ...] = GRID_SLO
 def fused_steps(name: str, slots: int, rounds: int) -> tuple[float, float, bool]:
     """Median ms per fused step with torch's per-slot GEMMs and with MKL's batched one (alternating in one
     process, each way its own stack), and whether both ways leave the same parameters after 3 steps."""
-    built = {}
-    for way in (False, True):
-        _ways(way)
-        step, mb = op_time.fused_stack_of(name, slots)
-        for _ in range(3):
-            step()
-        built[way] = (step, [p.detach().clone() for p in mb.parameters()])
-    same = all(torch.equal(a, b) for a, b in zip(built[False][1], built[True][1]))
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(rounds):
-        for way in (False, True):
-            _ways(way)
-            times[way].append(_median_ms(built[way][0], 5))
-    _ways(True)
-    return statistics.median(times[False]), statistics.median(times[True]), same
+    return op_time.alternating_steps(name, slots, rounds, _ways)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
 from . import (batched_normalizations, cumulative_batch_norm, fast_path, hf, inputs, mlp_step, padded_stacks,
-               slot_losses, step_config, vmap_attention)
+               slot_losses, step_config, vmap_attention, wide_cross_entropy)
 from .cpu_memory import keep_freed_memory
 from .errors import FusionError, FusionWarning, IncompatibleModelsError, is_out_of_memory
 from .fusion_check import explain_failure, run_first_call
@@ -603,7 +603,7 @@ class ModelBatch:
         fn = self._fn(*key)
 
         def invoke() -> Any:
-            with vmap_attention.batched_sdpa():
+            with vmap_attention.batched_sdpa(), wide_cross_entropy.batched_cross_entropy():
                 return fn(params, buffers, *call_args)
 
         try:
@@ -740,7 +740,8 @@ class ModelBatch:
         if vloss is None:  # built once per target layout, like the vmapped forwards in _fn
             vloss = self._vmapped[("direct_loss", y_dim, None, None)] = vmap(
                 lambda o, t, fn: fn(o, t), in_dims=(0, y_dim, None), randomness="different")
-        return vloss(out, y, loss_fn), out
+        with wide_cross_entropy.batched_cross_entropy():
+            return vloss(out, y, loss_fn), out
 
     def _prepare_x(self, x: Any, per_slot: bool, idx: torch.Tensor | None, what: str = "x") -> tuple[Any, int | None]:
         """``x`` with one row per selected slot, and its vmap dimension (None: shared by every slot).

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import wide_cross_entropy
 from .short_softmax import short_rows
 
 _ELEMENTWISE_MODULES = {nn.MSELoss: F.mse_loss, nn.L1Loss: F.l1_loss}
@@ -72,10 +73,13 @@ def cross_entropy_rows(out: torch.Tensor, target: torch.Tensor, ignore_index: in
     one-model layout: each slot's values are the bits of torch's call on its
     ``[B, C]`` alone. Shorter rows (a 10-class head) go as ``[n, C, B]``, whose
     kernel vectorizes across rows: 3-7x sooner on a CPU, to a rounding of
-    those values (:mod:`.short_softmax`).
+    those values (:mod:`.short_softmax`). Wide rows (a vocabulary) go through
+    :mod:`.wide_cross_entropy`, torch's bits without two logits-sized tensors.
     """
     n, b, c = out.shape
     if short_rows(out):
         return F.cross_entropy(out.transpose(1, 2), target, reduction="none", ignore_index=ignore_index)
+    if wide_cross_entropy.applies(out[0], target[0]):
+        return wide_cross_entropy.row_losses(out.reshape(n * b, c), target.reshape(n * b), ignore_index).view(n, b)
     return F.cross_entropy(out.reshape(n * b, c), target.reshape(n * b), reduction="none",
                            ignore_index=ignore_index).view(n, b)

@@ -21,19 +21,16 @@ torch's function unchanged; torch's function is always put back.
 from __future__ import annotations
 
 import contextlib
-import threading
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from . import small_attention
+from .name_swap import NameSwap
 
 __all__ = ["batched_sdpa"]
 
 _TORCH_SDPA = F.scaled_dot_product_attention
-_lock = threading.Lock()
-_active = 0
 _is_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
 
 
@@ -54,24 +51,15 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask
                        scale=scale, enable_gqa=enable_gqa)
 
 
-@contextlib.contextmanager
-def batched_sdpa() -> Iterator[None]:
+_SWAP = NameSwap(F, "scaled_dot_product_attention", _sdpa)
+
+
+def batched_sdpa() -> contextlib.AbstractContextManager[None]:
     """Within this block, SDPA calls on a vmap's batched tensors run as batched GEMMs (module docstring).
     Nests, and holds across threads: torch's function is back once the last block ends."""
-    global _active
-    with _lock:
-        if _active == 0:
-            F.scaled_dot_product_attention = _sdpa
-        _active += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _active -= 1
-            if _active == 0:
-                F.scaled_dot_product_attention = _TORCH_SDPA
+    return _SWAP.block()
 
 
 def active() -> bool:
     """Whether a :func:`batched_sdpa` block is open (for tests)."""
-    return F.scaled_dot_product_attention is _sdpa
+    return _SWAP.active
