@@ -705,8 +705,7 @@ def main() -> None:
     p.add_argument("--slots-per-host", type=lambda v: v if v == "auto" else int(v), default=None,
                    help="batched_trainable(slots_per_host=...) of the ports (default: the library's, 32)")
     p.add_argument("--cpu-hosts-per-node", type=lambda v: v if v == "auto" else int(v), default=None,
-                   help="batched_trainable(cpu_hosts_per_node=...) of the ports; default: 2 for cifar and lstm "
-                        "on a CPU node (docs/porting.md's advice), the library's for pbt; 'auto' = the library's")
+                   help="batched_trainable(cpu_hosts_per_node=...) of the ports (default: the library's, 'auto')")
     p.add_argument("--run-ahead", type=int, default=None, help="batched_trainable(run_ahead=...) of the ports")
     p.add_argument("--host-threads", type=int, default=None, help="batched_trainable(host_threads=...) of the ports")
     p.add_argument("--move-slots", type=int, choices=(0, 1), default=None,
