@@ -90,6 +90,7 @@ class _WideRows(torch.autograd.Function):
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # no gradient flows to the log-probabilities: no zeros of their size
         ctx.save_for_backward(logits, target, output[1])
+        ctx.save_for_forward(logits, target, output[1])
         ctx.ignore_index = ignore_index
 
     @staticmethod
@@ -113,6 +114,15 @@ class _WideRows(torch.autograd.Function):
             torch.ops.aten._log_softmax_backward_data.out(hot, logp[a:b], 1, logp.dtype, out=out[a:b])
             hot.scatter_(1, index[a:b], 0.0)  # zeros again for the next piece
         return out, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: torch.Tensor, *_: Any) -> tuple[torch.Tensor, None]:
+        """Forward mode (``torch.func.jvp``): ``sum(softmax * t) - t[target]`` a row, 0 for ignored rows."""
+        _, target, logp = ctx.saved_tensors
+        keep = target != ctx.ignore_index
+        index = target.masked_fill(~keep, 0).unsqueeze(1)
+        losses = (logp.exp() * tangent).sum(1) - tangent.gather(1, index).squeeze(1)
+        return losses.masked_fill(~keep, 0), None
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple:

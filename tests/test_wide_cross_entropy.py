@@ -68,6 +68,25 @@ def test_a_second_derivative_is_torchs(small_pieces):
     torch.testing.assert_close(penalty(lambda x: wide.row_losses(x, target)), want, atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_forward_mode_under_vmap_is_torchs(calls, reduction):
+    """A user's step may take a jvp of its loss (torch.func.jvp) inside the stack's vmap."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 200, VOCAB, generator=g, dtype=torch.float64)
+    dx = torch.randn(3, 200, VOCAB, generator=g, dtype=torch.float64)
+    t = torch.randint(0, VOCAB, (3, 200), generator=g)
+    t[:, ::9] = -100
+
+    def jvp(x, t, d):
+        return torch.func.jvp(lambda a: F.cross_entropy(a, t, reduction=reduction), (x,), (d,))
+
+    with wide.batched_cross_entropy():
+        got = torch.vmap(jvp)(x, t, dx)
+    assert calls
+    want = torch.vmap(jvp)(x, t, dx)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
 def test_a_target_out_of_range_gets_torchs_error():
     logits = torch.randn(4, VOCAB)
     with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
