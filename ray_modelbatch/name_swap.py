@@ -1,10 +1,11 @@
 """A function's name in a module, ours while any block runs, torch's again once the last one ends.
 
 Why: a few torch functions that models call by name (``F.scaled_dot_product_attention``,
-``F.cross_entropy``) have a faster form for a stack's vmapped tensors, and no
-hook of torch's reaches them there: their kernels have no vmap rule of ours
-to register, and a ``TorchFunctionMode`` would see every other call of the
-step too. Swapping the name while a stack's vmapped function runs reaches
+``F.cross_entropy``) have a better form for a stack's vmapped tensors than
+what vmap makes of torch's (a kernel run once per slot; logits-sized
+temporaries), and they are composite or C++ functions that take no vmap rule
+of ours. A ``TorchFunctionMode`` would see every other call of the step too.
+Swapping the name while a stack's vmapped function runs reaches
 every caller that looks the name up when it calls: ``nn.MultiheadAttention``,
 transformers' losses, a user's loss function. Each replacement takes only the
 calls it covers and hands the others to torch's function, so code on other
