@@ -460,10 +460,12 @@ def ported_options(script: Script, args: argparse.Namespace) -> dict:
 
 # ==================================================================== one run
 class Watch(tune.Callback):
-    """Each trial's config as the searcher drew it (before PBT mutates it), and when the first result came."""
+    """Each trial's config as the searcher drew it (before PBT mutates it), when the first result came, and
+    when each result came with its value of ``metric`` (for the time to a given value)."""
 
-    def __init__(self, keys: Any) -> None:
+    def __init__(self, keys: Any, metric: str) -> None:
         self.keys, self.configs, self.t0, self.first_result = set(keys), {}, time.monotonic(), None
+        self.metric, self.curve = metric, []
 
     def setup(self, **info: Any) -> None:
         self.t0 = time.monotonic()
@@ -475,6 +477,16 @@ class Watch(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if self.first_result is None:
             self.first_result = time.monotonic() - self.t0
+        if isinstance(result.get(self.metric), (int, float)):
+            self.curve.append((time.monotonic() - self.t0, float(result[self.metric])))
+
+
+def time_to(curve: list[tuple[float, float]], target: float | None, mode: str) -> float | None:
+    """Seconds into ``fit()`` of the first result at least as good as ``target`` (None: never, or no target)."""
+    if target is None:
+        return None
+    better = (lambda v: v <= target) if mode == "min" else (lambda v: v >= target)
+    return next((t for t, v in curve if better(v)), None)
 
 
 def run_once(script: Script, way: str, args: argparse.Namespace, storage: str, repeat: int) -> dict:
@@ -497,7 +509,7 @@ def run_once(script: Script, way: str, args: argparse.Namespace, storage: str, r
             stop = {"training_iteration": script.max_t}  # porting.md (6): the epoch loop's range
             if script.checkpoint_every:  # porting.md (9): tune.report(checkpoint=...) becomes a CheckpointConfig
                 checkpoints = tune.CheckpointConfig(checkpoint_frequency=script.checkpoint_every)
-        watch = Watch(script.space)
+        watch = Watch(script.space, script.metric)
         tuner = tune.Tuner(
             trainable,
             param_space=script.space,
@@ -529,6 +541,7 @@ def run_once(script: Script, way: str, args: argparse.Namespace, storage: str, r
         "processes": len(set().union(*(set(df["pid"]) for df in frames))) if frames else 0,
         "configs": sorted(watch.configs.values()),  # as drawn, in both ways: the same trials?
         "first_result_s": watch.first_result,
+        "curve": watch.curve,
         "node_busy": None if node0 is None or node1 is None else (node1 - node0) / ((os.cpu_count() or 1) * wall),
         "options": options, "best": None, "best_extra": None, "reloaded": None, "reported": None,
         # stacks that trained these trials: (host, stack key) pairs, since two hosts may hold stacks of one key
@@ -609,7 +622,10 @@ def report(args: argparse.Namespace, all_scripts: dict[str, Script], runs: list[
         "`reuse_actors=True`, the slot cap on the `BasicVariantGenerator`",
         "- wall = `Tuner.fit()`; best = the script's metric at the best trial's last report "
         "(`get_best_result(metric, mode, 'last')`); iterations = trial-iterations (epochs) reported over all "
-        "trials; machine busy = `/proc/stat` CPU time of every process during `fit()` over cores x wall",
+        "trials; machine busy = `/proc/stat` CPU time of every process during `fit()` over cores x wall; time to "
+        "plain's best = seconds into `fit()` of the first result as good as the plain runs' median best (ASHA "
+        "lets the same trials run more or fewer epochs depending on the order results arrive, so fit times "
+        "compare unequal work; this compares the time to one result)",
         "",
     ]
     for name in names:
@@ -653,8 +669,8 @@ def report(args: argparse.Namespace, all_scripts: dict[str, Script], runs: list[
                    else "- | - | - | - | - | ")
                 + f"{fmt(med([r['node_busy'] for r in rs]), '.0%')} |")
     lines += ["", "Plain / ported (above 1: the port is faster; medians of each way's runs):", ""]
-    lines += ["| script | fit time | time per iteration | best, plain / ported | same configs |",
-              "| --- | ---: | ---: | --- | --- |"]
+    lines += ["| script | fit time | time per iteration | time to plain's best | best, plain / ported | same configs |",
+              "| --- | ---: | ---: | ---: | --- | --- |"]
     for name in names:
         plain = [r for r in runs if r["script"] == name and r["way"] == "plain"]
         port = [r for r in runs if r["script"] == name and r["way"] == "ported"]
@@ -664,7 +680,14 @@ def report(args: argparse.Namespace, all_scripts: dict[str, Script], runs: list[
         per = (med([r["wall_s"] / max(r["iterations"], 1) for r in plain])
                / med([r["wall_s"] / max(r["iterations"], 1) for r in port]))
         same = all(r["configs"] == plain[0]["configs"] for r in plain + port)
-        lines.append(f"| {name} | {wall:.2f}x | {per:.2f}x | {fmt(med([r['best'] for r in plain]), '.4f')} / "
+        target = med([r["best"] for r in plain])
+        reach = [[time_to(r["curve"], target, all_scripts[name].mode) for r in rs] for rs in (plain, port)]
+        plain_s, port_s = med(reach[0]), med(reach[1])
+        if plain_s is not None and port_s and all(t is not None for t in reach[1]):
+            to_best = f"{plain_s / port_s:.2f}x ({fmt(plain_s)} / {fmt(port_s)} s)"
+        else:
+            to_best = f"not reached in {sum(t is None for t in reach[1])} of {len(port)} ported runs"
+        lines.append(f"| {name} | {wall:.2f}x | {per:.2f}x | {to_best} | {fmt(target, '.4f')} / "
                      f"{fmt(med([r['best'] for r in port]), '.4f')} | {'yes' if same else 'NO'} |")
     lines += ["", "Each run:", ""]
     for r in runs:

@@ -26,3 +26,17 @@ def test_the_quick_pbt_script_runs_both_ways_and_reports_the_ratio(tmp_path):
         assert "| 4 (0) |" in row, row  # four trials, none failed
     assert re.search(r"^\| pbt \| [\d.]+x \| [\d.]+x \| .* \| yes \|$", text, re.M), text  # ratios, same configs
     assert "checkpoint loaded back" in text  # the best trial's model, reloaded from its checkpoint both ways
+    assert "| time to plain's best |" in text
+
+
+def test_the_time_to_a_value_is_that_of_the_first_result_as_good():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ported_sweeps
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    curve = [(1.0, 0.5), (2.0, 0.3), (3.0, 0.2)]  # (seconds into fit(), the metric of a result)
+    assert ported_sweeps.time_to(curve, 0.3, "min") == 2.0
+    assert ported_sweeps.time_to(curve, 0.1, "min") is None  # never reached
+    assert ported_sweeps.time_to(curve, 0.4, "max") == 1.0
+    assert ported_sweeps.time_to(curve, None, "min") is None
