@@ -70,6 +70,12 @@ def _pieces(rows: int, classes: int, itemsize: int) -> Iterator[tuple[int, int]]
         yield start, min(start + step, rows)
 
 
+def _targets(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, index)``: the rows not ignored, and each row's target column (0 for ignored rows) as ``[R, 1]``."""
+    keep = target != ignore_index
+    return keep, target.masked_fill(~keep, 0).unsqueeze(1)
+
+
 class _WideRows(torch.autograd.Function):
     """Per-row cross-entropies of ``[R, C]`` logits (``reduction="none"``), the backward in pieces (module
     docstring)."""
@@ -77,9 +83,9 @@ class _WideRows(torch.autograd.Function):
     @staticmethod
     def forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         logp = torch.log_softmax(logits, 1)
-        keep = target != ignore_index
+        keep, index = _targets(target, ignore_index)
         try:
-            losses = logp.gather(1, target.masked_fill(~keep, 0).unsqueeze(1)).squeeze(1)
+            losses = logp.gather(1, index).squeeze(1)
         except RuntimeError:  # a target out of range: torch's own call says so in its words
             _TORCH_CROSS_ENTROPY(logits, target, reduction="none", ignore_index=ignore_index)
             raise
@@ -104,8 +110,7 @@ class _WideRows(torch.autograd.Function):
                 losses = _TORCH_CROSS_ENTROPY(logits, target, reduction="none", ignore_index=ctx.ignore_index)
                 return torch.autograd.grad(losses, logits, grad, create_graph=True)[0], None, None
         rows, classes = logp.shape
-        keep = target != ctx.ignore_index
-        index = target.masked_fill(~keep, 0).unsqueeze(1)
+        keep, index = _targets(target, ctx.ignore_index)
         # nll_loss's backward: -grad at each row's target, nothing for ignored rows
         values = grad.neg().masked_fill_(~keep, 0).unsqueeze(1)
         out = torch.empty_like(logp)
@@ -120,8 +125,7 @@ class _WideRows(torch.autograd.Function):
     def jvp(ctx: Any, tangent: torch.Tensor, *_: Any) -> tuple[torch.Tensor, None]:
         """Forward mode (``torch.func.jvp``): ``sum(softmax * t) - t[target]`` a row, 0 for ignored rows."""
         _, target, logp = ctx.saved_tensors
-        keep = target != ctx.ignore_index
-        index = target.masked_fill(~keep, 0).unsqueeze(1)
+        keep, index = _targets(target, ctx.ignore_index)
         losses = (logp.exp() * tangent).sum(1) - tangent.gather(1, index).squeeze(1)
         return losses.masked_fill(~keep, 0), None
 
