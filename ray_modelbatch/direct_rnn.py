@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import functools
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -110,13 +111,49 @@ def _batched(runner: Any, name: str, mod: nn.Module, input: Act, hx: Any) -> tup
     if steps == 0:
         raise Unsupported("an empty sequence")
     h0, c0 = _initial_state(runner, mod, hx, batch, unbatched)
-    out, h_n, c_n = _layers(runner, name, mod, x, h0, c0)
+    out, h_n, c_n, last = _layers(runner, name, mod, x, h0, c0)
     if unbatched:
-        out, h_n, c_n = out.squeeze(2), h_n.squeeze(2), (None if c_n is None else c_n.squeeze(2))
+        out, h_n, last = out.squeeze(2), h_n.squeeze(2), last.squeeze(1)
+        c_n = None if c_n is None else c_n.squeeze(2)
     elif mod.batch_first:
         out = out.transpose(1, 2)
     state = Act(h_n, SLOT) if c_n is None else (Act(h_n, SLOT), Act(c_n, SLOT))
-    return Act(out, SLOT), state
+    if mod.bidirectional:
+        return Act(out, SLOT), state
+    return SequenceAct(out, SLOT, last, 1 if mod.batch_first and not unbatched else 0), state
+
+
+@dataclass
+class SequenceAct(Act):
+    """A one-directional recurrent layer's outputs, with its last step as a tensor of its own.
+
+    A classifier reads ``out[:, -1]``. Taken from ``out``, that step's
+    gradient would come back as a zero tensor the size of every output,
+    written by autograd's ``select_backward`` and read again by every step of
+    back-propagation (about 3% of an LSTM stack's step: 32 slots, 16 steps).
+    :func:`last_step` gives ``last`` instead, a separate output of the layer's
+    Function, whose gradient enters back-propagation at the last step alone.
+    It is a copy of the same values, so each slot computes what it did.
+    """
+
+    last: torch.Tensor = None  # [n, B, H] (unbatched [n, H]): the last time step of the last layer
+    time_dim: int = 0  # where the time steps are in one slot's output (1 for batch_first)
+
+
+def last_step(obj: Act, index: Any, n: int) -> Act | None:
+    """``obj[index]`` when ``obj`` is a :class:`SequenceAct` and ``index`` takes its last time step whole
+    (``out[:, -1]``, ``out[-1]``, ``out[:, T - 1, :]``); else None, for the plain indexing."""
+    if not isinstance(obj, SequenceAct):
+        return None
+    idx = list(index)
+    while len(idx) > obj.time_dim + 1 and (idx[-1] is Ellipsis or idx[-1] == slice(None)):
+        idx.pop()
+    if len(idx) != obj.time_dim + 1 or any(i != slice(None) for i in idx[:-1]):
+        return None
+    t, steps = idx[-1], obj.sample_shape(n)[obj.time_dim]
+    if isinstance(t, bool) or not isinstance(t, int) or t not in (-1, steps - 1):
+        return None
+    return Act(obj.last, SLOT)
 
 
 def _time_major(x: Act, batch_first: bool, unbatched: bool) -> Act:
@@ -148,9 +185,9 @@ def _initial_state(runner: Any, mod: nn.Module, hx: Any, batch: int,
 
 
 def _layers(runner: Any, name: str, mod: nn.Module, x: Act, h0: torch.Tensor | None,
-            c0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Every layer and direction: the last layer's ``[n, T, B, dirs * H]`` and ``h_n`` (``c_n``),
-    ``[n, layers * dirs, B, H]``. Dropout (training) acts between layers, a mask per slot and element."""
+            c0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Every layer and direction: the last layer's ``[n, T, B, dirs * H]``, ``h_n`` (``c_n``),
+    ``[n, layers * dirs, B, H]``, and the last direction's last output apart (``[n, B, H]``). Dropout (training) acts between layers, a mask per slot and element."""
     dirs = 2 if mod.bidirectional else 1
     h_n: list[torch.Tensor] = []
     c_n: list[torch.Tensor] = []
@@ -158,22 +195,24 @@ def _layers(runner: Any, name: str, mod: nn.Module, x: Act, h0: torch.Tensor | N
         outs = []
         for d in range(dirs):
             k = layer * dirs + d
-            y, c_last = _direction(runner, name, mod, x, layer, d == 1, None if h0 is None else h0[:, k],
-                                   None if c0 is None else c0[:, k])
+            y, h_last, c_last = _direction(runner, name, mod, x, layer, d == 1, None if h0 is None else h0[:, k],
+                                           None if c0 is None else c0[:, k])
             outs.append(y)
-            h_n.append(y[:, 0] if d == 1 else y[:, -1])
+            h_n.append(h_last)
             if c_last is not None:
                 c_n.append(c_last)
         y = outs[0] if dirs == 1 else torch.cat(outs, -1)
         if mod.dropout and mod.training and layer < mod.num_layers - 1:  # each slot's mask from its generator
             y = runner.dropout(Act(y, SLOT), float(mod.dropout)).t
         x = Act(y, SLOT)
-    return y, torch.stack(h_n, 1), (torch.stack(c_n, 1) if c_n else None)
+    return y, torch.stack(h_n, 1), (torch.stack(c_n, 1) if c_n else None), h_n[-1]
 
 
 def _direction(runner: Any, name: str, mod: nn.Module, x: Act, layer: int, reverse: bool,
-               h0: torch.Tensor | None, c0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One layer in one direction: its outputs ``[n, T, B, H]`` and, for an LSTM, its last cell state."""
+               h0: torch.Tensor | None,
+               c0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One layer in one direction: its outputs ``[n, T, B, H]``, its last output (a tensor of its own) and,
+    for an LSTM, its last cell state."""
     sfx = f"_l{layer}{'_reverse' if reverse else ''}"
     wname, bname = f"{name}.weight_ih{sfx}", f"{name}.bias_ih{sfx}"
     w_ih, w_hh = runner.params[wname], runner.params[f"{name}.weight_hh{sfx}"]
@@ -181,10 +220,10 @@ def _direction(runner: Any, name: str, mod: nn.Module, x: Act, layer: int, rever
     b_hh = runner.params[f"{name}.bias_hh{sfx}"] if mod.bias else None
     if mod.mode == "GRU":  # b_hn sits inside the reset gate: the input projection stays apart (see _GRU)
         gx = runner.project(x, w_ih, b_ih, wname, bname)  # [n, T, B, 3H]: every step's input projection
-        return _GRU.apply(gx, w_hh, b_hh, h0, reverse), None
+        return (*_GRU.apply(gx, w_hh, b_hh, h0, reverse), None)
     x_t = x.t if x.layout == SHARED else runner.slot(x)  # [T, B, I] shared or [n, T, B, I]
     out = _Gates.apply(x_t, w_ih, w_hh, b_ih, b_hh, h0, c0, mod.mode, reverse)
-    return (out[0], out[1]) if mod.mode == "LSTM" else (out, None)
+    return out if mod.mode == "LSTM" else (*out, None)
 
 
 def _tanh(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -220,8 +259,9 @@ class _Gates(torch.autograd.Function):
 
     ``x`` is ``[T, B, I]`` (shared) or ``[n, T, B, I]``, ``w_ih`` ``[n, G, I]``,
     ``w_hh`` ``[n, G, H]``, biases ``[n, G]`` or None, ``h0``/``c0``
-    ``[n, B, H]`` or None (zeros). Returns the outputs ``[n, T, B, H]`` (and
-    an LSTM's last cell state).
+    ``[n, B, H]`` or None (zeros). Returns the outputs ``[n, T, B, H]``, the
+    last of them apart (see :class:`SequenceAct`) and an LSTM's last cell
+    state. Gradients are not materialized: an output nobody used gives None.
 
     The inputs, the hidden states and a column of ones lie side by side in one
     buffer ``xh`` ``[n, T + 1, B, I + H + 1]`` (row ``t`` holds ``x_t`` and the
@@ -247,6 +287,7 @@ class _Gates(torch.autograd.Function):
         order = _order(steps, reverse)
         ctx.mode, ctx.order, ctx.reverse, ctx.shared, ctx.inp = mode, order, reverse, x.dim() == 3, inp
         xhs, hs = xh.unbind(1), xh[..., inp:inp + hidden].unbind(1)
+        ctx.set_materialize_grads(False)
         if mode == "LSTM":
             w[:, 2 * hidden:3 * hidden].mul_(2)
             c0 = w.new_zeros(n, batch, hidden) if c0 is None else c0.contiguous()
@@ -256,11 +297,13 @@ class _Gates(torch.autograd.Function):
             _elman_forward(xhs, hs, w.transpose(1, 2).contiguous(), order, reverse, mode)
             ctx.save_for_backward(xh, w_ih, w_hh)
         y = xh[:, 1 - reverse:steps + 1 - reverse, :, inp:inp + hidden]
-        return (y, c_all[order[-1]].clone()) if mode == "LSTM" else y
+        h_last = hs[order[-1] + 1 - reverse].clone()
+        return (y, h_last, c_all[order[-1]].clone()) if mode == "LSTM" else (y, h_last)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, dy: torch.Tensor, dc_last: torch.Tensor | None = None) -> tuple[Any, ...]:
+    def backward(ctx: Any, dy: torch.Tensor | None, dh_last: torch.Tensor | None,
+                 dc_last: torch.Tensor | None = None) -> tuple[Any, ...]:
         need = ctx.needs_input_grad
         if ctx.mode == "LSTM":
             xh, w_ih, w_hh, c0, act, c_all, tc_all = ctx.saved_tensors
@@ -268,7 +311,8 @@ class _Gates(torch.autograd.Function):
         else:
             xh, w_ih, w_hh = ctx.saved_tensors
             cell = _elman_backward_step(xh[..., ctx.inp:ctx.inp + w_hh.shape[2]], ctx.reverse, ctx.mode)
-        dw_t, dx, dh0 = _gates_backprop(cell, dy, xh, w_ih, w_hh, ctx.order, ctx.reverse, need[0], need[5])
+        dw_t, dx, dh0 = _gates_backprop(cell, dy, dh_last, xh, w_ih, w_hh, ctx.order, ctx.reverse, need[0],
+                                        need[5])
         inp, hidden = ctx.inp, w_hh.shape[2]
         dw = dw_t.transpose(1, 2)
         db = dw[..., -1] if dw.shape[2] > inp + hidden else None
@@ -293,22 +337,22 @@ def _stacked_inputs(x: torch.Tensor, h0: torch.Tensor | None, n: int, hidden: in
     return xh
 
 
-def _gates_backprop(cell: Any, dy: torch.Tensor, xh: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
-                    order: Sequence[int], reverse: bool, need_x: bool,
+def _gates_backprop(cell: Any, dy: torch.Tensor | None, dh_last: torch.Tensor | None, xh: torch.Tensor,
+                    w_ih: torch.Tensor, w_hh: torch.Tensor, order: Sequence[int], reverse: bool, need_x: bool,
                     need_h0: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Back-propagation through time for :class:`_Gates`: per step, ``cell(t, dh, dgates)`` writes the
     gradient of the step's gates into ``dgates`` (one buffer for every step), then one GEMM adds the step's
     weight gradient, one gives ``dx_t`` (if needed) and one the gradient of the previous output,
-    ``dy_prev + dgates @ W_hh``. Returns ``[dW_ih | dW_hh | db]`` transposed (``[n, I + H (+ 1), G]``: MKL
+    ``dy_prev + dgates @ W_hh`` (``dy`` None: no output but the last was used). Returns ``[dW_ih | dW_hh | db]`` transposed (``[n, I + H (+ 1), G]``: MKL
     accumulates that layout 10% faster), ``dx`` time-major and ``dh0``."""
     n, gates, _ = w_hh.shape
     batch = xh.shape[2]
     dgates = xh.new_empty(n, batch, gates)
     dw_t = xh.new_empty(n, xh.shape[3], gates)
     dx = xh.new_empty(len(order), n, batch, w_ih.shape[2]) if need_x else None
-    dys, xhs = dy.unbind(1), xh.unbind(1)
+    xhs = xh.unbind(1)
     back = list(reversed(order))
-    dh = dys[back[0]]
+    dys, dh = _last_gradient(dy, dh_last, back[0], (n, batch, w_hh.shape[2]), xh)
     dh0 = None
     for j, t in enumerate(back):
         cell(t, dh, dgates)
@@ -317,10 +361,20 @@ def _gates_backprop(cell: Any, dy: torch.Tensor, xh: torch.Tensor, w_ih: torch.T
         if dx is not None:
             torch.bmm(dgates, w_ih, out=dx[t])
         if j + 1 < len(back):
-            dh = torch.baddbmm(dys[back[j + 1]], dgates, w_hh)
+            dh = torch.bmm(dgates, w_hh) if dys is None else torch.baddbmm(dys[back[j + 1]], dgates, w_hh)
         elif need_h0:
             dh0 = torch.bmm(dgates, w_hh)
     return dw_t, dx, dh0
+
+
+def _last_gradient(dy: torch.Tensor | None, dh_last: torch.Tensor | None, last: int, shape: tuple[int, ...],
+                   like: torch.Tensor) -> tuple[Sequence[torch.Tensor] | None, torch.Tensor]:
+    """The outputs' gradients by step (None if the outputs were not used) and the gradient of the last
+    step's output: its part of ``dy`` plus ``dh_last``, the gradient of that output taken apart."""
+    dys = None if dy is None else dy.unbind(1)
+    if dys is None:
+        return None, like.new_zeros(shape) if dh_last is None else dh_last
+    return dys, dys[last] if dh_last is None else dys[last] + dh_last
 
 
 def _lstm_forward(xhs: Sequence[torch.Tensor], hs: Sequence[torch.Tensor], w_t: torch.Tensor, c0: torch.Tensor,
@@ -413,7 +467,8 @@ class _GRU(torch.autograd.Function):
 
     ``gx`` is ``[n, T, B, 3H]`` (``x @ W_ih^T + b_ih``), ``w_hh`` ``[n, 3H, H]``,
     ``b_hh`` ``[n, 3H]`` or None, ``h0`` ``[n, B, H]`` or None (zeros).
-    Returns the outputs ``[n, T, B, H]``. GRU's ``b_hn`` is added inside the
+    Returns the outputs ``[n, T, B, H]`` and the last of them apart (see
+    :class:`SequenceAct`). GRU's ``b_hn`` is added inside the
     reset gate (``n = tanh(x_n + r * (h W_hn^T + b_hn))``), so the hidden
     projection stays apart from the input's; per step it is one batched GEMM
     into a contiguous slice of a time-major buffer (MKL's batched GEMM needs a
@@ -422,7 +477,7 @@ class _GRU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, gx: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None,
-                h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+                h0: torch.Tensor | None, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         n, steps, batch, _ = gx.shape
         hidden = w_hh.shape[2]
         h0 = gx.new_zeros(n, batch, hidden) if h0 is None else h0.contiguous()
@@ -431,14 +486,15 @@ class _GRU(torch.autograd.Function):
         act, gh = _gru_forward(gx, w_hh, b_hh, h0, y, order)
         ctx.save_for_backward(w_hh, h0, y, act, gh)
         ctx.order, ctx.has_bias = order, b_hh is not None
-        return y
+        ctx.set_materialize_grads(False)
+        return y, y[:, order[-1]].clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, dy: torch.Tensor | None, dh_last: torch.Tensor | None) -> tuple[Any, ...]:
         need = ctx.needs_input_grad
         w_hh, h0, y, act, gh = ctx.saved_tensors
-        dgx, dgh, dh0 = _gru_backward(dy, w_hh, h0, y, act, gh, ctx.order, need[3])
+        dgx, dgh, dh0 = _gru_backward(dy, dh_last, w_hh, h0, y, act, gh, ctx.order, need[3])
         dw = _weight_grad(dgh, y, h0, ctx.order) if need[1] else None
         db = dgh.sum((1, 2)) if ctx.has_bias and need[2] else None
         return dgx if need[0] else None, dw, db, dh0 if need[3] else None, None
@@ -491,18 +547,19 @@ def _gru_forward(gx: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None
     return act, gh
 
 
-def _gru_backward(dy: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, y: torch.Tensor, act: torch.Tensor,
-                  gh: torch.Tensor, order: Sequence[int],
+def _gru_backward(dy: torch.Tensor | None, dh_last: torch.Tensor | None, w_hh: torch.Tensor, h0: torch.Tensor,
+                  y: torch.Tensor, act: torch.Tensor, gh: torch.Tensor, order: Sequence[int],
                   need_h0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The gradients of ``gx`` and of the hidden projections (both ``[n, T, B, 3H]``: they share ``r, z``)
-    and of ``h0``. Per step, the gate gradients, then ``dh_prev = dy_prev + dh * z + dgh_t @ W_hh``."""
+    and of ``h0``. Per step, the gate gradients, then ``dh_prev = dy_prev + dh * z + dgh_t @ W_hh``
+    (``dy`` None: no output but the last was used)."""
     hidden = w_hh.shape[2]
     dgh = act.new_empty(act.shape[1], act.shape[0], *act.shape[2:])
     dnew_all = torch.empty_like(y)
-    dghs, dnews, dys = dgh.unbind(1), dnew_all.unbind(1), dy.unbind(1)
+    dghs, dnews = dgh.unbind(1), dnew_all.unbind(1)
     h_prev = _previous(order, h0, y.unbind(1))
     back = list(reversed(order))
-    dh = dys[back[0]]
+    dys, dh = _last_gradient(dy, dh_last, back[0], h0.shape, y)
     for j, t in enumerate(back):
         r, z, new = act[t].chunk(3, -1)
         dr, dz, dgh_n = dghs[t].chunk(3, -1)
@@ -516,7 +573,7 @@ def _gru_backward(dy: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, y: tor
         _aten.sigmoid_backward.grad_input(dr, r, grad_input=dr)
         torch.mul(dnew, r, out=dgh_n)
         if j + 1 < len(back):
-            dh = torch.baddbmm(dhz.add_(dys[back[j + 1]]), dghs[t], w_hh)
+            dh = torch.baddbmm(dhz if dys is None else dhz.add_(dys[back[j + 1]]), dghs[t], w_hh)
         elif need_h0:
             return torch.cat((dgh[..., :2 * hidden], dnew_all), -1), dgh, torch.baddbmm(dhz, dghs[t], w_hh)
     return torch.cat((dgh[..., :2 * hidden], dnew_all), -1), dgh, None

@@ -1771,6 +1771,9 @@ class _Runner:
         index = index if isinstance(index, tuple) else (index,)
         if any(isinstance(i, (Act, torch.Tensor)) for i in index):
             raise Unsupported("indexing with tensors")
+        last = recurrent.last_step(obj, index, self.n)
+        if last is not None:  # a recurrent layer's last output, its gradient apart
+            return last
         if obj.layout == SHARED:
             return Act(obj.t[index], SHARED)
         return Act(self.slot(obj)[(slice(None), *index)], SLOT)

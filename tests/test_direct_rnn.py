@@ -198,6 +198,89 @@ def test_an_unbatched_sequence_with_an_initial_state():
     _check_trains_like_solo(Unbatched, x, y, per_slot=False)
 
 
+class LastStepHead(nn.Module):
+    """A one-directional recurrent layer read as ``read`` says: its last step by one of the ways scripts
+    write it, with or without the other outputs, or only its ``c_n`` (an LSTM's)."""
+
+    def __init__(self, kind: str, read: str, unbatched: bool, **kw):
+        super().__init__()
+        self.rnn = getattr(nn, kind)(IN, HID, **kw)
+        self.read, self.head = read, nn.Linear(HID, CLASSES)
+        self.first = self.rnn.batch_first and not unbatched  # the time steps' dimension: 1, else 0
+
+    def forward(self, x):
+        out, state = self.rnn(x)
+        first = self.first
+        if self.read == "minus-one":
+            h = out[:, -1] if first else out[-1]
+        elif self.read == "count-and-rest":
+            h = out[:, out.shape[1] - 1, :] if first else out[out.shape[0] - 1, ...]
+        elif self.read == "and-the-mean":
+            h = (out[:, -1] if first else out[-1]) + out.mean(-2 if first else 0)
+        elif self.read == "one-before":
+            h = out[:, -2] if first else out[-2]
+        else:  # "cell-only": nothing but c_n reaches the loss
+            h = state[1][-1]
+        return self.head(h)
+
+
+LAST_STEP_CASES = [
+    ("LSTM", "minus-one", dict(batch_first=True), True),
+    ("LSTM", "count-and-rest", dict(num_layers=2), True),
+    ("LSTM", "and-the-mean", dict(batch_first=True), False),
+    ("LSTM", "one-before", dict(batch_first=True), False),
+    ("LSTM", "cell-only", {}, True),
+    ("GRU", "minus-one", dict(batch_first=True, num_layers=2), True),
+    ("GRU", "count-and-rest", {}, True),
+    ("GRU", "and-the-mean", {}, False),
+    ("RNN", "minus-one", dict(batch_first=True), True),
+]
+
+
+@pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("kind, read, kw, alone", LAST_STEP_CASES,
+                         ids=[f"{k}-{r}-{'-'.join(f'{a}={b}' for a, b in kw.items())}" for k, r, kw, _ in LAST_STEP_CASES])
+def test_the_last_step_read_apart_trains_like_each_model_alone(kind, read, kw, alone, unbatched, rnn_kernel,
+                                                              monkeypatch):
+    """``out[:, -1]`` (and its other spellings) of a one-directional layer is the layer's last output taken
+    apart (direct_rnn.SequenceAct): back-propagation starts from its gradient alone, with no zero tensor the
+    size of every output, where nothing else of the last layer's outputs is used; ``out[:, -2]`` and the
+    outputs used whole keep the outputs' gradient."""
+    from ray_modelbatch import direct_rnn
+
+    seen = []
+    real = direct_rnn._last_gradient
+    monkeypatch.setattr(direct_rnn, "_last_gradient", lambda dy, *a: seen.append(dy is None) or real(dy, *a))
+    if unbatched:
+        kw = {k: v for k, v in kw.items() if k != "batch_first"}
+        x, y = torch.randn(7, IN), torch.randint(0, CLASSES, (1,))
+        loss = lambda out, t: F.cross_entropy(out.unsqueeze(0), t)  # noqa: E731 - one sequence, one class
+    else:
+        x, y = _batch(kw.get("batch_first", False), per_slot=False)
+        loss = F.cross_entropy
+    torch.manual_seed(0)
+    models = [LastStepHead(kind, read, unbatched, **kw) for _ in range(S)]
+    solo = [copy.deepcopy(m) for m in models]
+    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    assert mb.uses_direct_path
+    opt, opts = rmb.optim.Adam(mb, lr=1e-2), [torch.optim.Adam(m.parameters(), lr=1e-2) for m in solo]
+    for _ in range(3):
+        mb.zero_grad()
+        losses, _ = mb.forward_loss(x, y, loss)
+        losses.sum().backward()
+        opt.step()
+        for m, o in zip(solo, opts):
+            o.zero_grad()
+            loss(m(x), y).backward()
+            o.step()
+    assert not mb._slow_keys
+    for i, m in enumerate(solo):
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(mb.slot_state(i)[k], v, rtol=1e-5, atol=1e-5, msg=f"slot {i} {k}")
+    if rnn_kernel == "batched":  # the last layer's outputs got no gradient of their own where read apart
+        assert seen and seen[0] == alone, seen
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_dropout_between_layers_draws_a_mask_per_slot(kind):
     """Every slot holds the same weights and reads the same batch: only dropout can tell them apart."""
