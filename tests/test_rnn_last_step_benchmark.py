@@ -1,0 +1,20 @@
+"""benchmarks/rnn_last_step.py times both ways of reading a recurrent layer's last output, and they agree bit for bit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_rnn_last_step_benchmark_compares_both_ways_and_they_agree():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rnn_last_step.py"), "--rounds", "1",
+                          "--slots", "2"], capture_output=True, text=True, timeout=300, check=True)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| family")]
+    assert [r[:2] for r in rows] == [["lstm", "2"], ["gru", "2"]]
+    for family, slots, outputs_ms, apart_ms, ratio, same in rows:
+        assert float(outputs_ms) > 0 and float(apart_ms) > 0 and ratio.endswith("x")
+        assert same == "True"  # the same values either way: the last output apart is a copy of the step's
