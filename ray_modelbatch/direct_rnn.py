@@ -136,7 +136,7 @@ class SequenceAct(Act):
     It is a copy of the same values, so each slot computes what it did.
     """
 
-    last: torch.Tensor = None  # [n, B, H] (unbatched [n, H]): the last time step of the last layer
+    last: torch.Tensor | None = None  # [n, B, H] (unbatched [n, H]): the last time step of the last layer
     time_dim: int = 0  # where the time steps are in one slot's output (1 for batch_first)
 
 
@@ -187,7 +187,8 @@ def _initial_state(runner: Any, mod: nn.Module, hx: Any, batch: int,
 def _layers(runner: Any, name: str, mod: nn.Module, x: Act, h0: torch.Tensor | None,
             c0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Every layer and direction: the last layer's ``[n, T, B, dirs * H]``, ``h_n`` (``c_n``),
-    ``[n, layers * dirs, B, H]``, and the last direction's last output apart (``[n, B, H]``). Dropout (training) acts between layers, a mask per slot and element."""
+    ``[n, layers * dirs, B, H]``, and the last direction's last output apart (``[n, B, H]``). Dropout
+    (training) acts between layers, a mask per slot and element."""
     dirs = 2 if mod.bidirectional else 1
     h_n: list[torch.Tensor] = []
     c_n: list[torch.Tensor] = []
@@ -343,8 +344,9 @@ def _gates_backprop(cell: Any, dy: torch.Tensor | None, dh_last: torch.Tensor | 
     """Back-propagation through time for :class:`_Gates`: per step, ``cell(t, dh, dgates)`` writes the
     gradient of the step's gates into ``dgates`` (one buffer for every step), then one GEMM adds the step's
     weight gradient, one gives ``dx_t`` (if needed) and one the gradient of the previous output,
-    ``dy_prev + dgates @ W_hh`` (``dy`` None: no output but the last was used). Returns ``[dW_ih | dW_hh | db]`` transposed (``[n, I + H (+ 1), G]``: MKL
-    accumulates that layout 10% faster), ``dx`` time-major and ``dh0``."""
+    ``dy_prev + dgates @ W_hh`` (``dy`` None: no output but the last was used). Returns ``[dW_ih | dW_hh |
+    db]`` transposed (``[n, I + H (+ 1), G]``: MKL accumulates that layout 10% faster), ``dx`` time-major and
+    ``dh0``."""
     n, gates, _ = w_hh.shape
     batch = xh.shape[2]
     dgates = xh.new_empty(n, batch, gates)

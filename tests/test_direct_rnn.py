@@ -239,7 +239,8 @@ LAST_STEP_CASES = [
 
 @pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("kind, read, kw, alone", LAST_STEP_CASES,
-                         ids=[f"{k}-{r}-{'-'.join(f'{a}={b}' for a, b in kw.items())}" for k, r, kw, _ in LAST_STEP_CASES])
+                         ids=[f"{k}-{r}-{'-'.join(f'{a}={b}' for a, b in kw.items())}"
+                              for k, r, kw, _ in LAST_STEP_CASES])
 def test_the_last_step_read_apart_trains_like_each_model_alone(kind, read, kw, alone, unbatched, rnn_kernel,
                                                               monkeypatch):
     """``out[:, -1]`` (and its other spellings) of a one-directional layer is the layer's last output taken

@@ -1,4 +1,4 @@
-"""benchmarks/rnn_last_step.py times both ways of reading a recurrent layer's last output, and they agree bit for bit."""
+"""benchmarks/rnn_last_step.py times both ways of reading a recurrent layer's last output; they agree bit for bit."""
 
 from __future__ import annotations
 
