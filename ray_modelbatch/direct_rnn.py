@@ -136,8 +136,8 @@ class SequenceAct(Act):
     It is a copy of the same values, so each slot computes what it did.
     """
 
-    last: torch.Tensor | None = None  # [n, B, H] (unbatched [n, H]): the last time step of the last layer
-    time_dim: int = 0  # where the time steps are in one slot's output (1 for batch_first)
+    last: torch.Tensor  # [n, B, H] (unbatched [n, H]): the last time step of the last layer
+    time_dim: int  # where the time steps are in one slot's output (1 for batch_first)
 
 
 def last_step(obj: Act, index: Any, n: int) -> Act | None:
