@@ -8,7 +8,8 @@ a tensor of its own (``SequenceAct``), whose gradient enters at the last step
 alone. This benchmark trains ``fused_step.py``'s LSTM and GRU stacks (32 ->
 64 over 16 steps, batch 64, the last step into a 10-class head) both ways in
 one process, alternating, medians of ``--rounds`` rounds (each the median of
-5 steps), and says whether both ways leave the same parameters after 3 steps.
+5 steps), and how far apart both ways leave the parameters after 3 steps ("bitwise", or the largest
+relative difference).
 
     python benchmarks/rnn_last_step.py [--rounds 9] [--slots 8,32]
 """

@@ -69,9 +69,9 @@ def gemm_grid(threads: int, rounds: int, slot_counts: tuple[int, ...] = GRID_SLO
     return rows
 
 
-def fused_steps(name: str, slots: int, rounds: int) -> tuple[float, float, bool]:
+def fused_steps(name: str, slots: int, rounds: int) -> tuple[float, float, str]:
     """Median ms per fused step with torch's per-slot GEMMs and with MKL's batched one (alternating in one
-    process, each way its own stack), and whether both ways leave the same parameters after 3 steps."""
+    process, each way its own stack), and how far apart both ways leave the parameters after 3 steps."""
     return op_time.alternating_steps(name, slots, rounds, _ways)
 
 

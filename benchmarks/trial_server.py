@@ -65,7 +65,7 @@ class BareRelay:
     def __init__(self) -> None:
         self._host = ray.get_actor("trivial-host")
 
-    async def call(self, key: str, seq: int, method: str, args: tuple, kwargs: dict, payload: Any = None) -> Any:
+    async def trial_call(self, key: str, seq: int, method: str, args: tuple, kwargs: dict, payload: Any = None) -> Any:
         if method == "__init__":
             return None
         return await self._host.train.remote("t")
@@ -84,17 +84,17 @@ def run(server_cls: type, trials: int, iters: int) -> tuple[float, float, int]:
     payload = {"name": "Bench", "class_name": "Bench",
                "attrs": {"_spec_bytes": b"", "_experiment": "bench", "_options": {}, "setup": _setup}}
     keys = [f"trial{i}" for i in range(trials)]
-    ray.get([server.call.remote(k, 0, "__init__", ({}, {"trial_id": k}), {}, payload) for k in keys])
+    ray.get([server.trial_call.remote(k, 0, "__init__", ({}, {"trial_id": k}), {}, payload) for k in keys])
     seq = dict.fromkeys(keys, 1)
     cpu0, t0 = _cpu_s(pid), time.perf_counter()
-    pending = {server.call.remote(k, 1, "train", (), {}): k for k in keys}
+    pending = {server.trial_call.remote(k, 1, "train", (), {}): k for k in keys}
     while pending:
         [ref], _ = ray.wait(list(pending), num_returns=1)
         key = pending.pop(ref)
         ray.get(ref)
         seq[key] += 1
         if seq[key] <= iters:
-            pending[server.call.remote(key, seq[key], "train", (), {})] = key
+            pending[server.trial_call.remote(key, seq[key], "train", (), {})] = key
     wall, cpu = time.perf_counter() - t0, _cpu_s(pid) - cpu0
     ray.kill(server)
     return wall, cpu, trials * iters

@@ -6,12 +6,13 @@ configs are drawn once up front and given to every run in the same order,
 each with its own ``seed``; all runs use the same ASHA settings, ``max_t``,
 steps per iteration, batch size and validation set. The runs:
 
-* ``ray_modelbatch``: ``batched_trainable`` -- every trial's actor is a
-  torch-free object in the driver's one trial server; one slot host (1 CPU)
-  trains the trials as fused stacks. ``reuse_actors=True``, as in the example.
+* ``ray_modelbatch``: ``batched_trainable`` -- one slot host (1 CPU) trains
+  the trials as fused stacks, and holds every trial's actor as a torch-free
+  object. ``reuse_actors=True``, as in the example. ``ray_modelbatch_server``,
   ``ray_modelbatch_process`` and ``ray_modelbatch_classic`` run the same with
-  one light process, or one classic ``Trainable`` process, per trial
-  (``RAY_MODELBATCH_TRIALS``), for the A/B in one invocation.
+  the trials' objects in a trial server of their own, one light process, or
+  one classic ``Trainable`` process, per trial (``RAY_MODELBATCH_TRIALS``), for
+  the A/B in one invocation.
 * ``standard``: a plain class ``tune.Trainable`` that trains the same model with
   ``torch.optim.AdamW`` and ``LambdaLR`` (same factor as
   ``ray_modelbatch.optim.schedules.warmup_cosine``), seeded with
@@ -84,7 +85,8 @@ from ray_modelbatch.data import SlotSampler  # noqa: E402
 
 TARGET_SPEEDUP = 5.0  # vs one process per trial
 TARGET_VS_REUSE = {"mlp": 4.0, "cnn": 1.5}  # vs standard Tune with reuse_actors=True (issue 10)
-RUNS = ("ray_modelbatch", "standard", "standard+reuse", "tune_alone", "ray_modelbatch_process", "ray_modelbatch_classic")
+RUNS = ("ray_modelbatch", "standard", "standard+reuse", "tune_alone", "ray_modelbatch_server", "ray_modelbatch_process",
+        "ray_modelbatch_classic")
 TARGET_GPU = 10.0  # on a GPU, vs standard Tune with a fraction of the GPU per trial (issue 10)
 
 
@@ -365,9 +367,10 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
     try:
         batched = kind.startswith("ray_modelbatch")
         # Where the trials' actors run (ray_compat.trial_mode), for the A/B of that choice in one invocation:
-        # ray_modelbatch = objects in one shared trial server (the default); ray_modelbatch_process = one light
-        # actor process per trial; ray_modelbatch_classic = one classic Trainable process per trial
-        os.environ["RAY_MODELBATCH_TRIALS"] = {"ray_modelbatch_process": "process",
+        # ray_modelbatch = objects in the host (the default); ray_modelbatch_server = objects in a trial server;
+        # ray_modelbatch_process = one light actor process per trial; ray_modelbatch_classic = one classic
+        # Trainable process per trial
+        os.environ["RAY_MODELBATCH_TRIALS"] = {"ray_modelbatch_server": "server", "ray_modelbatch_process": "process",
                                               "ray_modelbatch_classic": "classic"}.get(kind, "shared")
         if batched:
             extra = {} if args.run_ahead is None else {"run_ahead": args.run_ahead}
@@ -703,7 +706,7 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
         lines.append(f"- bound: starting {args.slots} trial processes (importing what a light trial actor imports: no `ray.tune`, no torch) on this node takes "
                      f"{start_bound:.1f} s by itself (measured before the runs, fresh Ray); a run with one process per "
                      f"trial (`ray_modelbatch_process`, `ray_modelbatch_classic`) and {args.slots} slots cannot finish "
-                     "sooner; `ray_modelbatch` starts one trial server instead")
+                     "sooner; `ray_modelbatch` starts none: its host holds the trials")
     lines += ["", f"Run time: {time.monotonic() - t_start:.0f} s"]
     if len(runs) < len(kinds):
         lines.append(f"- incomplete: {len(runs)} of {len(kinds)} runs done ({', '.join(runs)})")

@@ -8,7 +8,7 @@ benchmark trains ``fused_step.py``'s GPT-2 language model stack both ways:
   rounds (each the median of 5 steps);
 - peak memory: each way in a fresh process (its peak resident set after 3
   steps, ``VmHWM`` on Linux; torch's own import included, the same in both);
-- bits: whether both ways leave the same parameters after 3 steps.
+- bits: how far apart both ways leave the parameters after 3 steps ("bitwise", or the largest relative difference).
 
     python benchmarks/wide_cross_entropy.py [--rounds 5] [--slots 8,32,128]
 """
@@ -36,8 +36,8 @@ def _ways(pieces: bool) -> None:
     wide_cross_entropy.applies = _APPLIES if pieces else (lambda *args: False)
 
 
-def fused_steps(name: str, slots: int, rounds: int) -> tuple[float, float, bool]:
-    """Median ms per fused step with torch's call and in pieces, and whether both leave the same parameters."""
+def fused_steps(name: str, slots: int, rounds: int) -> tuple[float, float, str]:
+    """Median ms per fused step with torch's call and in pieces, and how far apart both leave the parameters."""
     return op_time.alternating_steps(name, slots, rounds, _ways)
 
 

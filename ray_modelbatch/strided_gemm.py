@@ -14,8 +14,12 @@ Xeon (AVX-512, 2 threads), the 784 MLP's first-layer weight gradient at 128
 slots (``[256, 64] @ [64, 784]`` per slot, one input every slot shares):
 24.4 ms by torch's per-slot GEMMs, **22.0 ms** written here (8.6 against 5.1
 ms at batch 16); a whole fused step of that MLP, 99.0 against 91.2 ms. The
-values are torch's batched GEMM's to the bit (``tests/test_strided_gemm.py``):
-the same kernel computes each matrix.
+values are those of torch's own GEMMs into the same view (the path this
+replaces) to the bit, and on Intel CPUs those of torch's batched GEMM into a
+contiguous result too (``tests/test_strided_gemm.py``): the same kernel
+computes each matrix. On the AMD EPYC of session 46, MKL rounds a matrix
+whose result is not 16-byte aligned apart from an aligned one (fp32 results
+of 8-10 columns, fp64 of up to 64: up to 1e-5 apart), torch's own calls alike.
 
 The choice depends only on the tensors' dtype, device and strides, never on a
 timing, so every process on a machine computes the same bits. Where MKL or

@@ -17,7 +17,7 @@ from ray_modelbatch.tune import registry as reg
 def launches(monkeypatch):
     made = []
 
-    def fake_launch(spec_bytes, experiment, options, place, index, config, num_cpus=None):
+    def fake_launch(spec_bytes, experiment, options, place, index, config, num_cpus=None, serves_trials=False):
         made.append((place, index, num_cpus))
         return reg.StartingHost(place, f"host{index}", None, None)
 

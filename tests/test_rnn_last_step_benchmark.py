@@ -1,4 +1,4 @@
-"""benchmarks/rnn_last_step.py times both ways of reading a recurrent layer's last output; they agree bit for bit."""
+"""benchmarks/rnn_last_step.py times both ways of reading a recurrent layer's last output; they agree to rounding."""
 
 from __future__ import annotations
 
@@ -17,4 +17,7 @@ def test_rnn_last_step_benchmark_compares_both_ways_and_they_agree():
     assert [r[:2] for r in rows] == [["lstm", "2"], ["gru", "2"]]
     for family, slots, outputs_ms, apart_ms, ratio, same in rows:
         assert float(outputs_ms) > 0 and float(apart_ms) > 0 and ratio.endswith("x")
-        assert same == "True"  # the same values either way: the last output apart is a copy of the step's
+        # The last output apart is a copy of the step's, and back-propagation from it alone takes a step's
+        # gradient by bmm where the outputs' zeros took baddbmm: the same bits with MKL on Intel CPUs; on AMD
+        # (session 46) its two kernels round apart, LSTM parameters 3.2e-06 of their scale after 3 steps.
+        assert same == "bitwise" or float(same) < 1e-5, same

@@ -63,15 +63,18 @@ def _log_files(name):
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/<pid>/maps (Linux)")
 def test_shared_and_light_trials_skip_ray_tune_and_match_the_classic_proxy(trainables, tmp_path, monkeypatch):
     runs = {}
-    for mode in ("shared", "process", "classic"):
+    for mode in ("shared", "server", "process", "classic"):
         monkeypatch.setenv("RAY_MODELBATCH_TRIALS", mode)
         T = trainables(slots_per_host=2)
         runs[mode] = (*_sweep(T, tmp_path, mode), T.host_stats()[0]["pid"])
 
-    shared_maps, process_maps, classic_maps = (runs[m][2] for m in ("shared", "process", "classic"))
-    # shared: both trials report the one trial server's process, neither the driver's nor the host's
-    assert len(shared_maps.seen) == 1 and not any(shared_maps.seen.values()), shared_maps.seen
-    assert set(shared_maps.seen) & {os.getpid(), runs["shared"][3]} == set()
+    shared_maps, server_maps, process_maps, classic_maps = (runs[m][2] for m in ("shared", "server", "process",
+                                                                                 "classic"))
+    # shared: one host, which holds both trials' objects: they report the host's process
+    assert set(shared_maps.seen) == {runs["shared"][3]} and not any(shared_maps.seen.values()), shared_maps.seen
+    # server: both trials report the one trial server's process, neither the driver's nor the host's
+    assert len(server_maps.seen) == 1 and not any(server_maps.seen.values()), server_maps.seen
+    assert set(server_maps.seen) & {os.getpid(), runs["server"][3]} == set()
     assert len(process_maps.seen) == 2 and not any(process_maps.seen.values()), process_maps.seen
     assert classic_maps.seen and all(classic_maps.seen.values()), classic_maps.seen  # the check can fail
     # after fit() the server's process ends (its trials were stopped, or killed by Tune's cleanup)
@@ -80,7 +83,7 @@ def test_shared_and_light_trials_skip_ray_tune_and_match_the_classic_proxy(train
 
     by_lr = lambda grid: {r.config["lr"]: r for r in grid}  # noqa: E731
     classic, classic_log = runs["classic"][:2]
-    for mode in ("shared", "process"):
+    for mode in ("shared", "server", "process"):
         grid, log = runs[mode][:2]
         for lr in (0.05, 0.02):
             a, b = log.rows(by_lr(grid)[lr]), classic_log.rows(by_lr(classic)[lr])
@@ -110,10 +113,11 @@ class KillServerAt(tune.Callback):
             os.kill(self.killed, signal.SIGKILL)
 
 
-def test_trials_survive_the_shared_trial_server_dying(trainables, tmp_path):
+def test_trials_survive_the_shared_trial_server_dying(trainables, tmp_path, monkeypatch):
     """The server's death fails every trial it held, as their processes' deaths would: the host frees their
     slots by the lease, Tune restarts each from its checkpoint (``FailureConfig``) on a new server, and every
     trial still trains exactly its steps."""
+    monkeypatch.setenv("RAY_MODELBATCH_TRIALS", "server")  # by default the sweep's one host holds the trials
     T = trainables(slots_per_host=3, lease_check_s=0.5)
     kill = KillServerAt(at=2)
     grid, log = h.fit(T, {"lr": tune.grid_search([0.05, 0.03, 0.02])}, tmp_path,
@@ -130,6 +134,28 @@ def test_trials_survive_the_shared_trial_server_dying(trainables, tmp_path):
     assert len(new_pids) == 1, new_pids  # one new server for all restarted trials
     assert h.wait_until(lambda: sum(s["attached"] + s["reserved"] for s in T.host_stats()) == 0, timeout=15)
     assert sum(s["freed_by_lease"] for s in T.host_stats()) >= 1  # the dead server's trials' slots
+
+
+def test_trials_held_by_their_host_survive_its_death(trainables, tmp_path):
+    """A sweep with one host has the host hold its trials' objects, so the host's death fails them all (their
+    slots die with it anyway): Tune restarts each from its checkpoint (``FailureConfig``), now in a trial
+    server, with its slot on a host the registry starts anew, and every trial still trains exactly its steps."""
+    T = trainables(slots_per_host=3, lease_check_s=0.5)
+    kill = KillServerAt(at=2)  # the process every result names: the host
+    grid, log = h.fit(T, {"lr": tune.grid_search([0.05, 0.03, 0.02])}, tmp_path,
+                      run_kw={"stop": {"training_iteration": 4}, "callbacks": [kill],
+                              "checkpoint_config": tune.CheckpointConfig(checkpoint_frequency=1),
+                              "failure_config": tune.FailureConfig(max_failures=1)})
+    assert kill.killed is not None
+    assert h.errors(grid) == [] and len(grid) == 3
+    [stats] = T.host_stats()  # the new host: the first died
+    assert stats["pid"] != kill.killed
+    for r in grid:
+        rows = log.rows(r)
+        assert rows[0]["pid"] == kill.killed  # held by the first host
+        assert r.metrics["training_iteration"] == 4 and r.metrics["slot_steps"] == 4 * K
+    new_pids = {x["pid"] for r in grid for x in log.rows(r)} - {kill.killed}
+    assert len(new_pids) == 1 and stats["pid"] not in new_pids, new_pids  # one trial server for the restarted
 
 
 def test_light_trial_checkpoints_through_another_filesystem(trainables, tmp_path):
@@ -181,20 +207,29 @@ def _iteration_3(T, tmp_path):
 
 
 
-def test_shared_trial_handles_keep_order_fail_alone_and_end_by_kill(trainables):
-    """Handles made as Tune's actor manager makes them: a trial's calls run in order; a trial whose
-    constructor failed raises that error on every call while another trial trains on; ``ray.kill``'s
-    route (``handle.kill()``) frees the slot at once; ``ray.kill`` of real actors still goes to Ray."""
+@pytest.mark.parametrize("held_by", ["server", "host"])
+def test_shared_trial_handles_keep_order_fail_alone_and_end_by_kill(trainables, held_by):
+    """Handles made as Tune's actor manager makes them, on the trial server or (after the driver's prestart
+    planned one host) on the host: a trial's calls run in order; a trial whose constructor failed raises that
+    error on every call while another trial trains on; ``ray.kill``'s route (``handle.kill()``) frees the slot
+    at once; ``ray.kill`` of real actors still goes to Ray."""
     from ray.air.execution._internal.actor_manager import RayActorManager
 
+    from ray_modelbatch.tune import shared_trials
     from ray_modelbatch.tune.shared_trials import SharedTrialClass, forget_trial_server
 
     T = trainables(slots_per_host=2)
+    if held_by == "host":
+        T.default_resource_request({"lr": 0.05, "seed": 3})  # Tune's first ask: the prestart
     cls = SharedTrialClass.of(T).options(num_cpus=0.01, scheduling_strategy=None)  # what Tune passes is ignored
     try:
         good = cls.remote(config={"lr": 0.05, "seed": 3}, trial={"trial_id": "good"})
         bad = cls.remote(config={"seed": 4}, trial={"trial_id": "bad"})  # hparams() reads config["lr"]
+        assert good._on_host is bad._on_host is (held_by == "host")
         assert ray.get(good.__ray_ready__.remote()) is True
+        ip_pid = ray.get(good.get_current_ip_pid.remote())
+        assert (ip_pid[1] == T.host_stats()[0]["pid"]) is (held_by == "host")
+        assert shared_trials._host_live[0] == (2 if held_by == "host" else 0)
         # the constructor's own call never raises: the driver drops its reference, and Ray prints an error
         # in a dropped reference again as an "Unhandled error" traceback (one more per failed trial)
         assert ray.get(bad._started) is None
@@ -229,6 +264,31 @@ def test_shared_trial_handles_keep_order_fail_alone_and_end_by_kill(trainables):
         assert h.wait_until(lambda: T.host_stats()[0]["attached"] == 0, timeout=10)
         with pytest.raises(ray.exceptions.RayTaskError, match="has ended"):
             ray.get(good.train.remote())
+        assert shared_trials._host_live[0] == (1 if held_by == "host" else 0)  # bad's handle lives on
+    finally:
+        forget_trial_server()
+
+
+def test_trials_beyond_what_the_host_holds_go_to_a_trial_server(trainables, monkeypatch):
+    """The host holds at most ``HOST_TRIALS_MAX`` trials' objects at once (each call takes one of its Ray
+    threads); the next ones go to a trial server, and an ended trial gives its place back."""
+    from ray_modelbatch.tune import shared_trials
+    from ray_modelbatch.tune.shared_trials import SharedTrialClass, forget_trial_server
+
+    monkeypatch.setattr(shared_trials, "HOST_TRIALS_MAX", 1)
+    T = trainables(slots_per_host=2)
+    T.default_resource_request({"lr": 0.05, "seed": 3})
+    cls = SharedTrialClass.of(T)
+    try:
+        a = cls.remote(config={"lr": 0.05, "seed": 3}, trial={"trial_id": "a"})
+        b = cls.remote(config={"lr": 0.02, "seed": 4}, trial={"trial_id": "b"})
+        assert a._on_host and not b._on_host
+        ra, rb = ray.get([a.train.remote(), b.train.remote()])
+        assert ra["pid"] == T.host_stats()[0]["pid"] != rb["pid"]
+        assert ra["slot_steps"] == rb["slot_steps"] == K
+        assert ray.get(a.stop.remote()) is None and shared_trials._host_live[0] == 0
+        c = cls.remote(config={"lr": 0.03, "seed": 5}, trial={"trial_id": "c"})
+        assert c._on_host and ray.get(c.train.remote())["training_iteration"] == 1
     finally:
         forget_trial_server()
 
@@ -251,7 +311,7 @@ def test_trial_mode_follows_the_environment_once_per_class(monkeypatch, caplog):
     monkeypatch.setenv("RAY_MODELBATCH_TRIALS", "bogus")
     with caplog.at_level("WARNING"):
         assert ray_compat.trial_mode(fresh()) == "shared"
-    assert "RAY_MODELBATCH_TRIALS='bogus' is not one of shared, process, classic" in caplog.text
+    assert "RAY_MODELBATCH_TRIALS='bogus' is not one of shared, server, process, classic" in caplog.text
 
 
 def test_a_shared_trial_trains_like_its_model_alone_under_its_seed(trainables, tmp_path):

@@ -199,6 +199,7 @@ class SlotHost:
         self._events: collections.deque = collections.deque(maxlen=256)  # recent attach/detach, for stats()
         self._writer = None
         self._log_dir: str | None = None
+        self._served: Any = None  # the trials' actor objects this host holds (trial_call), made on the first
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
         self._thread.start()
 
@@ -406,6 +407,30 @@ class SlotHost:
             self._detach(key, "the trial ended")
 
         return self._call(run, "detach")
+
+    # --------------------------------------------- trials served here (see trial_table)
+    def trial_call(self, key: str, seq: int, method: str, args: tuple, kwargs: dict,
+                   payload: dict | None = None) -> Any:
+        """Tune's call ``method`` of trial ``key``'s actor, an object held by this host (the sweep's only one).
+
+        Runs on the calling Ray thread; the trial's own calls to its slot here
+        are plain Python calls (:func:`~.slot_client.local_host`).
+        """
+        return self._served_trials().call(key, seq, method, args, kwargs, payload)
+
+    def trial_kill(self, key: str) -> None:
+        """``ray.kill`` of a served trial: detach it and forget it (see ``trial_table``)."""
+        self._served_trials().kill(key)
+
+    def _served_trials(self) -> Any:
+        from .slot_client import serve_locally
+        from .trial_table import TrialTable  # (it imports the registry, which imports this module)
+
+        with self._lock:
+            if self._served is None:
+                self._served = TrialTable()
+                serve_locally(ray.get_runtime_context().get_actor_id(), self)
+            return self._served
 
     def stats(self) -> dict:
         with self._lock:

@@ -25,9 +25,9 @@ from ray.tune.execution.placement_groups import PlacementGroupFactory
 
 from .ray_compat import (experiment_dir, patch_tune_driver, quiet_setup_time_notice, skip_taken_checkpoint_dirs,
                          trial_mode)
-from .registry import get_registry, launch_where_free, registry_exists
+from .registry import get_registry, launch_where_free, planned_hosts, registry_exists
 from .shared_data import load_in_driver
-from .shared_trials import trial_server
+from .shared_trials import serve_on_host, trial_server
 from .slot_client import SlotClient
 
 logger = logging.getLogger(__name__)
@@ -71,16 +71,21 @@ class SlotTrialProxy(SlotClient, Trainable):
             # The driver creates the hosts itself when the registry does not exist yet: their processes then
             # start now, not once the registry's own actor has started (0.15-0.5 s on a 2-core node).
             new = not registry_exists(cls._experiment)
+            # A sweep planned on one host has that host hold its trials' actor objects (see trial_table)
+            on_host = new and trial_mode(cls) == "shared" and len(planned_hosts(cls._options)) == 1
             if new:
                 starting = launch_where_free(cls._spec_bytes, cls._experiment, cls._options, config, taken=set(),
-                                             first=0, any_running=False, warn=False)[0]  # the registry warns
+                                             first=0, any_running=False, warn=False,  # the registry warns
+                                             serves_trials=on_host)[0]
             # A new registry's hosts take the data this driver loads meanwhile (see shared_data).
             load_data = new and cls._options.get("data_in_driver", True)
             registry = get_registry(cls._spec_bytes, cls._experiment, cls._options, starting, data_pending=load_data)
             if load_data:
                 load_in_driver(cls._spec_bytes, registry)
             registry.start_hosts.remote(config, quiet=True)  # not awaited
-            if trial_mode(cls) == "shared":
+            if on_host and len(starting) == 1:
+                serve_on_host(starting[0].handle)
+            elif trial_mode(cls) in ("shared", "server"):
                 trial_server()  # its process starts beside the host's, before Tune makes the first trial
         except Exception as exc:  # noqa: BLE001 - only a head start: the first trial's setup() tries again
             logger.debug("could not prestart the slot hosts: %s", exc)

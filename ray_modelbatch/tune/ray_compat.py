@@ -390,7 +390,7 @@ def run_trials_as_light_actors() -> None:
         key = ("ray_modelbatch light actor", trainable_cls)
         if key not in self._cache:
             batched = batched_class(trainable_cls)
-            if trial_mode(trainable_cls) == "shared":
+            if trial_mode(trainable_cls) in ("shared", "server"):
                 from .shared_trials import SharedTrialClass
 
                 self._cache[key] = SharedTrialClass.of(batched)
@@ -470,15 +470,18 @@ def _route_kills_of_shared_trials() -> None:
     RayActorManager.cleanup = cleanup_all
 
 
-TRIAL_MODES = ("shared", "process", "classic")
+TRIAL_MODES = ("shared", "server", "process", "classic")
 
 
 def trial_mode(trainable_cls: Any) -> str:
     """Where a trainable's trial actors run: ``shared``, ``process`` or ``classic`` (see below).
 
     * ``shared`` (the default for a class ``batched_trainable`` made itself):
-      every trial's actor is an object in the driver's one trial server
-      (:mod:`~ray_modelbatch.tune.trial_server`); no process per trial.
+      every trial's actor is an object in one process: the slot host, where the
+      sweep plans only one (:mod:`~ray_modelbatch.tune.trial_table`), else the
+      driver's one trial server (:mod:`~ray_modelbatch.tune.trial_server`); no
+      process per trial.
+    * ``server``: objects in the driver's trial server, whatever the hosts.
     * ``process``: one light actor process per trial (:mod:`~ray_modelbatch.tune.trial_actor`).
     * ``classic``: one ``Trainable`` process per trial (``SlotTrialProxy``); also
       every subclass of a batched trainable, whose overrides only a
@@ -668,6 +671,16 @@ def patch_tune_driver() -> None:
     keep_restore_sources()
     drop_stale_stop_on_pause()
     stop_sweep_on_setup_error()
+
+
+def actor_id_of(handle: Any) -> str | None:
+    """The hex ID of the actor behind ``handle``, or None for anything else.
+
+    Ray 2.60: ``ActorHandle._actor_id`` (an ``ActorID``); no public accessor
+    gives it for a handle other than the caller's own.
+    """
+    actor_id = getattr(handle, "_actor_id", None)
+    return actor_id.hex() if actor_id is not None else None
 
 
 def actor_is_dead(handle: Any) -> bool:

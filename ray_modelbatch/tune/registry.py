@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 
 STARTUP_GRACE_S = 300.0  # how long hosts started before fit() wait for its first trial
+# Ray threads of a host that also serves the trials' actor objects (shared_trials.HOST_TRIALS_MAX of them, each
+# call holding a thread while it runs or waits its turn). Ray makes them all at once: 1,024 took 0.2 s and 10 MB
+# more than 48 at an actor's start (2-core node).
+HOST_THREADS = 1024
 
 
 # Registries are detached actors; a named namespace keeps Ray from warning, on every experiment,
@@ -149,11 +153,13 @@ class StartingHost:
     name: str
     handle: Any
     ready: Any  # the ping's ObjectRef
+    serves_trials: bool = False  # it also holds trials' actor objects (see launch_where_free)
 
 
 def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config: dict | None,
                       taken: set[HostPlace], first: int, any_running: bool,
-                      spread: Collection[str] = (), warn: bool = True) -> tuple[list[StartingHost], str | None]:
+                      spread: Collection[str] = (), warn: bool = True,
+                      serves_trials: bool = False) -> tuple[list[StartingHost], str | None]:
     """Create (without waiting) a host on every planned place not in ``taken`` whose node has room now.
 
     Returns the hosts started, named ``host<first>``, ``host<first + 1>``, ...,
@@ -169,6 +175,8 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
     trial room is not started, with one warning line naming the setting to
     change (``warn``: the registry's call says it; the driver's prestart, which
     the registry follows, keeps quiet); the only host starts unreserved instead.
+    ``serves_trials``: the hosts will also hold the trials' actor objects
+    (:mod:`~ray_modelbatch.tune.trial_table`), so they get the Ray threads for it.
     """
     avail = available_resources_per_node()  # None: unknown, try every place
     host_cpus = float(options.get("host_cpus", 1))
@@ -204,21 +212,22 @@ def launch_where_free(spec_bytes: bytes, experiment: str, options: dict, config:
     if not places and not any_running and cpu_only and host_cpus > 0:
         logger.warning("%s Starting the slot host without a CPU reservation instead.", reason)
         places.append((cpu_only[0], 0))
-    launched = [launch_host(spec_bytes, experiment, options, place, first + i, config, num_cpus)
+    launched = [launch_host(spec_bytes, experiment, options, place, first + i, config, num_cpus,
+                            serves_trials=serves_trials)
                 for i, (place, num_cpus) in enumerate(places)]
     return launched, None if launched else reason
 
 
 def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPlace, index: int,
-                config: dict | None, num_cpus: float) -> StartingHost:
+                config: dict | None, num_cpus: float, serves_trials: bool = False) -> StartingHost:
     """Create host ``index`` of the experiment on ``place``, reserving ``num_cpus``, and ask for its ``ping()``;
     its constructor runs meanwhile."""
     name = f"ray_modelbatch:{experiment}:host{index}"
     slots = options["slots_per_host"]
+    threads = 2 * (options["max_slots_per_host"] if slots == "auto" else slots) + 16  # every waiting step holds one
     opts: dict[str, Any] = {
         "name": name,
-        # every waiting step holds a thread
-        "max_concurrency": 2 * (options["max_slots_per_host"] if slots == "auto" else slots) + 16,
+        "max_concurrency": max(threads, HOST_THREADS) if serves_trials else threads,
         "num_cpus": num_cpus,
         "num_gpus": gpu_fraction(place),
         "max_restarts": 0,
@@ -240,7 +249,7 @@ def launch_host(spec_bytes: bytes, experiment: str, options: dict, place: HostPl
         step_threshold_ms=options.get("kernel_bound_step_ms"),
         data_from=registry_name(experiment) if options.get("data_in_driver", True) else None,
     )
-    return StartingHost(place, name, handle, handle.ping.remote())
+    return StartingHost(place, name, handle, handle.ping.remote(), serves_trials)
 
 
 _STARVED_WARNED: set[str] = set()  # experiments this process has warned about (see launch_where_free)
@@ -572,7 +581,8 @@ class HostRegistry:
                     f"slot host {s.name} on {s.place.label} could not start: {exc}")
                 continue
             if info.get("error"):
-                ray.kill(s.handle, no_restart=True)
+                if not s.serves_trials:  # else it holds the trials that get this error: it ends with fit()
+                    ray.kill(s.handle, no_restart=True)
                 self.start_error = f"slot host could not start: {info['error']}"
                 logger.error("%s", self.start_error)
                 failure = failure or SweepSetupError(self.start_error)

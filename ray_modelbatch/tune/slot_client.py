@@ -30,6 +30,7 @@ from typing import Any
 import ray
 
 from ..errors import SlotHostLostError, SlotHostStartError
+from . import ray_compat
 from .balance import MOVE_KEY, is_move
 from .registry import get_registry
 
@@ -38,6 +39,32 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "slot_state.pt"  # ray_modelbatch.checkpoint.STATE_FILE (not imported: it imports torch)
 CONFIG_FILE = "trial_config.json"  # ray_modelbatch.checkpoint.CONFIG_FILE
 CONFIG_PICKLE = "trial_config.pkl"  # ray_modelbatch.checkpoint.CONFIG_PICKLE
+
+
+_LOCAL_HOSTS: dict[str, Any] = {}  # actor ID -> the slot host object of this process that serves trials
+
+
+def serve_locally(actor_id: str, host: Any) -> None:
+    """Register this process's slot host, which holds trials' actor objects (``SlotHost.trial_call``)."""
+    _LOCAL_HOSTS[actor_id] = host
+
+
+def local_host(handle: Any) -> Any:
+    """The slot host object behind ``handle`` when it lives in this process (a trial it serves), else None."""
+    return _LOCAL_HOSTS.get(ray_compat.actor_id_of(handle)) if _LOCAL_HOSTS else None
+
+
+_REGISTRIES: dict[tuple, Any] = {}  # (experiment, Ray job) -> its registry's handle, as this process last got it
+
+
+def _registry(spec_bytes: bytes, experiment: str, options: dict, fresh: bool = False) -> Any:
+    """The experiment's registry, got once per process and Ray job (asking Ray again costs about 1 ms of this
+    process's CPU and a request to Ray's control store); ``fresh``: the handle held failed, so ask (or create)
+    anew."""
+    key = (experiment, ray.get_runtime_context().get_job_id())
+    if fresh or key not in _REGISTRIES:
+        _REGISTRIES[key] = get_registry(spec_bytes, experiment, options)
+    return _REGISTRIES[key]
 
 
 def spec_attrs(trainable_cls: type) -> dict:
@@ -114,6 +141,7 @@ class SlotClient:
             )
         quiet_sigterm()
         self._host = None
+        self._local = None  # the slot host object, where it lives in this process
         self._attached: str | None = None
         self._attach(config)
 
@@ -121,17 +149,22 @@ class SlotClient:
         """Get a slot from the registry (on host ``prefer`` if it has room) and attach to it; waits for one."""
         if prefer is None:  # a move keeps the trial's checkpoint numbering as it is
             self._skip_taken_checkpoints()
-        registry = get_registry(self._spec_bytes, self._experiment, self._options)
+        registry = _registry(self._spec_bytes, self._experiment, self._options)
         token = f"{self.trial_id}:{uuid.uuid4().hex[:8]}"  # this attachment; see SlotHost.attach
-        self._lease = own_handle()  # the host frees the slot when this process dies without cleanup()
         waited, warned, actor_errors = time.monotonic(), False, 0
         while True:
             try:
                 got = ray.get(registry.assign.remote(token, config, prefer))
                 if got is not None:
                     self._host_name, self._host = got
-                    self._slot = ray.get(self._host.attach.remote(
-                        self.trial_id, config, [self._lease], self._experiment_dir(), token))
+                    # A host that serves this trial's actor object is called in place; it needs no lease: the
+                    # object dies with it. Any other host frees the slot when this process dies without cleanup().
+                    self._local = local_host(self._host)
+                    if self._local is not None:
+                        self._slot = self._local.attach(self.trial_id, config, [None], self._experiment_dir(), token)
+                    else:
+                        self._slot = ray.get(self._host.attach.remote(
+                            self.trial_id, config, [own_handle()], self._experiment_dir(), token))
                     break
             except ray.exceptions.RayTaskError as exc:
                 cause = getattr(exc, "cause", None)
@@ -145,7 +178,7 @@ class SlotClient:
                 if actor_errors > 5:
                     raise
                 time.sleep(0.5)
-                registry = get_registry(self._spec_bytes, self._experiment, self._options)
+                registry = _registry(self._spec_bytes, self._experiment, self._options, fresh=True)
                 continue
             elapsed = time.monotonic() - waited
             if elapsed > self._options.get("oversubscribe_warn_s", 5.0) and (
@@ -175,13 +208,16 @@ class SlotClient:
     def _detach(self) -> None:
         if self._host is not None and self._attached is not None:
             try:
-                ray.get(self._host.detach.remote(self._token))
-            except ray.exceptions.RayActorError:
+                self._on_host("detach", self._token)
+            except SlotHostLostError:
                 pass  # the host is gone, and the slot with it
         self._attached = None
 
     def _on_host(self, method: str, *args: Any) -> Any:
-        """Call the slot host; a dead host becomes an error Tune can recover the trial from."""
+        """Call the slot host (in place where it serves this trial); a dead host becomes an error Tune can
+        recover the trial from."""
+        if self._local is not None:
+            return getattr(self._local, method)(*args)
         try:
             return ray.get(getattr(self._host, method).remote(*args))
         except ray.exceptions.RayActorError as exc:

@@ -7,7 +7,9 @@ starting them is most of a sweep's cost: 16 trial processes take 6.7 s on a
 61 MB each while they run. Here every trial's actor is a
 :class:`~ray_modelbatch.tune.trial_actor.SlotTrialActor` object inside one
 ``TrialServer`` process per driver, which starts once (alongside the registry,
-before the first trial) and serves every trial the sweep ever runs.
+before the first trial) and serves every trial the sweep ever runs. A sweep
+with one slot host has its trials served by that host instead, and no server
+(:mod:`~ray_modelbatch.tune.trial_table`, which holds what the two share).
 
 Each trial stays a real Tune trial: its own ID, results, checkpoints
 (``<trial dir>/checkpoint_<index>``, written by the server as the trial
@@ -38,34 +40,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import ray_compat
-from .trial_actor import SlotTrialActor
+from .trial_table import TrialClasses, TrialGoneError, close_trial
 
 logger = logging.getLogger(__name__)
-
-
-class SharedTrial(SlotTrialActor):
-    """A trial's actor as an object in a shared process: the same protocol, without process-wide side effects."""
-
-    def _open_log_files(self, stdout_file: str | None, stderr_file: str | None) -> None:
-        """Create the trial's log files (``RunConfig(log_to_file=...)``) without redirecting the shared process's output.
-
-        A batched trial runs no user code in its actor (the slot host does), so
-        there is no output of the trial's own to copy into them.
-        """
-        for name in (stdout_file, stderr_file):
-            if name:
-                open(self._log_path(name), "a").close()
-
-
-class TrialGoneError(RuntimeError):
-    """A call for a trial the server no longer holds (stopped, killed, or never made)."""
 
 
 class _Seat:
     """One trial in the server: its actor object and the turn of its calls."""
 
     def __init__(self) -> None:
-        self.trial: SharedTrial | None = None
+        self.trial: Any = None
         self.error: BaseException | None = None  # the constructor failed: every later call raises it
         self.next_seq = 0
         self.turn = asyncio.Condition()
@@ -81,10 +65,10 @@ class TrialServer:
         self._pool = ThreadPoolExecutor(max_workers=self.MAX_THREADS, thread_name_prefix="trial")
         self._seats: dict[str, _Seat] = {}
         self._ended: set[str] = set()  # keys of trials that were stopped or killed: their late calls fail at once
-        self._classes: dict[str, type] = {}
+        self._classes = TrialClasses()
 
-    async def call(self, key: str, seq: int, method: str, args: tuple, kwargs: dict,
-                   payload: dict | None = None) -> Any:
+    async def trial_call(self, key: str, seq: int, method: str, args: tuple, kwargs: dict,
+                         payload: dict | None = None) -> Any:
         """Run ``method`` of trial ``key`` once its earlier calls have run; ``__init__`` makes the trial."""
         if key in self._ended:
             raise TrialGoneError(f"trial actor {key} has ended (stopped or killed)")
@@ -106,12 +90,12 @@ class TrialServer:
             # an error in a dropped reference is printed again as Ray's "Unhandled error" traceback. The
             # error is kept and raised by the trial's next call, __ray_ready__, which Tune makes first.
             try:
-                trial = await loop.run_in_executor(self._pool, lambda: self._class(payload)(*args, **kwargs))
+                trial = await loop.run_in_executor(self._pool, lambda: self._classes.get(payload)(*args, **kwargs))
             except BaseException as exc:  # noqa: BLE001 - raised by the next call
                 seat.error = exc
                 return None
             if key in self._ended:  # killed while it was being made: it must not keep its slot
-                await loop.run_in_executor(self._pool, _close, key, trial)
+                await loop.run_in_executor(self._pool, close_trial, key, trial)
                 return None  # its later calls fail: the key has ended
             seat.trial = trial
             return None
@@ -123,7 +107,7 @@ class TrialServer:
             return True
         if method == "__ray_terminate__":  # as the process would exit: detach, and forget the trial
             self._forget(key)
-            await loop.run_in_executor(self._pool, _close, key, seat.trial)
+            await loop.run_in_executor(self._pool, close_trial, key, seat.trial)
             return None
         trial = seat.trial
         if method == "train" and not args and not kwargs:
@@ -135,30 +119,12 @@ class TrialServer:
             self._forget(key)
         return result
 
-    async def kill(self, key: str) -> None:
+    async def trial_kill(self, key: str) -> None:
         """End trial ``key`` now, as ``ray.kill`` ends a process: its slot is freed, later calls fail."""
         seat = self._forget(key)
         if seat is not None and seat.trial is not None:
-            await asyncio.get_running_loop().run_in_executor(self._pool, _close, key, seat.trial)
+            await asyncio.get_running_loop().run_in_executor(self._pool, close_trial, key, seat.trial)
 
     def _forget(self, key: str) -> _Seat | None:
         self._ended.add(key)
         return self._seats.pop(key, None)
-
-    def _class(self, payload: dict | None) -> type:
-        """The trainable's actor class here: :class:`SharedTrial` with its spec, experiment and options."""
-        if payload is None:
-            raise TypeError("a trial's first call must carry its class (the driver sends it with __init__)")
-        name = payload["name"]
-        if name not in self._classes:
-            self._classes[name] = type(payload["class_name"], (SharedTrial,), payload["attrs"])
-        return self._classes[name]
-
-
-def _close(key: str, trial: SharedTrial) -> None:
-    """Free an ended trial's slot and close its log files (a no-op for a trial already stopped)."""
-    try:
-        trial.cleanup()
-        trial._close_log_files()
-    except Exception as exc:  # noqa: BLE001 - the host frees the slot when the lease ends anyway
-        logger.debug("ending trial %s: %s", key, exc)
