@@ -40,18 +40,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import ray_compat
-from .trial_table import TrialClasses, TrialGoneError, close_trial
+from .trial_table import Seat, TrialClasses, TrialGoneError, close_trial
 
 logger = logging.getLogger(__name__)
 
 
-class _Seat:
-    """One trial in the server: its actor object and the turn of its calls."""
+class _Seat(Seat):
+    """One trial in the server, with the turn of its calls on the server's event loop."""
 
     def __init__(self) -> None:
-        self.trial: Any = None
-        self.error: BaseException | None = None  # the constructor failed: every later call raises it
-        self.next_seq = 0
+        super().__init__()
         self.turn = asyncio.Condition()
 
 
@@ -99,11 +97,7 @@ class TrialServer:
                 return None  # its later calls fail: the key has ended
             seat.trial = trial
             return None
-        if seat.error is not None:
-            raise seat.error
-        if seat.trial is None or key in self._ended:
-            raise TrialGoneError(f"trial actor {key} has ended (stopped or killed)")
-        if method == "__ray_ready__":
+        if seat.ready(key, method, self._ended):
             return True
         if method == "__ray_terminate__":  # as the process would exit: detach, and forget the trial
             self._forget(key)

@@ -77,13 +77,22 @@ def close_trial(key: str, trial: SharedTrial) -> None:
         logger.debug("ending trial %s: %s", key, exc)
 
 
-class _Seat:
-    """One trial in the table: its actor object and the turn of its calls."""
+class Seat:
+    """One trial in a serving process: its actor object and the turn of its calls."""
 
     def __init__(self) -> None:
         self.trial: SharedTrial | None = None
         self.error: BaseException | None = None  # the constructor failed: every later call raises it
         self.next_seq = 0
+
+    def ready(self, key: str, method: str, ended: set[str]) -> bool:
+        """Whether ``method`` (not ``__init__``) is ``__ray_ready__``, which a made trial answers with True; raises
+        what a call of a trial whose constructor failed, or that ended, raises."""
+        if self.error is not None:
+            raise self.error
+        if self.trial is None or key in ended:
+            raise TrialGoneError(f"trial actor {key} has ended (stopped or killed)")
+        return method == "__ray_ready__"
 
 
 class TrialTable:
@@ -91,7 +100,7 @@ class TrialTable:
 
     def __init__(self) -> None:
         self._turn = threading.Condition()
-        self._seats: dict[str, _Seat] = {}
+        self._seats: dict[str, Seat] = {}
         self._ended: set[str] = set()  # keys of trials that were stopped or killed: their late calls fail at once
         self._classes = TrialClasses()
 
@@ -100,7 +109,7 @@ class TrialTable:
         with self._turn:
             if key in self._ended:
                 raise TrialGoneError(f"trial actor {key} has ended (stopped or killed)")
-            seat = self._seats.setdefault(key, _Seat())
+            seat = self._seats.setdefault(key, Seat())
             self._turn.wait_for(lambda: seat.next_seq == seq)
         try:
             return self._run(key, seat, method, args, kwargs, payload)
@@ -109,7 +118,7 @@ class TrialTable:
                 seat.next_seq += 1
                 self._turn.notify_all()
 
-    def _run(self, key: str, seat: _Seat, method: str, args: tuple, kwargs: dict, payload: dict | None) -> Any:
+    def _run(self, key: str, seat: Seat, method: str, args: tuple, kwargs: dict, payload: dict | None) -> Any:
         if method == "__init__":
             # Never raises: see TrialServer._run (the error is raised by the trial's next call, __ray_ready__)
             try:
@@ -122,11 +131,7 @@ class TrialTable:
                 return None
             seat.trial = trial
             return None
-        if seat.error is not None:
-            raise seat.error
-        if seat.trial is None or key in self._ended:
-            raise TrialGoneError(f"trial actor {key} has ended (stopped or killed)")
-        if method == "__ray_ready__":
+        if seat.ready(key, method, self._ended):
             return True
         if method == "__ray_terminate__":  # as the process would exit: detach, and forget the trial
             self._forget(key)
@@ -143,7 +148,7 @@ class TrialTable:
         if seat is not None and seat.trial is not None:
             close_trial(key, seat.trial)
 
-    def _forget(self, key: str) -> _Seat | None:
+    def _forget(self, key: str) -> Seat | None:
         with self._turn:
             self._ended.add(key)
             return self._seats.pop(key, None)
