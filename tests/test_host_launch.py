@@ -19,8 +19,10 @@ def launches(monkeypatch):
 
     def fake_launch(spec_bytes, experiment, options, place, index, config, num_cpus=None, serves_trials=False):
         made.append((place, index, num_cpus))
+        fake_launch.serves.append(serves_trials)
         return reg.StartingHost(place, f"host{index}", None, None)
 
+    fake_launch.serves = []  # whether each host was made to hold trials (its Ray threads)
     monkeypatch.setattr(reg, "launch_host", fake_launch)
     return made
 
@@ -99,6 +101,9 @@ class _Context:
     def get_actor_id(self):
         return None  # the driver, not a trial
 
+    def get_node_id(self):
+        return "a"  # the driver's node
+
 
 @pytest.fixture
 def driver(monkeypatch, launches):
@@ -133,6 +138,29 @@ def test_the_driver_starts_the_hosts_of_a_new_registry_and_hands_them_over(monke
     [(starting, data_pending)] = calls["registry"]
     assert [s.name for s in starting] == ["host0", "host1"] and calls["killed"] == []
     assert data_pending and calls["data"] == [_Registry]  # the driver loads the data for them meanwhile
+
+
+@pytest.mark.parametrize("plan,held", [([("a", 0)], True), ([(None, 0)], True), ([("b", 0)], False),
+                                       ([("a", 0), ("a", 1)], False)])
+def test_the_only_host_on_the_drivers_node_holds_the_trials(monkeypatch, driver, launches, plan, held):
+    """One planned host on the driver's node (or unpinned) holds the sweep's trials; a host on another node (its
+    trials would write checkpoints there) or several hosts leave them to the trial server."""
+    from ray_modelbatch.tune import shared_trials
+
+    proxy, T, calls = driver
+    monkeypatch.setattr(proxy, "registry_exists", lambda experiment: False)
+    monkeypatch.setattr(proxy, "trial_mode", lambda cls: "shared")
+    places = [reg.HostPlace(node, k, False) for node, k in plan]
+    monkeypatch.setattr(proxy, "planned_hosts", lambda options: places)
+    monkeypatch.setattr(reg, "planned_hosts", lambda options, spread=(): places)
+    monkeypatch.setattr(reg, "available_resources_per_node", lambda: None)
+    served = []
+    monkeypatch.setattr(proxy, "serve_on_host", served.append)
+    monkeypatch.setattr(proxy, "trial_server", lambda: served.append("server"))
+    T._prestart_hosts({"lr": 0.1})
+    assert reg.launch_host.serves == [held] * len(plan)  # 1,024 Ray threads where it holds them
+    assert served == ([None] if held else ["server"])  # the fake launch's handle, or the trial server
+    assert shared_trials._host == []  # (nothing real was registered)
 
 
 def test_an_existing_registry_starts_its_own_hosts(monkeypatch, driver, launches):

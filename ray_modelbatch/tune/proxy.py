@@ -38,6 +38,14 @@ logger = logging.getLogger(__name__)
 patch_tune_driver()
 
 
+def _one_host_here(options: dict) -> bool:
+    """Whether the sweep plans one slot host, on this (the driver's) node: then that host holds the trials'
+    actor objects (see ``trial_table``). On another node they would write their checkpoints there, where a
+    local ``storage_path`` is not: the trial server, which runs beside the driver, holds them instead."""
+    plan = planned_hosts(options)
+    return len(plan) == 1 and plan[0].node_id in (None, ray.get_runtime_context().get_node_id())
+
+
 class SlotTrialProxy(SlotClient, Trainable):
     """Base class of the trainables returned by :func:`ray_modelbatch.tune.batched_trainable`."""
 
@@ -71,8 +79,7 @@ class SlotTrialProxy(SlotClient, Trainable):
             # The driver creates the hosts itself when the registry does not exist yet: their processes then
             # start now, not once the registry's own actor has started (0.15-0.5 s on a 2-core node).
             new = not registry_exists(cls._experiment)
-            # A sweep planned on one host has that host hold its trials' actor objects (see trial_table)
-            on_host = new and trial_mode(cls) == "shared" and len(planned_hosts(cls._options)) == 1
+            on_host = new and trial_mode(cls) == "shared" and _one_host_here(cls._options)
             if new:
                 starting = launch_where_free(cls._spec_bytes, cls._experiment, cls._options, config, taken=set(),
                                              first=0, any_running=False, warn=False,  # the registry warns

@@ -478,7 +478,7 @@ def trial_mode(trainable_cls: Any) -> str:
 
     * ``shared`` (the default for a class ``batched_trainable`` made itself):
       every trial's actor is an object in one process: the slot host, where the
-      sweep plans only one (:mod:`~ray_modelbatch.tune.trial_table`), else the
+      sweep plans only one, on the driver's node (:mod:`~ray_modelbatch.tune.trial_table`), else the
       driver's one trial server (:mod:`~ray_modelbatch.tune.trial_server`); no
       process per trial.
     * ``server``: objects in the driver's trial server, whatever the hosts.

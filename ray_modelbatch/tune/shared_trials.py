@@ -49,12 +49,13 @@ def _session() -> tuple:
 def serve_on_host(host: Any) -> None:
     """Let the sweep's only slot host serve the trials this driver makes from now on (see ``trial_table``).
 
-    Called by the driver's prestart when the sweep plans one host. Until
+    Called by the driver's prestart when the sweep plans one host, on the driver's node. Until
     :func:`forget_trial_server`, new trials are objects in that host: their
     calls to their slot are plain Python calls, and no trial server starts.
     """
     with _server_lock:
         _host[:] = [host, _session()]
+        _host_live[0] = 0
 
 
 def trial_server() -> Any:

@@ -5,8 +5,8 @@ Why: a batched trial's actor holds no model and only forwards Tune's calls
 every trial as an object in one process (see :mod:`.shared_trials`). Two
 processes can hold them:
 
-* a sweep with one slot host: **the host itself** (:class:`TrialTable`, on the
-  host's Ray threads). A trial's calls to its slot are then plain Python calls,
+* a sweep with one slot host, on the driver's node: **the host itself**
+  (:class:`TrialTable`, on the host's Ray threads). A trial's calls to its slot are then plain Python calls,
   and the sweep has no process of its own for its trials. Measured on the MLP
   sweep of ``benchmarks/tune_sweep.py`` (2 cores), the separate server made 642
   Ray calls to the host and the registry for the driver's 650, and took 2.2-2.8
