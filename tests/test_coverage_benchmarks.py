@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,6 +29,7 @@ def test_direct_coverage_times_the_direct_path_vmap_and_the_loop():
         assert all(float(c) > 0 for c in r[3:6]) and all(c.endswith("x") for c in r[6:9])
 
 
+@pytest.mark.slow  # builds and times every surveyed architecture: 7 s on a 2-core AMD EPYC; run by .ci/run
 def test_architecture_survey_names_each_models_path_and_what_keeps_it_off_the_direct_path():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "architecture_survey.py"), "--slots", "2",
                           "--repeats", "1", "--only",

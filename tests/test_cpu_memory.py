@@ -131,6 +131,7 @@ def test_a_threads_big_tensor_stops_faulting_with_huge_pages():
     assert policy == "huge" and faults < 1_000, faults  # one fault per 2 MB page: ~48
 
 
+@pytest.mark.slow  # a process per allocator policy: 12 s on a 2-core AMD EPYC; run by .ci/run
 def test_thread_memory_benchmark_runs_every_policy():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "thread_memory.py"), "--model", "mlp_tiny",

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # every case both ways in a fresh process: 6 s on a 2-core AMD EPYC; run by .ci/run
 def test_moment_sqrt_benchmark_times_both_roots_and_they_agree():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moment_sqrt.py"), "--rounds", "1",
                           "--slots", "4"], capture_output=True, text=True, timeout=300, check=True)

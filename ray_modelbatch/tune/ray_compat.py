@@ -474,7 +474,7 @@ TRIAL_MODES = ("shared", "server", "process", "classic")
 
 
 def trial_mode(trainable_cls: Any) -> str:
-    """Where a trainable's trial actors run: ``shared``, ``process`` or ``classic`` (see below).
+    """Where a trainable's trial actors run: ``shared``, ``server``, ``process`` or ``classic`` (see below).
 
     * ``shared`` (the default for a class ``batched_trainable`` made itself):
       every trial's actor is an object in one process: the slot host, where the
