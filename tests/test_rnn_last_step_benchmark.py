@@ -9,6 +9,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "GenuineIntel" in f.read()
+    except OSError:
+        return False
+
+
 def test_rnn_last_step_benchmark_compares_both_ways_and_they_agree():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rnn_last_step.py"), "--rounds", "1",
                           "--slots", "2"], capture_output=True, text=True, timeout=300, check=True)
@@ -20,4 +28,7 @@ def test_rnn_last_step_benchmark_compares_both_ways_and_they_agree():
         # The last output apart is a copy of the step's, and back-propagation from it alone takes a step's
         # gradient by bmm where the outputs' zeros took baddbmm: the same bits with MKL on Intel CPUs; on AMD
         # (session 46) its two kernels round apart, LSTM parameters 3.2e-06 of their scale after 3 steps.
-        assert same == "bitwise" or float(same) < 1e-5, same
+        if _intel_cpu():
+            assert same == "bitwise", same
+        else:
+            assert same == "bitwise" or float(same) < 1e-5, same
