@@ -1,7 +1,8 @@
 """A slot host's own cost per fused step, on the MLP sweep's stacks: the hand-written MLP step against autograd.
 
-The MLP sweep (``examples/asha_sweep.py``) trains two stacks of about 8
-slots (hidden 32 and 128) on one host thread, and its fused steps are mostly
+The MLP sweep (``examples/asha_sweep.py``) trains MLPs of hidden 32 and 128
+on one host thread (since session 47 in one padded stack; this times a stack
+of each width), and its fused steps are mostly
 fixed cost: dispatch, Python, the autograd graph. This times one
 :class:`~ray_modelbatch.slot_group.SlotGroup` of 8 such slots, built from the
 sweep's own configs (AdamW, warmup-cosine, per-slot streams of 64 rows), as

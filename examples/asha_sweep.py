@@ -4,8 +4,9 @@ Every trial is a real Tune trial (ASHA stops it, Tune logs it, the ResultGrid
 holds it), but its MLP is one slot of a fused stack on a shared slot host.
 When ASHA stops a trial its slot is freed at once and the next trial Tune
 starts takes it over, so 64 trials run through 16 slots. Learning rate and
-weight decay are drawn log-uniformly, the hidden size from two values (so the
-host runs two stacks side by side), and each trial trains with AdamW under its
+weight decay are drawn log-uniformly, the hidden size from two values (the
+32-wide MLPs train zero-padded in the 128-wide stack, see
+``ray_modelbatch/padded_stacks.py``), and each trial trains with AdamW under its
 own warmup-cosine schedule built from its config::
 
     python examples/asha_sweep.py                      # 64 trials, 16 slots, max_t 20
@@ -41,7 +42,7 @@ from ray_modelbatch.tune import SweepProgress, batched_trainable
 
 from digits_cnn import DigitsCNN  # examples/digits_cnn.py: the model of config["arch"] == "cnn"
 
-HIDDEN = (32, 128)  # two architectures, so two stacks on the host
+HIDDEN = (32, 128)  # two widths: the 32-wide models join the 128-wide stack, zero-padded
 BATCH_SIZE = 64
 STEPS_PER_REPORT = 22  # fused steps per Tune iteration: one epoch of the 1,437 training rows
 VAL_FRACTION = 0.2

@@ -30,7 +30,10 @@ difference in a module's settings still splits stacks.
 A padded slot computes at the stack's sizes, so :func:`check` also counts
 the forward's FLOPs both ways; a host admits a model where its padded FLOPs
 are at most :data:`MAX_WASTE` times its own (a CNN whose convolutions are
-fixed and whose hidden widths are searched pads almost for free).
+fixed and whose hidden widths are searched pads almost for free), or where
+padding adds at most :data:`SMALL_EXTRA_FLOPS` to a training step: a small
+model's fused step is its fixed cost, and one stack steps once where two
+step twice (:func:`worth_it`).
 
 A slot's checkpoint holds its model at its own sizes (:func:`unpad`,
 :func:`unpad_flat`): it loads into ``model_factory(config)`` and restores into
@@ -53,6 +56,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .signature import Signature, TensorSpec, module_settings, module_signature
 
 MAX_WASTE = 1.5  # a model joins a padded stack where its FLOPs there are at most this many times its own
+
+SMALL_EXTRA_FLOPS = 4e6
+"""... or where padding adds at most this many FLOPs to each of its training steps, whatever the ratio.
+
+A small model's fused step costs its fixed work (dispatch, Python, the
+optimizer's per-step bookkeeping), not its arithmetic: for the MLP sweep of
+``benchmarks/tune_sweep.py`` (64-32-10 and 64-128-10, batch 64) a 32-wide slot
+in the 128-wide stack does 2.7 MFLOP more a step, a few tens of microseconds
+of one core, while the two widths in stacks of their own took two fused steps
+where one stack takes one. Measured there (16 alternating pairs, 2-core AMD
+EPYC, a noisy machine): 23.6 against 25.6 ms per trial-iteration (medians; 11
+pairs of 16 faster), with 10.5 slots a fused step instead of 5.5. Counted as
+three forwards of one batch (forward, and the backward's two products). On a
+GPU, where such steps are launch-bound, the same budget is conservative."""
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -209,6 +226,7 @@ class Verdict:
     ok: bool
     waste: float = 1.0  # the padded forward's FLOPs over the model's own
     reason: str = ""
+    extra_flops: float = float("inf")  # the padded forward's FLOPs minus the model's own, on the check's inputs
 
 
 class _FlopCount(TorchDispatchMode):
@@ -346,10 +364,20 @@ def check(model: nn.Module, shapes: Mapping[str, Sequence[int]], stack_settings:
     except Exception as exc:  # noqa: BLE001 - a model that fails padded is simply not padded
         return Verdict(False, reason=f"the padded model fails: {type(exc).__name__}: {exc}")
     own_flops, padded_flops = flops if len(flops) == 2 else (0, 0)
+    extra = float(padded_flops - own_flops) if own_flops else float("inf")
     if not own_flops:  # no matmul or convolution (lookups, elementwise): by parameter count
         own_flops = sum(p.numel() for p in own.parameters())
         padded_flops = sum(p.numel() for p in padded.parameters())
-    return Verdict(True, waste=padded_flops / own_flops if own_flops else 1.0)
+    return Verdict(True, waste=padded_flops / own_flops if own_flops else 1.0, extra_flops=extra)
+
+
+def worth_it(verdict: Verdict | None, rows: int, batch_size: int) -> bool:
+    """Whether a model whose :func:`check` ran on ``rows`` examples joins the padded stack, trained on batches
+    of ``batch_size``: it pads exactly, and either its FLOPs there are at most :data:`MAX_WASTE` times its own
+    or padding adds at most :data:`SMALL_EXTRA_FLOPS` to each of its training steps."""
+    if verdict is None or not verdict.ok:
+        return False
+    return verdict.waste <= MAX_WASTE or 3 * verdict.extra_flops * batch_size / max(rows, 1) <= SMALL_EXTRA_FLOPS
 
 
 def describe(spec: TensorSpec, shape: Sequence[int] | None) -> str:

@@ -194,6 +194,7 @@ class SlotGroup:
         self.model_key = stack_key(first)
         self.family = family_key(first)  # models that may share this stack padded: see padded_stacks
         self._verdicts: dict[tuple, padded_stacks.Verdict] = {}  # by a narrower model's own shapes: fit()
+        self._fit_rows = 8  # examples of the latest padding check (fit): its FLOPs are for that many
         self.device = torch.device(device)
         if isinstance(data, DatasetInputs):  # the training set stays a dataset, streamed per slot
             self.x = self.y = None
@@ -422,7 +423,13 @@ class SlotGroup:
                         (False, (lambda m: self.eval_fn(m, batch, config)) if self.eval_fn else runs[1][1])]
             shapes = {s.name: s.shape for s in self.mb.signature}
             self._verdicts[key] = padded_stacks.check(model, shapes, self.mb._unsized, runs)
+            self._fit_rows = inputs.num_rows(x)
         return self._verdicts[key]
+
+    def pads_cheaply(self, verdict: padded_stacks.Verdict | None) -> bool:
+        """Whether a model with this :meth:`fit` verdict joins this (padded) stack: see
+        :func:`padded_stacks.worth_it`."""
+        return padded_stacks.worth_it(verdict, self._fit_rows, self.batch_size)
 
     def accepts(self, config: Mapping[str, Any]) -> bool:
         """Whether a trial with this config (and a model of the group's signature) may join the group:

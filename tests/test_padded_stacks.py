@@ -218,6 +218,31 @@ def test_padding_round_trips_and_counts_its_waste():
     assert cifar.ok and cifar.waste == pytest.approx((12 * 64 + 64 * 64 + 64 * 4) / (12 * 8 + 8 * 8 + 8 * 4), rel=0.01)
 
 
+def test_a_small_model_pads_at_any_ratio_where_the_extra_flops_are_few():
+    """Where padding costs more than MAX_WASTE times the model's FLOPs, it still joins the stack if the padding
+    adds at most SMALL_EXTRA_FLOPS to a training step (three forwards of a batch): the digits MLPs of the sweep
+    (64-32-10 in a 128-wide stack: 4x the FLOPs, 2.7 MFLOP more at batch 64), not a 784-input one (58 MFLOP)."""
+    def mlp(i: int, h: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(i, h), nn.ReLU(), nn.Linear(h, 10))
+
+    def verdict(i: int, small: int, big: int) -> padded_stacks.Verdict:
+        wide = mlp(i, big)
+        return padded_stacks.check(mlp(i, small), _shapes(wide), padded_stacks.unsized_settings(wide),
+                                   padded_stacks.forward_runs(torch.randn(8, i)))
+
+    digits, mnist = verdict(64, 32, 128), verdict(784, 64, 256)
+    for v in (digits, mnist):
+        assert v.ok and v.waste > padded_stacks.MAX_WASTE and v.waste == pytest.approx(4.0, rel=0.05)
+    assert digits.extra_flops == 2 * 8 * (64 * 96 + 96 * 10)  # multiply-adds of the padded units, on 8 rows
+    assert padded_stacks.worth_it(digits, rows=8, batch_size=64)  # 2.7 MFLOP a step
+    assert not padded_stacks.worth_it(digits, rows=8, batch_size=1024)  # 44 MFLOP a step: no longer small
+    assert not padded_stacks.worth_it(mnist, rows=8, batch_size=64)
+    close = verdict(64, 96, 128)
+    assert close.waste <= padded_stacks.MAX_WASTE and padded_stacks.worth_it(close, rows=8, batch_size=10**6)
+    assert not padded_stacks.worth_it(None, 8, 64)
+    assert not padded_stacks.worth_it(padded_stacks.Verdict(False, extra_flops=0.0), 8, 64)
+
+
 # ------------------------------------------------------------------------------------ real Tune
 
 def _sweep(trainables, tmp_path, where, **kw):

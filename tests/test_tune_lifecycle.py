@@ -394,7 +394,7 @@ def test_bad_configs_fail_or_isolate_only_their_own_trial(trainables, tmp_path):
     T = trainables(slots_per_host=4, optimizer="sgd")
     cases = {
         "base": {"lr": 0.1},
-        "wide": {"lr": 0.1, "arch": {"hidden": 128}},  # 4x the FLOPs: not padded (padded_stacks)
+        "wide": {"lr": 0.1, "arch": {"hidden": 1024}},  # 14 MFLOP more a step padded: not padded (padded_stacks)
         "nan": {"lr": 1e12},
         "item": {"lr": 0.1, "unfusable": True},
         "none": {"lr": 0.1, "unfusable": "none"},

@@ -118,6 +118,39 @@ def test_the_host_sets_a_passive_openmp_policy_only_before_torch_loads(given, to
     assert out.strip().splitlines()[-1] == repr(want)
 
 
+def test_a_thread_s_wait_for_a_core_is_read_from_linux_and_zero_elsewhere(monkeypatch):
+    """``_cpu_wait_s(tid)``: that thread's run-queue wait (Linux's schedstat, second field, in ns), which only
+    grows; 0 before the thread runs (no id) and where the file cannot be read (another OS)."""
+    import builtins
+    import os
+    import threading
+
+    from ray_modelbatch.tune.host import _cpu_wait_s
+
+    me = threading.get_native_id()
+    assert _cpu_wait_s(None) == 0.0
+    if os.path.exists(f"/proc/self/task/{me}/schedstat"):
+        first = _cpu_wait_s(me)
+        sum(range(200_000))  # run a while: the wait may grow, never shrink
+        with open(f"/proc/self/task/{me}/schedstat") as f:
+            now = int(f.read().split()[1]) / 1e9
+        assert 0 <= first <= _cpu_wait_s(me) and abs(_cpu_wait_s(me) - now) < 0.05
+        ids: list[int] = []
+        t = threading.Thread(target=lambda: ids.append(threading.get_native_id()))
+        t.start()
+        t.join()
+        assert _cpu_wait_s(ids[0]) == 0.0  # a thread that has ended: no file, no figure
+    real_open = builtins.open
+
+    def no_proc(path, *a, **k):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    assert _cpu_wait_s(me) == 0.0
+
+
 def _fit_on_hosts(T, tmp_path, trials: int, concurrent: int, stop) -> tuple[list, list[dict]]:
     """``trials`` trials of ``T`` until ``stop``, at most ``concurrent`` at once: the results and every host's
     stats. No trial may fail."""

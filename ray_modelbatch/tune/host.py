@@ -200,6 +200,7 @@ class SlotHost:
         self._writer = None
         self._log_dir: str | None = None
         self._served: Any = None  # the trials' actor objects this host holds (trial_call), made on the first
+        self._engine_tid: int | None = None  # the engine thread's OS id, once it runs (see _cpu_wait_s)
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
         self._thread.start()
 
@@ -481,6 +482,7 @@ class SlotHost:
                 "wait_s": s.wait_s,
                 "busy_cpu_s": s.busy_cpu_s,
                 "busy_preempted": s.busy_preempted,
+                "engine_cpu_wait_s": _cpu_wait_s(self._engine_tid),
                 "command_s": s.command_s,
                 "commands": {k: {"count": c, "wall_s": w, "cpu_s": cpu} for k, (c, w, cpu) in s.commands.items()},
                 "housekeeping_s": s.housekeeping_s,
@@ -579,11 +581,9 @@ class SlotHost:
                 "node_id": self.node_id}
 
     def _stack_for(self, model: Any, skey: str, family: str, config: dict) -> Any:
-        """The stack a trial's model joins: one of its exact shapes, or one it fits padded at a cost of at most
-        ``padded_stacks.MAX_WASTE`` (see there). Of several, the newest: the one whose shapes cover the most
+        """The stack a trial's model joins: one of its exact shapes, or one it fits padded at a small cost
+        (``padded_stacks.worth_it``). Of several, the newest: the one whose shapes cover the most
         of the sweep's widths, so that the trials of one model family gather in one stack."""
-        from ..padded_stacks import MAX_WASTE
-
         chosen = None
         for g in self.groups.values():
             if g.model_key != skey and g.family != family or not g.accepts(config):
@@ -591,8 +591,7 @@ class SlotHost:
             if g.model_key == skey:
                 chosen = g
                 continue
-            verdict = g.fit(model, config)
-            if verdict is not None and verdict.ok and verdict.waste <= MAX_WASTE:
+            if g.pads_cheaply(g.fit(model, config)):
                 chosen = g
         return chosen
 
@@ -632,7 +631,7 @@ class SlotHost:
         stacks of its family and the model itself, where the model pads exactly and cheaply there
         (:mod:`ray_modelbatch.padded_stacks`); at the model's own shapes otherwise."""
         from .. import padded_stacks
-        from ..padded_stacks import MAX_WASTE, pad_model, widest
+        from ..padded_stacks import pad_model, widest
         from ..signature import module_signature
         from ..slot_group import SlotGroup
 
@@ -654,7 +653,7 @@ class SlotHost:
                 verdict = group.fit(model, config)
             except Exception as exc:  # noqa: BLE001 - a model its padded copy cannot build trains unpadded
                 verdict = padded_stacks.Verdict(False, reason=f"{type(exc).__name__}: {exc}")
-            if verdict is None or not verdict.ok or verdict.waste > MAX_WASTE:
+            if group is None or not group.pads_cheaply(verdict):
                 if verdict is None or not verdict.ok:
                     self._unpadded.add(family)
                     logger.info("host %s: trials of %s do not share padded stacks (%s)", self.name,
@@ -803,6 +802,7 @@ class SlotHost:
         return work
 
     def _loop(self) -> None:
+        self._engine_tid = threading.get_native_id()
         last_check = last_stats = time.monotonic()
         while True:
             with self._lock:
@@ -1133,6 +1133,23 @@ def _preemptions() -> int:
     other processes took the engine thread's core."""
     who = getattr(resource, "RUSAGE_THREAD", None) if resource is not None else None
     return 0 if who is None else resource.getrusage(who).ru_nivcsw
+
+
+def _cpu_wait_s(tid: int | None) -> float:
+    """Seconds thread ``tid`` of this process has been runnable but waiting for a core (Linux's schedstat; 0
+    elsewhere, or before the thread runs).
+
+    On a small node, this is the engine thread's time lost to the other
+    processes (Tune's controller, Ray's daemons). Read when asked, not per
+    fused step: opening a ``/proc`` file costs about 0.1 ms here.
+    """
+    if tid is None:
+        return 0.0
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _rss_mb() -> float:
