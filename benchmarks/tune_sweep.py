@@ -664,7 +664,7 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
                 for k in ("wait_s", "command_s", "housekeeping_s")}
         rest = 1.0 - h_["busy_fraction"] - sum(frac.values())
         on_cpu = h_.get("busy_cpu_s", 0.0) / h_["busy_s"] if h_.get("busy_s") else 0.0
-        working = h_.get("busy_s", 0.0) + h_.get("command_s", 0.0) + h_.get("housekeeping_s", 0.0)
+        working = h_["wall_s"] - h_.get("wait_s", 0.0)  # everything but waiting for work
         queued = h_.get("engine_cpu_wait_s", 0.0) / working if working else 0.0
         lines.append(f"- host: busy {h_['busy_fraction']:.0%} (stepping and evaluating; its thread on a core "
                      f"{on_cpu:.0%} of that time, preempted {h_.get('busy_preempted', 0):,} times; over all its "

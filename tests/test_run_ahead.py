@@ -399,9 +399,8 @@ def test_tune_results_and_checkpoints_are_those_without_run_ahead(trainables, tm
     if name in ("hyperband", "pbt"):  # pauses and exploits save slots and restore them
         assert commands["save"]["count"] > 0 and commands["restore"]["count"] > 0, commands
     assert 0 < stats["busy_cpu_s"] <= stats["busy_s"] + 0.01 and stats["busy_preempted"] >= 0
-    # the engine thread's wait for a core (Linux), within the time it had work
-    working = stats["busy_s"] + stats["command_s"] + stats["housekeeping_s"]
-    assert 0 <= stats["engine_cpu_wait_s"] <= working + 0.05
+    # the engine thread's wait for a core (Linux): a part of its life, never negative
+    assert 0 <= stats["engine_cpu_wait_s"] <= stats["wall_s"] + 0.05
     if name == "pbt":  # the recipients really took a donor's state and a new lr
         exploited = [row for rows, _ in ahead.values() for row in rows if row["config"]["lr"] == 0.001]
         assert exploited and all(r["slot_steps"] == h.K * r["training_iteration"] for r in exploited)
