@@ -58,7 +58,8 @@ from .signature import Signature, TensorSpec, module_settings, module_signature
 MAX_WASTE = 1.5  # a model joins a padded stack where its FLOPs there are at most this many times its own
 
 SMALL_EXTRA_FLOPS = 4e6
-"""... or where padding adds at most this many FLOPs to each of its training steps, whatever the ratio.
+"""A model also joins a padded stack where padding adds at most this many FLOPs to each of its training steps,
+whatever the ratio to its own (:data:`MAX_WASTE`).
 
 A small model's fused step costs its fixed work (dispatch, Python, the
 optimizer's per-step bookkeeping), not its arithmetic: for the MLP sweep of
