@@ -135,7 +135,7 @@ def test_a_thread_s_wait_for_a_core_is_read_from_linux_and_zero_elsewhere(monkey
         with open(f"/proc/self/task/{me}/schedstat") as f:
             now = int(f.read().split()[1]) / 1e9
         assert 0 <= first <= _cpu_wait_s(me) and abs(_cpu_wait_s(me) - now) < 0.05
-        # another thread's figure is its own: read while that thread runs, from this one
+        # any thread's own figure, while it runs
         seen: list[float] = []
         t = threading.Thread(target=lambda: seen.append(_cpu_wait_s(threading.get_native_id())))
         t.start()
