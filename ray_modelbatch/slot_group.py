@@ -194,7 +194,6 @@ class SlotGroup:
         self.model_key = stack_key(first)
         self.family = family_key(first)  # models that may share this stack padded: see padded_stacks
         self._verdicts: dict[tuple, padded_stacks.Verdict] = {}  # by a narrower model's own shapes: fit()
-        self._fit_rows = 8  # examples of the latest padding check (fit): its FLOPs are for that many
         self.device = torch.device(device)
         if isinstance(data, DatasetInputs):  # the training set stays a dataset, streamed per slot
             self.x = self.y = None
@@ -415,7 +414,7 @@ class SlotGroup:
             return padded_stacks.Verdict(same, reason="" if same else "a setting its forward reads differs")
         key = tuple(sorted(own.items()))
         if key not in self._verdicts:
-            x = self.x_val[:8]
+            x = self._check_rows()
             runs = padded_stacks.forward_runs(x)
             if self.train_fn is not None or self.eval_fn is not None:
                 batch, config = inputs.step_batch(x, self.y_val[:8]), dict(config or {})
@@ -423,13 +422,16 @@ class SlotGroup:
                         (False, (lambda m: self.eval_fn(m, batch, config)) if self.eval_fn else runs[1][1])]
             shapes = {s.name: s.shape for s in self.mb.signature}
             self._verdicts[key] = padded_stacks.check(model, shapes, self.mb._unsized, runs)
-            self._fit_rows = inputs.num_rows(x)
         return self._verdicts[key]
+
+    def _check_rows(self) -> Any:
+        """The validation rows a padding check (:meth:`fit`) runs on: eight."""
+        return self.x_val[:8]
 
     def pads_cheaply(self, verdict: padded_stacks.Verdict | None) -> bool:
         """Whether a model with this :meth:`fit` verdict joins this (padded) stack: see
-        :func:`padded_stacks.worth_it`."""
-        return padded_stacks.worth_it(verdict, self._fit_rows, self.batch_size)
+        :func:`padded_stacks.worth_it` (the verdict's FLOPs are for the check's rows)."""
+        return padded_stacks.worth_it(verdict, inputs.num_rows(self._check_rows()), self.batch_size)
 
     def accepts(self, config: Mapping[str, Any]) -> bool:
         """Whether a trial with this config (and a model of the group's signature) may join the group:
