@@ -44,8 +44,9 @@ both runs up to float rounding: the table shows the largest difference at the
 grace period, which every trial reaches. (ASHA is asynchronous, so which
 trials go further may differ between runs.)
 
-    python benchmarks/tune_sweep.py            # 64 trials, 16 slots, max_t 20 (x10 steps)
+    python benchmarks/tune_sweep.py            # 64 trials, 16 slots, max_t 20 (an epoch per iteration)
     python benchmarks/tune_sweep.py --quick    # 16 trials, 8 slots, max_t 6
+    python benchmarks/tune_sweep.py --runs ray_modelbatch,standard+reuse,tune_alone --repeat 5  # medians
 
 Writes the markdown it prints to ``benchmarks/tune_sweep_latest.md``.
 """
@@ -527,10 +528,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs: dict,
+def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], rounds: list[dict],
            start_bound: float | None, t_start: float) -> str:
     """The markdown of the runs done so far: written after each run, so a sweep stopped at a time limit
-    keeps what finished."""
+    keeps what finished. The details are the last round's; with ``--repeat`` a table of every round and
+    their medians comes first."""
+    runs = rounds[-1]
     cmd = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     lines = [
         "# Ray Tune ASHA sweep: ray_modelbatch vs. standard trials",
@@ -558,6 +561,7 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
         f"(up to {standard_at_once(args)} trials at once), "
         "torch.optim.AdamW + LambdaLR, 1 torch thread; `standard` = reuse_actors=False (one process per trial), "
         "`standard+reuse` = reuse_actors=True",
+        *rounds_table(args, kinds, rounds),
         "- wall = `Tuner.fit()`; trial processes = distinct `pid`s in the trials' results; USS from "
         "/proc/<pid>/smaps_rollup (Private_* lines) of this driver's `ray::` worker processes, sampled every 2 s: "
         "per trial process the median of each one's peak; all workers = peak of the sum over every worker "
@@ -711,9 +715,51 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
                      f"trial (`ray_modelbatch_process`, `ray_modelbatch_classic`) and {args.slots} slots cannot finish "
                      "sooner; `ray_modelbatch` starts none: its host holds the trials")
     lines += ["", f"Run time: {time.monotonic() - t_start:.0f} s"]
-    if len(runs) < len(kinds):
-        lines.append(f"- incomplete: {len(runs)} of {len(kinds)} runs done ({', '.join(runs)})")
+    if len(rounds) < args.repeat or len(runs) < len(kinds):
+        lines.append(f"- incomplete: round {len(rounds)} of {args.repeat}, {len(runs)} of its {len(kinds)} runs done")
     return "\n".join(lines) + "\n"
+
+
+def rounds_table(args: argparse.Namespace, kinds: list[str], rounds: list[dict]) -> list[str]:
+    """With ``--repeat``: every round's wall time, iterations and time per iteration of each run, the ratios
+    against ``ray_modelbatch``, and their medians (the figure to quote: this machine's runs vary by 20%
+    or more, and the baseline's start varies the most). The rounds alternate the runs, so a slow phase of
+    the machine falls on every run alike. Empty for a single round."""
+    if args.repeat <= 1:
+        return []
+    done = [r for r in rounds if all(k in r for k in kinds)]
+    others = [k for k in kinds if k != "ray_modelbatch"]
+    head = ["round", *(f"{k} s (iterations)" for k in kinds), *(f"{k} ms per iteration" for k in kinds)]
+    if "ray_modelbatch" in kinds:
+        head += [f"{k} / ray_modelbatch" for k in others]
+    lines = ["", f"Rounds ({len(done)} of {args.repeat} done; each runs {', '.join(kinds)} in turn):", "",
+             "| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
+
+    def ratios(r: dict) -> list[float]:
+        return [r[k]["wall_s"] / r["ray_modelbatch"]["wall_s"] for k in others] if "ray_modelbatch" in kinds else []
+
+    for i, r in enumerate(done, 1):
+        cells = [str(i), *(f"{r[k]['wall_s']:.1f} ({r[k]['iterations']})" for k in kinds),
+                 *(f"{r[k]['wall_s'] / max(1, r[k]['iterations']) * 1e3:.1f}" for k in kinds),
+                 *(f"{x:.2f}x" for x in ratios(r))]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not done:
+        return lines + [""]
+    med = statistics.median
+    cells = ["median", *(f"{med(r[k]['wall_s'] for r in done):.1f} ({med(r[k]['iterations'] for r in done):.0f})"
+                         for k in kinds),
+             *(f"{med(r[k]['wall_s'] / max(1, r[k]['iterations']) for r in done) * 1e3:.1f}" for k in kinds),
+             *(f"**{med(x[j] for x in map(ratios, done)):.2f}x**" for j in range(len(others)))]
+    lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if "ray_modelbatch" in kinds and "standard+reuse" in kinds and not args.gpus:
+        ratio = med(r["standard+reuse"]["wall_s"] / r["ray_modelbatch"]["wall_s"] for r in done)
+        target = TARGET_VS_REUSE[args.arch]
+        lines += [f"Target (issue 10), median of {len(done)} rounds: >= {target:g}x lower wall time than "
+                  f"`standard+reuse`: {ratio:.2f}x -> {'met' if ratio >= target else 'not met'}", ""]
+    lines.append("The rest is the last round's.")
+    lines.append("")
+    return lines
 
 
 def _commands(commands: dict) -> str:
@@ -761,6 +807,8 @@ def main() -> None:
                    help="iterations a slot may train past its trial's last result (default: batched_trainable's)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of each local Ray (default: os.cpu_count())")
     p.add_argument("--storage", default=None, help="Tune storage_path (default: a temporary directory)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every run, alternating; the report adds each round's figures and their medians")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "tune_sweep_latest.md"))
     args = p.parse_args()
     args.trials = args.trials or (16 if args.quick else 64)
@@ -786,23 +834,27 @@ def main() -> None:
     unknown = set(kinds) - set(RUNS)
     if unknown:
         raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
-    runs = {}
+    rounds: list[dict] = []
     start_bound = None
     if {"ray_modelbatch_process", "ray_modelbatch_classic"} & set(kinds):
         start_bound = proxy_start_bound(args.slots, args.num_cpus or os.cpu_count() or 2)
         print(f"  {args.slots} proxy-like processes started in {start_bound:.1f}s", flush=True)
     with tempfile.TemporaryDirectory(prefix="tune_sweep_") as tmp:
         storage = os.path.abspath(args.storage) if args.storage else tmp
-        for kind in kinds:
-            print(f"running {kind} ... ({time.strftime('%H:%M:%S')})", flush=True)  # matches nvidia-smi dmon -o T
-            if kind == "tune_alone" and "ray_modelbatch" in runs:  # replay its curves: ASHA decides alike
-                NoOpTrainable.curves = {row["seed"]: list(zip(row["df"]["val_loss"], row["df"]["val_acc"]))
-                                        for row in runs["ray_modelbatch"]["rows"]}
-            runs[kind] = run_sweep(kind, args, configs, storage)
-            print(f"  {kind}: {runs[kind]['wall_s']:.1f}s", flush=True)
-            Path(args.out).write_text(report(args, configs, kinds, runs, start_bound, t_start))
+        for n in range(args.repeat):
+            runs: dict = {}
+            rounds.append(runs)
+            for kind in kinds:
+                print(f"running {kind}{f' (round {n + 1} of {args.repeat})' if args.repeat > 1 else ''} ... "
+                      f"({time.strftime('%H:%M:%S')})", flush=True)  # matches nvidia-smi dmon -o T
+                if kind == "tune_alone" and "ray_modelbatch" in runs:  # replay its curves: ASHA decides alike
+                    NoOpTrainable.curves = {row["seed"]: list(zip(row["df"]["val_loss"], row["df"]["val_acc"]))
+                                            for row in runs["ray_modelbatch"]["rows"]}
+                runs[kind] = run_sweep(kind, args, configs, storage)
+                print(f"  {kind}: {runs[kind]['wall_s']:.1f}s", flush=True)
+                Path(args.out).write_text(report(args, configs, kinds, rounds, start_bound, t_start))
 
-    text = report(args, configs, kinds, runs, start_bound, t_start)
+    text = report(args, configs, kinds, rounds, start_bound, t_start)
     print()
     print(text)
     Path(args.out).write_text(text)

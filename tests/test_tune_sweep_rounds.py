@@ -1,0 +1,45 @@
+"""benchmarks/tune_sweep.py --repeat: every round's figures and the medians the target is judged on."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import tune_sweep  # noqa: E402
+
+
+def _round(mb: float, reuse: float, iterations: int = 300) -> dict:
+    return {"ray_modelbatch": {"wall_s": mb, "iterations": iterations},
+            "standard+reuse": {"wall_s": reuse, "iterations": iterations}}
+
+
+def _table(lines: list[str]) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines
+            if line.startswith("| ") and not line.startswith(("| round", "| ---"))]
+
+
+def test_the_rounds_table_gives_each_round_and_the_median_ratio_judged_against_the_target():
+    args = argparse.Namespace(repeat=3, gpus=None, arch="mlp")
+    kinds = ["ray_modelbatch", "standard+reuse"]
+    # ratios 3x, 5x, 4.5x: the median ratio is 4.5x, not the ratio of the median walls (20 / 5 = 4x)
+    rounds = [_round(6.0, 18.0), _round(4.0, 20.0), _round(5.0, 22.5, iterations=250)]
+    lines = tune_sweep.rounds_table(args, kinds, rounds)
+    rows = _table(lines)
+    assert [r[0] for r in rows] == ["1", "2", "3", "median"]
+    assert rows[0][1:] == ["6.0 (300)", "18.0 (300)", "20.0", "60.0", "3.00x"]
+    assert rows[2][3] == "20.0"  # 5.0 s over 250 iterations
+    assert rows[3][1] == "5.0 (300)" and rows[3][-1] == "**4.50x**"
+    assert any("median of 3 rounds" in line and "4.50x -> met" in line for line in lines)
+
+
+def test_an_unfinished_round_is_left_out_and_one_round_adds_nothing():
+    kinds = ["ray_modelbatch", "standard+reuse"]
+    rounds = [_round(6.0, 18.0), {"ray_modelbatch": {"wall_s": 5.0, "iterations": 300}}]
+    lines = tune_sweep.rounds_table(argparse.Namespace(repeat=2, gpus=None, arch="mlp"), kinds, rounds)
+    assert [r[0] for r in _table(lines)] == ["1", "median"]
+    assert any("3.00x -> not met" in line for line in lines)
+    assert tune_sweep.rounds_table(argparse.Namespace(repeat=1, gpus=None, arch="mlp"), kinds, rounds[:1]) == []
