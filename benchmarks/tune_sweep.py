@@ -54,11 +54,13 @@ Writes the markdown it prints to ``benchmarks/tune_sweep_latest.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -528,12 +530,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], rounds: list[dict],
+def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs: dict,
            start_bound: float | None, t_start: float) -> str:
     """The markdown of the runs done so far: written after each run, so a sweep stopped at a time limit
-    keeps what finished. The details are the last round's; with ``--repeat`` a table of every round and
-    their medians comes first."""
-    runs = rounds[-1]
+    keeps what finished."""
     cmd = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     lines = [
         "# Ray Tune ASHA sweep: ray_modelbatch vs. standard trials",
@@ -561,7 +561,6 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], roun
         f"(up to {standard_at_once(args)} trials at once), "
         "torch.optim.AdamW + LambdaLR, 1 torch thread; `standard` = reuse_actors=False (one process per trial), "
         "`standard+reuse` = reuse_actors=True",
-        *rounds_table(args, kinds, rounds),
         "- wall = `Tuner.fit()`; trial processes = distinct `pid`s in the trials' results; USS from "
         "/proc/<pid>/smaps_rollup (Private_* lines) of this driver's `ray::` worker processes, sampled every 2 s: "
         "per trial process the median of each one's peak; all workers = peak of the sum over every worker "
@@ -715,8 +714,8 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], roun
                      f"trial (`ray_modelbatch_process`, `ray_modelbatch_classic`) and {args.slots} slots cannot finish "
                      "sooner; `ray_modelbatch` starts none: its host holds the trials")
     lines += ["", f"Run time: {time.monotonic() - t_start:.0f} s"]
-    if len(rounds) < args.repeat or len(runs) < len(kinds):
-        lines.append(f"- incomplete: round {len(rounds)} of {args.repeat}, {len(runs)} of its {len(kinds)} runs done")
+    if len(runs) < len(kinds):
+        lines.append(f"- incomplete: {len(runs)} of {len(kinds)} runs done ({', '.join(runs)})")
     return "\n".join(lines) + "\n"
 
 
@@ -760,6 +759,51 @@ def rounds_table(args: argparse.Namespace, kinds: list[str], rounds: list[dict])
     lines.append("The rest is the last round's.")
     lines.append("")
     return lines
+
+
+ROUND_MARK = "- wall = `Tuner.fit()`"  # where a round's report ends its header: the rounds' table goes there
+
+
+def repeat_rounds(args: argparse.Namespace, kinds: list[str]) -> str:
+    """``--repeat N``: run this script N times, one round of every run each, and report every round.
+
+    Each round is a fresh process, as a user's script is: a second round in
+    the same process would find the driver's imports done (``data()``'s
+    scikit-learn took 1.6 CPU-s in a first round and 0.13 s in a second one,
+    while the slot host starts), which favours the runs that load data in
+    the driver. The report is the last round's, with every round's figures
+    and their medians before it.
+    """
+    child = []
+    skip = False
+    for a in sys.argv[1:]:  # this command without --repeat and --out
+        if skip:
+            skip = False
+        elif a in ("--repeat", "--out"):
+            skip = True
+        elif not a.startswith(("--repeat=", "--out=")):
+            child.append(a)
+    rounds: list[dict] = []
+    last = ""
+    with tempfile.TemporaryDirectory(prefix="tune_sweep_rounds_") as tmp:
+        for n in range(args.repeat):
+            print(f"round {n + 1} of {args.repeat} ({time.strftime('%H:%M:%S')})", flush=True)
+            md, js = os.path.join(tmp, f"round{n}.md"), os.path.join(tmp, f"round{n}.json")
+            subprocess.run([sys.executable, os.path.abspath(__file__), *child, "--out", md, "--round-json", js],
+                           check=True)
+            rounds.append(json.loads(Path(js).read_text()))
+            last = Path(md).read_text()
+            text = _with_rounds(last, args, kinds, rounds)
+            Path(args.out).write_text(text)
+    return _with_rounds(last, args, kinds, rounds)
+
+
+def _with_rounds(text: str, args: argparse.Namespace, kinds: list[str], rounds: list[dict]) -> str:
+    """A round's report with this command in it, and the rounds' table before its details."""
+    cmd = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    lines = [f"- command: `{cmd}`" if line.startswith("- command: ") else line for line in text.splitlines()]
+    at = next((i for i, line in enumerate(lines) if line.startswith(ROUND_MARK)), len(lines))
+    return "\n".join(lines[:at] + rounds_table(args, kinds, rounds) + lines[at:]) + "\n"
 
 
 def _commands(commands: dict) -> str:
@@ -808,7 +852,9 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of each local Ray (default: os.cpu_count())")
     p.add_argument("--storage", default=None, help="Tune storage_path (default: a temporary directory)")
     p.add_argument("--repeat", type=int, default=1,
-                   help="rounds of every run, alternating; the report adds each round's figures and their medians")
+                   help="rounds of every run, each round a fresh process; the report adds each round's figures "
+                        "and their medians")
+    p.add_argument("--round-json", default=None, help=argparse.SUPPRESS)  # a round's figures, for --repeat
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "tune_sweep_latest.md"))
     args = p.parse_args()
     args.trials = args.trials or (16 if args.quick else 64)
@@ -834,30 +880,34 @@ def main() -> None:
     unknown = set(kinds) - set(RUNS)
     if unknown:
         raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
-    rounds: list[dict] = []
+    if args.repeat > 1:
+        text = repeat_rounds(args, kinds)
+        print()
+        print(text)
+        return
+    runs: dict = {}
     start_bound = None
     if {"ray_modelbatch_process", "ray_modelbatch_classic"} & set(kinds):
         start_bound = proxy_start_bound(args.slots, args.num_cpus or os.cpu_count() or 2)
         print(f"  {args.slots} proxy-like processes started in {start_bound:.1f}s", flush=True)
     with tempfile.TemporaryDirectory(prefix="tune_sweep_") as tmp:
         storage = os.path.abspath(args.storage) if args.storage else tmp
-        for n in range(args.repeat):
-            runs: dict = {}
-            rounds.append(runs)
-            for kind in kinds:
-                print(f"running {kind}{f' (round {n + 1} of {args.repeat})' if args.repeat > 1 else ''} ... "
-                      f"({time.strftime('%H:%M:%S')})", flush=True)  # matches nvidia-smi dmon -o T
-                if kind == "tune_alone" and "ray_modelbatch" in runs:  # replay its curves: ASHA decides alike
-                    NoOpTrainable.curves = {row["seed"]: list(zip(row["df"]["val_loss"], row["df"]["val_acc"]))
-                                            for row in runs["ray_modelbatch"]["rows"]}
-                runs[kind] = run_sweep(kind, args, configs, storage)
-                print(f"  {kind}: {runs[kind]['wall_s']:.1f}s", flush=True)
-                Path(args.out).write_text(report(args, configs, kinds, rounds, start_bound, t_start))
+        for kind in kinds:
+            print(f"running {kind} ... ({time.strftime('%H:%M:%S')})", flush=True)  # matches nvidia-smi dmon -o T
+            if kind == "tune_alone" and "ray_modelbatch" in runs:  # replay its curves: ASHA decides alike
+                NoOpTrainable.curves = {row["seed"]: list(zip(row["df"]["val_loss"], row["df"]["val_acc"]))
+                                        for row in runs["ray_modelbatch"]["rows"]}
+            runs[kind] = run_sweep(kind, args, configs, storage)
+            print(f"  {kind}: {runs[kind]['wall_s']:.1f}s", flush=True)
+            Path(args.out).write_text(report(args, configs, kinds, runs, start_bound, t_start))
 
-    text = report(args, configs, kinds, rounds, start_bound, t_start)
+    text = report(args, configs, kinds, runs, start_bound, t_start)
     print()
     print(text)
     Path(args.out).write_text(text)
+    if args.round_json:
+        Path(args.round_json).write_text(json.dumps(
+            {k: {"wall_s": r["wall_s"], "iterations": r["iterations"]} for k, r in runs.items()}))
 
 
 if __name__ == "__main__":

@@ -36,10 +36,23 @@ def test_the_rounds_table_gives_each_round_and_the_median_ratio_judged_against_t
     assert any("median of 3 rounds" in line and "4.50x -> met" in line for line in lines)
 
 
-def test_an_unfinished_round_is_left_out_and_one_round_adds_nothing():
+def test_an_unfinished_round_is_left_out():
     kinds = ["ray_modelbatch", "standard+reuse"]
     rounds = [_round(6.0, 18.0), {"ray_modelbatch": {"wall_s": 5.0, "iterations": 300}}]
     lines = tune_sweep.rounds_table(argparse.Namespace(repeat=2, gpus=None, arch="mlp"), kinds, rounds)
     assert [r[0] for r in _table(lines)] == ["1", "median"]
     assert any("3.00x -> not met" in line for line in lines)
-    assert tune_sweep.rounds_table(argparse.Namespace(repeat=1, gpus=None, arch="mlp"), kinds, rounds[:1]) == []
+
+
+def test_the_last_rounds_report_gets_the_table_before_its_details_and_the_whole_command():
+    report = "\n".join(["# Ray Tune ASHA sweep", "", "- command: `python benchmarks/tune_sweep.py --out /tmp/r.md`",
+                        "- machine: x", "", f"{tune_sweep.ROUND_MARK}; trial processes ...", "| run |"])
+    args = argparse.Namespace(repeat=2, gpus=None, arch="mlp")
+    text = tune_sweep._with_rounds(report, args, ["ray_modelbatch", "standard+reuse"],
+                                   [_round(6.0, 18.0), _round(5.0, 20.0)])
+    lines = text.splitlines()
+    assert "--out /tmp/r.md" not in text and lines[2].startswith("- command: `python ")
+    table = lines.index(next(line for line in lines if line.startswith("Rounds (2 of 2")))
+    assert lines.index("- machine: x") < table < lines.index(next(line for line in lines
+                                                                  if line.startswith(tune_sweep.ROUND_MARK)))
+    assert "**3.50x**" in text
