@@ -723,7 +723,8 @@ def rounds_table(args: argparse.Namespace, kinds: list[str], rounds: list[dict])
     """With ``--repeat``: every round's wall time, iterations and time per iteration of each run, the ratios
     against ``ray_modelbatch``, and their medians (the figure to quote: this machine's runs vary by 20%
     or more, and the baseline's start varies the most). The rounds alternate the runs, so a slow phase of
-    the machine falls on every run alike. Empty for a single round."""
+    the machine falls on every run alike. ``rounds``: each round's ``{run: {"wall_s", "iterations"}}``.
+    Empty for a single round."""
     if args.repeat <= 1:
         return []
     done = [r for r in rounds if all(k in r for k in kinds)]
