@@ -96,7 +96,7 @@ class ClassTimer(op_time.OpTimer):
     torch's Adam on CPU updates with plain elementwise ops, the fused one with other ops, so only the
     caller tells the update apart from the model's own work."""
 
-    depth = 0  # optimizer steps running now (see optimizer_steps_tagged)
+    depth = 0  # optimizer steps running now (see time_classes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
         if not ClassTimer.depth:
