@@ -24,7 +24,9 @@ steps implement a layer with different ops (a recurrent layer, GroupNorm,
 attention: :data:`ISSUERS`); an optimizer's ``step`` files all its calls under
 ``optimizer``. Where the sorting is unsure it errs toward a higher bound: ops
 counted as movement (``where``, ``masked_fill``) are dropped from the fused
-step however real their work.
+step however real their work, and a layer written among others in
+``fast_path`` (BatchNorm's scale and shift, an ``addcmul``) stays with its
+ops' classes, which the loop's per-model layer may beat.
 
 The fused step runs on the process's torch threads, the loop on those or on
 one thread, whichever is faster (as in ``fused_step.py``); both on one shared
