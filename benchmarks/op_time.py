@@ -68,8 +68,12 @@ class OpTimer(TorchDispatchMode):
         self.seconds: collections.Counter = collections.Counter()
         self.calls: collections.Counter = collections.Counter()
 
+    def key(self, func) -> tuple[str, str]:  # noqa: ANN001 - an OpOverload
+        """What a call is charged to: ``(op, the line that issued it)``."""
+        return str(func.overloadpacket).removeprefix("aten."), _issuer()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
-        key = (str(func.overloadpacket).removeprefix("aten."), _issuer())
+        key = self.key(func)
         start = time.perf_counter()
         out = func(*args, **(kwargs or {}))
         self.seconds[key] += time.perf_counter() - start

@@ -534,11 +534,10 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
            start_bound: float | None, t_start: float) -> str:
     """The markdown of the runs done so far: written after each run, so a sweep stopped at a time limit
     keeps what finished."""
-    cmd = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     lines = [
         "# Ray Tune ASHA sweep: ray_modelbatch vs. standard trials",
         "",
-        f"- command: `{cmd}`",
+        f"- command: `{_command()}`",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores (shared with other jobs: timings are noisy; "
         f"load average {os.getloadavg()[0]:.1f} at the end); Ray local cluster with "
         f"{args.num_cpus or os.cpu_count()} CPUs" + (f" and {args.gpus:g} GPUs" if args.gpus else "") + ", fresh per run",
@@ -719,14 +718,16 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
     return "\n".join(lines) + "\n"
 
 
+def _command() -> str:
+    """This script's command line, as the report shows it."""
+    return "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
 def rounds_table(args: argparse.Namespace, kinds: list[str], rounds: list[dict]) -> list[str]:
     """With ``--repeat``: every round's wall time, iterations and time per iteration of each run, the ratios
     against ``ray_modelbatch``, and their medians (the figure to quote: this machine's runs vary by 20%
     or more, and the baseline's start varies the most). The rounds alternate the runs, so a slow phase of
-    the machine falls on every run alike. ``rounds``: each round's ``{run: {"wall_s", "iterations"}}``.
-    Empty for a single round."""
-    if args.repeat <= 1:
-        return []
+    the machine falls on every run alike. ``rounds``: each round's ``{run: {"wall_s", "iterations"}}``."""
     done = [r for r in rounds if all(k in r for k in kinds)]
     others = [k for k in kinds if k != "ray_modelbatch"]
     head = ["round", *(f"{k} s (iterations)" for k in kinds), *(f"{k} ms per iteration" for k in kinds)]
@@ -801,8 +802,7 @@ def repeat_rounds(args: argparse.Namespace, kinds: list[str]) -> str:
 
 def _with_rounds(text: str, args: argparse.Namespace, kinds: list[str], rounds: list[dict]) -> str:
     """A round's report with this command in it, and the rounds' table before its details."""
-    cmd = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-    lines = [f"- command: `{cmd}`" if line.startswith("- command: ") else line for line in text.splitlines()]
+    lines = [f"- command: `{_command()}`" if line.startswith("- command: ") else line for line in text.splitlines()]
     at = next((i for i, line in enumerate(lines) if line.startswith(ROUND_MARK)), len(lines))
     return "\n".join(lines[:at] + rounds_table(args, kinds, rounds) + lines[at:]) + "\n"
 
