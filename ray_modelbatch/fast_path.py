@@ -16,7 +16,10 @@ stacked parameters directly:
   batch shared by every slot the first convolution needs no groups at all
   (``S*O`` output channels of one input);
 * ``nn.BatchNorm1d/2d/3d`` is one ``F.batch_norm`` over the ``S*C`` channels,
-  whose running statistics are views of the stacked buffers; ``nn.GroupNorm``
+  whose running statistics are views of the stacked buffers (on a CPU's
+  channels-last activations, with sums as accurate as each model's own:
+  :mod:`.channels_last_batch_norm`); a ReLU whose input nothing else reads
+  overwrites it (:func:`_relu_in_place`); ``nn.GroupNorm``
   with G groups is one ``F.group_norm`` of ``S*G`` groups (each slot's groups
   are its own channels; on a CPU's channels-last activations, where torch's
   kernel is slow, :mod:`.channels_last_group_norm`) and
@@ -114,8 +117,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from . import (channels_last_group_norm, conv_precision, padded_channel_conv, shared_input_conv,
-               short_softmax, strided_gemm, strided_pointwise_conv)
+from . import (channels_last_batch_norm, channels_last_group_norm, conv_precision, padded_channel_conv,
+               shared_input_conv, short_softmax, strided_gemm, strided_pointwise_conv)
 from . import direct_attention as attention
 from . import direct_transformer
 from . import hf
@@ -242,6 +245,7 @@ class _Step:
     kwargs: tuple[tuple[str, Any], ...]
     dst: str
     folded: tuple[tuple[str, str], ...] = ()  # (module, kind) of steps merged into this one, for kinds()
+    in_place: bool = False  # a ReLU that may overwrite its input (see _relu_in_place)
 
     @property
     def flat(self) -> bool:
@@ -503,7 +507,8 @@ def _plan_or_reason(template: nn.Module, none: frozenset[str]) -> FastPlan | str
         return "its forward takes no input or returns none"
     if not any(s.kind in _PARAM_KINDS for s in steps):
         return "no layer with parameters runs on the direct path"
-    steps = _flatten_into_linear(_pool_before_relu(steps, output, modules), output, modules)
+    steps = _flatten_into_linear(_relu_in_place(_pool_before_relu(steps, output, modules), output, modules),
+                                 output, modules)
     return FastPlan(tuple(steps), tuple(inputs), output, _aliases(template))
 
 
@@ -564,6 +569,43 @@ def _pool_before_relu(steps: list[_Step], output: Any, modules: dict[str, nn.Mod
             continue
         out[i] = replace(pool, args=(relu.args[0], *pool.args[1:]), dst=relu.dst)
         out[i + 1] = replace(relu, args=(_Ref(relu.dst), *relu.args[1:]), dst=pool.dst)
+    return out
+
+
+ADDITIONS = (operator.add, torch.add, "add", operator.sub, torch.sub, "sub")
+
+
+def _backward_reads_no_output(step: _Step, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``step`` makes a new tensor that its own backward never reads: a convolution, BatchNorm or
+    max pooling (theirs read their inputs, see :mod:`.channels_last_batch_norm`) or an addition (whose
+    reads nothing). An in-place op on the output of one that does (``tanh``, ``exp``, a ReLU) would make
+    autograd raise; on a view it would write into another value."""
+    return (step.kind in ("conv", "norm") or (step.kind == "binary" and step.target in ADDITIONS)
+            or (step.kind == "pool" and type(modules[step.target]) in MAX_POOLS)
+            or (step.kind == "pool_function" and POOL_FUNCTIONS[step.target][1] is not None))
+
+
+def _relu_in_place(steps: list[_Step], output: Any, modules: dict[str, nn.Module]) -> list[_Step]:
+    """A ReLU overwrites its input where nothing else reads that input: ``relu(bn(conv(x)))`` and a ResNet's
+    ``relu(out + shortcut)`` make one activation-sized tensor fewer per layer.
+
+    Exact, values and gradients alike: ReLU's backward reads its output,
+    which is the same either way, and the overwritten input is read by no
+    other step (forward returns it neither) and by its producer's backward
+    neither (:func:`_backward_reads_no_output`). On a fused step's large
+    activations the pass over a tensor just written (still in the last-level
+    cache) costs less than writing a new one: a channels-last
+    ``[64, 256, 16, 16]`` ReLU took 0.27 against 0.6 ms (2-core EPYC).
+    """
+    uses = _uses(steps, output)
+    made_by = {s.dst: s for s in steps}
+    out = []
+    for s in steps:
+        src = s.args[0] if s.args else None
+        if (_is_relu(s, modules) and isinstance(src, _Ref) and uses.get(src.name) == 1
+                and src.name in made_by and _backward_reads_no_output(made_by[src.name], modules)):
+            s = replace(s, in_place=True)
+        out.append(s)
     return out
 
 
@@ -1066,122 +1108,15 @@ def _norm(mod: nn.Module, name: str, h: torch.Tensor, params: Mapping[str, torch
     use_batch = mod.training or rm is None
     w, b = None if w is None else w.reshape(-1), None if b is None else b.reshape(-1)
     rm, rv = None if rm is None else rm.view(-1), None if rv is None else rv.view(-1)
-    pieces = (_partial_sums(h.numel() // h.size(1))
-              if (use_batch and h.device.type == "cpu" and h.dtype == torch.float32 and h.dim() == 4
-                  and h.size(1) > 1 and h.is_contiguous(memory_format=torch.channels_last)
-                  and not h.is_contiguous()) else 1)
-    if pieces > 1:  # one piece: torch's own kernel sums as accurately
-        out = _channels_last_batch_norm(h, w, b, rm, rv, mod.momentum, mod.eps, pieces)
+    pieces = channels_last_batch_norm.applies(h, use_batch)
+    if pieces:  # (one piece: torch's own kernel sums as accurately)
+        out = channels_last_batch_norm.batch_norm(h, w, b, rm, rv, mod.momentum, mod.eps, pieces)
     else:
         out = F.batch_norm(h, rm, rv, w, b, use_batch, mod.momentum, mod.eps)
     if mod.training and tracked is not None:
         with torch.no_grad():
             tracked.add_(1)
     return out
-
-
-PIECE = 256  # values per piece of a channel's sums in _channels_last_batch_norm (torch's NCHW kernels: similar)
-MAX_PIECES = 64
-
-
-def _partial_sums(count: int) -> int:
-    """How many pieces to sum ``count`` values per channel in: the fewest (a divisor of ``count``, at most
-    :data:`MAX_PIECES`) that leave at most :data:`PIECE` values in each, else the most up to
-    :data:`MAX_PIECES` (16384 values: 64 pieces of 256; 4096: 16 of 256; 256 or fewer: 1)."""
-    divisors = [k for k in range(1, min(MAX_PIECES, count) + 1) if count % k == 0]
-    return next((k for k in divisors if count // k <= PIECE), divisors[-1])
-
-
-def _channels_last_batch_norm(h: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
-                              rm: torch.Tensor | None, rv: torch.Tensor | None, momentum: float,
-                              eps: float, k: int) -> torch.Tensor:
-    """Training-mode BatchNorm of a channels-last ``[B, C, H, W]`` CPU tensor, its sums taken in ``k`` pieces
-    per channel (:func:`_partial_sums`).
-
-    Torch's CPU kernels for channels-last input add each channel's ``B*H*W``
-    values up in one running fp32 sum per channel, where its NCHW kernels sum in
-    short pieces. Measured against fp64 (64x16x16 values per channel): batch
-    mean 1.7e-6 off against 6e-8, weight and bias gradients 2.3e-5 and 2.9e-6 off
-    against 1.1e-6 and 6e-8. A BatchNorm's backward subtracts nearly equal terms,
-    so through a network these errors grew: a small ResNet's fused gradients were
-    up to 5% off in some slots, where each model alone is 2e-6 off.
-
-    Here the same kernels sum in pieces: the ``[B*H*W, C]`` channels-last memory
-    viewed as ``[B*H*W/k, k*C]`` makes each of ``k`` pieces of a channel a
-    channel of its own (no copy), and the pieces' sums are then added:
-    ``torch.batch_norm_update_stats`` gives the statistics (mean 3e-8 off), one
-    ``addcmul`` normalizes with them (as torch's kernel does), and in the backward
-    ``native_batch_norm_backward`` gives the two per-channel sums (``sum(go)``,
-    ``sum(go * xhat)``), from which two elementwise ops make the input's gradient.
-    That costs some speed: whole steps at 32 slots took 200 against 190 ms (small
-    ResNet), 122 against 116 ms (LeNet + BatchNorm) and 15.3 against 14.3 ms (the
-    sweep's 8x8 CNN), measured in-process, alternating. With one piece (256 values
-    or fewer per channel) torch's own kernel is as accurate and runs instead.
-    """
-    c = h.size(1)
-    count = h.numel() // c
-    flat = h.permute(0, 2, 3, 1).reshape(count // k, k * c)  # a view of the channels-last memory
-    with torch.no_grad():
-        pieces_mean, pieces_var = torch.batch_norm_update_stats(flat, None, None, 0.0)
-        pieces_mean = pieces_mean.view(k, c)
-        mean = pieces_mean.mean(0)
-        # every piece has count/k values: the variance is the pieces' mean variance plus their means' spread
-        var = pieces_var.view(k, c).mean(0).add_((pieces_mean - mean).square_().mean(0))
-        if rm is not None:  # as torch's training-mode update: the running variance is the unbiased one
-            rm.lerp_(mean, momentum)
-        if rv is not None:
-            rv.lerp_(var * (count / max(count - 1, 1)), momentum)
-    return _BatchNormGivenStats.apply(h, w, b, mean, var, eps, k)
-
-
-class _BatchNormGivenStats(torch.autograd.Function):
-    """Training-mode BatchNorm of a channels-last ``[B, C, H, W]`` tensor (gradients through the batch
-    statistics included), with the statistics given and the backward's sums taken in pieces."""
-
-    @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, mean: torch.Tensor,
-                var: torch.Tensor, eps: float, k: int) -> torch.Tensor:
-        ctx.save_for_backward(h, w, b, mean, var)
-        ctx.eps, ctx.pieces = eps, k
-        # h * scale + shift, as torch's kernel normalizes (its eval mode, given statistics, was 2x slower on
-        # channels-last input); out= keeps the channels-last layout, which a broadcast first operand would not
-        scale = (var + eps).rsqrt()
-        if w is not None:
-            scale = scale * w
-        shift = -mean * scale if b is None else b - mean * scale
-        view = (1, -1, 1, 1)
-        return torch.addcmul(shift.view(view), h, scale.view(view), out=torch.empty_like(h))
-
-    @staticmethod
-    def backward(ctx: Any, go: torch.Tensor) -> tuple[Any, ...]:
-        h, w, b, mean, var = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # a graph of the gradient (double backward): the same math, differentiable
-            with torch.enable_grad():
-                out = F.batch_norm(h, None, None, w, b, True, 0.0, ctx.eps)
-                wanted = [t for t, n in zip((h, w, b), need) if n]
-                grads = iter(torch.autograd.grad(out, wanted, go, create_graph=True))
-                return (*(next(grads) if n else None for n in need[:3]), None, None, None, None)
-        c, k = h.size(1), ctx.pieces
-        count = h.numel() // c
-        go = go.contiguous(memory_format=torch.channels_last)
-        invstd = (var + ctx.eps).rsqrt()
-        # per piece: sum(go * (h - mean) * invstd) and sum(go), as "weight" and "bias" gradients
-        _, dots, sums = torch.ops.aten.native_batch_norm_backward(
-            go.permute(0, 2, 3, 1).reshape(count // k, k * c), h.permute(0, 2, 3, 1).reshape(count // k, k * c),
-            None, None, None, mean.repeat(k), invstd.repeat(k), True, ctx.eps, [False, True, True])
-        dot, sum_go = dots.view(k, c).sum(0), sums.view(k, c).sum(0)
-        gh = None
-        if need[0]:  # w / std * (go - mean(go) - xhat * mean(go * xhat)), as torch's kernel computes it
-            scale = invstd if w is None else invstd * w
-            slope = -scale * invstd * dot / count  # of (h - mean)
-            shift = -scale * sum_go / count - slope * mean
-            view = (1, c, 1, 1)
-            gh = torch.addcmul(shift.view(view), h, slope.view(view), out=torch.empty_like(h))
-            gh.addcmul_(go, scale.view(view))
-        gw = dot if w is not None and need[1] else None
-        gb = sum_go if b is not None and need[2] else None
-        return gh, gw, gb, None, None, None, None
 
 
 def _dim(d: Any, rank: int) -> int:
@@ -1540,6 +1475,8 @@ class _Runner:
 
     # ----------------------------------------------------------- elementwise
     def _k_module(self, step: _Step, h: Act) -> Act:
+        if step.in_place:  # an nn.ReLU (see _relu_in_place)
+            return Act(h.t.relu_(), h.layout)
         mod = self.template.get_submodule(step.target)
         if isinstance(mod, nn.Dropout):
             return self.dropout(h, mod.p, mod.training)
@@ -1548,6 +1485,8 @@ class _Runner:
     def _k_function(self, step: _Step, x: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(x, Act):  # e.g. -x.shape[1]
             return self.fn(step)(x, *args, **kwargs)
+        if step.in_place:  # F.relu, torch.relu or x.relu() (see _relu_in_place)
+            return Act(x.t.relu_(), x.layout)
         if step.target is F.dropout:  # F.dropout(input, p=0.5, training=True, inplace=False)
             bound = dict(zip(("p", "training", "inplace"), args), **kwargs)
             return self.dropout(x, bound.get("p", 0.5), bound.get("training", True))

@@ -358,6 +358,55 @@ def test_a_relu_read_elsewhere_is_not_moved():
     assert kinds.index("function") < kinds.index("pool")
 
 
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU, conv-BN plus the input, ReLU; a ReLU of a max pool; and the ReLUs that must copy: of a
+    ``tanh`` (whose backward reads its output), of a value read twice, and of the model's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.c2, self.b2 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.act, self.pool, self.head = nn.ReLU(), nn.MaxPool2d(2), nn.Linear(3 * 4 * 4 + 3, 4)
+
+    def forward(self, x):
+        h = self.act(self.b1(self.c1(x)))
+        h = torch.relu(self.b2(self.c2(h)) + x)
+        t = torch.tanh(h)
+        twice = self.c1(t)
+        side = (torch.relu(torch.tanh(h)).mean((2, 3)) + nn.functional.relu(twice).mean((2, 3))
+                + twice.mean((2, 3)) + torch.relu(x).mean((2, 3)))
+        return self.head(torch.cat([nn.functional.relu(self.pool(t)).flatten(1), side], 1))
+
+
+def test_a_relu_overwrites_its_input_only_where_nothing_else_reads_it(monkeypatch):
+    """In place after BatchNorm, a residual addition and a max pool; a copy after tanh, for a value read twice,
+    and for the model's input. The slots train like the modules alone, and to the bit as with every ReLU
+    a copy."""
+    torch.manual_seed(3)
+    models = [ResidualBlock() for _ in range(3)]
+    mb = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+    assert mb.uses_direct_path
+    relus = [s for s in mb._plan().steps if s.kind in ("module", "function") and (
+        s.target in (torch.relu, nn.functional.relu) or s.target == "act")]
+    assert [s.in_place for s in relus] == [True, True, False, False, False, True], [
+        (s.target, s.in_place) for s in relus]
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    steps_match_solo(mb, models, x, y, 3)
+
+    from ray_modelbatch import fast_path
+    trained = []
+    for in_place in (True, False):
+        if not in_place:
+            monkeypatch.setattr(fast_path, "_relu_in_place", lambda steps, output, modules: steps)
+        stack = rmb.ModelBatch([copy.deepcopy(m) for m in models])
+        assert any(s.in_place for s in stack._plan().steps) == in_place
+        engine = rmb.FusedEngine(stack, rmb.optim.Adam(stack, lr=1e-2), nn.functional.cross_entropy)
+        for _ in range(3):
+            engine.train_step(x, y)
+        trained.append([p.detach().clone() for p in stack.params.values()])
+    assert all(torch.equal(a, b) for a, b in zip(*trained))
+
+
 def test_one_channel_stacks_stay_channels_last_forward_and_backward():
     """A one-channel input counts as contiguous in both memory formats; the stack must still run
     channels-last (oneDNN's grouped convolution and pooling are 2-20x slower on NCHW), and the
@@ -386,23 +435,27 @@ def test_a_global_average_pool_hands_back_a_channels_last_gradient():
         return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
 
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Watch(TorchDispatchMode):  # the format of the gradient the ReLU's backward reads
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.threshold_backward.default:
+                seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+            return func(*args, **(kwargs or {}))
+
     torch.manual_seed(0)
     solo = [make() for _ in range(3)]
     mb = rmb.ModelBatch(solo)
-    seen = []
-
-    def watch(module, inputs, output):
-        output.grad_fn.register_prehook(
-            lambda grads: seen.append(grads[0].is_contiguous(memory_format=torch.channels_last)))
-
-    assert mb.uses_direct_path  # the plan, made before the test's hook (a hooked model would go to vmap)
-    mb._template.get_submodule("2").register_forward_hook(watch)
+    assert mb.uses_direct_path
     opt = rmb.optim.SGD(mb, lr=0.1, momentum=0.9)
     engine = rmb.FusedEngine(mb, opt, nn.functional.cross_entropy)
     refs = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in solo]
     for step in range(3):
         x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
-        engine.train_step(x, y)
+        with Watch():
+            engine.train_step(x, y)
         for m, o in zip(solo, refs):
             o.zero_grad()
             nn.functional.cross_entropy(m(x), y).backward()
