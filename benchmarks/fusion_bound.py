@@ -21,12 +21,14 @@ hold it back.
 
 A class is the op's name, or the layer module that issued it where the two
 steps implement a layer with different ops (a recurrent layer, GroupNorm,
-attention: :data:`ISSUERS`); an optimizer's ``step`` files all its calls under
-``optimizer``. Where the sorting is unsure it errs toward a higher bound: ops
-counted as movement (``where``, ``masked_fill``) are dropped from the fused
-step however real their work, and a layer written among others in
-``fast_path`` (BatchNorm's scale and shift, an ``addcmul``) stays with its
-ops' classes, which the loop's per-model layer may beat.
+BatchNorm, attention: :data:`ISSUERS`); an optimizer's ``step`` files all its
+calls under ``optimizer``. Where the sorting is unsure it errs toward a higher
+bound: ops counted as movement (``where``, ``masked_fill``) are dropped from
+the fused step however real their work, and a layer written among others in
+``fast_path`` stays with its ops' classes, which the loop's per-model layer may
+beat. (Until session 49 the channels-last BatchNorm was written in
+``fast_path``: its scale and shift, three ``addcmul`` passes, counted as
+elementwise work and the small ResNet's bound read about 10% high.)
 
 The fused step runs on the process's torch threads, the loop on those or on
 one thread, whichever is faster (as in ``fused_step.py``); both on one shared
@@ -63,6 +65,7 @@ from ray_modelbatch.optim.base import VectorOptimizer  # noqa: E402
 # fused step's attention is batched GEMMs (small_attention), so either form's products land in it.
 CLASSES: list[tuple[str, str]] = [
     ("gemm and attention", r"^(mm|addmm|bmm|baddbmm|matmul|linear|_addmm_activation|addbmm|dot|mv|addmv)$"
+                           r"|^ray_modelbatch\.strided_bmm_$"  # MKL's batched GEMM into gradient views (strided_gemm)
                            r"|scaled_dot_product|_efficient_attention|_flash_attention"),
     ("convolution", r"conv|im2col|col2im|mkldnn_convolution"),
     ("pooling", r"pool"),
@@ -86,6 +89,7 @@ ISSUERS: dict[str, str] = {
     "unrolled_rnn.py": "recurrent", "direct_rnn.py": "recurrent", "per_slot_rnn.py": "recurrent",
     "small_attention.py": "gemm and attention", "direct_attention.py": "gemm and attention",
     "vmap_attention.py": "gemm and attention", "channels_last_group_norm.py": "normalization",
+    "channels_last_batch_norm.py": "normalization",
     "batched_normalizations.py": "normalization", "stacked_layer_norm.py": "normalization",
 }
 

@@ -19,6 +19,7 @@ import fusion_bound  # noqa: E402
     ("max_pool2d_with_indices_backward", "pooling"), ("native_layer_norm", "normalization"),
     ("_log_softmax", "softmax and loss"), ("clone", "movement"), ("index_select", "movement"),
     ("threshold_backward", "elementwise and reductions"), ("mul", "elementwise and reductions"),
+    ("ray_modelbatch.strided_bmm_", "gemm and attention"),  # the MLP's weight gradients (strided_gemm)
 ])
 def test_each_op_falls_in_its_class(op, cls):
     assert fusion_bound.op_class(op) == cls
@@ -27,6 +28,7 @@ def test_each_op_falls_in_its_class(op, cls):
 def test_a_layers_own_module_files_its_ops_under_the_layer_except_its_data_movement():
     # the fused step's GroupNorm is BatchNorm passes and addcmul, its recurrent layer GEMMs and gate math
     assert fusion_bound.op_class("addcmul", "channels_last_group_norm.py:97") == "normalization"
+    assert fusion_bound.op_class("addcmul_", "channels_last_batch_norm.py:150") == "normalization"
     assert fusion_bound.op_class("bmm", "unrolled_rnn.py:120") == "recurrent"
     assert fusion_bound.op_class("_softmax", "small_attention.py:126") == "gemm and attention"
     assert fusion_bound.op_class("clone", "small_attention.py:108") == "movement"
