@@ -12,8 +12,11 @@ that at stride 1. The backward convolves at stride 1 too, and writes the input
 gradient into a zeroed tensor at the read positions. The whole layer's forward
 and backward took 5.7 against 11.7 ms at that shape.
 
-It is the same products of the same values, so the output is bitwise torch's,
-and on an AVX2 AMD EPYC the weight and bias gradients were too (tested). On
+It is the same products of the same values, so the output is bitwise torch's
+at two threads, and on an AVX2 AMD EPYC the weight and bias gradients were
+too (tested). At one thread (a slot host's on a 2-core node) oneDNN's strided
+and unstrided kernels add in different orders: output and gradients up to 3e-7
+of their largest value apart on an AVX-512 EPYC (session 49, tested). On
 an AVX-512 Xeon oneDNN's strided and unstrided weight-gradient kernels add the
 positions in different orders: the fp32 weight gradients differ by up to 5
 ulps of their largest value (the bias gradient stays bitwise). So is the input
@@ -59,7 +62,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], paddin
 def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
          groups: int) -> torch.Tensor:
     """``F.convNd(x, weight, bias, stride, 0, 1, groups)`` for inputs :func:`applies` to; output in ``x``'s
-    memory format."""
+    memory format (for 3-d input at one thread, in the format torch's unstrided kernel picks)."""
     return _StridedPointwiseConv.apply(x, weight, bias, tuple(stride), groups)
 
 

@@ -22,6 +22,15 @@ def grads(fn, x, w, b, gy):
     return y, torch.autograd.grad(y, inputs, gy)
 
 
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    """One torch thread (a slot host's on a 2-core node) and two: oneDNN adds in other orders at each."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,stride,groups,fmt", [
     ((4, 16, 16, 16), (2, 2), 2, torch.channels_last),   # a fused ResNet shortcut: 2 slots of 8 channels
@@ -31,7 +40,7 @@ def grads(fn, x, w, b, gy):
     ((2, 4, 5, 6, 7), (2, 2, 2), 2, torch.channels_last_3d),  # Conv3d
 ])
 @pytest.mark.parametrize("bias", [True, False])
-def test_output_and_gradients_equal_torch_to_the_bit(dtype, shape, stride, groups, fmt, bias):
+def test_output_and_gradients_are_torchs(dtype, shape, stride, groups, fmt, bias, threads):
     torch.manual_seed(0)
     spatial = len(shape) - 2
     x = torch.randn(*shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
@@ -42,15 +51,22 @@ def test_output_and_gradients_equal_torch_to_the_bit(dtype, shape, stride, group
     want_y, want = grads(lambda x, w, b: CONV[x.dim()](x, w, b, stride, 0, 1, groups), x, w, b,
                          gy := torch.randn_like(CONV[x.dim()](x, w, b, stride, 0, 1, groups)))
     got_y, got = grads(lambda x, w, b: spc.conv(x, w, b, stride, groups), x, w, b, gy)
-    assert torch.equal(got_y, want_y)
-    assert got_y.is_contiguous(memory_format=fmt) == want_y.is_contiguous(memory_format=fmt)
+    # The same products of the same values, added in the same order where oneDNN's strided and unstrided
+    # kernels do (two threads on the EPYCs and Xeon measured: the output is the bit); at one thread they
+    # add in other orders, a few ulps apart (see the module docstring).
+    eps = torch.finfo(dtype).eps
+    if threads > 1:
+        assert torch.equal(got_y, want_y)
+    torch.testing.assert_close(got_y, want_y, rtol=0, atol=4 * eps * float(want_y.abs().max()))
+    if x.dim() == 4 or threads > 1:  # (torch's own 3-d output format at one thread varies with the dtype)
+        assert got_y.is_contiguous(memory_format=fmt) == want_y.is_contiguous(memory_format=fmt)
     # The weight gradient: the same products; bitwise on an AVX2 EPYC, while on an AVX-512 Xeon oneDNN's strided
     # kernel adds the positions in another order (up to 5 ulps of the largest value: see the module docstring).
-    # The bias gradient is a plain sum of the output gradient: the bit everywhere.
-    eps = torch.finfo(dtype).eps
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=8 * eps * want[1].abs().max())
-    if bias:
-        assert torch.equal(got[2], want[2])
+    if bias:  # a plain sum of the output gradient: the bit at two threads
+        if threads > 1:
+            assert torch.equal(got[2], want[2])
+        torch.testing.assert_close(got[2], want[2], rtol=0, atol=4 * eps * float(want[2].abs().max()))
     # The input gradient: the same products, but oneDNN's strided kernel adds the output channels in another
     # order at some shapes (2-channel groups here: 1 ulp off); at a fused ResNet's shortcut it was the bit on
     # the EPYC.
@@ -58,12 +74,14 @@ def test_output_and_gradients_equal_torch_to_the_bit(dtype, shape, stride, group
     assert got[0].is_contiguous(memory_format=fmt)  # the next layer's backward keeps its layout
 
 
-def test_an_input_without_a_gradient_gets_none_and_the_weight_its_own():
+def test_an_input_without_a_gradient_gets_none_and_the_weight_its_own(threads):
     x = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
     w = torch.randn(8, 4, 1, 1, requires_grad=True)
     (gw,) = torch.autograd.grad(spc.conv(x, w, None, (2, 2), 1).sum(), [w])
     (want,) = torch.autograd.grad(F.conv2d(x, w, None, 2).sum(), [w])
-    assert torch.equal(gw, want)
+    if threads > 1:
+        assert torch.equal(gw, want)
+    torch.testing.assert_close(gw, want, rtol=0, atol=4 * torch.finfo(gw.dtype).eps * float(want.abs().max()))
 
 
 def test_second_derivatives_are_torchs():
