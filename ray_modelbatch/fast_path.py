@@ -578,8 +578,8 @@ ADDITIONS = (operator.add, torch.add, "add", operator.sub, torch.sub, "sub")
 def _backward_reads_no_output(step: _Step, modules: dict[str, nn.Module]) -> bool:
     """Whether ``step`` makes a new tensor that its own backward never reads: a convolution, BatchNorm or
     max pooling (theirs read their inputs, see :mod:`.channels_last_batch_norm`) or an addition (whose
-    reads nothing). An in-place op on the output of one that does (``tanh``, ``exp``, a ReLU) would make
-    autograd raise; on a view it would write into another value."""
+    backward reads nothing). An in-place op on the output of one whose backward does (``tanh``, ``exp``, a
+    ReLU) would make autograd raise; on a view it would write into another value."""
     return (step.kind in ("conv", "norm") or (step.kind == "binary" and step.target in ADDITIONS)
             or (step.kind == "pool" and type(modules[step.target]) in MAX_POOLS)
             or (step.kind == "pool_function" and POOL_FUNCTIONS[step.target][1] is not None))
@@ -591,11 +591,12 @@ def _relu_in_place(steps: list[_Step], output: Any, modules: dict[str, nn.Module
 
     Exact, values and gradients alike: ReLU's backward reads its output,
     which is the same either way, and the overwritten input is read by no
-    other step (forward returns it neither) and by its producer's backward
-    neither (:func:`_backward_reads_no_output`). On a fused step's large
-    activations the pass over a tensor just written (still in the last-level
-    cache) costs less than writing a new one: a channels-last
-    ``[64, 256, 16, 16]`` ReLU took 0.27 against 0.6 ms (2-core EPYC).
+    other step, is not among forward's outputs, and is not read by its
+    producer's backward (:func:`_backward_reads_no_output`). On a fused step's
+    large activations a pass over a tensor just written (still in the
+    last-level cache) costs less than writing a new one: a channels-last
+    ``[64, 256, 16, 16]`` ReLU after a BatchNorm took about 0.3 against 0.6 ms
+    (2-core EPYC); a small ResNet's step at 32 slots ran 2-4% faster.
     """
     uses = _uses(steps, output)
     made_by = {s.dst: s for s in steps}
