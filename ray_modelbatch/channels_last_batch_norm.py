@@ -8,8 +8,9 @@ sum in pieces, as torch's NCHW kernels do.
 
 Not taken (the caller keeps ``F.batch_norm``): evaluation with running
 statistics, input that is not 4-d and channels-last in memory, other devices
-or dtypes, and layers of at most :data:`PIECE` values per channel, which
-torch's kernel sums as accurately (:func:`applies`).
+or dtypes, and layers whose channels :func:`pieces` leaves whole (at most
+:data:`PIECE` values each, which torch's kernel sums as accurately, or a count
+with no divisor up to :data:`MAX_PIECES`); see :func:`applies`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ MAX_PIECES = 64
 def applies(h: torch.Tensor, use_batch: bool) -> int:
     """How many pieces :func:`batch_norm` sums each channel of ``h`` in, or 0 where the caller keeps
     ``F.batch_norm``: statistics of the batch of a 4-d fp32 channels-last CPU tensor of more than one
-    channel, with more than :data:`PIECE` values per channel."""
+    channel, whose channels :func:`pieces` splits in more than one piece."""
     if not (use_batch and h.device.type == "cpu" and h.dtype == torch.float32 and h.dim() == 4
             and h.size(1) > 1 and h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()):
         return 0
