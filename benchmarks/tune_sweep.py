@@ -454,6 +454,7 @@ def run_sweep(kind: str, args: argparse.Namespace, configs: list[dict], storage:
         # each host's milestones (init, ready, first_attach, first_result, verdict) in seconds after fit() began
         "host_milestones": [{k: (v - t0_wall if v is not None else None) for k, v in h.get("milestones", {}).items()}
                             for h in hosts],
+        "held": [held_slots(h.get("events", []), t0_wall) for h in hosts],
     }
 
 
@@ -661,7 +662,8 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
                 lines.append(f"Target (issue 10, GPU): >= {TARGET_GPU:g}x lower wall time than `{kind}` with "
                              f"{args.baseline_gpus:g} GPU per trial: {ratio:.2f}x -> "
                              f"{'met' if ratio >= TARGET_GPU else 'not met'}")
-    for h_, m_ in zip((mb or {}).get("hosts", []), (mb or {}).get("host_milestones", [])):
+    held = (mb or {}).get("held") or [None] * len((mb or {}).get("hosts", []))
+    for h_, m_, held_ in zip((mb or {}).get("hosts", []), (mb or {}).get("host_milestones", []), held):
         frac = {k: h_.get(k, 0.0) / h_["wall_s"] if h_["wall_s"] else 0.0
                 for k in ("wait_s", "command_s", "housekeeping_s")}
         rest = 1.0 - h_["busy_fraction"] - sum(frac.values())
@@ -682,6 +684,9 @@ def report(args: argparse.Namespace, configs: list[dict], kinds: list[str], runs
         lines.append("- host timeline, s after fit(): " + ", ".join(
             f"{k.replace('_', ' ')} {v:.1f}" for k, v in m_.items() if v is not None)
             + f"; data() ran in the {h_.get('data_source') or 'host'}; big tensors: {h_.get('big_tensors')}")
+        if held_ is not None:
+            lines.append(f"- host slots held, every 0.5 s from its first attach at {held_[0]:.1f} s after fit(): "
+                         + " ".join(map(str, held_[1])))
     if mb is not None and reuse is not None and reuse["first_start_s"] is not None:
         # Before its first trial starts, a Tune run has trained nothing: whatever a trainable does,
         # its wall time includes that start. So standard+reuse's own start bounds any ratio against it.
@@ -805,6 +810,28 @@ def _with_rounds(text: str, args: argparse.Namespace, kinds: list[str], rounds: 
     lines = [f"- command: `{_command()}`" if line.startswith("- command: ") else line for line in text.splitlines()]
     at = next((i for i, line in enumerate(lines) if line.startswith(ROUND_MARK)), len(lines))
     return "\n".join(lines[:at] + rounds_table(args, kinds, rounds) + lines[at:]) + "\n"
+
+
+def held_slots(events: list[dict], t0: float, step: float = 0.5) -> tuple[float, list[int]] | None:
+    """Slots a host held over the sweep, from its attach and detach events: ``(seconds after t0 of the first
+    attach, slots held at it and every ``step`` after it until the last detach)``; None without attaches.
+
+    Shows where a sweep's time goes: a full host stepping slowly, or a host
+    waiting for trials (at the start, while trials turn over, in the tail).
+    """
+    changes = sorted((e["t"] - t0, 1 if e["event"] == "attach" else -1)
+                     for e in events if e.get("event") in ("attach", "detach"))
+    if not any(d > 0 for _, d in changes):
+        return None
+    start, end = changes[0][0], changes[-1][0]
+    held, counts, i, t = 0, [], 0, start
+    while t <= end + step:
+        while i < len(changes) and changes[i][0] <= t:
+            held += changes[i][1]
+            i += 1
+        counts.append(held)
+        t += step
+    return start, counts
 
 
 def _commands(commands: dict) -> str:

@@ -56,3 +56,11 @@ def test_the_last_rounds_report_gets_the_table_before_its_details_and_the_whole_
     assert lines.index("- machine: x") < table < lines.index(next(line for line in lines
                                                                   if line.startswith(tune_sweep.ROUND_MARK)))
     assert "**3.50x**" in text
+
+
+def test_held_slots_counts_attaches_less_detaches_every_step_from_the_first_attach():
+    events = [{"t": 10.0, "event": "attach"}, {"t": 10.1, "event": "attach"}, {"t": 10.2, "event": "compact"},
+              {"t": 10.7, "event": "detach"}, {"t": 11.2, "event": "detach"}]
+    assert tune_sweep.held_slots(events, 8.0) == (2.0, [1, 2, 1, 0])
+    assert tune_sweep.held_slots(events, 8.0, step=0.25)[1] == [1, 2, 2, 1, 1, 0]
+    assert tune_sweep.held_slots([{"t": 1.0, "event": "compact"}], 0.0) is None
