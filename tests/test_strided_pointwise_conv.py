@@ -22,6 +22,13 @@ def grads(fn, x, w, b, gy):
     return y, torch.autograd.grad(y, inputs, gy)
 
 
+def assert_torchs(got, want, threads):
+    """The bit at two threads; at one, where oneDNN adds in other orders, within 4 ulps of the largest value."""
+    if threads > 1:
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=0, atol=4 * torch.finfo(want.dtype).eps * float(want.abs().max()))
+
+
 @pytest.fixture(params=[1, 2])
 def threads(request):
     """One torch thread (a slot host's on a 2-core node) and two: oneDNN adds in other orders at each."""
@@ -55,18 +62,14 @@ def test_output_and_gradients_are_torchs(dtype, shape, stride, groups, fmt, bias
     # kernels do (two threads on the EPYCs and Xeon measured: the output is the bit); at one thread they
     # add in other orders, a few ulps apart (see the module docstring).
     eps = torch.finfo(dtype).eps
-    if threads > 1:
-        assert torch.equal(got_y, want_y)
-    torch.testing.assert_close(got_y, want_y, rtol=0, atol=4 * eps * float(want_y.abs().max()))
+    assert_torchs(got_y, want_y, threads)
     if x.dim() == 4 or threads > 1:  # (torch's own 3-d output format at one thread varies with the dtype)
         assert got_y.is_contiguous(memory_format=fmt) == want_y.is_contiguous(memory_format=fmt)
     # The weight gradient: the same products; bitwise on an AVX2 EPYC, while on an AVX-512 Xeon oneDNN's strided
     # kernel adds the positions in another order (up to 5 ulps of the largest value: see the module docstring).
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=8 * eps * want[1].abs().max())
-    if bias:  # a plain sum of the output gradient: the bit at two threads
-        if threads > 1:
-            assert torch.equal(got[2], want[2])
-        torch.testing.assert_close(got[2], want[2], rtol=0, atol=4 * eps * float(want[2].abs().max()))
+    if bias:  # a plain sum of the output gradient
+        assert_torchs(got[2], want[2], threads)
     # The input gradient: the same products, but oneDNN's strided kernel adds the output channels in another
     # order at some shapes (2-channel groups here: 1 ulp off); at a fused ResNet's shortcut it was the bit on
     # the EPYC.
@@ -79,9 +82,7 @@ def test_an_input_without_a_gradient_gets_none_and_the_weight_its_own(threads):
     w = torch.randn(8, 4, 1, 1, requires_grad=True)
     (gw,) = torch.autograd.grad(spc.conv(x, w, None, (2, 2), 1).sum(), [w])
     (want,) = torch.autograd.grad(F.conv2d(x, w, None, 2).sum(), [w])
-    if threads > 1:
-        assert torch.equal(gw, want)
-    torch.testing.assert_close(gw, want, rtol=0, atol=4 * torch.finfo(gw.dtype).eps * float(want.abs().max()))
+    assert_torchs(gw, want, threads)
 
 
 def test_second_derivatives_are_torchs():
