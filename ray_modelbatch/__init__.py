@@ -42,6 +42,7 @@ _EXPORTS = {
     "profile_capacity": ".capacity",
     "batched_trainable": ".tune",
     "check_model": ".model_check",
+    "clip_grad_norm_": ".slot_clipping",
     "ModelReport": ".model_check",
     "DatasetStreams": ".dataset_streams",
     "IterableStreams": ".iterable_streams",

@@ -34,6 +34,7 @@ from .errors import FusionError, FusionWarning, IncompatibleModelsError, is_out_
 from .fusion_check import explain_failure, run_first_call
 from .signature import (check_compatible, check_same_settings, first_mismatch, first_setting_mismatch, gradient_hook,
                         module_settings, module_signature)
+from .slot_clipping import StackedParameters
 from .slot_dropout import SlotRates, rates_of
 from .slot_random import Draws, SlotRandom, VmapRandom, vmap_body
 from .stacked_embedding import dense_gradients, stack_embeddings
@@ -181,6 +182,18 @@ def _describe_labels(y: Any, dim: int | None) -> str | None:
         return None
 
 
+def _refuse_lazy(index: int, model: nn.Module) -> None:
+    """One line for a lazy module (``nn.LazyLinear``, ...) whose shapes are not known yet: nothing can be stacked."""
+    for name, mod in model.named_modules():
+        lazy = [n for n, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+                if nn.parameter.is_lazy(t)]
+        if lazy:
+            raise IncompatibleModelsError(
+                f"model {index}'s module '{name or type(model).__name__}' ({type(mod).__name__}) has uninitialized "
+                f"parameters ({', '.join(lazy)}): a lazy module learns its shapes on its first forward. Fix: run "
+                "each model once on an example batch before stacking it (ray_modelbatch.check_model does this "
+                "with its example input), or give the layer its input size (e.g. nn.Linear(in_features, ...)).")
+
 class ModelBatch:
     """Stack ``models`` (identical structure) so that ``mb(x)`` runs all of them at once.
 
@@ -227,6 +240,7 @@ class ModelBatch:
                 raise TypeError(f"ModelBatch takes torch.nn.Module models; model {i} is "
                                 f"{'None' if m is None else type(m).__name__}. Fix: pass the modules themselves "
                                 "(a factory that builds one must return it).")
+            _refuse_lazy(i, m)
         self.signature = check_compatible(models)
         for i, m in enumerate(models):
             hooked = gradient_hook(m)
@@ -355,7 +369,9 @@ class ModelBatch:
         return int(self.active.shape[0])
 
     def parameters(self) -> list[torch.Tensor]:
-        return [p for n, p in self.params.items() if n in self._trainable]
+        """The trainable stacked ``[S, ...]`` parameters; torch's ``clip_grad_norm_`` refuses them (see
+        :mod:`.slot_clipping`: clip with ``ray_modelbatch.clip_grad_norm_``, each slot by its own norm)."""
+        return StackedParameters(p for n, p in self.params.items() if n in self._trainable)
 
     def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
         return ((n, p) for n, p in self.params.items() if n in self._trainable)

@@ -116,6 +116,13 @@ def _layer_kinds(plan: fast_path.FastPlan | None, names: list[str]) -> list[tupl
     return [(n, kind(n)) for n in names]
 
 
+def _initialize_lazy(model: nn.Module, example_input: Any) -> None:
+    """A model with lazy modules (``nn.LazyLinear``, ...) learns its shapes from one forward on the example."""
+    if any(nn.parameter.is_lazy(t) for t in [*model.parameters(), *model.buffers()]):
+        with torch.no_grad():
+            model(**example_input) if isinstance(example_input, dict) else model(example_input)
+
+
 def check_model(model: nn.Module | Callable[[], nn.Module], example_input: Any, *, slots: int = 8,
                 loss: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None,
                 repeats: int = 5) -> ModelReport:
@@ -136,6 +143,8 @@ def check_model(model: nn.Module | Callable[[], nn.Module], example_input: Any, 
     """
     factory = model if not isinstance(model, nn.Module) else (lambda: copy_model(model))
     models = [factory() for _ in range(slots)]
+    for m in models:
+        _initialize_lazy(m, example_input)
     name = type(models[0]).__name__
     leaves = [(n, type(m).__name__) for n, m in models[0].named_modules() if not list(m.children())]
     loss = loss or _default_loss

@@ -69,6 +69,19 @@ def test_incompatible_models_name_the_mismatch():
         rmb.ModelBatch([])
 
 
+def test_a_lazy_module_not_yet_run_is_named_in_one_line():
+    def lazy():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+
+    with pytest.raises(IncompatibleModelsError, match=r"model 0's module '2' \(LazyLinear\) has uninitialized "
+                                                      r"parameters \(weight, bias\).*run each model once"):
+        rmb.ModelBatch([lazy() for _ in range(2)])
+    models = [lazy() for _ in range(2)]
+    for m in models:
+        m(torch.randn(1, 3, 6, 6))  # initialized by a forward, it stacks
+    assert rmb.ModelBatch(models).num_slots == 2
+
+
 def test_models_that_are_not_a_list_of_modules_are_named_in_one_line():
     with pytest.raises(TypeError, match=r"a list of models, one per slot; got one MLP\. Fix: ModelBatch\(\[model\]\)"):
         rmb.ModelBatch(MLP())

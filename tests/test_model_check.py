@@ -31,6 +31,12 @@ def test_a_model_that_cannot_fuse_is_reported_not_raised():
     assert "cannot fuse" in str(report)
 
 
+def test_lazy_modules_learn_their_shapes_from_the_example_input():
+    report = rmb.check_model(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3)),
+                             torch.randn(8, 3, 9, 9), slots=3, repeats=1)
+    assert report.path == "direct" and report.error is None, report.error
+
+
 def test_an_lstm_runs_on_the_direct_path():
     class Seq(nn.Module):
         def __init__(self):

@@ -29,6 +29,67 @@ def test_bf16_autocast_trains():
     assert bool(last.updated.all()) and bool((last.losses < first).all())
 
 
+class _LastStepLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.fc = nn.LSTM(5, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.fc = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x)[0].mean(1))
+
+
+# (model, input shape, how close each slot stays to its model alone under torch.autocast, relative): Linear
+# layers cast as torch's autocast casts them, so an MLP agrees to fp32 rounding. The other kernels round their
+# bf16 intermediates in other places than torch's (after 5 steps: BatchNorm up to 8e-5 with other data; LayerNorm
+# 3e-3, the LSTM 1e-3, attention 8e-3), so those agree to bf16 rounding. torch is not the exact one: its CPU
+# LayerNorm sums the weight and bias gradients of bf16 input to bf16 precision (3e-3 from the exact sums in a
+# [16, 16] test), the fused LayerNorm in fp32.
+_BF16_CASES = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)), (16, 10), 1e-5),
+    "cnn_bn": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                                     nn.Flatten(), nn.Linear(36, 3)), (8, 3, 9, 9), 1e-3),
+    "layer_norm": (lambda: nn.Sequential(nn.Linear(10, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3)), (16, 10),
+                   1e-2),
+    "lstm": (_LastStepLSTM, (8, 7, 5), 1e-2),
+    "attention": (_Attention, (8, 4, 8), 2e-2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BF16_CASES))
+def test_bf16_autocast_slots_train_as_their_models_under_autocast(case):
+    make, shape, rtol = _BF16_CASES[case]
+    torch.manual_seed(0)
+    models = [make() for _ in range(3)]
+    alone = clones(models)
+    mb = rmb.ModelBatch(clones(models))
+    eng = rmb.FusedEngine(mb, rmb.optim.SGD(mb, lr=0.1), F.cross_entropy, autocast_dtype=torch.bfloat16)
+    refs = [torch.optim.SGD(m.parameters(), lr=0.1) for m in alone]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        x, y = torch.randn(*shape, generator=g), torch.randint(0, 3, (shape[0],), generator=g)
+        eng.train_step(x, y)
+        for m, o in zip(alone, refs):
+            o.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            o.step()
+    for i, m in enumerate(alone):
+        for k, v in m.state_dict().items():
+            if v.is_floating_point():
+                err = float((mb.slot_state(i)[k] - v).abs().max() / v.abs().max().clamp_min(1e-12))
+                assert err <= rtol, f"slot {i} {k}: {err:.1e} from its model alone under autocast"
+
+
 def _fp16_run(scale_of_slot2):
     torch.manual_seed(0)
     models = make_models(4, d_in=5)
