@@ -118,6 +118,42 @@ def test_hyperband_pauses_and_resumes_from_checkpoint(trainables, tmp_path):
     assert iters == [2, 4, 4, 4, 4, 4], iters  # the worst of the second bracket stopped at its rung
 
 
+def test_hyperband_stops_a_trial_whose_pause_lands_after_its_bracket_finished(ray_session, tmp_path):
+    """Ray 2.60's HyperBand leaves a trial PAUSED forever when its pause-checkpoint is still being saved as
+    its bracket finishes (``ray_compat.stop_late_pauses_of_finished_brackets``): plain Tune, a slow save."""
+    import time
+
+    from ray_modelbatch.tune import ray_compat
+
+    ray_compat.patch_tune_driver()  # what importing the trainable does in a driver
+
+    class SlowSave(tune.Trainable):  # defined here, so that Ray's workers get it by value
+        def setup(self, config):
+            self.i = 0
+
+        def step(self):
+            self.i += 1
+            time.sleep(0.0 if self.config["x"] == 0 else 0.3)  # the first trial reaches each milestone first
+            return {"loss": self.config["x"] + 1.0 / self.i}
+
+        def save_checkpoint(self, checkpoint_dir):
+            time.sleep(1.5)  # its pause still saving when its bracket mates finish the bracket
+            return checkpoint_dir
+
+        def load_checkpoint(self, checkpoint_dir):
+            pass
+
+    started = time.monotonic()
+    grid = tune.Tuner(tune.with_resources(SlowSave, {"cpu": 0.1}), param_space={"x": tune.grid_search([0, 1, 2, 3])},
+                      tune_config=tune.TuneConfig(metric="loss", mode="min", time_budget_s=90,
+                                                  scheduler=HyperBandScheduler(max_t=2, reduction_factor=2)),
+                      run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0)).fit()
+    took = time.monotonic() - started
+    assert h.errors(grid) == [] and len(grid) == 4
+    assert took < 60, f"fit() took {took:.0f} s: a paused trial was left waiting until the time budget ended it"
+    assert sorted(r.metrics["training_iteration"] for r in grid) == [1, 2, 2, 2]
+
+
 def test_median_stopping_rule_stops_bad_trials(trainables, tmp_path):
     T = trainables(slots_per_host=4)
     grid, log = h.fit(T, {"lr": tune.grid_search(GOOD_FIRST[:2] + GOOD_FIRST[-3:])}, tmp_path,

@@ -263,6 +263,59 @@ def drop_stale_stop_on_pause() -> None:
     _stale_stop_installed = True
 
 
+_late_pause_stop_installed = False
+
+
+def stop_late_pauses_of_finished_brackets() -> None:
+    """Stop a HyperBand trial whose pause completes after its bracket finished, as the bracket stops the others.
+
+    Ray Tune 2.60 bug (plain Tune too): ``HyperBandScheduler`` pauses each trial
+    that reaches its bracket's last milestone until the rest get there; the
+    last one's result finishes the bracket, and ``_Bracket.cleanup_full``
+    (``tune/schedulers/hyperband.py``) stops the trials that are PAUSED. A
+    trial whose pause-checkpoint is still being saved is RUNNING then
+    (``is_saving``), so it is passed over, becomes PAUSED when its save
+    resolves, and nothing ever resumes or stops it: ``fit()`` never returns,
+    its controller spinning. Every other branch of ``_process_bracket`` treats
+    ``is_saving`` as PAUSED; this one does not. A plain ``tune.Trainable``
+    whose ``save_checkpoint`` takes 1.5 s hangs so with four trials,
+    ``max_t=2`` (``tests/test_tune_schedulers.py``); a slot host's trials,
+    which reach a milestone in the same fused step, hung a 6-trial sweep.
+
+    The workaround completes ``cleanup_full``'s work where the late pause
+    lands: once ``TuneController.pause_trial`` has left a trial PAUSED, a
+    trial of a finished bracket that is not waiting to be resumed is stopped
+    (``stop_trial``, as ``cleanup_full`` does), its pause-checkpoint kept.
+    Runs in the process that drives Tune; idempotent.
+    """
+    global _late_pause_stop_installed
+    if _late_pause_stop_installed:
+        return
+    try:
+        from ray.tune.execution.tune_controller import TuneController
+        from ray.tune.experiment import Trial
+        from ray.tune.schedulers import HyperBandScheduler
+
+        pause = TuneController.pause_trial
+    except (ImportError, AttributeError) as exc:
+        logger.debug("not installing the HyperBand late-pause workaround (Ray %s): %s", TESTED_RAY, exc)
+        return
+
+    def pause_trial(self: Any, trial: Any, should_checkpoint: bool = True) -> None:
+        pause(self, trial, should_checkpoint=should_checkpoint)
+        scheduler = getattr(self, "_scheduler_alg", None)
+        if trial.status != Trial.PAUSED or not isinstance(scheduler, HyperBandScheduler):
+            return
+        bracket = (getattr(scheduler, "_trial_info", {}).get(trial) or (None,))[0]
+        if (bracket is not None and trial in bracket.current_trials() and bracket.finished()
+                and trial not in bracket.trials_to_unpause):
+            logger.debug("Trial %s paused after its HyperBand bracket finished: stopping it", trial)
+            self.stop_trial(trial)
+
+    TuneController.pause_trial = pause_trial
+    _late_pause_stop_installed = True
+
+
 _stop_on_setup_error_installed = False
 
 
@@ -670,6 +723,7 @@ def patch_tune_driver() -> None:
     run_trials_as_light_actors()
     keep_restore_sources()
     drop_stale_stop_on_pause()
+    stop_late_pauses_of_finished_brackets()
     stop_sweep_on_setup_error()
 
 
