@@ -24,11 +24,11 @@ from ray.tune import Trainable
 from ray.tune.execution.placement_groups import PlacementGroupFactory
 
 from .ray_compat import (experiment_dir, patch_tune_driver, quiet_setup_time_notice, skip_taken_checkpoint_dirs,
-                         trial_mode)
+                         trial_mode, with_parameters_keys)
 from .registry import get_registry, launch_where_free, planned_hosts, registry_exists
 from .shared_data import load_in_driver
 from .shared_trials import serve_on_host, trial_server
-from .slot_client import SlotClient
+from .slot_client import SlotClient, with_parameters_error
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,14 @@ class SlotTrialProxy(SlotClient, Trainable):
     """Base class of the trainables returned by :func:`ray_modelbatch.tune.batched_trainable`."""
 
     _prestarted: str = ""  # the experiment whose hosts this driver process already asked for
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """``tune.with_parameters(T, ...)`` subclasses ``T``: refused here, in the driver, once, instead of in
+        every trial's setup (see ``SlotClient.setup``)."""
+        super().__init_subclass__(**kwargs)
+        keys = with_parameters_keys(cls)
+        if keys:
+            raise with_parameters_error(keys)
 
     @classmethod
     def default_resource_request(cls, config: dict) -> PlacementGroupFactory:

@@ -593,6 +593,26 @@ def batched_class(trainable_cls: Any) -> Any:
     return trainable_cls
 
 
+def with_parameters_keys(cls: type) -> list[str] | None:
+    """The keys ``tune.with_parameters(trainable, **kwargs)`` gives ``cls``'s trials, or None where it did not make ``cls``.
+
+    Ray 2.60 (``tune/trainable/util.py``): for a class trainable it defines
+    ``class _Inner(trainable)`` whose ``setup`` closes over the set ``keys``
+    and passes them to ``trainable.setup(config, **kwargs)`` in each trial
+    process, so a base class sees the subclass being made (in the driver, at
+    the user's call) and can refuse it there, once. An ``_Inner`` whose keys
+    cannot be read gives ``["?"]``.
+    """
+    if cls.__module__ != "ray.tune.trainable.util" or cls.__qualname__.rsplit(".", 1)[-1] != "_Inner":
+        return None
+    setup = cls.__dict__.get("setup")
+    try:
+        cells = dict(zip(setup.__code__.co_freevars, setup.__closure__ or ()))
+        return sorted(cells["keys"].cell_contents)
+    except (AttributeError, KeyError, ValueError, TypeError):
+        return ["?"]
+
+
 def is_light(trainable_cls: Any) -> bool:
     """Whether Tune runs this trainable's trials without ``ray.tune`` in them (``shared`` or ``process``)."""
     return trial_mode(trainable_cls) != "classic"

@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterable
 
 import ray
 
@@ -114,6 +114,14 @@ def _same_types(a: Any, b: Any) -> bool:
     return True
 
 
+def with_parameters_error(keys: Iterable[str]) -> TypeError:
+    """What ``tune.with_parameters(trainable, **keys)`` gets for a batched trainable, and what to write instead."""
+    return TypeError(
+        f"tune.with_parameters(...) passed {sorted(keys)} to the trial, but a batched trial's model trains "
+        "on a shared slot host, not in the trial's process. Give large objects to the host instead: return "
+        "them from batched_trainable(data=...) (called once per sweep), or close over them in model=/hparams=.")
+
+
 class SlotClient:
     """One trial's hold on a slot of a slot host (see the module docstring)."""
 
@@ -134,11 +142,7 @@ class SlotClient:
 
     def setup(self, config: dict, **params: Any) -> None:
         if params:
-            raise TypeError(
-                f"tune.with_parameters(...) passed {sorted(params)} to the trial, but a batched trial's model trains "
-                "on a shared slot host, not in the trial's process. Give large objects to the host instead: return "
-                "them from batched_trainable(data=...) (called once per sweep), or close over them in model=/hparams=."
-            )
+            raise with_parameters_error(params)
         quiet_sigterm()
         self._host = None
         self._local = None  # the slot host object, where it lives in this process
