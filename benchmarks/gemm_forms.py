@@ -18,10 +18,16 @@ so that a choice of form rests on figures from the machine at hand:
   into a contiguous block copied into the slot-strided buffer against ``bmm``
   into that buffer.
 
+With ``--inductor``, also each ``bmm`` as Inductor's own C++ GEMM template
+compiles it (``torch.compile`` with ``max_autotune`` and only the ``CPP``
+backend, so the template is what runs, not ATen's ``bmm`` that autotuning
+would otherwise keep): the one kernel generator torch has besides MKL and
+oneDNN. Its compile time per shape is printed too.
+
 Medians of ``--reps`` timings per form, over ``--rounds`` rounds (the machine
 is shared). Runs without Ray::
 
-    python benchmarks/gemm_forms.py [--slots 32] [--rounds 3] [--reps 15]
+    python benchmarks/gemm_forms.py [--slots 32] [--rounds 3] [--reps 15] [--inductor]
 """
 
 from __future__ import annotations
@@ -67,6 +73,28 @@ def per_slot_forms(s: int, rows: int, d_in: int, d_out: int, reps: int) -> dict[
             "conv_fwd": flops / conv, "conv_ms": 1e3 * conv_all}
 
 
+def inductor_forms(s: int, rows: int, d_in: int, d_out: int, reps: int) -> dict[str, float]:
+    """The three ``bmm`` of :func:`per_slot_forms` compiled to Inductor's C++ GEMM template: GFLOP/s each, and
+    the seconds compiling took. The template takes no transposed first operand (torch 2.13), so the weight
+    gradient's is made contiguous first, outside the timing: a bound in its favour."""
+    import time
+
+    import torch._inductor.config as inductor
+
+    x, w, g = torch.randn(s, rows, d_in), torch.randn(s, d_out, d_in), torch.randn(s, rows, d_out)
+    flops = 2 * s * rows * d_in * d_out / 1e9
+    out: dict[str, float] = {"compile_s": 0.0}
+    with inductor.patch(max_autotune=True, max_autotune_gemm_backends="CPP"):
+        for name, a, b in (("fwd", x, w.transpose(1, 2)), ("dx", g, w), ("dw", g.transpose(1, 2).contiguous(), x)):
+            torch._dynamo.reset()  # a fresh compile per form: one shape each
+            fn = torch.compile(torch.bmm, dynamic=False)
+            start = time.perf_counter()
+            fn(a, b)
+            out["compile_s"] += time.perf_counter() - start
+            out[name] = flops / timed(lambda fn=fn, a=a, b=b: fn(a, b), reps)
+    return out
+
+
 def shared_first_layer(s: int, rows: int, d_in: int, d_out: int, reps: int) -> dict[str, float]:
     numel = d_out * d_in + d_out + 1000  # a slot's flat row: this layer and more parameters after it
     flat, grads = torch.randn(s, numel), torch.zeros(s, numel)
@@ -90,6 +118,7 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--inductor", action="store_true", help="also Inductor's C++ GEMM template (compiles per shape)")
     args = p.parse_args()
     keep_freed_memory()  # as a fused step runs: freed blocks are reused, not faulted in again
     s = args.slots
@@ -108,6 +137,15 @@ def main() -> None:
         r = {k: med([rnd[i][k] for rnd in rounds]) for k in rounds[0][i]}
         print(f"| {rows} x {d_in} -> {d_out} | {r['bmm_fwd']:.0f} | {r['bmm_dx']:.0f} | {r['bmm_dw']:.0f} | "
               f"{r['conv_fwd']:.0f} | {r['conv_ms']:.2f} | {r['bmm_ms']:.2f} |")
+    if args.inductor:
+        print("\n| per slot (rows x in -> out) | Inductor C++ template forward GFLOP/s | input grad | weight grad | "
+              "compiling s |")
+        print("|---|---:|---:|---:|---:|")
+        for shape in SHAPES:
+            r = [inductor_forms(s, *shape, args.reps) for _ in range(args.rounds)]
+            m = {k: med([x[k] for x in r]) for k in r[0]}
+            print(f"| {shape[0]} x {shape[1]} -> {shape[2]} | {m['fwd']:.0f} | {m['dx']:.0f} | {m['dw']:.0f} | "
+                  f"{m['compile_s']:.1f} |")
     f = {k: med([r[k] for r in first]) for k in first[0]}
     rows, d_in, d_out = SHAPES[0]
     print(f"\nShared-input first layer ({rows} x {d_in} -> {d_out} per slot): forward `baddbmm` {f['fwd_ms']:.2f} ms, "
