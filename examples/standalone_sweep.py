@@ -186,8 +186,10 @@ def main() -> None:
     slot_steps = int(opt.steps.sum().item())
     where = f"config {cfg_of[best_slot]}, fold {fold_of[best_slot]}" if args.split == "kfold" else f"config {best_slot}"
     print(f"\nbest slot {best_slot} ({where}) as a plain nn.Module: test accuracy {acc:.4f}")
+    saved = s * args.steps - slot_steps
     print(f"status: {counts}; {slot_steps} slot-steps of {s * args.steps} budgeted "
-          f"({100 * slot_steps / (s * args.steps):.0f}%) thanks to early stopping")
+          f"({100 * slot_steps / (s * args.steps):.0f}%)"
+          + (f": early stopping saved {saved}" if counts["early_stopped"] and saved > 0 else ""))
     print(f"time: setup {t_setup:.1f}s, training {t_fit:.1f}s, total {time.perf_counter() - t0:.1f}s "
           f"({s} models, {trainer.step_count} fused steps on {dev})")
     if args.logdir:

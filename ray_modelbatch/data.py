@@ -59,6 +59,18 @@ def _as_index(indices: Any, device: torch.device | str | None = None) -> torch.T
     return idx if device is None else idx.to(device)
 
 
+def check_batch_size(batch_size: Any) -> int:
+    """A batch size as an int >= 1, or one line on what was given: every slot of a stack steps one batch
+    size (slots of other batch sizes train in stacks of their own: one ModelBatch, or one Tune stack, each)."""
+    if isinstance(batch_size, (list, tuple)) or (isinstance(batch_size, torch.Tensor) and batch_size.numel() > 1):
+        raise TypeError(f"batch_size must be one number for every slot of a stack, got {batch_size!r}: slots of "
+                        "other batch sizes train in a ModelBatch of their own (a Tune sweep that searches the batch "
+                        "size makes one stack per size by itself)")
+    if isinstance(batch_size, bool) or not float(batch_size).is_integer() or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    return int(batch_size)
+
+
 class SlotSampler:
     """Infinite stream of index batches for one slot (or one plain model).
 
@@ -82,8 +94,7 @@ class SlotSampler:
 
     def __init__(self, indices: torch.Tensor, batch_size: int, seed: int):
         indices = _as_index(indices)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = check_batch_size(batch_size)
         if indices.numel() < batch_size:
             raise ValueError(
                 f"a slot has {indices.numel()} rows but batch_size is {batch_size}; every batch must be full "
@@ -288,7 +299,7 @@ class PerSlotStreams(SlotStreamsState):
         dev = torch.device(device) if device is not None else inputs.leaves(x)[0].device
         self._device = dev
         self.x, self.y = (inputs.apply(lambda t: t.to(dev), v) for v in (x, y))
-        self.batch_size = int(batch_size)
+        self.batch_size = check_batch_size(batch_size)
         self._all: torch.Tensor | None = None
         self.samplers: list[SlotSampler | None] = [
             self._make(seed, None if indices is None else indices[i]) for i, seed in enumerate(seeds)

@@ -46,7 +46,7 @@ Why it is built this way:
 * **Batched reads.** A dataset with ``__getitems__(rows) -> list of
   examples`` (what ``DataLoader`` calls when it exists) is read with it,
   once per chunk of rows, instead of one ``__getitem__`` per example. A
-  ``TensorDataset`` of ``(x, y)``, or ``random_split``'s ``Subset``\ s of one,
+  ``TensorDataset`` of ``(x, y)``, or ``random_split``'s ``Subset`` objects of one,
   without a transform, is read as one gather of its tensors per batch
   (:func:`tensor_rows`): the same rows in the same order, 4x faster for
   the Tune CIFAR tutorial's batches.
@@ -363,7 +363,7 @@ class SampleLoader:
 
 
 def tensor_rows(dataset: Any) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None] | None:
-    """``((x, y), index)`` when ``dataset`` is a ``TensorDataset`` of two CPU tensors or (nested) ``Subset``\ s
+    """``((x, y), index)`` when ``dataset`` is a ``TensorDataset`` of two CPU tensors or (nested) ``Subset`` objects
     of one: example ``k`` is ``(x[index[k]], y[index[k]])`` (``index`` None: ``k`` itself); else None.
 
     Only those exact classes: a subclass may override ``__getitem__``."""

@@ -109,6 +109,15 @@ class FusedEngine:
         if (loss_fn is None) == (step_fn is None):
             raise ValueError("give the engine either loss_fn (a loss of output and target) or step_fn (a whole "
                              "training step for one model), not both")
+        if not hasattr(optimizer, "mb"):
+            from . import optim
+
+            name = type(optimizer).__name__
+            ours = name if isinstance(getattr(optim, name, None), type) else "Adam"
+            raise TypeError(
+                f"FusedEngine takes a fused optimizer built on the ModelBatch; got {type(optimizer).__module__}."
+                f"{name}. Fix: ray_modelbatch.optim.{ours}(mb, lr=...), torch's keywords, each value one number "
+                "for all slots or one per slot.")
         if optimizer.mb is not mb:
             raise ValueError("the optimizer was built for a different ModelBatch; build it with this one")
         if isinstance(step_fn, Mapping):  # one step per part of the model, each with its own optimizer

@@ -25,6 +25,9 @@ _SHAPE_RE = re.compile(r"Expected size|cannot be multiplied|size mismatch|must m
                        r"Given groups=|Expected .*dimensional input|shape .* is invalid for input")
 
 # (pattern in vmap's message, what happened, what to do)
+# torch's words for an input whose dtype is not the parameters' (Linear, conv, matmul; the direct path's kernels)
+_DTYPE_RE = re.compile(r"expected scalar type \w+ but found \w+|must have the same dtype|"
+                       r"Input type \(.*\) and (?:weight|bias) type \(.*\) should be the same")
 _KNOWN = [
     (
         ".item()",
@@ -121,6 +124,13 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
             + (f"One model's input: {batch}. " if batch else "")
             + "Fix: pass a batch shaped as one model expects ([B, ...], or [S, B, ...] with per_slot=True for one "
             "batch per slot); if one model alone fails on such a batch too, the model itself needs the fix."
+        )
+    if _DTYPE_RE.search(first):
+        return InputShapeError(
+            f"{location[0].upper()}{location[1:]} failed on its input's dtype: {first}. "
+            + (f"One model's input: {batch}. " if batch else "")
+            + "Fix: give the batch the models' parameter dtype (x.float() for float32 models; 8-bit images as "
+            "x.float() / 255), or convert the models (model.double()) before stacking them."
         )
     for needle, what, fix in _KNOWN:
         if needle in msg:

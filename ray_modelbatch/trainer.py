@@ -203,6 +203,17 @@ def _tag(key: str) -> str:
     return "train/" + key
 
 
+def _hparam_value(v: Any) -> Any:
+    """A schedule parameter as TensorBoard's HParams take it: a number, a bool or a string (milestone lists,
+    ``one_cycle``'s anneal strategy) as they read."""
+    if isinstance(v, (bool, str)):
+        return v
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return str(v)
+
+
 def flat_hparams(hp: Mapping[str, Any]) -> dict[str, Any]:
     """Optimizer hyperparameters of one slot as TensorBoard-friendly scalars (betas and schedule split)."""
     out: dict[str, Any] = {}
@@ -211,7 +222,7 @@ def flat_hparams(hp: Mapping[str, Any]) -> dict[str, Any]:
             out["beta1"], out["beta2"] = float(v[0]), float(v[1])
         elif k == "schedule":
             out["schedule"] = v.kind
-            out.update({f"schedule_{pk}": float(pv) for pk, pv in v.params.items()})
+            out.update({f"schedule_{pk}": _hparam_value(pv) for pk, pv in v.params.items()})
         elif isinstance(v, (bool, int, float, str)):
             out[k] = v
         else:
@@ -224,8 +235,10 @@ class Trainer:
 
     Args:
         engine: the :class:`FusedEngine` (ModelBatch + optimizer + loss).
-        train: a :class:`SharedStream` (every slot sees the same batch) or a
-            :class:`PerSlotStreams` (each slot its own batches).
+        train: a :class:`SharedStream` (every slot sees the same batch), a
+            :class:`PerSlotStreams` (each slot its own batches), an
+            :class:`IterableStreams` (a DataLoader or any iterable of batches)
+            or a :class:`DatasetStreams` (a map-style Dataset, sampled per slot).
         val: ``(x, y)`` shared by every slot, or ``(xs, ys, mask)`` with a
             leading slot dimension (see :func:`~ray_modelbatch.data.padded_per_slot`),
             or None.
@@ -272,7 +285,10 @@ class Trainer:
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         if not hasattr(train, "next_batch") or not hasattr(train, "per_slot"):
-            raise TypeError("train must be a SharedStream or a PerSlotStreams (anything with next_batch and per_slot)")
+            raise TypeError(
+                f"train must be a stream of batches; got {type(train).__name__}. Fix: SharedStream(x, y, batch_size) "
+                "or PerSlotStreams for tensors; IterableStreams(...) for a DataLoader or any iterable of batches; "
+                "DatasetStreams(...) for a Dataset (see ray_modelbatch.iterable_streams and dataset_streams).")
         if train.per_slot and getattr(train, "num_slots", mb.num_slots) != mb.num_slots:
             raise ValueError(f"the per-slot streams have {train.num_slots} slots, the ModelBatch {mb.num_slots}")
         if hparams is not None and len(hparams) != mb.num_slots:
@@ -303,6 +319,9 @@ class Trainer:
                     )
             elif len(self.val) != 2:
                 raise ValueError("val must be (x, y) shared by every slot or (xs, ys, mask) per slot")
+            elif all(isinstance(v, torch.Tensor) for v in self.val) and self.val[0].shape[0] != self.val[1].shape[0]:
+                raise ValueError(f"val=(x, y) has {self.val[0].shape[0]} inputs but {self.val[1].shape[0]} labels; "
+                                 "give one label row per input row")
         self.eval_every = int(eval_every)
         self.early_stopping = early_stopping
         self.eval_batch_size = eval_batch_size
@@ -466,6 +485,9 @@ class Trainer:
         Can be called again to continue; step numbers keep counting.
         """
         from tqdm.auto import tqdm
+
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"fit(steps) takes a number of steps >= 0; got {steps!r}")
 
         hist = self.history
         for s in self._active():

@@ -198,6 +198,13 @@ def test_schedule_parameters_are_checked_per_slot():
         rmb.optim.SGD(mb, schedule=schedules.one_cycle(10, anneal_strategy="exp"))
     with pytest.raises(ValueError, match="unknown schedule parameters"):
         schedules.Schedule("exponential", {"step_size": 3})
+    # a warmup longer than its schedule would drop the rate to its end value mid-warmup
+    with pytest.raises(HyperparameterError, match=r"warmup_steps \(50\) is more than total_steps \(10\) in the "
+                                                   r"schedule of slot\(s\) \[2\]"):
+        rmb.optim.SGD(mb, schedule=[schedules.warmup_cosine(100, 50), schedules.warmup_linear(5, 5),
+                                    schedules.warmup_cosine(10, 50)])
+    with pytest.raises(HyperparameterError, match=r"warmup_steps \(8\) is more than total_steps \(4, 6\)"):
+        rmb.optim.SGD(mb, schedule=schedules.warmup_linear(8, total_steps=[4, 6, 9]))
 
 
 # ---------------------------------------------------------------- plateau

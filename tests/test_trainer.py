@@ -238,6 +238,45 @@ def test_tensorboard_event_files_per_slot(digits, tmp_path):
     assert read_scalars(tmp_path / "named" / "trial_a")["m"] == [(3, 1.5)]
 
 
+@pytest.mark.parametrize("schedule", [rmb.optim.schedules.multi_step([4, 8], 0.5), rmb.optim.schedules.one_cycle(10)],
+                         ids=["multi_step", "one_cycle"])
+def test_tensorboard_hparams_of_schedules_with_lists_and_strings(digits, tmp_path, schedule):
+    """Milestone lists and anneal strategies reach TensorBoard's HParams as text, numbers as numbers."""
+    x, y = digits
+    eng = engine_for([mlp() for _ in range(2)], lr=[1e-3, 1e-2], schedule=schedule)
+    with Trainer(eng, SharedStream(x, y, 16, 0), (x[:100], y[:100]), eval_every=5, logdir=str(tmp_path),
+                 progress=False) as trainer:
+        trainer.fit(10)
+    assert "_hparams_/session_start_info" in read_scalars(tmp_path / "slot_000")
+    flat = rmb.trainer.flat_hparams(eng.optimizer.get_hparams(0))
+    params = {k: v for k, v in flat.items() if k.startswith("schedule_")}
+    assert params and all(isinstance(v, (float, bool, str)) for v in params.values()), params
+    if schedule.kind == "multi_step":
+        assert flat["schedule_milestones"] == "[4, 8]" and flat["schedule_gamma"] == 0.5
+
+
+def test_common_input_mistakes_are_named_in_one_line(digits):
+    x, y = digits
+    eng = engine_for([mlp() for _ in range(2)], lr=1e-3)
+    with pytest.raises(rmb.InputShapeError, match=r"failed on its input's dtype: .*Double.*x\.float\(\)"):
+        eng.train_step(x.double()[:16], y[:16])
+    with pytest.raises(rmb.InputShapeError, match=r"input's dtype: .*Byte.*x\.float\(\) / 255"):
+        eng.train_step(x[:16].to(torch.uint8), y[:16])
+    with pytest.raises(TypeError, match=r"got torch\.optim\.\w+\.SGD\. Fix: ray_modelbatch\.optim\.SGD\(mb"):
+        rmb.FusedEngine(eng.mb, torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), nn.functional.cross_entropy)
+    with pytest.raises(ValueError, match="has 100 inputs but 95 labels"):
+        Trainer(eng, SharedStream(x, y, 16), (x[:100], y[:95]), progress=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    with pytest.raises(TypeError, match=r"got DataLoader\. Fix: .*IterableStreams"):
+        Trainer(eng, loader, progress=False)
+    with pytest.raises(TypeError, match="batch_size must be one number for every slot of a stack"):
+        PerSlotStreams(x, y, [16, 32], seeds=[0, 1])
+    with pytest.raises(ValueError, match=r"batch_size must be a whole number >= 1, got 16\.5"):
+        SharedStream(x, y, 16.5)
+    with pytest.raises(ValueError, match=r"fit\(steps\) takes a number of steps >= 0; got -5"):
+        Trainer(eng, SharedStream(x, y, 16), progress=False).fit(-5)
+
+
 # ----------------------------------------------------------------------------------- progress
 def test_progress_bar_writes_to_a_file(digits):
     x, y = digits

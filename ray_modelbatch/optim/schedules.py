@@ -226,6 +226,29 @@ def _encode_one(schedule: Schedule, num_slots: int) -> dict[str, torch.Tensor]:
     return cols
 
 
+_WARMED = tuple(float(KINDS.index(k)) for k in ("warmup_cosine", "warmup_linear"))
+
+
+def _check_warmup(cols: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Refuse a warmup longer than its schedule: the rate would drop to its end value mid-warmup, unsaid."""
+    warmed = (cols["schedule_kind"] == _WARMED[0]) | (cols["schedule_kind"] == _WARMED[1])
+    late = (warmed & (cols["warmup_steps"] > cols["total_steps"])).nonzero().flatten().tolist()
+    if late:
+        where = f" of slot(s) {late}" if cols["schedule_kind"].numel() > 1 else ""
+        raise HyperparameterError(
+            f"warmup_steps ({_values(cols['warmup_steps'], late)}) is more than total_steps "
+            f"({_values(cols['total_steps'], late)}) in the schedule{where}, so the rate would drop to "
+            "its end value before the warmup is done; fix: total_steps >= warmup_steps (total_steps counts the "
+            "warmup).")
+    return cols
+
+
+def _values(column: torch.Tensor, slots: list[int]) -> str:
+    """The values of ``slots`` in a column, as integers where they are."""
+    vals = sorted({int(v) if float(v).is_integer() else float(v) for v in column[slots].tolist()})
+    return ", ".join(str(v) for v in vals)
+
+
 def _from_plain(schedule: Any) -> Any:
     if schedule is None:
         return constant()
@@ -242,7 +265,7 @@ def encode(schedule: Schedule | Sequence[Schedule] | None, num_slots: int) -> di
     """
     schedule = _from_plain(schedule)
     if isinstance(schedule, Schedule):
-        return _encode_one(schedule, num_slots)
+        return _check_warmup(_encode_one(schedule, num_slots))
     rows = [_from_plain(r) for r in schedule] if isinstance(schedule, (list, tuple)) else None
     if rows is None or len(rows) != num_slots or not all(isinstance(r, Schedule) for r in rows):
         got = type(schedule).__name__ if rows is None else f"a sequence of {len(rows)}"
@@ -259,7 +282,7 @@ def encode(schedule: Schedule | Sequence[Schedule] | None, num_slots: int) -> di
             f"warmup_cosine, exponential, multi_step, one_cycle, linear, warmup_linear); got {got}."
         )
     parts = [_encode_one(r, 1) for r in rows]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return _check_warmup({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
 
 
 def decode(row: dict[str, float]) -> Schedule:

@@ -18,8 +18,8 @@ one host the first result comes no sooner there, as Tune's and the trial
 server's start already fill both cores).
 
 Only plain data travels this way: tensors and NumPy arrays on the CPU inside
-tuples, lists and dicts (``data()``'s tensor forms), and ``TensorDataset``\ s
-of them or ``Subset``\ s of those (``random_split``'s, as Tune's CIFAR
+tuples, lists and dicts (``data()``'s tensor forms), and ``TensorDataset`` objects
+of them or ``Subset`` objects of those (``random_split``'s, as Tune's CIFAR
 tutorial makes its sets), up to :data:`MAX_BYTES` in all. Anything else
 (other datasets, factories, GPU tensors, a bigger set) or a ``data()`` that
 raises in the driver is declined, and every
