@@ -128,7 +128,8 @@ def main() -> None:
         engine, train, val,
         metrics=fns,
         eval_every=args.eval_every,
-        early_stopping=rmb.EarlyStopping("val_loss", mode="min", patience=args.patience, min_delta=1e-4),
+        early_stopping=rmb.EarlyStopping("val_loss", mode="min", patience=args.patience, min_delta=1e-4,
+                                          restore_best=True),  # a stopped slot keeps its best weights
         logdir=args.logdir or None,
         progress=not args.no_progress,
         hparams=hparams,

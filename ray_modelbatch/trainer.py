@@ -61,6 +61,14 @@ class EarlyStopping:
     stay exactly as they were. Each slot keeps its own best value and
     counter, because slots of a sweep learn at very different speeds.
 
+    A stopped slot keeps the weights of the step it stopped at, ``patience``
+    evaluations after its best, unless ``restore_best=True`` (Keras's
+    ``restore_best_weights``): the trainer then keeps each slot's parameters
+    and buffers at its best evaluation and puts them back when the slot
+    stops, so ``mb.slot_module(slot, ...)`` gives the model
+    ``History.best(slot)`` reports. Slots that run to the end of ``fit`` keep
+    their last weights either way.
+
     Args:
         metric: a key of the trainer's results, e.g. ``"val_loss"`` or
             ``"val_accuracy"`` (``"loss"`` is read as ``"val_loss"`` when only
@@ -68,9 +76,12 @@ class EarlyStopping:
         mode: ``"min"`` or ``"max"``.
         patience: evaluations without improvement before a slot stops (>= 1).
         min_delta: the improvement that counts as one.
+        restore_best: put a stopped slot's best weights back (one copy of each
+            slot's weights is kept).
     """
 
-    def __init__(self, metric: str, mode: str = "min", patience: int = 5, min_delta: float = 0.0):
+    def __init__(self, metric: str, mode: str = "min", patience: int = 5, min_delta: float = 0.0,
+                 restore_best: bool = False):
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if patience < 1:
@@ -81,6 +92,7 @@ class EarlyStopping:
         self.mode = mode
         self.patience = int(patience)
         self.min_delta = float(min_delta)
+        self.restore_best = bool(restore_best)
         self.best: dict[int, float] = {}
         self.best_step: dict[int, int] = {}
         self.bad_evals: dict[int, int] = {}
@@ -129,6 +141,8 @@ class History:
             (skipped, parameters untouched); slots without any are absent.
         status: per slot, one of ``STATUSES``.
         stopped_at: ``{slot: step}`` where a slot was early-stopped or diverged.
+        restored: ``{slot: step}`` for early-stopped slots whose weights were put back to those of
+            that step, their best (``EarlyStopping(restore_best=True)``).
         metric, mode: what :meth:`best` ranks by unless told otherwise.
     """
 
@@ -137,6 +151,7 @@ class History:
         self.nonfinite: dict[int, list[int]] = {}
         self.status: list[str] = ["active"] * num_slots
         self.stopped_at: dict[int, int] = {}
+        self.restored: dict[int, int] = {}
         self.metric = metric
         self.mode = mode
 
@@ -191,7 +206,7 @@ class History:
 
     def state_dict(self) -> dict[str, Any]:
         return {"results": self.results, "nonfinite": self.nonfinite, "status": self.status,
-                "stopped_at": self.stopped_at, "metric": self.metric, "mode": self.mode}
+                "stopped_at": self.stopped_at, "restored": self.restored, "metric": self.metric, "mode": self.mode}
 
 
 def _tag(key: str) -> str:
@@ -339,6 +354,7 @@ class Trainer:
         self.history.status = ["active" if i in active else "inactive" for i in range(s)]
         self.step_count = 0
         self._consecutive_bad = [0] * s
+        self._best_weights: dict[int, dict[str, torch.Tensor]] = {}  # EarlyStopping(restore_best=True)'s copies
         # The group steps the slots (splitting a fused step that runs out of device memory) and keeps
         # the per-slot sums a result is made of; the trainer decides which slots step and when to report.
         self.group = SlotGroup.around(engine, train, steps_per_report=self.eval_every)
@@ -467,10 +483,27 @@ class Trainer:
                     key = self._resolve_es_key(result)
                     if self.early_stopping.update(s, result[key], step):
                         stopped.append(s)
+                    elif self.early_stopping.restore_best and self.early_stopping.best_step.get(s) == step:
+                        self._best_weights[s] = self._weights(s)
                 self._track_best(result)
         self._stop(diverged, "diverged")
+        for s in stopped:
+            best = self._best_weights.pop(s, None)
+            if best is not None:
+                self._put_weights(s, best)
+                self.history.restored[s] = self.early_stopping.best_step.get(s)
         self._stop(stopped, "early_stopped")
         return recorded
+
+    def _weights(self, slot: int) -> dict[str, torch.Tensor]:
+        """A copy of ``slot``'s parameters and buffers (its rows of the stacked tensors)."""
+        return {k: t[slot].detach().clone() for k, t in {**self.mb.params, **self.mb.buffers}.items()}
+
+    def _put_weights(self, slot: int, weights: Mapping[str, torch.Tensor]) -> None:
+        tensors = {**self.mb.params, **self.mb.buffers}
+        with torch.no_grad():
+            for k, v in weights.items():
+                tensors[k][slot].copy_(v)
 
     def _track_best(self, result: Mapping[str, Any]) -> None:
         key = self.history.metric or ("val_loss" if "val_loss" in result else "train_loss")

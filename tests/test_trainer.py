@@ -111,6 +111,25 @@ def test_early_stopping_stops_a_slot_that_cannot_improve_and_freezes_it(digits):
     assert hist.best(0)["val_loss"] == min(r["val_loss"] for r in hist.results[0])
 
 
+@pytest.mark.parametrize("restore_best", [False, True])
+def test_early_stopping_can_put_a_stopped_slots_best_weights_back(digits, restore_best):
+    x, y = digits
+    eng = engine_for([mlp() for _ in range(4)], lr=[3e-2, 1e-1, 5e-2, 2e-1])
+    es = EarlyStopping("val_loss", patience=1, restore_best=restore_best)  # the first eval that is no better stops
+    trainer = Trainer(eng, SharedStream(x[:1400], y[:1400], 32, seed=0), (x[1400:1460], y[1400:1460]),
+                      eval_every=2, early_stopping=es, progress=False)
+    hist = trainer.fit(60)
+    stopped = [s for s in range(4) if hist.status[s] == "early_stopped"]
+    assert stopped, hist.status
+    now = trainer.evaluate(stopped)  # the weights each stopped slot holds now
+    for s in stopped:
+        best, final = hist.best(s), hist.final(s)
+        assert best["step"] < final["step"] == hist.stopped_at[s]
+        held = final if not restore_best else best
+        assert now[s]["val_loss"] == held["val_loss"], (s, now[s], best, final)
+    assert hist.restored == ({s: hist.best(s)["step"] for s in stopped} if restore_best else {})
+
+
 # ------------------------------------------------------------------------------- divergence
 def _diverge_run(x, y, lrs, steps=30):
     torch.manual_seed(0)
