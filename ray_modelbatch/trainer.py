@@ -31,6 +31,7 @@ import torch
 from . import inputs
 from .data import PerSlotStreams, SharedStream
 from .engine import FusedEngine, MetricFn
+from .errors import IncompatibleModelsError
 from .slot_group import SlotGroup
 from .slot_results import iteration_result
 from .tensorboard import SlotWriter
@@ -207,6 +208,17 @@ class History:
     def state_dict(self) -> dict[str, Any]:
         return {"results": self.results, "nonfinite": self.nonfinite, "status": self.status,
                 "stopped_at": self.stopped_at, "restored": self.restored, "metric": self.metric, "mode": self.mode}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (a copy: later results do not change ``state``)."""
+        if len(state["results"]) != self.num_slots:
+            raise ValueError(f"this History state has {len(state['results'])} slots; this History {self.num_slots}")
+        self.results = [[dict(r) for r in rs] for rs in state["results"]]
+        self.nonfinite = {int(k): list(v) for k, v in state["nonfinite"].items()}
+        self.status = list(state["status"])
+        self.stopped_at = {int(k): int(v) for k, v in state["stopped_at"].items()}
+        self.restored = {int(k): int(v) for k, v in state.get("restored", {}).items()}
+        self.metric, self.mode = state["metric"], state["mode"]
 
 
 def _tag(key: str) -> str:
@@ -566,6 +578,86 @@ class Trainer:
             if best is not None and key:
                 mets[f"hparam/best_{key}"] = best[key]
             self.writer.log_hparams(s, hp, mets)
+
+    # ------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`fit` needs to go on exactly where it stopped, as plain tensors and types.
+
+        The slots' weights, buffers and dropout generators, which slots are
+        active, the optimizer (moments, step counts, hyperparameters), the loss
+        scaler, the training stream's position, early stopping, the history and
+        the step count: ``torch.save`` it, and a new Trainer over models of
+        the same architecture continues bit for bit after
+        :meth:`load_state_dict` (on the CPU). Take it between :meth:`fit`
+        calls: each ends with an evaluation, so no step's sums are pending.
+        """
+        if any(self.group.meter.steps):
+            raise RuntimeError("Trainer.state_dict() is taken between fit() calls: steps since the last evaluation "
+                               "have sums not yet recorded (after run_step(), call run_step(evaluate=True) first)")
+        mb, eng, es = self.mb, self.engine, self.early_stopping
+        if hasattr(self.train, "state_dict"):
+            stream = {"all": self.train.state_dict()}
+        elif self.train.per_slot and hasattr(self.train, "slot_state"):
+            stream = {"slots": [self.train.slot_state(i) for i in range(mb.num_slots)]}
+        else:
+            raise TypeError(f"the training stream ({type(self.train).__name__}) cannot save its position, so the "
+                            "trainer cannot be resumed; use SharedStream, PerSlotStreams or DatasetStreams")
+        return {
+            "format": 1,
+            "tensors": {k: t.detach().clone() for k, t in {**mb.params, **mb.buffers}.items()},
+            "random": mb.random.states.clone(),
+            "active": mb.active.clone(),
+            "optimizer": eng.optimizer.state_dict(),
+            "scaler": None if eng.scaler is None else [eng.scaler.slot_state(i) for i in range(mb.num_slots)],
+            "stream": stream,
+            "early_stopping": None if es is None else es.state_dict(),
+            "history": self.history.state_dict(),
+            "step_count": self.step_count,
+            "consecutive_bad": list(self._consecutive_bad),
+            "best_weights": {s: {k: v.clone() for k, v in w.items()} for s, w in self._best_weights.items()},
+            "best_any": self._best_any,
+            "es_key": self._es_key,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: this Trainer's models must have the same architecture, its
+        optimizer the same class, its stream the same kind (see :meth:`state_dict`)."""
+        mb, eng, es = self.mb, self.engine, self.early_stopping
+        if state.get("format") != 1:
+            raise ValueError("not a Trainer.state_dict(): load what Trainer.state_dict() returned")
+        tensors = {**mb.params, **mb.buffers}
+        wrong = sorted(k for k, v in state["tensors"].items() if k not in tensors or tensors[k].shape != v.shape)
+        if wrong or set(tensors) != set(state["tensors"]):
+            raise IncompatibleModelsError(
+                f"this Trainer's models do not fit the saved state ({wrong[:3] or sorted(set(tensors) ^ set(state['tensors']))[:3]}"
+                "): resume with the same model architecture and number of slots")
+        if (es is None) != (state["early_stopping"] is None):
+            raise ValueError("the saved trainer " + ("had" if es is None else "had no") + " early stopping; "
+                             "resume with the same early_stopping setting")
+        eng.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            for k, v in state["tensors"].items():
+                tensors[k].copy_(v)
+            mb.random.states.copy_(state["random"])
+        active = state["active"].tolist()
+        mb.activate([i for i, a in enumerate(active) if a])
+        mb.deactivate([i for i, a in enumerate(active) if not a])
+        if eng.scaler is not None and state["scaler"] is not None:
+            for i, st in enumerate(state["scaler"]):
+                eng.scaler.load_slot_state(i, st)
+        if "all" in state["stream"]:
+            self.train.load_state_dict(state["stream"]["all"])
+        else:
+            for i, st in enumerate(state["stream"]["slots"]):
+                if st is not None:
+                    self.train.load_slot_state(i, st)
+        if es is not None:
+            es.load_state_dict(state["early_stopping"])
+        self.history.load_state_dict(state["history"])
+        self.step_count = int(state["step_count"])
+        self._consecutive_bad = list(state["consecutive_bad"])
+        self._best_weights = {int(s): dict(w) for s, w in state["best_weights"].items()}
+        self._best_any, self._es_key = state["best_any"], state["es_key"]
 
     def close(self) -> None:
         """Close the TensorBoard writers."""

@@ -12,6 +12,7 @@ from torch import nn
 import ray_modelbatch as rmb
 from ray_modelbatch import metrics
 from ray_modelbatch.data import PerSlotStreams, SharedStream, SlotSampler, bootstrap, kfold, padded_per_slot, shards
+from ray_modelbatch.errors import IncompatibleModelsError
 from ray_modelbatch.trainer import EarlyStopping, History, Trainer
 
 
@@ -128,6 +129,43 @@ def test_early_stopping_can_put_a_stopped_slots_best_weights_back(digits, restor
         held = final if not restore_best else best
         assert now[s]["val_loss"] == held["val_loss"], (s, now[s], best, final)
     assert hist.restored == ({s: hist.best(s)["step"] for s in stopped} if restore_best else {})
+
+
+@pytest.mark.parametrize("per_slot", [False, True], ids=["shared stream", "per-slot streams"])
+def test_a_trainer_resumed_from_its_state_dict_goes_on_bit_for_bit(digits, per_slot):
+    """Interrupted after a fit() and resumed in a new Trainer (new models, a saved and reloaded state), the sweep
+    ends exactly as the uninterrupted one: weights, dropout draws, moments, stream, early stopping, history."""
+    x, y = digits
+    tr_x, tr_y, va = x[:1400], y[:1400], (x[1400:1500], y[1400:1500])
+
+    def trainer(seed):
+        torch.manual_seed(seed)
+        models = [nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 10)) for _ in range(3)]
+        eng = engine_for(models, opt_cls=rmb.optim.AdamW, lr=[3e-2, 1e-2, 2e-1],
+                         schedule=rmb.optim.schedules.warmup_cosine(60, 6))
+        train = (PerSlotStreams(tr_x, tr_y, 16, seeds=[0, 1, 2]) if per_slot else SharedStream(tr_x, tr_y, 16, seed=3))
+        return Trainer(eng, train, va, eval_every=4, progress=False,
+                       early_stopping=EarlyStopping("val_loss", patience=2, restore_best=True))
+
+    whole = trainer(0)
+    whole.fit(24)
+    saved = io.BytesIO()
+    torch.save(whole.state_dict(), saved)
+    whole.fit(36)
+
+    resumed = trainer(1)  # other initial weights: everything must come from the state
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    resumed.fit(36)
+    a, b = snapshot(whole.engine), snapshot(resumed.engine)
+    assert rows_equal(a, b, [0, 1, 2])
+    assert whole.history.state_dict() == resumed.history.state_dict()
+    assert whole.step_count == resumed.step_count == 60
+    assert "early_stopped" in whole.history.status  # early stopping and its restore took part
+    with pytest.raises(IncompatibleModelsError, match="same model architecture"):
+        other = Trainer(engine_for([mlp() for _ in range(3)]), SharedStream(tr_x, tr_y, 16), progress=False)
+        saved.seek(0)
+        other.load_state_dict(torch.load(saved, weights_only=True))
 
 
 # ------------------------------------------------------------------------------- divergence
