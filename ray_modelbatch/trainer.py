@@ -27,6 +27,7 @@ import sys
 from typing import IO, Any, Mapping, Sequence, Union
 
 import torch
+from torch import nn
 
 from . import inputs
 from .data import PerSlotStreams, SharedStream
@@ -144,6 +145,9 @@ class History:
         stopped_at: ``{slot: step}`` where a slot was early-stopped or diverged.
         restored: ``{slot: step}`` for early-stopped slots whose weights were put back to those of
             that step, their best (``EarlyStopping(restore_best=True)``).
+        replaced: ``{slot: [earlier models' results, ...]}``: the results a slot recorded before
+            :meth:`Trainer.replace_slot` gave it a new model, oldest first (``results`` holds the
+            current model's only).
         metric, mode: what :meth:`best` ranks by unless told otherwise.
     """
 
@@ -153,6 +157,7 @@ class History:
         self.status: list[str] = ["active"] * num_slots
         self.stopped_at: dict[int, int] = {}
         self.restored: dict[int, int] = {}
+        self.replaced: dict[int, list[list[dict[str, Any]]]] = {}
         self.metric = metric
         self.mode = mode
 
@@ -207,7 +212,8 @@ class History:
 
     def state_dict(self) -> dict[str, Any]:
         return {"results": self.results, "nonfinite": self.nonfinite, "status": self.status,
-                "stopped_at": self.stopped_at, "restored": self.restored, "metric": self.metric, "mode": self.mode}
+                "stopped_at": self.stopped_at, "restored": self.restored, "replaced": self.replaced,
+                "metric": self.metric, "mode": self.mode}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (a copy: later results do not change ``state``)."""
@@ -218,6 +224,7 @@ class History:
         self.status = list(state["status"])
         self.stopped_at = {int(k): int(v) for k, v in state["stopped_at"].items()}
         self.restored = {int(k): int(v) for k, v in state.get("restored", {}).items()}
+        self.replaced = {int(k): [[dict(r) for r in rs] for rs in v] for k, v in state.get("replaced", {}).items()}
         self.metric, self.mode = state["metric"], state["mode"]
 
 
@@ -578,6 +585,41 @@ class Trainer:
             if best is not None and key:
                 mets[f"hparam/best_{key}"] = best[key]
             self.writer.log_hparams(s, hp, mets)
+
+    # ------------------------------------------------------------ replace
+    def replace_slot(self, slot: int, model: nn.Module, hparams: Mapping[str, Any] | None = None,
+                     name: str | None = None) -> None:
+        """Train a new model in ``slot`` from the next step on, as a fresh start of its own.
+
+        The slot gets ``model``'s weights and fresh optimizer state (with
+        ``hparams``, the optimizer's keywords, for this slot), and is active
+        again. Its record starts over: the old model's results move to
+        ``history.replaced[slot]``, so ``history.best(slot)`` and early
+        stopping judge the new model alone, and its TensorBoard curves go to
+        a new run (``name``, default ``<old run>_r<k>``).
+        """
+        slot = int(slot)
+        mb, hist = self.mb, self.history
+        mb.reset_slot(slot, model)
+        if hparams:
+            self.engine.optimizer.set_hparams(slot, **hparams)
+        if self.hparams is not None:  # the user's HParams of the old model: the optimizer's, for the new one
+            self.hparams = [*self.hparams[:slot], flat_hparams(self.engine.optimizer.get_hparams(slot)),
+                            *self.hparams[slot + 1:]]
+        self.group.meter.take([slot])  # the old model's pending sums
+        if self.early_stopping is not None:
+            self.early_stopping.reset_slot(slot)
+        hist.replaced.setdefault(slot, []).append(hist.results[slot])
+        hist.results[slot] = []
+        for d in (hist.stopped_at, hist.restored, hist.nonfinite):
+            d.pop(slot, None)
+        hist.status[slot] = "active"
+        self._consecutive_bad[slot] = 0
+        self._best_weights.pop(slot, None)
+        if self.writer is not None:
+            self.writer.reset_slot(slot, name or f"{self.writer.run_name(slot)}_r{len(hist.replaced[slot])}")
+        self._hparams_logged_at.pop(slot, None)
+        mb.activate([slot])
 
     # ------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

@@ -168,6 +168,41 @@ def test_a_trainer_resumed_from_its_state_dict_goes_on_bit_for_bit(digits, per_s
         other.load_state_dict(torch.load(saved, weights_only=True))
 
 
+def test_a_replaced_slot_trains_its_new_model_as_alone_with_a_record_of_its_own(digits, tmp_path):
+    x, y = digits
+    tr_x, tr_y, va = x[:1400], y[:1400], (x[1400:1500], y[1400:1500])
+    torch.manual_seed(0)
+    eng = engine_for([mlp() for _ in range(3)], opt_cls=rmb.optim.AdamW, lr=1e-2)
+    es = EarlyStopping("val_loss", patience=50)
+    trainer = Trainer(eng, SharedStream(tr_x, tr_y, 16, seed=4), va, eval_every=5, early_stopping=es,
+                      logdir=str(tmp_path), progress=False)
+    trainer.fit(10)
+    old_results = list(trainer.history.results[1])
+    new = mlp()
+    alone = copy.deepcopy(new)
+    trainer.replace_slot(1, new, hparams={"lr": 3e-3})
+    trainer.fit(15)
+
+    twin = SharedStream(tr_x, tr_y, 16, seed=4)  # the batches the stack saw, for the model alone
+    for _ in range(10):
+        twin.next_batch()
+    ref = torch.optim.AdamW(alone.parameters(), lr=3e-3)
+    for _ in range(15):
+        xb, yb = twin.next_batch()
+        ref.zero_grad()
+        nn.functional.cross_entropy(alone(xb), yb).backward()
+        ref.step()
+    for k, v in alone.state_dict().items():
+        torch.testing.assert_close(eng.mb.slot_state(1)[k], v, rtol=1e-5, atol=1e-6)
+    hist = trainer.history
+    assert hist.replaced == {1: [old_results]} and [r["step"] for r in hist.results[1]] == [15, 20, 25]
+    assert hist.results[1][0]["slot_steps"] == 5  # fresh optimizer state
+    assert [r["step"] for r in hist.results[0]] == [5, 10, 15, 20, 25]
+    assert es.best_step[1] >= 15  # early stopping judged the new model alone
+    trainer.close()
+    assert sorted(os.listdir(tmp_path)) == ["slot_000", "slot_001", "slot_001_r1", "slot_002"]
+
+
 # ------------------------------------------------------------------------------- divergence
 def _diverge_run(x, y, lrs, steps=30):
     torch.manual_seed(0)
