@@ -236,9 +236,11 @@ class SharedStream:
         return tuple(inputs.apply(lambda t: t.index_select(0, b), v) for v in (self.x, self.y))
 
     def state_dict(self) -> dict[str, Any]:
+        """The stream's position: its sampler's order and place in the epoch."""
         return {"sampler": self.sampler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from a :meth:`state_dict` position."""
         self.sampler.load_state_dict(state["sampler"])
 
 

@@ -366,6 +366,7 @@ class ModelBatch:
 
     @property
     def num_slots(self) -> int:
+        """How many slots the stack has (active or not)."""
         return int(self.active.shape[0])
 
     def parameters(self) -> list[torch.Tensor]:
@@ -374,6 +375,7 @@ class ModelBatch:
         return StackedParameters(p for n, p in self.params.items() if n in self._trainable)
 
     def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """``(name, stacked [S, ...] parameter)`` of the trainable parameters, as one model names them."""
         return ((n, p) for n, p in self.params.items() if n in self._trainable)
 
     def sync_grads(self) -> None:
@@ -419,6 +421,7 @@ class ModelBatch:
 
     # ------------------------------------------------------------ train / eval
     def train(self, mode: bool = True) -> "ModelBatch":
+        """Training mode for every slot's modules (dropout, BatchNorm statistics), as ``nn.Module.train``."""
         self.training = mode
         if mode is not self._applied_mode:  # every training step calls this; walking the modules costs ~20 us
             modules = self._plain_modes()
@@ -439,6 +442,7 @@ class ModelBatch:
         return self._mode_modules
 
     def eval(self) -> "ModelBatch":
+        """Evaluation mode for every slot's modules, as ``nn.Module.eval``."""
         return self.train(False)
 
     # ------------------------------------------------------------- active mask
@@ -459,9 +463,11 @@ class ModelBatch:
         self._refresh_active()
 
     def activate(self, slots: Slots) -> None:
+        """Let ``slots`` train again (their weights and optimizer state as they were left)."""
         self.set_active(slots, True)
 
     def deactivate(self, slots: Slots) -> None:
+        """Freeze ``slots``: fused steps leave their weights and optimizer state exactly as they are."""
         self.set_active(slots, False)
 
     def _cpu_index(self, slots: Slots) -> torch.Tensor:

@@ -120,9 +120,11 @@ class EarlyStopping:
             d.pop(int(slot), None)
 
     def state_dict(self) -> dict[str, Any]:
+        """Each slot's best value, its step and its evaluations without improvement (plain types)."""
         return {"best": dict(self.best), "best_step": dict(self.best_step), "bad_evals": dict(self.bad_evals)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self.best = {int(k): float(v) for k, v in state["best"].items()}
         self.best_step = {int(k): int(v) for k, v in state.get("best_step", {}).items()}
         self.bad_evals = {int(k): int(v) for k, v in state["bad_evals"].items()}
@@ -211,6 +213,7 @@ class History:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything recorded, as plain types (the lists themselves, not copies)."""
         return {"results": self.results, "nonfinite": self.nonfinite, "status": self.status,
                 "stopped_at": self.stopped_at, "restored": self.restored, "replaced": self.replaced,
                 "metric": self.metric, "mode": self.mode}
