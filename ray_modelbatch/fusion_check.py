@@ -119,19 +119,14 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
     location = _describe(root, where) if where else (outside or f"the forward of {type(root).__name__}")
     inside = "inside the step" if where is None and outside else "inside forward"
     if _SHAPE_RE.search(msg):
-        return InputShapeError(
-            f"{location[0].upper()}{location[1:]} failed on its input: {first}{counted}. "
-            + (f"One model's input: {batch}. " if batch else "")
-            + "Fix: pass a batch shaped as one model expects ([B, ...], or [S, B, ...] with per_slot=True for one "
-            "batch per slot); if one model alone fails on such a batch too, the model itself needs the fix."
-        )
+        return _input_error(location, "its input", f"{first}{counted}", batch,
+                            "pass a batch shaped as one model expects ([B, ...], or [S, B, ...] with per_slot=True "
+                            "for one batch per slot); if one model alone fails on such a batch too, the model "
+                            "itself needs the fix")
     if _DTYPE_RE.search(first):
-        return InputShapeError(
-            f"{location[0].upper()}{location[1:]} failed on its input's dtype: {first}. "
-            + (f"One model's input: {batch}. " if batch else "")
-            + "Fix: give the batch the models' parameter dtype (x.float() for float32 models; 8-bit images as "
-            "x.float() / 255), or convert the models (model.double()) before stacking them."
-        )
+        return _input_error(location, "its input's dtype", first, batch,
+                            "give the batch the models' parameter dtype (x.float() for float32 models; 8-bit images "
+                            "as x.float() / 255), or convert the models (model.double()) before stacking them")
     for needle, what, fix in _KNOWN:
         if needle in msg:
             return FusionError(
@@ -156,6 +151,12 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
         "buffers and inputs (no Python side effects, no reading tensor values in Python); otherwise fix the "
         "model itself. The original exception is chained below."
     )
+
+
+def _input_error(location: str, what: str, said: str, batch: str | None, fix: str) -> InputShapeError:
+    """One line for a batch the model cannot take: where, torch's words, one model's input, the fix."""
+    return InputShapeError(f"{location[0].upper()}{location[1:]} failed on {what}: {said}. "
+                           + (f"One model's input: {batch}. " if batch else "") + f"Fix: {fix}.")
 
 
 _LIBRARIES = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
