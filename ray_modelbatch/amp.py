@@ -118,9 +118,11 @@ class SlotGradScaler:
         return {"scaler.scales": self.scales, "scaler.growth_tracker": self.growth_tracker}
 
     def slot_state(self, i: int) -> dict[str, Any]:
+        """Slot ``i``'s loss scale and growth counter (for its checkpoint)."""
         return {"scale": float(self.scales[i]), "growth_tracker": int(self.growth_tracker[i])}
 
     def load_slot_state(self, i: int, state: dict[str, Any]) -> None:
+        """Restore what :meth:`slot_state` returned into slot ``i``."""
         self.scales[i] = state["scale"]
         self.growth_tracker[i] = state["growth_tracker"]
 

@@ -309,10 +309,12 @@ class PerSlotStreams(SlotStreamsState):
 
     @property
     def device(self) -> torch.device:
+        """Where the streams' batches are made."""
         return self._device
 
     @property
     def num_slots(self) -> int:
+        """How many slots have a stream place (some may have no stream yet)."""
         return len(self.samplers)
 
     def _make(self, seed: int, indices: torch.Tensor | None) -> SlotSampler:
@@ -369,6 +371,7 @@ class PerSlotStreams(SlotStreamsState):
         return None if s is None else s.capture()
 
     def restore_slot(self, i: int, captured: Any) -> None:
+        """Put slot ``i``'s stream back where :meth:`capture_slot` found it."""
         sampler = self.samplers[i]
         if sampler is not None and captured is not None:
             sampler.restore(captured)
@@ -390,6 +393,7 @@ class PerSlotStreams(SlotStreamsState):
         return None if s is None else s.state_dict()
 
     def load_slot_state(self, i: int, state: dict[str, Any]) -> None:
+        """Go on from a :meth:`slot_state` position in slot ``i``'s stream (it must have one: :meth:`reset_slot`)."""
         sampler = self.samplers[i]
         if sampler is None:
             raise RuntimeError(f"slot {i} has no data stream; call reset_slot first, then load its state")
