@@ -48,13 +48,15 @@ class _Attention(nn.Module):
 
 
 # (model, input shape, how close each slot stays to its model alone under torch.autocast, relative): Linear
-# layers cast as torch's autocast casts them, so an MLP agrees to fp32 rounding. The other kernels round their
-# bf16 intermediates in other places than torch's (after 5 steps: BatchNorm up to 8e-5 with other data; LayerNorm
-# 3e-3, the LSTM 1e-3, attention 8e-3), so those agree to bf16 rounding. torch is not the exact one: its CPU
-# LayerNorm sums the weight and bias gradients of bf16 input to bf16 precision (3e-3 from the exact sums in a
-# [16, 16] test), the fused LayerNorm in fp32.
+# layers cast as torch's autocast casts them, so an MLP agreed to 9e-8 on the AMD EPYC of session 50 (a CPU with
+# other bf16 GEMM kernels for bmm than for addmm may round an element one bf16 step apart: hence 1e-3, which
+# still fails a fused step that skips autocast, 8e-3 off). The other kernels round their bf16 intermediates in
+# other places than torch's (after 5 steps: BatchNorm up to 8e-5 with other data; LayerNorm 3e-3, the LSTM 1e-3,
+# attention 8e-3), so those agree to bf16 rounding. torch is not the exact one: its CPU LayerNorm sums the weight
+# and bias gradients of bf16 input to bf16 precision (3e-3 from the exact sums in a [16, 16] test), the fused
+# LayerNorm in fp32.
 _BF16_CASES = {
-    "mlp": (lambda: nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)), (16, 10), 1e-5),
+    "mlp": (lambda: nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)), (16, 10), 1e-3),
     "cnn_bn": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
                                      nn.Flatten(), nn.Linear(36, 3)), (8, 3, 9, 9), 1e-3),
     "layer_norm": (lambda: nn.Sequential(nn.Linear(10, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3)), (16, 10),
