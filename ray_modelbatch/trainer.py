@@ -29,12 +29,13 @@ from typing import IO, Any, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from . import inputs
+from . import checkpoint, inputs
 from .data import PerSlotStreams, SharedStream
 from .engine import FusedEngine, MetricFn
 from .errors import IncompatibleModelsError
 from .slot_group import SlotGroup
 from .slot_results import iteration_result
+from .slot_state import collect_tensors
 from .tensorboard import SlotWriter
 
 __all__ = ["EarlyStopping", "History", "Trainer", "STATUSES"]
@@ -649,11 +650,12 @@ class Trainer:
                             "trainer cannot be resumed; use SharedStream, PerSlotStreams or DatasetStreams")
         return {
             "format": 1,
-            "tensors": {k: t.detach().clone() for k, t in {**mb.params, **mb.buffers}.items()},
-            "random": mb.random.states.clone(),
+            # every per-slot tensor of the stack and the scaler (slot_state's protocol: weights, buffers,
+            # dropout generators, loss scales); the optimizer's own state_dict adds its hyperparameters
+            "signature": mb.slot_signature(0),  # every slot's model: what decides whether the state fits
+            "tensors": {k: t.detach().clone() for k, t in collect_tensors([mb, eng.scaler]).items()},
             "active": mb.active.clone(),
             "optimizer": eng.optimizer.state_dict(),
-            "scaler": None if eng.scaler is None else [eng.scaler.slot_state(i) for i in range(mb.num_slots)],
             "stream": stream,
             "early_stopping": None if es is None else es.state_dict(),
             "history": self.history.state_dict(),
@@ -670,26 +672,23 @@ class Trainer:
         mb, eng, es = self.mb, self.engine, self.early_stopping
         if state.get("format") != 1:
             raise ValueError("not a Trainer.state_dict(): load what Trainer.state_dict() returned")
-        tensors = {**mb.params, **mb.buffers}
-        wrong = sorted(k for k, v in state["tensors"].items() if k not in tensors or tensors[k].shape != v.shape)
-        if wrong or set(tensors) != set(state["tensors"]):
-            raise IncompatibleModelsError(
-                f"this Trainer's models do not fit the saved state ({wrong[:3] or sorted(set(tensors) ^ set(state['tensors']))[:3]}"
-                "): resume with the same model architecture and number of slots")
+        checkpoint.check_fits(state, mb.slot_signature(0))
+        tensors = collect_tensors([mb, eng.scaler])
+        saved = state["tensors"]
+        wrong = sorted(set(tensors) ^ set(saved)) or sorted(k for k in saved if tensors[k].shape != saved[k].shape)
+        if wrong:
+            raise IncompatibleModelsError(f"this Trainer's stack does not fit the saved state ({wrong[:3]}): resume "
+                                          "with the same number of slots and the same loss scaling")
         if (es is None) != (state["early_stopping"] is None):
             raise ValueError("the saved trainer " + ("had" if es is None else "had no") + " early stopping; "
                              "resume with the same early_stopping setting")
         eng.optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
-            for k, v in state["tensors"].items():
+            for k, v in saved.items():
                 tensors[k].copy_(v)
-            mb.random.states.copy_(state["random"])
         active = state["active"].tolist()
         mb.activate([i for i, a in enumerate(active) if a])
         mb.deactivate([i for i, a in enumerate(active) if not a])
-        if eng.scaler is not None and state["scaler"] is not None:
-            for i, st in enumerate(state["scaler"]):
-                eng.scaler.load_slot_state(i, st)
         if "all" in state["stream"]:
             self.train.load_state_dict(state["stream"]["all"])
         else:
