@@ -600,7 +600,9 @@ class Trainer:
         again. Its record starts over: the old model's results move to
         ``history.replaced[slot]``, so ``history.best(slot)`` and early
         stopping judge the new model alone, and its TensorBoard curves go to
-        a new run (``name``, default ``<old run>_r<k>``).
+        a new run (``name``, default ``<old run>_r<k>``). Its batches go on
+        where the slot's stream was (a per-slot stream gets a seed of its own
+        with ``train.reset_slot(slot, seed)``).
         """
         slot = int(slot)
         mb, hist = self.mb, self.history
