@@ -557,3 +557,42 @@ def test_max_concurrent_starts_ray_when_it_is_not_running():
                "assert ray.is_initialized() and n == 3, n\n"
                "ray.shutdown()\n")
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_a_misspelled_metric_is_named_in_one_line_with_what_the_trials_report(trainables, tmp_path):
+    """TuneConfig(metric="val_los"): Tune's own error tells the user to fix their tune.report() calls (a
+    batched trial has none) and prints the whole result; ours names the metric, the metrics the trials
+    report and the closest one."""
+    T = trainables(slots_per_host=2)
+    with pytest.raises(Exception) as err:  # Tune wraps it in a TuneError holding the traceback: its last line
+        h.fit(T, {"lr": tune.grid_search([0.1, 0.2])}, tmp_path, metric="val_los", scheduler=FIFOScheduler(),
+              run_kw={"stop": {"training_iteration": 2}})
+    last = str(err.value).strip().splitlines()[-1]
+    assert last.startswith("ValueError: ray_modelbatch: "), last
+    text = last
+    assert "`tune.TuneConfig()` expects the metric `val_los`" in text and "Did you mean `val_loss`?" in text, text
+    assert "train_loss" in text and "tune.report" not in text and "config/" not in text, text
+
+
+def test_a_model_module_only_the_driver_can_import_is_named_with_the_fix(trainables, tmp_path):
+    """A factory from a module the driver found on a path of its own (``sys.path.insert`` after Ray
+    started): the slot host cannot unpickle it, and the trials fail in one line that names the module
+    and how to ship it, not only "define them at the top level"."""
+    folder = tmp_path / "driver_only"
+    folder.mkdir()
+    (folder / "driver_only_models.py").write_text(
+        "def make_model(config):\n    from tune_helpers import make_model\n\n    return make_model(config)\n")
+    sys.path.insert(0, str(folder))
+    try:
+        import driver_only_models
+
+        T = trainables(slots_per_host=2, model=driver_only_models.make_model)
+        grid, _ = h.fit(T, {"lr": tune.grid_search([0.1, 0.2])}, tmp_path, scheduler=FIFOScheduler(),
+                        run_kw={"stop": {"training_iteration": 1}})
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("driver_only_models", None)
+    errs = h.errors(grid)
+    assert errs, "the host imported a module that only the driver's sys.path holds"
+    text = str(errs[0])
+    assert "No module named 'driver_only_models'" in text and "runtime_env={'py_modules': [driver_only_models]}" in text, text

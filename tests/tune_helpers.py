@@ -169,7 +169,7 @@ def make_trainable(*, optimizer: str = "adam", slots_per_host: int = 4, steps_pe
 
     opt = {"adam": ray_modelbatch.optim.Adam, "sgd": ray_modelbatch.optim.SGD}[optimizer]
     return batched_trainable(
-        model=make_model,
+        model=kw.pop("model", make_model),
         optimizer=opt,
         hparams=hparams,
         loss=kw.pop("loss", F.cross_entropy),

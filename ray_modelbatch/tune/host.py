@@ -150,10 +150,15 @@ class SlotHost:
             self.spec = cloudpickle.loads(spec_bytes)
         except Exception as exc:  # noqa: BLE001 - e.g. a function the host's process cannot import
             self.spec = None
+            if isinstance(exc, ModuleNotFoundError):  # the driver found it on a path of its own (sys.path.insert)
+                fix = (f"Ray's workers cannot import {exc.name!r}: ship it with ray.init(runtime_env={{'py_modules': "
+                       f"[{exc.name}]}}) or runtime_env={{'working_dir': <its folder>}}, or install it.")
+            else:
+                fix = ("Define them at the top level of your script or in an importable module (a "
+                       "functools.lru_cache-wrapped function in the script cannot be sent: cache in a global dict "
+                       "instead).")
             self.start_error = (f"the trainable's functions could not be loaded in the slot host's process "
-                                f"({type(exc).__name__}: {exc}). Define them at the top level of your script or in "
-                                "an importable module (a functools.lru_cache-wrapped function in the script cannot "
-                                "be sent: cache in a global dict instead).")
+                                f"({type(exc).__name__}: {exc}). {fix}")
         self.device = _pick_device(self.spec.device if self.spec is not None else "cpu")
         if self.device.type == "cpu" and big_tensor_policy().startswith("none"):  # neither huge pages nor one arena
             logger.info("host %s: big tensors of the engine thread: %s", name, big_tensor_policy())

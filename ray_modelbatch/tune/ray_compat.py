@@ -8,15 +8,30 @@ breaks something, this file is the place to look. Imports no torch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
 TESTED_RAY = "2.60"  # the Ray version these workarounds were written against and tested with
+
+_installed: set[str] = set()  # the workarounds installed in this process, by name
+
+
+def _install_once(install: Callable[[], bool | None]) -> Callable[[], None]:
+    """Run a workaround's installer once per process; one that returns False (its Ray internals are not there,
+    another Ray) is tried again at the next call, and never half-installed."""
+
+    @functools.wraps(install)
+    def run() -> None:
+        if install.__name__ not in _installed and install() is not False:
+            _installed.add(install.__name__)
+
+    return run
 
 
 def available_resources_per_node() -> dict[str, dict[str, float]] | None:
@@ -78,14 +93,14 @@ def taken_checkpoint_index(fs: Any, trial_fs_path: str) -> int | None:
     return max(taken) if taken else None
 
 
-_kept_installed = False
 _managers: weakref.WeakSet = weakref.WeakSet()  # every Tune checkpoint manager of this (driver) process
 _pbt_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PBT per-trial state -> ref to its trial
 _future_checkpoints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PBT's save future -> its checkpoint
 _deferred: dict[str, tuple[Any, str]] = {}  # fs_path -> (filesystem, fs_path): retention deletions put off
 
 
-def keep_restore_sources() -> None:
+@_install_once
+def keep_restore_sources() -> bool | None:
     """Never let checkpoint retention delete a checkpoint that a trial will still restore from.
 
     Ray Tune 2.60 bug, hit by PBT/PB2 with ``CheckpointConfig(num_to_keep=N)``
@@ -123,9 +138,6 @@ def keep_restore_sources() -> None:
     on upgrade: ``tests/test_tune_pbt_keep.py``, and whether Ray still deletes
     through ``checkpoint_manager._delete_fs_path``.
     """
-    global _kept_installed
-    if _kept_installed:
-        return
     try:
         import ray
         from ray.train import Checkpoint
@@ -139,7 +151,7 @@ def keep_restore_sources() -> None:
         manager_init, state_init = manager_cls.__init__, state_cls.__init__
     except (ImportError, AttributeError) as exc:  # another Ray: tests/test_tune_pbt_keep.py tells if still needed
         logger.debug("not installing the PBT checkpoint-retention workaround (Ray %s): %s", TESTED_RAY, exc)
-        return
+        return False
 
     def needed() -> set[str]:
         """Paths some trial may still restore from: latest checkpoints, and PBT's checkpoints to clone."""
@@ -204,17 +216,16 @@ def keep_restore_sources() -> None:
     if "__setstate__" not in manager_cls.__dict__:
         manager_cls.__setstate__ = track_manager_unpickled
     state_cls.__init__ = track_state
-    _kept_installed = True
 
 
 def _path_key(fs_path: str) -> str:
     return fs_path.rstrip("/")
 
 
-_stale_stop_installed = False
 
 
-def drop_stale_stop_on_pause() -> None:
+@_install_once
+def drop_stale_stop_on_pause() -> bool | None:
     """Never let a PBT recipient be stopped by a STOP left over from before its exploit.
 
     Ray Tune 2.60 bug, hit by synchronous PBT/PB2 whenever checkpoints are
@@ -242,9 +253,6 @@ def drop_stale_stop_on_pause() -> None:
     upgrade: ``tests/test_tune_pbt_keep.py`` (the sync sweep must reach its
     last iteration in every trial).
     """
-    global _stale_stop_installed
-    if _stale_stop_installed:
-        return
     try:
         from ray.tune.execution.tune_controller import TuneController
         from ray.tune.experiment import Trial
@@ -252,7 +260,7 @@ def drop_stale_stop_on_pause() -> None:
         pause = TuneController._schedule_trial_pause
     except (ImportError, AttributeError) as exc:
         logger.debug("not installing the PBT stale-STOP workaround (Ray %s): %s", TESTED_RAY, exc)
-        return
+        return False
 
     def schedule_trial_pause(self: Any, trial: Any, should_checkpoint: bool = True) -> None:
         pause(self, trial, should_checkpoint=should_checkpoint)
@@ -260,13 +268,12 @@ def drop_stale_stop_on_pause() -> None:
             getattr(self, "_cached_trial_decisions", {}).pop(trial.trial_id, None)
 
     TuneController._schedule_trial_pause = schedule_trial_pause
-    _stale_stop_installed = True
 
 
-_late_pause_stop_installed = False
 
 
-def stop_late_pauses_of_finished_brackets() -> None:
+@_install_once
+def stop_late_pauses_of_finished_brackets() -> bool | None:
     """Stop a HyperBand trial whose pause completes after its bracket finished, as the bracket stops the others.
 
     Ray Tune 2.60 bug (plain Tune too): ``HyperBandScheduler`` pauses each trial
@@ -288,9 +295,6 @@ def stop_late_pauses_of_finished_brackets() -> None:
     (``stop_trial``, as ``cleanup_full`` does), its pause-checkpoint kept.
     Runs in the process that drives Tune; idempotent.
     """
-    global _late_pause_stop_installed
-    if _late_pause_stop_installed:
-        return
     try:
         from ray.tune.execution.tune_controller import TuneController
         from ray.tune.experiment import Trial
@@ -299,7 +303,7 @@ def stop_late_pauses_of_finished_brackets() -> None:
         pause = TuneController.pause_trial
     except (ImportError, AttributeError) as exc:
         logger.debug("not installing the HyperBand late-pause workaround (Ray %s): %s", TESTED_RAY, exc)
-        return
+        return False
 
     def pause_trial(self: Any, trial: Any, should_checkpoint: bool = True) -> None:
         pause(self, trial, should_checkpoint=should_checkpoint)
@@ -313,13 +317,66 @@ def stop_late_pauses_of_finished_brackets() -> None:
             self.stop_trial(trial)
 
     TuneController.pause_trial = pause_trial
-    _late_pause_stop_installed = True
 
 
-_stop_on_setup_error_installed = False
 
 
-def stop_sweep_on_setup_error() -> None:
+_MISSING_METRIC = re.compile(r"did not include the specified metric\(s\) `(?P<metric>.+?)` that `(?P<where>.+?)` expects")
+_TUNE_KEYS = {"done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s", "time_total_s", "pid",
+              "hostname", "node_ip", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name",
+              "should_checkpoint", "slot", "stack", "host", "host_node"}
+
+
+@_install_once
+def name_missing_metrics_of_batched_trials() -> bool | None:
+    """Say in one line which metric a batched trial lacks, what it reports instead, and the likely typo.
+
+    Ray Tune 2.60 (``TuneController._validate_result_metrics``,
+    ``tune/execution/tune_controller.py``) raises a ``ValueError`` at a trial's
+    first result when ``TuneConfig(metric=...)``, the scheduler's or the
+    searcher's metric is not in it. Its message tells the user to fix their
+    ``tune.report()`` calls, which a batched trial has none of (the slot host
+    reports for it), and then prints the whole flattened result, configs
+    included. For a result from a slot host (its ``slot``/``stack``/``host``
+    keys) the wrapper raises the same error type with the metric, who expects
+    it, the metrics the trial does report and the closest of them. Other
+    trials get Tune's message unchanged.
+    """
+    try:
+        from ray.tune.execution.tune_controller import TuneController
+
+        validate = TuneController._validate_result_metrics
+    except (ImportError, AttributeError) as exc:
+        logger.debug("not installing the missing-metric message (Ray %s): %s", TESTED_RAY, exc)
+        return False
+
+    def validate_result_metrics(self: Any, result: dict) -> None:
+        try:
+            validate(self, result)
+        except ValueError as exc:
+            found = _MISSING_METRIC.search(str(exc))
+            if found is None or not {"slot", "stack", "host"} <= set(result):
+                raise
+            raise ValueError(missing_metric_message(found["metric"], found["where"], result)) from None
+
+    TuneController._validate_result_metrics = validate_result_metrics
+
+
+def missing_metric_message(metric: str, where: str, result: dict) -> str:
+    """One line: the metric ``where`` expects, what a batched trial's ``result`` has instead, the closest name."""
+    import difflib
+
+    have = sorted(k for k in result if k not in _TUNE_KEYS and not k.startswith("config/"))
+    wanted = [m.strip("'\" ") for m in metric.strip("[]").split(",")]
+    close = [c for m in wanted for c in difflib.get_close_matches(m, have, n=1)]
+    hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
+    return (f"ray_modelbatch: `{where}` expects the metric {', '.join(f'`{m}`' for m in wanted)}, which the batched "
+            f"trials do not report; they report {', '.join(have)}.{hint} Name one of these there, or report yours "
+            "(batched_trainable(metrics={name: fn}) adds val_<name>).")
+
+
+@_install_once
+def stop_sweep_on_setup_error() -> bool | None:
     """End the whole sweep at the first trial that fails with a :class:`~ray_modelbatch.errors.SweepSetupError`.
 
     Such an error (``data()`` returned the wrong items, the trainable's functions
@@ -336,16 +393,13 @@ def stop_sweep_on_setup_error() -> None:
     retry (``_fail_quietly``). Idempotent. Check on upgrade:
     ``tests/test_tune_lifecycle.py``, the bad-data test.
     """
-    global _stop_on_setup_error_installed
-    if _stop_on_setup_error_installed:
-        return
     try:
         from ray.tune.execution.tune_controller import TuneController
 
         task_failure = TuneController._trial_task_failure
     except (ImportError, AttributeError) as exc:
         logger.debug("not installing the stop-on-setup-error hook (Ray %s): %s", TESTED_RAY, exc)
-        return
+        return False
 
     def trial_task_failure(self: Any, trial: Any, exception: Exception) -> None:
         if "SweepSetupError" not in f"{type(exception).__name__} {exception}":
@@ -364,7 +418,6 @@ def stop_sweep_on_setup_error() -> None:
         return None
 
     TuneController._trial_task_failure = trial_task_failure
-    _stop_on_setup_error_installed = True
 
 
 def _fail_quietly(controller: Any, trial: Any, exception: Exception) -> None:
@@ -389,11 +442,11 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else text
 
 
-_light_installed = False
 _light_choice: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainable class -> trial_mode()
 
 
-def run_trials_as_light_actors() -> None:
+@_install_once
+def run_trials_as_light_actors() -> bool | None:
     """Run each batched trial as a :class:`~ray_modelbatch.tune.trial_actor.SlotTrialActor` (no ``ray.tune`` in it).
 
     Why: starting the trial processes is most of a small node's sweep (see the
@@ -421,9 +474,6 @@ def run_trials_as_light_actors() -> None:
     light-actor tests of ``tests/test_tune_trial_actor.py`` and the rest of the
     Tune tests, which run through it.
     """
-    global _light_installed
-    if _light_installed:
-        return
     try:
         from ray.tune.execution import tune_controller
         from ray.tune.execution.class_cache import _ActorClassCache
@@ -434,7 +484,7 @@ def run_trials_as_light_actors() -> None:
         schedule_task = controller_cls._schedule_trial_task
     except (ImportError, AttributeError) as exc:
         logger.debug("not running batched trials as light actors (Ray %s): %s", TESTED_RAY, exc)
-        return
+        return False
     magic = (TRIAL_INFO, STDOUT_FILE, STDERR_FILE)
 
     def light_class_get(self: Any, trainable_cls: Any) -> Any:
@@ -477,7 +527,6 @@ def run_trials_as_light_actors() -> None:
     tune_controller._get_trainable_kwargs = light_kwargs
     controller_cls._schedule_trial_task = light_task
     _route_kills_of_shared_trials()
-    _light_installed = True
 
 
 def _route_kills_of_shared_trials() -> None:
@@ -745,6 +794,7 @@ def patch_tune_driver() -> None:
     drop_stale_stop_on_pause()
     stop_late_pauses_of_finished_brackets()
     stop_sweep_on_setup_error()
+    name_missing_metrics_of_batched_trials()
 
 
 def actor_id_of(handle: Any) -> str | None:
