@@ -166,10 +166,10 @@ def main() -> None:
             param_space=space,
             tune_config=tune.TuneConfig(
                 metric="accuracy", mode="max", num_samples=args.trials,
-                scheduler=ASHAScheduler(max_t=args.max_t, grace_period=2, reduction_factor=2),
+                scheduler=ASHAScheduler(max_t=args.max_t, grace_period=min(2, args.max_t), reduction_factor=2),
                 max_concurrent_trials=T.max_concurrent(), reuse_actors=True),
             run_config=tune.RunConfig(name=args.name, storage_path=os.path.abspath(args.storage), verbose=0,
-                                      callbacks=[SweepProgress(T)]),
+                                      callbacks=[SweepProgress(T, metric="accuracy", mode="max")]),
         )
         results = tuner.fit()
     finally:

@@ -109,7 +109,7 @@ def main() -> None:
                          "hidden": tune.choice([64, 128]), "seed": tune.randint(0, 2**31 - 1)},
             tune_config=tune.TuneConfig(
                 metric="val_nelbo", mode="min", num_samples=args.trials,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=args.max_t, grace_period=2),
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=args.max_t, grace_period=min(2, args.max_t)),
                 max_concurrent_trials=T.max_concurrent(), reuse_actors=True),
             run_config=tune.RunConfig(
                 name="vae_sweep", storage_path=os.path.abspath(args.storage),

@@ -1,5 +1,13 @@
 """ray_modelbatch: train many small PyTorch models as one fused computation.
 
+Where to start:
+
+* a Ray Tune sweep: :func:`ray_modelbatch.tune.batched_trainable` builds a trainable whose
+  trials are slots of fused stacks (schedulers, searchers and results stay Tune's);
+* without Ray: :class:`ModelBatch` stacks models, :class:`FusedEngine` trains them with a
+  :mod:`ray_modelbatch.optim` optimizer, :class:`Trainer` runs a standalone sweep;
+* before a sweep: :func:`check_model` reports how a model fuses and how fast.
+
 The fused core (:class:`ModelBatch`, :mod:`ray_modelbatch.optim`, the engine
 and the standalone trainer) never imports Ray. Attributes are imported lazily
 so that the per-trial Tune proxy (``ray_modelbatch.tune.proxy``) can import

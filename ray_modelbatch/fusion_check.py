@@ -94,9 +94,16 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
     ``slots`` is how many models run fused: torch's messages count them as a
     first dimension.
     """
-    where, out_shape = None, []
-    hook = root.register_forward_hook(lambda m, a, o: out_shape.append(tuple(o.shape))
-                                      if isinstance(o, torch.Tensor) else None)
+    where, out_shape, out_other = None, [], []  # what the forward returned: a tensor's shape, or another type
+
+    def record(m: nn.Module, a: Any, o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            out_shape.append(tuple(o.shape))
+        else:
+            fields = [k for k in o.keys()] if isinstance(o, dict) else []  # a Hugging Face ModelOutput is a dict
+            out_other.append(f"a {type(o).__name__}" + (f" (fields: {', '.join(map(str, fields))})" if fields else ""))
+
+    hook = root.register_forward_hook(record)
     try:
         with track_modules(root) as stack:
             try:
@@ -115,6 +122,13 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
             f"has shape {list(out_shape[-1])}; its labels: {labels or 'unknown'}. Fix: give labels that fit "
             "this loss and output (for cross_entropy: int64 class indices in [0, number of outputs), or "
             "probabilities of the output's shape), or make the model output what the loss expects."
+        )
+    if where is None and loss is not None and out_other:
+        return FusionError(
+            f"The loss {loss} failed on the model's output, {out_other[-1]}, not a tensor: {first}. The forward "
+            "ran. Fix: give the loss the tensor it wants, e.g. loss=lambda out, y: F.cross_entropy(out.logits, y), "
+            "or return the model's own loss from a step function (step_fn(model, batch, config) returning "
+            "model(**inputs).loss; see FusedEngine)."
         )
     location = _describe(root, where) if where else (outside or f"the forward of {type(root).__name__}")
     inside = "inside the step" if where is None and outside else "inside forward"

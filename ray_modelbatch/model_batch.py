@@ -194,6 +194,30 @@ def _refuse_lazy(index: int, model: nn.Module) -> None:
                 "each model once on an example batch before stacking it (ray_modelbatch.check_model does this "
                 "with its example input), or give the layer its input size (e.g. nn.Linear(in_features, ...)).")
 
+def _refuse_gradient_checkpointing(index: int, model: nn.Module) -> None:
+    """One line for a Hugging Face model with gradient checkpointing on (``gradient_checkpointing_enable()``),
+    or with the input hook that turning it on leaves behind (``enable_input_require_grads()``).
+
+    Checkpointed layers run through ``torch.utils.checkpoint``, which recomputes them in the backward outside
+    ``torch.vmap``; the hook calls ``requires_grad_`` on the embeddings' output inside it, and stays after
+    ``gradient_checkpointing_disable()``. Either made the fused forward fail in vmap's words, which blamed the
+    forward. The marks are HF's own: ``is_gradient_checkpointing`` (or ``gradient_checkpointing`` on a
+    submodule such as ``BertEncoder``) and ``_require_grads_hooks``."""
+    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False)) or any(
+        getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    hooked = any(getattr(m, "_require_grads_hooks", None) for m in model.modules())
+    if not (checkpointing or hooked):
+        return
+    what = ("gradient checkpointing on (gradient_checkpointing_enable())" if checkpointing else
+            "Hugging Face's input-requires-grad hook (enable_input_require_grads(), left by gradient checkpointing)")
+    fix = " and ".join([*(["model.gradient_checkpointing_disable()"] if checkpointing else []),
+                        *(["model.disable_input_require_grads()"] if hooked else [])])
+    raise IncompatibleModelsError(
+        f"model {index} ({type(model).__name__}) has {what}: a fused stack cannot recompute layers in the backward "
+        f"nor set requires_grad inside its forward. Fix: call {fix} before stacking (to use less memory, stack "
+        "fewer slots, e.g. slots_per_host, or train under autocast_dtype=torch.bfloat16).")
+
+
 class ModelBatch:
     """Stack ``models`` (identical structure) so that ``mb(x)`` runs all of them at once.
 
@@ -241,6 +265,7 @@ class ModelBatch:
                                 f"{'None' if m is None else type(m).__name__}. Fix: pass the modules themselves "
                                 "(a factory that builds one must return it).")
             _refuse_lazy(i, m)
+            _refuse_gradient_checkpointing(i, m)
         self.signature = check_compatible(models)
         for i, m in enumerate(models):
             hooked = gradient_hook(m)

@@ -16,7 +16,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from ray_modelbatch import FusedEngine, ModelBatch, optim  # noqa: E402
+from ray_modelbatch import FusedEngine, FusionError, IncompatibleModelsError, ModelBatch, optim  # noqa: E402
 from ray_modelbatch.data import sweep_inputs  # noqa: E402
 from ray_modelbatch.dataset_streams import DatasetStreams, per_slot_streams  # noqa: E402
 from ray_modelbatch.slot_group import SlotGroup, stack_key  # noqa: E402
@@ -381,3 +381,40 @@ def test_with_dropout_on_each_slot_draws_its_model_s_own_masks(kind):
         assert torch.equal(mb.random.state(i), torch.get_rng_state()), i  # as many numbers drawn
     torch.set_rng_state(saved)
     _assert_close(mb, solo, make, fused, alone)
+
+
+def test_gradient_checkpointing_is_refused_in_one_line_naming_the_switch():
+    """HF's gradient checkpointing recomputes layers in the backward, outside vmap, and its input hook calls
+    requires_grad_ inside it: the fused forward failed with advice to make the forward pure. Refused at the
+    stack's build instead, naming the call that turns it off; the same models train once it is off."""
+    models = [bert() for _ in range(2)]
+    for m in models:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(IncompatibleModelsError, match=r"model 0 \(BertForSequenceClassification\) has gradient "
+                                                      r"checkpointing on .* Fix: call model.gradient_checkpointing_"
+                                                      r"disable\(\) and model.disable_input_require_grads\(\) "
+                                                      r"before stacking"):
+        ModelBatch(models)
+    for m in models:
+        m.gradient_checkpointing_disable()
+    with pytest.raises(IncompatibleModelsError, match=r"input-requires-grad hook .* Fix: call "
+                                                      r"model.disable_input_require_grads\(\) before stacking"):
+        ModelBatch(models)  # the hook outlives gradient_checkpointing_disable()
+    for m in models:
+        m.disable_input_require_grads()
+    mb = ModelBatch(models)
+    engine = FusedEngine(mb, optim.AdamW(mb, lr=1e-3), step_fn=hf_step)
+    assert engine.train_step({k: v[:2] for k, v in _batches("bert")[0].items()}, per_slot=True).updated.all()
+
+
+def test_a_loss_given_the_models_output_object_is_blamed_not_the_forward():
+    """loss=F.cross_entropy on a model that returns a SequenceClassifierOutput: the loss failed, not the
+    forward; the line names the output's type and fields and the fix (out.logits)."""
+    mb = ModelBatch([bert() for _ in range(2)])
+    engine = FusedEngine(mb, optim.AdamW(mb, lr=1e-3), F.cross_entropy)
+    b = {k: v[0] for k, v in _batches("bert")[0].items()}
+    y = b.pop("labels")
+    with pytest.raises(FusionError, match=r"The loss 'cross_entropy' failed on the model's output, a "
+                                          r"SequenceClassifierOutput \(fields: logits\), not a tensor: .*The forward "
+                                          r"ran\. Fix: .*F\.cross_entropy\(out\.logits, y\)"):
+        engine.train_step(b, y)

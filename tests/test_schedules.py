@@ -8,6 +8,7 @@ torch scheduler of a one-model optimizer, over all phases of the schedule.
 import math
 
 import pytest
+from ray import tune
 import torch
 from torch import nn
 
@@ -202,9 +203,17 @@ def test_schedule_parameters_are_checked_per_slot():
     with pytest.raises(HyperparameterError, match=r"warmup_steps \(50\) is more than total_steps \(10\) in the "
                                                    r"schedule of slot\(s\) \[2\]"):
         rmb.optim.SGD(mb, schedule=[schedules.warmup_cosine(100, 50), schedules.warmup_linear(5, 5),
-                                    schedules.warmup_cosine(10, 50)])
+                                    schedules.Schedule("warmup_cosine", {"total_steps": 10, "warmup_steps": 50})])
+    # ... and where the builder is called, naming the argument order (HF's cosine and linear builders differ)
+    with pytest.raises(HyperparameterError, match=r"warmup_cosine\(total_steps, warmup_steps, ...\) got "
+                                                   r"warmup_steps=100 > total_steps=10.*Were the two swapped"):
+        schedules.warmup_cosine(10, 100)  # HF's order: get_cosine_schedule_with_warmup(opt, 10, 100)
+    with pytest.raises(HyperparameterError, match=r"warmup_linear\(warmup_steps, total_steps\) got "
+                                                   r"warmup_steps=\[1, 50\] > total_steps=40"):
+        schedules.warmup_linear([1, 50], 40)
+    schedules.warmup_cosine(tune.randint(0, 5), 10)  # a search domain: checked once sampled, by the optimizer
     with pytest.raises(HyperparameterError, match=r"warmup_steps \(8\) is more than total_steps \(4, 6\)"):
-        rmb.optim.SGD(mb, schedule=schedules.warmup_linear(8, total_steps=[4, 6, 9]))
+        rmb.optim.SGD(mb, schedule=schedules.Schedule("warmup_linear", {"warmup_steps": 8, "total_steps": [4, 6, 9]}))
 
 
 # ---------------------------------------------------------------- plateau

@@ -82,3 +82,45 @@ def test_float_class_labels_name_the_labels_as_the_fix():
 def test_one_output_for_integer_classes_names_the_model_as_the_fix():
     with pytest.raises(rmb.errors.InputShapeError, match=r"Fix: give the model one output per class"):
         _group_with(torch.tensor([0, 1, 2, 1, 0, 2, 1, 0]), out_features=1)
+
+
+def test_a_model_instance_a_loss_class_and_factories_of_the_wrong_arity_are_refused_in_one_line():
+    """Each of these failed in every trial, with a Ray traceback ending in torch's words (a model instance
+    called with the config: "linear(): argument 'input' must be Tensor, not RecordingConfig"; the loss
+    class called with (output, labels) as its constructor's arguments: blamed on the labels)."""
+    with pytest.raises(TypeError, match=r"model= is a Linear model; it must be a function that builds one model "
+                                        r"from the trial's config.*Fix: model=lambda config: Linear\(\.\.\.\)"):
+        batched_trainable(**_kw(model=nn.Linear(4, 2)))
+    with pytest.raises(TypeError, match=r"loss=CrossEntropyLoss is the class; pass a loss: "
+                                        r"loss=CrossEntropyLoss\(\)"):
+        batched_trainable(**_kw(loss=nn.CrossEntropyLoss))
+    with pytest.raises(TypeError, match=r"model=<lambda> takes \(\), but the slot host calls it with the trial's "
+                                        r"config\. Fix: model=lambda config:"):
+        batched_trainable(**_kw(model=lambda: nn.Linear(4, 2)))
+    with pytest.raises(TypeError, match=r"data=<lambda> takes \(config\), but the slot host calls it with no "
+                                        r"arguments"):
+        batched_trainable(**_kw(data=lambda config: None))
+    with pytest.raises(TypeError, match=r"batch_size=<lambda> takes \(\), but"):
+        batched_trainable(**_kw(batch_size=lambda: 8))
+    # what stays accepted: a loss module, a model class that takes the config, defaults and *args
+    class Net(nn.Module):
+        def __init__(self, config, scale=1.0):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+    assert batched_trainable(**_kw(loss=nn.CrossEntropyLoss(), model=Net, hparams=lambda *a: {"lr": 1e-3},
+                                   data=lambda n=8: None, batch_size=lambda config, **kw: 8))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_on_a_host_without_cuda_names_the_device():
+    """device="cuda" on a CPU-only torch failed as "data() item x_train is a Tensor that torch.as_tensor cannot
+    take (Torch not compiled with CUDA enabled)": the host now says so (a SweepSetupError, which stops the
+    sweep in one line) before it loads anything."""
+    from ray_modelbatch.errors import SweepSetupError
+    from ray_modelbatch.tune.host import _pick_device
+
+    with pytest.raises(SweepSetupError, match=r"device='cuda', but torch sees no CUDA device on this slot host's "
+                                              r"node .* Fix: leave device unset"):
+        _pick_device("cuda")
+    assert _pick_device("cpu").type == "cpu"

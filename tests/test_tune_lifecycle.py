@@ -12,6 +12,7 @@ import gc
 import io
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -596,3 +597,23 @@ def test_a_model_module_only_the_driver_can_import_is_named_with_the_fix(trainab
     assert errs, "the host imported a module that only the driver's sys.path holds"
     text = str(errs[0])
     assert "No module named 'driver_only_models'" in text and "runtime_env={'py_modules': [driver_only_models]}" in text, text
+
+
+def test_sweep_progress_prints_counts_fresh_host_figures_and_the_best_metric(trainables, tmp_path):
+    """SweepProgress's lines: trial counts, each host's slots and busy fraction, the best metric. The host
+    figures were one line late (each line showed the answer to the previous line's request), so the last
+    line of a short sweep read "busy 0%"; it now asks again at the end."""
+    from ray_modelbatch.tune import SweepProgress
+
+    T = trainables(slots_per_host=2)
+    out = io.StringIO()
+    grid, _ = h.fit(T, {"lr": tune.grid_search([0.1, 0.2, 0.3])}, tmp_path, scheduler=FIFOScheduler(),
+                    run_kw={"stop": {"training_iteration": 3},
+                            "callbacks": [SweepProgress(T, metric="val_acc", mode="max", every_s=0.5, file=out)]})
+    assert not h.errors(grid)
+    lines = out.getvalue().strip().splitlines()
+    last = lines[-1]
+    assert re.search(r"trials 3 done, 0 running, 0 pending \| host0 0/2 slots, busy [1-9]\d*% \| best val_acc "
+                     r"0\.\d+ \(\w+\)$", last), lines
+    best = max(r.metrics["val_acc"] for r in grid)
+    assert float(last.split("best val_acc ")[1].split()[0]) == pytest.approx(best, abs=5e-5)

@@ -128,6 +128,8 @@ def warmup_cosine(total_steps: Any, warmup_steps: Any = 0, min_lr_ratio: Any = 0
     step ahead of HF's. Checkpoints store the schedule's kind and parameters,
     not its formula, so older ones load unchanged and continue with this one.
     """
+    _check_order("warmup_cosine(total_steps, warmup_steps, ...)", warmup_steps, total_steps,
+                 "HF's get_cosine_schedule_with_warmup takes (warmup, total), this takes (total, warmup)")
     return Schedule("warmup_cosine", {"total_steps": total_steps, "warmup_steps": warmup_steps,
                                       "min_lr_ratio": min_lr_ratio})
 
@@ -180,7 +182,26 @@ def warmup_linear(warmup_steps: Any, total_steps: Any) -> Schedule:
     is ``t / max(1, warmup_steps)`` while ``t < warmup_steps`` (so the very
     first step has rate 0), then ``max(0, (total_steps - t) / max(1, total_steps - warmup_steps))``.
     """
+    _check_order("warmup_linear(warmup_steps, total_steps)", warmup_steps, total_steps,
+                 "the order is HF's get_linear_schedule_with_warmup's")
     return Schedule("warmup_linear", {"warmup_steps": warmup_steps, "total_steps": total_steps})
+
+
+def _check_order(signature: str, warmup_steps: Any, total_steps: Any, order: str) -> None:
+    """Refuse, where the builder is called, a warmup longer than its schedule (most often the two arguments
+    swapped: the cosine and linear builders take them in HF's orders, which differ). Values that are not
+    numbers yet (Tune search domains) are checked when the optimizer gets the schedule."""
+    try:
+        warmup = torch.as_tensor(warmup_steps, dtype=torch.float64)
+        total = torch.as_tensor(total_steps, dtype=torch.float64)
+        late = bool((warmup > total).any())
+    except (TypeError, ValueError, RuntimeError):
+        return
+    if late:
+        raise HyperparameterError(
+            f"{signature} got warmup_steps={warmup_steps} > total_steps={total_steps}: the rate would drop to its end "
+            f"value before the warmup is done. Were the two swapped? ({order}.) Fix: total_steps >= warmup_steps "
+            "(total_steps counts the warmup); keywords make the order plain.")
 
 
 # ------------------------------------------------------------------ encoding

@@ -1,5 +1,10 @@
 """Ray Tune integration: every slot of a fused stack is a real Tune trial.
 
+* :func:`batched_trainable` builds the trainable: ``tune.Tuner(batched_trainable(model=...,
+  optimizer=..., hparams=..., data=..., loss=...), param_space=...)``;
+* :class:`SweepProgress` is a Tune callback that prints the sweep's and the hosts' progress;
+* :class:`FreeSlotLimiter` wraps a searcher so it suggests only when a slot is free.
+
 Import cost matters here. The per-trial proxy imports this package, so it
 must not import torch; the registry and the slot hosts import it too, and
 they need neither ``ray.tune`` (0.7 s per process on a 2-core node) nor the

@@ -47,6 +47,7 @@ from typing import Any, Callable
 import ray
 
 from ..cpu_memory import big_tensor_policy, use_huge_pages
+from ..errors import SweepSetupError
 from .cpu_spread import StepCostMeter
 from .shared_data import fetch
 
@@ -159,7 +160,10 @@ class SlotHost:
                        "instead).")
             self.start_error = (f"the trainable's functions could not be loaded in the slot host's process "
                                 f"({type(exc).__name__}: {exc}). {fix}")
-        self.device = _pick_device(self.spec.device if self.spec is not None else "cpu")
+        try:
+            self.device = _pick_device(self.spec.device if self.spec is not None else "cpu")
+        except SweepSetupError as exc:
+            self.device, self.start_error = _pick_device("cpu"), self.start_error or str(exc)
         if self.device.type == "cpu" and big_tensor_policy().startswith("none"):  # neither huge pages nor one arena
             logger.info("host %s: big tensors of the engine thread: %s", name, big_tensor_policy())
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -740,8 +744,9 @@ class SlotHost:
             logger.warning(
                 "config key %r is never read by model(), hparams(), optimizer=, batch_size= or the train/eval "
                 "steps, so it changes nothing in training. Fix: read it where it belongs, e.g. "
-                "batched_trainable(batch_size=lambda c: c[%r]) or hparams=lambda c: {'lr': c[%r]}.",
-                key, key, key,
+                "batched_trainable(batch_size=lambda c: c['batch_size']), hparams=lambda c: {'lr': c['lr']}, or "
+                "model=lambda c: MyNet(c[%r]).",
+                key, key,
             )
 
     def _detach(self, key: str, why: str) -> None:
@@ -1033,7 +1038,13 @@ def _pick_device(requested: str | None) -> Any:
     import torch
 
     if requested:
-        return torch.device(requested)
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SweepSetupError(f"device={requested!r}, but torch sees no CUDA device on this slot host's node "
+                                  f"(torch {torch.__version__}, built for CUDA: {torch.version.cuda or 'no'}). Fix: "
+                                  "leave device unset (a host on a GPU node takes its GPU), or install a CUDA build "
+                                  "of torch there.")
+        return device
     if ray.get_gpu_ids():
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -37,6 +37,8 @@ class SweepProgress(Callback):
         file: where to print (default stdout).
     """
 
+    ASK_AHEAD_S = 0.5  # how long before a line the hosts' figures are asked for
+
     def __init__(self, trainable: Any = None, metric: str | None = None, mode: str = "min",
                  every_s: float = 5.0, file: IO[str] | None = None):
         if mode not in ("min", "max"):
@@ -63,10 +65,14 @@ class SweepProgress(Callback):
             self.best = (float(value), trial.trial_id)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if time.monotonic() - self._last >= self.every_s:
+        since = time.monotonic() - self._last
+        if since >= self.every_s:
             self._print(trials)
+        elif since >= self.every_s - self.ASK_AHEAD_S and self._pending_stats is None:
+            self._ask_hosts()  # so that the next line shows figures of now, not of the line before
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._pending_stats = None  # asked before the hosts' last work: ask again
         self._print(trials, final=True)
 
     # ------------------------------------------------------------- internals
@@ -76,12 +82,23 @@ class SweepProgress(Callback):
             return
         try:
             if self._pending_stats is None:
-                registry = ray.get_actor(registry_name(self.experiment), namespace=NAMESPACE)
-                self._pending_stats = registry.stats.remote()
+                self._ask_hosts()
+            if self._pending_stats is None:
+                return
             ready, _ = ray.wait([self._pending_stats], timeout=wait_s)
             if ready:
                 ref, self._pending_stats = self._pending_stats, None
                 self._hosts = ray.get(ref)
+        except (ValueError, ray.exceptions.RayError):  # no registry (yet, or any more)
+            self._pending_stats = None
+
+    def _ask_hosts(self) -> None:
+        """Send the registry a request for the hosts' figures (answered by the time the next line prints)."""
+        if self.experiment is None or not ray.is_initialized():
+            return
+        try:
+            registry = ray.get_actor(registry_name(self.experiment), namespace=NAMESPACE)
+            self._pending_stats = registry.stats.remote()
         except (ValueError, ray.exceptions.RayError):  # no registry (yet, or any more)
             self._pending_stats = None
 

@@ -96,6 +96,18 @@ class SlotSpec:
         for name in ("model", "hparams", "data"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be callable, got {type(getattr(self, name)).__name__}")
+        if _is_module(self.model, instance=True):
+            raise TypeError(f"model= is a {type(self.model).__name__} model; it must be a function that builds one "
+                            "model from the trial's config, since each trial needs its own. Fix: model=lambda "
+                            f"config: {type(self.model).__name__}(...)")
+        if _is_module(self.loss, instance=False):
+            raise TypeError(f"loss={self.loss.__name__} is the class; pass a loss: loss={self.loss.__name__}() "
+                            "(or the function, e.g. torch.nn.functional.cross_entropy)")
+        _check_arguments("model", self.model, 1, "model=lambda config: MyNet(config['hidden'])")
+        _check_arguments("hparams", self.hparams, 1, "hparams=lambda config: {'lr': config['lr']}")
+        _check_arguments("data", self.data, 0, "data=load_my_data, a function of no arguments")
+        if callable(self.batch_size):
+            _check_arguments("batch_size", self.batch_size, 1, "batch_size=lambda config: config['batch_size']")
         for name in ("loss", "train_step", "eval_step"):
             value = getattr(self, name)
             if isinstance(value, Mapping) and name == "train_step":
@@ -118,6 +130,29 @@ class SlotSpec:
                 raise TypeError(f"train_step has one step per part {list(self.train_step)}: give optimizer as a dict "
                                 "of one optimizer class per part, in the same order.")
             check_optimizer(self.optimizer)
+
+
+def _is_module(value: Any, *, instance: bool) -> bool:
+    """Whether ``value`` is a ``torch.nn.Module`` (instance) or a subclass of it (class), without importing torch."""
+    cls = type(value) if instance else value
+    return isinstance(cls, type) and (not instance or not isinstance(value, type)) and any(
+        c.__name__ == "Module" and c.__module__ == "torch.nn.modules.module" for c in cls.__mro__)
+
+
+def _check_arguments(name: str, fn: Callable, count: int, example: str) -> None:
+    """One line for a function that cannot be called as the host calls it (``count`` positional arguments)."""
+    import inspect
+
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C function without a signature: let the call tell
+        return
+    try:
+        signature.bind(*range(count))
+    except TypeError:
+        takes = "the trial's config" if count == 1 else "no arguments"
+        raise TypeError(f"{name}={getattr(fn, '__name__', fn)!s} takes {signature}, but the slot host calls it with "
+                        f"{takes}. Fix: {example}.") from None
 
 
 # ray_modelbatch.optim's classes (not imported here: no torch)

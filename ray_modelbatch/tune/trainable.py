@@ -124,8 +124,8 @@ def batched_trainable(
             out of memory is split into smaller fused steps.
         profile_config: with ``"auto"``, the config to profile: the largest model of the
             sweep. Default: the config of the trial that starts the host.
-        max_slots_per_host: the most slots ``"auto"`` gives one host. Every slot is a trial
-            process on some node (README, "Memory per trial"), so this bounds that memory too.
+        max_slots_per_host: the most slots ``"auto"`` gives one host (each slot's model,
+            optimizer state and activations live on its host).
         data_mode: ``"per_slot"`` (own seeded sampler per trial) or ``"shared"``.
         eval_batch_size: batch size of validation passes (default: the whole validation set).
         seed_key: config key holding the trial's seed.
