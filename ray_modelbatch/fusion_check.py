@@ -104,6 +104,9 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
             out_other.append(f"a {type(o).__name__}" + (f" (fields: {', '.join(map(str, fields))})" if fields else ""))
 
     hook = root.register_forward_hook(record)
+    finished: list[str] = []  # leaf modules whose forward returned before the failure
+    leaves = [m.register_forward_hook(lambda m, a, o, _n=n: finished.append(_n) and None)
+              for n, m in root.named_modules() if n and not any(True for _ in m.children())]
     try:
         with track_modules(root) as stack:
             try:
@@ -112,6 +115,8 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
                 where = stack[-1] if stack else None
     finally:
         hook.remove()
+        for h in leaves:
+            h.remove()
     msg = str(exc)
     first = msg.strip().splitlines()[0].rstrip(".") if msg.strip() else "(no message)"
     counted = (f" (torch's shapes count the {slots} fused models as a first dimension)"
@@ -133,6 +138,17 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
     location = _describe(root, where) if where else (outside or f"the forward of {type(root).__name__}")
     inside = "inside the step" if where is None and outside else "inside forward"
     if _SHAPE_RE.search(msg):
+        if where is not None and finished and where not in finished and not list(root.get_submodule(
+                where if where != "<root>" else "").children()):
+            # a layer after others: its input is what the model computed, so the model does not fit together
+            error = _input_error(location, f"the output of the layers before it ('{finished[-1]}' last)",
+                                 f"{first}{counted}", batch,
+                                 "make the model's layers fit each other: check the sizes the layers before it "
+                                 "produce (a size written as a number where it should follow the config, e.g. "
+                                 "nn.Linear(32, ...) after a layer of config['hidden'] outputs), or the input's "
+                                 "shape if those layers only reshape it")
+            error.between_layers = True
+            return error
         return _input_error(location, "its input", f"{first}{counted}", batch,
                             "pass a batch shaped as one model expects ([B, ...], or [S, B, ...] with per_slot=True "
                             "for one batch per slot); if one model alone fails on such a batch too, the model "
@@ -159,6 +175,14 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
         exc.add_note(f"(ray_modelbatch: raised in {location}, run once for {slots or 'all'} fused models under "
                      "torch.vmap)")
         return exc
+    if where is None and outside:  # in the user's step, between the model's calls: most often a plain bug there
+        return FusionError(
+            f"{location[0].upper()}{location[1:]} raised {type(exc).__name__} outside the model's layers, run "
+            f"under torch.vmap for the fused models: {first}{counted}. Most often this is a bug in that function "
+            "or a config value it cannot take: run it on one model alone to see. If it runs fine alone, fix: keep "
+            "it a pure function of its inputs (no Python side effects, no reading tensor values in Python). The "
+            "original exception is chained below."
+        )
     return FusionError(
         f"{location[0].upper()}{location[1:]} raised {type(exc).__name__} in the fused (torch.vmap) forward: "
         f"{first}{counted}. If the model runs fine alone, fix: make forward a pure function of its parameters, "

@@ -225,6 +225,35 @@ def test_wrong_input_shape_is_a_clear_error():
         mb(torch.randn(3, 4, 5), per_slot=True)
 
 
+def test_a_layer_that_does_not_fit_the_one_before_it_blames_the_model_not_the_batch():
+    """A width written as a number (Linear(32, ...) after a layer of 16 outputs): the batch is right, so
+    the line names the layers before the failing one and the model's sizes, not the batch's shape."""
+    mb = rmb.ModelBatch([nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(32, 3)) for _ in range(2)])
+    with pytest.raises(rmb.InputShapeError, match=r"Module '2' \(Linear\) failed on the output of the layers "
+                                                  r"before it \('1' last\): .*Fix: make the model's layers fit "
+                                                  r"each other") as err:
+        mb(torch.randn(3, 4))
+    assert "pass a batch shaped" not in str(err.value) and err.value.between_layers
+
+
+def test_a_bug_in_the_users_step_outside_the_model_is_not_blamed_on_fusion():
+    """topk(k) with k over the number of classes in an eval/train step: torch's error, under vmap, outside
+    every layer. The line says it is most likely the step's own bug (run it alone), not vmap advice first."""
+    mb = rmb.ModelBatch(make_models(2, d_out=5))
+
+    def step(model, batch, config):
+        x, y = batch
+        out = model(x)
+        return F.cross_entropy(out, y) + out.topk(20, dim=-1).values.sum() * 0
+
+    eng = rmb.FusedEngine(mb, rmb.optim.Adam(mb, lr=1e-2), step_fn=step)
+    x, y = _batch()
+    with pytest.raises(FusionError, match=r"The step function 'step' raised RuntimeError outside the model's "
+                                          r"layers, run under torch.vmap .*selected index k out of range.*Most "
+                                          r"often this is a bug in that function"):
+        eng.train_step(x, y)
+
+
 class Renorm(nn.Module):
     def forward(self, x):
         return torch.renorm(x, 2, 0, 1.0)

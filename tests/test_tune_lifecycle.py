@@ -617,3 +617,43 @@ def test_sweep_progress_prints_counts_fresh_host_figures_and_the_best_metric(tra
                      r"0\.\d+ \(\w+\)$", last), lines
     best = max(r.metrics["val_acc"] for r in grid)
     assert float(last.split("best val_acc ")[1].split()[0]) == pytest.approx(best, abs=5e-5)
+
+
+def test_a_trial_that_fails_with_a_library_error_is_logged_in_one_line_and_retried_as_tune_would(trainables,
+                                                                                                 tmp_path):
+    """hparams() naming a keyword AdamW does not have: each trial fails with the HyperparameterError, which
+    Tune logged with a traceback of the host's internals (75 lines a trial); now one line each, the trial's
+    retries (FailureConfig) as before, and the error kept on the result."""
+    from ray_modelbatch.errors import HyperparameterError
+
+    T = trainables(slots_per_host=2, hparams=lambda c: {"learning_rate": c["lr"]})
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logging.getLogger("ray_modelbatch").addHandler(handler)
+    try:
+        with _ray_log() as ray_log:
+            grid, _ = h.fit(T, {"lr": tune.grid_search([0.1, 0.2])}, tmp_path, scheduler=FIFOScheduler(),
+                            run_kw={"stop": {"training_iteration": 1},
+                                    "failure_config": tune.FailureConfig(max_failures=1)})
+    finally:
+        logging.getLogger("ray_modelbatch").removeHandler(handler)
+    errs = h.errors(grid)
+    assert len(errs) == 2 and all(isinstance(getattr(e, "cause", e), HyperparameterError) for e in errs), errs
+    failed = [ln for ln in log.getvalue().splitlines() if ln.startswith("Trial task failed for trial")]
+    assert len(failed) == 4, log.getvalue()  # two trials, each tried twice (max_failures=1)
+    assert all("HyperparameterError: trial " in ln and "has no hyperparameter 'learning_rate'" in ln for ln in failed)
+    assert "Traceback" not in ray_log.getvalue() + log.getvalue(), (ray_log.getvalue() + log.getvalue())[-3000:]
+
+
+def test_data_that_raises_is_named_with_the_line_that_raised(trainables, tmp_path):
+    """data() raising KeyError('label') in a helper of its own: the sweep stopped with "slot host could not
+    start: KeyError: 'label'", no file, line or function anywhere (console, error.txt, Ray's logs). The line
+    now says data() raised, and where."""
+    T = trainables(slots_per_host=2, data=h.digits_with_a_typo)
+    grid, _ = h.fit(T, {"lr": tune.grid_search([0.1, 0.2])}, tmp_path, scheduler=FIFOScheduler(),
+                    run_kw={"stop": {"training_iteration": 1}})
+    errs = h.errors(grid)
+    assert errs
+    last = str(errs[0]).strip().splitlines()[-1]
+    assert re.search(r"SweepSetupError: slot host could not start: data\(\) raised KeyError: 'label' \(\S*"
+                     r"tune_helpers\.py:\d+ in _labels: `return columns\[\"label\"\]", last), last

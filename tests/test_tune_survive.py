@@ -183,3 +183,27 @@ def test_tuner_restore_after_the_driver_is_interrupted(reference, tmp_path):
             assert (df["slot_steps"] == df["training_iteration"] * K).all()
     finally:
         T.shutdown_hosts()
+
+
+def test_a_dead_host_fails_its_trials_in_one_line_that_says_what_tune_does_next(ray_session, tmp_path):  # noqa: F811
+    """With one host (the default on one node) the trials are objects in its process, so its death fails
+    each with a bare ActorDiedError and ~25 lines of Tune's traceback that mention neither the host nor
+    max_failures. Now one line per trial: the host died, and whether Tune restarts the trial."""
+    import io
+    import logging
+
+    T = h.make_trainable(slots_per_host=2, steps_per_report=K)
+    kill = KillHost(T, at=3)
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logging.getLogger("ray_modelbatch").addHandler(handler)
+    try:
+        grid, _ = h.fit(T, {"lr": tune.grid_search([0.1, 0.2])}, tmp_path, scheduler=FIFOScheduler(),
+                        run_kw={"stop": {"training_iteration": 50}, "callbacks": [kill]})
+    finally:
+        logging.getLogger("ray_modelbatch").removeHandler(handler)
+        T.shutdown_hosts()
+    assert kill.victim is not None and len(h.errors(grid)) == 2
+    lines = [ln for ln in log.getvalue().splitlines() if ln.startswith("Trial task failed for trial")]
+    assert len(lines) == 2 and all("its slot host died (ActorDiedError), and every trial the host served with it"
+                                   in ln and "Set tune.FailureConfig(max_failures>=1)" in ln for ln in lines), lines

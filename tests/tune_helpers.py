@@ -36,6 +36,15 @@ def digits():
     return x[train], y[train], x[val], y[val]
 
 
+def _labels(columns):
+    return columns["label"]  # the typo under test: the column is "target"
+
+
+def digits_with_a_typo():
+    """data() that raises a KeyError from a helper of its own, as a user's loader would."""
+    return _labels({"target": None})
+
+
 def digits_train_only():
     """A wrong data(): two items instead of four (issue 12)."""
     return digits()[:2]
@@ -171,7 +180,7 @@ def make_trainable(*, optimizer: str = "adam", slots_per_host: int = 4, steps_pe
     return batched_trainable(
         model=kw.pop("model", make_model),
         optimizer=opt,
-        hparams=hparams,
+        hparams=kw.pop("hparams", hparams),
         loss=kw.pop("loss", F.cross_entropy),
         data=kw.pop("data", digits),
         metrics={"acc": ray_modelbatch.metrics.accuracy},

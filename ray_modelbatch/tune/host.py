@@ -190,7 +190,8 @@ class SlotHost:
             # the middle of the sweep: importing tensorboardX (and the boto3 it pulls in) took 0.13-0.2 s there.
             import tensorboardX  # noqa: F401
         except Exception as exc:  # noqa: BLE001 - every start failure goes to the registry as one line
-            self.start_error = self.start_error or f"{type(exc).__name__}: {exc}"
+            said = str(exc) if isinstance(exc, SweepSetupError) else f"{type(exc).__name__}: {exc}"
+            self.start_error = self.start_error or said
         self.groups: dict[str, Any] = {}
         self._forward_paths: dict[str, str] = {}  # stack -> "direct" or "vmap: why" (SlotGroup.forward_path)
         self.trials: dict[str, _Attachment] = {}
@@ -999,7 +1000,14 @@ def _load_data(spec: Any, device: Any, sweep_inputs: Callable, loaded: Any = Non
     """``spec.data()`` (or what the driver ``loaded`` with it), checked, on the host's device; with
     ``host_memory`` the training tensors stay in host memory (streamed to the device one step's batches
     at a time) and only validation moves."""
-    raw = spec.data() if loaded is None else loaded
+    if loaded is None:
+        try:
+            raw = spec.data()
+        except Exception as exc:  # noqa: BLE001 - the sweep's one line must say where, as a traceback would
+            raise SweepSetupError(f"data() raised {type(exc).__name__}: {exc} ({_where(exc)}). Fix data(); every "
+                                  "trial of the sweep needs it.") from exc
+    else:
+        raw = loaded
     if not getattr(spec, "host_memory", False):
         return sweep_inputs(raw, device)
     from ..inputs import apply  # tensors, or dicts of columns (keyword inputs)
@@ -1010,6 +1018,20 @@ def _load_data(spec: Any, device: Any, sweep_inputs: Callable, loaded: Any = Non
         x, y, x_val, y_val = data
         return x, y, apply(move, x_val), apply(move, y_val)
     return data._replace(x_val=apply(move, data.x_val), y_val=apply(move, data.y_val))
+
+
+def _where(exc: BaseException) -> str:
+    """Where ``exc`` was raised, as ``file:line in function: `source``` of the innermost frame of the user's
+    own code (not a library's: a KeyError raised inside pandas is the user's lookup), else the innermost."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "no traceback"
+    libraries = ("site-packages", "dist-packages", os.path.dirname(os.__file__))
+    own = [f for f in frames if not any(part in f.filename for part in libraries)]
+    f = (own or frames)[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}" + (f": `{f.line}`" if f.line else "")
 
 
 def _from_config(factory: Callable[[dict], Any], what: str, config: dict) -> Any:

@@ -390,7 +390,9 @@ def stop_sweep_on_setup_error() -> bool | None:
     fails every other pending or running trial of the sweep with the same error
     (ERROR, as it would have ended, so the ``ResultGrid`` shows no trial as
     finished): Tune's own handling of a failure minus its traceback print and its
-    retry (``_fail_quietly``). Idempotent. Check on upgrade:
+    retry (``_fail_quietly``). A trial that fails with another of this library's errors (a
+    hyperparameter, a config key, a shape) is handled as Tune handles it, retries included, but
+    logged in one line instead of a traceback of the host's internals. Idempotent. Check on upgrade:
     ``tests/test_tune_lifecycle.py``, the bad-data test.
     """
     try:
@@ -403,6 +405,16 @@ def stop_sweep_on_setup_error() -> bool | None:
 
     def trial_task_failure(self: Any, trial: Any, exception: Exception) -> None:
         if "SweepSetupError" not in f"{type(exception).__name__} {exception}":
+            if _host_died_under(trial, exception) and self._fail_fast != self.RAISE:
+                if self._print_trial_errors:
+                    logger.error("Trial task failed for trial %s: %s", trial, host_died_message(trial, exception))
+                return self._process_trial_failure(trial, exception=exception)
+            if _is_library_error(exception) and self._fail_fast != self.RAISE:
+                # Tune's handling (retries included) with its message in one line instead of a traceback of
+                # the host's internals: the message names the problem and the fix
+                if self._print_trial_errors:
+                    logger.error("Trial task failed for trial %s: %s", trial, _last_line(str(exception)))
+                return self._process_trial_failure(trial, exception=exception)
             return task_failure(self, trial, exception)
         if getattr(self, "_rmb_setup_error", False):
             _fail_quietly(self, trial, exception)  # the sweep is stopping for this very reason: no second report
@@ -418,6 +430,39 @@ def stop_sweep_on_setup_error() -> bool | None:
         return None
 
     TuneController._trial_task_failure = trial_task_failure
+
+
+def _host_died_under(trial: Any, exception: BaseException) -> bool:
+    """Whether a batched trial's actor died: it is an object in its slot host's process (the default with one
+    host), so the host died, and every trial it served with it."""
+    import ray
+
+    try:
+        return isinstance(exception, ray.exceptions.RayActorError) and is_light(trial.get_trainable_cls())
+    except Exception:  # noqa: BLE001 - a trial without a trainable class: Tune's own report
+        return False
+
+
+def host_died_message(trial: Any, exception: BaseException) -> str:
+    """One line for a batched trial whose slot host died: what happened, and whether Tune restarts it."""
+    failures, allowed = getattr(trial, "num_failures", 0) + 1, getattr(trial, "max_failures", 0)
+    if allowed < 0 or failures <= allowed:
+        then = (f"Tune restarts it from its last checkpoint on a new host (failure {failures} of the "
+                f"{'unlimited' if allowed < 0 else allowed} that tune.FailureConfig(max_failures) allows).")
+    elif allowed == 0:
+        then = ("Set tune.FailureConfig(max_failures>=1) so that Tune restarts such trials from their last "
+                "checkpoint on a new host; tune.CheckpointConfig(checkpoint_frequency=N) bounds the iterations lost.")
+    else:
+        then = f"It has failed {failures} times, more than tune.FailureConfig(max_failures={allowed}) allows."
+    return (f"its slot host died ({type(exception).__name__}), and every trial the host served with it (they run in "
+            f"its process). {then}")
+
+
+def _is_library_error(exception: BaseException) -> bool:
+    """Whether a trial failed with one of ray_modelbatch's own errors (in a Ray task error, its ``cause``)."""
+    from ..errors import ModelBatchError
+
+    return isinstance(getattr(exception, "cause", exception), ModelBatchError)
 
 
 def _fail_quietly(controller: Any, trial: Any, exception: Exception) -> None:

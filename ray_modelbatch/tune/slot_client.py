@@ -238,8 +238,8 @@ class SlotClient:
         self._attached = None
         return SlotHostLostError(
             f"slot host {self._host_name} of trial {self.trial_id} died during {method}() "
-            f"({type(exc).__name__}). With tune.FailureConfig(max_failures>=1), Tune restarts the trial "
-            "from its last checkpoint on a new host; tune.CheckpointConfig(checkpoint_frequency=N) "
+            f"({type(exc).__name__}). Tune restarts the trial from its last checkpoint on a new host as often "
+            "as tune.FailureConfig(max_failures) allows (0 by default); tune.CheckpointConfig(checkpoint_frequency=N) "
             "bounds the iterations lost."
         )
 

@@ -90,7 +90,7 @@ class TrialServer:
             try:
                 trial = await loop.run_in_executor(self._pool, lambda: self._classes.get(payload)(*args, **kwargs))
             except BaseException as exc:  # noqa: BLE001 - raised by the next call
-                seat.error = exc
+                seat.failed(exc)
                 return None
             if key in self._ended:  # killed while it was being made: it must not keep its slot
                 await loop.run_in_executor(self._pool, close_trial, key, trial)

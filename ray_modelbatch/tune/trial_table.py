@@ -30,6 +30,7 @@ import logging
 import threading
 from typing import Any
 
+from ..errors import ModelBatchError
 from .trial_actor import SlotTrialActor
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,14 @@ class Seat:
         self.error: BaseException | None = None  # the constructor failed: every later call raises it
         self.next_seq = 0
 
+    def failed(self, exc: BaseException) -> None:
+        """Keep the constructor's error, which the trial's next call raises. This library's own errors go
+        without the frames they passed through: their message names the problem and the fix, and Tune prints
+        the traceback once per trial (75 lines of the host's internals each, where one line says it all)."""
+        if isinstance(exc, ModelBatchError):
+            exc.__traceback__, exc.__cause__, exc.__suppress_context__ = None, None, True
+        self.error = exc
+
     def ready(self, key: str, method: str, ended: set[str]) -> bool:
         """Whether ``method`` (not ``__init__``) is ``__ray_ready__``, which a made trial answers with True; raises
         what a call of a trial whose constructor failed, or that ended, raises."""
@@ -124,7 +133,7 @@ class TrialTable:
             try:
                 trial = self._classes.get(payload)(*args, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - raised by the next call
-                seat.error = exc
+                seat.failed(exc)
                 return None
             if key in self._ended:  # killed while it was being made: it must not keep its slot
                 close_trial(key, trial)
