@@ -241,9 +241,10 @@ def lost_slot_state(results: tune.ResultGrid) -> list[str]:
 
 
 def top_table(results: tune.ResultGrid, k: int = 5) -> str:
-    """The ``k`` trials with the lowest validation loss (each at its best report)."""
+    """The ``k`` trials with the lowest validation loss, each at its best report ("at it": that report's
+    iteration; the slot timeline shows how many iterations each trial ran)."""
     df = results.get_dataframe(filter_metric="val_loss", filter_mode="min").sort_values("val_loss")
-    rows = [f"{'trial':>6} {'hidden':>6} {'lr':>9} {'wd':>9} {'warmup':>6} {'iters':>5} {'val_loss':>8} {'val_acc':>7}"]
+    rows = [f"{'trial':>6} {'hidden':>6} {'lr':>9} {'wd':>9} {'warmup':>6} {'at it':>5} {'val_loss':>8} {'val_acc':>7}"]
     for _, r in df.head(k).iterrows():
         rows.append(f"{short_id(r['trial_id']):>6} {int(r['config/hidden']):>6} {r['config/lr']:>9.2e} "
                     f"{r['config/wd']:>9.2e} {int(r['config/warmup_steps']):>6} {int(r['training_iteration']):>5} "
@@ -260,7 +261,8 @@ def init_ray(num_cpus: int | None) -> bool:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--trials", type=int, default=64, help="Tune trials (configs drawn up front)")
     p.add_argument("--slots", type=int, default=16, help="slots of the one host (trials trained at once)")
     p.add_argument("--max-t", type=int, default=20, help=f"most Tune iterations per trial ({STEPS_PER_REPORT} steps each)")
@@ -268,10 +270,10 @@ def main() -> None:
     p.add_argument("--reduction", type=int, default=3, help="ASHA reduction factor")
     p.add_argument("--seed", type=int, default=0, help="seed of the config draw")
     p.add_argument("--storage", default="./runs", help="RunConfig storage_path")
-    p.add_argument("--name", default="asha_sweep")
+    p.add_argument("--name", default="asha_sweep", help="the experiment's name (its folder under --storage)")
     p.add_argument("--no-reuse-actors", action="store_true",
                    help="start a new trial actor for every trial instead of reusing stopped trials' actors")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: os.cpu_count())")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray; None: os.cpu_count()")
     args = p.parse_args()
 
     t_start = time.monotonic()

@@ -125,15 +125,16 @@ def optimizer_hparams(config: dict) -> dict:
 
 # -------------------------------------------------------------------- sweep
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--trials", type=int, default=8, help="Tune trials")
     p.add_argument("--slots", type=int, default=8, help="slots of the host (trials trained at once)")
     p.add_argument("--max-t", type=int, default=8, help="most Tune iterations per trial")
     p.add_argument("--steps", type=int, default=40, help="fused steps per Tune iteration")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--storage", default="./runs")
-    p.add_argument("--name", default="bert_text")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: os.cpu_count())")
+    p.add_argument("--batch-size", type=int, default=32, help='rows per slot per step')
+    p.add_argument("--storage", default="./runs", help='RunConfig storage_path')
+    p.add_argument("--name", default="bert_text", help="the experiment's name (its folder under --storage)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray; None: os.cpu_count()")
     args = p.parse_args()
 
     t0 = time.monotonic()

@@ -106,12 +106,13 @@ def make_trainable(slots: int) -> type:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=16)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--trials", type=int, default=16, help='Tune trials (num_samples)')
     p.add_argument("--slots", type=int, default=8, help="slots of the one host")
-    p.add_argument("--max-epochs", type=int, default=8)
-    p.add_argument("--storage", default="./runs")
-    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--max-epochs", type=int, default=8, help="ASHA's max_t: epochs a trial may train")
+    p.add_argument("--storage", default="./runs", help='RunConfig storage_path')
+    p.add_argument("--num-cpus", type=int, default=None, help='CPUs of the local Ray; None: os.cpu_count()')
     args = p.parse_args()
     started = time.monotonic()
     if not ray.is_initialized():

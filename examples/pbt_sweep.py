@@ -57,7 +57,8 @@ def exploit_events(experiment_path: str) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--trials", type=int, default=8, help="population size")
     p.add_argument("--slots", type=int, default=8, help="slots of the one host")
     p.add_argument("--max-t", type=int, default=30, help=f"Tune iterations per trial ({STEPS_PER_REPORT} steps each)")
@@ -65,8 +66,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=64, help="hidden size of every trial's MLP")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial config draw")
     p.add_argument("--storage", default="./runs", help="RunConfig storage_path")
-    p.add_argument("--name", default="pbt_sweep")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: os.cpu_count())")
+    p.add_argument("--name", default="pbt_sweep", help="the experiment's name (its folder under --storage)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray; None: os.cpu_count()")
     args = p.parse_args()
     if args.trials > args.slots:
         print(f"note: {args.trials} trials on {args.slots} slots: PBT's paused trials keep their place in the "

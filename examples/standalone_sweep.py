@@ -55,21 +55,22 @@ def load_data(seed: int) -> tuple[torch.Tensor, ...]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--slots", type=int, default=32, help="number of models trained together")
     p.add_argument("--steps", type=int, default=600, help="training steps (per slot, at most)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--batch-size", type=int, default=64, help='rows per slot per step')
+    p.add_argument("--eval-every", type=int, default=25, help='steps between validations')
     p.add_argument("--patience", type=int, default=4, help="evaluations without improvement before a slot stops")
-    p.add_argument("--split", choices=["shared", "kfold"], default="shared")
+    p.add_argument("--split", choices=["shared", "kfold"], default="shared", help='every config on one split, or each on its own k-fold split')
     p.add_argument("--folds", type=int, default=4, help="k for --split kfold (must divide --slots)")
     p.add_argument("--logdir", default="runs/standalone", help="TensorBoard directory ('' to disable)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help='where the stack trains')
+    p.add_argument("--seed", type=int, default=0, help="seed of the configs' draws and of the models")
     p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch (default 1: each fused op is small, so waking more threads costs "
+                   help="CPU threads for torch (1: each fused op is small, so waking more threads costs "
                         "more than it saves, and on a busy machine far more)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help='no progress line')
     args = p.parse_args()
 
     t0 = time.perf_counter()

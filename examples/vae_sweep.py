@@ -90,12 +90,13 @@ def make_trainable(slots: int) -> type:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=24)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--trials", type=int, default=24, help='Tune trials (num_samples)')
     p.add_argument("--slots", type=int, default=8, help="slots of the one host")
     p.add_argument("--max-t", type=int, default=12, help=f"Tune iterations per trial ({STEPS_PER_REPORT} steps each)")
     p.add_argument("--storage", default="./runs", help="RunConfig storage_path")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: os.cpu_count())")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray; None: os.cpu_count()")
     args = p.parse_args()
 
     started = time.monotonic()
