@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -164,6 +165,21 @@ def pick(sample: Any, fields: tuple[Any, Any] | None) -> tuple[Any, Any]:
         raise ValueError(f"a dataset example has no fields {fields!r} (it has {have}); pass fields=(x_key, y_key) "
                          "naming its input and target, or call its label column 'labels' to give the whole example "
                          "to the model as keyword inputs (model(**batch)).") from None
+
+
+def unused_fields(sample: Any, fields: tuple[Any, Any] | None) -> str | None:
+    """What of one example :func:`pick` leaves out of ``(x, y)`` (``"items [2]"``, ``"keys ['w']"``), or None."""
+    if isinstance(sample, Mapping):
+        if fields is None and "labels" in sample and not ("x" in sample or "y" in sample):
+            return None  # the whole example is the model's keyword inputs
+        used = set(fields or ("x", "y"))
+        rest = [k for k in sample if k not in used]
+        return f"keys {rest}" if rest else None
+    if isinstance(sample, (tuple, list)):
+        used = set(fields or (0, 1))
+        rest = [i for i in range(len(sample)) if i not in used and i - len(sample) not in used]
+        return f"items {rest}" if rest else None
+    return None
 
 
 def stack(values: list[Any], what: str, device: torch.device) -> Any:
@@ -273,6 +289,7 @@ class SampleLoader:
             raise TypeError(f"transform must be callable, got a {type(transform).__name__}")
         if int(num_workers) < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self._told_dropped = False  # whether the examples' unused fields were named (once per loader)
         self.dataset, self.transform, self.fields = dataset, transform, None if fields is None else tuple(fields)
         self.num_workers = int(num_workers)
         self.generator_style = transform is not None and (
@@ -319,6 +336,14 @@ class SampleLoader:
             x, y = pick(sample, self.fields)
             xs.append(x)
             ys.append(y)
+            if not self._told_dropped:
+                self._told_dropped = True
+                dropped = unused_fields(sample, self.fields)
+                if dropped:
+                    warnings.warn(f"dataset examples also hold {dropped}, which batches do not carry: a batch is "
+                                  "(x, y), picked by fields (default items 0 and 1, or keys 'x' and 'y'). To use "
+                                  "them, return dict examples of keyword inputs with a 'labels' key (the whole example "
+                                  "goes to the model), or make them part of x.", UserWarning, stacklevel=2)
         return xs, ys
 
     def load(self, rows: Sequence[int], seeds: Sequence[int] | None = None) -> tuple[list, list]:

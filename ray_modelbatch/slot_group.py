@@ -339,8 +339,8 @@ class SlotGroup:
                 try:
                     out = self.mb(x2)
                 except InputShapeError as exc:
-                    if getattr(exc, "between_layers", False):  # the model's own layers, not the data's shape
-                        raise
+                    if getattr(exc, "between_layers", False) or "input's dtype" in str(exc):
+                        raise  # the model's own layers, or the dtype: the data's shape is not the matter
                     raise InputShapeError(
                         f"{exc} The batches come from data(): x_val[:2] has shape {inputs.describe(x2)}; "
                         "make the config's model take inputs of that shape, or reshape the data in data()."

@@ -356,3 +356,38 @@ def test_a_fused_run_on_dataset_streams_reproduces_solo_training_with_augmentati
             opt.step()
         for k, v in ref.state_dict().items():
             torch.testing.assert_close(mb.slot_state(i)[k], v, rtol=1e-5, atol=1e-6, msg=f"slot {i} {k}")
+
+
+def test_example_fields_that_batches_do_not_carry_are_named_once():
+    """A Dataset of (x, y, w): batches are (x, y), so w was dropped without a word, and a train_step that
+    unpacked three items failed with advice about vmap. Now one warning per loader names what is left out."""
+    import warnings
+
+    from ray_modelbatch.dataset_streams import SampleLoader
+
+    class Examples(torch.utils.data.Dataset):
+        def __init__(self, make):
+            self.make = make
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return self.make(i)
+
+    cases = [(lambda i: (torch.ones(2) * i, i % 2, 0.5), "items [2]"),
+             (lambda i: {"x": torch.ones(2), "y": i % 2, "w": 1.0}, "keys ['w']"),
+             (lambda i: (torch.ones(2), i % 2), None),
+             (lambda i: {"input_ids": torch.ones(3, dtype=torch.long), "labels": i % 2}, None)]
+    for make, named in cases:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loader = SampleLoader(Examples(make))
+            loader.load([0, 1, 2])
+            loader.load([3, 4])
+        said = [str(w.message) for w in caught if "batches do not carry" in str(w.message)]
+        if named is None:
+            assert not said, said
+        else:
+            assert len(said) == 1 and said[0].startswith(f"dataset examples also hold {named}, which batches do not "
+                                                         "carry: a batch is (x, y)"), said

@@ -92,3 +92,18 @@ def test_host_memory_streams_train_like_data_on_the_device():
             group.step(slots)
         results.append(group.mb.groups[torch.float32].data.clone())
     assert torch.equal(results[0], results[1])
+
+
+def test_a_batch_of_another_dtype_is_not_also_told_to_change_its_shape():
+    """float64 data: the stack's first check says the dtype and its fix; it added "make the config's model
+    take inputs of that shape, or reshape the data", which a right shape does not need."""
+    import pytest
+
+    from ray_modelbatch.errors import InputShapeError
+
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    spec = SlotSpec(model=lambda c: nn.Linear(4, 3), optimizer=optim.Adam, hparams=lambda c: {"lr": 1e-3},
+                    data=lambda: None, loss=F.cross_entropy, batch_size=4, steps_per_report=2)
+    with pytest.raises(InputShapeError, match=r"input's dtype: .*x\.float\(\)") as err:
+        SlotGroup(spec, stack_key(nn.Linear(4, 3)), nn.Linear(4, 3), sweep_inputs((x, y, x, y)), 2, "cpu", config={})
+    assert "reshape the data" not in str(err.value), str(err.value)

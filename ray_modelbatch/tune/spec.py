@@ -43,7 +43,8 @@ class SlotSpec:
         slots_per_host: slots of one host (all its stacks together), or ``"auto"``: each
             host profiles the model on its device and takes what fits.
         data_mode: ``"per_slot"`` (each trial its own seeded sampler, reproduces
-            independent training) or ``"shared"`` (one batch for all, cheaper).
+            independent training) or ``"shared"`` (one batch for all, cheaper; which batches a
+            trial sees depends on timing: see ``batched_trainable``).
         seed_key: config key holding the trial's seed; absent means a seed
             derived from the trial ID.
         cpu_gemm: the stacks' ``ModelBatch(cpu_gemm=...)``.

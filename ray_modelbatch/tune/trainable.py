@@ -126,7 +126,12 @@ def batched_trainable(
             sweep. Default: the config of the trial that starts the host.
         max_slots_per_host: the most slots ``"auto"`` gives one host (each slot's model,
             optimizer state and activations live on its host).
-        data_mode: ``"per_slot"`` (own seeded sampler per trial) or ``"shared"``.
+        data_mode: ``"per_slot"`` (each trial its own sampler, seeded from its config: it sees the
+            batches it would alone, and every result is reproducible and exact under run-ahead) or
+            ``"shared"``: every slot of a stack trains on the same batch at each fused step, drawn from
+            one stream per stack (one input for all slots, cheaper). Which batches a trial then sees
+            depends on when it joins and on the other trials' steps, so its results differ from run to
+            run and with ``run_ahead``; use it where data order does not matter.
         eval_batch_size: batch size of validation passes (default: the whole validation set).
         seed_key: config key holding the trial's seed.
         autocast_dtype: ``torch.bfloat16`` or ``torch.float16`` to train under autocast
