@@ -57,6 +57,7 @@ def test_places_with_a_host_are_skipped_and_a_full_node_says_why(monkeypatch, la
     started, reason = reg.launch_where_free(b"", "exp", OPTIONS, None, taken=taken, first=1, any_running=True)
     assert started == [] and launches == []
     assert "no node has 1 CPU and 1 GPU free" in reason
+    assert "the idle hosts of an earlier fit() of this driver free theirs idle_timeout_s after it" in reason
 
 
 def test_a_cpu_node_without_free_cpus_still_gets_its_first_host_unreserved(monkeypatch, launches):

@@ -124,3 +124,12 @@ def test_a_cuda_device_on_a_host_without_cuda_names_the_device():
                                               r"node .* Fix: leave device unset"):
         _pick_device("cuda")
     assert _pick_device("cpu").type == "cpu"
+
+
+def test_trial_resources_with_a_gpu_are_refused():
+    """Each trial reserving a GPU while the hosts hold them all: on a 2-GPU cluster the trials waited for a
+    GPU forever, silently (PENDING, the hosts idle)."""
+    with pytest.raises(ValueError, match=r"trial_resources=\{'CPU': 0.01, 'GPU': 1\} reserves a GPU for each trial"
+                                         r".*Fix: leave GPUs out of trial_resources"):
+        batched_trainable(**_kw(trial_resources={"CPU": 0.01, "GPU": 1}))
+    assert batched_trainable(**_kw(trial_resources={"CPU": 0.5, "GPU": 0}))

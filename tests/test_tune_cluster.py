@@ -54,6 +54,19 @@ class FreeGpuAfter(tune.Callback):
                 ray.kill(self.hog)
 
 
+class SweepActorNodes(tune.Callback):
+    """The nodes of the sweep's registry and trial server, seen at the first result."""
+
+    def __init__(self):
+        self.nodes: dict[str, str] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not self.nodes:
+            for a in h.alive_actors():
+                if a["ActorClassName"] in ("HostRegistry", "TrialServer"):
+                    self.nodes[a["ActorClassName"]] = a["Address"]["NodeID"]
+
+
 def test_one_host_per_gpu_on_every_node_created_as_gpus_free_up(two_gpu_nodes, tmp_path):
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2
@@ -61,12 +74,16 @@ def test_one_host_per_gpu_on_every_node_created_as_gpus_free_up(two_gpu_nodes, t
     hogged = ray.get(hog.node.remote())
     T = h.make_trainable(slots_per_host=SLOTS, steps_per_report=h.K, idle_timeout_s=10.0)
     assert T.max_concurrent() == 2 * SLOTS  # one host per declared GPU
-    watch, free = h.HostWatch(T), FreeGpuAfter(hog, n=6)
+    watch, free, sweep_actors = h.HostWatch(T), FreeGpuAfter(hog, n=6), SweepActorNodes()
     try:
         grid, log = h.fit(T, {"lr": tune.grid_search([0.002 * (i + 1) for i in range(10)]), "seed": 0},
                           tmp_path, scheduler=FIFOScheduler(),
-                          run_kw={"stop": {"training_iteration": 4}, "callbacks": [watch, free]})
+                          run_kw={"stop": {"training_iteration": 4}, "callbacks": [watch, free, sweep_actors]})
         assert h.errors(grid) == [] and len(grid) == 10
+        # The registry (whose children the hosts are) and the trial server (every trial's actor, with two
+        # hosts) are on the driver's node: losing another node costs only the trials of its host.
+        driver_node = ray.get_runtime_context().get_node_id()
+        assert sweep_actors.nodes == {"HostRegistry": driver_node, "TrialServer": driver_node}, sweep_actors.nodes
         assert all(r.metrics["training_iteration"] == 4 for r in grid)
         # Before the hog died, only the other node could host: the registry waited for the GPU
         # instead of blocking on a host that cannot be scheduled.

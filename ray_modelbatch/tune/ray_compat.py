@@ -884,6 +884,29 @@ def quiet_blocking_get_warning() -> None:
         pass
 
 
+def on_this_node_if_driver() -> Any:
+    """A scheduling strategy for the sweep's own actors (registry, trial server): on the driver's node when
+    called in the driver, else ``"DEFAULT"``. They reserve nothing (``num_cpus=0``), so that node can always
+    take them; a soft affinity did not hold (Ray 2.60 put 1 of 4 such actors on another node of a two-node
+    test cluster).
+
+    Why: both are created with no resources (``num_cpus=0``) and outside every placement group, so Ray put
+    them on any node; losing that node then failed every trial of the sweep (the trial server) or killed
+    every slot host (the registry's children), where it should cost only the trials on that node. The
+    driver's node is the one whose loss ends the sweep anyway. Ray 2.60:
+    ``NodeAffinitySchedulingStrategy(node_id, soft=False)``.
+    """
+    if in_worker_process():
+        return "DEFAULT"
+    try:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    except Exception:  # noqa: BLE001 - no node known (a client without one): Ray's default placement
+        return "DEFAULT"
+
+
 def in_worker_process() -> bool:
     """Whether this process is a Ray worker (a trial, a host), not the driver that runs Tune's controller.
 

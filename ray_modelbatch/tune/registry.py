@@ -34,6 +34,7 @@ from ..cpu_memory import allocator_env
 from ..errors import SlotHostStartError, SweepSetupError
 from . import balance, cpu_spread
 from .host import SlotHost, default_threads, node_cpus
+from . import ray_compat
 from .ray_compat import available_resources_per_node
 from .shared_data import DataMailbox
 
@@ -276,7 +277,9 @@ def _blocked(blocked: list[tuple[HostPlace, dict]], cpus: float) -> str:
     return (f"no node has {need} free for a slot host (free now: {free}); trials or other actors hold the rest. "
             "A batched trial's process does no training and needs only {'CPU': 0.01}: drop tune.with_resources "
             "around the trainable (or use batched_trainable(trial_resources=...)), lower "
-            "batched_trainable(host_cpus=...), or free the GPUs other actors hold.")
+            "batched_trainable(host_cpus=...), or free the GPUs other actors hold (the idle hosts of an earlier "
+            "fit() of this driver free theirs idle_timeout_s after it, 20 s by default; its "
+            "trainable.shutdown_hosts() frees them at once).")
 
 
 class HostRegistry:
@@ -707,7 +710,7 @@ def get_registry(spec_bytes: bytes, experiment: str, options: dict, starting: li
             namespace=NAMESPACE,
             lifetime="detached",
             num_cpus=0,
-            scheduling_strategy="DEFAULT",
+            scheduling_strategy=ray_compat.on_this_node_if_driver(),  # out of placement groups, by the driver
             max_concurrency=1,
         )
         .remote(spec_bytes, experiment, options, starting, data_pending)

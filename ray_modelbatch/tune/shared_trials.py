@@ -89,7 +89,7 @@ def _serving(host_ok: bool = True) -> tuple[Any, bool]:
                 num_cpus=0,
                 max_restarts=0,
                 max_concurrency=100_000,  # an async actor: calls wait on asyncio, not on threads of their own
-                scheduling_strategy="DEFAULT",
+                scheduling_strategy=ray_compat.on_this_node_if_driver(),  # out of placement groups, by the driver
             )
             .remote()
         )

@@ -140,8 +140,9 @@ def batched_trainable(
         cpu_gemm: ``ModelBatch(cpu_gemm=...)``: ``"onednn"`` runs large fp32 Linear layers
             on CPU hosts through oneDNN (faster where the BLAS lacks AVX-512, not bitwise
             ``nn.Linear``'s results); default ``"blas"``.
-        num_hosts: fixed number of hosts; default ``hosts_per_gpu`` per GPU, or ``cpu_hosts_per_node`` per
-            node without GPUs.
+        num_hosts: fixed number of hosts, unpinned and without a GPU (they train on the CPU of
+            whichever node Ray puts them on, also on a GPU cluster); default ``hosts_per_gpu`` per
+            GPU, or ``cpu_hosts_per_node`` per node without GPUs.
         cpu_hosts_per_node: hosts on each node without GPUs. Each steps its own stacks in a
             process of its own with its share of the node's cores, and the trials spread over
             them: that pays for models whose fused step is mostly kernel time (on a 2-core
@@ -165,7 +166,8 @@ def batched_trainable(
             that computes nearly all the time to one that idles, and into a stack made after it
             that takes it (a wider, padded stack of its model family). A move is a pause and a
             restore that Tune does not see (see :mod:`ray_modelbatch.tune.balance`).
-        trial_resources: resources of each proxy trial (default ``{"CPU": 0.01}``).
+        trial_resources: resources of each proxy trial (default ``{"CPU": 0.01}``); no GPU: the
+            hosts hold the GPUs.
         idle_timeout_s: hosts (and the experiment's registry) stop this long after their last
             trial left, so nothing outlives ``fit()`` or a killed driver for longer; a trial
             that comes later simply starts new hosts.
@@ -176,6 +178,12 @@ def batched_trainable(
         host_start_timeout_s: how long a new host may take to start (scheduling, torch
             import, ``data()``); one that is not up by then is dropped and tried again later.
     """
+    gpus = {k: v for k, v in (trial_resources or {}).items() if str(k).lower() == "gpu" and v}
+    if gpus:
+        raise ValueError(f"trial_resources={trial_resources} reserves a GPU for each trial, but a trial trains on "
+                         "its slot host, which holds the GPU itself: the hosts would take every GPU and the trials "
+                         "wait for one forever. Fix: leave GPUs out of trial_resources (the default {'CPU': 0.01}); "
+                         "one host per GPU is the default, hosts_per_gpu= shares one.")
     spec = SlotSpec(
         model=model, optimizer=optimizer, hparams=hparams, loss=loss, data=data, metrics=dict(metrics or {}),
         train_step=train_step, eval_step=eval_step, stack_by=tuple(stack_by), plateau_metric=plateau_metric,
