@@ -101,7 +101,8 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
             out_shape.append(tuple(o.shape))
         else:
             fields = [k for k in o.keys()] if isinstance(o, dict) else []  # a Hugging Face ModelOutput is a dict
-            out_other.append(f"a {type(o).__name__}" + (f" (fields: {', '.join(map(str, fields))})" if fields else ""))
+            out_other.append((type(o).__name__,
+                              f"a {type(o).__name__}" + (f" (fields: {', '.join(map(str, fields))})" if fields else "")))
 
     hook = root.register_forward_hook(record)
     finished: list[str] = []  # leaf modules whose forward returned before the failure
@@ -128,9 +129,9 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
             "this loss and output (for cross_entropy: int64 class indices in [0, number of outputs), or "
             "probabilities of the output's shape), or make the model output what the loss expects."
         )
-    if where is None and loss is not None and out_other:
+    if where is None and loss is not None and out_other and out_other[-1][0] in msg:  # the error names the type
         return FusionError(
-            f"The loss {loss} failed on the model's output, {out_other[-1]}, not a tensor: {first}. The forward "
+            f"The loss {loss} failed on the model's output, {out_other[-1][1]}, not a tensor: {first}. The forward "
             "ran. Fix: give the loss the tensor it wants, e.g. loss=lambda out, y: F.cross_entropy(out.logits, y), "
             "or return the model's own loss from a step function (step_fn(model, batch, config) returning "
             "model(**inputs).loss; see FusedEngine)."

@@ -205,5 +205,5 @@ def test_a_dead_host_fails_its_trials_in_one_line_that_says_what_tune_does_next(
         T.shutdown_hosts()
     assert kill.victim is not None and len(h.errors(grid)) == 2
     lines = [ln for ln in log.getvalue().splitlines() if ln.startswith("Trial task failed for trial")]
-    assert len(lines) == 2 and all("its slot host died (ActorDiedError), and every trial the host served with it"
+    assert len(lines) == 2 and all("its slot host died (ActorDiedError), and every trial it served with it"
                                    in ln and "Set tune.FailureConfig(max_failures>=1)" in ln for ln in lines), lines

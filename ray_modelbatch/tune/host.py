@@ -151,7 +151,7 @@ class SlotHost:
             self.spec = cloudpickle.loads(spec_bytes)
         except Exception as exc:  # noqa: BLE001 - e.g. a function the host's process cannot import
             self.spec = None
-            if isinstance(exc, ModuleNotFoundError):  # the driver found it on a path of its own (sys.path.insert)
+            if isinstance(exc, ModuleNotFoundError) and exc.name:  # the driver found it on a path of its own
                 fix = (f"Ray's workers cannot import {exc.name!r}: ship it with ray.init(runtime_env={{'py_modules': "
                        f"[{exc.name}]}}) or runtime_env={{'working_dir': <its folder>}}, or install it.")
             else:

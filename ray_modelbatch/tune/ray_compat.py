@@ -434,7 +434,7 @@ def stop_sweep_on_setup_error() -> bool | None:
 
 def _host_died_under(trial: Any, exception: BaseException) -> bool:
     """Whether a batched trial's actor died: it is an object in its slot host's process (the default with one
-    host), so the host died, and every trial it served with it."""
+    host) or in the driver's trial server, so that process died, and every trial it served with it."""
     import ray
 
     try:
@@ -454,8 +454,9 @@ def host_died_message(trial: Any, exception: BaseException) -> str:
                 "checkpoint on a new host; tune.CheckpointConfig(checkpoint_frequency=N) bounds the iterations lost.")
     else:
         then = f"It has failed {failures} times, more than tune.FailureConfig(max_failures={allowed}) allows."
-    return (f"its slot host died ({type(exception).__name__}), and every trial the host served with it (they run in "
-            f"its process). {then}")
+    who = "the driver's trial server" if "TrialServer" in str(exception) else "its slot host"
+    return (f"{who} died ({type(exception).__name__}), and every trial it served with it (their actors live in its "
+            f"process). {then}")
 
 
 def _is_library_error(exception: BaseException) -> bool:
