@@ -391,3 +391,31 @@ def test_example_fields_that_batches_do_not_carry_are_named_once():
         else:
             assert len(said) == 1 and said[0].startswith(f"dataset examples also hold {named}, which batches do not "
                                                          "carry: a batch is (x, y)"), said
+
+
+def test_a_big_validation_dataset_is_named_before_it_is_collated(monkeypatch):
+    """Validation is collated whole (never streamed): a set too big for memory ran out of it with no word about
+    the validation set. One above the threshold (lowered here) is named first, with its estimated size."""
+    import warnings
+
+    import ray_modelbatch.dataset_streams as streams
+
+    class Val(Dataset):
+        def __len__(self):
+            return 1000
+
+        def __getitem__(self, i):
+            return torch.ones(64), i % 3
+
+    monkeypatch.setattr(streams, "VALIDATION_WARN_BYTES", 200_000)  # 1000 x 64 float32 = 256,000 bytes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x, y = streams.validation_tensors(Val(), None, torch.device("cpu"))
+    said = [str(w.message) for w in caught if "collated whole" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("the validation set (1000 examples, about 0.0 GiB)"), said
+    assert x.shape == (1000, 64) and y.shape == (1000,)
+    monkeypatch.setattr(streams, "VALIDATION_WARN_BYTES", 300_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        streams.validation_tensors(Val(), None, torch.device("cpu"))
+    assert not [w for w in caught if "collated whole" in str(w.message)]
