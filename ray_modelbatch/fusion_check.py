@@ -142,14 +142,12 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
         if where is not None and finished and where not in finished and not list(root.get_submodule(
                 where if where != "<root>" else "").children()):
             # a layer after others: its input is what the model computed, so the model does not fit together
-            error = _input_error(location, f"the output of the layers before it ('{finished[-1]}' last)",
-                                 f"{first}{counted}", batch,
-                                 "make the model's layers fit each other: check the sizes the layers before it "
-                                 "produce (a size written as a number where it should follow the config, e.g. "
-                                 "nn.Linear(32, ...) after a layer of config['hidden'] outputs), or the input's "
-                                 "shape if those layers only reshape it")
-            error.between_layers = True
-            return error
+            return _input_error(location, f"the output of the layers before it ('{finished[-1]}' last)",
+                                f"{first}{counted}", batch,
+                                "make the model's layers fit each other: check the sizes the layers before it "
+                                "produce (a size written as a number where it should follow the config, e.g. "
+                                "nn.Linear(32, ...) after a layer of config['hidden'] outputs), or the input's "
+                                "shape if those layers only reshape it", about="layers")
         return _input_error(location, "its input", f"{first}{counted}", batch,
                             "pass a batch shaped as one model expects ([B, ...], or [S, B, ...] with per_slot=True "
                             "for one batch per slot); if one model alone fails on such a batch too, the model "
@@ -157,7 +155,8 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
     if _DTYPE_RE.search(first):
         return _input_error(location, "its input's dtype", first, batch,
                             "give the batch the models' parameter dtype (x.float() for float32 models; 8-bit images "
-                            "as x.float() / 255), or convert the models (model.double()) before stacking them")
+                            "as x.float() / 255), or convert the models (model.double()) before stacking them",
+                            about="dtype")
     for needle, what, fix in _KNOWN:
         if needle in msg:
             return FusionError(
@@ -192,10 +191,16 @@ def explain_failure(root: nn.Module, exc: BaseException, rerun: Callable[[], Any
     )
 
 
-def _input_error(location: str, what: str, said: str, batch: str | None, fix: str) -> InputShapeError:
-    """One line for a batch the model cannot take: where, torch's words, one model's input, the fix."""
-    return InputShapeError(f"{location[0].upper()}{location[1:]} failed on {what}: {said}. "
-                           + (f"One model's input: {batch}. " if batch else "") + f"Fix: {fix}.")
+def _input_error(location: str, what: str, said: str, batch: str | None, fix: str,
+                 about: str = "shape") -> InputShapeError:
+    """One line for a batch the model cannot take: where, torch's words, one model's input, the fix.
+
+    ``about`` says what did not fit, for callers that add advice of their own: ``"shape"`` (the batch's),
+    ``"dtype"`` (the batch's), or ``"layers"`` (the model's layers do not fit each other)."""
+    error = InputShapeError(f"{location[0].upper()}{location[1:]} failed on {what}: {said}. "
+                            + (f"One model's input: {batch}. " if batch else "") + f"Fix: {fix}.")
+    error.about = about
+    return error
 
 
 _LIBRARIES = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))

@@ -339,7 +339,7 @@ class SlotGroup:
                 try:
                     out = self.mb(x2)
                 except InputShapeError as exc:
-                    if getattr(exc, "between_layers", False) or "input's dtype" in str(exc):
+                    if getattr(exc, "about", "shape") != "shape":
                         raise  # the model's own layers, or the dtype: the data's shape is not the matter
                     raise InputShapeError(
                         f"{exc} The batches come from data(): x_val[:2] has shape {inputs.describe(x2)}; "

@@ -233,7 +233,7 @@ def test_a_layer_that_does_not_fit_the_one_before_it_blames_the_model_not_the_ba
                                                   r"before it \('1' last\): .*Fix: make the model's layers fit "
                                                   r"each other") as err:
         mb(torch.randn(3, 4))
-    assert "pass a batch shaped" not in str(err.value) and err.value.between_layers
+    assert "pass a batch shaped" not in str(err.value) and err.value.about == "layers"
 
 
 def test_a_bug_in_the_users_step_outside_the_model_is_not_blamed_on_fusion():
