@@ -329,21 +329,21 @@ class SampleLoader:
         g = self._scratch() if self.generator_style and seeds is not None else None
         getitems = getattr(self.dataset, "__getitems__", None)  # a batched read, as DataLoader uses it
         samples = getitems(list(rows)) if getitems else [self.dataset[r] for r in rows]
+        dropped = None
         for k, sample in enumerate(samples):
             if g is not None:
                 g.manual_seed(seeds[k])
                 sample = self.transform(sample, g)
+            if k == 0 and not self._told_dropped:  # once per loader, from the first example it reads (transformed)
+                self._told_dropped, dropped = True, unused_fields(sample, self.fields)
             x, y = pick(sample, self.fields)
             xs.append(x)
             ys.append(y)
-            if not self._told_dropped:
-                self._told_dropped = True
-                dropped = unused_fields(sample, self.fields)
-                if dropped:
-                    warnings.warn(f"dataset examples also hold {dropped}, which batches do not carry: a batch is "
-                                  "(x, y), picked by fields (default items 0 and 1, or keys 'x' and 'y'). To use "
-                                  "them, return dict examples of keyword inputs with a 'labels' key (the whole example "
-                                  "goes to the model), or make them part of x.", UserWarning, stacklevel=2)
+        if dropped:
+            warnings.warn(f"dataset examples also hold {dropped}, which batches do not carry: a batch is (x, y), "
+                          "picked by fields (default items 0 and 1, or keys 'x' and 'y'). To use them, return dict "
+                          "examples of keyword inputs with a 'labels' key (the whole example goes to the model), or "
+                          "make them part of x.", UserWarning, stacklevel=2)
         return xs, ys
 
     def load(self, rows: Sequence[int], seeds: Sequence[int] | None = None) -> tuple[list, list]:
